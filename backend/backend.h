@@ -1,0 +1,71 @@
+/* The backend contract: the only thing keymgmt, exchange, wrap and store know about a backend.
+ * A backend is one file that fills a keyx_backend_ops table. Keys cross the contract as a
+ * backend-owned handle (the private part) plus an EVP_PKEY in keyx's own library context that
+ * holds the public key and domain parameters. */
+#ifndef KEYX_BACKEND_BACKEND_H
+#define KEYX_BACKEND_BACKEND_H
+
+#include <stddef.h>
+
+#include <openssl/core.h>
+#include <openssl/types.h>
+
+struct keyx_provctx;
+
+typedef enum keyx_alg {
+    KEYX_ALG_EC,
+    KEYX_ALG_X25519,
+    KEYX_ALG_X448,
+    KEYX_ALG_DH,
+    KEYX_ALG_RSA,
+    KEYX_ALG_COUNT
+} keyx_alg;
+
+/* "EC", "X25519", "X448", "DH", "RSA": also the default provider's name for the algorithm. */
+const char *keyx_alg_name(keyx_alg alg);
+
+/* What to generate, or what to ask a backend whether it can serve. */
+typedef struct keyx_keyspec {
+    keyx_alg alg;
+    const char *group; /* "P-256", "P-384", "P-521", "X25519", "X448", "ffdhe2048".."ffdhe8192";
+                          NULL for explicit DH parameters and for RSA */
+    EVP_PKEY *domain;  /* EC and DH: domain parameters in keyx's libctx; else NULL */
+    size_t bits;       /* RSA modulus bits; DH prime bits; else 0 */
+    const OSSL_PARAM *params; /* the application's further generation parameters (RSA e, ...) */
+} keyx_keyspec;
+
+typedef struct keyx_backend_ops {
+    const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
+    /* 1: private parts may be exported (they already live in process memory). */
+    int exports_private;
+
+    int (*open)(struct keyx_provctx *p, void **state);
+    void (*close)(void *state);
+
+    /* 1 if this backend can generate and use keys of spec (spec->domain may be NULL here). */
+    int (*supports)(void *state, const keyx_keyspec *spec);
+    /* New key pair: *handle is the backend's private part, *pub its public key (keyx libctx). */
+    int (*generate)(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
+    /* Takes a complete key from keyx's libctx (used for imported software keys and tests). */
+    int (*import)(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
+    /* Key by backend-specific locator (URI or handle); NULL when the backend has no static keys. */
+    int (*load)(void *state, const char *locator, void **handle, EVP_PKEY **pub);
+    /* Shared secret with peer (already validated, keyx libctx). secretlen is the full size of
+     * the secret for the group (DH: length of p); the backend fills exactly that many bytes,
+     * left-padded with zeros. An all-zero X25519/X448 result must be refused. */
+    int (*derive)(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                  size_t secretlen);
+    /* Destroys the private part (flush, C_DestroyObject, wipe). */
+    void (*free)(void *state, void *handle);
+} keyx_backend_ops;
+
+extern const keyx_backend_ops keyx_software_backend;
+
+/* A configured backend instance. */
+typedef struct keyx_backend {
+    const keyx_backend_ops *ops;
+    void *state;
+    struct keyx_provctx *prov;
+} keyx_backend;
+
+#endif

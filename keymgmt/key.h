@@ -1,0 +1,49 @@
+/* keyx key objects: the keydata behind every keyx EVP_PKEY. */
+#ifndef KEYX_KEYMGMT_KEY_H
+#define KEYX_KEYMGMT_KEY_H
+
+#include <stddef.h>
+
+#include <openssl/types.h>
+
+#include "backend/backend.h"
+#include "provider/provctx.h"
+
+/* The private part held by a backend; shared (refcounted) between duplicates of a key. */
+typedef struct keyx_priv keyx_priv;
+
+typedef struct keyx_key {
+    keyx_provctx *prov;
+    keyx_alg alg;
+    /* Public view in keyx's libctx: domain parameters and public key (for software keys, the
+     * complete key). NULL for an empty key. Parameters are answered from here. */
+    EVP_PKEY *pub;
+    keyx_priv *priv; /* NULL for public keys and domain parameters */
+    int has_params;
+    int has_public;
+    int public_checked; /* a full public-key check has passed: set_peer need not repeat it */
+    char group[24];     /* canonical group name, "" when none or explicit */
+    char id[17];        /* audit key id, "" until first needed */
+} keyx_key;
+
+keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg);
+void keyx_key_free(keyx_key *k);
+/* Replaces the public view (takes ownership of pub) and refreshes the derived fields. */
+int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub);
+/* Attaches a private part produced by backend be (ownership of handle moves to the key). */
+int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral);
+int keyx_key_has_private(const keyx_key *k);
+/* Duplicate with the same private part (shared) and a copy of the public view. */
+keyx_key *keyx_key_dup(const keyx_key *k, int selection);
+
+const char *keyx_key_id(keyx_key *k);
+const char *keyx_key_backend_name(const keyx_key *k);
+/* Bytes of a shared secret with this key's group (EC: field size, X25519 32, X448 56, DH |p|). */
+size_t keyx_key_secret_size(const keyx_key *k);
+/* Peer has our group and a valid public key; raises KEYX_R_KEY_MISMATCH / INVALID_PEER_KEY. */
+int keyx_key_check_peer(keyx_key *k, keyx_key *peer);
+/* Full-size shared secret (outlen == keyx_key_secret_size) computed in k's backend; counts the
+ * use against ephemeral-max-uses and writes the derive event. */
+int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen);
+
+#endif

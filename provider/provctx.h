@@ -1,0 +1,31 @@
+/* The provider context: one per load of keyx into a library context. */
+#ifndef KEYX_PROVIDER_PROVCTX_H
+#define KEYX_PROVIDER_PROVCTX_H
+
+#include <openssl/core.h>
+#include <openssl/core_dispatch.h>
+#include <openssl/types.h>
+
+#include "provider/config.h"
+
+struct keyx_audit;
+struct keyx_router;
+struct keyx_algtab;
+
+typedef struct keyx_provctx {
+    const OSSL_CORE_HANDLE *handle;
+    /* keyx's own library context with only the default provider in it: software crypto runs here
+     * and never re-enters the application's context (which may prefer keyx). */
+    OSSL_LIB_CTX *libctx;
+    OSSL_PROVIDER *dflt;
+    keyx_config cfg;
+    struct keyx_audit *audit;   /* NULL when audit-log is off */
+    struct keyx_router *router; /* the configured backends, in order */
+    struct keyx_algtab *algs;   /* default provider's keymgmt tables, fetched once */
+    /* Core error functions: keyx errors carry keyx's own library code and reason strings. */
+    OSSL_FUNC_core_new_error_fn *core_new_error;
+    OSSL_FUNC_core_set_error_debug_fn *core_set_error_debug;
+    OSSL_FUNC_core_vset_error_fn *core_vset_error;
+} keyx_provctx;
+
+#endif
