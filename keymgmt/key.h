@@ -33,10 +33,14 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub);
 /* Attaches a private part produced by backend be (ownership of handle moves to the key). */
 int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral);
 int keyx_key_has_private(const keyx_key *k);
+/* 0 for hardware keys: their private part must never be exported. */
+int keyx_key_exports_private(const keyx_key *k);
 /* Duplicate with the same private part (shared) and a copy of the public view. */
 keyx_key *keyx_key_dup(const keyx_key *k, int selection);
 
 const char *keyx_key_id(keyx_key *k);
+/* Audit/debug event about this key (keygen, load, ...); no-op when both are off. */
+void keyx_key_event(keyx_key *k, const char *event, int ok, const char *error);
 const char *keyx_key_backend_name(const keyx_key *k);
 /* Bytes of a shared secret with this key's group (EC: field size, X25519 32, X448 56, DH |p|). */
 size_t keyx_key_secret_size(const keyx_key *k);

@@ -1,4 +1,5 @@
-/* keyx errors: every failure raises one OpenSSL error with a keyx reason and a detail saying what to do. */
+/* keyx errors: every failure raises one OpenSSL error with a keyx reason and a detail saying what
+ * to do. */
 #ifndef KEYX_PROVIDER_ERRORS_H
 #define KEYX_PROVIDER_ERRORS_H
 
@@ -8,13 +9,14 @@
 struct keyx_provctx;
 
 enum keyx_reason {
-    KEYX_R_CONFIG_INVALID = 1,  /* a configuration key has a value keyx does not accept */
-    KEYX_R_UNSUPPORTED,         /* algorithm, group or size no configured backend serves */
-    KEYX_R_INVALID_PEER_KEY,    /* peer public key rejected (not on curve, small order, out of range) */
-    KEYX_R_KEY_MISMATCH,        /* peer and own key use different groups or parameters */
-    KEYX_R_KEY_USED_UP,         /* ephemeral-max-uses reached: the key has been destroyed */
-    KEYX_R_EXPORT_REFUSED,      /* private key of a hardware key cannot leave its backend */
-    KEYX_R_BACKEND_FAILURE,     /* the backend failed the operation */
+    KEYX_R_CONFIG_INVALID = 1, /* a configuration key has a value keyx does not accept */
+    KEYX_R_UNSUPPORTED,        /* algorithm, group or size no configured backend serves */
+    KEYX_R_INVALID_PEER_KEY,   /* peer public key rejected (not on curve, small order, out of range)
+                                */
+    KEYX_R_KEY_MISMATCH,       /* peer and own key use different groups or parameters */
+    KEYX_R_KEY_USED_UP,        /* ephemeral-max-uses reached: the key has been destroyed */
+    KEYX_R_EXPORT_REFUSED,     /* private key of a hardware key cannot leave its backend */
+    KEYX_R_BACKEND_FAILURE,    /* the backend failed the operation */
     KEYX_R_BACKEND_UNAVAILABLE, /* the backend could not be reached or is not built in */
     KEYX_R_MISSING_KEY,         /* the operation needs a key (or part of one) that is not there */
     KEYX_R_INVALID_ARGUMENT,    /* a parameter or buffer given by the caller is wrong */

@@ -14,6 +14,7 @@ struct keyx_algtab;
 
 typedef struct keyx_provctx {
     const OSSL_CORE_HANDLE *handle;
+    int initialized; /* init finished: the core knows keyx's reason strings from now on */
     /* keyx's own library context with only the default provider in it: software crypto runs here
      * and never re-enters the application's context (which may prefer keyx). */
     OSSL_LIB_CTX *libctx;

@@ -1,0 +1,103 @@
+/* The software backend: keys live in process memory, crypto runs in keyx's own library context
+ * on the default provider. The default provider wipes private keys when they are freed. */
+#include <openssl/dh.h>
+#include <openssl/evp.h>
+
+#include "backend/backend.h"
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+static int sw_open(keyx_provctx *p, void **state)
+{
+    *state = p;
+    return 1;
+}
+
+static void sw_close(void *state)
+{
+    (void)state;
+}
+
+static int sw_supports(void *state, const keyx_keyspec *spec)
+{
+    (void)state;
+    return spec->alg < KEYX_ALG_COUNT;
+}
+
+static int sw_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    keyx_provctx *p = state;
+    EVP_PKEY *key = NULL;
+    EVP_PKEY_CTX *ctx = spec->domain != NULL
+                            ? EVP_PKEY_CTX_new_from_pkey(p->libctx, spec->domain, NULL)
+                            : EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(spec->alg), NULL);
+
+    if (ctx == NULL || EVP_PKEY_keygen_init(ctx) != 1 ||
+        (spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
+        EVP_PKEY_generate(ctx, &key) != 1 || !EVP_PKEY_up_ref(key)) {
+        EVP_PKEY_CTX_free(ctx);
+        EVP_PKEY_free(key);
+        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software: %s key generation failed",
+                 keyx_alg_name(spec->alg));
+        return 0;
+    }
+    EVP_PKEY_CTX_free(ctx);
+    *handle = key;
+    *pub = key; /* the same object: software keys carry their private part in the public view */
+    return 1;
+}
+
+static int sw_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    (void)state;
+    if (!EVP_PKEY_up_ref(key))
+        return 0;
+    if (!EVP_PKEY_up_ref(key)) {
+        EVP_PKEY_free(key);
+        return 0;
+    }
+    *handle = key;
+    *pub = key;
+    return 1;
+}
+
+static int sw_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                     size_t secretlen)
+{
+    keyx_provctx *p = state;
+    EVP_PKEY *key = handle;
+    size_t len = secretlen;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
+    int ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
+             (!EVP_PKEY_is_a(key, "DH") || EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
+             /* keyx validated the peer already (keyx_key_check_peer) */
+             EVP_PKEY_derive_set_peer_ex(ctx, peer, 0) == 1 &&
+             EVP_PKEY_derive(ctx, secret, &len) == 1 && len == secretlen;
+
+    EVP_PKEY_CTX_free(ctx);
+    if (!ok) {
+        OPENSSL_cleanse(secret, secretlen);
+        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE,
+                 "software: key agreement failed (for X25519/X448, a small-order peer key)");
+    }
+    return ok;
+}
+
+static void sw_free(void *state, void *handle)
+{
+    (void)state;
+    EVP_PKEY_free(handle);
+}
+
+const keyx_backend_ops keyx_software_backend = {
+    .name = "software",
+    .exports_private = 1,
+    .open = sw_open,
+    .close = sw_close,
+    .supports = sw_supports,
+    .generate = sw_generate,
+    .import = sw_import,
+    .load = NULL,
+    .derive = sw_derive,
+    .free = sw_free,
+};

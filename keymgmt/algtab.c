@@ -1,0 +1,43 @@
+#include <openssl/evp.h>
+
+#include "keymgmt/algtab.h"
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+int keyx_algtab_new(keyx_provctx *p)
+{
+    keyx_algtab *t = OPENSSL_zalloc(sizeof(*t));
+
+    if (t == NULL)
+        return 0;
+    p->algs = t;
+    for (int a = 0; a < KEYX_ALG_COUNT; a++) {
+        const char *name = keyx_alg_name((keyx_alg)a);
+
+        t->km[a] = EVP_KEYMGMT_fetch(p->libctx, name, NULL);
+        t->fromdata[a] = EVP_PKEY_CTX_new_from_name(p->libctx, name, NULL);
+        if (t->km[a] == NULL || t->fromdata[a] == NULL ||
+            EVP_PKEY_fromdata_init(t->fromdata[a]) != 1) {
+            KEYX_ERR(p, KEYX_R_INTERNAL, "the default provider in keyx's context lacks %s", name);
+            return 0;
+        }
+    }
+    t->sha256 = EVP_MD_fetch(p->libctx, "SHA256", NULL);
+    if (t->sha256 == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "SHA-256 unavailable in keyx's context");
+        return 0;
+    }
+    return 1;
+}
+
+void keyx_algtab_free(keyx_algtab *t)
+{
+    if (t == NULL)
+        return;
+    for (int a = 0; a < KEYX_ALG_COUNT; a++) {
+        EVP_KEYMGMT_free(t->km[a]);
+        EVP_PKEY_CTX_free(t->fromdata[a]);
+    }
+    EVP_MD_free(t->sha256);
+    OPENSSL_free(t);
+}

@@ -1,0 +1,21 @@
+/* The default provider's key management in keyx's library context, fetched once: keyx answers
+ * parameter tables and parameter values exactly as the default provider does. */
+#ifndef KEYX_KEYMGMT_ALGTAB_H
+#define KEYX_KEYMGMT_ALGTAB_H
+
+#include <openssl/evp.h>
+
+#include "backend/backend.h"
+
+struct keyx_provctx;
+
+typedef struct keyx_algtab {
+    EVP_KEYMGMT *km[KEYX_ALG_COUNT];
+    EVP_PKEY_CTX *fromdata[KEYX_ALG_COUNT]; /* answers import/export types */
+    EVP_MD *sha256;                         /* audit key ids */
+} keyx_algtab;
+
+int keyx_algtab_new(struct keyx_provctx *p);
+void keyx_algtab_free(keyx_algtab *t);
+
+#endif

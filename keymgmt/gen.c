@@ -1,0 +1,205 @@
+/* Key generation: domain parameters are made in keyx's context (they are public), key pairs in
+ * the first configured backend that supports the group. */
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
+#include "backend/router.h"
+#include "keymgmt/algtab.h"
+#include "keymgmt/key.h"
+#include "keymgmt/keymgmt.h"
+#include "provider/audit.h"
+#include "provider/errors.h"
+
+#define MAX_PARAM_SETS 16
+
+typedef struct keyx_genctx {
+    keyx_provctx *p;
+    keyx_alg alg;
+    int selection;
+    EVP_PKEY *templ; /* domain parameters from gen_set_template */
+    /* Copies of each gen_set_params array, applied in order at generation time. */
+    OSSL_PARAM *sets[MAX_PARAM_SETS];
+    size_t nsets;
+} keyx_genctx;
+
+void *keyx_km_gen_init(keyx_provctx *p, keyx_alg alg, int selection, const OSSL_PARAM params[])
+{
+    keyx_genctx *g = OPENSSL_zalloc(sizeof(*g));
+
+    if (g == NULL)
+        return NULL;
+    g->p = p;
+    g->alg = alg;
+    g->selection = selection;
+    if (!keyx_km_gen_set_params(g, params)) {
+        keyx_km_gen_cleanup(g);
+        return NULL;
+    }
+    return g;
+}
+
+int keyx_km_gen_set_template(void *genctx, void *templ)
+{
+    keyx_genctx *g = genctx;
+    keyx_key *t = templ;
+
+    if (t == NULL || t->pub == NULL || t->alg != g->alg || !EVP_PKEY_up_ref(t->pub)) {
+        KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT, "template is not a %s key with parameters",
+                 keyx_alg_name(g->alg));
+        return 0;
+    }
+    EVP_PKEY_free(g->templ);
+    g->templ = t->pub;
+    return 1;
+}
+
+int keyx_km_gen_set_params(void *genctx, const OSSL_PARAM params[])
+{
+    keyx_genctx *g = genctx;
+
+    if (params == NULL || params[0].key == NULL)
+        return 1;
+    if (g->nsets == MAX_PARAM_SETS || (g->sets[g->nsets] = OSSL_PARAM_dup(params)) == NULL) {
+        KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT, "too many generation parameter sets");
+        return 0;
+    }
+    g->nsets++;
+    return 1;
+}
+
+const OSSL_PARAM *keyx_km_gen_settable_params(keyx_provctx *p, keyx_alg alg)
+{
+    return EVP_KEYMGMT_gen_settable_params(p->algs->km[alg]);
+}
+
+void keyx_km_gen_cleanup(void *genctx)
+{
+    keyx_genctx *g = genctx;
+
+    if (g == NULL)
+        return;
+    for (size_t i = 0; i < g->nsets; i++)
+        OSSL_PARAM_free(g->sets[i]);
+    EVP_PKEY_free(g->templ);
+    OPENSSL_free(g);
+}
+
+/* All parameter sets as one array, later sets winning; *owned must be freed by the caller. */
+static const OSSL_PARAM *merged_params(keyx_genctx *g, OSSL_PARAM **owned)
+{
+    OSSL_PARAM *m = NULL;
+
+    *owned = NULL;
+    if (g->nsets == 0)
+        return NULL;
+    if (g->nsets == 1)
+        return g->sets[0];
+    for (size_t i = 0; i < g->nsets; i++) {
+        OSSL_PARAM *next = OSSL_PARAM_merge(m, g->sets[i]);
+
+        OSSL_PARAM_free(m);
+        if ((m = next) == NULL)
+            return NULL;
+    }
+    *owned = m;
+    return m;
+}
+
+/* Domain parameters (EC group, DH p/g) in keyx's context: from the template, else generated. */
+static EVP_PKEY *domain_params(keyx_genctx *g, const OSSL_PARAM *params)
+{
+    EVP_PKEY_CTX *ctx;
+    EVP_PKEY *dom = NULL;
+
+    if (g->templ != NULL)
+        return EVP_PKEY_up_ref(g->templ) ? g->templ : NULL;
+    ctx = EVP_PKEY_CTX_new_from_name(g->p->libctx, keyx_alg_name(g->alg), NULL);
+    if (ctx == NULL || EVP_PKEY_paramgen_init(ctx) != 1 ||
+        (params != NULL && EVP_PKEY_CTX_set_params(ctx, params) != 1) ||
+        EVP_PKEY_generate(ctx, &dom) != 1) {
+        EVP_PKEY_free(dom);
+        dom = NULL;
+        KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT,
+                 "%s parameters: unknown or missing group (EC: P-256, P-384, P-521; DH: "
+                 "ffdhe2048..ffdhe8192 or explicit p/g)",
+                 keyx_alg_name(g->alg));
+    }
+    EVP_PKEY_CTX_free(ctx);
+    return dom;
+}
+
+static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend *be)
+{
+    keyx_event ev = {
+        .event = "keygen",
+        .backend = be != NULL ? be->ops->name : NULL,
+        .alg = keyx_alg_name(g->alg),
+        .group = k->group[0] ? k->group : NULL,
+        .ephemeral = 1,
+        .ok = 0,
+        .error = be != NULL ? "backend failed to generate the key"
+                            : "no configured backend supports this algorithm or group",
+    };
+
+    keyx_event_emit(g->p, &ev);
+}
+
+void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
+{
+    keyx_genctx *g = genctx;
+    OSSL_PARAM *owned = NULL;
+    const OSSL_PARAM *params = merged_params(g, &owned);
+    keyx_key *k = keyx_key_new(g->p, g->alg);
+    EVP_PKEY *dom = NULL, *pub = NULL;
+    keyx_backend *be = NULL;
+    void *handle = NULL;
+    keyx_keyspec spec = {.alg = g->alg, .params = params};
+    const OSSL_PARAM *bits;
+
+    (void)cb;
+    (void)cbarg;
+    if (k == NULL || (g->nsets > 1 && params == NULL))
+        goto err;
+    if (g->alg == KEYX_ALG_EC || g->alg == KEYX_ALG_DH) {
+        if ((dom = domain_params(g, params)) == NULL || !keyx_key_set_pub(k, dom))
+            goto err;
+        spec.domain = dom;
+        spec.group = k->group[0] ? k->group : NULL;
+        spec.bits = (size_t)EVP_PKEY_get_bits(dom);
+    } else if (g->alg == KEYX_ALG_RSA) {
+        size_t b = 2048;
+
+        bits = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_BITS);
+        if (bits != NULL && !OSSL_PARAM_get_size_t(bits, &b))
+            goto err;
+        spec.bits = b;
+    } else {
+        spec.group = keyx_alg_name(g->alg);
+        snprintf(k->group, sizeof(k->group), "%s", spec.group);
+    }
+    if ((g->selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0) {
+        /* Parameters only: nothing is created in any backend. */
+        OSSL_PARAM_free(owned);
+        return k;
+    }
+    if ((be = keyx_router_pick(g->p->router, &spec)) == NULL)
+        goto fail;
+    if (!be->ops->generate(be->state, &spec, &handle, &pub))
+        goto fail;
+    if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 1))
+        goto err;
+    keyx_key_event(k, "keygen", 1, NULL);
+    OSSL_PARAM_free(owned);
+    return k;
+
+fail:
+    keygen_failed(g, k, be);
+err:
+    OSSL_PARAM_free(owned);
+    keyx_key_free(k);
+    return NULL;
+}

@@ -1,0 +1,369 @@
+/* keyx key objects: a public view in keyx's library context plus, for private keys, a handle
+ * in the backend that holds the private part. */
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/x509.h>
+
+#include "keymgmt/algtab.h"
+#include "keymgmt/key.h"
+#include "provider/audit.h"
+#include "provider/errors.h"
+
+static int events_wanted(const keyx_provctx *p)
+{
+    return p->audit != NULL || p->cfg.debug;
+}
+
+struct keyx_priv {
+    keyx_backend *be;
+    void *handle;        /* NULL once destroyed (ephemeral-max-uses) */
+    CRYPTO_RWLOCK *lock; /* derives read-lock the handle; destruction write-locks it */
+    int refs;            /* keys sharing this private part (dup) */
+    uint64_t uses;
+    int ephemeral;
+};
+
+/* OpenSSL's group names for the curves keyx routes, and keyx's canonical names. */
+static const char *canonical_group(const char *name)
+{
+    static const struct {
+        const char *openssl, *keyx;
+    } map[] = {
+        {"prime256v1", "P-256"}, {"secp256r1", "P-256"}, {"P-256", "P-256"}, {"secp384r1", "P-384"},
+        {"P-384", "P-384"},      {"secp521r1", "P-521"}, {"P-521", "P-521"},
+    };
+
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+        if (strcmp(name, map[i].openssl) == 0)
+            return map[i].keyx;
+    return name;
+}
+
+keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg)
+{
+    keyx_key *k = OPENSSL_zalloc(sizeof(*k));
+
+    if (k == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return NULL;
+    }
+    k->prov = p;
+    k->alg = alg;
+    return k;
+}
+
+void keyx_key_event(keyx_key *k, const char *event, int ok, const char *error)
+{
+    if (!events_wanted(k->prov))
+        return;
+    keyx_event ev = {
+        .event = event,
+        .backend = keyx_key_backend_name(k),
+        .alg = keyx_alg_name(k->alg),
+        .group = k->group[0] ? k->group : NULL,
+        .key = k->id[0] ? k->id : NULL,
+        .ephemeral = k->priv != NULL ? k->priv->ephemeral : -1,
+        .ok = ok,
+        .error = error,
+    };
+
+    keyx_event_emit(k->prov, &ev);
+}
+
+/* Destroys the private part in its backend (caller holds the write lock or the last ref). */
+static void priv_destroy(keyx_key *k)
+{
+    keyx_priv *pv = k->priv;
+
+    if (pv->handle == NULL)
+        return;
+    pv->be->ops->free(pv->be->state, pv->handle);
+    pv->handle = NULL;
+    keyx_key_event(k, "free", 1, NULL);
+}
+
+static void priv_release(keyx_key *k)
+{
+    keyx_priv *pv = k->priv;
+    int refs = 0;
+
+    if (pv == NULL)
+        return;
+    CRYPTO_atomic_add(&pv->refs, -1, &refs, pv->lock);
+    if (refs == 0) {
+        priv_destroy(k);
+        CRYPTO_THREAD_lock_free(pv->lock);
+        OPENSSL_free(pv);
+    }
+    k->priv = NULL;
+}
+
+void keyx_key_free(keyx_key *k)
+{
+    if (k == NULL)
+        return;
+    priv_release(k);
+    EVP_PKEY_free(k->pub);
+    OPENSSL_free(k);
+}
+
+static void compute_id(keyx_key *k)
+{
+    unsigned char *enc = NULL, md[32];
+    unsigned int mdlen = 0;
+    int enclen;
+    size_t len = 0;
+
+    k->id[0] = '\0';
+    if (!k->has_public)
+        return;
+    if (k->alg == KEYX_ALG_RSA) {
+        enclen = i2d_PUBKEY(k->pub, &enc);
+        len = enclen > 0 ? (size_t)enclen : 0;
+    } else {
+        len = EVP_PKEY_get1_encoded_public_key(k->pub, &enc);
+    }
+    if (len > 0 && EVP_Digest(enc, len, md, &mdlen, k->prov->algs->sha256, NULL) == 1)
+        for (int i = 0; i < 8; i++)
+            snprintf(k->id + 2 * i, 3, "%02x", md[i]);
+    OPENSSL_free(enc);
+}
+
+int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
+{
+    char name[64];
+    size_t len = 0;
+
+    EVP_PKEY_free(k->pub);
+    k->pub = pub;
+    k->group[0] = '\0';
+    k->id[0] = '\0';
+    k->public_checked = 0;
+    k->has_params = 0;
+    k->has_public = 0;
+    if (pub == NULL)
+        return 1;
+    /* Probing for parts the key may lack must not leave errors behind. */
+    ERR_set_mark();
+    switch (k->alg) {
+    case KEYX_ALG_X25519:
+    case KEYX_ALG_X448:
+        snprintf(k->group, sizeof(k->group), "%s", keyx_alg_name(k->alg));
+        k->has_public =
+            EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_PUB_KEY, NULL, 0, &len) == 1;
+        break;
+    case KEYX_ALG_RSA:
+        k->has_public = EVP_PKEY_get_bits(pub) > 0;
+        break;
+    case KEYX_ALG_EC:
+    case KEYX_ALG_DH:
+        if (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
+                                           NULL) == 1)
+            snprintf(k->group, sizeof(k->group), "%s", canonical_group(name));
+        /* Explicit parameters have no group name but do have a size. */
+        k->has_params = k->group[0] != '\0' || EVP_PKEY_get_bits(pub) > 0;
+        k->has_public = EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
+                                                        NULL, 0, &len) == 1 &&
+                        len > 0;
+        break;
+    default:
+        break;
+    }
+    ERR_pop_to_mark();
+    return 1;
+}
+
+int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral)
+{
+    keyx_priv *pv = OPENSSL_zalloc(sizeof(*pv));
+
+    if (pv == NULL || (pv->lock = CRYPTO_THREAD_lock_new()) == NULL) {
+        OPENSSL_free(pv);
+        be->ops->free(be->state, handle);
+        KEYX_ERR(k->prov, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    priv_release(k);
+    pv->be = be;
+    pv->handle = handle;
+    pv->refs = 1;
+    pv->ephemeral = ephemeral;
+    k->priv = pv;
+    if (events_wanted(k->prov))
+        compute_id(k);
+    return 1;
+}
+
+int keyx_key_has_private(const keyx_key *k)
+{
+    return k->priv != NULL;
+}
+
+const char *keyx_key_id(keyx_key *k)
+{
+    if (k->id[0] == '\0')
+        compute_id(k);
+    return k->id;
+}
+
+const char *keyx_key_backend_name(const keyx_key *k)
+{
+    return k->priv != NULL ? k->priv->be->ops->name : NULL;
+}
+
+int keyx_key_exports_private(const keyx_key *k)
+{
+    return k->priv == NULL || k->priv->be->ops->exports_private;
+}
+
+/* Copy of the public view limited to selection (domain parameters, public key). */
+static EVP_PKEY *copy_pub(const keyx_key *k, int selection)
+{
+    EVP_PKEY_CTX *ctx = NULL;
+    EVP_PKEY *out = NULL;
+    OSSL_PARAM *params = NULL;
+    int sel = selection & ~OSSL_KEYMGMT_SELECT_PRIVATE_KEY;
+
+    if (k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH)
+        sel |= OSSL_KEYMGMT_SELECT_ALL_PARAMETERS; /* a public key needs its group */
+    else if ((sel & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || !k->has_public)
+        return NULL; /* X25519/X448/RSA have no parameters to copy: an empty key */
+    if (EVP_PKEY_todata(k->pub, sel, &params) == 1 &&
+        (ctx = EVP_PKEY_CTX_new_from_name(k->prov->libctx, keyx_alg_name(k->alg), NULL)) != NULL &&
+        EVP_PKEY_fromdata_init(ctx) == 1)
+        EVP_PKEY_fromdata(ctx, &out, sel, params);
+    OSSL_PARAM_free(params);
+    EVP_PKEY_CTX_free(ctx);
+    return out;
+}
+
+keyx_key *keyx_key_dup(const keyx_key *k, int selection)
+{
+    keyx_key *d = keyx_key_new(k->prov, k->alg);
+    EVP_PKEY *pub = NULL;
+    int with_private = (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && k->priv != NULL;
+
+    if (d == NULL)
+        return NULL;
+    if (k->pub != NULL) {
+        pub = with_private ? EVP_PKEY_dup(k->pub) : copy_pub(k, selection);
+        if (pub == NULL && (with_private || k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH ||
+                            (k->has_public && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)))) {
+            KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot duplicate %s key", keyx_alg_name(k->alg));
+            keyx_key_free(d);
+            return NULL;
+        }
+    }
+    keyx_key_set_pub(d, pub);
+    if (with_private) {
+        int refs;
+
+        CRYPTO_atomic_add(&k->priv->refs, 1, &refs, k->priv->lock);
+        d->priv = k->priv;
+        memcpy(d->id, k->id, sizeof(d->id));
+    }
+    d->public_checked = k->public_checked;
+    return d;
+}
+
+size_t keyx_key_secret_size(const keyx_key *k)
+{
+    switch (k->alg) {
+    case KEYX_ALG_X25519:
+        return 32;
+    case KEYX_ALG_X448:
+        return 56;
+    case KEYX_ALG_EC:
+        return k->pub != NULL ? ((size_t)EVP_PKEY_get_bits(k->pub) + 7) / 8 : 0;
+    case KEYX_ALG_DH:
+        return k->pub != NULL ? (size_t)EVP_PKEY_get_size(k->pub) : 0;
+    default:
+        return 0;
+    }
+}
+
+int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
+{
+    EVP_PKEY_CTX *ctx;
+    int ok;
+
+    if (peer == NULL || peer->alg != k->alg) {
+        KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is not a %s key", keyx_alg_name(k->alg));
+        return 0;
+    }
+    if (!peer->has_public || k->pub == NULL) {
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "peer %s key has no public key",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    if ((k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH) &&
+        EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1) {
+        KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is on %s, ours on %s",
+                 peer->group[0] ? peer->group : "other parameters",
+                 k->group[0] ? k->group : "explicit parameters");
+        return 0;
+    }
+    if (__atomic_load_n(&peer->public_checked, __ATOMIC_ACQUIRE))
+        return 1;
+    /* X25519/X448: every 32/56-byte string is a point; small-order points are caught by the
+     * all-zero result check in the backend. EC: on the curve and not at infinity (our curves
+     * have cofactor 1). DH: 2 <= y <= p-2 and, when q is known, y^q = 1. */
+    if (k->alg != KEYX_ALG_EC && k->alg != KEYX_ALG_DH)
+        return 1;
+    ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->pub, NULL);
+    ok = ctx != NULL && (k->alg == KEYX_ALG_EC ? EVP_PKEY_public_check_quick(ctx)
+                                               : EVP_PKEY_public_check(ctx)) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    if (!ok) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
+                 k->alg == KEYX_ALG_EC
+                     ? "peer point is not on %s or is the point at infinity"
+                     : "peer DH public value is outside [2, p-2] or not in the subgroup of %s",
+                 k->group[0] ? k->group : "the key's parameters");
+        return 0;
+    }
+    return 1;
+}
+
+int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
+{
+    keyx_priv *pv = k->priv;
+    uint64_t max = k->prov->cfg.ephemeral_max_uses, n = 0;
+    int ok = 0, gone;
+
+    if (pv == NULL) {
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "%s key has no private part to derive with",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    if (max != 0 && pv->ephemeral)
+        n = __atomic_add_fetch(&pv->uses, 1, __ATOMIC_ACQ_REL);
+    if (n > max || !CRYPTO_THREAD_read_lock(pv->lock))
+        goto used_up;
+    gone = pv->handle == NULL;
+    if (!gone)
+        ok = pv->be->ops->derive(pv->be->state, pv->handle, peer->pub, out, outlen);
+    CRYPTO_THREAD_unlock(pv->lock);
+    if (gone)
+        goto used_up;
+    keyx_key_event(k, "derive", ok, ok ? NULL : "key agreement failed in the backend");
+    /* The last permitted use destroys the key at once. */
+    if (max != 0 && n == max && CRYPTO_THREAD_write_lock(pv->lock)) {
+        priv_destroy(k);
+        CRYPTO_THREAD_unlock(pv->lock);
+    }
+    return ok;
+
+used_up:
+    KEYX_ERR(k->prov, KEYX_R_KEY_USED_UP,
+             "this ephemeral %s key reached ephemeral-max-uses = %llu and was destroyed; "
+             "generate a new key",
+             keyx_alg_name(k->alg), (unsigned long long)max);
+    keyx_key_event(k, "derive", 0, "key used up (ephemeral-max-uses reached)");
+    return 0;
+}

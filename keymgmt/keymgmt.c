@@ -1,0 +1,225 @@
+/* Key management: parameters and checks are answered by the default provider's implementation
+ * on the key's public view in keyx's context; private parts go through the backend contract. */
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+
+#include "backend/router.h"
+#include "keymgmt/algtab.h"
+#include "keymgmt/key.h"
+#include "keymgmt/keymgmt.h"
+#include "provider/errors.h"
+
+static int has_domain(keyx_alg alg)
+{
+    return alg == KEYX_ALG_EC || alg == KEYX_ALG_DH;
+}
+
+void *keyx_km_new(keyx_provctx *p, keyx_alg alg)
+{
+    return keyx_key_new(p, alg);
+}
+
+void keyx_km_free(void *keydata)
+{
+    keyx_key_free(keydata);
+}
+
+int keyx_km_has(const void *keydata, int selection)
+{
+    const keyx_key *k = keydata;
+    int ok = 1;
+
+    if (k == NULL)
+        return 0;
+    if (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)
+        ok = ok && keyx_key_has_private(k);
+    if (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)
+        ok = ok && k->has_public;
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg))
+        ok = ok && k->has_params;
+    return ok;
+}
+
+int keyx_km_validate(const void *keydata, int selection, int checktype)
+{
+    keyx_key *k = (keyx_key *)keydata;
+    int quick = checktype == OSSL_KEYMGMT_VALIDATE_QUICK_CHECK;
+    int software = keyx_key_exports_private(k);
+    EVP_PKEY_CTX *ctx;
+    int ok = 1;
+
+    if (k->pub == NULL)
+        return (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !has_domain(k->alg);
+    if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
+        return 0;
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg))
+        ok = (quick ? EVP_PKEY_param_check_quick(ctx) : EVP_PKEY_param_check(ctx)) == 1;
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
+        ok = (quick ? EVP_PKEY_public_check_quick(ctx) : EVP_PKEY_public_check(ctx)) == 1;
+        if (ok && !quick)
+            __atomic_store_n(&k->public_checked, 1, __ATOMIC_RELEASE);
+    }
+    /* A hardware backend vouches for its own private part; it cannot be read to check it. */
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY))
+        ok = keyx_key_has_private(k) && (!software || EVP_PKEY_private_check(ctx) == 1);
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == OSSL_KEYMGMT_SELECT_KEYPAIR && software)
+        ok = EVP_PKEY_pairwise_check(ctx) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    return ok;
+}
+
+int keyx_km_match(const void *keydata1, const void *keydata2, int selection)
+{
+    const keyx_key *a = keydata1, *b = keydata2;
+    int ok = 1;
+
+    if (a->alg != b->alg || a->pub == NULL || b->pub == NULL)
+        return 0;
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(a->alg))
+        ok = EVP_PKEY_parameters_eq(a->pub, b->pub) == 1;
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR)) {
+        if (a->has_public && b->has_public)
+            ok = EVP_PKEY_eq(a->pub, b->pub) == 1;
+        else
+            ok = a->priv != NULL && a->priv == b->priv;
+    }
+    return ok;
+}
+
+/* The private key parameter of each algorithm, to tell a private import from a public one. */
+static const char *private_param(keyx_alg alg)
+{
+    return alg == KEYX_ALG_RSA ? OSSL_PKEY_PARAM_RSA_D : OSSL_PKEY_PARAM_PRIV_KEY;
+}
+
+int keyx_km_import(void *keydata, int selection, const OSSL_PARAM params[])
+{
+    keyx_key *k = keydata;
+    keyx_provctx *p = k->prov;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(k->alg), NULL);
+    EVP_PKEY *key = NULL, *pub = NULL;
+    void *handle = NULL;
+    keyx_backend *be;
+
+    if (ctx == NULL || EVP_PKEY_fromdata_init(ctx) != 1 ||
+        EVP_PKEY_fromdata(ctx, &key, selection, (OSSL_PARAM *)params) != 1) {
+        EVP_PKEY_CTX_free(ctx);
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "%s key import rejected (malformed, inconsistent or unsupported parameters)",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    EVP_PKEY_CTX_free(ctx);
+    if (!(selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) ||
+        OSSL_PARAM_locate_const(params, private_param(k->alg)) == NULL)
+        return keyx_key_set_pub(k, key);
+
+    /* The application handed over private material in memory: the software backend holds it. */
+    be = keyx_router_software(p->router);
+    if (!be->ops->import(be->state, key, &handle, &pub)) {
+        EVP_PKEY_free(key);
+        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software backend could not take the %s key",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    EVP_PKEY_free(key);
+    if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 0))
+        return 0;
+    keyx_key_event(k, "load", 1, NULL);
+    return 1;
+}
+
+int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
+{
+    keyx_key *k = keydata;
+
+    if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && !keyx_key_exports_private(k)) {
+        KEYX_ERR(k->prov, KEYX_R_EXPORT_REFUSED,
+                 "the %s private key stays in the %s backend; export only its public key",
+                 keyx_alg_name(k->alg), keyx_key_backend_name(k));
+        return 0;
+    }
+    if (k->pub == NULL) {
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "empty %s key", keyx_alg_name(k->alg));
+        return 0;
+    }
+    return EVP_PKEY_export(k->pub, selection, cb, cbarg);
+}
+
+int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
+{
+    keyx_key *k = keydata;
+
+    return k->pub == NULL || EVP_PKEY_get_params(k->pub, params) == 1;
+}
+
+const OSSL_PARAM *keyx_km_gettable_params(keyx_provctx *p, keyx_alg alg)
+{
+    return EVP_KEYMGMT_gettable_params(p->algs->km[alg]);
+}
+
+const OSSL_PARAM *keyx_km_settable_params(keyx_provctx *p, keyx_alg alg)
+{
+    return EVP_KEYMGMT_settable_params(p->algs->km[alg]);
+}
+
+/* A public view of the right type with no key yet (X25519/X448 keys start empty). */
+static EVP_PKEY *raw_public(keyx_key *k, const OSSL_PARAM *enc)
+{
+    const void *data = NULL;
+    size_t len = 0;
+
+    if (!OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
+        return NULL;
+    return EVP_PKEY_new_raw_public_key_ex(k->prov->libctx, keyx_alg_name(k->alg), NULL, data, len);
+}
+
+int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
+{
+    keyx_key *k = keydata;
+    const OSSL_PARAM *enc = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
+    EVP_PKEY *pub;
+
+    if (enc == NULL)
+        return k->pub == NULL || EVP_PKEY_set_params(k->pub, (OSSL_PARAM *)params) == 1;
+    if (keyx_key_has_private(k)) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_ARGUMENT,
+                 "cannot replace the public key of a %s private key", keyx_alg_name(k->alg));
+        return 0;
+    }
+    /* A new public view rather than an edit: views may be shared with duplicates. */
+    if (k->pub != NULL)
+        pub = EVP_PKEY_dup(k->pub);
+    else if (!has_domain(k->alg) && k->alg != KEYX_ALG_RSA)
+        pub = raw_public(k, enc);
+    else
+        pub = NULL;
+    if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
+        EVP_PKEY_free(pub);
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
+                 "%s encoded public key rejected (wrong length, format or not on the curve)",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    return keyx_key_set_pub(k, pub);
+}
+
+void *keyx_km_dup(const void *keydata, int selection)
+{
+    return keyx_key_dup(keydata, selection);
+}
+
+/* Keys passed by reference from keyx's own store: the reference is the key object itself. */
+void *keyx_km_load(const void *reference, size_t reference_sz)
+{
+    keyx_key *k = NULL;
+
+    if (reference == NULL || reference_sz != sizeof(k))
+        return NULL;
+    k = *(keyx_key *const *)reference;
+    *(keyx_key **)reference = NULL;
+    return k;
+}

@@ -1,0 +1,83 @@
+/* keyx's reason strings and the one function every error path goes through. */
+#include <stdarg.h>
+
+#include <stdio.h>
+
+#include <openssl/err.h>
+#include <openssl/proverr.h>
+
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+static const OSSL_ITEM reason_strings[] = {
+    {KEYX_R_CONFIG_INVALID, "invalid keyx configuration"},
+    {KEYX_R_UNSUPPORTED, "not supported by any configured keyx backend"},
+    {KEYX_R_INVALID_PEER_KEY, "invalid peer public key"},
+    {KEYX_R_KEY_MISMATCH, "peer key does not match the key's group"},
+    {KEYX_R_KEY_USED_UP, "key used up (ephemeral-max-uses reached)"},
+    {KEYX_R_EXPORT_REFUSED, "private key cannot leave its hardware backend"},
+    {KEYX_R_BACKEND_FAILURE, "backend operation failed"},
+    {KEYX_R_BACKEND_UNAVAILABLE, "backend unavailable"},
+    {KEYX_R_MISSING_KEY, "missing key"},
+    {KEYX_R_INVALID_ARGUMENT, "invalid argument"},
+    {KEYX_R_RECURSION, "re-entry into keyx from a backend refused"},
+    {KEYX_R_INTERNAL, "internal error"},
+    {KEYX_R_AUDIT, "audit log error"},
+    {0, NULL},
+};
+
+const OSSL_ITEM *keyx_reason_strings(void)
+{
+    return reason_strings;
+}
+
+void keyx_errors_init(keyx_provctx *p, const OSSL_DISPATCH *in)
+{
+    for (; in->function_id != 0; in++) {
+        switch (in->function_id) {
+        case OSSL_FUNC_CORE_NEW_ERROR:
+            p->core_new_error = OSSL_FUNC_core_new_error(in);
+            break;
+        case OSSL_FUNC_CORE_SET_ERROR_DEBUG:
+            p->core_set_error_debug = OSSL_FUNC_core_set_error_debug(in);
+            break;
+        case OSSL_FUNC_CORE_VSET_ERROR:
+            p->core_vset_error = OSSL_FUNC_core_vset_error(in);
+            break;
+        default:
+            break;
+        }
+    }
+}
+
+void keyx_raise(const keyx_provctx *p, const char *file, int line, const char *func, int reason,
+                const char *fmt, ...)
+{
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (p != NULL && p->initialized && p->core_new_error != NULL && p->core_vset_error != NULL) {
+        /* Through the core, so the error carries keyx's library code and reason strings. */
+        p->core_new_error(p->handle);
+        if (p->core_set_error_debug != NULL)
+            p->core_set_error_debug(p->handle, file, line, func);
+        p->core_vset_error(p->handle, (uint32_t)reason, fmt, ap);
+    } else {
+        /* Before init completes the core has not registered keyx's reason strings: raise a
+         * generic provider error whose detail starts with keyx's own reason. */
+        char detail[512];
+        const char *what = "keyx error";
+
+        for (const OSSL_ITEM *it = reason_strings; it->ptr != NULL; it++)
+            if ((int)it->id == reason)
+                what = it->ptr;
+        vsnprintf(detail, sizeof(detail), fmt, ap);
+        ERR_new();
+        ERR_set_debug(file, line, func);
+        ERR_set_error(ERR_LIB_PROV,
+                      reason == KEYX_R_CONFIG_INVALID ? PROV_R_INVALID_CONFIG_DATA
+                                                      : ERR_R_INIT_FAIL,
+                      "keyx: %s: %s", what, detail);
+    }
+    va_end(ap);
+}

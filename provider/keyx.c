@@ -1,0 +1,163 @@
+/* Provider entry point: context, parameters, algorithm tables, teardown. */
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/params.h>
+#include <openssl/provider.h>
+
+#include "backend/router.h"
+#include "keymgmt/algtab.h"
+#include "provider/audit.h"
+#include "provider/dispatch.h"
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+#define KEYX_PROPS "provider=keyx"
+
+/* Names and aliases exactly as the default provider's, so keyx can stand in for it. */
+static const OSSL_ALGORITHM keyx_keymgmt[] = {
+    {"EC:id-ecPublicKey:1.2.840.10045.2.1", KEYX_PROPS, keyx_ec_keymgmt_functions,
+     "keyx EC key management"},
+    {"X25519:1.3.101.110", KEYX_PROPS, keyx_x25519_keymgmt_functions, "keyx X25519 key management"},
+    {"X448:1.3.101.111", KEYX_PROPS, keyx_x448_keymgmt_functions, "keyx X448 key management"},
+    {"DH:dhKeyAgreement:1.2.840.113549.1.3.1", KEYX_PROPS, keyx_dh_keymgmt_functions,
+     "keyx DH key management"},
+    {"RSA:rsaEncryption:1.2.840.113549.1.1.1", KEYX_PROPS, keyx_rsa_keymgmt_functions,
+     "keyx RSA key management"},
+    {NULL, NULL, NULL, NULL},
+};
+
+static const OSSL_ALGORITHM keyx_keyexch[] = {
+    {"ECDH", KEYX_PROPS, keyx_ecdh_exchange_functions, "keyx ECDH"},
+    {"X25519", KEYX_PROPS, keyx_x25519_exchange_functions, "keyx X25519"},
+    {"X448", KEYX_PROPS, keyx_x448_exchange_functions, "keyx X448"},
+    {"DH:dhKeyAgreement:1.2.840.113549.1.3.1", KEYX_PROPS, keyx_dh_exchange_functions, "keyx DH"},
+    {NULL, NULL, NULL, NULL},
+};
+
+static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no_cache)
+{
+    (void)provctx;
+    *no_cache = 0;
+    switch (operation_id) {
+    case OSSL_OP_KEYMGMT:
+        return keyx_keymgmt;
+    case OSSL_OP_KEYEXCH:
+        return keyx_keyexch;
+    default:
+        return NULL;
+    }
+}
+
+static const OSSL_PARAM keyx_param_types[] = {
+    OSSL_PARAM_DEFN(OSSL_PROV_PARAM_NAME, OSSL_PARAM_UTF8_PTR, NULL, 0),
+    OSSL_PARAM_DEFN(OSSL_PROV_PARAM_VERSION, OSSL_PARAM_UTF8_PTR, NULL, 0),
+    OSSL_PARAM_DEFN(OSSL_PROV_PARAM_BUILDINFO, OSSL_PARAM_UTF8_PTR, NULL, 0),
+    OSSL_PARAM_DEFN(OSSL_PROV_PARAM_STATUS, OSSL_PARAM_INTEGER, NULL, 0),
+    OSSL_PARAM_END,
+};
+
+static const OSSL_PARAM *keyx_gettable_params(void *provctx)
+{
+    (void)provctx;
+    return keyx_param_types;
+}
+
+static int keyx_get_params(void *provctx, OSSL_PARAM params[])
+{
+    OSSL_PARAM *p;
+
+    (void)provctx;
+    p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_NAME);
+    if (p != NULL && !OSSL_PARAM_set_utf8_ptr(p, "keyx: hardware-backed key exchange"))
+        return 0;
+    p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_VERSION);
+    if (p != NULL && !OSSL_PARAM_set_utf8_ptr(p, KEYX_VERSION))
+        return 0;
+    p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_BUILDINFO);
+    if (p != NULL &&
+        !OSSL_PARAM_set_utf8_ptr(p, "keyx " KEYX_VERSION ", built for " OPENSSL_VERSION_TEXT))
+        return 0;
+    p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_STATUS);
+    if (p != NULL && !OSSL_PARAM_set_int(p, 1))
+        return 0;
+    return 1;
+}
+
+static const OSSL_ITEM *keyx_get_reason_strings(void *provctx)
+{
+    (void)provctx;
+    return keyx_reason_strings();
+}
+
+static void keyx_provctx_free(keyx_provctx *p)
+{
+    if (p == NULL)
+        return;
+    keyx_router_free(p->router);
+    keyx_algtab_free(p->algs);
+    keyx_audit_close(p->audit);
+    keyx_config_free(&p->cfg);
+    OSSL_PROVIDER_unload(p->dflt);
+    OSSL_LIB_CTX_free(p->libctx);
+    OPENSSL_free(p);
+}
+
+static void keyx_teardown(void *provctx)
+{
+    keyx_provctx_free(provctx);
+}
+
+static const OSSL_DISPATCH keyx_dispatch[] = {
+    {OSSL_FUNC_PROVIDER_TEARDOWN, (void (*)(void))keyx_teardown},
+    {OSSL_FUNC_PROVIDER_GETTABLE_PARAMS, (void (*)(void))keyx_gettable_params},
+    {OSSL_FUNC_PROVIDER_GET_PARAMS, (void (*)(void))keyx_get_params},
+    {OSSL_FUNC_PROVIDER_QUERY_OPERATION, (void (*)(void))keyx_query},
+    {OSSL_FUNC_PROVIDER_GET_REASON_STRINGS, (void (*)(void))keyx_get_reason_strings},
+    {OSSL_FUNC_PROVIDER_GET_CAPABILITIES, (void (*)(void))keyx_get_capabilities},
+    {0, NULL},
+};
+
+__attribute__((visibility("default"))) int OSSL_provider_init(const OSSL_CORE_HANDLE *handle,
+                                                              const OSSL_DISPATCH *in,
+                                                              const OSSL_DISPATCH **out,
+                                                              void **provctx);
+
+int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
+                       const OSSL_DISPATCH **out, void **provctx)
+{
+    OSSL_FUNC_core_get_params_fn *core_get_params = NULL;
+    keyx_provctx *p = OPENSSL_zalloc(sizeof(*p));
+
+    if (p == NULL)
+        return 0;
+    p->handle = handle;
+    keyx_errors_init(p, in);
+    for (const OSSL_DISPATCH *d = in; d->function_id != 0; d++)
+        if (d->function_id == OSSL_FUNC_CORE_GET_PARAMS)
+            core_get_params = OSSL_FUNC_core_get_params(d);
+    if (core_get_params == NULL)
+        goto err;
+
+    /* keyx's own context: software crypto never goes back through the application's. */
+    p->libctx = OSSL_LIB_CTX_new();
+    if (p->libctx == NULL || (p->dflt = OSSL_PROVIDER_load(p->libctx, "default")) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "cannot load the default provider into keyx's context");
+        goto err;
+    }
+    if (!keyx_config_load(&p->cfg, p, core_get_params))
+        goto err;
+    if (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL)
+        goto err;
+    if (!keyx_algtab_new(p) || !keyx_router_new(p, &p->router))
+        goto err;
+
+    p->initialized = 1;
+    *out = keyx_dispatch;
+    *provctx = p;
+    return 1;
+err:
+    keyx_provctx_free(p);
+    return 0;
+}
