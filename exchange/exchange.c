@@ -7,6 +7,7 @@
 #include <openssl/crypto.h>
 #include <openssl/params.h>
 
+#include "backend/call.h"
 #include "keymgmt/key.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
@@ -25,9 +26,11 @@ typedef struct keyx_exch {
 
 static void *exch_new(keyx_provctx *p, keyx_alg alg)
 {
-    keyx_exch *x = OPENSSL_zalloc(sizeof(*x));
+    keyx_exch *x;
 
-    if (x == NULL)
+    if (!keyx_check_not_reentered(p, "a key exchange"))
+        return NULL;
+    if ((x = OPENSSL_zalloc(sizeof(*x))) == NULL)
         return NULL;
     x->p = p;
     x->alg = alg;

@@ -7,6 +7,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
+#include "backend/call.h"
 #include "backend/router.h"
 #include "keymgmt/algtab.h"
 #include "keymgmt/key.h"
@@ -28,9 +29,11 @@ typedef struct keyx_genctx {
 
 void *keyx_km_gen_init(keyx_provctx *p, keyx_alg alg, int selection, const OSSL_PARAM params[])
 {
-    keyx_genctx *g = OPENSSL_zalloc(sizeof(*g));
+    keyx_genctx *g;
 
-    if (g == NULL)
+    if (!keyx_check_not_reentered(p, "key generation"))
+        return NULL;
+    if ((g = OPENSSL_zalloc(sizeof(*g))) == NULL)
         return NULL;
     g->p = p;
     g->alg = alg;
@@ -57,13 +60,34 @@ int keyx_km_gen_set_template(void *genctx, void *templ)
     return 1;
 }
 
+/* OSSL_PARAM_dup copies data_size bytes, but callers may leave a string's size 0 (the
+ * OSSL_PARAM_utf8_string macro does) and the default provider then reads up to the NUL: size
+ * such strings first so the copy keeps them. */
+static OSSL_PARAM *copy_params(const OSSL_PARAM params[])
+{
+    size_t n = 0;
+    OSSL_PARAM *sized, *copy;
+
+    while (params[n].key != NULL)
+        n++;
+    if ((sized = OPENSSL_memdup(params, (n + 1) * sizeof(*params))) == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        if (sized[i].data_type == OSSL_PARAM_UTF8_STRING && sized[i].data_size == 0 &&
+            sized[i].data != NULL)
+            sized[i].data_size = strlen(sized[i].data);
+    copy = OSSL_PARAM_dup(sized);
+    OPENSSL_free(sized);
+    return copy;
+}
+
 int keyx_km_gen_set_params(void *genctx, const OSSL_PARAM params[])
 {
     keyx_genctx *g = genctx;
 
     if (params == NULL || params[0].key == NULL)
         return 1;
-    if (g->nsets == MAX_PARAM_SETS || (g->sets[g->nsets] = OSSL_PARAM_dup(params)) == NULL) {
+    if (g->nsets == MAX_PARAM_SETS || (g->sets[g->nsets] = copy_params(params)) == NULL) {
         KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT, "too many generation parameter sets");
         return 0;
     }
@@ -132,6 +156,18 @@ static EVP_PKEY *domain_params(keyx_genctx *g, const OSSL_PARAM *params)
     return dom;
 }
 
+/* The curve name of an EC key-pair request without a template, else NULL. */
+static const char *named_curve(keyx_genctx *g, const OSSL_PARAM *params)
+{
+    const OSSL_PARAM *p = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_GROUP_NAME);
+    const char *name = NULL;
+
+    if (g->templ != NULL || (g->selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 || p == NULL ||
+        !OSSL_PARAM_get_utf8_string_ptr(p, &name) || name[0] == '\0')
+        return NULL;
+    return name;
+}
+
 static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend *be)
 {
     keyx_event ev = {
@@ -159,12 +195,17 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     void *handle = NULL;
     keyx_keyspec spec = {.alg = g->alg, .params = params};
     const OSSL_PARAM *bits;
+    const char *name;
 
     (void)cb;
     (void)cbarg;
     if (k == NULL || (g->nsets > 1 && params == NULL))
         goto err;
-    if (g->alg == KEYX_ALG_EC || g->alg == KEYX_ALG_DH) {
+    if (g->alg == KEYX_ALG_EC && (name = named_curve(g, params)) != NULL) {
+        /* A key pair on a named curve: the backend needs only the name, no parameter object. */
+        spec.group = keyx_group_canonical(name);
+        snprintf(k->group, sizeof(k->group), "%s", spec.group);
+    } else if (g->alg == KEYX_ALG_EC || g->alg == KEYX_ALG_DH) {
         if ((dom = domain_params(g, params)) == NULL || !keyx_key_set_pub(k, dom))
             goto err;
         spec.domain = dom;
@@ -188,7 +229,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     }
     if ((be = keyx_router_pick(g->p->router, &spec)) == NULL)
         goto fail;
-    if (!be->ops->generate(be->state, &spec, &handle, &pub))
+    if (!keyx_backend_generate(be, &spec, &handle, &pub))
         goto fail;
     if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 1))
         goto err;

@@ -9,7 +9,9 @@
 #include <openssl/evp.h>
 #include <openssl/x509.h>
 
+#include "backend/call.h"
 #include "keymgmt/algtab.h"
+#include "keymgmt/dh_check.h"
 #include "keymgmt/key.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
@@ -29,7 +31,7 @@ struct keyx_priv {
 };
 
 /* OpenSSL's group names for the curves keyx routes, and keyx's canonical names. */
-static const char *canonical_group(const char *name)
+const char *keyx_group_canonical(const char *name)
 {
     static const struct {
         const char *openssl, *keyx;
@@ -82,7 +84,7 @@ static void priv_destroy(keyx_key *k)
 
     if (pv->handle == NULL)
         return;
-    pv->be->ops->free(pv->be->state, pv->handle);
+    keyx_backend_free(pv->be, pv->handle);
     pv->handle = NULL;
     keyx_key_event(k, "free", 1, NULL);
 }
@@ -164,7 +166,7 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     case KEYX_ALG_DH:
         if (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
                                            NULL) == 1)
-            snprintf(k->group, sizeof(k->group), "%s", canonical_group(name));
+            snprintf(k->group, sizeof(k->group), "%s", keyx_group_canonical(name));
         /* Explicit parameters have no group name but do have a size. */
         k->has_params = k->group[0] != '\0' || EVP_PKEY_get_bits(pub) > 0;
         k->has_public = EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY,
@@ -184,7 +186,7 @@ int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral)
 
     if (pv == NULL || (pv->lock = CRYPTO_THREAD_lock_new()) == NULL) {
         OPENSSL_free(pv);
-        be->ops->free(be->state, handle);
+        keyx_backend_free(be, handle);
         KEYX_ERR(k->prov, KEYX_R_INTERNAL, "out of memory");
         return 0;
     }
@@ -313,12 +315,15 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
     /* X25519/X448: every 32/56-byte string is a point; small-order points are caught by the
      * all-zero result check in the backend. EC: on the curve and not at infinity (our curves
      * have cofactor 1). DH: 2 <= y <= p-2 and, when q is known, y^q = 1. */
-    if (k->alg != KEYX_ALG_EC && k->alg != KEYX_ALG_DH)
+    if (k->alg == KEYX_ALG_DH) {
+        ok = keyx_dh_public_ok(peer->pub);
+    } else if (k->alg == KEYX_ALG_EC) {
+        ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->pub, NULL);
+        ok = ctx != NULL && EVP_PKEY_public_check_quick(ctx) == 1;
+        EVP_PKEY_CTX_free(ctx);
+    } else {
         return 1;
-    ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->pub, NULL);
-    ok = ctx != NULL && (k->alg == KEYX_ALG_EC ? EVP_PKEY_public_check_quick(ctx)
-                                               : EVP_PKEY_public_check(ctx)) == 1;
-    EVP_PKEY_CTX_free(ctx);
+    }
     if (!ok) {
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
                  k->alg == KEYX_ALG_EC
@@ -347,7 +352,7 @@ int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outl
         goto used_up;
     gone = pv->handle == NULL;
     if (!gone)
-        ok = pv->be->ops->derive(pv->be->state, pv->handle, peer->pub, out, outlen);
+        ok = keyx_backend_derive(pv->be, pv->handle, peer->pub, out, outlen);
     CRYPTO_THREAD_unlock(pv->lock);
     if (gone)
         goto used_up;

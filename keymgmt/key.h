@@ -39,6 +39,8 @@ int keyx_key_exports_private(const keyx_key *k);
 keyx_key *keyx_key_dup(const keyx_key *k, int selection);
 
 const char *keyx_key_id(keyx_key *k);
+/* keyx's name for an OpenSSL group name: "prime256v1" -> "P-256"; others unchanged. */
+const char *keyx_group_canonical(const char *name);
 /* Audit/debug event about this key (keygen, load, ...); no-op when both are off. */
 void keyx_key_event(keyx_key *k, const char *event, int ok, const char *error);
 const char *keyx_key_backend_name(const keyx_key *k);

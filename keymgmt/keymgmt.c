@@ -6,8 +6,10 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
+#include "backend/call.h"
 #include "backend/router.h"
 #include "keymgmt/algtab.h"
+#include "keymgmt/dh_check.h"
 #include "keymgmt/key.h"
 #include "keymgmt/keymgmt.h"
 #include "provider/errors.h"
@@ -19,6 +21,8 @@ static int has_domain(keyx_alg alg)
 
 void *keyx_km_new(keyx_provctx *p, keyx_alg alg)
 {
+    if (!keyx_check_not_reentered(p, "a key object"))
+        return NULL;
     return keyx_key_new(p, alg);
 }
 
@@ -58,7 +62,10 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg))
         ok = (quick ? EVP_PKEY_param_check_quick(ctx) : EVP_PKEY_param_check(ctx)) == 1;
     if (ok && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
-        ok = (quick ? EVP_PKEY_public_check_quick(ctx) : EVP_PKEY_public_check(ctx)) == 1;
+        if (k->alg == KEYX_ALG_DH && !quick)
+            ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
+        else
+            ok = (quick ? EVP_PKEY_public_check_quick(ctx) : EVP_PKEY_public_check(ctx)) == 1;
         if (ok && !quick)
             __atomic_store_n(&k->public_checked, 1, __ATOMIC_RELEASE);
     }
@@ -119,7 +126,7 @@ int keyx_km_import(void *keydata, int selection, const OSSL_PARAM params[])
 
     /* The application handed over private material in memory: the software backend holds it. */
     be = keyx_router_software(p->router);
-    if (!be->ops->import(be->state, key, &handle, &pub)) {
+    if (!keyx_backend_import(be, key, &handle, &pub)) {
         EVP_PKEY_free(key);
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software backend could not take the %s key",
                  keyx_alg_name(k->alg));

@@ -1,0 +1,53 @@
+#include "backend/call.h"
+#include "provider/errors.h"
+
+static _Thread_local int inside_backend;
+
+int keyx_check_not_reentered(const struct keyx_provctx *p, const char *what)
+{
+    if (!inside_backend)
+        return 1;
+    KEYX_ERR(p, KEYX_R_RECURSION,
+             "%s was requested from inside a keyx backend call (a backend library uses "
+             "libcrypto with keyx preferred); keyx does not serve its own backends",
+             what);
+    return 0;
+}
+
+int keyx_backend_generate(keyx_backend *be, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    int ok;
+
+    inside_backend++;
+    ok = be->ops->generate(be->state, spec, handle, pub);
+    inside_backend--;
+    return ok;
+}
+
+int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    int ok;
+
+    inside_backend++;
+    ok = be->ops->import(be->state, key, handle, pub);
+    inside_backend--;
+    return ok;
+}
+
+int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                        size_t secretlen)
+{
+    int ok;
+
+    inside_backend++;
+    ok = be->ops->derive(be->state, handle, peer, secret, secretlen);
+    inside_backend--;
+    return ok;
+}
+
+void keyx_backend_free(keyx_backend *be, void *handle)
+{
+    inside_backend++;
+    be->ops->free(be->state, handle);
+    inside_backend--;
+}

@@ -1,0 +1,19 @@
+/* Calls into a backend. Each marks the thread as inside a backend, so that a library the backend
+ * uses (SoftHSM's or the TSS's own libcrypto) that comes back into keyx through an application
+ * configured with ?provider=keyx is refused at once instead of recursing or deadlocking. */
+#ifndef KEYX_BACKEND_CALL_H
+#define KEYX_BACKEND_CALL_H
+
+#include "backend/backend.h"
+
+int keyx_backend_generate(keyx_backend *be, const keyx_keyspec *spec, void **handle,
+                          EVP_PKEY **pub);
+int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
+int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                        size_t secretlen);
+void keyx_backend_free(keyx_backend *be, void *handle);
+
+/* At keyx's entry points: 0 with KEYX_R_RECURSION raised when called from inside a backend. */
+int keyx_check_not_reentered(const struct keyx_provctx *p, const char *what);
+
+#endif
