@@ -289,6 +289,24 @@ size_t keyx_key_secret_size(const keyx_key *k)
     }
 }
 
+/* Explicit parameters lose what made them wrong (OpenSSL rebuilds a bad cofactor) before keyx
+ * sees them, so they are refused as such. */
+static int explicit_curve(const EVP_PKEY *pub)
+{
+    char enc[16] = "";
+    int decoded = 0, r;
+
+    ERR_set_mark();
+    r = (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_EC_ENCODING, enc, sizeof(enc), NULL) ==
+             1 &&
+         strcmp(enc, OSSL_PKEY_EC_ENCODING_EXPLICIT) == 0) ||
+        (EVP_PKEY_get_int_param(pub, OSSL_PKEY_PARAM_EC_DECODED_FROM_EXPLICIT_PARAMS, &decoded) ==
+             1 &&
+         decoded);
+    ERR_pop_to_mark();
+    return r;
+}
+
 int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
 {
     EVP_PKEY_CTX *ctx;
@@ -303,11 +321,21 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
                  keyx_alg_name(k->alg));
         return 0;
     }
-    if ((k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH) &&
-        EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1) {
+    /* A named curve must meet the same named curve: OpenSSL names explicit parameters only when
+     * all of them (cofactor included) match a built-in curve, and EC_GROUP_cmp would let a
+     * peer with a wrong cofactor pass. */
+    if ((k->alg == KEYX_ALG_EC && k->group[0] != '\0' && strcmp(k->group, peer->group) != 0) ||
+        ((k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH) &&
+         EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1)) {
         KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is on %s, ours on %s",
                  peer->group[0] ? peer->group : "other parameters",
                  k->group[0] ? k->group : "explicit parameters");
+        return 0;
+    }
+    if (k->alg == KEYX_ALG_EC && explicit_curve(peer->pub)) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
+                 "peer key carries explicit curve parameters; keyx accepts named curves only "
+                 "(RFC 5480), as TLS sends them");
         return 0;
     }
     if (__atomic_load_n(&peer->public_checked, __ATOMIC_ACQUIRE))
