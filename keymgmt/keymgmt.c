@@ -52,16 +52,23 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
     keyx_key *k = (keyx_key *)keydata;
     int quick = checktype == OSSL_KEYMGMT_VALIDATE_QUICK_CHECK;
     int software = keyx_key_exports_private(k);
+    const char *failed = "key is empty";
     EVP_PKEY_CTX *ctx;
     int ok = 1;
 
-    if (k->pub == NULL)
-        return (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !has_domain(k->alg);
+    if (k->pub == NULL) {
+        ok = (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !has_domain(k->alg);
+        goto end;
+    }
     if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
         return 0;
-    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg))
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg)) {
+        failed = "domain parameters are invalid";
         ok = (quick ? EVP_PKEY_param_check_quick(ctx) : EVP_PKEY_param_check(ctx)) == 1;
+    }
     if (ok && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
+        failed = k->alg == KEYX_ALG_DH ? "public value is outside [2, p-2] or the subgroup"
+                                       : "public key is malformed or not on the curve";
         if (k->alg == KEYX_ALG_DH && !quick)
             ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
         else
@@ -70,11 +77,20 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
             __atomic_store_n(&k->public_checked, 1, __ATOMIC_RELEASE);
     }
     /* A hardware backend vouches for its own private part; it cannot be read to check it. */
-    if (ok && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY))
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY)) {
+        failed = "private key is missing or invalid";
         ok = keyx_key_has_private(k) && (!software || EVP_PKEY_private_check(ctx) == 1);
-    if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == OSSL_KEYMGMT_SELECT_KEYPAIR && software)
+    }
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == OSSL_KEYMGMT_SELECT_KEYPAIR &&
+        software) {
+        failed = "private and public key do not match";
         ok = EVP_PKEY_pairwise_check(ctx) == 1;
+    }
     EVP_PKEY_CTX_free(ctx);
+end:
+    if (!ok)
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY, "%s key check failed: %s", keyx_alg_name(k->alg),
+                 failed);
     return ok;
 }
 
