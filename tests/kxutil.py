@@ -1,0 +1,407 @@
+"""Shared helpers of the keyx test suite: paths, subprocess runner, openssl.cnf writer, audit log.
+
+Every subprocess runs with a timeout (a hung process fails its test, it never hangs the suite),
+in an environment stripped of the caller's KEYX_* and OPENSSL_* variables, with the sanitizer
+runtimes preloaded when keyx.so was built with -DKEYX_SANITIZE (the openssl binary is not).
+"""
+
+import base64
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VECTORS = REPO.parent / "shared" / "vectors" / "wycheproof"
+
+# Generous: ASan builds and a loaded 2-core CI machine are slow, a hang is still caught.
+TIMEOUT = float(os.environ.get("KEYX_TEST_TIMEOUT", "60"))
+
+SANITIZER_MARKERS = (
+    "ERROR: AddressSanitizer",
+    "ERROR: LeakSanitizer",
+    "runtime error:",
+    "UndefinedBehaviorSanitizer",
+)
+
+# Reason strings of keyx's errors (provider/errors.c), as tests may match them.
+KEYX_REASONS = (
+    "invalid keyx configuration",
+    "not supported by any configured keyx backend",
+    "invalid peer public key",
+    "peer key does not match the key's group",
+    "key used up (ephemeral-max-uses reached)",
+    "private key cannot leave its hardware backend",
+    "backend operation failed",
+    "backend unavailable",
+    "missing key",
+    "invalid argument",
+    "re-entry into keyx from a backend refused",
+    "internal error",
+    "audit log error",
+)
+
+# Every configuration key of DESIGN.md with its environment variable.
+CONFIG_KEYS = {
+    "backends": "KEYX_BACKENDS",
+    "tpm-tcti": "KEYX_TPM_TCTI",
+    "tpm-parent": "KEYX_TPM_PARENT",
+    "pkcs11-module": "KEYX_PKCS11_MODULE",
+    "pkcs11-token": "KEYX_PKCS11_TOKEN",
+    "pkcs11-pin": "KEYX_PKCS11_PIN",
+    "pkcs11-raw-rsa": "KEYX_PKCS11_RAW_RSA",
+    "tpm-encrypt-sessions": "KEYX_TPM_ENCRYPT_SESSIONS",
+    "tpm-pool": "KEYX_TPM_POOL",
+    "pkcs11-pool": "KEYX_PKCS11_POOL",
+    "audit-log": "KEYX_AUDIT_LOG",
+    "ephemeral-max-uses": "KEYX_EPHEMERAL_MAX_USES",
+    "debug": "KEYX_DEBUG",
+}
+
+# A 2048-bit safe prime (openssl dhparam 2048) with g = 2: DH with explicit p/g that is no
+# named group, as a TLS 1.2 server may send.
+EXPLICIT_DH_P = (
+    "9EA0959C11C63000BB76EA887B70AD082A7A7A8B896B4DE9E7183C35AE2A128607D8682392DFBE2DF9FB33F1"
+    "5141D6159A1059FC6371A82DACE20266E484ADF62C2868276699E0D0A25391E5C3BCC9CFD3AC559A20C429FC"
+    "EE981134E7BA9264535866656FFE5FAC1F0C358C7A09D95D5BC6C65703270EBD30DB080CC5074DC2DA2AE099"
+    "9287372AB06CA311013EB1218CC61D9C360CEDD9CBC3886BA81E462A282AF7FC7E166897DEF80F3A26CA040B"
+    "9AB52ACA8E75644A8806C7CDF3505D8EF68A35ED23811216223E0F8A4627D19184817BB5A49830A800C3AB9B"
+    "661769DDBC9720652318F05E66A9FB2AC4B5D5B96EA2C46081E93D696560786C7AA5C1DF"
+)
+EXPLICIT_DH_G = "02"
+EXPLICIT_DH = f"explicit:{EXPLICIT_DH_P}:{EXPLICIT_DH_G}"
+
+
+def build_dir():
+    """The build directory under test: $KEYX_BUILD_DIR (relative to the repo) or build/."""
+    d = Path(os.environ.get("KEYX_BUILD_DIR", "build"))
+    if not d.is_absolute():
+        d = REPO / d
+    return d.resolve()
+
+
+def module_path():
+    return build_dir() / "keyx.so"
+
+
+def derive_bin():
+    return build_dir() / "tests" / "keyx-test-derive"
+
+
+def project_version():
+    m = re.search(r"project\(keyx\s+VERSION\s+([0-9.]+)", (REPO / "CMakeLists.txt").read_text())
+    assert m, "cannot find the project version in CMakeLists.txt"
+    return m.group(1)
+
+
+@functools.lru_cache(maxsize=None)
+def sanitizer_preload():
+    """Sanitizer runtimes keyx.so needs (NEEDED entries found by ldd), '' when not sanitized."""
+    so = module_path()
+    if not so.exists():
+        return ""
+    out = subprocess.run(["ldd", str(so)], capture_output=True, text=True, timeout=30).stdout
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        m = re.search(r"^\s*(" + re.escape(name) + r"\S*)\s+=>\s+(\S+)", out, re.M)
+        if m:
+            libs.append(m.group(2))
+    return ":".join(libs)
+
+
+def base_env(**extra):
+    """Environment for a subprocess: no inherited KEYX_/OPENSSL_ settings, a neutral config."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KEYX_", "OPENSSL_", "SSL_CERT", "LD_PRELOAD", "ASAN_", "UBSAN_"))
+    }
+    env["OPENSSL_CONF"] = str(neutral_cnf())
+    preload = sanitizer_preload()
+    if preload:
+        env["LD_PRELOAD"] = preload
+        # The openssl binary is not built with ASan: LeakSanitizer would report the allocations
+        # openssl itself leaves at exit (and libcrypto's atexit teardown order), not keyx's, so
+        # leak checking is off; every other ASan/UBSan finding aborts the process.
+        env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=99"
+        env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1:exitcode=99"
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return env
+
+
+@functools.lru_cache(maxsize=None)
+def neutral_cnf():
+    """An empty openssl.cnf: only the default provider, whatever /etc/ssl/openssl.cnf says."""
+    d = Path(os.environ.get("KEYX_TEST_TMP", "/tmp")) / f"keyx-tests-{os.getpid()}"
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / "neutral.cnf"
+    p.write_text("# empty: default provider only\n")
+    return p
+
+
+class Result:
+    def __init__(self, cmd, rc, out, err, pid, seconds):
+        self.cmd, self.rc, self.out, self.err, self.pid, self.seconds = cmd, rc, out, err, pid, seconds
+
+    def __repr__(self):
+        return (
+            f"$ {' '.join(map(str, self.cmd))}\n[exit {self.rc}, pid {self.pid}, "
+            f"{self.seconds:.1f}s]\n--- stdout ---\n{_clip(self.out)}\n--- stderr ---\n{_clip(self.err)}"
+        )
+
+    def ok(self, what=""):
+        assert self.rc == 0, f"{what or 'command'} failed:\n{self!r}"
+        return self
+
+
+def _clip(s, n=4000):
+    if isinstance(s, bytes):
+        s = s.decode("utf-8", "replace")
+    return s if len(s) <= n else s[: n // 2] + "\n[...]\n" + s[-n // 2 :]
+
+
+def run(cmd, env=None, input=None, timeout=TIMEOUT, cwd=None, text=True):
+    """Runs cmd to completion; AssertionError on timeout (process group killed) or on a
+    sanitizer report. Never raises for a non-zero exit: callers check rc."""
+    cmd = [str(c) for c in cmd]
+    if env is None:
+        env = base_env()
+    start = time.monotonic()
+    p = subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        text=text,
+        start_new_session=True,
+    )
+    try:
+        out, err = p.communicate(input if input is not None else ("" if text else b""), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p)
+        out, err = p.communicate()
+        raise AssertionError(
+            f"timed out after {timeout}s (killed):\n{Result(cmd, None, out, err, p.pid, timeout)!r}"
+        )
+    r = Result(cmd, p.returncode, out, err, p.pid, time.monotonic() - start)
+    check_sanitizer(r)
+    return r
+
+
+def kill_group(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        p.kill()
+
+
+def check_sanitizer(r):
+    err = r.err if isinstance(r.err, str) else r.err.decode("utf-8", "replace")
+    for m in SANITIZER_MARKERS:
+        assert m not in err, f"sanitizer report ({m}):\n{r!r}"
+
+
+def openssl(*args, **kw):
+    return run(["openssl", *args], **kw)
+
+
+# ---- openssl.cnf ----------------------------------------------------------------------------
+
+
+def write_cnf(path, keyx=None, prefer=True, activate_keyx=True, default=True, diagnostics=True,
+              module=None):
+    """Writes an openssl.cnf loading keyx (section keyx_sect with the given options) and the
+    default provider; prefer: default_properties = ?provider=keyx."""
+    lines = []
+    if diagnostics:
+        lines.append("config_diagnostics = 1")
+    lines += ["openssl_conf = openssl_init", "", "[openssl_init]", "providers = provider_sect"]
+    if prefer:
+        lines.append("alg_section = algorithm_sect")
+        lines += ["", "[algorithm_sect]", "default_properties = ?provider=keyx"]
+    lines += ["", "[provider_sect]", "keyx = keyx_sect"]
+    if default:
+        lines.append("default = default_sect")
+    lines += ["", "[keyx_sect]", f"module = {module or module_path()}"]
+    if activate_keyx:
+        lines.append("activate = 1")
+    for k, v in (keyx or {}).items():
+        lines.append(f"{k} = {v}")
+    if default:
+        lines += ["", "[default_sect]", "activate = 1"]
+    Path(path).write_text("\n".join(lines) + "\n")
+    return Path(path)
+
+
+# ---- audit log ------------------------------------------------------------------------------
+
+
+def read_audit(path):
+    """Parses the JSON-lines audit log; every line must be one complete JSON object."""
+    path = Path(path)
+    assert path.exists(), f"audit log {path} was not created"
+    events = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            ev = json.loads(line)
+        except ValueError as e:
+            raise AssertionError(f"{path}:{n}: not a JSON line ({e}): {line!r}")
+        assert isinstance(ev, dict), f"{path}:{n}: not an object: {line!r}"
+        events.append(ev)
+    return events
+
+
+AUDIT_FIELDS = {"ts", "pid", "event", "ok"}
+AUDIT_EVENTS = {"keygen", "load", "derive", "free", "error", "decrypt", "sign", "encrypt",
+                "encapsulate", "decapsulate", "failover"}
+
+
+def check_audit_schema(events):
+    """Fields and types of DESIGN.md's audit format."""
+    for ev in events:
+        missing = AUDIT_FIELDS - ev.keys()
+        assert not missing, f"audit event lacks {sorted(missing)}: {ev}"
+        assert ev["event"] in AUDIT_EVENTS, f"unknown audit event: {ev}"
+        assert isinstance(ev["pid"], int), f"pid not a number: {ev}"
+        assert isinstance(ev["ok"], bool), f"ok not a boolean: {ev}"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", str(ev["ts"])), f"bad ts: {ev}"
+        if "key" in ev:
+            assert re.fullmatch(r"[0-9a-f]{16}", str(ev["key"])), f"bad key id: {ev}"
+        if "ephemeral" in ev:
+            assert isinstance(ev["ephemeral"], bool), f"ephemeral not a boolean: {ev}"
+        if not ev["ok"]:
+            assert ev.get("error"), f"failed event without an error text: {ev}"
+
+
+def key_id(encoded_pub_hex):
+    import hashlib
+
+    return hashlib.sha256(bytes.fromhex(encoded_pub_hex)).hexdigest()[:16]
+
+
+def secret_forms(hexstr):
+    """The ways a secret could be written into a text log: hex lower/upper, base64."""
+    forms = {hexstr.lower(), hexstr.upper()}
+    raw = bytes.fromhex(hexstr)
+    forms.add(base64.b64encode(raw).decode())
+    return {f for f in forms if len(f) >= 16}
+
+
+def assert_no_secrets(text, secrets, where):
+    """None of the secrets (hex strings) appears in text, in any of secret_forms."""
+    for s in secrets:
+        s = s.strip()
+        if not s or s == "-":
+            continue
+        for f in secret_forms(s):
+            assert f not in text, f"{where} contains a secret or private key ({f[:16]}...)"
+
+
+# ---- the derive driver (tests/helpers/derive.c) ---------------------------------------------
+
+
+class Outcome:
+    """One vector's result: ok with secret, or err with the failing stage and error text."""
+
+    def __init__(self, vid, line):
+        self.id, self.line = vid, line
+        parts = line.split(" ", 2)
+        assert len(parts) >= 2 and parts[1] in ("ok", "err"), f"bad driver output line: {line!r}"
+        self.ok = parts[1] == "ok"
+        rest = parts[2] if len(parts) > 2 else ""
+        self.secret = rest if self.ok else None
+        self.stage, _, self.error = (None, "", "") if self.ok else rest.partition(":")
+        self.error = self.error.strip()
+
+    @property
+    def by_keyx(self):
+        """The error was raised by keyx itself (library name keyx, or one of its reasons)."""
+        return " keyx:" in f" {self.error}" or any(r in self.error for r in KEYX_REASONS)
+
+    def __repr__(self):
+        return self.line
+
+
+def driver_cmd(provider="keyx", peer_provider=None, dh_pad=None, config=None):
+    cmd = [derive_bin(), "--module", build_dir(), "--provider", provider]
+    if config:
+        cmd += ["--config", config]
+    if peer_provider:
+        cmd += ["--peer-provider", peer_provider]
+    if dh_pad is not None:
+        cmd += ["--dh-pad", str(dh_pad)]
+    return cmd
+
+
+def derive(vectors, provider="keyx", peer_provider=None, dh_pad=None, env=None, config=None,
+           timeout=TIMEOUT):
+    """Runs vectors (tuples id, alg, group, priv, form, peer) through the driver; returns
+    {id: Outcome} and the Result. Every vector must be answered exactly once."""
+    text = "".join(" ".join(str(f) if str(f) else "-" for f in v) + "\n" for v in vectors)
+    r = run(driver_cmd(provider, peer_provider, dh_pad, config), input=text, env=env,
+            timeout=timeout)
+    assert r.rc == 0, f"driver failed:\n{r!r}"
+    got = {}
+    for line in r.out.splitlines():
+        vid = line.split(" ", 1)[0]
+        assert vid not in got, f"vector {vid} answered twice:\n{r!r}"
+        got[vid] = Outcome(vid, line)
+    want = [str(v[0]) for v in vectors]
+    missing = [v for v in want if v not in got]
+    assert not missing, f"driver did not answer {len(missing)} vectors ({missing[:5]}...):\n{r!r}"
+    assert len(got) == len(want), f"driver answered {len(got)} lines for {len(want)} vectors"
+    return got, r
+
+
+def pair(alg, group, zero=False, env=None):
+    """Two key pairs made by the default provider and their secret (see derive.c, mode pair)."""
+    cmd = [derive_bin(), "--provider", "default", "pair", alg, group] + (["zero"] if zero else [])
+    r = run(cmd, env=env, timeout=max(TIMEOUT, 120)).ok(f"pair {alg} {group}")
+    keys = {}
+    for line in r.out.splitlines():
+        tag, *fields = line.split(" ")
+        if tag in ("A", "B"):
+            keys[tag] = dict(zip(("priv", "pub", "spki"), fields))
+        elif tag == "S":
+            keys["S"] = fields[0]
+    assert set(keys) == {"A", "B", "S"}, f"bad pair output:\n{r!r}"
+    return keys
+
+
+def dh_params(group):
+    """(p, q, g) as ints of a named DH group, from the default provider."""
+    r = run([derive_bin(), "--provider", "default", "params", group]).ok(f"params {group}")
+    p, q, g = (int(x, 16) for x in r.out.split())
+    return p, q, g
+
+
+# ---- s_client output -----------------------------------------------------------------------
+
+
+def temp_key(client_output):
+    """The 'Server Temp Key:' line s_client prints (group / key exchange), or ''."""
+    m = re.search(r"^Server Temp Key: (.*)$", client_output, re.M)
+    return m.group(1).strip() if m else ""
+
+
+def protocol(client_output):
+    """The negotiated protocol from s_client's 'New, TLSv1.3, Cipher is ...' line, or ''."""
+    m = re.search(r"^New, (TLSv1\.\d), Cipher is (\S+)", client_output, re.M)
+    return m.group(1) if m else ""
+
+
+def cipher(client_output):
+    m = re.search(r"^New, (TLSv1\.\d), Cipher is (\S+)", client_output, re.M)
+    return m.group(2) if m else ""
