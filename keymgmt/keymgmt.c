@@ -172,11 +172,33 @@ int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
     return EVP_PKEY_export(k->pub, selection, cb, cbarg);
 }
 
+/* X25519/X448 sizes are fixed: the default provider reports them even for a key with no
+ * material yet, and libssl caches what an empty peer key answers before setting its value. */
+static int ecx_fixed_params(keyx_alg alg, OSSL_PARAM params[])
+{
+    int x448 = alg == KEYX_ALG_X448;
+    int bits = x448 ? 448 : 253, secbits = x448 ? 224 : 128, size = x448 ? 56 : 32;
+    OSSL_PARAM *p;
+
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_BITS)) && !OSSL_PARAM_set_int(p, bits))
+        return 0;
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_SECURITY_BITS)) &&
+        !OSSL_PARAM_set_int(p, secbits))
+        return 0;
+    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_MAX_SIZE)) && !OSSL_PARAM_set_int(p, size))
+        return 0;
+    return 1;
+}
+
 int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
 
-    return k->pub == NULL || EVP_PKEY_get_params(k->pub, params) == 1;
+    if (k->pub != NULL)
+        return EVP_PKEY_get_params(k->pub, params) == 1;
+    if (k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448)
+        return ecx_fixed_params(k->alg, params);
+    return 1;
 }
 
 const OSSL_PARAM *keyx_km_gettable_params(keyx_provctx *p, keyx_alg alg)
