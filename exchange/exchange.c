@@ -110,8 +110,11 @@ static int exch_set_peer(void *vctx, void *vpeer)
         KEYX_ERR(x->p, KEYX_R_MISSING_KEY, "initialize the exchange with a key first");
         return 0;
     }
-    if (!keyx_key_check_peer(x->key, vpeer))
+    if (!keyx_key_check_peer(x->key, vpeer)) {
+        /* Invalid-curve and small-subgroup attempts belong in the audit trail. */
+        keyx_key_event(x->key, "error", 0, "peer public key rejected");
         return 0;
+    }
     x->peer = vpeer;
     return 1;
 }
