@@ -117,10 +117,10 @@ def test_wycheproof_through_keyx(build, vectors_dir, tmp, name, alg, group, form
     # Counts: nothing silently dropped.
     verdicts = Counter((t["result"], got[str(t["tcId"])].ok) for t in tests)
     assert sum(verdicts.values()) == len(tests)
-    valid = sum(1 for t in tests if t["result"] == "valid")
-    nonzero_valid = sum(1 for t in tests if t["result"] == "valid" and set(t["shared"]) != {"0"})
-    assert verdicts[("valid", True)] == nonzero_valid and nonzero_valid <= valid
-    assert verdicts[("invalid", True)] == 0
+    ecx = alg in ("X25519", "X448")
+    valid = sum(1 for t in tests if t["result"] == "valid" and not (ecx and set(t["shared"]) == {"0"}))
+    assert verdicts[("valid", True)] == valid, f"{verdicts}"
+    assert verdicts[("invalid", True)] == 0, f"{verdicts}"
 
     # The audit log: every derive done by keyx in this process, never a secret or private key.
     events = kxutil.read_audit(log)
@@ -134,8 +134,7 @@ def test_wycheproof_through_keyx(build, vectors_dir, tmp, name, alg, group, form
         assert e.get("backend") == "software" and e.get("alg") == alg, f"derive event {e}"
         assert e.get("group") == group, f"derive event without group {group}: {e}"
     text = log.read_text()
-    kxutil.assert_no_secrets(text, [t["shared"] for t in tests if set(t["shared"]) != {"0"}],
-                             "audit log")
+    kxutil.assert_no_secrets(text, [t["shared"] for t in tests if len(set(t["shared"])) > 2], "audit log")
     kxutil.assert_no_secrets(text, [t["private"] for t in tests], "audit log")
 
 
