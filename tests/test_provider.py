@@ -1,0 +1,193 @@
+"""The provider itself: identity, configuration keys and their environment overrides, debug trace."""
+
+import re
+
+import pytest
+
+import kxutil
+from kxutil import CONFIG_KEYS, base_env, openssl
+
+# One value per key that docs/configuration.md does not accept.
+INVALID = {
+    "backends": "tmp",
+    "tpm-tcti": "",
+    "tpm-parent": "0x12345678",
+    "pkcs11-module": "",
+    "pkcs11-token": "token=keyx",
+    "pkcs11-pin": "file:",
+    "pkcs11-raw-rsa": "maybe",
+    "tpm-encrypt-sessions": "2",
+    "tpm-pool": "1025",
+    "pkcs11-pool": "-1",
+    "audit-log": "",
+    "ephemeral-max-uses": "ten",
+    "debug": "2",
+}
+
+
+def providers(listing):
+    """{name: {field: value}} from `openssl list -providers -verbose`."""
+    out, cur = {}, None
+    for line in listing.splitlines():
+        m = re.match(r"^  (\S+)$", line)
+        if m:
+            cur = out.setdefault(m.group(1), {})
+            continue
+        m = re.match(r"^    ([a-z ]+): (.*)$", line)
+        if m and cur is not None:
+            cur.setdefault(m.group(1), m.group(2))
+    return out
+
+
+def check_keyx_listed(r):
+    r.ok("openssl list -providers")
+    p = providers(r.out)
+    assert "keyx" in p, f"keyx not listed:\n{r!r}"
+    k = p["keyx"]
+    assert "keyx" in k.get("name", ""), f"name: {k}"
+    assert k.get("version") == kxutil.project_version(), f"version: {k} (CMakeLists says {kxutil.project_version()})"
+    assert k.get("status") == "active", f"status: {k}"
+
+
+def test_listed_with_provider_path(module_dir):
+    check_keyx_listed(openssl("list", "-providers", "-verbose", "-provider-path", module_dir, "-provider", "keyx"))
+
+
+def test_listed_with_openssl_modules(module_dir):
+    env = base_env(OPENSSL_MODULES=module_dir)
+    check_keyx_listed(openssl("list", "-providers", "-verbose", "-provider", "keyx", env=env))
+
+
+def test_listed_from_openssl_cnf(cnf):
+    env = base_env(OPENSSL_CONF=cnf())
+    r = openssl("list", "-providers", "-verbose", env=env)
+    check_keyx_listed(r)
+    assert "default" in providers(r.out), "default provider not active beside keyx"
+    assert "warning" not in r.err, f"a valid configuration warned:\n{r!r}"
+
+
+def test_every_key_has_an_invalid_value_here():
+    assert set(INVALID) == set(CONFIG_KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(CONFIG_KEYS))
+def test_invalid_value_in_openssl_cnf_stops_loading(cnf, key):
+    env = base_env(OPENSSL_CONF=cnf(keyx={key: INVALID[key]}))
+    r = openssl("list", "-providers", "-verbose", env=env)
+    assert "keyx" not in providers(r.out), f"keyx loaded with {key} = {INVALID[key]!r}:\n{r!r}"
+    # OpenSSL 3.0 drops a provider that fails to initialise from openssl.cnf and clears the
+    # error queue: the only way the administrator learns which key is wrong is keyx's stderr.
+    assert re.search(rf"\b{re.escape(key)}\b", r.err), (
+        f"keyx did not load with {key} = {INVALID[key]!r}, but nothing on stderr names the key:\n{r!r}"
+    )
+
+
+@pytest.mark.parametrize("key", sorted(CONFIG_KEYS))
+def test_invalid_value_in_environment_stops_loading(module_dir, tmp, key):
+    var = CONFIG_KEYS[key]
+    env = base_env(**{var: INVALID[key]})
+    r = openssl("list", "-providers", "-provider-path", module_dir, "-provider", "keyx", env=env)
+    assert r.rc != 0, f"keyx loaded with {var}={INVALID[key]!r}:\n{r!r}"
+    assert "keyx" not in providers(r.out), f"keyx listed with {var}={INVALID[key]!r}:\n{r!r}"
+    assert key in r.err or var in r.err, f"the error does not name {key} / {var}:\n{r!r}"
+    assert "invalid keyx configuration" in r.err, f"no 'invalid keyx configuration' error:\n{r!r}"
+
+
+def test_unknown_key_warns_and_loads(cnf):
+    env = base_env(OPENSSL_CONF=cnf(keyx={"frobnicate": "1"}))
+    r = openssl("list", "-providers", "-verbose", env=env)
+    check_keyx_listed(r)
+    assert 'keyx: warning: unknown configuration key "frobnicate"' in r.err, f"no warning:\n{r!r}"
+
+
+def test_valid_values_load(cnf, tmp):
+    """Every key with a value the docs accept: keyx loads and does not warn."""
+    good = {
+        "backends": "software",
+        "tpm-tcti": "swtpm:host=127.0.0.1,port=2321",
+        "tpm-parent": "0x81000001",
+        "pkcs11-module": "/usr/lib/softhsm/libsofthsm2.so",
+        "pkcs11-token": "pkcs11:token=keyx",
+        "pkcs11-pin": "env:KEYX_TEST_PIN",
+        "pkcs11-raw-rsa": "1",
+        "tpm-encrypt-sessions": "0",
+        "tpm-pool": "4",
+        "pkcs11-pool": "0",
+        "audit-log": tmp / "audit.jsonl",
+        "ephemeral-max-uses": "5",
+        "debug": "0",
+    }
+    assert set(good) == set(CONFIG_KEYS)
+    env = base_env(OPENSSL_CONF=cnf(keyx=good))
+    r = openssl("list", "-providers", "-verbose", env=env)
+    check_keyx_listed(r)
+    assert "warning" not in r.err, f"valid values warned:\n{r!r}"
+
+
+# ---- environment overrides openssl.cnf ------------------------------------------------------
+
+
+def test_env_overrides_ephemeral_max_uses(cnf):
+    conf = cnf(keyx={"ephemeral-max-uses": "1"}, prefer=False)
+    r = kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "EC", "P-256", "3"],
+                   env=base_env(KEYX_EPHEMERAL_MAX_USES="3"))
+    r.ok("uses")
+    lines = r.out.splitlines()[1:]
+    assert [l.split()[1] for l in lines] == ["ok", "ok", "ok"], f"KEYX_EPHEMERAL_MAX_USES=3 did not override 1:\n{r!r}"
+    # and the file's value alone applies
+    r = kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "EC", "P-256", "2"])
+    r.ok("uses")
+    assert [l.split()[1] for l in r.out.splitlines()[1:]] == ["ok", "err"], f"ephemeral-max-uses = 1 ignored:\n{r!r}"
+
+
+def test_env_overrides_audit_log(cnf, tmp):
+    in_file, in_env = tmp / "from-cnf.jsonl", tmp / "from-env.jsonl"
+    conf = cnf(keyx={"audit-log": in_file}, prefer=False)
+    r = kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "X25519", "X25519", "1"],
+                   env=base_env(KEYX_AUDIT_LOG=in_env))
+    r.ok("uses")
+    assert in_env.exists(), "KEYX_AUDIT_LOG not used"
+    assert not in_file.exists() or not in_file.read_text(), "the openssl.cnf audit-log was written despite KEYX_AUDIT_LOG"
+    assert any(e["event"] == "derive" for e in kxutil.read_audit(in_env))
+
+
+def test_env_overrides_debug(cnf):
+    conf = cnf(keyx={"debug": "0"}, prefer=False)
+    r = kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "X25519", "X25519", "1"],
+                   env=base_env(KEYX_DEBUG="1"))
+    r.ok("uses")
+    assert re.search(r"^keyx: .*derive", r.err, re.M), f"KEYX_DEBUG=1 did not override debug = 0:\n{r!r}"
+
+
+def test_env_overrides_backends(cnf):
+    conf = cnf(keyx={"backends": "software"}, prefer=False)
+    r = kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "X25519", "X25519", "1"],
+                   env=base_env(KEYX_BACKENDS="nonsense"))
+    assert r.rc != 0 or " ok " not in r.out, f"KEYX_BACKENDS=nonsense was ignored:\n{r!r}"
+
+
+# ---- debug trace ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alg,group", [("EC", "P-256"), ("X25519", "X25519"), ("X448", "X448"), ("DH", "ffdhe2048")])
+def test_debug_trace_names_backend_alg_key_and_no_secret(build, alg, group):
+    k = kxutil.pair(alg, group)
+    vectors = [("ab", alg, group, k["A"]["priv"], "raw", k["B"]["pub"])]
+    got, r = kxutil.derive(vectors, env=base_env(KEYX_DEBUG="1"), dh_pad=1)
+    assert got["ab"].ok and got["ab"].secret == k["S"], f"derive failed: {got['ab']}"
+    kid = kxutil.key_id(k["A"]["pub"])
+    traces = [l for l in r.err.splitlines() if l.startswith("keyx: ")]
+    derive = [l for l in traces if re.search(r"\bderive\b", l)]
+    assert derive, f"no derive trace on stderr with KEYX_DEBUG=1:\n{r!r}"
+    line = derive[-1]
+    assert "backend=software" in line, f"trace without backend: {line}"
+    assert re.search(rf"\balg={alg}\b", line), f"trace without alg={alg}: {line}"
+    assert f"key={kid}" in line, f"trace without key={kid}: {line}"
+    kxutil.assert_no_secrets(r.err, [k["S"], k["A"]["priv"], k["B"]["priv"]], "KEYX_DEBUG trace")
+
+
+def test_no_trace_without_debug(build):
+    k = kxutil.pair("EC", "P-256")
+    got, r = kxutil.derive([("ab", "EC", "P-256", k["A"]["priv"], "raw", k["B"]["pub"])])
+    assert got["ab"].ok
+    assert not [l for l in r.err.splitlines() if l.startswith("keyx:")], f"keyx wrote to stderr without KEYX_DEBUG:\n{r!r}"
