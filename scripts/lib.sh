@@ -1,0 +1,58 @@
+# shellcheck shell=bash
+# Shared by scripts/test.sh and scripts/demo.sh: installs missing Debian packages and builds keyx.
+# Source it; it sets KEYX_ROOT and defines keyx_* functions.
+
+KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# What building keyx and running its tests needs on Debian bookworm (nothing more).
+KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest)
+
+keyx_say() {
+    printf '\n==> %s\n' "$*"
+}
+
+keyx_die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+keyx_installed() {
+    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
+}
+
+# keyx_install_deps PKG...: installs those not installed yet; apt-get update once, only if needed.
+keyx_install_deps() {
+    local missing=() pkg sudo=()
+    for pkg in "$@"; do
+        keyx_installed "$pkg" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    command -v apt-get >/dev/null || keyx_die "missing packages ${missing[*]} and no apt-get (Debian bookworm expected)"
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null || keyx_die "missing packages ${missing[*]}: run as root or install sudo"
+        sudo=(sudo)
+    fi
+    keyx_say "installing ${missing[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" </dev/null
+}
+
+# keyx_build DIR: configures and builds keyx.so and the test helpers into DIR (relative to the
+# repo root unless absolute). $KEYX_SANITIZE (e.g. address,undefined) selects a sanitizer build.
+keyx_build() {
+    local dir=$1
+    keyx_say "building keyx in $dir${KEYX_SANITIZE:+ (sanitizers: $KEYX_SANITIZE)}"
+    cmake -S "$KEYX_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DKEYX_SANITIZE="${KEYX_SANITIZE:-}" >/dev/null
+    cmake --build "$dir" -j "$(nproc 2>/dev/null || echo 2)"
+    [ -f "$dir/keyx.so" ] || keyx_die "the build left no $dir/keyx.so"
+}
+
+# keyx_abs PATH: PATH made absolute against the repo root.
+keyx_abs() {
+    case $1 in
+    /*) printf '%s\n' "$1" ;;
+    *) printf '%s\n' "$KEYX_ROOT/$1" ;;
+    esac
+}
