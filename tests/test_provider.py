@@ -191,3 +191,21 @@ def test_no_trace_without_debug(build):
     got, r = kxutil.derive([("ab", "EC", "P-256", k["A"]["priv"], "raw", k["B"]["pub"])])
     assert got["ab"].ok
     assert not [l for l in r.err.splitlines() if l.startswith("keyx:")], f"keyx wrote to stderr without KEYX_DEBUG:\n{r!r}"
+
+
+# ---- the module file ------------------------------------------------------------------------
+
+
+def test_only_provider_init_is_exported(module_path):
+    r = kxutil.run(["nm", "-D", "--defined-only", module_path]).ok("nm -D")
+    symbols = sorted(line.split()[-1] for line in r.out.splitlines() if line.strip())
+    assert symbols == ["OSSL_provider_init"], f"keyx.so exports more than OSSL_provider_init: {symbols}"
+
+
+def test_cmake_install_puts_module_in_openssl_modulesdir(build, tmp):
+    modulesdir = kxutil.run(["pkg-config", "--variable=modulesdir", "libcrypto"]).ok().out.strip()
+    assert modulesdir, "pkg-config knows no modulesdir for libcrypto"
+    r = kxutil.run(["cmake", "--install", build], env=base_env(DESTDIR=tmp / "root"), timeout=120)
+    r.ok("cmake --install")
+    installed = tmp / "root" / modulesdir.lstrip("/") / "keyx.so"
+    assert installed.is_file(), f"cmake --install did not put keyx.so in {modulesdir}:\n{r!r}"
