@@ -12,6 +12,7 @@
 #include "backend/call.h"
 #include "keymgmt/algtab.h"
 #include "keymgmt/dh_check.h"
+#include "keymgmt/ecx_check.h"
 #include "keymgmt/key.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
@@ -338,11 +339,17 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
                  "(RFC 5480), as TLS sends them");
         return 0;
     }
+    if ((k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
+        !keyx_ecx_public_ok(k->alg, peer->pub)) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
+                 "peer %s key is a small-order point: the shared secret would be zero",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
     if (__atomic_load_n(&peer->public_checked, __ATOMIC_ACQUIRE))
         return 1;
-    /* X25519/X448: every 32/56-byte string is a point; small-order points are caught by the
-     * all-zero result check in the backend. EC: on the curve and not at infinity (our curves
-     * have cofactor 1). DH: 2 <= y <= p-2 and, when q is known, y^q = 1. */
+    /* EC: on the curve and not at infinity (our curves have cofactor 1). DH: 2 <= y <= p-2
+     * and, when q is known, y in the order-q subgroup. */
     if (k->alg == KEYX_ALG_DH) {
         ok = keyx_dh_public_ok(peer->pub);
     } else if (k->alg == KEYX_ALG_EC) {

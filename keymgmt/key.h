@@ -22,7 +22,7 @@ typedef struct keyx_key {
     int has_params;
     int has_public;
     int public_checked; /* a full public-key check has passed: set_peer need not repeat it */
-    char group[24];     /* canonical group name, "" when none or explicit */
+    char group[64];     /* canonical group name, "" when none or explicit */
     char id[17];        /* audit key id, "" until first needed */
 } keyx_key;
 

@@ -72,6 +72,9 @@ void keyx_raise(const keyx_provctx *p, const char *file, int line, const char *f
             if ((int)it->id == reason)
                 what = it->ptr;
         vsnprintf(detail, sizeof(detail), fmt, ap);
+        /* OpenSSL 3.0 drops a provider whose init fails from openssl.cnf and clears the error
+         * queue: without this line the application would run on without keyx, silently. */
+        fprintf(stderr, "keyx: not loaded: %s: %s\n", what, detail);
         ERR_new();
         ERR_set_debug(file, line, func);
         ERR_set_error(ERR_LIB_PROV,

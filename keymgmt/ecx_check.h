@@ -1,0 +1,12 @@
+/* X25519/X448 peer check: refuse the small-order points, whose shared secret is all zeros. */
+#ifndef KEYX_KEYMGMT_ECX_CHECK_H
+#define KEYX_KEYMGMT_ECX_CHECK_H
+
+#include <openssl/types.h>
+
+#include "backend/backend.h"
+
+/* 1 if the public key of pub (an X25519 or X448 key) is not a small-order point. */
+int keyx_ecx_public_ok(keyx_alg alg, const EVP_PKEY *pub);
+
+#endif
