@@ -77,8 +77,11 @@ def check_server_audit(log, pid, group):
     return events
 
 
-@pytest.mark.parametrize("group", list(GROUPS))
-@pytest.mark.parametrize("version", ["TLSv1.3", "TLSv1.2"])
+# TLS 1.2 with ffdhe2048 means DHE with the server's -dhparam file: see the test after this one.
+CASES = [(v, g) for v in ("TLSv1.3", "TLSv1.2") for g in GROUPS if (v, g) != ("TLSv1.2", "ffdhe2048")]
+
+
+@pytest.mark.parametrize("version,group", CASES)
 def test_handshake_through_keyx(s_server, s_client, certs, cnf, tmp, version, group):
     log = tmp / "audit.jsonl"
     env = base_env(OPENSSL_CONF=cnf(keyx={"audit-log": log}))
@@ -89,6 +92,31 @@ def test_handshake_through_keyx(s_server, s_client, certs, cnf, tmp, version, gr
     client = [e for e in events if e["pid"] == cli.pid and e["event"] in ("keygen", "derive") and e["ok"]]
     assert {e["event"] for e in client} == {"keygen", "derive"}, f"client events: {client}"
     assert all(e.get("alg") == GROUPS[group][0] for e in client), f"client events: {client}"
+
+
+def test_tls12_ffdhe2048_from_dhparam_file(s_server, s_client, certs, cnf, tmp):
+    """TLS 1.2 DHE on ffdhe2048 parameters the server reads from a file (-dhparam).
+
+    The client builds the server's parameters through keyx and its ffdhe2048 key share is
+    generated and used by keyx. On the server, OpenSSL 3.0 decodes the PEM parameters into the
+    default provider and generates the DHE key with the template's own keymgmt, ignoring the
+    property query: keyx receives the finished key for the derive (event 'load'). This is the
+    known limit in docs/guide.md, until keyx decodes DH parameter files itself. Should OpenSSL or
+    keyx change, this test fails and check_server_audit applies here as for every other group.
+    """
+    log = tmp / "audit.jsonl"
+    env = base_env(OPENSSL_CONF=cnf(keyx={"audit-log": log}))
+    srv, cli, server_out = handshake(s_server, s_client, certs, env, "TLSv1.2", "ffdhe2048")
+    check_handshake(cli, server_out, "TLSv1.2", "ffdhe2048")
+    events = kxutil.read_audit(log)
+    kxutil.check_audit_schema(events)
+    client = [e for e in events if e["pid"] == cli.pid and e["ok"] and e.get("alg") == "DH"]
+    for ev in ("keygen", "derive"):
+        hits = [e for e in client if e["event"] == ev]
+        assert hits and all(e.get("group") == "ffdhe2048" for e in hits), f"client {ev}: {client}"
+    server = [e for e in events if e["pid"] == srv.pid and e["ok"] and e.get("alg") == "DH"]
+    assert [e["event"] for e in server if e["event"] != "free"] == ["load", "derive"], server
+    assert server[0]["key"] == server[1]["key"] and server[1].get("group") == "ffdhe2048", server
 
 
 @pytest.mark.parametrize("group", ["X25519", "P-256", "ffdhe2048"])
