@@ -23,6 +23,8 @@ typedef enum keyx_alg {
 
 /* "EC", "X25519", "X448", "DH", "RSA": also the default provider's name for the algorithm. */
 const char *keyx_alg_name(keyx_alg alg);
+/* EC and DH keys carry domain parameters (a curve, p and g); the others have none. */
+int keyx_alg_has_domain(keyx_alg alg);
 
 /* What to generate, or what to ask a backend whether it can serve. */
 typedef struct keyx_keyspec {

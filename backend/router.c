@@ -23,6 +23,11 @@ const char *keyx_alg_name(keyx_alg alg)
     return (unsigned)alg < KEYX_ALG_COUNT ? names[alg] : "?";
 }
 
+int keyx_alg_has_domain(keyx_alg alg)
+{
+    return alg == KEYX_ALG_EC || alg == KEYX_ALG_DH;
+}
+
 /* Backends built into this keyx; NULL: not available in this build. */
 static const keyx_backend_ops *backend_ops(keyx_backend_kind kind)
 {

@@ -15,9 +15,7 @@ int keyx_algtab_new(keyx_provctx *p)
         const char *name = keyx_alg_name((keyx_alg)a);
 
         t->km[a] = EVP_KEYMGMT_fetch(p->libctx, name, NULL);
-        t->fromdata[a] = EVP_PKEY_CTX_new_from_name(p->libctx, name, NULL);
-        if (t->km[a] == NULL || t->fromdata[a] == NULL ||
-            EVP_PKEY_fromdata_init(t->fromdata[a]) != 1) {
+        if (t->km[a] == NULL) {
             KEYX_ERR(p, KEYX_R_INTERNAL, "the default provider in keyx's context lacks %s", name);
             return 0;
         }
@@ -36,7 +34,6 @@ void keyx_algtab_free(keyx_algtab *t)
         return;
     for (int a = 0; a < KEYX_ALG_COUNT; a++) {
         EVP_KEYMGMT_free(t->km[a]);
-        EVP_PKEY_CTX_free(t->fromdata[a]);
     }
     EVP_MD_free(t->sha256);
     OPENSSL_free(t);

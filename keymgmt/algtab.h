@@ -11,8 +11,7 @@ struct keyx_provctx;
 
 typedef struct keyx_algtab {
     EVP_KEYMGMT *km[KEYX_ALG_COUNT];
-    EVP_PKEY_CTX *fromdata[KEYX_ALG_COUNT]; /* answers import/export types */
-    EVP_MD *sha256;                         /* audit key ids */
+    EVP_MD *sha256; /* audit key ids */
 } keyx_algtab;
 
 int keyx_algtab_new(struct keyx_provctx *p);

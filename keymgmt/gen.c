@@ -205,7 +205,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
         /* A key pair on a named curve: the backend needs only the name, no parameter object. */
         spec.group = keyx_group_canonical(name);
         snprintf(k->group, sizeof(k->group), "%s", spec.group);
-    } else if (g->alg == KEYX_ALG_EC || g->alg == KEYX_ALG_DH) {
+    } else if (keyx_alg_has_domain(g->alg)) {
         if ((dom = domain_params(g, params)) == NULL || !keyx_key_set_pub(k, dom))
             goto err;
         spec.domain = dom;

@@ -207,13 +207,6 @@ int keyx_key_has_private(const keyx_key *k)
     return k->priv != NULL;
 }
 
-const char *keyx_key_id(keyx_key *k)
-{
-    if (k->id[0] == '\0')
-        compute_id(k);
-    return k->id;
-}
-
 const char *keyx_key_backend_name(const keyx_key *k)
 {
     return k->priv != NULL ? k->priv->be->ops->name : NULL;
@@ -232,7 +225,7 @@ static EVP_PKEY *copy_pub(const keyx_key *k, int selection)
     OSSL_PARAM *params = NULL;
     int sel = selection & ~OSSL_KEYMGMT_SELECT_PRIVATE_KEY;
 
-    if (k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH)
+    if (keyx_alg_has_domain(k->alg))
         sel |= OSSL_KEYMGMT_SELECT_ALL_PARAMETERS; /* a public key needs its group */
     else if ((sel & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || !k->has_public)
         return NULL; /* X25519/X448/RSA have no parameters to copy: an empty key */
@@ -255,7 +248,7 @@ keyx_key *keyx_key_dup(const keyx_key *k, int selection)
         return NULL;
     if (k->pub != NULL) {
         pub = with_private ? EVP_PKEY_dup(k->pub) : copy_pub(k, selection);
-        if (pub == NULL && (with_private || k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH ||
+        if (pub == NULL && (with_private || keyx_alg_has_domain(k->alg) ||
                             (k->has_public && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)))) {
             KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot duplicate %s key", keyx_alg_name(k->alg));
             keyx_key_free(d);
@@ -326,8 +319,7 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
      * all of them (cofactor included) match a built-in curve, and EC_GROUP_cmp would let a
      * peer with a wrong cofactor pass. */
     if ((k->alg == KEYX_ALG_EC && k->group[0] != '\0' && strcmp(k->group, peer->group) != 0) ||
-        ((k->alg == KEYX_ALG_EC || k->alg == KEYX_ALG_DH) &&
-         EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1)) {
+        (keyx_alg_has_domain(k->alg) && EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1)) {
         KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is on %s, ours on %s",
                  peer->group[0] ? peer->group : "other parameters",
                  k->group[0] ? k->group : "explicit parameters");

@@ -23,7 +23,7 @@ typedef struct keyx_key {
     int has_public;
     int public_checked; /* a full public-key check has passed: set_peer need not repeat it */
     char group[64];     /* canonical group name, "" when none or explicit */
-    char id[17];        /* audit key id, "" until first needed */
+    char id[17];        /* audit key id, set with the private part when audit or debug is on */
 } keyx_key;
 
 keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg);
@@ -38,7 +38,6 @@ int keyx_key_exports_private(const keyx_key *k);
 /* Duplicate with the same private part (shared) and a copy of the public view. */
 keyx_key *keyx_key_dup(const keyx_key *k, int selection);
 
-const char *keyx_key_id(keyx_key *k);
 /* keyx's name for an OpenSSL group name: "prime256v1" -> "P-256"; others unchanged. */
 const char *keyx_group_canonical(const char *name);
 /* Audit/debug event about this key (keygen, load, ...); no-op when both are off. */

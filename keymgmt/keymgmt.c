@@ -14,11 +14,6 @@
 #include "keymgmt/keymgmt.h"
 #include "provider/errors.h"
 
-static int has_domain(keyx_alg alg)
-{
-    return alg == KEYX_ALG_EC || alg == KEYX_ALG_DH;
-}
-
 void *keyx_km_new(keyx_provctx *p, keyx_alg alg)
 {
     if (!keyx_check_not_reentered(p, "a key object"))
@@ -42,7 +37,7 @@ int keyx_km_has(const void *keydata, int selection)
         ok = ok && keyx_key_has_private(k);
     if (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)
         ok = ok && k->has_public;
-    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg))
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(k->alg))
         ok = ok && k->has_params;
     return ok;
 }
@@ -57,12 +52,12 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
     int ok = 1;
 
     if (k->pub == NULL) {
-        ok = (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !has_domain(k->alg);
+        ok = (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !keyx_alg_has_domain(k->alg);
         goto end;
     }
     if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
         return 0;
-    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(k->alg)) {
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(k->alg)) {
         failed = "domain parameters are invalid";
         ok = (quick ? EVP_PKEY_param_check_quick(ctx) : EVP_PKEY_param_check(ctx)) == 1;
     }
@@ -101,7 +96,7 @@ int keyx_km_match(const void *keydata1, const void *keydata2, int selection)
 
     if (a->alg != b->alg || a->pub == NULL || b->pub == NULL)
         return 0;
-    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && has_domain(a->alg))
+    if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(a->alg))
         ok = EVP_PKEY_parameters_eq(a->pub, b->pub) == 1;
     if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR)) {
         if (a->has_public && b->has_public)
@@ -238,7 +233,7 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
     /* A new public view rather than an edit: views may be shared with duplicates. */
     if (k->pub != NULL)
         pub = EVP_PKEY_dup(k->pub);
-    else if (!has_domain(k->alg) && k->alg != KEYX_ALG_RSA)
+    else if (!keyx_alg_has_domain(k->alg) && k->alg != KEYX_ALG_RSA)
         pub = raw_public(k, enc);
     else
         pub = NULL;
