@@ -36,6 +36,16 @@ typedef struct keyx_keyspec {
     const OSSL_PARAM *params; /* the application's further generation parameters (RSA e, ...) */
 } keyx_keyspec;
 
+/* Key import (EVP_PKEY_fromdata) and generation parameter naming the backend that must hold the
+ * private key: "software", "tpm" or "pkcs11". Without it, imports stay in software. */
+#define KEYX_PARAM_BACKEND "keyx-backend"
+
+/* Results of generate, import, load and derive: 1 done; 0 failed (an error is raised: bad input,
+ * unsupported request, key gone...); KEYX_BACKEND_DOWN: the device itself is unreachable or broken
+ * (TPM connection lost, token removed, session/device errors), error raised too. The router then
+ * marks the backend down for a while and lets the next configured backend generate (failover). */
+#define KEYX_BACKEND_DOWN (-1)
+
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
     /* 1: private parts may be exported (they already live in process memory). */
@@ -50,7 +60,10 @@ typedef struct keyx_backend_ops {
     int (*generate)(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
     /* Takes a complete key from keyx's libctx (used for imported software keys and tests). */
     int (*import)(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
-    /* Key by backend-specific locator (URI or handle); NULL when the backend has no static keys. */
+    /* Static key by locator, by reference (the private part stays where it is); NULL when the
+     * backend has no static keys. Locators: pkcs11 gets the whole "pkcs11:..." URI, tpm gets
+     * what follows "keyx:tpm:" ("handle=0x81000002"). Loaded keys are not ephemeral: free()
+     * releases keyx's hold on them and never deletes them from the device. */
     int (*load)(void *state, const char *locator, void **handle, EVP_PKEY **pub);
     /* Shared secret with peer (already validated, keyx libctx). secretlen is the full size of
      * the secret for the group (DH: length of p); the backend fills exactly that many bytes,
@@ -62,6 +75,12 @@ typedef struct keyx_backend_ops {
 } keyx_backend_ops;
 
 extern const keyx_backend_ops keyx_software_backend;
+#ifdef KEYX_HAVE_TPM
+extern const keyx_backend_ops keyx_tpm_backend;
+#endif
+#ifdef KEYX_HAVE_PKCS11
+extern const keyx_backend_ops keyx_pkcs11_backend;
+#endif
 
 /* A configured backend instance. */
 typedef struct keyx_backend {

@@ -34,6 +34,16 @@ int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY
     return ok;
 }
 
+int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_PKEY **pub)
+{
+    int ok;
+
+    inside_backend++;
+    ok = be->ops->load(be->state, locator, handle, pub);
+    inside_backend--;
+    return ok;
+}
+
 int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
                         size_t secretlen)
 {

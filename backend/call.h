@@ -6,9 +6,11 @@
 
 #include "backend/backend.h"
 
+/* Each returns what the backend returned (1, 0 or KEYX_BACKEND_DOWN, see backend.h). */
 int keyx_backend_generate(keyx_backend *be, const keyx_keyspec *spec, void **handle,
                           EVP_PKEY **pub);
 int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
+int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_PKEY **pub);
 int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
                         size_t secretlen);
 void keyx_backend_free(keyx_backend *be, void *handle);

@@ -1,19 +1,32 @@
 /* The configured backends, in order, and the choice of one for each new key. */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 
+#include "backend/call.h"
 #include "backend/router.h"
+#include "provider/audit.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
+
+/* How long a backend that reported its device down is passed over when generating keys. */
+#define DOWN_SECONDS 5
 
 struct keyx_router {
     keyx_backend backends[KEYX_BACKEND_KINDS];
     size_t n;
     keyx_backend *software; /* holder of imported keys: the listed one, or a private instance */
     keyx_backend own_software;
-    char names[64]; /* "tpm, pkcs11, software": for error messages */
+    /* Backends not in `backends`, opened on first use for keys loaded by URI or imported into
+     * a named backend: those keys stay in their own backend whatever routing says. */
+    keyx_backend extra[KEYX_BACKEND_KINDS];
+    CRYPTO_RWLOCK *extra_lock;
+    _Atomic long down_until[KEYX_BACKEND_KINDS]; /* by backend kind; 0: up */
+    char names[64];                              /* "tpm, pkcs11, software": for error messages */
 };
 
 const char *keyx_alg_name(keyx_alg alg)
@@ -34,9 +47,37 @@ static const keyx_backend_ops *backend_ops(keyx_backend_kind kind)
     switch (kind) {
     case KEYX_BACKEND_SOFTWARE:
         return &keyx_software_backend;
+#ifdef KEYX_HAVE_TPM
+    case KEYX_BACKEND_TPM:
+        return &keyx_tpm_backend;
+#endif
+#ifdef KEYX_HAVE_PKCS11
+    case KEYX_BACKEND_PKCS11:
+        return &keyx_pkcs11_backend;
+#endif
     default:
         return NULL;
     }
+}
+
+static const char *built_backends(void)
+{
+    return "software"
+#ifdef KEYX_HAVE_TPM
+           ", tpm"
+#endif
+#ifdef KEYX_HAVE_PKCS11
+           ", pkcs11"
+#endif
+        ;
+}
+
+static keyx_backend_kind kind_of(const keyx_backend *be)
+{
+    for (int k = 0; k < KEYX_BACKEND_KINDS; k++)
+        if (backend_ops((keyx_backend_kind)k) == be->ops)
+            return (keyx_backend_kind)k;
+    return KEYX_BACKEND_SOFTWARE;
 }
 
 static int backend_open(keyx_provctx *p, keyx_backend *be, const keyx_backend_ops *ops)
@@ -51,7 +92,7 @@ int keyx_router_new(keyx_provctx *p, keyx_router **out)
     keyx_router *r = OPENSSL_zalloc(sizeof(*r));
 
     *out = r;
-    if (r == NULL)
+    if (r == NULL || (r->extra_lock = CRYPTO_THREAD_lock_new()) == NULL)
         return 0;
     for (size_t i = 0; i < p->cfg.nbackends; i++) {
         keyx_backend_kind kind = p->cfg.backends[i];
@@ -64,8 +105,8 @@ int keyx_router_new(keyx_provctx *p, keyx_router **out)
         if (ops == NULL) {
             KEYX_ERR(p, KEYX_R_BACKEND_UNAVAILABLE,
                      "backend '%s' is listed in backends but is not built into this keyx "
-                     "(available: software)",
-                     keyx_backend_kind_name(kind));
+                     "(available: %s)",
+                     keyx_backend_kind_name(kind), built_backends());
             return 0;
         }
         if (!backend_open(p, &r->backends[r->n], ops))
@@ -90,6 +131,10 @@ void keyx_router_free(keyx_router *r)
         r->backends[i].ops->close(r->backends[i].state);
     if (r->software == &r->own_software)
         r->own_software.ops->close(r->own_software.state);
+    for (size_t i = 0; i < KEYX_BACKEND_KINDS; i++)
+        if (r->extra[i].ops != NULL)
+            r->extra[i].ops->close(r->extra[i].state);
+    CRYPTO_THREAD_lock_free(r->extra_lock);
     OPENSSL_free(r);
 }
 
@@ -101,17 +146,118 @@ int keyx_router_offers(keyx_router *r, const keyx_keyspec *spec)
     return 0;
 }
 
-keyx_backend *keyx_router_pick(keyx_router *r, const keyx_keyspec *spec)
+static long now_seconds(void)
 {
+    struct timespec ts;
+
+    return clock_gettime(CLOCK_MONOTONIC, &ts) == 0 ? (long)ts.tv_sec : 0;
+}
+
+static int is_down(keyx_router *r, const keyx_backend *be)
+{
+    long until = atomic_load(&r->down_until[kind_of(be)]);
+
+    return until != 0 && now_seconds() < until;
+}
+
+static void failover_event(keyx_router *r, const keyx_backend *from, const keyx_backend *to,
+                           const keyx_keyspec *spec)
+{
+    keyx_event ev = {
+        .event = "failover",
+        .backend = from->ops->name,
+        .alg = keyx_alg_name(spec->alg),
+        .group = spec->group,
+        .ephemeral = -1,
+        .ok = 0,
+        .error = "device unreachable or failing: passed over for new keys for a few seconds",
+        .next = to->ops->name,
+    };
+
+    keyx_event_emit(r->software->prov, &ev);
+}
+
+/* Tries be; on KEYX_BACKEND_DOWN marks it down. Returns the backend's result. */
+static int try_generate(keyx_router *r, keyx_backend *be, const keyx_keyspec *spec, void **handle,
+                        EVP_PKEY **pub)
+{
+    int rc = keyx_backend_generate(be, spec, handle, pub);
+
+    if (rc == KEYX_BACKEND_DOWN)
+        atomic_store(&r->down_until[kind_of(be)], now_seconds() + DOWN_SECONDS);
+    else if (rc == 1)
+        atomic_store(&r->down_until[kind_of(be)], 0);
+    return rc;
+}
+
+int keyx_router_generate(keyx_router *r, const keyx_keyspec *spec, keyx_backend **used,
+                         void **handle, EVP_PKEY **pub)
+{
+    keyx_backend *cand[KEYX_BACKEND_KINDS], *failed = NULL;
+    size_t n = 0;
+    int rc = 0;
+
+    /* Backends up first, in configured order; those marked down last, so that a recovered
+     * device serves again as soon as nothing else can. */
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t i = 0; i < r->n; i++)
+            if (is_down(r, &r->backends[i]) == pass &&
+                r->backends[i].ops->supports(r->backends[i].state, spec))
+                cand[n++] = &r->backends[i];
+    *used = NULL;
+    if (n == 0) {
+        KEYX_ERR(r->software->prov, KEYX_R_UNSUPPORTED,
+                 "%s%s%s: no backend in 'backends = %s' can generate it; add one that can "
+                 "(e.g. software) or use another group",
+                 keyx_alg_name(spec->alg), spec->group ? " " : "", spec->group ? spec->group : "",
+                 r->names);
+        return 0;
+    }
+    ERR_set_mark();
+    for (size_t i = 0; i < n; i++) {
+        if (failed != NULL)
+            failover_event(r, failed, cand[i], spec);
+        *used = cand[i];
+        rc = try_generate(r, cand[i], spec, handle, pub);
+        if (rc != KEYX_BACKEND_DOWN)
+            break;
+        failed = cand[i];
+    }
+    if (rc == 1 && failed != NULL)
+        ERR_pop_to_mark(); /* served by the next backend: the failure is in the audit log */
+    else
+        ERR_clear_last_mark();
+    return rc == 1;
+}
+
+keyx_backend *keyx_router_backend(keyx_router *r, keyx_backend_kind kind)
+{
+    const keyx_backend_ops *ops = backend_ops(kind);
+    keyx_backend *be = NULL;
+    keyx_provctx *p = r->software->prov;
+
     for (size_t i = 0; i < r->n; i++)
-        if (r->backends[i].ops->supports(r->backends[i].state, spec))
+        if (r->backends[i].ops == ops)
             return &r->backends[i];
-    KEYX_ERR(r->software->prov, KEYX_R_UNSUPPORTED,
-             "%s%s%s: no backend in 'backends = %s' can generate it; add one that can "
-             "(e.g. software) or use another group",
-             keyx_alg_name(spec->alg), spec->group ? " " : "", spec->group ? spec->group : "",
-             r->names);
-    return NULL;
+    if (kind == KEYX_BACKEND_SOFTWARE)
+        return r->software;
+    if (ops == NULL) {
+        KEYX_ERR(p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "backend '%s' is not built into this keyx (available: %s)",
+                 keyx_backend_kind_name(kind), built_backends());
+        return NULL;
+    }
+    if (!CRYPTO_THREAD_write_lock(r->extra_lock))
+        return NULL;
+    if (r->extra[kind].ops != NULL) {
+        be = &r->extra[kind];
+    } else if (backend_open(p, &r->extra[kind], ops)) {
+        be = &r->extra[kind];
+    } else {
+        r->extra[kind].ops = NULL;
+    }
+    CRYPTO_THREAD_unlock(r->extra_lock);
+    return be;
 }
 
 keyx_backend *keyx_router_software(keyx_router *r)

@@ -3,6 +3,7 @@
 #define KEYX_BACKEND_ROUTER_H
 
 #include "backend/backend.h"
+#include "provider/config.h"
 
 typedef struct keyx_router keyx_router;
 
@@ -10,8 +11,15 @@ typedef struct keyx_router keyx_router;
 int keyx_router_new(struct keyx_provctx *p, keyx_router **out);
 void keyx_router_free(keyx_router *r);
 
-/* First configured backend that supports spec; NULL with KEYX_R_UNSUPPORTED raised if none. */
-keyx_backend *keyx_router_pick(keyx_router *r, const keyx_keyspec *spec);
+/* Generates a key pair in the first configured backend that supports spec and is not marked
+ * down. A backend whose device is down (KEYX_BACKEND_DOWN) is marked down for a few seconds and
+ * the next one serves (a `failover` audit event). *used: the backend that made the key, or the
+ * last one tried (NULL if none supports spec). 0 with an error raised on failure. */
+int keyx_router_generate(keyx_router *r, const keyx_keyspec *spec, keyx_backend **used,
+                         void **handle, EVP_PKEY **pub);
+/* The instance of backend kind: the configured one, else one opened now for static keys (a key
+ * loaded by URI stays in its own backend even when routing does not list it). NULL + error. */
+keyx_backend *keyx_router_backend(keyx_router *r, keyx_backend_kind kind);
 /* 1 if some configured backend supports spec (no error raised): drives TLS-GROUP. */
 int keyx_router_offers(keyx_router *r, const keyx_keyspec *spec);
 /* Holder of keys whose private part the application handed over in memory (imports):

@@ -227,9 +227,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
         OSSL_PARAM_free(owned);
         return k;
     }
-    if ((be = keyx_router_pick(g->p->router, &spec)) == NULL)
-        goto fail;
-    if (!keyx_backend_generate(be, &spec, &handle, &pub))
+    if (!keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
         goto fail;
     if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 1))
         goto err;

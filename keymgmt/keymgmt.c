@@ -113,6 +113,32 @@ static const char *private_param(keyx_alg alg)
     return alg == KEYX_ALG_RSA ? OSSL_PKEY_PARAM_RSA_D : OSSL_PKEY_PARAM_PRIV_KEY;
 }
 
+/* The backend named by the import's KEYX_PARAM_BACKEND, else the software holder of imports. */
+static keyx_backend *import_backend(keyx_provctx *p, const OSSL_PARAM params[])
+{
+    const OSSL_PARAM *bp = OSSL_PARAM_locate_const(params, KEYX_PARAM_BACKEND);
+    const char *name = NULL;
+    keyx_backend *be;
+
+    if (bp == NULL)
+        return keyx_router_software(p->router);
+    if (OSSL_PARAM_get_utf8_string_ptr(bp, &name))
+        for (int kind = 0; kind < KEYX_BACKEND_KINDS; kind++) {
+            if (strcmp(name, keyx_backend_kind_name((keyx_backend_kind)kind)) != 0)
+                continue;
+            if ((be = keyx_router_backend(p->router, (keyx_backend_kind)kind)) == NULL)
+                return NULL;
+            if (be->ops->import == NULL) {
+                KEYX_ERR(p, KEYX_R_UNSUPPORTED, "the %s backend cannot import private keys", name);
+                return NULL;
+            }
+            return be;
+        }
+    KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "%s = \"%s\": expected software, tpm or pkcs11",
+             KEYX_PARAM_BACKEND, name != NULL ? name : "(not a string)");
+    return NULL;
+}
+
 int keyx_km_import(void *keydata, int selection, const OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
@@ -135,12 +161,14 @@ int keyx_km_import(void *keydata, int selection, const OSSL_PARAM params[])
         OSSL_PARAM_locate_const(params, private_param(k->alg)) == NULL)
         return keyx_key_set_pub(k, key);
 
-    /* The application handed over private material in memory: the software backend holds it. */
-    be = keyx_router_software(p->router);
-    if (!keyx_backend_import(be, key, &handle, &pub)) {
+    /* The application handed over private material in memory: the software backend holds it,
+     * unless the import names a backend to move it into (KEYX_PARAM_BACKEND). */
+    if ((be = import_backend(p, params)) == NULL ||
+        keyx_backend_import(be, key, &handle, &pub) != 1) {
         EVP_PKEY_free(key);
-        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software backend could not take the %s key",
-                 keyx_alg_name(k->alg));
+        if (be != NULL)
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "%s backend could not take the %s key",
+                     be->ops->name, keyx_alg_name(k->alg));
         return 0;
     }
     EVP_PKEY_free(key);

@@ -256,12 +256,13 @@ static void audit_write(const keyx_audit *a, const keyx_event *ev)
     if (n < 0 || (size_t)n >= sizeof(head))
         return;
     put(&o, head, (size_t)n);
-    /* At most ~96 + 5 * (12 + FIELD_BYTES) + 36 bytes so far: error gets the rest (> 500). */
+    /* At most ~96 + 6 * (12 + FIELD_BYTES) + 36 bytes so far: error gets the rest (> 500). */
     put_json_field(&o, "event", ev->event, FIELD_BYTES);
     put_json_field(&o, "backend", ev->backend, FIELD_BYTES);
     put_json_field(&o, "alg", ev->alg, FIELD_BYTES);
     put_json_field(&o, "group", ev->group, FIELD_BYTES);
     put_json_field(&o, "key", ev->key, FIELD_BYTES);
+    put_json_field(&o, "next", ev->next, FIELD_BYTES);
     if (ev->ephemeral != -1)
         puts_(&o, ev->ephemeral ? ",\"ephemeral\":true" : ",\"ephemeral\":false");
     puts_(&o, ev->ok ? ",\"ok\":true" : ",\"ok\":false");
@@ -300,6 +301,7 @@ static void trace_event(const keyx_event *ev)
     put_text_field(&o, "alg", ev->alg);
     put_text_field(&o, "group", ev->group);
     put_text_field(&o, "key", ev->key);
+    put_text_field(&o, "next", ev->next);
     if (ev->ephemeral != -1) {
         snprintf(eph, sizeof(eph), " ephemeral=%d", ev->ephemeral ? 1 : 0);
         puts_(&o, eph);

@@ -1,4 +1,5 @@
-/* Audit log (JSON lines, one write() per line) and the KEYX_DEBUG trace: one call per event feeds both. */
+/* Audit log (JSON lines, one write() per line) and the KEYX_DEBUG trace: one call per event feeds
+ * both. */
 #ifndef KEYX_PROVIDER_AUDIT_H
 #define KEYX_PROVIDER_AUDIT_H
 
@@ -15,6 +16,7 @@ typedef struct keyx_event {
     int ephemeral;       /* 1 or 0; -1 leaves the field out */
     int ok;
     const char *error; /* when !ok: what failed, never a secret */
+    const char *next;  /* failover: the backend (or token) that serves instead; NULL otherwise */
 } keyx_event;
 
 /* Opens (creates, appends) the log at path, mode 0600. NULL with an error raised on failure. */

@@ -11,6 +11,8 @@
  *   --provider NAME      keyx (default) or default: who holds the private key and derives
  *   --peer-provider NAME who builds raw peer keys: same (default), keyx or default
  *   --dh-pad 0|1         set the DH exchange's pad parameter
+ *   --backend NAME       import private keys into keyx's backend NAME (software, tpm, pkcs11)
+ *                        through the "keyx-backend" import parameter
  *
  * modes:
  *   derive (default)     vectors on stdin, one a line: "id alg group priv peerform peer"
@@ -50,6 +52,7 @@ static const char *prov_name = "keyx";
 static char propq[64];
 static char peer_propq[64];
 static int dh_pad = -1;
+static const char *import_backend; /* --backend: keyx backend that holds imported private keys */
 
 /* ---- output ---------------------------------------------------------------------------- */
 
@@ -316,6 +319,8 @@ static EVP_PKEY *make_private(const char *alg, const char *group, const char *pr
              OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_PRIV_KEY, x) &&
              OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_PUB_KEY, y);
     }
+    if (ok && import_backend != NULL)
+        ok = OSSL_PARAM_BLD_push_utf8_string(bld, "keyx-backend", import_backend, 0);
     if (ok)
         pk = fromdata(alg, propq, EVP_PKEY_KEYPAIR, bld);
     OSSL_PARAM_BLD_free(bld);
@@ -675,10 +680,11 @@ end:
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: keyx-test-derive [--module DIR] [--config FILE] "
-                    "[--provider keyx|default] [--peer-provider same|keyx|default] "
-                    "[--dh-pad 0|1] [derive | pair ALG GROUP [zero] | params GROUP | "
-                    "uses ALG GROUP N]\n");
+    fprintf(stderr,
+            "usage: keyx-test-derive [--module DIR] [--config FILE] "
+            "[--provider keyx|default] [--peer-provider same|keyx|default] "
+            "[--dh-pad 0|1] [--backend NAME] [derive | pair ALG GROUP [zero] | params GROUP | "
+            "uses ALG GROUP N]\n");
     return 2;
 }
 
@@ -701,6 +707,8 @@ int main(int argc, char **argv)
             peer_prov = argv[i + 1];
         else if (strcmp(argv[i], "--dh-pad") == 0)
             dh_pad = atoi(argv[i + 1]);
+        else if (strcmp(argv[i], "--backend") == 0)
+            import_backend = argv[i + 1];
         else
             return usage();
     }
