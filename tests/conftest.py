@@ -17,6 +17,10 @@ import pytest
 import kxutil
 from kxutil import TIMEOUT, base_env, kill_group, openssl, run
 
+# Fixtures that start real devices live in their own modules: a swtpm per test session
+# (fixture_swtpm.py) and SoftHSM2 tokens in temporary directories (fixture_softhsm.py).
+pytest_plugins = ["fixture_swtpm", "fixture_softhsm"]
+
 
 def pytest_report_header(config):
     pre = kxutil.sanitizer_preload()

@@ -1,0 +1,1 @@
+"""swtpm fixtures (filled in by the TPM backend work)."""
