@@ -36,6 +36,15 @@ static const OSSL_ALGORITHM keyx_keyexch[] = {
     {NULL, NULL, NULL, NULL},
 };
 
+/* Key URIs: "keyx:" for every backend, "pkcs11:" (RFC 7512) when the pkcs11 backend is built. */
+static const OSSL_ALGORITHM keyx_store[] = {
+    {"keyx", KEYX_PROPS, keyx_store_functions, "keyx key URIs (keyx:tpm:..., keyx:pkcs11:...)"},
+#ifdef KEYX_HAVE_PKCS11
+    {"pkcs11", KEYX_PROPS, keyx_store_functions, "keyx PKCS#11 URIs (RFC 7512)"},
+#endif
+    {NULL, NULL, NULL, NULL},
+};
+
 static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no_cache)
 {
     (void)provctx;
@@ -45,6 +54,8 @@ static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no
         return keyx_keymgmt;
     case OSSL_OP_KEYEXCH:
         return keyx_keyexch;
+    case OSSL_OP_STORE:
+        return keyx_store;
     default:
         return NULL;
     }

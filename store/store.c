@@ -1,0 +1,196 @@
+/* STORE for keyx: and pkcs11: URIs. A URI names a key in a backend ("keyx:tpm:handle=0x81000002",
+ * "pkcs11:token=keyx;object=srv", "keyx:pkcs11:..."); the backend loads it and the key goes back to
+ * OpenSSL by reference, so the private part never leaves the backend. */
+#include <string.h>
+
+#include <openssl/core_dispatch.h>
+#include <openssl/core_names.h>
+#include <openssl/core_object.h>
+#include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/store.h>
+
+#include "backend/call.h"
+#include "backend/router.h"
+#include "keymgmt/key.h"
+#include "provider/audit.h"
+#include "provider/dispatch.h"
+#include "provider/errors.h"
+#include "store/uri.h"
+
+typedef struct keyx_store {
+    keyx_provctx *p;
+    char *uri_text;
+    keyx_store_uri uri;
+    int expect; /* OSSL_STORE_INFO_* the application asked for; 0: anything */
+    int done;
+} keyx_store;
+
+static void *store_open(void *provctx, const char *uri)
+{
+    keyx_provctx *p = provctx;
+    keyx_store *s;
+
+    if (!keyx_check_not_reentered(p, "a keyx URI") || uri == NULL)
+        return NULL;
+    if ((s = OPENSSL_zalloc(sizeof(*s))) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return NULL;
+    }
+    s->p = p;
+    /* A malformed URI is reported by load(): OpenSSL drops errors raised here when it retries
+     * the URI as a file name, and the user would only read "No such file". */
+    if ((s->uri_text = OPENSSL_strdup(uri)) == NULL) {
+        OPENSSL_free(s);
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return NULL;
+    }
+    return s;
+}
+
+static const OSSL_PARAM *store_settable_ctx_params(void *provctx)
+{
+    static const OSSL_PARAM settable[] = {
+        OSSL_PARAM_int(OSSL_STORE_PARAM_EXPECT, NULL),
+        OSSL_PARAM_END,
+    };
+
+    (void)provctx;
+    return settable;
+}
+
+static int store_set_ctx_params(void *loaderctx, const OSSL_PARAM params[])
+{
+    keyx_store *s = loaderctx;
+    const OSSL_PARAM *e = OSSL_PARAM_locate_const(params, OSSL_STORE_PARAM_EXPECT);
+
+    return e == NULL || OSSL_PARAM_get_int(e, &s->expect);
+}
+
+/* keyx's algorithm for a key the backend loaded, from its public view. */
+static int alg_of(const EVP_PKEY *pub, keyx_alg *alg)
+{
+    for (int a = 0; a < KEYX_ALG_COUNT; a++)
+        if (EVP_PKEY_is_a(pub, keyx_alg_name((keyx_alg)a))) {
+            *alg = (keyx_alg)a;
+            return 1;
+        }
+    return 0;
+}
+
+static void load_failed(keyx_store *s, const char *backend)
+{
+    keyx_event ev = {
+        .event = "load",
+        .backend = backend,
+        .ephemeral = 0,
+        .ok = 0,
+        .error = "the key named by the URI could not be loaded",
+    };
+
+    keyx_event_emit(s->p, &ev);
+}
+
+/* The key the URI names, with its private part attached by reference; NULL + error. */
+static keyx_key *load_key(keyx_store *s)
+{
+    keyx_backend *be;
+    void *handle = NULL;
+    EVP_PKEY *pub = NULL;
+    keyx_key *k;
+    keyx_alg alg;
+
+    if (!keyx_store_uri_parse(s->p, s->uri_text, &s->uri) ||
+        (be = keyx_router_backend(s->p->router, s->uri.backend)) == NULL)
+        return NULL;
+    if (be->ops->load == NULL) {
+        KEYX_ERR(s->p, KEYX_R_UNSUPPORTED, "the %s backend has no keys to load by URI",
+                 be->ops->name);
+        return NULL;
+    }
+    if (keyx_backend_load(be, s->uri.locator, &handle, &pub) != 1) {
+        load_failed(s, be->ops->name);
+        return NULL;
+    }
+    if (!alg_of(pub, &alg)) {
+        keyx_backend_free(be, handle);
+        EVP_PKEY_free(pub);
+        KEYX_ERR(s->p, KEYX_R_UNSUPPORTED, "%s: the key is of a type keyx does not serve",
+                 be->ops->name);
+        return NULL;
+    }
+    if ((k = keyx_key_new(s->p, alg)) == NULL) {
+        keyx_backend_free(be, handle);
+        EVP_PKEY_free(pub);
+        return NULL;
+    }
+    if (!keyx_key_set_pub(k, pub)) {
+        keyx_backend_free(be, handle);
+        keyx_key_free(k);
+        return NULL;
+    }
+    if (!keyx_key_attach(k, be, handle, 0)) {
+        keyx_key_free(k);
+        return NULL;
+    }
+    keyx_key_event(k, "load", 1, NULL);
+    return k;
+}
+
+static int store_load(void *loaderctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
+                      OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
+{
+    keyx_store *s = loaderctx;
+    int type = OSSL_OBJECT_PKEY, ok;
+    keyx_key *k;
+    OSSL_PARAM params[4];
+
+    (void)pw_cb; /* PINs come from the configuration (pkcs11-pin), never from a prompt */
+    (void)pw_cbarg;
+    if (s->done)
+        return 0;
+    s->done = 1;
+    /* Keys only: an application looking for certificates or CRLs here finds nothing. */
+    if (s->expect != 0 && s->expect != OSSL_STORE_INFO_PKEY && s->expect != OSSL_STORE_INFO_PUBKEY)
+        return 1;
+    if ((k = load_key(s)) == NULL)
+        return 0;
+    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &type);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                                 (char *)keyx_alg_name(k->alg), 0);
+    /* By reference: keyx's keymgmt load() takes the key over and clears the pointer. */
+    params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &k, sizeof(k));
+    params[3] = OSSL_PARAM_construct_end();
+    ok = object_cb(params, object_cbarg);
+    keyx_key_free(k); /* NULL when OpenSSL took it */
+    return ok;
+}
+
+static int store_eof(void *loaderctx)
+{
+    return ((keyx_store *)loaderctx)->done;
+}
+
+static int store_close(void *loaderctx)
+{
+    keyx_store *s = loaderctx;
+
+    if (s != NULL) {
+        keyx_store_uri_clear(&s->uri);
+        OPENSSL_free(s->uri_text);
+    }
+    OPENSSL_free(s);
+    return 1;
+}
+
+#define FN(f) ((void (*)(void))(f))
+
+const OSSL_DISPATCH keyx_store_functions[] = {
+    {OSSL_FUNC_STORE_OPEN, FN(store_open)},
+    {OSSL_FUNC_STORE_SETTABLE_CTX_PARAMS, FN(store_settable_ctx_params)},
+    {OSSL_FUNC_STORE_SET_CTX_PARAMS, FN(store_set_ctx_params)},
+    {OSSL_FUNC_STORE_LOAD, FN(store_load)},
+    {OSSL_FUNC_STORE_EOF, FN(store_eof)},
+    {OSSL_FUNC_STORE_CLOSE, FN(store_close)},
+    {0, NULL},
+};

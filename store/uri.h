@@ -1,0 +1,17 @@
+/* keyx's URIs: which backend a URI names, and the locator that backend understands. */
+#ifndef KEYX_STORE_URI_H
+#define KEYX_STORE_URI_H
+
+#include "provider/config.h"
+
+typedef struct keyx_store_uri {
+    keyx_backend_kind backend;
+    char *locator; /* pkcs11: the whole "pkcs11:..." URI; tpm: what follows "keyx:tpm:" */
+} keyx_store_uri;
+
+/* "pkcs11:...", "keyx:pkcs11:...", "keyx:tpm:LOCATOR". 0 with an error naming the accepted
+ * forms when uri is none of them. */
+int keyx_store_uri_parse(struct keyx_provctx *p, const char *uri, keyx_store_uri *out);
+void keyx_store_uri_clear(keyx_store_uri *u);
+
+#endif
