@@ -1,22 +1,698 @@
-/* Placeholder until the pkcs11 backend lands: listing it in backends fails with a clear error. */
+/* The pkcs11 backend: key pairs and shared secrets inside a PKCS#11 token.
+ * Ephemeral keys are session objects (never token objects) that cannot leave the token; derived
+ * secrets are session objects read once and destroyed. Static keys are token objects found by
+ * RFC 7512 URI and used by reference. backend/pkcs11_device.c owns the module and sessions. */
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+
 #include "backend/backend.h"
+#include "backend/pkcs11_device.h"
+#include "backend/pkcs11_pubkey.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
-static int stub_open(keyx_provctx *p, void **state)
+typedef struct p11_key {
+    keyx_alg alg;
+    int tok;              /* token index in the device */
+    uint64_t gen;         /* module generation the handle belongs to */
+    CK_OBJECT_HANDLE obj; /* the private key */
+    int owned;            /* a session object keyx created: destroyed when freed */
+    size_t secretlen;     /* EC field size or |p| */
+    char *uri;            /* static keys: the URI, to find the key again after a fork */
+} p11_key;
+
+static const CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+
+#define ATTR(type, ptr, len)                                                                       \
+    {                                                                                              \
+        (type), (void *)(ptr), (CK_ULONG)(len)                                                     \
+    }
+#define ATTR_BOOL(type, v) ATTR((type), &(v), sizeof(CK_BBOOL))
+
+/* The part of a URI that can be printed: RFC 7512 puts pin-value in the query. */
+static int printable_len(const char *uri)
 {
-    *state = NULL;
-    KEYX_ERR(p, KEYX_R_BACKEND_UNAVAILABLE, "the pkcs11 backend is not implemented yet");
+    size_t n = strcspn(uri, "?");
+
+    return n > 200 ? 200 : (int)n;
+}
+
+/* ---- open / close / supports ------------------------------------------------------------ */
+
+static int p11_open(keyx_provctx *p, void **state)
+{
+    return p11_dev_new(p, (p11_dev **)state);
+}
+
+static void p11_close(void *state)
+{
+    p11_dev_free(state);
+}
+
+static int p11_supports(void *state, const keyx_keyspec *spec)
+{
+    p11_caps caps;
+    size_t bits;
+
+    if (spec->alg != KEYX_ALG_EC && spec->alg != KEYX_ALG_DH)
+        return 0; /* X25519/X448: SoftHSM-class tokens lack Montgomery keygen; RSA: later */
+    if (!p11_dev_caps(state, &caps))
+        /* Unreachable now: claim what keyx can do in a token, so that generation runs into
+         * the real error (or fails over) instead of a misleading "unsupported". */
+        return spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group) != 0 : 1;
+    if (spec->alg == KEYX_ALG_EC) {
+        bits = spec->group != NULL && strcmp(spec->group, "P-521") == 0
+                   ? 521
+                   : 8 * p11_ec_field_bytes(spec->group);
+        return caps.ec && bits != 0 && (caps.ec_max == 0 || bits <= caps.ec_max) &&
+               bits >= caps.ec_min;
+    }
+    return caps.dh && (spec->bits == 0 || caps.dh_max == 0 ||
+                       (spec->bits >= caps.dh_min && spec->bits <= caps.dh_max));
+}
+
+/* ---- key objects ------------------------------------------------------------------------- */
+
+static p11_key *key_new(keyx_provctx *p, keyx_alg alg, const p11_sess *s, CK_OBJECT_HANDLE obj,
+                        int owned, size_t secretlen)
+{
+    p11_key *k = OPENSSL_zalloc(sizeof(*k));
+
+    if (k == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return NULL;
+    }
+    k->alg = alg;
+    k->tok = s->tok;
+    k->gen = s->gen;
+    k->obj = obj;
+    k->owned = owned;
+    k->secretlen = secretlen;
+    return k;
+}
+
+/* Reads one attribute into a new buffer (two C_GetAttributeValue calls). */
+static CK_RV get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
+                      unsigned char **out, size_t *len)
+{
+    CK_ATTRIBUTE a = {type, NULL, 0};
+    CK_RV rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1);
+
+    *out = NULL;
+    if (rv != CKR_OK)
+        return rv;
+    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > 65536)
+        return CKR_ATTRIBUTE_TYPE_INVALID;
+    if ((a.pValue = *out = OPENSSL_malloc(a.ulValueLen + 1)) == NULL)
+        return CKR_HOST_MEMORY;
+    if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) != CKR_OK) {
+        OPENSSL_free(*out);
+        *out = NULL;
+        return rv;
+    }
+    *len = a.ulValueLen;
+    return CKR_OK;
+}
+
+static int bn_bytes(const EVP_PKEY *pk, const char *name, unsigned char **out, size_t *len)
+{
+    BIGNUM *bn = NULL;
+    int ok = EVP_PKEY_get_bn_param(pk, name, &bn) == 1 &&
+             (*out = OPENSSL_malloc((size_t)BN_num_bytes(bn) + 1)) != NULL;
+
+    if (ok)
+        *len = (size_t)BN_bn2bin(bn, *out);
+    BN_clear_free(bn);
+    return ok;
+}
+
+/* ---- generate ---------------------------------------------------------------------------- */
+
+static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv,
+                  EVP_PKEY **pub)
+{
+    keyx_provctx *p = p11_dev_prov(d);
+    size_t plen = 0, ptlen = 0;
+    const unsigned char *params = p11_ec_params(spec->group, &plen);
+    CK_MECHANISM mech = {CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    CK_ATTRIBUTE pubt[] = {
+        ATTR_BOOL(CKA_TOKEN, no),
+        ATTR(CKA_EC_PARAMS, params, plen),
+    };
+    /* Session object, usable only for derivation, never readable or extractable. */
+    CK_ATTRIBUTE privt[] = {
+        ATTR_BOOL(CKA_TOKEN, no),       ATTR_BOOL(CKA_PRIVATE, yes), ATTR_BOOL(CKA_SENSITIVE, yes),
+        ATTR_BOOL(CKA_EXTRACTABLE, no), ATTR_BOOL(CKA_DERIVE, yes),
+    };
+    CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
+    unsigned char *point = NULL;
+    CK_RV rv;
+
+    if (params == NULL) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: curve %s is not served by keyx's pkcs11 backend",
+                 spec->group != NULL ? spec->group : "(explicit)");
+        return 0;
+    }
+    rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 2, privt, 5, &pubobj, priv);
+    if (rv != CKR_OK) {
+        p11_session_put(s, rv);
+        return p11_fail(s, rv, "EC key generation (C_GenerateKeyPair)");
+    }
+    /* The public point is read once and kept in keyx; the token's public object goes now. */
+    rv = get_attr(s, pubobj, CKA_EC_POINT, &point, &ptlen);
+    s->f->C_DestroyObject(s->h, pubobj);
+    if (rv == CKR_OK && (*pub = p11_ec_public(p->libctx, spec->group, point, ptlen)) == NULL)
+        rv = CKR_ATTRIBUTE_VALUE_INVALID;
+    OPENSSL_free(point);
+    if (rv != CKR_OK) {
+        s->f->C_DestroyObject(s->h, *priv);
+        p11_session_put(s, rv);
+        return p11_fail(s, rv, "reading the generated EC public key");
+    }
+    p11_session_put(s, CKR_OK);
+    return 1;
+}
+
+static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv,
+                  EVP_PKEY **pub)
+{
+    keyx_provctx *p = p11_dev_prov(d);
+    unsigned char *prime = NULL, *base = NULL, *y = NULL;
+    size_t plen = 0, glen = 0, ylen = 0;
+    CK_MECHANISM mech = {CKM_DH_PKCS_KEY_PAIR_GEN, NULL, 0};
+    CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
+    CK_RV rv = CKR_HOST_MEMORY;
+    int rc;
+
+    if (spec->domain == NULL || !bn_bytes(spec->domain, OSSL_PKEY_PARAM_FFC_P, &prime, &plen) ||
+        !bn_bytes(spec->domain, OSSL_PKEY_PARAM_FFC_G, &base, &glen)) {
+        OPENSSL_free(prime);
+        p11_session_put(s, CKR_OK);
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "pkcs11: DH key generation needs p and g");
+        return 0;
+    }
+    {
+        CK_ATTRIBUTE pubt[] = {
+            ATTR_BOOL(CKA_TOKEN, no),
+            ATTR(CKA_PRIME, prime, plen),
+            ATTR(CKA_BASE, base, glen),
+        };
+        CK_ATTRIBUTE privt[] = {
+            ATTR_BOOL(CKA_TOKEN, no),      ATTR_BOOL(CKA_PRIVATE, yes),
+            ATTR_BOOL(CKA_SENSITIVE, yes), ATTR_BOOL(CKA_EXTRACTABLE, no),
+            ATTR_BOOL(CKA_DERIVE, yes),
+        };
+
+        rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 3, privt, 5, &pubobj, priv);
+    }
+    OPENSSL_free(prime);
+    OPENSSL_free(base);
+    if (rv != CKR_OK) {
+        p11_session_put(s, rv);
+        return p11_fail(s, rv, "DH key generation (C_GenerateKeyPair)");
+    }
+    rv = get_attr(s, pubobj, CKA_VALUE, &y, &ylen);
+    s->f->C_DestroyObject(s->h, pubobj);
+    if (rv == CKR_OK && (*pub = p11_dh_public(p->libctx, spec->domain, y, ylen)) == NULL)
+        rv = CKR_ATTRIBUTE_VALUE_INVALID;
+    OPENSSL_free(y);
+    if (rv != CKR_OK) {
+        s->f->C_DestroyObject(s->h, *priv);
+        p11_session_put(s, rv);
+        rc = p11_fail(s, rv, "reading the generated DH public key");
+        return rc;
+    }
+    p11_session_put(s, CKR_OK);
+    return 1;
+}
+
+static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    p11_dev *d = state;
+    CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE;
+    p11_sess s;
+    p11_key *k;
+    int rc;
+
+    if ((rc = p11_session_get(d, -1, &s)) != 1)
+        return rc;
+    rc = spec->alg == KEYX_ALG_EC ? gen_ec(d, &s, spec, &priv, pub)
+                                  : gen_dh(d, &s, spec, &priv, pub);
+    if (rc != 1)
+        return rc;
+    k = key_new(p11_dev_prov(d), spec->alg, &s, priv, 1,
+                spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group)
+                                         : (size_t)EVP_PKEY_get_size(*pub));
+    if (k == NULL) {
+        EVP_PKEY_free(*pub);
+        *pub = NULL;
+        if (p11_session_get(d, s.tok, &s) == 1) {
+            s.f->C_DestroyObject(s.h, priv);
+            p11_session_put(&s, CKR_OK);
+        }
+        return 0;
+    }
+    *handle = k;
+    return 1;
+}
+
+/* ---- import (tests, and private keys the application moves into the token) ---------------- */
+
+static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    p11_dev *d = state;
+    keyx_provctx *p = p11_dev_prov(d);
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_KEY_TYPE kt;
+    unsigned char *x = NULL, *prime = NULL, *base = NULL, *value = NULL;
+    size_t xlen = 0, plen = 0, glen = 0, field = 0, vlen;
+    const unsigned char *params = NULL;
+    char group[64];
+    CK_OBJECT_HANDLE obj;
+    CK_ATTRIBUTE t[10] = {
+        ATTR(CKA_CLASS, &cls, sizeof(cls)), ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+        ATTR_BOOL(CKA_TOKEN, no),           ATTR_BOOL(CKA_PRIVATE, yes),
+        ATTR_BOOL(CKA_SENSITIVE, yes),      ATTR_BOOL(CKA_EXTRACTABLE, no),
+        ATTR_BOOL(CKA_DERIVE, yes),
+    };
+    CK_ULONG nt = 7;
+    keyx_alg alg;
+    p11_sess s;
+    CK_RV rv;
+    int rc;
+
+    if (EVP_PKEY_is_a(key, "EC")) {
+        alg = KEYX_ALG_EC;
+        kt = CKK_EC;
+        if (EVP_PKEY_get_utf8_string_param(key, OSSL_PKEY_PARAM_GROUP_NAME, group, sizeof(group),
+                                           NULL) != 1)
+            group[0] = '\0';
+        {
+            static const char *const names[][2] = {
+                {"prime256v1", "P-256"}, {"secp384r1", "P-384"}, {"secp521r1", "P-521"}};
+
+            for (size_t i = 0; i < 3; i++)
+                if (strcmp(group, names[i][0]) == 0)
+                    memcpy(group, names[i][1], 6);
+        }
+        if ((params = p11_ec_params(group, &plen)) == NULL) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: curve '%s' cannot be imported", group);
+            return 0;
+        }
+        field = p11_ec_field_bytes(group);
+        /* CKA_VALUE of an EC private key: the scalar, big-endian, field-size bytes. */
+        if (!bn_bytes(key, OSSL_PKEY_PARAM_PRIV_KEY, &x, &xlen) || xlen > field ||
+            (value = OPENSSL_zalloc(field)) == NULL) {
+            OPENSSL_clear_free(x, xlen);
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "pkcs11: unusable EC private key");
+            return 0;
+        }
+        memcpy(value + field - xlen, x, xlen);
+        vlen = field;
+        t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_EC_PARAMS, params, plen);
+    } else if (EVP_PKEY_is_a(key, "DH")) {
+        alg = KEYX_ALG_DH;
+        kt = CKK_DH;
+        if (!bn_bytes(key, OSSL_PKEY_PARAM_FFC_P, &prime, &plen) ||
+            !bn_bytes(key, OSSL_PKEY_PARAM_FFC_G, &base, &glen) ||
+            !bn_bytes(key, OSSL_PKEY_PARAM_PRIV_KEY, &value, &vlen)) {
+            OPENSSL_free(prime);
+            OPENSSL_free(base);
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "pkcs11: unusable DH private key");
+            return 0;
+        }
+        field = plen;
+        t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_PRIME, prime, plen);
+        t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_BASE, base, glen);
+    } else {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: only EC and DH private keys can be imported");
+        return 0;
+    }
+    t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_VALUE, value, vlen);
+    if ((rc = p11_session_get(d, -1, &s)) == 1) {
+        rv = s.f->C_CreateObject(s.h, t, nt, &obj);
+        p11_session_put(&s, rv);
+        rc = rv == CKR_OK ? 1 : p11_fail(&s, rv, "importing the private key (C_CreateObject)");
+    }
+    OPENSSL_clear_free(value, vlen);
+    OPENSSL_clear_free(x, xlen);
+    OPENSSL_free(prime);
+    OPENSSL_free(base);
+    if (rc != 1)
+        return rc;
+    if ((*handle = key_new(p, alg, &s, obj, 1, field)) == NULL || !EVP_PKEY_up_ref(key)) {
+        if (p11_session_get(d, s.tok, &s) == 1) {
+            s.f->C_DestroyObject(s.h, obj);
+            p11_session_put(&s, CKR_OK);
+        }
+        OPENSSL_free(*handle);
+        return 0;
+    }
+    /* keyx keeps only the public view; the private scalar is now in the token only. */
+    *pub = key;
+    return 1;
+}
+
+/* ---- derive ------------------------------------------------------------------------------ */
+
+static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pub);
+
+/* A session on the key's token; after a fork a static key is found again by its URI. */
+static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
+{
+    p11_key *fresh = NULL;
+
+    if (!p11_dev_current(d, k->gen)) {
+        if (k->uri == NULL) {
+            KEYX_ERR(p11_dev_prov(d), KEYX_R_MISSING_KEY,
+                     "pkcs11: this ephemeral key was made before fork() and does not exist in "
+                     "this process: generate keys after forking");
+            return 0;
+        }
+        if (find_static(d, k->uri, &fresh, NULL) != 1)
+            return 0;
+        k->tok = fresh->tok;
+        k->gen = fresh->gen;
+        k->obj = fresh->obj;
+        OPENSSL_free(fresh->uri);
+        OPENSSL_free(fresh);
+    }
+    return p11_session_get(d, k->tok, s);
+}
+
+static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                      size_t secretlen)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+    unsigned char *peerdata = NULL;
+    size_t peerlen = 0;
+    CK_ECDH1_DERIVE_PARAMS ecdh;
+    CK_MECHANISM mech;
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_GENERIC_SECRET;
+    CK_ULONG vlen = secretlen;
+    /* The secret is a session object that exists only between C_DeriveKey and its read. */
+    CK_ATTRIBUTE t[] = {
+        ATTR(CKA_CLASS, &cls, sizeof(cls)), ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+        ATTR_BOOL(CKA_TOKEN, no),           ATTR_BOOL(CKA_SENSITIVE, no),
+        ATTR_BOOL(CKA_EXTRACTABLE, yes),    ATTR(CKA_VALUE_LEN, &vlen, sizeof(vlen)),
+    };
+    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+    CK_ATTRIBUTE value = {CKA_VALUE, secret, secretlen};
+    p11_sess s;
+    CK_RV rv;
+    int rc;
+
+    if (k->alg == KEYX_ALG_EC) {
+        if ((peerlen = EVP_PKEY_get1_encoded_public_key(peer, &peerdata)) == 0)
+            goto bad_peer;
+        memset(&ecdh, 0, sizeof(ecdh));
+        ecdh.kdf = CKD_NULL;
+        ecdh.pPublicData = peerdata;
+        ecdh.ulPublicDataLen = peerlen;
+        mech = (CK_MECHANISM){CKM_ECDH1_DERIVE, &ecdh, sizeof(ecdh)};
+    } else {
+        if (!bn_bytes(peer, OSSL_PKEY_PARAM_PUB_KEY, &peerdata, &peerlen))
+            goto bad_peer;
+        mech = (CK_MECHANISM){CKM_DH_PKCS_DERIVE, peerdata, peerlen};
+    }
+    if ((rc = key_session(d, k, &s)) != 1) {
+        OPENSSL_free(peerdata);
+        return rc;
+    }
+    rv = s.f->C_DeriveKey(s.h, &mech, k->obj, t, sizeof(t) / sizeof(t[0]), &obj);
+    OPENSSL_free(peerdata);
+    if (rv == CKR_OK) {
+        rv = s.f->C_GetAttributeValue(s.h, obj, &value, 1);
+        s.f->C_DestroyObject(s.h, obj);
+    }
+    p11_session_put(&s, rv);
+    if (rv != CKR_OK) {
+        OPENSSL_cleanse(secret, secretlen);
+        return p11_fail(&s, rv,
+                        k->alg == KEYX_ALG_EC ? "ECDH (C_DeriveKey CKM_ECDH1_DERIVE)"
+                                              : "DH (C_DeriveKey CKM_DH_PKCS_DERIVE)");
+    }
+    if (value.ulValueLen < secretlen) {
+        /* A token that strips leading zeros: restore the fixed-size form keyx promises. */
+        size_t got = value.ulValueLen, pad = secretlen - got;
+
+        memmove(secret + pad, secret, got);
+        memset(secret, 0, pad);
+    }
+    return 1;
+
+bad_peer:
+    OPENSSL_free(peerdata);
+    KEYX_ERR(p11_dev_prov(d), KEYX_R_INVALID_PEER_KEY, "pkcs11: the peer key has no public value");
     return 0;
 }
 
-static void stub_close(void *state)
+/* ---- static keys by URI ------------------------------------------------------------------ */
+
+/* Up to two private keys matching attrs on the session's token. */
+static CK_RV find_objects(p11_sess *s, CK_ATTRIBUTE *attrs, CK_ULONG n, CK_OBJECT_HANDLE *objs,
+                          CK_ULONG *count)
 {
-    (void)state;
+    CK_RV rv = s->f->C_FindObjectsInit(s->h, attrs, n);
+
+    *count = 0;
+    if (rv != CKR_OK)
+        return rv;
+    rv = s->f->C_FindObjects(s->h, objs, 2, count);
+    s->f->C_FindObjectsFinal(s->h);
+    return rv;
+}
+
+/* The public key of a static private key: EC from its public object (same CKA_ID, else same
+ * label); DH from p, g and the public object's value. */
+static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, OSSL_LIB_CTX *libctx,
+                           EVP_PKEY **pub, size_t *secretlen)
+{
+    CK_OBJECT_CLASS pubcls = CKO_PUBLIC_KEY;
+    unsigned char *id = NULL, *params = NULL, *point = NULL, *prime = NULL, *base = NULL;
+    size_t idlen = 0, plen = 0, ptlen = 0, glen = 0;
+    CK_ATTRIBUTE_TYPE link = CKA_ID;
+    CK_OBJECT_HANDLE objs[2];
+    CK_ULONG count = 0;
+    const char *group = NULL;
+    CK_RV rv;
+
+    rv = get_attr(s, priv, CKA_ID, &id, &idlen);
+    if (rv != CKR_OK || idlen == 0) {
+        OPENSSL_free(id);
+        link = CKA_LABEL;
+        rv = get_attr(s, priv, CKA_LABEL, &id, &idlen);
+    }
+    if (rv == CKR_OK) {
+        CK_ATTRIBUTE t[] = {
+            ATTR(CKA_CLASS, &pubcls, sizeof(pubcls)),
+            ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+            ATTR(link, id, idlen),
+        };
+
+        rv = find_objects(s, t, 3, objs, &count);
+        if (rv == CKR_OK && count == 0)
+            rv = CKR_KEY_HANDLE_INVALID; /* no public key object beside the private key */
+    }
+    if (rv == CKR_OK && kt == CKK_EC) {
+        if ((rv = get_attr(s, priv, CKA_EC_PARAMS, &params, &plen)) == CKR_OK &&
+            (group = p11_ec_group(params, plen)) == NULL)
+            rv = CKR_DOMAIN_PARAMS_INVALID;
+        if (rv == CKR_OK && (rv = get_attr(s, objs[0], CKA_EC_POINT, &point, &ptlen)) == CKR_OK &&
+            (*pub = p11_ec_public(libctx, group, point, ptlen)) == NULL)
+            rv = CKR_ATTRIBUTE_VALUE_INVALID;
+        *secretlen = p11_ec_field_bytes(group);
+    } else if (rv == CKR_OK) {
+        if ((rv = get_attr(s, priv, CKA_PRIME, &prime, &plen)) == CKR_OK &&
+            (rv = get_attr(s, priv, CKA_BASE, &base, &glen)) == CKR_OK &&
+            (rv = get_attr(s, objs[0], CKA_VALUE, &point, &ptlen)) == CKR_OK &&
+            (*pub = p11_dh_public_pg(libctx, prime, plen, base, glen, point, ptlen)) == NULL)
+            rv = CKR_ATTRIBUTE_VALUE_INVALID;
+        *secretlen = plen;
+    }
+    OPENSSL_free(id);
+    OPENSSL_free(params);
+    OPENSSL_free(point);
+    OPENSSL_free(prime);
+    OPENSSL_free(base);
+    return rv;
+}
+
+/* Finds the one private key uri names, on the tokens it matches. pub may be NULL (found again
+ * after a fork: the public view is kept). 1, 0 or KEYX_BACKEND_DOWN with an error raised. */
+static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pub)
+{
+    keyx_provctx *p = p11_dev_prov(d);
+    P11KitUri *u = p11_kit_uri_new();
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE *uattrs, t[8];
+    CK_ULONG nu = 0, nt = 0, count = 0;
+    CK_OBJECT_HANDLE objs[2];
+    CK_KEY_TYPE kt = 0;
+    CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
+    CK_BBOOL derive = CK_FALSE;
+    CK_ATTRIBUTE da = {CKA_DERIVE, &derive, sizeof(derive)};
+    int toks[8], ntoks, rc = 0, pr;
+    size_t secretlen = 0;
+    p11_sess s;
+    CK_RV rv = CKR_OK;
+
+    *out = NULL;
+    if (u == NULL)
+        return 0;
+    if ((pr = p11_kit_uri_parse(uri, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, u)) !=
+        P11_KIT_URI_OK) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "pkcs11: invalid PKCS#11 URI '%.*s': %s (RFC 7512, e.g. "
+                 "pkcs11:token=keyx;object=srv;type=private)",
+                 printable_len(uri), uri, p11_kit_uri_message(pr));
+        goto done;
+    }
+    uattrs = p11_kit_uri_get_attributes(u, &nu);
+    for (CK_ULONG i = 0; i < nu && nt < 7; i++) {
+        if (uattrs[i].type == CKA_CLASS) {
+            CK_OBJECT_CLASS c = *(CK_OBJECT_CLASS *)uattrs[i].pValue;
+
+            if (c != CKO_PRIVATE_KEY) {
+                KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                         "pkcs11: '%.*s' names a %s object: keyx loads private keys "
+                         "(type=private); openssl pkey -pubout on that URI gives the public key",
+                         printable_len(uri), uri, c == CKO_PUBLIC_KEY ? "public key" : "non-key");
+                goto done;
+            }
+            continue;
+        }
+        t[nt++] = uattrs[i];
+    }
+    t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &cls, sizeof(cls));
+    if ((ntoks = p11_dev_find_tokens(d, u, toks, 8)) < 0) {
+        rc = ntoks == KEYX_BACKEND_DOWN ? KEYX_BACKEND_DOWN : 0;
+        goto done;
+    }
+    for (int i = 0; i < ntoks; i++) {
+        if ((rc = p11_session_get(d, toks[i], &s)) != 1)
+            goto done;
+        rv = find_objects(&s, t, nt, objs, &count);
+        if (rv == CKR_OK && count > 1) {
+            p11_session_put(&s, rv);
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                     "pkcs11: several private keys match '%.*s' on token '%s': add id= or "
+                     "object= to the URI",
+                     printable_len(uri), uri, p11_dev_token_label(d, toks[i]));
+            rc = 0;
+            goto done;
+        }
+        if (rv == CKR_OK && count == 1) {
+            rv = s.f->C_GetAttributeValue(s.h, objs[0], &kta, 1);
+            if (rv == CKR_OK && s.f->C_GetAttributeValue(s.h, objs[0], &da, 1) == CKR_OK &&
+                !derive) {
+                p11_session_put(&s, rv);
+                KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                         "pkcs11: the key '%.*s' does not allow derivation (CKA_DERIVE is false)",
+                         printable_len(uri), uri);
+                rc = 0;
+                goto done;
+            }
+            if (rv == CKR_OK && kt != CKK_EC && kt != CKK_DH)
+                rv = CKR_KEY_TYPE_INCONSISTENT;
+            if (rv == CKR_OK && pub != NULL)
+                rv = static_public(&s, objs[0], kt, p->libctx, pub, &secretlen);
+            p11_session_put(&s, rv);
+            if (rv != CKR_OK) {
+                rc = rv == CKR_KEY_TYPE_INCONSISTENT
+                         ? (KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                                     "pkcs11: '%.*s' is neither an EC nor a DH key",
+                                     printable_len(uri), uri),
+                            0)
+                     : rv == CKR_KEY_HANDLE_INVALID
+                         ? (KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                                     "pkcs11: the public key of '%.*s' is not on the token "
+                                     "(keyx needs the public key object with the same CKA_ID)",
+                                     printable_len(uri), uri),
+                            0)
+                         : p11_fail(&s, rv, "reading the key's public part");
+                goto done;
+            }
+            if ((*out = key_new(p, kt == CKK_EC ? KEYX_ALG_EC : KEYX_ALG_DH, &s, objs[0], 0,
+                                secretlen)) == NULL ||
+                ((*out)->uri = OPENSSL_strdup(uri)) == NULL) {
+                OPENSSL_free(*out);
+                *out = NULL;
+                rc = 0;
+                goto done;
+            }
+            rc = 1;
+            goto done;
+        }
+        p11_session_put(&s, rv);
+        if (rv != CKR_OK) {
+            rc = p11_fail(&s, rv, "searching for the key (C_FindObjects)");
+            goto done;
+        }
+    }
+    KEYX_ERR(p, KEYX_R_MISSING_KEY,
+             "pkcs11: no key matches '%.*s' (searched %d token%s): check token=, object= and "
+             "id= in the URI",
+             printable_len(uri), uri, ntoks, ntoks == 1 ? "" : "s");
+    rc = 0;
+done:
+    if (rc != 1 && pub != NULL && *pub != NULL) {
+        EVP_PKEY_free(*pub);
+        *pub = NULL;
+    }
+    p11_kit_uri_free(u);
+    return rc;
+}
+
+static int p11_load(void *state, const char *locator, void **handle, EVP_PKEY **pub)
+{
+    p11_key *k = NULL;
+    int rc;
+
+    *pub = NULL;
+    rc = find_static(state, locator, &k, pub);
+    *handle = k;
+    return rc;
+}
+
+/* ---- free -------------------------------------------------------------------------------- */
+
+static void p11_free(void *state, void *handle)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+    p11_sess s;
+
+    if (k == NULL)
+        return;
+    /* Session objects keyx made are destroyed now; token keys stay on the token. After a fork
+     * the child's module has no such object (and the parent's is not the child's to destroy). */
+    ERR_set_mark(); /* free() reports nothing: a gone token took the object with it */
+    if (k->owned && p11_dev_current(d, k->gen) && p11_session_get(d, k->tok, &s) == 1) {
+        CK_RV rv = s.f->C_DestroyObject(s.h, k->obj);
+
+        p11_session_put(&s, rv == CKR_OBJECT_HANDLE_INVALID ? CKR_OK : rv);
+    }
+    ERR_pop_to_mark();
+    OPENSSL_free(k->uri);
+    OPENSSL_free(k);
 }
 
 const keyx_backend_ops keyx_pkcs11_backend = {
     .name = "pkcs11",
-    .open = stub_open,
-    .close = stub_close,
+    .exports_private = 0,
+    .open = p11_open,
+    .close = p11_close,
+    .supports = p11_supports,
+    .generate = p11_generate,
+    .import = p11_import,
+    .load = p11_load,
+    .derive = p11_derive,
+    .free = p11_free,
 };

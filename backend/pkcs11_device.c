@@ -1,0 +1,789 @@
+/* The PKCS#11 module, its tokens, login and session pools (see pkcs11_device.h). */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <p11-kit/p11-kit.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+
+#include "backend/pkcs11_device.h"
+#include "provider/audit.h"
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+#define MAX_TOKENS 8   /* failover set plus tokens named only by key URIs */
+#define POOL_MAX 32    /* idle sessions kept per token */
+#define DOWN_SECONDS 5 /* a failed token is passed over this long before it is tried again */
+
+#ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN /* PKCS#11 3.0; p11-kit 0.24's header predates it */
+#define CKM_EC_MONTGOMERY_KEY_PAIR_GEN 0x00001056UL
+#endif
+
+#ifndef KEYX_P11KIT_PROXY
+#define KEYX_P11KIT_PROXY "p11-kit-proxy.so"
+#endif
+
+typedef struct p11_tok {
+    P11KitUri *uri; /* NULL: the first initialized token of the module */
+    int in_set;     /* listed in pkcs11-token (failover set); else found through a key URI */
+    int found;      /* slot is known for the current generation */
+    CK_SLOT_ID slot;
+    char label[33];
+    int logged_in;
+    CK_RV pin_failed; /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
+    long down_until;  /* monotonic seconds; 0: up */
+    int caps_known;
+    p11_caps caps;
+    CK_SESSION_HANDLE idle[POOL_MAX];
+    size_t nidle;
+} p11_tok;
+
+struct p11_dev {
+    keyx_provctx *p;
+    pthread_mutex_t lock;
+    const char *module_path; /* configured path, or the p11-kit proxy */
+    CK_FUNCTION_LIST *f;     /* NULL until first use */
+    int we_initialized;      /* we called C_Initialize: we may finalize */
+    CK_RV load_failed;       /* the module could not be loaded: not retried */
+    uint64_t gen;            /* bumps when the module is re-initialized (fork) */
+    unsigned int forks_seen;
+    p11_tok tok[MAX_TOKENS];
+    int ntok, nset;
+};
+
+/* ---- fork ------------------------------------------------------------------------------ */
+
+/* A forked child must re-initialize the module before its first call (PKCS#11 2.40 §6.7.7):
+ * the parent's sessions, logins and session objects do not exist in the child. */
+static atomic_uint forks;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void count_fork(void)
+{
+    atomic_fetch_add(&forks, 1);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, count_fork);
+}
+
+/* ---- small helpers --------------------------------------------------------------------- */
+
+static long now_seconds(void)
+{
+    struct timespec ts;
+
+    return clock_gettime(CLOCK_MONOTONIC, &ts) == 0 ? (long)ts.tv_sec : 0;
+}
+
+static void copy_label(char *dst, const CK_UTF8CHAR *src, size_t n)
+{
+    size_t len = n;
+
+    while (len > 0 && src[len - 1] == ' ')
+        len--;
+    memcpy(dst, src, len);
+    dst[len] = '\0';
+}
+
+const char *p11_rv_name(CK_RV rv, char *buf, size_t len)
+{
+    static const struct {
+        CK_RV rv;
+        const char *name;
+    } names[] = {
+        {CKR_OK, "CKR_OK"},
+        {CKR_HOST_MEMORY, "CKR_HOST_MEMORY"},
+        {CKR_SLOT_ID_INVALID, "CKR_SLOT_ID_INVALID"},
+        {CKR_GENERAL_ERROR, "CKR_GENERAL_ERROR"},
+        {CKR_FUNCTION_FAILED, "CKR_FUNCTION_FAILED"},
+        {CKR_ARGUMENTS_BAD, "CKR_ARGUMENTS_BAD"},
+        {CKR_ATTRIBUTE_TYPE_INVALID, "CKR_ATTRIBUTE_TYPE_INVALID"},
+        {CKR_ATTRIBUTE_VALUE_INVALID, "CKR_ATTRIBUTE_VALUE_INVALID"},
+        {CKR_ATTRIBUTE_SENSITIVE, "CKR_ATTRIBUTE_SENSITIVE"},
+        {CKR_DEVICE_ERROR, "CKR_DEVICE_ERROR"},
+        {CKR_DEVICE_MEMORY, "CKR_DEVICE_MEMORY"},
+        {CKR_DEVICE_REMOVED, "CKR_DEVICE_REMOVED"},
+        {CKR_DOMAIN_PARAMS_INVALID, "CKR_DOMAIN_PARAMS_INVALID"},
+        {CKR_KEY_HANDLE_INVALID, "CKR_KEY_HANDLE_INVALID"},
+        {CKR_KEY_TYPE_INCONSISTENT, "CKR_KEY_TYPE_INCONSISTENT"},
+        {CKR_KEY_FUNCTION_NOT_PERMITTED, "CKR_KEY_FUNCTION_NOT_PERMITTED"},
+        {CKR_MECHANISM_INVALID, "CKR_MECHANISM_INVALID"},
+        {CKR_MECHANISM_PARAM_INVALID, "CKR_MECHANISM_PARAM_INVALID"},
+        {CKR_OBJECT_HANDLE_INVALID, "CKR_OBJECT_HANDLE_INVALID"},
+        {CKR_OPERATION_ACTIVE, "CKR_OPERATION_ACTIVE"},
+        {CKR_PIN_INCORRECT, "CKR_PIN_INCORRECT"},
+        {CKR_PIN_LEN_RANGE, "CKR_PIN_LEN_RANGE"},
+        {CKR_PIN_EXPIRED, "CKR_PIN_EXPIRED"},
+        {CKR_PIN_LOCKED, "CKR_PIN_LOCKED"},
+        {CKR_SESSION_CLOSED, "CKR_SESSION_CLOSED"},
+        {CKR_SESSION_COUNT, "CKR_SESSION_COUNT"},
+        {CKR_SESSION_HANDLE_INVALID, "CKR_SESSION_HANDLE_INVALID"},
+        {CKR_TEMPLATE_INCOMPLETE, "CKR_TEMPLATE_INCOMPLETE"},
+        {CKR_TEMPLATE_INCONSISTENT, "CKR_TEMPLATE_INCONSISTENT"},
+        {CKR_TOKEN_NOT_PRESENT, "CKR_TOKEN_NOT_PRESENT"},
+        {CKR_TOKEN_NOT_RECOGNIZED, "CKR_TOKEN_NOT_RECOGNIZED"},
+        {CKR_TOKEN_WRITE_PROTECTED, "CKR_TOKEN_WRITE_PROTECTED"},
+        {CKR_USER_NOT_LOGGED_IN, "CKR_USER_NOT_LOGGED_IN"},
+        {CKR_BUFFER_TOO_SMALL, "CKR_BUFFER_TOO_SMALL"},
+        {CKR_CRYPTOKI_NOT_INITIALIZED, "CKR_CRYPTOKI_NOT_INITIALIZED"},
+        {CKR_CRYPTOKI_ALREADY_INITIALIZED, "CKR_CRYPTOKI_ALREADY_INITIALIZED"},
+    };
+
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (names[i].rv == rv)
+            return names[i].name;
+    snprintf(buf, len, "CKR_0x%08lX", (unsigned long)rv);
+    return buf;
+}
+
+int p11_rv_is_down(CK_RV rv)
+{
+    switch (rv) {
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_MEMORY:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT:
+    case CKR_TOKEN_NOT_RECOGNIZED:
+    case CKR_SLOT_ID_INVALID:
+    case CKR_SESSION_CLOSED:
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_CRYPTOKI_NOT_INITIALIZED:
+    case CKR_GENERAL_ERROR:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static const char *rv_hint(CK_RV rv)
+{
+    switch (rv) {
+    case CKR_PIN_INCORRECT:
+        return "PIN incorrect: fix pkcs11-pin (keyx does not retry, so the token is not locked)";
+    case CKR_PIN_LOCKED:
+        return "the token's user PIN is locked: unlock it with the SO PIN";
+    case CKR_PIN_LEN_RANGE:
+        return "PIN incorrect (wrong length): fix pkcs11-pin";
+    case CKR_MECHANISM_INVALID:
+    case CKR_MECHANISM_PARAM_INVALID:
+        return "the token does not support this mechanism or its parameters";
+    case CKR_DOMAIN_PARAMS_INVALID:
+    case CKR_TEMPLATE_INCONSISTENT:
+        return "the token does not support this curve or group";
+    default:
+        return p11_rv_is_down(rv) ? "token or device unreachable" : NULL;
+    }
+}
+
+struct keyx_provctx *p11_dev_prov(const p11_dev *d)
+{
+    return d->p;
+}
+
+const char *p11_dev_token_label(p11_dev *d, int tok)
+{
+    return tok >= 0 && tok < d->ntok && d->tok[tok].label[0] ? d->tok[tok].label : "?";
+}
+
+int p11_fail(p11_sess *s, CK_RV rv, const char *what)
+{
+    char buf[24];
+    const char *hint = rv_hint(rv);
+
+    KEYX_ERR(s->dev->p, p11_rv_is_down(rv) ? KEYX_R_BACKEND_UNAVAILABLE : KEYX_R_BACKEND_FAILURE,
+             "pkcs11: %s on token '%s' failed: %s%s%s", what, p11_dev_token_label(s->dev, s->tok),
+             p11_rv_name(rv, buf, sizeof(buf)), hint ? ": " : "", hint ? hint : "");
+    return p11_rv_is_down(rv) ? KEYX_BACKEND_DOWN : 0;
+}
+
+/* ---- configuration --------------------------------------------------------------------- */
+
+/* Parses one pkcs11-token URI. The text is only printed with pin attributes left out. */
+static int add_set_token(p11_dev *d, const char *text)
+{
+    P11KitUri *uri = p11_kit_uri_new();
+    int rc;
+
+    if (uri == NULL)
+        return 0;
+    rc = p11_kit_uri_parse(
+        text, P11_KIT_URI_FOR_TOKEN | P11_KIT_URI_FOR_MODULE_WITH_VERSION | P11_KIT_URI_FOR_SLOT,
+        uri);
+    if (rc != P11_KIT_URI_OK) {
+        p11_kit_uri_free(uri);
+        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+                 "pkcs11-token: invalid PKCS#11 URI (%s): expected e.g. pkcs11:token=keyx",
+                 p11_kit_uri_message(rc));
+        return 0;
+    }
+    if (d->ntok == MAX_TOKENS) {
+        p11_kit_uri_free(uri);
+        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID, "pkcs11-token: at most %d tokens", MAX_TOKENS);
+        return 0;
+    }
+    d->tok[d->ntok].uri = uri;
+    d->tok[d->ntok].in_set = 1;
+    d->ntok++;
+    d->nset++;
+    return 1;
+}
+
+int p11_dev_new(struct keyx_provctx *p, p11_dev **out)
+{
+    p11_dev *d = OPENSSL_zalloc(sizeof(*d));
+    char *list = NULL, *save = NULL;
+
+    *out = NULL;
+    if (d == NULL || pthread_mutex_init(&d->lock, NULL) != 0) {
+        OPENSSL_free(d);
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    d->p = p;
+    d->module_path = p->cfg.pkcs11_module != NULL ? p->cfg.pkcs11_module : KEYX_P11KIT_PROXY;
+    if (p->cfg.pkcs11_token != NULL) {
+        if ((list = OPENSSL_strdup(p->cfg.pkcs11_token)) == NULL)
+            goto err;
+        for (char *t = strtok_r(list, " \t", &save); t != NULL; t = strtok_r(NULL, " \t", &save))
+            if (!add_set_token(d, t))
+                goto err;
+        OPENSSL_free(list);
+        list = NULL;
+    }
+    if (d->nset == 0) { /* no pkcs11-token: the first initialized token */
+        d->tok[0].in_set = 1;
+        d->ntok = d->nset = 1;
+    }
+    pthread_once(&atfork_once, register_atfork);
+    d->forks_seen = atomic_load(&forks);
+    *out = d;
+    return 1;
+err:
+    OPENSSL_free(list);
+    p11_dev_free(d);
+    return 0;
+}
+
+/* ---- module ---------------------------------------------------------------------------- */
+
+static void forget_tokens(p11_dev *d, int close_sessions)
+{
+    for (int i = 0; i < d->ntok; i++) {
+        p11_tok *t = &d->tok[i];
+
+        if (close_sessions && d->f != NULL)
+            for (size_t j = 0; j < t->nidle; j++)
+                d->f->C_CloseSession(t->idle[j]);
+        t->nidle = 0;
+        t->found = 0;
+        t->logged_in = 0;
+    }
+}
+
+void p11_dev_free(p11_dev *d)
+{
+    if (d == NULL)
+        return;
+    if (d->f != NULL && d->forks_seen == atomic_load(&forks)) {
+        forget_tokens(d, 1);
+        /* Finalizing would also end the sessions of another user of the module in this process
+         * (libp11, pkcs11-provider): only the one who initialized it finalizes it. */
+        if (d->we_initialized)
+            d->f->C_Finalize(NULL);
+    }
+    if (d->f != NULL)
+        p11_kit_module_release(d->f);
+    for (int i = 0; i < d->ntok; i++)
+        if (d->tok[i].uri != NULL)
+            p11_kit_uri_free(d->tok[i].uri);
+    pthread_mutex_destroy(&d->lock);
+    OPENSSL_free(d);
+}
+
+static CK_RV module_initialize(p11_dev *d)
+{
+    CK_C_INITIALIZE_ARGS args;
+    CK_RV rv;
+
+    memset(&args, 0, sizeof(args));
+    args.flags = CKF_OS_LOCKING_OK; /* sessions are used from several threads */
+    rv = d->f->C_Initialize(&args);
+    d->we_initialized = rv == CKR_OK;
+    return rv == CKR_CRYPTOKI_ALREADY_INITIALIZED ? CKR_OK : rv;
+}
+
+/* Loads and initializes the module on first use; re-initializes it in a forked child.
+ * Called with the lock held. 1, or 0 with an error raised. */
+static int module_ready(p11_dev *d)
+{
+    char buf[24];
+    unsigned int f = atomic_load(&forks);
+    CK_RV rv;
+
+    if (d->f != NULL && d->forks_seen == f)
+        return 1;
+    if (d->f != NULL) {
+        /* In a forked child: nothing of the parent's module state is usable here. */
+        forget_tokens(d, 0);
+        d->f->C_Finalize(NULL);
+        d->forks_seen = f;
+        d->gen++;
+        if ((rv = module_initialize(d)) != CKR_OK) {
+            KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                     "pkcs11: re-initializing module '%s' after fork failed: %s", d->module_path,
+                     p11_rv_name(rv, buf, sizeof(buf)));
+            return 0;
+        }
+        return 1;
+    }
+    if (d->load_failed) {
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: cannot load PKCS#11 module '%s' (failed earlier in this process): "
+                 "check pkcs11-module",
+                 d->module_path);
+        return 0;
+    }
+    /* Unmanaged: keyx calls the module's own function list, with no p11-kit layer per call. */
+    d->f = p11_kit_module_load(d->module_path, P11_KIT_MODULE_UNMANAGED);
+    if (d->f == NULL) {
+        const char *msg = p11_kit_message();
+
+        d->load_failed = CKR_GENERAL_ERROR;
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: cannot load PKCS#11 module '%s': %s: check pkcs11-module", d->module_path,
+                 msg != NULL ? msg : "not found or not a PKCS#11 module");
+        return 0;
+    }
+    d->forks_seen = f;
+    if ((rv = module_initialize(d)) != CKR_OK) {
+        p11_kit_module_release(d->f);
+        d->f = NULL;
+        d->load_failed = rv;
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: cannot load PKCS#11 module '%s': C_Initialize failed: %s "
+                 "(for SoftHSM: is SOFTHSM2_CONF set and its tokendir readable?)",
+                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        return 0;
+    }
+    return 1;
+}
+
+int p11_dev_current(p11_dev *d, uint64_t gen)
+{
+    return gen == d->gen && d->forks_seen == atomic_load(&forks);
+}
+
+/* ---- tokens ---------------------------------------------------------------------------- */
+
+static int token_matches(const p11_tok *t, CK_FUNCTION_LIST *f, CK_SLOT_ID slot,
+                         CK_TOKEN_INFO *info)
+{
+    CK_SLOT_INFO si;
+    CK_INFO mi;
+
+    if (t->uri == NULL)
+        return (info->flags & CKF_TOKEN_INITIALIZED) != 0;
+    if (!p11_kit_uri_match_token_info(t->uri, info))
+        return 0;
+    if (f->C_GetSlotInfo(slot, &si) == CKR_OK && !p11_kit_uri_match_slot_info(t->uri, &si))
+        return 0;
+    return f->C_GetInfo(&mi) != CKR_OK || p11_kit_uri_match_module_info(t->uri, &mi);
+}
+
+static void read_caps(p11_dev *d, p11_tok *t)
+{
+    CK_MECHANISM_INFO ec_gen, ecdh, dh_gen, dh_der, mont;
+    CK_FUNCTION_LIST *f = d->f;
+    int has_ecdh;
+
+    memset(&t->caps, 0, sizeof(t->caps));
+    has_ecdh = f->C_GetMechanismInfo(t->slot, CKM_ECDH1_DERIVE, &ecdh) == CKR_OK &&
+               (ecdh.flags & CKF_DERIVE);
+    if (has_ecdh && f->C_GetMechanismInfo(t->slot, CKM_EC_KEY_PAIR_GEN, &ec_gen) == CKR_OK &&
+        (ec_gen.flags & CKF_GENERATE_KEY_PAIR)) {
+        t->caps.ec = 1;
+        t->caps.ec_min = ec_gen.ulMinKeySize;
+        t->caps.ec_max = ec_gen.ulMaxKeySize;
+    }
+    if (has_ecdh &&
+        f->C_GetMechanismInfo(t->slot, CKM_EC_MONTGOMERY_KEY_PAIR_GEN, &mont) == CKR_OK &&
+        (mont.flags & CKF_GENERATE_KEY_PAIR))
+        t->caps.montgomery = 1;
+    if (f->C_GetMechanismInfo(t->slot, CKM_DH_PKCS_KEY_PAIR_GEN, &dh_gen) == CKR_OK &&
+        (dh_gen.flags & CKF_GENERATE_KEY_PAIR) &&
+        f->C_GetMechanismInfo(t->slot, CKM_DH_PKCS_DERIVE, &dh_der) == CKR_OK &&
+        (dh_der.flags & CKF_DERIVE)) {
+        t->caps.dh = 1;
+        t->caps.dh_min = dh_gen.ulMinKeySize;
+        t->caps.dh_max = dh_gen.ulMaxKeySize;
+    }
+    t->caps_known = 1;
+}
+
+/* Finds the slot of token t. Lock held. 1, or KEYX_BACKEND_DOWN with an error raised. */
+static int token_find(p11_dev *d, int idx)
+{
+    p11_tok *t = &d->tok[idx];
+    CK_SLOT_ID slots[64];
+    CK_ULONG n = 64;
+    CK_TOKEN_INFO info;
+    char present[256] = "", buf[24];
+    CK_RV rv;
+
+    if (t->found)
+        return 1;
+    if ((rv = d->f->C_GetSlotList(CK_TRUE, slots, &n)) != CKR_OK) {
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: listing the slots of '%s' failed: %s",
+                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        return KEYX_BACKEND_DOWN;
+    }
+    for (CK_ULONG i = 0; i < n; i++) {
+        if (d->f->C_GetTokenInfo(slots[i], &info) != CKR_OK)
+            continue;
+        if (token_matches(t, d->f, slots[i], &info)) {
+            t->slot = slots[i];
+            t->found = 1;
+            copy_label(t->label, info.label, sizeof(info.label));
+            if (!t->caps_known)
+                read_caps(d, t);
+            return 1;
+        }
+        if ((info.flags & CKF_TOKEN_INITIALIZED) && strlen(present) < sizeof(present) - 40) {
+            char label[33];
+
+            copy_label(label, info.label, sizeof(info.label));
+            snprintf(present + strlen(present), sizeof(present) - strlen(present), "%s'%s'",
+                     present[0] ? ", " : "", label);
+        }
+    }
+    if (t->uri == NULL)
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: no initialized token in module '%s': initialize one (softhsm2-util "
+                 "--init-token) or set pkcs11-token",
+                 d->module_path);
+    else
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: no token matches pkcs11-token entry %d (tokens present: %s): check "
+                 "pkcs11-token",
+                 idx + 1, present[0] ? present : "none");
+    return KEYX_BACKEND_DOWN;
+}
+
+/* The user PIN from pkcs11-pin into buf (NUL-terminated). 1, or 0 with an error raised. */
+static int read_pin(p11_dev *d, p11_tok *t, char *buf, size_t len)
+{
+    const char *spec = d->p->cfg.pkcs11_pin, *v = NULL;
+    FILE *fp;
+
+    if (spec == NULL) {
+        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+                 "pkcs11: token '%s' needs a login: set pkcs11-pin = file:PATH or env:NAME",
+                 t->label);
+        return 0;
+    }
+    if (strncmp(spec, "env:", 4) == 0) {
+        if ((v = getenv(spec + 4)) == NULL) {
+            KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+                     "pkcs11-pin = %s: the environment variable %s is not set", spec, spec + 4);
+            return 0;
+        }
+    } else if (strncmp(spec, "file:", 5) == 0) {
+        if ((fp = fopen(spec + 5, "re")) == NULL) {
+            KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID, "pkcs11-pin = %s: cannot read the file: %s", spec,
+                     strerror(errno));
+            return 0;
+        }
+        if (fgets(buf, (int)len, fp) == NULL)
+            buf[0] = '\0';
+        fclose(fp);
+        buf[strcspn(buf, "\r\n")] = '\0';
+        return 1;
+    } else {
+        v = spec; /* a literal PIN (the configuration warned about it) */
+    }
+    if (strlen(v) >= len) {
+        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID, "pkcs11-pin: the PIN is too long");
+        return 0;
+    }
+    memcpy(buf, v, strlen(v) + 1);
+    return 1;
+}
+
+/* Logs in once per token and module generation. Lock held. 1, 0 or KEYX_BACKEND_DOWN. */
+static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
+{
+    p11_tok *t = &d->tok[idx];
+    CK_TOKEN_INFO info;
+    char pin[256], buf[24];
+    CK_RV rv;
+
+    if (t->logged_in)
+        return 1;
+    if (t->pin_failed) {
+        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+                 "pkcs11: login to token '%s' failed earlier in this process (%s): PIN incorrect; "
+                 "fix pkcs11-pin (not retried, so the token is not locked)",
+                 t->label, p11_rv_name(t->pin_failed, buf, sizeof(buf)));
+        return 0;
+    }
+    if ((rv = d->f->C_GetTokenInfo(t->slot, &info)) != CKR_OK) {
+        p11_sess s = {.dev = d, .tok = idx};
+
+        return p11_fail(&s, rv, "C_GetTokenInfo");
+    }
+    if (!(info.flags & CKF_LOGIN_REQUIRED)) {
+        t->logged_in = 1;
+        return 1;
+    }
+    if (!read_pin(d, t, pin, sizeof(pin)))
+        return 0;
+    rv = d->f->C_Login(h, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin));
+    OPENSSL_cleanse(pin, sizeof(pin));
+    if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
+        t->logged_in = 1;
+        return 1;
+    }
+    if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE ||
+        rv == CKR_PIN_EXPIRED)
+        t->pin_failed = rv;
+    {
+        p11_sess s = {.dev = d, .tok = idx};
+
+        return p11_fail(&s, rv, "login (C_Login)");
+    }
+}
+
+/* Marks token idx down and closes its pooled sessions. Lock held. */
+static void token_down(p11_dev *d, int idx, CK_RV rv)
+{
+    p11_tok *t = &d->tok[idx];
+    const char *next = NULL;
+    char buf[24], why[160];
+
+    if (t->down_until > now_seconds())
+        return;
+    t->down_until = now_seconds() + DOWN_SECONDS;
+    for (size_t j = 0; j < t->nidle; j++)
+        d->f->C_CloseSession(t->idle[j]);
+    t->nidle = 0;
+    t->found = 0;
+    t->logged_in = 0;
+    if (!t->in_set)
+        return;
+    for (int i = 0; i < d->nset; i++)
+        if (i != idx && d->tok[i].down_until <= now_seconds())
+            next = d->tok[i].label[0] ? d->tok[i].label : "next token in pkcs11-token";
+    snprintf(why, sizeof(why), "token '%s' failed: %s", t->label,
+             p11_rv_name(rv, buf, sizeof(buf)));
+    {
+        keyx_event ev = {
+            .event = "failover",
+            .backend = "pkcs11",
+            .ephemeral = -1,
+            .ok = 0,
+            .error = why,
+            .next = next,
+        };
+
+        keyx_event_emit(d->p, &ev);
+    }
+    keyx_debug(d->p, "pkcs11: %s; %s serves", why, next != NULL ? next : "no other token");
+}
+
+/* A session on token idx. Lock held. 1, 0 or KEYX_BACKEND_DOWN (error raised). */
+static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
+{
+    p11_tok *t = &d->tok[idx];
+    int rc;
+    CK_RV rv;
+
+    if ((rc = token_find(d, idx)) != 1)
+        return rc;
+    if (t->nidle > 0) {
+        *h = t->idle[--t->nidle];
+        return 1;
+    }
+    rv = d->f->C_OpenSession(t->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, h);
+    if (rv == CKR_TOKEN_WRITE_PROTECTED)
+        rv = d->f->C_OpenSession(t->slot, CKF_SERIAL_SESSION, NULL, NULL, h);
+    if (rv != CKR_OK) {
+        p11_sess s = {.dev = d, .tok = idx};
+
+        rc = p11_fail(&s, rv, "C_OpenSession");
+        if (rc == KEYX_BACKEND_DOWN)
+            token_down(d, idx, rv);
+        return rc;
+    }
+    if ((rc = token_login(d, idx, *h)) != 1) {
+        d->f->C_CloseSession(*h);
+        return rc;
+    }
+    t->down_until = 0;
+    return 1;
+}
+
+int p11_session_get(p11_dev *d, int tok, p11_sess *s)
+{
+    int rc = KEYX_BACKEND_DOWN;
+    long now = now_seconds();
+
+    memset(s, 0, sizeof(*s));
+    s->dev = d;
+    pthread_mutex_lock(&d->lock);
+    if (!module_ready(d)) {
+        pthread_mutex_unlock(&d->lock);
+        return 0;
+    }
+    s->f = d->f;
+    s->gen = d->gen;
+    if (tok >= 0) {
+        s->tok = tok;
+        rc = tok < d->ntok ? token_session(d, tok, &s->h) : 0;
+        pthread_mutex_unlock(&d->lock);
+        return rc;
+    }
+    /* The failover set: tokens up first, in order; those marked down last (they may be back). */
+    {
+        int order[MAX_TOKENS], n = 0;
+
+        for (int pass = 0; pass < 2; pass++)
+            for (int i = 0; i < d->nset; i++)
+                if ((d->tok[i].down_until > now) == pass)
+                    order[n++] = i;
+        ERR_set_mark();
+        for (int k = 0; k < n && rc == KEYX_BACKEND_DOWN; k++) {
+            s->tok = order[k];
+            if ((rc = token_session(d, order[k], &s->h)) == KEYX_BACKEND_DOWN)
+                token_down(d, order[k], CKR_TOKEN_NOT_PRESENT);
+        }
+    }
+    if (rc == 1)
+        ERR_pop_to_mark(); /* an earlier token's failure is in the audit log */
+    else
+        ERR_clear_last_mark();
+    pthread_mutex_unlock(&d->lock);
+    return rc;
+}
+
+void p11_session_put(p11_sess *s, CK_RV rv)
+{
+    p11_dev *d = s->dev;
+    p11_tok *t;
+
+    pthread_mutex_lock(&d->lock);
+    if (!p11_dev_current(d, s->gen) || s->tok >= d->ntok) {
+        pthread_mutex_unlock(&d->lock); /* from before a fork: not ours to close */
+        return;
+    }
+    t = &d->tok[s->tok];
+    if (p11_rv_is_down(rv)) {
+        d->f->C_CloseSession(s->h);
+        token_down(d, s->tok, rv);
+    } else if (t->nidle < POOL_MAX && t->found) {
+        t->idle[t->nidle++] = s->h;
+    } else {
+        d->f->C_CloseSession(s->h);
+    }
+    pthread_mutex_unlock(&d->lock);
+}
+
+int p11_dev_caps(p11_dev *d, p11_caps *caps)
+{
+    long now = now_seconds();
+    p11_sess s;
+    int rc;
+
+    pthread_mutex_lock(&d->lock);
+    for (int i = 0; i < d->nset; i++)
+        if (d->tok[i].caps_known && d->tok[i].down_until <= now) {
+            *caps = d->tok[i].caps;
+            pthread_mutex_unlock(&d->lock);
+            return 1;
+        }
+    pthread_mutex_unlock(&d->lock);
+    /* Nothing known yet: connect once (errors are not the caller's: it only asks). */
+    ERR_set_mark();
+    rc = p11_session_get(d, -1, &s);
+    ERR_pop_to_mark();
+    if (rc != 1)
+        return 0;
+    p11_session_put(&s, CKR_OK);
+    pthread_mutex_lock(&d->lock);
+    *caps = d->tok[s.tok].caps;
+    pthread_mutex_unlock(&d->lock);
+    return 1;
+}
+
+int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
+{
+    CK_SLOT_ID slots[64];
+    CK_ULONG n = 64;
+    CK_TOKEN_INFO info;
+    int count = 0;
+    char buf[24];
+    CK_RV rv;
+
+    pthread_mutex_lock(&d->lock);
+    if (!module_ready(d)) {
+        pthread_mutex_unlock(&d->lock);
+        return -1;
+    }
+    /* Failover-set tokens first, so that a key URI without token attributes finds the key
+     * on the token that serves. */
+    ERR_set_mark();
+    for (int i = 0; i < d->nset && count < max; i++) {
+        if (d->tok[i].down_until > now_seconds() || token_find(d, i) != 1)
+            continue;
+        if (d->f->C_GetTokenInfo(d->tok[i].slot, &info) == CKR_OK &&
+            p11_kit_uri_match_token_info(uri, &info))
+            out[count++] = i;
+    }
+    ERR_pop_to_mark(); /* a missing set token is not this lookup's error */
+    if ((rv = d->f->C_GetSlotList(CK_TRUE, slots, &n)) != CKR_OK) {
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: listing the slots of '%s' failed: %s",
+                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        pthread_mutex_unlock(&d->lock);
+        return count > 0 ? count : KEYX_BACKEND_DOWN;
+    }
+    for (CK_ULONG j = 0; j < n && count < max; j++) {
+        int known = -1;
+
+        if (d->f->C_GetTokenInfo(slots[j], &info) != CKR_OK ||
+            !(info.flags & CKF_TOKEN_INITIALIZED) || !p11_kit_uri_match_token_info(uri, &info))
+            continue;
+        for (int i = 0; i < d->ntok; i++)
+            if (d->tok[i].found && d->tok[i].slot == slots[j])
+                known = i;
+        if (known >= 0 && known < d->nset)
+            continue; /* already listed above */
+        if (known < 0 && d->ntok < MAX_TOKENS) {
+            p11_tok *t = &d->tok[d->ntok];
+
+            memset(t, 0, sizeof(*t));
+            t->slot = slots[j];
+            t->found = 1;
+            copy_label(t->label, info.label, sizeof(info.label));
+            /* Found again by label after a re-initialization. */
+            if ((t->uri = p11_kit_uri_new()) != NULL) {
+                CK_TOKEN_INFO *ti = p11_kit_uri_get_token_info(t->uri);
+
+                memcpy(ti->label, info.label, sizeof(info.label));
+                memcpy(ti->serialNumber, info.serialNumber, sizeof(info.serialNumber));
+            }
+            read_caps(d, t);
+            known = d->ntok++;
+        }
+        if (known >= 0)
+            out[count++] = known;
+    }
+    pthread_mutex_unlock(&d->lock);
+    return count;
+}
