@@ -74,6 +74,25 @@ static void register_atfork(void)
     pthread_atfork(NULL, NULL, count_fork);
 }
 
+/* ---- process exit ---------------------------------------------------------------------- */
+
+/* At exit(), a module's own destructors (SoftHSM's C++ statics) run before libcrypto's
+ * OPENSSL_cleanup tears the provider down: calling into the module then crashes. A handler
+ * registered after the module was loaded runs before those destructors (reverse order) and
+ * tells the teardown to leave the module alone; the process is ending anyway. */
+static atomic_int exiting;
+static pthread_once_t atexit_once = PTHREAD_ONCE_INIT;
+
+static void note_exit(void)
+{
+    atomic_store(&exiting, 1);
+}
+
+static void register_atexit(void)
+{
+    atexit(note_exit);
+}
+
 /* ---- small helpers --------------------------------------------------------------------- */
 
 static long now_seconds(void)
@@ -292,7 +311,9 @@ void p11_dev_free(p11_dev *d)
 {
     if (d == NULL)
         return;
-    if (d->f != NULL && d->forks_seen == atomic_load(&forks)) {
+    if (atomic_load(&exiting)) {
+        d->f = NULL; /* see note_exit() */
+    } else if (d->f != NULL && d->forks_seen == atomic_load(&forks)) {
         forget_tokens(d, 1);
         /* Finalizing would also end the sessions of another user of the module in this process
          * (libp11, pkcs11-provider): only the one who initialized it finalizes it. */
@@ -315,7 +336,10 @@ static CK_RV module_initialize(p11_dev *d)
 
     memset(&args, 0, sizeof(args));
     args.flags = CKF_OS_LOCKING_OK; /* sessions are used from several threads */
+    /* SoftHSM leaves errors of its own libcrypto setup (the rdrand engine) in our queue. */
+    ERR_set_mark();
     rv = d->f->C_Initialize(&args);
+    ERR_pop_to_mark();
     d->we_initialized = rv == CKR_OK;
     return rv == CKR_CRYPTOKI_ALREADY_INITIALIZED ? CKR_OK : rv;
 }
@@ -362,6 +386,7 @@ static int module_ready(p11_dev *d)
                  msg != NULL ? msg : "not found or not a PKCS#11 module");
         return 0;
     }
+    pthread_once(&atexit_once, register_atexit);
     d->forks_seen = f;
     if ((rv = module_initialize(d)) != CKR_OK) {
         p11_kit_module_release(d->f);
@@ -378,6 +403,8 @@ static int module_ready(p11_dev *d)
 
 int p11_dev_current(p11_dev *d, uint64_t gen)
 {
+    if (atomic_load(&exiting))
+        return 0;
     return gen == d->gen && d->forks_seen == atomic_load(&forks);
 }
 

@@ -338,10 +338,12 @@ class Outcome:
         return self.line
 
 
-def driver_cmd(provider="keyx", peer_provider=None, dh_pad=None, config=None):
+def driver_cmd(provider="keyx", peer_provider=None, dh_pad=None, config=None, backend=None):
     cmd = [derive_bin(), "--module", build_dir(), "--provider", provider]
     if config:
         cmd += ["--config", config]
+    if backend:
+        cmd += ["--backend", backend]
     if peer_provider:
         cmd += ["--peer-provider", peer_provider]
     if dh_pad is not None:
@@ -350,11 +352,12 @@ def driver_cmd(provider="keyx", peer_provider=None, dh_pad=None, config=None):
 
 
 def derive(vectors, provider="keyx", peer_provider=None, dh_pad=None, env=None, config=None,
-           timeout=TIMEOUT):
+           timeout=TIMEOUT, backend=None):
     """Runs vectors (tuples id, alg, group, priv, form, peer) through the driver; returns
-    {id: Outcome} and the Result. Every vector must be answered exactly once."""
+    {id: Outcome} and the Result. Every vector must be answered exactly once. backend: the keyx
+    backend private keys are imported into (--backend), else software."""
     text = "".join(" ".join(str(f) if str(f) else "-" for f in v) + "\n" for v in vectors)
-    r = run(driver_cmd(provider, peer_provider, dh_pad, config), input=text, env=env,
+    r = run(driver_cmd(provider, peer_provider, dh_pad, config, backend), input=text, env=env,
             timeout=timeout)
     assert r.rc == 0, f"driver failed:\n{r!r}"
     got = {}
