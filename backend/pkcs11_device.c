@@ -51,6 +51,7 @@ struct p11_dev {
     CK_FUNCTION_LIST *f;     /* NULL until first use */
     int we_initialized;      /* we called C_Initialize: we may finalize */
     CK_RV load_failed;       /* the module could not be loaded: not retried */
+    char load_error[200];    /* why, repeated on every later use */
     uint64_t gen;            /* bumps when the module is re-initialized (fork) */
     unsigned int forks_seen;
     p11_tok tok[MAX_TOKENS];
@@ -369,10 +370,8 @@ static int module_ready(p11_dev *d)
         return 1;
     }
     if (d->load_failed) {
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                 "pkcs11: cannot load PKCS#11 module '%s' (failed earlier in this process): "
-                 "check pkcs11-module",
-                 d->module_path);
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+                 d->module_path, d->load_error);
         return 0;
     }
     /* Unmanaged: keyx calls the module's own function list, with no p11-kit layer per call. */
@@ -381,9 +380,10 @@ static int module_ready(p11_dev *d)
         const char *msg = p11_kit_message();
 
         d->load_failed = CKR_GENERAL_ERROR;
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                 "pkcs11: cannot load PKCS#11 module '%s': %s: check pkcs11-module", d->module_path,
+        snprintf(d->load_error, sizeof(d->load_error), "%s: check pkcs11-module",
                  msg != NULL ? msg : "not found or not a PKCS#11 module");
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+                 d->module_path, d->load_error);
         return 0;
     }
     pthread_once(&atexit_once, register_atexit);
@@ -392,10 +392,12 @@ static int module_ready(p11_dev *d)
         p11_kit_module_release(d->f);
         d->f = NULL;
         d->load_failed = rv;
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                 "pkcs11: cannot load PKCS#11 module '%s': C_Initialize failed: %s "
-                 "(for SoftHSM: is SOFTHSM2_CONF set and its tokendir readable?)",
-                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        snprintf(d->load_error, sizeof(d->load_error),
+                 "C_Initialize failed: %s (for SoftHSM: is SOFTHSM2_CONF set and its tokendir "
+                 "readable?)",
+                 p11_rv_name(rv, buf, sizeof(buf)));
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+                 d->module_path, d->load_error);
         return 0;
     }
     return 1;

@@ -15,7 +15,7 @@ import pytest
 import kxutil
 
 MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
-PIN, SO_PIN = "1234", "5678"
+PIN, SO_PIN = "kxpin-5824", "kxso-9173"
 TOKENS = ("keyx-a", "keyx-b")
 
 
