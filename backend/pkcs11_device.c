@@ -20,6 +20,9 @@
 #define MAX_TOKENS 8   /* failover set plus tokens named only by key URIs */
 #define POOL_MAX 32    /* idle sessions kept per token */
 #define DOWN_SECONDS 5 /* a failed token is passed over this long before it is tried again */
+/* Some modules keep serving a removed token from memory (SoftHSM answers everything but
+ * C_GetTokenInfo once its token is deleted): its presence is checked this often. */
+#define CHECK_SECONDS 1
 
 #ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN /* PKCS#11 3.0; p11-kit 0.24's header predates it */
 #define CKM_EC_MONTGOMERY_KEY_PAIR_GEN 0x00001056UL
@@ -38,6 +41,7 @@ typedef struct p11_tok {
     int logged_in;
     CK_RV pin_failed; /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
     long down_until;  /* monotonic seconds; 0: up */
+    long checked_at;  /* last presence check (C_GetTokenInfo), monotonic seconds */
     int caps_known;
     p11_caps caps;
     CK_SESSION_HANDLE idle[POOL_MAX];
@@ -111,6 +115,21 @@ static void copy_label(char *dst, const CK_UTF8CHAR *src, size_t n)
         len--;
     memcpy(dst, src, len);
     dst[len] = '\0';
+}
+
+/* A failover-set token's name before it was ever used: the label its URI asks for. */
+static const char *set_token_name(const p11_tok *t, char name[33])
+{
+    CK_TOKEN_INFO *want;
+
+    if (t->label[0] != '\0')
+        return t->label;
+    want = t->uri != NULL ? p11_kit_uri_get_token_info(t->uri) : NULL;
+    if (want != NULL && want->label[0] != '\0' && want->label[0] != ' ') {
+        copy_label(name, want->label, sizeof(want->label));
+        return name;
+    }
+    return "the next token in pkcs11-token";
 }
 
 const char *p11_rv_name(CK_RV rv, char *buf, size_t len)
@@ -595,7 +614,7 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
 {
     p11_tok *t = &d->tok[idx];
     const char *next = NULL;
-    char buf[24], why[160];
+    char buf[24], why[160], next_name[33];
 
     if (t->down_until > now_seconds())
         return;
@@ -607,9 +626,9 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     t->logged_in = 0;
     if (!t->in_set)
         return;
-    for (int i = 0; i < d->nset; i++)
+    for (int i = 0; i < d->nset && next == NULL; i++)
         if (i != idx && d->tok[i].down_until <= now_seconds())
-            next = d->tok[i].label[0] ? d->tok[i].label : "next token in pkcs11-token";
+            next = set_token_name(&d->tok[i], next_name);
     snprintf(why, sizeof(why), "token '%s' failed: %s", t->label,
              p11_rv_name(rv, buf, sizeof(buf)));
     {
@@ -636,6 +655,19 @@ static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
 
     if ((rc = token_find(d, idx)) != 1)
         return rc;
+    if (t->checked_at != now_seconds()) {
+        CK_TOKEN_INFO info;
+
+        if ((rv = d->f->C_GetTokenInfo(t->slot, &info)) != CKR_OK) {
+            p11_sess s = {.dev = d, .tok = idx};
+
+            /* whatever the code: a token that cannot describe itself is gone for us */
+            p11_fail(&s, rv, "checking that the token is present (C_GetTokenInfo)");
+            token_down(d, idx, rv);
+            return KEYX_BACKEND_DOWN;
+        }
+        t->checked_at = now_seconds();
+    }
     if (t->nidle > 0) {
         *h = t->idle[--t->nidle];
         return 1;
