@@ -15,6 +15,7 @@ import pytest
 import kxutil
 
 MODULE = Path("/usr/lib/softhsm/libsofthsm2.so")
+SPY = Path("/usr/lib/x86_64-linux-gnu/pkcs11-spy.so")  # OpenSC's call logger, a PKCS#11 module
 PIN, SO_PIN = "kxpin-5824", "kxso-9173"
 TOKENS = ("keyx-a", "keyx-b")
 
@@ -32,6 +33,19 @@ class SoftHSM:
         """base_env plus SOFTHSM2_CONF pointing at this token directory."""
         return kxutil.base_env(SOFTHSM2_CONF=self.conf, **extra)
 
+    def tool_env(self):
+        """For softhsm2-util and pkcs11-tool: no sanitizer runtime preloaded (they are not
+        keyx, and ASan finds bugs of their own, e.g. a use-after-free in pkcs11-tool 0.23)."""
+        return self.env(LD_PRELOAD=None, ASAN_OPTIONS=None, UBSAN_OPTIONS=None)
+
+    def spy_env(self, log, **extra):
+        """env() for a process whose pkcs11-module is OpenSC's pkcs11-spy (logging every call
+        into log, then calling SoftHSM). The spy leaks 16 bytes per load: LeakSanitizer is told
+        so, keyx's own leaks are still reported."""
+        supp = self.root / "lsan-spy.supp"
+        supp.write_text("leak:pkcs11-spy.so\n")
+        return self.env(PKCS11SPY=self.module, PKCS11SPY_OUTPUT=log, LSAN_OPTIONS=f"suppressions={supp}", **extra)
+
     def setup(self):
         self.tokendir.mkdir(parents=True)
         self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
@@ -40,7 +54,7 @@ class SoftHSM:
         self.pin_file.chmod(0o600)
         for label in TOKENS:
             r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
-                            "--pin", PIN, "--so-pin", SO_PIN], env=self.env()).ok("init token")
+                            "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
             m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
             assert m, f"softhsm2-util did not say which slot {label} got:\n{r!r}"
             self.slots[label] = int(m.group(1))
@@ -53,7 +67,7 @@ class SoftHSM:
         cmd = ["pkcs11-tool", "--module", self.module, "--slot", str(self.slots[label])]
         if login:
             cmd += ["--login", "--pin", PIN]
-        return kxutil.run(cmd + list(args), env=self.env(), **kw)
+        return kxutil.run(cmd + list(args), env=self.tool_env(), **kw)
 
     def token_objects(self, label):
         """Labels of the objects stored on the token (another process never sees our session
@@ -79,4 +93,5 @@ def softhsm(tmp_path_factory, build):
     for tool in ("softhsm2-util", "pkcs11-tool"):
         assert shutil.which(tool), f"{tool} not found: install softhsm2 and opensc (scripts/test.sh does)"
     assert MODULE.exists(), f"SoftHSM2 module {MODULE} not found: install softhsm2"
+    assert SPY.exists(), f"{SPY} not found: install opensc"
     return SoftHSM(tmp_path_factory.mktemp("softhsm")).setup()

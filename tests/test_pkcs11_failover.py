@@ -39,12 +39,12 @@ def test_first_token_removed_mid_run(tmp_path_factory, certs, cnf, tmp):
         for _ in range(2):
             handshake(port).ok("handshake on keyx-a")
 
-        kxutil.run(["softhsm2-util", "--delete-token", "--token", "keyx-a"], env=hsm.env()).ok("remove keyx-a")
+        kxutil.run(["softhsm2-util", "--delete-token", "--token", "keyx-a"], env=hsm.tool_env()).ok("remove keyx-a")
         time.sleep(1.2)  # keyx checks a token's presence at most once a second
         for i in range(4):
             handshake(port).ok(f"handshake {i + 1} after keyx-a was removed")
 
-        kxutil.run(["softhsm2-util", "--delete-token", "--token", "keyx-b"], env=hsm.env()).ok("remove keyx-b")
+        kxutil.run(["softhsm2-util", "--delete-token", "--token", "keyx-b"], env=hsm.tool_env()).ok("remove keyx-b")
         time.sleep(1.2)
         for _ in range(3):
             r = handshake(port)

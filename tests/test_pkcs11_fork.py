@@ -10,6 +10,7 @@ itself (PKCS#11 forbids using the parent's sessions), the parent only once.
 import re
 
 import kxutil
+from fixture_softhsm import SPY
 
 SCRIPT = r"""
 import os, ssl, sys
@@ -59,9 +60,8 @@ sys.exit(1 if status else 0)
 
 def test_child_reinitializes_the_module(softhsm, certs, cnf, tmp):
     log, spy_log = tmp / "audit.jsonl", tmp / "spy.log"
-    settings = {**softhsm.keyx_settings(), "pkcs11-module": "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"}
-    env = softhsm.env(OPENSSL_CONF=cnf(keyx={"audit-log": log, **settings}), PKCS11SPY=softhsm.module,
-                      PKCS11SPY_OUTPUT=spy_log)
+    settings = {**softhsm.keyx_settings(), "pkcs11-module": SPY}
+    env = softhsm.spy_env(spy_log, OPENSSL_CONF=cnf(keyx={"audit-log": log, **settings}))
     (tmp / "fork.py").write_text(SCRIPT)
     crt, key = certs["ec"]
     r = kxutil.run(["/usr/bin/python3", tmp / "fork.py", crt, key], env=env).ok("fork script")

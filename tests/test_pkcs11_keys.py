@@ -13,7 +13,7 @@ import re
 import pytest
 
 import kxutil
-from fixture_softhsm import PIN
+from fixture_softhsm import PIN, SPY
 
 WRONG_PIN = "kxwrong-3141"
 URI = "pkcs11:token=keyx-a;object=srv-ecdh;type=private"
@@ -107,10 +107,9 @@ def test_wrong_pin_is_one_clear_error_and_one_login(softhsm, cnf, tmp, peer):
     bad = tmp / "bad-pin"
     bad.write_text(WRONG_PIN)
     spy_log = tmp / "spy.log"
-    spy = "/usr/lib/x86_64-linux-gnu/pkcs11-spy.so"
-    cnf_path = cnf(keyx={**softhsm.keyx_settings(**{"pkcs11-pin": f"file:{bad}"}), "pkcs11-module": spy,
+    cnf_path = cnf(keyx={**softhsm.keyx_settings(**{"pkcs11-pin": f"file:{bad}"}), "pkcs11-module": SPY,
                          "debug": 1})
-    env = softhsm.env(OPENSSL_CONF=cnf_path, PKCS11SPY=softhsm.module, PKCS11SPY_OUTPUT=spy_log)
+    env = softhsm.spy_env(spy_log, OPENSSL_CONF=cnf_path)
     # a key load, then two key generations in one process: all need the login
     r = kxutil.openssl("pkeyutl", "-derive", "-inkey", URI, "-peerkey", peer[1], env=env)
     check_error(r, "PIN incorrect", "pkcs11-pin")
