@@ -1,4 +1,9 @@
-"""A forked child re-initializes the PKCS#11 module before its first use (issue 3).
+"""Threads and fork() on the PKCS#11 backend (issue 3).
+
+Threads: Python's ssl module runs handshakes in 4 threads at once (it releases the GIL in
+do_handshake), all with their key shares on the token through the shared session pool.
+
+Fork: a forked child re-initializes the PKCS#11 module before its first use.
 
 Python's ssl module (Debian's /usr/bin/python3, on the system libssl) in one process: TLS
 handshakes over memory BIOs with keyx preferred and backends = pkcs11, so both key shares are made
@@ -12,8 +17,8 @@ import re
 import kxutil
 from fixture_softhsm import SPY
 
-SCRIPT = r"""
-import os, ssl, sys
+HANDSHAKE = r"""
+import os, ssl, sys, threading
 
 crt, key = sys.argv[1], sys.argv[2]
 
@@ -41,7 +46,9 @@ def handshake():
         if all(done):
             return c.version()
     raise SystemExit("handshake did not finish")
+"""
 
+FORK = HANDSHAKE + r"""
 print("parent", os.getpid(), handshake(), flush=True)
 pid = os.fork()
 if pid == 0:
@@ -62,7 +69,7 @@ def test_child_reinitializes_the_module(softhsm, certs, cnf, tmp):
     log, spy_log = tmp / "audit.jsonl", tmp / "spy.log"
     settings = {**softhsm.keyx_settings(), "pkcs11-module": SPY}
     env = softhsm.spy_env(spy_log, OPENSSL_CONF=cnf(keyx={"audit-log": log, **settings}))
-    (tmp / "fork.py").write_text(SCRIPT)
+    (tmp / "fork.py").write_text(FORK)
     crt, key = certs["ec"]
     r = kxutil.run(["/usr/bin/python3", tmp / "fork.py", crt, key], env=env).ok("fork script")
     pids = {w[0]: int(w[1]) for w in map(str.split, r.out.splitlines()) if len(w) == 3 and w[1].isdigit()}
@@ -78,3 +85,38 @@ def test_child_reinitializes_the_module(softhsm, certs, cnf, tmp):
     # spy numbers calls per process from 0, in each process's own copy of its counter
     inits = re.findall(r"^\d+: C_Initialize$", spy_log.read_text(), re.M)
     assert len(inits) == 2, f"{len(inits)} C_Initialize calls: expected the parent's and the child's"
+
+
+THREADS = HANDSHAKE + r"""
+results = []
+
+def worker():
+    for _ in range(25):
+        try:
+            results.append(handshake())
+        except BaseException as e:
+            results.append(repr(e))
+
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(results), sorted(set(results)))
+sys.exit(0 if results == ["TLSv1.3"] * 100 else 1)
+"""
+
+
+def test_handshakes_in_four_threads(softhsm, certs, cnf, tmp):
+    log = tmp / "audit.jsonl"
+    env = softhsm.env(OPENSSL_CONF=cnf(keyx={"audit-log": log, **softhsm.keyx_settings()}))
+    (tmp / "threads.py").write_text(THREADS)
+    crt, key = certs["ec"]
+    r = kxutil.run(["/usr/bin/python3", tmp / "threads.py", crt, key], env=env, timeout=max(kxutil.TIMEOUT, 120))
+    r.ok("100 handshakes in 4 threads")
+    events = [e for e in kxutil.read_audit(log) if e["pid"] == r.pid]
+    kxutil.check_audit_schema(events)
+    for ev in ("keygen", "derive"):
+        done = [e for e in events if e["event"] == ev and e["ok"] and e["backend"] == "pkcs11"]
+        assert len(done) == 200, f"{len(done)} {ev} events for 100 handshakes (server and client)"
+    assert not [e for e in events if not e["ok"]], [e for e in events if not e["ok"]][:3]
