@@ -238,12 +238,22 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
     p11_key *k;
     int rc;
 
-    if ((rc = p11_session_get(d, -1, &s)) != 1)
+    /* A token that fails now is marked down by p11_session_put and the next one in the set
+     * serves this very request; the router sees KEYX_BACKEND_DOWN only when none is left. */
+    ERR_set_mark();
+    for (int tries = p11_dev_set_size(d); tries > 0; tries--) {
+        if ((rc = p11_session_get(d, -1, &s)) != 1)
+            break;
+        rc = spec->alg == KEYX_ALG_EC ? gen_ec(d, &s, spec, &priv, pub)
+                                      : gen_dh(d, &s, spec, &priv, pub);
+        if (rc != KEYX_BACKEND_DOWN)
+            break;
+    }
+    if (rc != 1) {
+        ERR_clear_last_mark();
         return rc;
-    rc = spec->alg == KEYX_ALG_EC ? gen_ec(d, &s, spec, &priv, pub)
-                                  : gen_dh(d, &s, spec, &priv, pub);
-    if (rc != 1)
-        return rc;
+    }
+    ERR_pop_to_mark(); /* a failed token is in the audit log (failover event) */
     k = key_new(p11_dev_prov(d), spec->alg, &s, priv, 1,
                 spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group)
                                          : (size_t)EVP_PKEY_get_size(*pub));

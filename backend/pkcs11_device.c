@@ -422,6 +422,11 @@ static int module_ready(p11_dev *d)
     return 1;
 }
 
+int p11_dev_set_size(const p11_dev *d)
+{
+    return d->nset > 0 ? d->nset : 1;
+}
+
 int p11_dev_current(p11_dev *d, uint64_t gen)
 {
     if (atomic_load(&exiting))

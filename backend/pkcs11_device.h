@@ -56,6 +56,8 @@ void p11_session_put(p11_sess *s, CK_RV rv);
 
 /* 1 if an object made under generation gen on token tok is still valid (no fork/re-init since). */
 int p11_dev_current(p11_dev *d, uint64_t gen);
+/* Number of tokens in the failover set (pkcs11-token; 1 when it is unset). */
+int p11_dev_set_size(const p11_dev *d);
 
 /* Token indexes whose token info matches uri, in failover-set order first and then any other
  * token of the module, into out (at most max). Returns how many; -1 with an error raised when
