@@ -488,7 +488,7 @@ static int token_find(p11_dev *d, int idx)
     CK_SLOT_ID slots[64];
     CK_ULONG n = 64;
     CK_TOKEN_INFO info;
-    char present[256] = "", buf[24];
+    char present[256] = "", buf[24], wanted[33];
     CK_RV rv;
 
     if (t->found)
@@ -524,9 +524,9 @@ static int token_find(p11_dev *d, int idx)
                  d->module_path);
     else
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                 "pkcs11: no token matches pkcs11-token entry %d (tokens present: %s): check "
+                 "pkcs11: no token matches pkcs11-token entry %d (%s; tokens present: %s): check "
                  "pkcs11-token",
-                 idx + 1, present[0] ? present : "none");
+                 idx + 1, set_token_name(t, wanted), present[0] ? present : "none");
     return KEYX_BACKEND_DOWN;
 }
 
