@@ -46,6 +46,30 @@ typedef struct keyx_keyspec {
  * marks the backend down for a while and lets the next configured backend generate (failover). */
 #define KEYX_BACKEND_DOWN (-1)
 
+/* RSA private-key operations (wrap/: asym cipher and KEM). */
+typedef enum keyx_rsa_pad {
+    KEYX_RSA_PAD_OAEP, /* RSAES-OAEP: md, mgf1_md, label */
+    KEYX_RSA_PAD_RAW,  /* no padding, output = modulus size, left-padded (RSASVE decapsulation) */
+    KEYX_RSA_PAD_TLS   /* libssl's RSA_PKCS1_WITH_TLS_PADDING (constant time, random premaster on
+                          failure, never fails on bad padding): software keys only */
+} keyx_rsa_pad;
+
+typedef struct keyx_rsa_op {
+    keyx_rsa_pad pad;
+    const char *md;      /* OAEP digest ("SHA256", ...); NULL: SHA-1 */
+    const char *mgf1_md; /* MGF1 digest; NULL: same as md */
+    const unsigned char *label;
+    size_t labellen;
+    unsigned int tls_client_version, tls_alt_version; /* TLS pad only */
+} keyx_rsa_op;
+
+/* rsa_decrypt's result when the ciphertext does not decrypt (bad padding, wrong label, value out
+ * of range, ...): the backend raises nothing of its own (or the caller drops it) and the caller
+ * raises one and the same error whatever the cause, so that failures are no padding oracle.
+ * 0 stays for refusals that depend on the parameters only (unsupported digest or label on this
+ * device, key gone), with the backend's error raised. */
+#define KEYX_RSA_DECRYPT_ERROR (-2)
+
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
     /* 1: private parts may be exported (they already live in process memory). */
@@ -72,6 +96,14 @@ typedef struct keyx_backend_ops {
                   size_t secretlen);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
+    /* RSA private-key decryption of in (inlen = modulus size or less) under op. *outlen is in:
+     * the capacity of out (at least the modulus size, except for KEYX_RSA_PAD_TLS: 48), out:
+     * the plaintext length. Returns 1, 0 (parameters refused, error raised),
+     * KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN. NULL: the backend holds no RSA keys (and its
+     * supports() says no for RSA). A TPM maps OAEP to TPM2_RSA_Decrypt with TPM2_ALG_OAEP and
+     * the label, RAW to TPM2_ALG_NULL. */
+    int (*rsa_decrypt)(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
+                       size_t inlen, unsigned char *out, size_t *outlen);
 } keyx_backend_ops;
 
 extern const keyx_backend_ops keyx_software_backend;

@@ -55,6 +55,22 @@ int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned
     return ok;
 }
 
+int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *op,
+                             const unsigned char *in, size_t inlen, unsigned char *out,
+                             size_t *outlen)
+{
+    int ok;
+
+    if (be->ops->rsa_decrypt == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend holds no RSA keys", be->ops->name);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->rsa_decrypt(be->state, handle, op, in, inlen, out, outlen);
+    inside_backend--;
+    return ok;
+}
+
 void keyx_backend_free(keyx_backend *be, void *handle)
 {
     inside_backend++;

@@ -13,6 +13,11 @@ int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY
 int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_PKEY **pub);
 int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
                         size_t secretlen);
+/* 1, 0, KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN; 0 with an error when the backend has no
+ * rsa_decrypt. */
+int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *op,
+                             const unsigned char *in, size_t inlen, unsigned char *out,
+                             size_t *outlen);
 void keyx_backend_free(keyx_backend *be, void *handle);
 
 /* At keyx's entry points: 0 with KEYX_R_RECURSION raised when called from inside a backend. */

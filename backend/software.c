@@ -1,7 +1,11 @@
 /* The software backend: keys live in process memory, crypto runs in keyx's own library context
  * on the default provider. The default provider wipes private keys when they are freed. */
+#include <openssl/core_names.h>
 #include <openssl/dh.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rsa.h>
 
 #include "backend/backend.h"
 #include "provider/errors.h"
@@ -83,6 +87,48 @@ static int sw_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *s
     return ok;
 }
 
+/* The default provider in keyx's context decrypts: OAEP and RAW as EVP_PKEY_decrypt does, TLS
+ * with the default provider's constant-time RSA_PKCS1_WITH_TLS_PADDING. */
+static int sw_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
+                          size_t inlen, unsigned char *out, size_t *outlen)
+{
+    keyx_provctx *p = state;
+    EVP_PKEY *key = handle;
+    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
+    OSSL_PARAM params[6], *q = params;
+    int pad = op->pad == KEYX_RSA_PAD_OAEP  ? RSA_PKCS1_OAEP_PADDING
+              : op->pad == KEYX_RSA_PAD_RAW ? RSA_NO_PADDING
+                                            : RSA_PKCS1_WITH_TLS_PADDING;
+    unsigned int client = op->tls_client_version, alt = op->tls_alt_version;
+    int ok;
+
+    *q++ = OSSL_PARAM_construct_int(OSSL_ASYM_CIPHER_PARAM_PAD_MODE, &pad);
+    if (op->pad == KEYX_RSA_PAD_OAEP) {
+        *q++ = OSSL_PARAM_construct_utf8_string(OSSL_ASYM_CIPHER_PARAM_OAEP_DIGEST,
+                                                (char *)(op->md ? op->md : "SHA1"), 0);
+        if (op->mgf1_md != NULL)
+            *q++ = OSSL_PARAM_construct_utf8_string(OSSL_ASYM_CIPHER_PARAM_MGF1_DIGEST,
+                                                    (char *)op->mgf1_md, 0);
+        if (op->labellen > 0)
+            *q++ = OSSL_PARAM_construct_octet_string(OSSL_ASYM_CIPHER_PARAM_OAEP_LABEL,
+                                                     (void *)op->label, op->labellen);
+    } else if (op->pad == KEYX_RSA_PAD_TLS) {
+        *q++ = OSSL_PARAM_construct_uint(OSSL_ASYM_CIPHER_PARAM_TLS_CLIENT_VERSION, &client);
+        *q++ = OSSL_PARAM_construct_uint(OSSL_ASYM_CIPHER_PARAM_TLS_NEGOTIATED_VERSION, &alt);
+    }
+    *q = OSSL_PARAM_construct_end();
+    if (ctx == NULL || EVP_PKEY_decrypt_init(ctx) != 1 ||
+        EVP_PKEY_CTX_set_params(ctx, params) != 1) {
+        EVP_PKEY_CTX_free(ctx);
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "software: RSA decryption parameters refused (unknown digest?)");
+        return 0;
+    }
+    ok = EVP_PKEY_decrypt(ctx, out, outlen, in, inlen) == 1;
+    EVP_PKEY_CTX_free(ctx);
+    return ok ? 1 : KEYX_RSA_DECRYPT_ERROR;
+}
+
 static void sw_free(void *state, void *handle)
 {
     (void)state;
@@ -100,4 +146,5 @@ const keyx_backend_ops keyx_software_backend = {
     .load = NULL,
     .derive = sw_derive,
     .free = sw_free,
+    .rsa_decrypt = sw_rsa_decrypt,
 };

@@ -362,15 +362,21 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
     return 1;
 }
 
-int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
+/* One use of k's private part: counts it against ephemeral-max-uses, runs op under the read
+ * lock, writes the event and destroys the key after its last permitted use. op returns what the
+ * backend returned; *done tells whether op ran (the key was not used up). */
+typedef int (*priv_op)(keyx_priv *pv, void *arg);
+
+static int key_use(keyx_key *k, const char *event, priv_op op, void *arg, int *done)
 {
     keyx_priv *pv = k->priv;
     uint64_t max = k->prov->cfg.ephemeral_max_uses, n = 0;
     int ok = 0, gone;
 
+    *done = 0;
     if (pv == NULL) {
-        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "%s key has no private part to derive with",
-                 keyx_alg_name(k->alg));
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "%s key has no private part for %s",
+                 keyx_alg_name(k->alg), event);
         return 0;
     }
     if (max != 0 && pv->ephemeral)
@@ -379,11 +385,11 @@ int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outl
         goto used_up;
     gone = pv->handle == NULL;
     if (!gone)
-        ok = keyx_backend_derive(pv->be, pv->handle, peer->pub, out, outlen);
+        ok = op(pv, arg);
     CRYPTO_THREAD_unlock(pv->lock);
     if (gone)
         goto used_up;
-    keyx_key_event(k, "derive", ok, ok ? NULL : "key agreement failed in the backend");
+    *done = 1;
     /* The last permitted use destroys the key at once. */
     if (max != 0 && n == max && CRYPTO_THREAD_write_lock(pv->lock)) {
         priv_destroy(k);
@@ -396,6 +402,72 @@ used_up:
              "this ephemeral %s key reached ephemeral-max-uses = %llu and was destroyed; "
              "generate a new key",
              keyx_alg_name(k->alg), (unsigned long long)max);
-    keyx_key_event(k, "derive", 0, "key used up (ephemeral-max-uses reached)");
+    keyx_key_event(k, event, 0, "key used up (ephemeral-max-uses reached)");
     return 0;
+}
+
+typedef struct derive_args {
+    EVP_PKEY *peer;
+    unsigned char *out;
+    size_t outlen;
+} derive_args;
+
+static int derive_op(keyx_priv *pv, void *arg)
+{
+    derive_args *a = arg;
+
+    return keyx_backend_derive(pv->be, pv->handle, a->peer, a->out, a->outlen);
+}
+
+int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
+{
+    derive_args a = {peer->pub, out, outlen};
+    int done, ok = key_use(k, "derive", derive_op, &a, &done);
+
+    if (done)
+        keyx_key_event(k, "derive", ok == 1,
+                       ok == 1 ? NULL : "key agreement failed in the backend");
+    return ok == 1;
+}
+
+typedef struct decrypt_args {
+    const keyx_rsa_op *op;
+    const unsigned char *in;
+    size_t inlen;
+    unsigned char *out;
+    size_t *outlen;
+} decrypt_args;
+
+static int decrypt_op(keyx_priv *pv, void *arg)
+{
+    decrypt_args *a = arg;
+
+    return keyx_backend_rsa_decrypt(pv->be, pv->handle, a->op, a->in, a->inlen, a->out, a->outlen);
+}
+
+int keyx_key_decrypt(keyx_key *k, const char *event, const keyx_rsa_op *op, const unsigned char *in,
+                     size_t inlen, unsigned char *out, size_t *outlen)
+{
+    decrypt_args a = {op, in, inlen, out, outlen};
+    size_t cap = *outlen;
+    int done, ok;
+
+    ERR_set_mark();
+    ok = key_use(k, event, decrypt_op, &a, &done);
+    if (ok == KEYX_RSA_DECRYPT_ERROR) {
+        /* Whatever the backend said about the cause stays inside: one error for all. */
+        ERR_pop_to_mark();
+        OPENSSL_cleanse(out, cap);
+        KEYX_ERR(k->prov, KEYX_R_BACKEND_FAILURE,
+                 "RSA decryption failed: the ciphertext does not decrypt under this key with "
+                 "these parameters");
+    } else {
+        ERR_clear_last_mark();
+    }
+    if (done)
+        keyx_key_event(k, event, ok == 1,
+                       ok == 1                        ? NULL
+                       : ok == KEYX_RSA_DECRYPT_ERROR ? "decryption failed"
+                                                      : "refused or failed in the backend");
+    return ok == 1;
 }

@@ -51,4 +51,10 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer);
  * use against ephemeral-max-uses and writes the derive event. */
 int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen);
 
+/* RSA private-key operation in k's backend (asym cipher decrypt, KEM decapsulate; event names
+ * the audit event). Counts the use against ephemeral-max-uses. 1 done; 0 with an error raised.
+ * A ciphertext that does not decrypt raises one and the same error whatever the cause. */
+int keyx_key_decrypt(keyx_key *k, const char *event, const keyx_rsa_op *op, const unsigned char *in,
+                     size_t inlen, unsigned char *out, size_t *outlen);
+
 #endif

@@ -15,6 +15,9 @@ extern const OSSL_DISPATCH keyx_x25519_exchange_functions[];
 extern const OSSL_DISPATCH keyx_x448_exchange_functions[];
 extern const OSSL_DISPATCH keyx_dh_exchange_functions[];
 
+extern const OSSL_DISPATCH keyx_rsa_asym_cipher_functions[];
+extern const OSSL_DISPATCH keyx_rsa_kem_functions[];
+
 extern const OSSL_DISPATCH keyx_store_functions[];
 
 int keyx_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *cb, void *arg);

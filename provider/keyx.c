@@ -36,6 +36,18 @@ static const OSSL_ALGORITHM keyx_keyexch[] = {
     {NULL, NULL, NULL, NULL},
 };
 
+/* RSA key wrapping (wrap/): serves every RSA encryption of an application preferring keyx. */
+static const OSSL_ALGORITHM keyx_asym_cipher[] = {
+    {"RSA:rsaEncryption:1.2.840.113549.1.1.1", KEYX_PROPS, keyx_rsa_asym_cipher_functions,
+     "keyx RSA (OAEP decryption in the key's backend)"},
+    {NULL, NULL, NULL, NULL},
+};
+
+static const OSSL_ALGORITHM keyx_kem[] = {
+    {"RSA", KEYX_PROPS, keyx_rsa_kem_functions, "keyx RSA KEM (RSASVE)"},
+    {NULL, NULL, NULL, NULL},
+};
+
 /* Key URIs: "keyx:" for every backend, "pkcs11:" (RFC 7512) when the pkcs11 backend is built. */
 static const OSSL_ALGORITHM keyx_store[] = {
     {"keyx", KEYX_PROPS, keyx_store_functions, "keyx key URIs (keyx:tpm:..., keyx:pkcs11:...)"},
@@ -54,6 +66,10 @@ static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no
         return keyx_keymgmt;
     case OSSL_OP_KEYEXCH:
         return keyx_keyexch;
+    case OSSL_OP_ASYM_CIPHER:
+        return keyx_asym_cipher;
+    case OSSL_OP_KEM:
+        return keyx_kem;
     case OSSL_OP_STORE:
         return keyx_store;
     default:
