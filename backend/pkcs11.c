@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "backend/pkcs11_device.h"
 #include "backend/pkcs11_pubkey.h"
+#include "backend/pkcs11_rsa.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -21,7 +22,7 @@ typedef struct p11_key {
     uint64_t gen;         /* module generation the handle belongs to */
     CK_OBJECT_HANDLE obj; /* the private key */
     int owned;            /* a session object keyx created: destroyed when freed */
-    size_t secretlen;     /* EC field size or |p| */
+    size_t secretlen;     /* EC field size or |p|; RSA: modulus bytes */
     char *uri;            /* static keys: the URI, to find the key again after a fork */
 } p11_key;
 
@@ -58,12 +59,17 @@ static int p11_supports(void *state, const keyx_keyspec *spec)
     p11_caps caps;
     size_t bits;
 
-    if (spec->alg != KEYX_ALG_EC && spec->alg != KEYX_ALG_DH)
-        return 0; /* X25519/X448: SoftHSM-class tokens lack Montgomery keygen; RSA: later */
+    if (spec->alg != KEYX_ALG_EC && spec->alg != KEYX_ALG_DH && spec->alg != KEYX_ALG_RSA)
+        return 0; /* X25519/X448: SoftHSM-class tokens lack Montgomery keygen */
     if (!p11_dev_caps(state, &caps))
         /* Unreachable now: claim what keyx can do in a token, so that generation runs into
          * the real error (or fails over) instead of a misleading "unsupported". */
-        return spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group) != 0 : 1;
+        return spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group) != 0
+               : spec->alg == KEYX_ALG_RSA
+                   ? spec->bits == 2048 || spec->bits == 3072 || spec->bits == 4096
+                   : 1;
+    if (spec->alg == KEYX_ALG_RSA)
+        return p11_rsa_supports(&caps, spec->bits);
     if (spec->alg == KEYX_ALG_EC) {
         bits = spec->group != NULL && strcmp(spec->group, "P-521") == 0
                    ? 521
@@ -244,8 +250,9 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
     for (int tries = p11_dev_set_size(d); tries > 0; tries--) {
         if ((rc = p11_session_get(d, -1, &s)) != 1)
             break;
-        rc = spec->alg == KEYX_ALG_EC ? gen_ec(d, &s, spec, &priv, pub)
-                                      : gen_dh(d, &s, spec, &priv, pub);
+        rc = spec->alg == KEYX_ALG_EC    ? gen_ec(d, &s, spec, &priv, pub)
+             : spec->alg == KEYX_ALG_RSA ? p11_rsa_generate(&s, spec, &priv, pub)
+                                         : gen_dh(d, &s, spec, &priv, pub);
         if (rc != KEYX_BACKEND_DOWN)
             break;
     }
@@ -256,7 +263,7 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
     ERR_pop_to_mark(); /* a failed token is in the audit log (failover event) */
     k = key_new(p11_dev_prov(d), spec->alg, &s, priv, 1,
                 spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group)
-                                         : (size_t)EVP_PKEY_get_size(*pub));
+                                         : (size_t)EVP_PKEY_get_size(*pub)); /* |p|, |n| */
     if (k == NULL) {
         EVP_PKEY_free(*pub);
         *pub = NULL;
@@ -271,6 +278,29 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
 }
 
 /* ---- import (tests, and private keys the application moves into the token) ---------------- */
+
+/* RSA: the whole private key (CRT parts too) becomes a session object; keyx keeps n and e. */
+static int import_rsa(p11_dev *d, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+    p11_sess s;
+    int rc;
+
+    *pub = NULL;
+    if ((rc = p11_session_get(d, -1, &s)) != 1 || (rc = p11_rsa_import(&s, key, &obj, pub)) != 1)
+        return rc;
+    if ((*handle = key_new(p11_dev_prov(d), KEYX_ALG_RSA, &s, obj, 1,
+                           (size_t)EVP_PKEY_get_size(*pub))) == NULL) {
+        if (p11_session_get(d, s.tok, &s) == 1) {
+            s.f->C_DestroyObject(s.h, obj);
+            p11_session_put(&s, CKR_OK);
+        }
+        EVP_PKEY_free(*pub);
+        *pub = NULL;
+        return 0;
+    }
+    return 1;
+}
 
 static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 {
@@ -295,6 +325,8 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
     CK_RV rv;
     int rc;
 
+    if (EVP_PKEY_is_a(key, "RSA"))
+        return import_rsa(d, key, handle, pub);
     if (EVP_PKEY_is_a(key, "EC")) {
         alg = KEYX_ALG_EC;
         kt = CKK_EC;
@@ -339,7 +371,7 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
         t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_PRIME, prime, plen);
         t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_BASE, base, glen);
     } else {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: only EC and DH private keys can be imported");
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: only EC, DH and RSA private keys can be imported");
         return 0;
     }
     t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_VALUE, value, vlen);
@@ -548,6 +580,7 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
     CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
     CK_BBOOL derive = CK_FALSE;
     CK_ATTRIBUTE da = {CKA_DERIVE, &derive, sizeof(derive)};
+    CK_ATTRIBUTE decrypt_attr = {CKA_DECRYPT, &derive, sizeof(derive)}; /* RSA keys */
     int toks[8], ntoks, rc = 0, pr;
     size_t secretlen = 0;
     p11_sess s;
@@ -600,24 +633,38 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
         }
         if (rv == CKR_OK && count == 1) {
             rv = s.f->C_GetAttributeValue(s.h, objs[0], &kta, 1);
-            if (rv == CKR_OK && s.f->C_GetAttributeValue(s.h, objs[0], &da, 1) == CKR_OK &&
+            if (rv == CKR_OK &&
+                s.f->C_GetAttributeValue(s.h, objs[0], kt == CKK_RSA ? &decrypt_attr : &da, 1) ==
+                    CKR_OK &&
                 !derive) {
                 p11_session_put(&s, rv);
                 KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                         "pkcs11: the key '%.*s' does not allow derivation (CKA_DERIVE is false)",
+                         kt == CKK_RSA ? "pkcs11: the RSA key '%.*s' does not allow decryption "
+                                         "(CKA_DECRYPT is false)"
+                                       : "pkcs11: the key '%.*s' does not allow derivation "
+                                         "(CKA_DERIVE is false)",
                          printable_len(uri), uri);
                 rc = 0;
                 goto done;
             }
-            if (rv == CKR_OK && kt != CKK_EC && kt != CKK_DH)
+            if (rv == CKR_OK && kt != CKK_EC && kt != CKK_DH && kt != CKK_RSA)
                 rv = CKR_KEY_TYPE_INCONSISTENT;
-            if (rv == CKR_OK && pub != NULL)
+            if (rv == CKR_OK && kt == CKK_RSA) {
+                EVP_PKEY *rsapub = NULL;
+
+                rv = p11_rsa_public(&s, objs[0], p->libctx, &rsapub, &secretlen);
+                if (pub != NULL)
+                    *pub = rsapub;
+                else
+                    EVP_PKEY_free(rsapub);
+            } else if (rv == CKR_OK && pub != NULL) {
                 rv = static_public(&s, objs[0], kt, p->libctx, pub, &secretlen);
+            }
             p11_session_put(&s, rv);
             if (rv != CKR_OK) {
                 rc = rv == CKR_KEY_TYPE_INCONSISTENT
                          ? (KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                                     "pkcs11: '%.*s' is neither an EC nor a DH key",
+                                     "pkcs11: '%.*s' is not an EC, DH or RSA key",
                                      printable_len(uri), uri),
                             0)
                      : rv == CKR_KEY_HANDLE_INVALID
@@ -629,8 +676,11 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
                          : p11_fail(&s, rv, "reading the key's public part");
                 goto done;
             }
-            if ((*out = key_new(p, kt == CKK_EC ? KEYX_ALG_EC : KEYX_ALG_DH, &s, objs[0], 0,
-                                secretlen)) == NULL ||
+            if ((*out = key_new(p,
+                                kt == CKK_EC    ? KEYX_ALG_EC
+                                : kt == CKK_RSA ? KEYX_ALG_RSA
+                                                : KEYX_ALG_DH,
+                                &s, objs[0], 0, secretlen)) == NULL ||
                 ((*out)->uri = OPENSSL_strdup(uri)) == NULL) {
                 OPENSSL_free(*out);
                 *out = NULL;
@@ -671,6 +721,26 @@ static int p11_load(void *state, const char *locator, void **handle, EVP_PKEY **
     return rc;
 }
 
+/* ---- RSA decryption (backend/pkcs11_rsa.c) ----------------------------------------------- */
+
+static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
+                              const unsigned char *in, size_t inlen, unsigned char *out,
+                              size_t *outlen)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+    p11_sess s;
+    int rc;
+
+    if (k->alg != KEYX_ALG_RSA) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_MISMATCH, "pkcs11: not an RSA key");
+        return 0;
+    }
+    if ((rc = key_session(d, k, &s)) != 1)
+        return rc;
+    return p11_rsa_decrypt(&s, k->obj, k->secretlen, op, in, inlen, out, outlen);
+}
+
 /* ---- free -------------------------------------------------------------------------------- */
 
 static void p11_free(void *state, void *handle)
@@ -705,4 +775,5 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .load = p11_load,
     .derive = p11_derive,
     .free = p11_free,
+    .rsa_decrypt = p11_rsa_decrypt_op,
 };

@@ -453,7 +453,7 @@ static int token_matches(const p11_tok *t, CK_FUNCTION_LIST *f, CK_SLOT_ID slot,
 
 static void read_caps(p11_dev *d, p11_tok *t)
 {
-    CK_MECHANISM_INFO ec_gen, ecdh, dh_gen, dh_der, mont;
+    CK_MECHANISM_INFO ec_gen, ecdh, dh_gen, dh_der, mont, rsa_gen, rsa_dec;
     CK_FUNCTION_LIST *f = d->f;
     int has_ecdh;
 
@@ -477,6 +477,16 @@ static void read_caps(p11_dev *d, p11_tok *t)
         t->caps.dh = 1;
         t->caps.dh_min = dh_gen.ulMinKeySize;
         t->caps.dh_max = dh_gen.ulMaxKeySize;
+    }
+    if (f->C_GetMechanismInfo(t->slot, CKM_RSA_PKCS_KEY_PAIR_GEN, &rsa_gen) == CKR_OK &&
+        (rsa_gen.flags & CKF_GENERATE_KEY_PAIR) &&
+        ((f->C_GetMechanismInfo(t->slot, CKM_RSA_PKCS_OAEP, &rsa_dec) == CKR_OK &&
+          (rsa_dec.flags & CKF_DECRYPT)) ||
+         (f->C_GetMechanismInfo(t->slot, CKM_RSA_X_509, &rsa_dec) == CKR_OK &&
+          (rsa_dec.flags & CKF_DECRYPT)))) {
+        t->caps.rsa = 1;
+        t->caps.rsa_min = rsa_gen.ulMinKeySize;
+        t->caps.rsa_max = rsa_gen.ulMaxKeySize;
     }
     t->caps_known = 1;
 }

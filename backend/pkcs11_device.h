@@ -27,6 +27,9 @@ typedef struct p11_caps {
     size_t dh_max;
     size_t dh_min;
     int montgomery; /* CKM_EC_MONTGOMERY_KEY_PAIR_GEN (X25519/X448) and ECDH1 */
+    int rsa;        /* CKM_RSA_PKCS_KEY_PAIR_GEN and (CKM_RSA_PKCS_OAEP or CKM_RSA_X_509) */
+    size_t rsa_max; /* modulus bits */
+    size_t rsa_min;
 } p11_caps;
 
 /* A session borrowed from a token's pool. */
