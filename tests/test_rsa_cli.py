@@ -208,3 +208,21 @@ def test_tls12_rsa_key_exchange_with_keyx_preferred(s_server, s_client, certs, c
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, "software")], dec
     enc = events(log, "encrypt", cli.pid)
     assert [e["ok"] for e in enc] == [True], "the client's premaster encryption went through keyx"
+
+
+@pytest.mark.parametrize("where", ["software", "pkcs11"])
+def test_wrap_example(softhsm, cnf, tmp, sw_key, token_key, where):
+    """examples/wrap.c: a fresh AES-256 key wrapped to the public key, unwrapped with the private
+    key by URI through keyx, and a message through AES-256-GCM under it."""
+    exe = kxutil.build_dir() / "examples" / "keyx-wrap-example"
+    assert exe.exists(), f"{exe} not built"
+    log = tmp / "audit.jsonl"
+    if where == "software":
+        key, pub = sw_key
+        env, args = keyx_env(cnf, log), [pub, key]
+    else:
+        env, args = pkcs11_env(softhsm, cnf, log, **{"pkcs11-raw-rsa": "1"}), [token_key, TOKEN_KEY]
+    r = kxutil.run([exe, *args, "wrapped by keyx"], env=env).ok("example")
+    assert "decrypted: wrapped by keyx" in r.out, r
+    dec = events(log, "decrypt", r.pid)
+    assert [(e["ok"], e["backend"]) for e in dec] == [(True, where)], dec
