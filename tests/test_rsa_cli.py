@@ -16,7 +16,7 @@ import re
 import pytest
 
 import kxutil
-from test_rsa_wycheproof import wrap_cmd
+from test_rsa_wycheproof import leak_checked, wrap_cmd
 
 OAEP256 = ["-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256",
            "-pkeyopt", "rsa_mgf1_md:sha256"]
@@ -136,7 +136,7 @@ def test_pkcs1_v15_decryption_is_refused(softhsm, cnf, tmp, sw_key, token_key, b
 
 def test_kem_round_trip_software(build, tmp):
     log = tmp / "audit.jsonl"
-    r = kxutil.run(wrap_cmd() + ["kem", "gen:2048"], env=kxutil.base_env(KEYX_AUDIT_LOG=log))
+    r = kxutil.run(wrap_cmd() + ["kem", "gen:2048"], env=leak_checked(kxutil.base_env(KEYX_AUDIT_LOG=log)))
     assert r.rc == 0 and r.out.strip() == "kem ok 256", r
     dec = events(log, "decapsulate", r.pid)
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, "software")], dec
@@ -153,7 +153,7 @@ def token_env(softhsm, log, **more):
 def test_kem_round_trip_pkcs11(softhsm, tmp, token_key, key):
     log = tmp / "audit.jsonl"
     before = len(softhsm.token_objects("keyx-a"))
-    r = kxutil.run(wrap_cmd() + ["kem", key], env=token_env(softhsm, log))
+    r = kxutil.run(wrap_cmd() + ["kem", key], env=leak_checked(token_env(softhsm, log)))
     assert r.rc == 0 and r.out.strip() == "kem ok 256", r
     dec = events(log, "decapsulate", r.pid)
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, "pkcs11")], dec
@@ -164,7 +164,7 @@ def test_kem_round_trip_pkcs11(softhsm, tmp, token_key, key):
 def test_reused_decrypt_context_returns_each_plaintext(softhsm, tmp, where):
     log = tmp / "audit.jsonl"
     env = kxutil.base_env(KEYX_AUDIT_LOG=log) if where == "software" else token_env(softhsm, log)
-    r = kxutil.run(wrap_cmd() + ["reuse", "gen:2048", "SHA1"], env=env)
+    r = kxutil.run(wrap_cmd() + ["reuse", "gen:2048", "SHA1"], env=leak_checked(env))
     assert r.rc == 0 and r.out.strip() == "reuse ok", r
     dec = events(log, "decrypt", r.pid)
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, where)] * 2, dec
@@ -226,3 +226,15 @@ def test_wrap_example(softhsm, cnf, tmp, sw_key, token_key, where):
     assert "decrypted: wrapped by keyx" in r.out, r
     dec = events(log, "decrypt", r.pid)
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, where)], dec
+
+
+@pytest.mark.parametrize("where", ["software", "pkcs11"])
+def test_ephemeral_max_uses_counts_decryptions(softhsm, tmp, where):
+    log = tmp / "audit.jsonl"
+    env = (kxutil.base_env(KEYX_AUDIT_LOG=log, KEYX_EPHEMERAL_MAX_USES=1) if where == "software"
+           else token_env(softhsm, log, KEYX_EPHEMERAL_MAX_USES="1"))
+    r = kxutil.run(wrap_cmd() + ["reuse", "gen:2048", "SHA1"], env=leak_checked(env))
+    assert r.rc != 0 and "key used up (ephemeral-max-uses reached)" in r.out, r
+    dec = events(log, "decrypt", r.pid)
+    assert [(e["ok"], e["backend"]) for e in dec] == [(True, where), (False, where)], dec
+    assert [e["ok"] for e in events(log, "free", r.pid)] == [True], "destroyed after its last use"

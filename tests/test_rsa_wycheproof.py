@@ -37,6 +37,13 @@ def wrap_bin():
     return p
 
 
+def leak_checked(env):
+    """keyx-test-wrap frees everything: under ASan its leaks (and keyx's) are reported."""
+    if env is not None and "ASAN_OPTIONS" in env:
+        env = dict(env, ASAN_OPTIONS=env["ASAN_OPTIONS"].replace("detect_leaks=0", "detect_leaks=1"))
+    return env
+
+
 def wrap_cmd(provider="keyx", backend=None, config=None):
     cmd = [wrap_bin(), "--module", kxutil.build_dir(), "--provider", provider]
     if config:
@@ -65,7 +72,7 @@ def decrypt(tests, provider="keyx", backend=None, env=None):
     """Runs the vectors through keyx-test-wrap oaep; {tcId: Outcome} and the Result."""
     text = "".join(f"{t['tcId']} {t['key']} {t['md']} {t['mgf1']} {t['label'] or '-'} {t['ct'] or '-'}\n"
                    for t in tests)
-    r = kxutil.run(wrap_cmd(provider, backend) + ["oaep"], input=text, env=env or kxutil.base_env(),
+    r = kxutil.run(wrap_cmd(provider, backend) + ["oaep"], input=text, env=leak_checked(env or kxutil.base_env()),
                    timeout=max(kxutil.TIMEOUT, 300))
     assert r.rc == 0, f"driver failed:\n{r!r}"
     got = {}
