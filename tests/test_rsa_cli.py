@@ -238,3 +238,25 @@ def test_ephemeral_max_uses_counts_decryptions(softhsm, tmp, where):
     dec = events(log, "decrypt", r.pid)
     assert [(e["ok"], e["backend"]) for e in dec] == [(True, where), (False, where)], dec
     assert [e["ok"] for e in events(log, "free", r.pid)] == [True], "destroyed after its last use"
+
+
+@pytest.mark.parametrize("backend", ["software", "pkcs11"])
+def test_decryption_without_padding_software_only(softhsm, cnf, tmp, sw_key, token_key, backend):
+    import os
+
+    key, pub = sw_key
+    log = tmp / "audit.jsonl"
+    if backend == "software":
+        env, inkey, form = keyx_env(cnf, log), key, []
+    else:
+        env, inkey, form, pub = pkcs11_env(softhsm, cnf, log), TOKEN_KEY, ["-keyform", "DER"], token_key
+    msg, ct, out = tmp / "m.bin", tmp / "ct.bin", tmp / "out.bin"
+    msg.write_bytes(b"\x00" + os.urandom(255))  # below the modulus
+    none = ["-pkeyopt", "rsa_padding_mode:none"]
+    kxutil.openssl("pkeyutl", "-encrypt", "-pubin", *form, "-inkey", pub, *none, "-in", msg, "-out", ct,
+                   env=kxutil.base_env()).ok("raw encrypt (default provider)")
+    r = kxutil.openssl("pkeyutl", "-decrypt", "-inkey", inkey, *none, "-in", ct, "-out", out, env=env)
+    if backend == "software":
+        assert r.rc == 0 and out.read_bytes() == msg.read_bytes(), r
+    else:
+        assert r.rc != 0 and "without padding is refused for a pkcs11 key" in r.err, r
