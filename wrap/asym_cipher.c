@@ -11,14 +11,11 @@
  * Parameters are those of OpenSSL's RSA asym cipher (pad-mode, digest, mgf1-digest, oaep-label,
  * tls-client-version, tls-negotiated-version). */
 #include <string.h>
-#include <strings.h>
 
 #include <openssl/core_dispatch.h>
-#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
-#include <openssl/rsa.h>
 
 #include "backend/call.h"
 #include "keymgmt/key.h"

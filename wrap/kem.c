@@ -10,7 +10,7 @@
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
-#include "backend/call.h"
+#include "backend/call.h" /* keyx_check_not_reentered */
 #include "keymgmt/key.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
