@@ -96,12 +96,15 @@ typedef struct keyx_backend_ops {
                   size_t secretlen);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
-    /* RSA private-key decryption of in (inlen = modulus size or less) under op. *outlen is in:
-     * the capacity of out (at least the modulus size, except for KEYX_RSA_PAD_TLS: 48), out:
-     * the plaintext length. Returns 1, 0 (parameters refused, error raised),
-     * KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN. NULL: the backend holds no RSA keys (and its
-     * supports() says no for RSA). A TPM maps OAEP to TPM2_RSA_Decrypt with TPM2_ALG_OAEP and
-     * the label, RAW to TPM2_ALG_NULL. */
+    /* RSA private-key decryption of in under op; in is the ciphertext as the application gave
+     * it (shorter than the modulus: leading zeros left out; longer: KEYX_RSA_DECRYPT_ERROR).
+     * *outlen is in: the capacity of out (at least the modulus size, except for
+     * KEYX_RSA_PAD_TLS: 48), out: the plaintext length. Returns 1, 0 (parameters refused,
+     * error raised), KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN. NULL: the backend holds no
+     * RSA keys (and its supports() says no for RSA). Parameter checks come before anything
+     * that depends on the ciphertext. A TPM maps OAEP to TPM2_RSA_Decrypt with TPM2_ALG_OAEP,
+     * the hash and the label (MGF1 always uses the OAEP hash there: mgf1_md != md is a
+     * parameter refusal), RAW to TPM2_ALG_NULL. */
     int (*rsa_decrypt)(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
                        size_t inlen, unsigned char *out, size_t *outlen);
 } keyx_backend_ops;
