@@ -42,7 +42,8 @@ struct tpm_dev {
     size_t ncurves;
     tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
     uint64_t clock;
-    int reclaimed; /* foreign objects flushed during the current operation */
+    int reclaimed;            /* foreign objects flushed during the current operation */
+    OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     tpm_dev *reg_next;
 };
 
@@ -496,10 +497,21 @@ static int connect_tpm(tpm_dev *d)
     return 1;
 }
 
+/* While the lock is held, libcrypto calls that the TSS makes on its own (the ECDH that salts
+ * the session, HMACs, parameter encryption) run in keyx's library context: in the
+ * application's, with keyx preferred, they would come back into keyx and this backend. */
 static void lock_dev(tpm_dev *d)
 {
     pthread_mutex_lock(&d->lock);
     d->reclaimed = 0;
+    d->app_libctx = OSSL_LIB_CTX_set0_default(d->p->libctx);
+}
+
+static void unlock_dev(tpm_dev *d)
+{
+    OSSL_LIB_CTX_set0_default(d->app_libctx);
+    d->app_libctx = NULL;
+    pthread_mutex_unlock(&d->lock);
 }
 
 int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
@@ -508,7 +520,7 @@ int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
 
     lock_dev(d);
     if (d->ctx == NULL && (r = connect_tpm(d)) != 1) {
-        pthread_mutex_unlock(&d->lock);
+        unlock_dev(d);
         return r;
     }
     *ctx = d->ctx;
@@ -524,7 +536,7 @@ int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx)
 
 void tpm_end(tpm_dev *d)
 {
-    pthread_mutex_unlock(&d->lock);
+    unlock_dev(d);
 }
 
 ESYS_TR tpm_parent(tpm_dev *d)
@@ -553,7 +565,7 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
     known = d->caps_known;
     for (size_t i = 0; i < d->ncurves; i++)
         found |= d->curves[i] == curve;
-    pthread_mutex_unlock(&d->lock);
+    unlock_dev(d);
     if (!known)
         return curve == TPM2_ECC_NIST_P256 || curve == TPM2_ECC_NIST_P384;
     return found;
@@ -594,6 +606,7 @@ void tpm_dev_free(tpm_dev *d)
             break;
         }
     pthread_mutex_unlock(&registry_lock);
+    lock_dev(d);
     if (d->ctx != NULL && d->pid == getpid()) {
         /* Without a resource manager nothing flushes what a process leaves in the TPM. */
         for (tpm_obj *o = d->head; o != NULL; o = o->next)
@@ -605,6 +618,7 @@ void tpm_dev_free(tpm_dev *d)
             Esys_FlushContext(d->ctx, d->parent);
         disconnect(d);
     }
+    unlock_dev(d);
     pthread_mutex_destroy(&d->lock);
     OPENSSL_free(d);
 }
