@@ -111,7 +111,9 @@ class Swtpm:
 def tpm_cnf(path, tpm, keyx=None, **kw):
     """openssl.cnf with keyx preferred and backends = tpm on the given swtpm (keyx options
     override or add to these; a value None drops the key)."""
-    opts = {"backends": "tpm", "tpm-tcti": tpm.tcti}
+    opts = {"backends": "tpm"}
+    if tpm is not None:
+        opts["tpm-tcti"] = tpm.tcti
     opts.update(keyx or {})
     opts = {k: v for k, v in opts.items() if v is not None}
     return kxutil.write_cnf(path, keyx=opts, **kw)

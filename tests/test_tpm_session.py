@@ -1,0 +1,45 @@
+"""The TPM bus is protected (issue 4): ECDH Z points come back from the TPM in a salted HMAC
+session with response parameter encryption, and private keys moved into the TPM travel with
+command parameter encryption. The pcap TCTI records every byte exchanged with swtpm: with
+`tpm-encrypt-sessions` on (the default) neither the secret nor the private key may appear in
+the capture; with it off they do (which proves the capture sees the traffic).
+"""
+
+import pytest
+
+import kxutil
+from fixture_swtpm import tpm_cnf, tpm_derive
+
+
+@pytest.mark.parametrize("group", ["P-256", "P-384"])
+@pytest.mark.parametrize("encrypt", ["1", "0"])
+def test_secrets_on_the_bus(swtpm, tmp, group, encrypt):
+    pcap = tmp / "tpm.pcap"
+    keys = [kxutil.pair("EC", group) for _ in range(3)]
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm,
+                  keyx={"tpm-tcti": f"pcap:{swtpm.tcti}", "tpm-encrypt-sessions": encrypt})
+    vectors = [(i, "EC", group, k["A"]["priv"], "spki", k["B"]["spki"]) for i, k in enumerate(keys)]
+    got, _ = tpm_derive(vectors, cnf, env=kxutil.base_env(TCTI_PCAP_FILE=pcap))
+    for i, k in enumerate(keys):
+        assert got[str(i)].ok and got[str(i)].secret == k["S"], got[str(i)]
+    data = pcap.read_bytes()
+    assert len(data) > 500, "the pcap TCTI recorded nothing"
+    field = {"P-256": 32, "P-384": 48}[group]
+    seen = [bytes.fromhex(k["S"]) in data for k in keys]
+    seen_priv = [bytes.fromhex(k["A"]["priv"].rjust(2 * field, "0")) in data for k in keys]
+    if encrypt == "1":
+        assert not any(seen), "a shared secret crossed the TPM bus in clear"
+        assert not any(seen_priv), "a private key crossed the TPM bus in clear"
+    else:
+        assert all(seen) and all(seen_priv), "capture without encryption should show the values"
+
+
+def test_env_turns_encryption_off(swtpm, tmp):
+    """KEYX_TPM_ENCRYPT_SESSIONS overrides openssl.cnf (as every keyx setting)."""
+    pcap = tmp / "tpm.pcap"
+    k = kxutil.pair("EC", "P-256")
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm, keyx={"tpm-tcti": f"pcap:{swtpm.tcti}"})
+    got, _ = tpm_derive([(1, "EC", "P-256", k["A"]["priv"], "spki", k["B"]["spki"])], cnf,
+                        env=kxutil.base_env(TCTI_PCAP_FILE=pcap, KEYX_TPM_ENCRYPT_SESSIONS="0"))
+    assert got["1"].ok and got["1"].secret == k["S"]
+    assert bytes.fromhex(k["S"]) in pcap.read_bytes()
