@@ -199,66 +199,48 @@ static void list_front(tpm_dev *d, tpm_obj *o)
     o->stamp = ++d->clock;
 }
 
-/* Transient objects and sessions in the TPM that are not this connection's: without a resource
- * manager the connection is exclusive, so they were left by a process that died without
- * flushing them (kill -9). Flushed when keyx needs the slot. */
+/* 1 if TPM handle h is one of this connection's objects or its session. */
+static int is_ours(tpm_dev *d, TPM2_HANDLE h)
+{
+    TPM2_HANDLE t;
+
+    if (d->parent_owned && Esys_TR_GetTpmHandle(d->ctx, d->parent, &t) == TSS2_RC_SUCCESS && t == h)
+        return 1;
+    if (d->session != ESYS_TR_NONE &&
+        Esys_TR_GetTpmHandle(d->ctx, d->session, &t) == TSS2_RC_SUCCESS && t == h)
+        return 1;
+    for (tpm_obj *o = d->head; o != NULL; o = o->next)
+        if (o->tr != ESYS_TR_NONE && Esys_TR_GetTpmHandle(d->ctx, o->tr, &t) == TSS2_RC_SUCCESS &&
+            t == h)
+            return 1;
+    return 0;
+}
+
+/* Transient objects (or sessions) in the TPM that are not this connection's: without a
+ * resource manager the connection is exclusive, so they were left by a process that died
+ * without flushing them (kill -9). Flushed once per operation when keyx needs the slot. */
 static int reclaim_foreign(tpm_dev *d, TPM2_HANDLE first)
 {
+    int bit = first == TPM2_TRANSIENT_FIRST ? 1 : 2, n = 0;
     TPMS_CAPABILITY_DATA *cap = NULL;
     TPMI_YES_NO more = 0;
-    int n = 0;
 
-    if (d->reclaimed & (first == TPM2_TRANSIENT_FIRST ? 1 : 2))
+    if (d->reclaimed & bit)
         return 0;
-    d->reclaimed |= first == TPM2_TRANSIENT_FIRST ? 1 : 2;
+    d->reclaimed |= bit;
     if (Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
                            first, 64, &more, &cap) != TSS2_RC_SUCCESS)
         return 0;
     for (UINT32 i = 0; i < cap->data.handles.count; i++) {
         TPM2_HANDLE h = cap->data.handles.handle[i];
-        ESYS_TR tr = ESYS_TR_NONE, own = ESYS_TR_NONE;
-        TPM2B_NAME *a = NULL, *b = NULL;
-        int mine = 0;
+        ESYS_TR tr = ESYS_TR_NONE;
 
-        if ((h >> TPM2_HR_SHIFT) != (first >> TPM2_HR_SHIFT) &&
-            !(first != TPM2_TRANSIENT_FIRST && (h >> TPM2_HR_SHIFT) == TPM2_HT_POLICY_SESSION))
+        if (is_ours(d, h))
             continue;
-        /* Ours? Compare TPM handles through the names ESYS knows for our objects. */
-        if (first == TPM2_TRANSIENT_FIRST) {
-            if (Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr) !=
-                TSS2_RC_SUCCESS)
-                continue;
-            Esys_TR_GetName(d->ctx, tr, &a);
-            own = d->parent_owned ? d->parent : ESYS_TR_NONE;
-            for (tpm_obj *o = d->head; !mine; o = o != NULL ? o->next : NULL) {
-                ESYS_TR cmp = o == NULL ? own : o->tr;
-
-                if (cmp != ESYS_TR_NONE && Esys_TR_GetName(d->ctx, cmp, &b) == TSS2_RC_SUCCESS &&
-                    a != NULL && b != NULL && a->size == b->size &&
-                    memcmp(a->name, b->name, a->size) == 0)
-                    mine = 1;
-                Esys_Free(b);
-                b = NULL;
-                if (o == NULL)
-                    break;
-            }
-            Esys_Free(a);
-            if (!mine && Esys_FlushContext(d->ctx, tr) == TSS2_RC_SUCCESS)
-                n++;
-            else
-                Esys_TR_Close(d->ctx, &tr);
-        } else {
-            TPM2_HANDLE ours = 0;
-
-            if (d->session != ESYS_TR_NONE)
-                Esys_TR_GetTpmHandle(d->ctx, d->session, &ours);
-            if (h == ours)
-                continue;
-            if (Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr) ==
-                    TSS2_RC_SUCCESS &&
-                Esys_FlushContext(d->ctx, tr) == TSS2_RC_SUCCESS)
-                n++;
-        }
+        if (Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr) ==
+                TSS2_RC_SUCCESS &&
+            Esys_FlushContext(d->ctx, tr) == TSS2_RC_SUCCESS)
+            n++;
     }
     Esys_Free(cap);
     return n > 0;
