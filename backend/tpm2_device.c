@@ -1,12 +1,9 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
 #include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -20,9 +17,6 @@
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
-/* A TPM reached over a socket (swtpm, mssim) that stops answering fails its command after this
- * long instead of hanging the application. A killed swtpm is noticed at once (closed socket). */
-#define IO_TIMEOUT_SECONDS 4
 #define MAX_CURVES 16
 
 struct tpm_dev {
@@ -31,7 +25,6 @@ struct tpm_dev {
     const char *tcti; /* configuration string; NULL: the TCTI loader's default */
     TSS2_TCTI_CONTEXT *tcti_ctx;
     ESYS_CONTEXT *ctx; /* NULL while not connected */
-    int fd;            /* the TCTI's socket or device, for the I/O timeout and fork; -1 */
     pid_t pid;         /* process that opened ctx */
     uint64_t gen;      /* connection generation: bumps on every connect and disconnect */
     ESYS_TR parent;
@@ -75,12 +68,9 @@ static void fork_child(void)
     for (tpm_dev *d = registry; d != NULL; d = d->reg_next) {
         pthread_mutex_unlock(&d->lock);
         if (d->ctx != NULL) {
-            /* Not Esys_Finalize: a TCTI may say goodbye on the shared socket and end the
-             * parent's connection. The child's copy of the descriptor is closed, the parent's
-             * ESYS and TCTI memory is left alone (one small leak per fork). */
-            if (d->fd >= 0)
-                close(d->fd);
-            d->fd = -1;
+            /* Not Esys_Finalize: a TCTI may say goodbye on the shared connection and end the
+             * parent's. The parent's ESYS and TCTI state is left alone in the child (one small
+             * leak per fork); the child opens its own connection on first use. */
             d->ctx = NULL;
             d->tcti_ctx = NULL;
             d->head = d->tail = NULL;
@@ -139,7 +129,6 @@ static void disconnect(tpm_dev *d)
         Tss2_TctiLdr_Finalize(&d->tcti_ctx);
     d->ctx = NULL;
     d->tcti_ctx = NULL;
-    d->fd = -1;
     d->head = d->tail = NULL;
     d->parent = d->session = ESYS_TR_NONE;
     d->parent_owned = 0;
@@ -335,21 +324,6 @@ void tpm_obj_drop(tpm_dev *d, tpm_obj *o)
 
 /* ---- connection -------------------------------------------------------------------------- */
 
-/* Bounds every read and write on a socket TCTI; other TCTIs (a device file) keep their own. */
-static void set_io_timeout(tpm_dev *d)
-{
-    TSS2_TCTI_POLL_HANDLE h[2];
-    size_t n = 2;
-    struct timeval tv = {IO_TIMEOUT_SECONDS, 0};
-
-    d->fd = -1;
-    if (Tss2_Tcti_GetPollHandles(d->tcti_ctx, h, &n) != TSS2_RC_SUCCESS || n < 1)
-        return;
-    d->fd = h[0].fd;
-    (void)setsockopt(d->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    (void)setsockopt(d->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-}
-
 static TSS2_RC read_curves(tpm_dev *d)
 {
     TPMS_CAPABILITY_DATA *cap = NULL;
@@ -441,7 +415,6 @@ static int connect_tpm(tpm_dev *d)
                  tcti_name(d), Tss2_RC_Decode(rc));
         return KEYX_BACKEND_DOWN;
     }
-    set_io_timeout(d);
     if ((rc = Esys_Initialize(&d->ctx, d->tcti_ctx, NULL)) != TSS2_RC_SUCCESS) {
         d->ctx = NULL;
         Tss2_TctiLdr_Finalize(&d->tcti_ctx);
@@ -566,7 +539,6 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
     }
     d->p = p;
     d->tcti = p->cfg.tpm_tcti;
-    d->fd = -1;
     d->parent = d->session = ESYS_TR_NONE;
     pthread_mutex_init(&d->lock, NULL);
     pthread_once(&atfork_once, register_atfork);

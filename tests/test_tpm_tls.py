@@ -13,7 +13,7 @@ from fixture_swtpm import tpm_cnf
 from kxutil import base_env, run
 from test_tls import GROUPS, check_handshake
 
-CASES = [(v, g) for v in ("TLSv1.3", "TLSv1.2") for g in ("P-256", "P-384")]
+CASES = [(v, g) for v in ("TLSv1.3", "TLSv1.2") for g in ("P-256", "P-384")] + [("TLSv1.3", "P-521")]
 
 
 def client_args(version, group):
