@@ -61,7 +61,7 @@ static tpm_key *key_new(tpm_dev *d, const tpm_curve *c)
 
 /* ---- generate ---------------------------------------------------------------------------- */
 
-static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
     keyx_provctx *p = tpm_dev_prov(d);
@@ -125,9 +125,25 @@ static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, E
     return 1;
 }
 
+/* A TPM restarted since the last command answers the first one with "no such handle" (see
+ * tpm_dev_take_reset): a new key can be made at once on a new connection. */
+static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    int r;
+
+    ERR_set_mark();
+    r = generate_once(state, spec, handle, pub);
+    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return generate_once(state, spec, handle, pub);
+    }
+    ERR_clear_last_mark();
+    return r;
+}
+
 /* ---- import: TPM2_LoadExternal in the NULL hierarchy (tests, keys moved into the TPM) ----- */
 
-static int tpm2_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
     keyx_provctx *p = tpm_dev_prov(d);
@@ -191,6 +207,20 @@ fail:
     OPENSSL_free(k);
     EVP_PKEY_free(*pub);
     *pub = NULL;
+    return r;
+}
+
+static int tpm2_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    int r;
+
+    ERR_set_mark();
+    r = import_once(state, key, handle, pub);
+    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return import_once(state, key, handle, pub);
+    }
+    ERR_clear_last_mark();
     return r;
 }
 

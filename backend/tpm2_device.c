@@ -35,7 +35,9 @@ struct tpm_dev {
     size_t ncurves;
     tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
     uint64_t clock;
-    int reclaimed;            /* foreign objects flushed during the current operation */
+    int reclaimed; /* foreign objects flushed during the current operation */
+    int ready;     /* connected with parent and session: tpm_begin() has succeeded */
+    int was_reset; /* the last disconnect came from a TPM reset, not an unreachable TPM */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     tpm_dev *reg_next;
 };
@@ -121,6 +123,20 @@ static int rc_is_down(TSS2_RC rc)
     }
 }
 
+/* The TPM no longer knows this connection's objects: it was restarted or reset between two
+ * commands. swtpm's TCTI opens a new socket for every command, so no I/O error shows it; the
+ * TPM answers that our parent, session or key handle references nothing. */
+static int rc_is_reset(TSS2_RC rc)
+{
+    if ((rc & TSS2_RC_LAYER_MASK) != TSS2_TPM_RC_LAYER)
+        return 0;
+    if (rc == TPM2_RC_INITIALIZE || (rc >= TPM2_RC_REFERENCE_H0 && rc <= TPM2_RC_REFERENCE_S6))
+        return 1;
+    /* Format one TPM_RC_HANDLE naming a handle (not a parameter, not a session). */
+    return (rc & TPM2_RC_FMT1) && (rc & 0x3F) == (TPM2_RC_HANDLE & 0x3F) && !(rc & TPM2_RC_P) &&
+           !(rc & TPM2_RC_S) && (rc & 0x700);
+}
+
 static void disconnect(tpm_dev *d)
 {
     if (d->ctx != NULL)
@@ -132,6 +148,7 @@ static void disconnect(tpm_dev *d)
     d->head = d->tail = NULL;
     d->parent = d->session = ESYS_TR_NONE;
     d->parent_owned = 0;
+    d->ready = 0;
     d->gen++;
 }
 
@@ -139,7 +156,9 @@ int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
 {
     const char *txt = Tss2_RC_Decode(rc);
 
-    if (rc_is_down(rc)) {
+    if (rc_is_down(rc) || rc_is_reset(rc)) {
+        /* A connection that worked until now: retrying on a new one may succeed at once. */
+        d->was_reset = d->ready;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: %s failed: %s: the TPM at TCTI '%s' is unreachable or was reset (keyx "
                  "reconnects on the next operation; keys made before are gone)",
@@ -272,6 +291,14 @@ int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
         TPM_CALL(d, NULL, rc,
                  Esys_TR_FromTPMPublic(d->ctx, o->persistent, ESYS_TR_NONE, ESYS_TR_NONE,
                                        ESYS_TR_NONE, &o->tr));
+        if (rc != TSS2_RC_SUCCESS && (rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            rc != TPM2_RC_INITIALIZE) {
+            o->tr = ESYS_TR_NONE;
+            KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                     "tpm: the persistent key 0x%08X is no longer in the TPM (%s)",
+                     (unsigned)o->persistent, Tss2_RC_Decode(rc));
+            return 0;
+        }
         if (rc != TSS2_RC_SUCCESS)
             return tpm_fail(d, rc, "finding the persistent key again");
         o->gen = d->gen;
@@ -424,6 +451,7 @@ static int connect_tpm(tpm_dev *d)
     }
     d->pid = getpid();
     d->gen++;
+    d->was_reset = 0;
     d->parent = d->session = ESYS_TR_NONE;
     d->parent_owned = 0;
     d->reclaimed = 0;
@@ -449,6 +477,7 @@ static int connect_tpm(tpm_dev *d)
         }
         return r;
     }
+    d->ready = 1;
     return 1;
 }
 
@@ -505,6 +534,17 @@ ESYS_TR tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth)
         return auth ? ESYS_TR_PASSWORD : ESYS_TR_NONE;
     Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION | crypt, 0xFF);
     return d->session;
+}
+
+int tpm_dev_take_reset(tpm_dev *d)
+{
+    int r;
+
+    pthread_mutex_lock(&d->lock);
+    r = d->was_reset;
+    d->was_reset = 0;
+    pthread_mutex_unlock(&d->lock);
+    return r;
 }
 
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)

@@ -36,6 +36,11 @@ struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
  * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. */
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
 
+/* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
+ * restarted or reset, or went away mid-command), not a failure to connect: an operation that
+ * creates its object from scratch may retry once, on a new connection. */
+int tpm_dev_take_reset(tpm_dev *d);
+
 /* Locks the device and connects if needed. 1: *ctx usable until tpm_end(); 0 or
  * KEYX_BACKEND_DOWN with an error raised and the lock released. */
 int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx);

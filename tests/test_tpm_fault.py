@@ -98,6 +98,26 @@ def test_swtpm_killed_and_restarted(build, swtpm_factory, tmp):
     assert not tpm.tools("tpm2_getcap", "handles-transient").out.strip()
 
 
+def test_tpm_restarted_between_derives(build, swtpm_factory, tmp):
+    """swtpm restarted while the process is idle: its TCTI opens a new socket per command, so
+    no I/O error shows the restart; the TPM no longer knows keyx's parent and session. The very
+    next operation must still succeed (keyx reconnects and makes the key again)."""
+    tpm = swtpm_factory()
+    cnf = tpm_cnf(tmp / "openssl.cnf", tpm)
+    k = kxutil.pair("EC", "P-256")
+    vector = f"EC P-256 {k['A']['priv']} spki {k['B']['spki']}"
+    drv = Driver(tpm_derive_cmd(cnf), base_env(), tmp / "driver.err")
+    try:
+        for vid in range(1, 31):
+            if vid % 10 == 0:
+                tpm.restart()
+            out, took = drv.ask(vid, vector)
+            assert out.ok and out.secret == k["S"], f"derive {vid} (restart every 10th): {out}"
+    finally:
+        rc = drv.close()
+    assert rc == 0, (tmp / "driver.err").read_text()[-3000:]
+
+
 def test_tls_server_survives_tpm_restart(swtpm_factory, s_server, s_client, certs, tmp):
     """A running TLS server (one process, three connections): a handshake, then swtpm killed
     (the next handshake fails, the server logs an error naming the TCTI), then swtpm restarted
