@@ -72,6 +72,28 @@ def derive(key, peer, propq=None):
     ok = ok and d_derive(c, buf, byref(n)) == 1
     CTX_free(c)
     return buf.raw[: n.value] if ok else None
+if sys.argv[2] == "fork":
+    import os
+    k, p = gen("P-256"), gen("P-256", b"provider=default")
+    assert derive(k, p) == derive(p, public_copy(k), b"provider=default"), "parent before fork"
+    pid = os.fork()
+    if pid == 0:
+        # the parent's key does not exist in the child: refused, not computed on another key
+        old = derive(k, p)
+        e = errs()
+        k2 = gen("P-256")
+        ok = old is None and any("no longer exists" in x for x in e) and k2 is not None and \
+            derive(k2, p) == derive(p, public_copy(k2), b"provider=default")
+        pkey_free(k2)
+        fn("OSSL_LIB_CTX_free", None, c_void_p)(ctx)
+        print("child", "ok" if ok else f"bad {old is None} {e}", flush=True)
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    # the parent goes on making and using keys
+    k3 = gen("P-256")
+    ok = k3 is not None and derive(k3, p) == derive(p, public_copy(k3), b"provider=default")
+    print("parent", "ok" if ok else "bad", "child-status", status, flush=True)
+    sys.exit(0)
 if sys.argv[2] == "hold":
     held = [gen("P-256") for _ in range(2)]
     assert all(held)
@@ -143,3 +165,12 @@ def test_objects_of_a_killed_process_are_reclaimed(swtpm, tmp):
     r = run(["/usr/bin/python3", app(tmp), cnf, "many"], env=base_env(), timeout=max(kxutil.TIMEOUT, 180))
     assert r.rc == 0 and "held 8 bad 0" in r.out and "threads bad 0" in r.out, r
     assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip()
+
+
+def test_fork_child_opens_its_own_connection(swtpm, tmp):
+    """After fork() the child never uses the parent's TPM connection or objects: a key the
+    parent made is refused in the child ("no longer exists"), new keys work there, and the
+    parent goes on working after the child exits."""
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm)
+    r = run(["/usr/bin/python3", app(tmp), cnf, "fork"], env=base_env(), timeout=max(kxutil.TIMEOUT, 120))
+    assert r.rc == 0 and "child ok" in r.out and "parent ok child-status 0" in r.out, r
