@@ -226,7 +226,7 @@ static int tpm2_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
 
 /* ---- derive ------------------------------------------------------------------------------ */
 
-static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                        size_t secretlen)
 {
     tpm_dev *d = state;
@@ -279,6 +279,23 @@ static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     Esys_Free(out);
     if (!r)
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: ECDH_ZGen returned a malformed point");
+    return r;
+}
+
+static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+                       size_t secretlen)
+{
+    tpm_key *k = handle;
+    int r;
+
+    ERR_set_mark();
+    r = derive_once(state, handle, peer, secret, secretlen);
+    /* A persistent key survives a TPM restart: found again at its handle on a new connection. */
+    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return derive_once(state, handle, peer, secret, secretlen);
+    }
+    ERR_clear_last_mark();
     return r;
 }
 

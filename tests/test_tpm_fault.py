@@ -14,6 +14,8 @@ import time
 import kxutil
 from fixture_swtpm import tpm_cnf, tpm_derive_cmd
 from kxutil import base_env
+from test_tpm_persistent import make_persistent
+from test_tpm_slots import app
 
 
 class Driver:
@@ -144,3 +146,24 @@ def test_tls_server_survives_tpm_restart(swtpm_factory, s_server, s_client, cert
     events = [e for e in kxutil.read_audit(log) if e["pid"] == srv.pid]
     keygens = [(e["backend"], e["ok"]) for e in events if e["event"] == "keygen"]
     assert keygens[0] == ("tpm", True) and keygens[-1] == ("tpm", True) and ("tpm", False) in keygens, events
+
+
+def test_persistent_key_survives_tpm_restart(build, swtpm_factory, tmp):
+    """A key loaded by keyx:tpm:handle= before swtpm restarts is found again at its handle on
+    the new connection: the first derive after the restart succeeds."""
+    tpm = swtpm_factory()
+    make_persistent(tpm, tmp, "ecc256", 0x81000002)
+    cnf = tpm_cnf(tmp / "openssl.cnf", tpm)
+    p = subprocess.Popen(["/usr/bin/python3", str(app(tmp)), str(cnf), "persist",
+                          "keyx:tpm:handle=0x81000002"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=base_env(), text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "before ok"
+        tpm.restart()
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "after ok"
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            kxutil.kill_group(p)

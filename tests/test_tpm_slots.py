@@ -94,6 +94,20 @@ if sys.argv[2] == "fork":
     ok = k3 is not None and derive(k3, p) == derive(p, public_copy(k3), b"provider=default")
     print("parent", "ok" if ok else "bad", "child-status", status, flush=True)
     sys.exit(0)
+if sys.argv[2] == "persist":
+    # a persistent key loaded by URI, used before and after the TPM restarts (stdin line)
+    st_open = fn("OSSL_STORE_open_ex", c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p)
+    st_load = fn("OSSL_STORE_load", c_void_p, c_void_p)
+    info_pkey = fn("OSSL_STORE_INFO_get1_PKEY", c_void_p, c_void_p)
+    st = st_open(sys.argv[3].encode(), ctx, None, None, None, None, None, None)
+    k = info_pkey(st_load(st)) if st else None
+    p = gen("P-256", b"provider=default")
+    want = derive(p, public_copy(k), b"provider=default") if k else None
+    print("before", "ok" if k and derive(k, p) == want else f"bad {errs()}", flush=True)
+    sys.stdin.readline()
+    got = derive(k, p)
+    print("after", "ok" if got == want else f"bad {errs()}", flush=True)
+    sys.exit(0)
 if sys.argv[2] == "hold":
     held = [gen("P-256") for _ in range(2)]
     assert all(held)
@@ -116,12 +130,16 @@ print("held", len(mine), "bad", bad)
 for k in mine + peers: pkey_free(k)
 # threads
 errors = []
+thread_stop = fn("OPENSSL_thread_stop", None)
 def work(n):
     for _ in range(n):
         k, p = gen("P-256"), gen("P-256", b"provider=default")
         if not k or not p or derive(k, p) != derive(p, public_copy(k), b"provider=default"):
             errors.append(1)
         pkey_free(k); pkey_free(p)
+    # Release this thread's OpenSSL state now: join() returns before the OS thread has run its
+    # exit handlers, which could otherwise meet library contexts freed below.
+    thread_stop()
 ts = [threading.Thread(target=work, args=(25,)) for _ in range(4)]
 [t.start() for t in ts]; [t.join() for t in ts]
 print("threads bad", len(errors))
