@@ -18,6 +18,10 @@
 #include "provider/provctx.h"
 
 #define MAX_CURVES 16
+/* First handles of transient objects and of HMAC sessions (the TSS header's macros shift a
+ * signed int into the sign bit). */
+#define TRANSIENT_FIRST ((TPM2_HANDLE)0x80000000u)
+#define HMAC_SESSION_FIRST ((TPM2_HANDLE)0x02000000u)
 
 struct tpm_dev {
     keyx_provctx *p;
@@ -225,11 +229,11 @@ static int is_ours(tpm_dev *d, TPM2_HANDLE h)
 }
 
 /* Transient objects (or sessions) in the TPM that are not this connection's: without a
- * resource manager the connection is exclusive, so they were left by a process that died
+ * resource manager nothing else flushes them, so they were left by a process that died
  * without flushing them (kill -9). Flushed once per operation when keyx needs the slot. */
 static int reclaim_foreign(tpm_dev *d, TPM2_HANDLE first)
 {
-    int bit = first == TPM2_TRANSIENT_FIRST ? 1 : 2, n = 0;
+    int bit = first == TRANSIENT_FIRST ? 1 : 2, n = 0;
     TPMS_CAPABILITY_DATA *cap = NULL;
     TPMI_YES_NO more = 0;
 
@@ -274,7 +278,7 @@ int tpm_make_room(tpm_dev *d, TSS2_RC rc, const tpm_obj *keep)
         list_unlink(d, o);
         return 1;
     }
-    return reclaim_foreign(d, TPM2_TRANSIENT_FIRST);
+    return reclaim_foreign(d, TRANSIENT_FIRST);
 }
 
 int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
@@ -415,8 +419,7 @@ static int start_session(tpm_dev *d)
         rc = Esys_StartAuthSession(d->ctx, d->parent, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
                                    ESYS_TR_NONE, NULL, TPM2_SE_HMAC, &sym, TPM2_ALG_SHA256,
                                    &d->session);
-        if (rc == TPM2_RC_SESSION_MEMORY && tries == 0 &&
-            reclaim_foreign(d, TPM2_HMAC_SESSION_FIRST))
+        if (rc == TPM2_RC_SESSION_MEMORY && tries == 0 && reclaim_foreign(d, HMAC_SESSION_FIRST))
             continue;
         if (rc == TPM2_RC_OBJECT_MEMORY && tpm_make_room(d, rc, NULL))
             continue;

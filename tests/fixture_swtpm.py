@@ -52,8 +52,10 @@ class Swtpm:
         return f"swtpm:host=127.0.0.1,port={self.port}"
 
     def env(self, **extra):
-        """Environment for tpm2-tools commands talking to this swtpm."""
-        return kxutil.base_env(TPM2TOOLS_TCTI=self.tcti, **extra)
+        """Environment for tpm2-tools commands talking to this swtpm. They are the independent
+        side and not instrumented: no sanitizer preload (tpm2-tools hang under libasan)."""
+        return kxutil.base_env(TPM2TOOLS_TCTI=self.tcti, LD_PRELOAD=None, ASAN_OPTIONS=None,
+                               UBSAN_OPTIONS=None, **extra)
 
     def start(self):
         exe = shutil.which("swtpm")
