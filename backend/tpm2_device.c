@@ -1,8 +1,5 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
-#include <errno.h>
 #include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -41,7 +38,7 @@ struct tpm_dev {
     uint64_t clock;
     int reclaimed; /* foreign objects flushed during the current operation */
     int ready;     /* connected with parent and session: tpm_begin() has succeeded */
-    int was_reset; /* the last disconnect came from a TPM reset, not an unreachable TPM */
+    int was_reset; /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     tpm_dev *reg_next;
 };
@@ -80,6 +77,7 @@ static void fork_child(void)
             d->ctx = NULL;
             d->tcti_ctx = NULL;
             d->head = d->tail = NULL;
+            d->ready = d->was_reset = 0;
             d->gen++;
         }
     }
@@ -165,7 +163,7 @@ int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
         d->was_reset = d->ready;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: %s failed: %s: the TPM at TCTI '%s' is unreachable or was reset (keyx "
-                 "reconnects on the next operation; keys made before are gone)",
+                 "reconnects on the next operation; keys it generated before are gone)",
                  what, txt, tcti_name(d));
         disconnect(d);
         return KEYX_BACKEND_DOWN;

@@ -82,3 +82,14 @@ def test_failover_to_software_when_tpm_unreachable(build, tmp, free_port):
     fo = [e for e in events if e["event"] == "failover"]
     assert fo and fo[0]["backend"] == "tpm" and fo[0].get("next") == "software", events
     assert [e["backend"] for e in events if e["event"] == "keygen"] == ["software"], events
+
+
+def test_domain_parameters_only_create_no_tpm_object(swtpm, tmp):
+    """genpkey -genparam asks for EC domain parameters: nothing is made in the TPM."""
+    log = tmp / "audit.jsonl"
+    env = base_env(OPENSSL_CONF=tpm_cnf(tmp / "openssl.cnf", swtpm, keyx={"audit-log": log}))
+    r = openssl("genpkey", "-genparam", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                "-out", tmp / "params.pem", env=env)
+    assert r.rc == 0, r
+    events = kxutil.read_audit(log) if log.exists() else []
+    assert not [e for e in events if e["event"] == "keygen"], events

@@ -5,6 +5,8 @@ command parameter encryption. The pcap TCTI records every byte exchanged with sw
 the capture; with it off they do (which proves the capture sees the traffic).
 """
 
+import re
+
 import pytest
 
 import kxutil
@@ -24,6 +26,10 @@ def test_secrets_on_the_bus(swtpm, tmp, group, encrypt):
         assert got[str(i)].ok and got[str(i)].secret == k["S"], got[str(i)]
     data = pcap.read_bytes()
     assert len(data) > 500, "the pcap TCTI recorded nothing"
+    # Exactly one TPM2_ECDH_ZGen per derive: the driver asks for the size first
+    # (EVP_PKEY_derive with a NULL buffer), which must not reach the TPM.
+    zgen = re.findall(rb"\x80[\x01\x02].{4}\x00\x00\x01\x54", data, re.S)
+    assert len(zgen) == len(keys), f"{len(zgen)} ECDH_ZGen commands for {len(keys)} derives"
     field = {"P-256": 32, "P-384": 48}[group]
     seen = [bytes.fromhex(k["S"]) in data for k in keys]
     seen_priv = [bytes.fromhex(k["A"]["priv"].rjust(2 * field, "0")) in data for k in keys]
