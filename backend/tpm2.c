@@ -82,8 +82,7 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     *pub = NULL;
     if (spec->alg != KEYX_ALG_EC || c == NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: only EC P-256, P-384 and P-521 keys are made in "
-                 "the TPM");
+                 "tpm: only EC P-256, P-384 and P-521 keys are made in the TPM");
         return 0;
     }
     tpm_ecdh_template(c, 1, &area);
