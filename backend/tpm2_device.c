@@ -1,6 +1,7 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
 #include <pthread.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -36,9 +37,10 @@ struct tpm_dev {
     size_t ncurves;
     tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
     uint64_t clock;
-    int reclaimed; /* foreign objects flushed during the current operation */
-    int ready;     /* connected with parent and session: tpm_begin() has succeeded */
-    int was_reset; /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
+    int reclaimed;     /* foreign objects flushed during the current operation */
+    int ready;         /* connected with parent and session: tpm_begin() has succeeded */
+    int was_reset;     /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
+    long probe_failed; /* monotonic second of the last failed capability probe; 0: none */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     tpm_dev *reg_next;
 };
@@ -537,6 +539,13 @@ ESYS_TR tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth)
     return d->session;
 }
 
+static long now_seconds(void)
+{
+    struct timespec ts;
+
+    return clock_gettime(CLOCK_MONOTONIC, &ts) == 0 ? (long)ts.tv_sec : 0;
+}
+
 int tpm_dev_take_reset(tpm_dev *d)
 {
     int r;
@@ -553,9 +562,13 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
     int known, found = 0;
 
     lock_dev(d);
-    if (!d->caps_known && d->ctx == NULL) {
-        ERR_set_mark(); /* a query: the error comes with the operation that needs the TPM */
-        (void)connect_tpm(d);
+    /* A query (TLS-GROUP lists every group): an unreachable TPM is probed at most every two
+     * seconds, and its error comes with the operation that needs the TPM. */
+    if (!d->caps_known && d->ctx == NULL &&
+        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
+        ERR_set_mark();
+        if (connect_tpm(d) != 1)
+            d->probe_failed = now_seconds();
         ERR_pop_to_mark();
     }
     known = d->caps_known;
