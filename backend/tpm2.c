@@ -151,7 +151,7 @@ static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
     TPM2B_PUBLIC inpub = {0};
     BIGNUM *priv = NULL;
     ESYS_CONTEXT *ctx;
-    ESYS_TR tr = ESYS_TR_NONE;
+    ESYS_TR tr = ESYS_TR_NONE, sess;
     tpm_key *k;
     TSS2_RC rc;
     int r;
@@ -188,9 +188,14 @@ static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
         goto fail;
     }
     /* The private scalar crosses the bus encrypted (command parameter encryption). */
+    if ((r = tpm_session(d, TPMA_SESSION_DECRYPT, 0, &sess)) != 1) {
+        OPENSSL_cleanse(&sens, sizeof(sens));
+        tpm_end(d);
+        goto fail;
+    }
     TPM_CALL(d, NULL, rc,
-             Esys_LoadExternal(ctx, tpm_session(d, TPMA_SESSION_DECRYPT, 0), ESYS_TR_NONE,
-                               ESYS_TR_NONE, &sens, &inpub, ESYS_TR_RH_NULL, &tr));
+             Esys_LoadExternal(ctx, sess, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &inpub,
+                               ESYS_TR_RH_NULL, &tr));
     OPENSSL_cleanse(&sens, sizeof(sens));
     if (rc != TSS2_RC_SUCCESS) {
         r = tpm_fail(d, rc, "loading the private key (LoadExternal)");
@@ -232,7 +237,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     tpm_key *k = handle;
     keyx_provctx *p = tpm_dev_prov(d);
     TPM2B_ECC_POINT in = {0};
-    TPM2B_ECC_POINT *out = NULL;
+    TPM2B_ECC_POINT out = {0};
     ESYS_CONTEXT *ctx;
     ESYS_TR tr;
     TSS2_RC rc;
@@ -251,9 +256,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     }
     /* One TPM command: the key's authorization and the encryption of the returned point share
      * the salted session. */
-    TPM_CALL(d, &k->obj, rc,
-             Esys_ECDH_ZGen(ctx, tr, tpm_session(d, TPMA_SESSION_ENCRYPT, 1), ESYS_TR_NONE,
-                            ESYS_TR_NONE, &in, &out));
+    TPM_CALL(d, &k->obj, rc, tpm_ecdh_zgen(d, tr, &in, &out));
     if (rc != TSS2_RC_SUCCESS) {
         if (tpm_rc_is(rc, TPM2_RC_ECC_POINT) || tpm_rc_is(rc, TPM2_RC_NO_RESULT)) {
             KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY,
@@ -267,15 +270,14 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
         return r;
     }
     tpm_end(d);
-    r = out->point.x.size != 0 && out->point.x.size <= secretlen;
+    r = out.point.x.size != 0 && out.point.x.size <= secretlen;
     if (r) {
-        size_t pad = secretlen - out->point.x.size;
+        size_t pad = secretlen - out.point.x.size;
 
         memset(secret, 0, pad);
-        memcpy(secret + pad, out->point.x.buffer, out->point.x.size);
+        memcpy(secret + pad, out.point.x.buffer, out.point.x.size);
     }
-    OPENSSL_cleanse(out, sizeof(*out));
-    Esys_Free(out);
+    OPENSSL_cleanse(&out, sizeof(out));
     if (!r)
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: ECDH_ZGen returned a malformed point");
     return r;

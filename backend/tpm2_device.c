@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "backend/tpm2_device.h"
 #include "backend/tpm2_pubkey.h"
+#include "backend/tpm2_session.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -31,7 +32,9 @@ struct tpm_dev {
     uint64_t gen;      /* connection generation: bumps on every connect and disconnect */
     ESYS_TR parent;
     int parent_owned; /* the cached primary keyx created (flushed at close); 0: tpm-parent */
-    ESYS_TR session;  /* salted HMAC session; ESYS_TR_NONE when tpm-encrypt-sessions = 0 */
+    tpm_fsess fast;   /* keyx's salted session for ECDH_ZGen (tpm2_session.c); handle 0: none */
+    int fast_ok;      /* its algorithms could be fetched */
+    ESYS_TR session;  /* ESYS's salted session: imports, and ZGen when fast cannot be used */
     int caps_known;
     TPM2_ECC_CURVE curves[MAX_CURVES];
     size_t ncurves;
@@ -80,6 +83,7 @@ static void fork_child(void)
             d->tcti_ctx = NULL;
             d->head = d->tail = NULL;
             d->ready = d->was_reset = 0;
+            tpm_fsess_forget(&d->fast);
             d->gen++;
         }
     }
@@ -121,6 +125,7 @@ static int rc_is_down(TSS2_RC rc)
     case TSS2_BASE_RC_BAD_SEQUENCE:
     case TSS2_BASE_RC_TRY_AGAIN:
     case TSS2_BASE_RC_GENERAL_FAILURE:
+    case TSS2_BASE_RC_RSP_AUTH_FAILED: /* the session is out of step or the bus was tampered */
         return 1;
     default:
         return 0;
@@ -153,6 +158,7 @@ static void disconnect(tpm_dev *d)
     d->parent = d->session = ESYS_TR_NONE;
     d->parent_owned = 0;
     d->ready = 0;
+    tpm_fsess_forget(&d->fast);
     d->gen++;
 }
 
@@ -220,6 +226,8 @@ static int is_ours(tpm_dev *d, TPM2_HANDLE h)
         return 1;
     if (d->session != ESYS_TR_NONE &&
         Esys_TR_GetTpmHandle(d->ctx, d->session, &t) == TSS2_RC_SUCCESS && t == h)
+        return 1;
+    if (d->fast.handle != 0 && d->fast.handle == h)
         return 1;
     for (tpm_obj *o = d->head; o != NULL; o = o->next)
         if (o->tr != ESYS_TR_NONE && Esys_TR_GetTpmHandle(d->ctx, o->tr, &t) == TSS2_RC_SUCCESS &&
@@ -405,16 +413,12 @@ static int make_parent(tpm_dev *d)
     return 1;
 }
 
-static int start_session(tpm_dev *d)
+/* ESYS's salted session (with the storage parent as salt key). */
+static int start_esys_session(tpm_dev *d)
 {
     TPMT_SYM_DEF sym = {.algorithm = TPM2_ALG_AES, .keyBits.aes = 128, .mode.aes = TPM2_ALG_CFB};
     TSS2_RC rc;
 
-    d->session = ESYS_TR_NONE;
-    if (!d->p->cfg.tpm_encrypt_sessions)
-        return 1;
-    /* Salted with the storage parent: only this TPM can derive the session key, so someone
-     * listening on the bus reads no Z point. */
     for (int tries = 0;; tries++) {
         rc = Esys_StartAuthSession(d->ctx, d->parent, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
                                    ESYS_TR_NONE, NULL, TPM2_SE_HMAC, &sym, TPM2_ALG_SHA256,
@@ -430,6 +434,30 @@ static int start_session(tpm_dev *d)
         return tpm_fail(d, rc, "starting the encrypted session (StartAuthSession)");
     }
     return 1;
+}
+
+/* The session that protects ECDH_ZGen: keyx's own when the parent is an ECC P-256 key (always,
+ * unless tpm-parent names another kind), else ESYS's. Salted with the storage parent: only this
+ * TPM can derive the session key, so someone listening on the bus reads no Z point. */
+static int start_session(tpm_dev *d)
+{
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+
+    d->session = ESYS_TR_NONE;
+    if (!d->p->cfg.tpm_encrypt_sessions)
+        return 1;
+    for (int tries = 0; d->fast_ok && tries < 3; tries++) {
+        if (tpm_fsess_start(&d->fast, d->ctx, d->parent, &rc))
+            return 1;
+        if (rc == TPM2_RC_SESSION_MEMORY && reclaim_foreign(d, HMAC_SESSION_FIRST))
+            continue;
+        if (rc == TPM2_RC_OBJECT_MEMORY && tpm_make_room(d, rc, NULL))
+            continue;
+        break;
+    }
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "starting the encrypted session (StartAuthSession)");
+    return start_esys_session(d);
 }
 
 static int connect_tpm(tpm_dev *d)
@@ -531,12 +559,40 @@ ESYS_TR tpm_parent(tpm_dev *d)
     return d->parent;
 }
 
-ESYS_TR tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth)
+int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
 {
-    if (d->session == ESYS_TR_NONE)
-        return auth ? ESYS_TR_PASSWORD : ESYS_TR_NONE;
+    int r;
+
+    *out = auth ? ESYS_TR_PASSWORD : ESYS_TR_NONE;
+    if (!d->p->cfg.tpm_encrypt_sessions)
+        return 1;
+    if (d->session == ESYS_TR_NONE && (r = start_esys_session(d)) != 1)
+        return r;
     Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION | crypt, 0xFF);
-    return d->session;
+    *out = d->session;
+    return 1;
+}
+
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
+{
+    TPM2B_ECC_POINT *res = NULL;
+    ESYS_TR sess;
+    TSS2_RC rc;
+
+    if (d->fast.handle != 0)
+        return tpm_fsess_zgen(&d->fast, d->ctx, key, in, out);
+    /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
+    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
+    if (sess != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
+                                  0xFF);
+    rc = Esys_ECDH_ZGen(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, &res);
+    if (rc == TSS2_RC_SUCCESS) {
+        *out = *res;
+        OPENSSL_cleanse(res, sizeof(*res));
+        Esys_Free(res);
+    }
+    return rc;
 }
 
 static long now_seconds(void)
@@ -595,6 +651,7 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
     d->tcti = p->cfg.tpm_tcti;
     d->parent = d->session = ESYS_TR_NONE;
     pthread_mutex_init(&d->lock, NULL);
+    d->fast_ok = tpm_fsess_init(&d->fast, p->libctx);
     pthread_once(&atfork_once, register_atfork);
     pthread_mutex_lock(&registry_lock);
     d->reg_next = registry;
@@ -622,12 +679,14 @@ void tpm_dev_free(tpm_dev *d)
                 Esys_FlushContext(d->ctx, o->tr);
         if (d->session != ESYS_TR_NONE)
             Esys_FlushContext(d->ctx, d->session);
+        tpm_fsess_flush(&d->fast, d->ctx);
         if (d->parent_owned)
             Esys_FlushContext(d->ctx, d->parent);
         disconnect(d);
     }
     unlock_dev(d);
     pthread_mutex_destroy(&d->lock);
+    tpm_fsess_cleanup(&d->fast);
     OPENSSL_free(d);
 }
 

@@ -48,11 +48,15 @@ int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx);
 int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx);
 void tpm_end(tpm_dev *d);
 
-/* Inside begin/end. The storage parent; the session for an auth or non-auth slot, with the
- * given parameter-encryption attributes (TPMA_SESSION_ENCRYPT: response, _DECRYPT: command)
- * when encrypted sessions are on, else ESYS_TR_PASSWORD (auth) / ESYS_TR_NONE (non-auth). */
+/* Inside begin/end. The storage parent; ESYS's session for an auth or non-auth slot (started on
+ * first use), with the given parameter-encryption attributes (TPMA_SESSION_ENCRYPT: response,
+ * _DECRYPT: command) when encrypted sessions are on, else ESYS_TR_PASSWORD (auth) /
+ * ESYS_TR_NONE (non-auth): 1, or 0/KEYX_BACKEND_DOWN with an error raised. */
 ESYS_TR tpm_parent(tpm_dev *d);
-ESYS_TR tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth);
+int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
+/* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
+ * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
 
 /* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
  * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */

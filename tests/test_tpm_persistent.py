@@ -104,17 +104,19 @@ def test_storage_key_is_refused_for_ecdh(swtpm, tmp):
     assert r.rc != 0 and "unrestricted decrypt" in r.err, r
 
 
-def test_tpm_parent_from_config(swtpm, s_server, s_client, certs, tmp):
+@pytest.mark.parametrize("alg,handle", [("ecc256", "0x81000011"), ("rsa2048", "0x81000012")])
+def test_tpm_parent_from_config(swtpm, s_server, s_client, certs, tmp, alg, handle):
     """tpm-parent: ephemeral keys are made under a persistent storage key instead of the
-    cached primary. A TLS handshake with a client on the default provider proves the secret
-    (the Finished messages only verify when both sides derived the same one)."""
+    cached primary (an RSA one salts ESYS's session instead of keyx's). A TLS handshake with a
+    client on the default provider proves the secret (the Finished messages only verify when
+    both sides derived the same one)."""
     swtpm.flush_transient()
-    swtpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "ecc256", "-c", tmp / "srk.ctx")
-    if "0x81000011" not in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower():
-        swtpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "srk.ctx", "0x81000011")
+    swtpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", alg, "-c", tmp / "srk.ctx")
+    if handle not in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower():
+        swtpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "srk.ctx", handle)
     swtpm.flush_transient()
     log = tmp / "audit.jsonl"
-    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm, keyx={"tpm-parent": "0x81000011", "audit-log": log})
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm, keyx={"tpm-parent": handle, "audit-log": log})
     crt, key = certs["rsa"]
     srv = s_server(["-cert", crt, "-key", key], base_env(OPENSSL_CONF=cnf))
     cli = s_client(srv.port, ["-tls1_3", "-groups", "P-256"], base_env())
@@ -123,7 +125,7 @@ def test_tpm_parent_from_config(swtpm, s_server, s_client, certs, tmp):
     events = [e for e in kxutil.read_audit(log) if e["pid"] == srv.pid]
     assert [(e["event"], e["backend"], e["ok"]) for e in events if e["event"] in ("keygen", "derive")] == [
         ("keygen", "tpm", True), ("derive", "tpm", True)], events
-    assert "0x81000011" in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower()
+    assert handle in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower()
     assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip()
 
 

@@ -49,3 +49,22 @@ def test_env_turns_encryption_off(swtpm, tmp):
                         env=kxutil.base_env(TCTI_PCAP_FILE=pcap, KEYX_TPM_ENCRYPT_SESSIONS="0"))
     assert got["1"].ok and got["1"].secret == k["S"]
     assert bytes.fromhex(k["S"]) in pcap.read_bytes()
+
+
+def test_rsa_parent_session_also_encrypts(swtpm, tmp):
+    """With an RSA tpm-parent keyx cannot salt its own session (ECC) and ESYS's session takes
+    over: the secret still does not cross the bus in clear."""
+    handle = "0x81000012"
+    if handle not in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower():
+        swtpm.flush_transient()
+        swtpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", tmp / "srk.ctx")
+        swtpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "srk.ctx", handle)
+        swtpm.flush_transient()
+    pcap = tmp / "tpm.pcap"
+    k = kxutil.pair("EC", "P-256")
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm,
+                  keyx={"tpm-tcti": f"pcap:{swtpm.tcti}", "tpm-parent": handle})
+    got, _ = tpm_derive([(1, "EC", "P-256", k["A"]["priv"], "spki", k["B"]["spki"])], cnf,
+                        env=kxutil.base_env(TCTI_PCAP_FILE=pcap))
+    assert got["1"].ok and got["1"].secret == k["S"], got["1"]
+    assert bytes.fromhex(k["S"]) not in pcap.read_bytes()
