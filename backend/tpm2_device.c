@@ -1,0 +1,696 @@
+/* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
+#include <pthread.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <tss2/tss2_rc.h>
+#include <tss2/tss2_tctildr.h>
+
+#include "backend/backend.h"
+#include "backend/tpm2_device.h"
+#include "backend/tpm2_pubkey.h"
+#include "backend/tpm2_session.h"
+#include "provider/errors.h"
+#include "provider/provctx.h"
+
+#define MAX_CURVES 16
+/* First handles of transient objects and of HMAC sessions (the TSS header's macros shift a
+ * signed int into the sign bit). */
+#define TRANSIENT_FIRST ((TPM2_HANDLE)0x80000000u)
+#define HMAC_SESSION_FIRST ((TPM2_HANDLE)0x02000000u)
+
+struct tpm_dev {
+    keyx_provctx *p;
+    pthread_mutex_t lock;
+    const char *tcti; /* configuration string; NULL: the TCTI loader's default */
+    TSS2_TCTI_CONTEXT *tcti_ctx;
+    ESYS_CONTEXT *ctx; /* NULL while not connected */
+    pid_t pid;         /* process that opened ctx */
+    uint64_t gen;      /* connection generation: bumps on every connect and disconnect */
+    ESYS_TR parent;
+    int parent_owned; /* the cached primary keyx created (flushed at close); 0: tpm-parent */
+    tpm_fsess fast;   /* keyx's salted session for ECDH_ZGen (tpm2_session.c); handle 0: none */
+    int fast_ok;      /* its algorithms could be fetched */
+    ESYS_TR session;  /* ESYS's salted session: imports, and ZGen when fast cannot be used */
+    int caps_known;
+    TPM2_ECC_CURVE curves[MAX_CURVES];
+    size_t ncurves;
+    tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
+    uint64_t clock;
+    int reclaimed;     /* foreign objects flushed during the current operation */
+    int ready;         /* connected with parent and session: tpm_begin() has succeeded */
+    int was_reset;     /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
+    long probe_failed; /* monotonic second of the last failed capability probe; 0: none */
+    OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
+    tpm_dev *reg_next;
+};
+
+/* ---- fork ------------------------------------------------------------------------------ */
+
+/* Every device of the process, so that fork() finds them: the parent's connection belongs to
+ * the parent, the child opens its own on first use. The prepare handler takes every device
+ * lock, so no thread is inside an ESYS call at the moment of the fork. */
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static tpm_dev *registry;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void fork_prepare(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (tpm_dev *d = registry; d != NULL; d = d->reg_next)
+        pthread_mutex_lock(&d->lock);
+}
+
+static void fork_parent(void)
+{
+    for (tpm_dev *d = registry; d != NULL; d = d->reg_next)
+        pthread_mutex_unlock(&d->lock);
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void fork_child(void)
+{
+    for (tpm_dev *d = registry; d != NULL; d = d->reg_next) {
+        pthread_mutex_unlock(&d->lock);
+        if (d->ctx != NULL) {
+            /* Not Esys_Finalize: a TCTI may say goodbye on the shared connection and end the
+             * parent's. The parent's ESYS and TCTI state is left alone in the child (one small
+             * leak per fork); the child opens its own connection on first use. */
+            d->ctx = NULL;
+            d->tcti_ctx = NULL;
+            d->head = d->tail = NULL;
+            d->ready = d->was_reset = 0;
+            tpm_fsess_forget(&d->fast);
+            d->gen++;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(fork_prepare, fork_parent, fork_child);
+}
+
+/* ---- errors ------------------------------------------------------------------------------ */
+
+static const char *tcti_name(const tpm_dev *d)
+{
+    return d->tcti != NULL ? d->tcti : "(TCTI loader default: tabrmd, device:/dev/tpmrm0, ...)";
+}
+
+int tpm_rc_is(TSS2_RC rc, TSS2_RC fmt1)
+{
+    /* Format one: bit 7 set; bits 8-11 name the handle, session or parameter, bit 6 says which. */
+    return (rc & TSS2_RC_LAYER_MASK) == 0 && (rc & TPM2_RC_FMT1) && (rc & ~0xF40u) == fmt1;
+}
+
+/* The connection or the TSS state is broken (not the request): reconnect. */
+static int rc_is_down(TSS2_RC rc)
+{
+    TSS2_RC layer = rc & TSS2_RC_LAYER_MASK, base = rc & 0xFFFF;
+
+    if (layer == TSS2_TPM_RC_LAYER)
+        return rc == TPM2_RC_INITIALIZE || rc == TPM2_RC_FAILURE;
+    if (layer == TSS2_TCTI_RC_LAYER)
+        return 1;
+    switch (base) {
+    case TSS2_BASE_RC_IO_ERROR:
+    case TSS2_BASE_RC_NO_CONNECTION:
+    case TSS2_BASE_RC_MALFORMED_RESPONSE:
+    case TSS2_BASE_RC_INSUFFICIENT_RESPONSE:
+    case TSS2_BASE_RC_BAD_SEQUENCE:
+    case TSS2_BASE_RC_TRY_AGAIN:
+    case TSS2_BASE_RC_GENERAL_FAILURE:
+    case TSS2_BASE_RC_RSP_AUTH_FAILED: /* the session is out of step or the bus was tampered */
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/* The TPM no longer knows this connection's objects: it was restarted or reset between two
+ * commands. swtpm's TCTI opens a new socket for every command, so no I/O error shows it; the
+ * TPM answers that our parent, session or key handle references nothing. */
+static int rc_is_reset(TSS2_RC rc)
+{
+    if ((rc & TSS2_RC_LAYER_MASK) != TSS2_TPM_RC_LAYER)
+        return 0;
+    if (rc == TPM2_RC_INITIALIZE || (rc >= TPM2_RC_REFERENCE_H0 && rc <= TPM2_RC_REFERENCE_S6))
+        return 1;
+    /* Format one TPM_RC_HANDLE naming a handle (not a parameter, not a session). */
+    return (rc & TPM2_RC_FMT1) && (rc & 0x3F) == (TPM2_RC_HANDLE & 0x3F) && !(rc & TPM2_RC_P) &&
+           !(rc & TPM2_RC_S) && (rc & 0x700);
+}
+
+static void disconnect(tpm_dev *d)
+{
+    if (d->ctx != NULL)
+        Esys_Finalize(&d->ctx);
+    if (d->tcti_ctx != NULL)
+        Tss2_TctiLdr_Finalize(&d->tcti_ctx);
+    d->ctx = NULL;
+    d->tcti_ctx = NULL;
+    d->head = d->tail = NULL;
+    d->parent = d->session = ESYS_TR_NONE;
+    d->parent_owned = 0;
+    d->ready = 0;
+    tpm_fsess_forget(&d->fast);
+    d->gen++;
+}
+
+int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
+{
+    const char *txt = Tss2_RC_Decode(rc);
+
+    if (rc_is_down(rc) || rc_is_reset(rc)) {
+        /* A connection that worked until now: retrying on a new one may succeed at once. */
+        d->was_reset = d->ready;
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "tpm: %s failed: %s: the TPM at TCTI '%s' is unreachable or was reset (keyx "
+                 "reconnects on the next operation; keys it generated before are gone)",
+                 what, txt, tcti_name(d));
+        disconnect(d);
+        return KEYX_BACKEND_DOWN;
+    }
+    if (rc == TPM2_RC_OBJECT_MEMORY || rc == TPM2_RC_SESSION_MEMORY)
+        KEYX_ERR(d->p, KEYX_R_BACKEND_FAILURE,
+                 "tpm: %s failed: %s: the TPM's object or session slots are full; with several "
+                 "processes on one TPM use a resource manager (TCTI device:/dev/tpmrm0 or tabrmd)",
+                 what, txt);
+    else
+        KEYX_ERR(d->p, KEYX_R_BACKEND_FAILURE, "tpm: %s failed: %s", what, txt);
+    return 0;
+}
+
+/* ---- slots ------------------------------------------------------------------------------- */
+
+static void list_unlink(tpm_dev *d, tpm_obj *o)
+{
+    if (!o->listed)
+        return;
+    if (o->prev != NULL)
+        o->prev->next = o->next;
+    else
+        d->head = o->next;
+    if (o->next != NULL)
+        o->next->prev = o->prev;
+    else
+        d->tail = o->prev;
+    o->prev = o->next = NULL;
+    o->listed = 0;
+}
+
+static void list_front(tpm_dev *d, tpm_obj *o)
+{
+    list_unlink(d, o);
+    o->next = d->head;
+    if (d->head != NULL)
+        d->head->prev = o;
+    d->head = o;
+    if (d->tail == NULL)
+        d->tail = o;
+    o->listed = 1;
+    o->stamp = ++d->clock;
+}
+
+/* 1 if TPM handle h is one of this connection's objects or its session. */
+static int is_ours(tpm_dev *d, TPM2_HANDLE h)
+{
+    TPM2_HANDLE t;
+
+    if (d->parent_owned && Esys_TR_GetTpmHandle(d->ctx, d->parent, &t) == TSS2_RC_SUCCESS && t == h)
+        return 1;
+    if (d->session != ESYS_TR_NONE &&
+        Esys_TR_GetTpmHandle(d->ctx, d->session, &t) == TSS2_RC_SUCCESS && t == h)
+        return 1;
+    if (d->fast.handle != 0 && d->fast.handle == h)
+        return 1;
+    for (tpm_obj *o = d->head; o != NULL; o = o->next)
+        if (o->tr != ESYS_TR_NONE && Esys_TR_GetTpmHandle(d->ctx, o->tr, &t) == TSS2_RC_SUCCESS &&
+            t == h)
+            return 1;
+    return 0;
+}
+
+/* Transient objects (or sessions) in the TPM that are not this connection's: without a
+ * resource manager nothing else flushes them, so they were left by a process that died
+ * without flushing them (kill -9). Flushed once per operation when keyx needs the slot. */
+static int reclaim_foreign(tpm_dev *d, TPM2_HANDLE first)
+{
+    int bit = first == TRANSIENT_FIRST ? 1 : 2, n = 0;
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
+
+    if (d->reclaimed & bit)
+        return 0;
+    d->reclaimed |= bit;
+    if (Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+                           first, 64, &more, &cap) != TSS2_RC_SUCCESS)
+        return 0;
+    for (UINT32 i = 0; i < cap->data.handles.count; i++) {
+        TPM2_HANDLE h = cap->data.handles.handle[i];
+        ESYS_TR tr = ESYS_TR_NONE;
+
+        if (is_ours(d, h))
+            continue;
+        if (Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr) ==
+                TSS2_RC_SUCCESS &&
+            Esys_FlushContext(d->ctx, tr) == TSS2_RC_SUCCESS)
+            n++;
+    }
+    Esys_Free(cap);
+    return n > 0;
+}
+
+int tpm_make_room(tpm_dev *d, TSS2_RC rc, const tpm_obj *keep)
+{
+    if (rc != TPM2_RC_OBJECT_MEMORY || d->ctx == NULL)
+        return 0;
+    for (tpm_obj *o = d->tail; o != NULL; o = o->prev) {
+        TPMS_CONTEXT *saved = NULL;
+
+        if (o == keep || o->tr == ESYS_TR_NONE)
+            continue;
+        if (Esys_ContextSave(d->ctx, o->tr, &saved) != TSS2_RC_SUCCESS)
+            return 0;
+        if (Esys_FlushContext(d->ctx, o->tr) != TSS2_RC_SUCCESS) {
+            Esys_Free(saved);
+            return 0;
+        }
+        o->tr = ESYS_TR_NONE;
+        o->saved = saved;
+        list_unlink(d, o);
+        return 1;
+    }
+    return reclaim_foreign(d, TRANSIENT_FIRST);
+}
+
+int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
+{
+    TSS2_RC rc;
+
+    if (o->gen != d->gen) {
+        if (o->persistent == 0) {
+            KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                     "tpm: this key no longer exists: the TPM connection was reset since it was "
+                     "made (TPM restarted, connection lost or fork()); generate a new key");
+            return 0;
+        }
+        TPM_CALL(d, NULL, rc,
+                 Esys_TR_FromTPMPublic(d->ctx, o->persistent, ESYS_TR_NONE, ESYS_TR_NONE,
+                                       ESYS_TR_NONE, &o->tr));
+        if (rc != TSS2_RC_SUCCESS && (rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            rc != TPM2_RC_INITIALIZE) {
+            o->tr = ESYS_TR_NONE;
+            KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                     "tpm: the persistent key 0x%08X is no longer in the TPM (%s)",
+                     (unsigned)o->persistent, Tss2_RC_Decode(rc));
+            return 0;
+        }
+        if (rc != TSS2_RC_SUCCESS)
+            return tpm_fail(d, rc, "finding the persistent key again");
+        o->gen = d->gen;
+    }
+    if (o->persistent == 0 && o->tr == ESYS_TR_NONE) {
+        if (o->saved == NULL) {
+            KEYX_ERR(d->p, KEYX_R_MISSING_KEY, "tpm: the key has been freed");
+            return 0;
+        }
+        TPM_CALL(d, o, rc, Esys_ContextLoad(d->ctx, o->saved, &o->tr));
+        if (rc != TSS2_RC_SUCCESS)
+            return tpm_fail(d, rc, "loading the key back into the TPM (ContextLoad)");
+        Esys_Free(o->saved);
+        o->saved = NULL;
+    }
+    if (o->persistent == 0)
+        list_front(d, o);
+    *tr = o->tr;
+    return 1;
+}
+
+void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
+{
+    o->tr = tr;
+    o->gen = d->gen;
+    o->persistent = 0;
+    list_front(d, o);
+}
+
+void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr)
+{
+    o->tr = tr;
+    o->gen = d->gen;
+    o->persistent = h;
+}
+
+void tpm_obj_drop(tpm_dev *d, tpm_obj *o)
+{
+    if (d->ctx != NULL && o->gen == d->gen) {
+        if (o->persistent != 0)
+            Esys_TR_Close(d->ctx, &o->tr); /* keyx's reference only: the key stays */
+        else if (o->tr != ESYS_TR_NONE)
+            Esys_FlushContext(d->ctx, o->tr);
+        list_unlink(d, o);
+    }
+    Esys_Free(o->saved);
+    o->saved = NULL;
+    o->tr = ESYS_TR_NONE;
+}
+
+/* ---- connection -------------------------------------------------------------------------- */
+
+static TSS2_RC read_curves(tpm_dev *d)
+{
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
+    TSS2_RC rc = Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    TPM2_CAP_ECC_CURVES, 0, TPM2_MAX_ECC_CURVES, &more, &cap);
+
+    if (rc != TSS2_RC_SUCCESS)
+        return rc;
+    d->ncurves = 0;
+    for (UINT32 i = 0; i < cap->data.eccCurves.count && d->ncurves < MAX_CURVES; i++)
+        d->curves[d->ncurves++] = cap->data.eccCurves.eccCurves[i];
+    d->caps_known = 1;
+    Esys_Free(cap);
+    return rc;
+}
+
+static int make_parent(tpm_dev *d)
+{
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_PUBLIC tmpl = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TSS2_RC rc;
+
+    if (d->p->cfg.tpm_parent != 0) {
+        rc = Esys_TR_FromTPMPublic(d->ctx, d->p->cfg.tpm_parent, ESYS_TR_NONE, ESYS_TR_NONE,
+                                   ESYS_TR_NONE, &d->parent);
+        if (rc != TSS2_RC_SUCCESS) {
+            if (rc_is_down(rc))
+                return tpm_fail(d, rc, "reading the storage parent");
+            KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+                     "tpm: tpm-parent 0x%08X is not usable: %s (make one with tpm2_createprimary "
+                     "and tpm2_evictcontrol, or remove tpm-parent)",
+                     (unsigned)d->p->cfg.tpm_parent, Tss2_RC_Decode(rc));
+            return 0;
+        }
+        return 1;
+    }
+    tpm_storage_template(&tmpl.publicArea);
+    TPM_CALL(d, NULL, rc,
+             Esys_CreatePrimary(d->ctx, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                ESYS_TR_NONE, &sens, &tmpl, &outside, &pcrs, &d->parent, NULL, NULL,
+                                NULL, NULL));
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "creating the storage primary key (CreatePrimary, owner)");
+    d->parent_owned = 1;
+    return 1;
+}
+
+/* ESYS's salted session (with the storage parent as salt key). */
+static int start_esys_session(tpm_dev *d)
+{
+    TPMT_SYM_DEF sym = {.algorithm = TPM2_ALG_AES, .keyBits.aes = 128, .mode.aes = TPM2_ALG_CFB};
+    TSS2_RC rc;
+
+    for (int tries = 0;; tries++) {
+        rc = Esys_StartAuthSession(d->ctx, d->parent, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                   ESYS_TR_NONE, NULL, TPM2_SE_HMAC, &sym, TPM2_ALG_SHA256,
+                                   &d->session);
+        if (rc == TPM2_RC_SESSION_MEMORY && tries == 0 && reclaim_foreign(d, HMAC_SESSION_FIRST))
+            continue;
+        if (rc == TPM2_RC_OBJECT_MEMORY && tpm_make_room(d, rc, NULL))
+            continue;
+        break;
+    }
+    if (rc != TSS2_RC_SUCCESS) {
+        d->session = ESYS_TR_NONE;
+        return tpm_fail(d, rc, "starting the encrypted session (StartAuthSession)");
+    }
+    return 1;
+}
+
+/* The session that protects ECDH_ZGen: keyx's own when the parent is an ECC P-256 key (always,
+ * unless tpm-parent names another kind), else ESYS's. Salted with the storage parent: only this
+ * TPM can derive the session key, so someone listening on the bus reads no Z point. */
+static int start_session(tpm_dev *d)
+{
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+
+    d->session = ESYS_TR_NONE;
+    if (!d->p->cfg.tpm_encrypt_sessions)
+        return 1;
+    for (int tries = 0; d->fast_ok && tries < 3; tries++) {
+        if (tpm_fsess_start(&d->fast, d->ctx, d->parent, &rc))
+            return 1;
+        if (rc == TPM2_RC_SESSION_MEMORY && reclaim_foreign(d, HMAC_SESSION_FIRST))
+            continue;
+        if (rc == TPM2_RC_OBJECT_MEMORY && tpm_make_room(d, rc, NULL))
+            continue;
+        break;
+    }
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "starting the encrypted session (StartAuthSession)");
+    return start_esys_session(d);
+}
+
+static int connect_tpm(tpm_dev *d)
+{
+    TSS2_RC rc = Tss2_TctiLdr_Initialize(d->tcti, &d->tcti_ctx);
+    int r;
+
+    if (rc != TSS2_RC_SUCCESS) {
+        d->tcti_ctx = NULL;
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "tpm: cannot open the TPM through TCTI '%s': %s: check tpm-tcti (or "
+                 "KEYX_TPM_TCTI) and that the TPM, swtpm or resource manager is running",
+                 tcti_name(d), Tss2_RC_Decode(rc));
+        return KEYX_BACKEND_DOWN;
+    }
+    if ((rc = Esys_Initialize(&d->ctx, d->tcti_ctx, NULL)) != TSS2_RC_SUCCESS) {
+        d->ctx = NULL;
+        Tss2_TctiLdr_Finalize(&d->tcti_ctx);
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "tpm: ESYS initialization on TCTI '%s': %s",
+                 tcti_name(d), Tss2_RC_Decode(rc));
+        return KEYX_BACKEND_DOWN;
+    }
+    d->pid = getpid();
+    d->gen++;
+    d->was_reset = 0;
+    d->parent = d->session = ESYS_TR_NONE;
+    d->parent_owned = 0;
+    d->reclaimed = 0;
+    rc = read_curves(d);
+    if (rc == TPM2_RC_INITIALIZE) { /* a TPM nobody started (a bare simulator) */
+        if ((rc = Esys_Startup(d->ctx, TPM2_SU_CLEAR)) == TSS2_RC_SUCCESS)
+            rc = read_curves(d);
+    }
+    if (rc != TSS2_RC_SUCCESS) {
+        /* Every failure here is about reaching the TPM at all. */
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "tpm: no answer from the TPM through TCTI '%s': %s: check tpm-tcti (or "
+                 "KEYX_TPM_TCTI) and that the TPM or swtpm is running",
+                 tcti_name(d), Tss2_RC_Decode(rc));
+        disconnect(d);
+        return KEYX_BACKEND_DOWN;
+    }
+    if ((r = make_parent(d)) != 1 || (r = start_session(d)) != 1) {
+        if (d->ctx != NULL) {
+            if (d->parent_owned)
+                Esys_FlushContext(d->ctx, d->parent);
+            disconnect(d);
+        }
+        return r;
+    }
+    d->ready = 1;
+    return 1;
+}
+
+/* While the lock is held, libcrypto calls that the TSS makes on its own (the ECDH that salts
+ * the session, HMACs, parameter encryption) run in keyx's library context: in the
+ * application's, with keyx preferred, they would come back into keyx and this backend. */
+static void lock_dev(tpm_dev *d)
+{
+    pthread_mutex_lock(&d->lock);
+    d->reclaimed = 0;
+    d->app_libctx = OSSL_LIB_CTX_set0_default(d->p->libctx);
+}
+
+static void unlock_dev(tpm_dev *d)
+{
+    OSSL_LIB_CTX_set0_default(d->app_libctx);
+    d->app_libctx = NULL;
+    pthread_mutex_unlock(&d->lock);
+}
+
+int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
+{
+    int r;
+
+    lock_dev(d);
+    if (d->ctx == NULL && (r = connect_tpm(d)) != 1) {
+        unlock_dev(d);
+        return r;
+    }
+    *ctx = d->ctx;
+    return 1;
+}
+
+int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx)
+{
+    lock_dev(d);
+    *ctx = d->ctx;
+    return d->ctx != NULL;
+}
+
+void tpm_end(tpm_dev *d)
+{
+    unlock_dev(d);
+}
+
+ESYS_TR tpm_parent(tpm_dev *d)
+{
+    return d->parent;
+}
+
+int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
+{
+    int r;
+
+    *out = auth ? ESYS_TR_PASSWORD : ESYS_TR_NONE;
+    if (!d->p->cfg.tpm_encrypt_sessions)
+        return 1;
+    if (d->session == ESYS_TR_NONE && (r = start_esys_session(d)) != 1)
+        return r;
+    Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION | crypt, 0xFF);
+    *out = d->session;
+    return 1;
+}
+
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
+{
+    TPM2B_ECC_POINT *res = NULL;
+    ESYS_TR sess;
+    TSS2_RC rc;
+
+    if (d->fast.handle != 0)
+        return tpm_fsess_zgen(&d->fast, d->ctx, key, in, out);
+    /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
+    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
+    if (sess != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
+                                  0xFF);
+    rc = Esys_ECDH_ZGen(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, &res);
+    if (rc == TSS2_RC_SUCCESS) {
+        *out = *res;
+        OPENSSL_cleanse(res, sizeof(*res));
+        Esys_Free(res);
+    }
+    return rc;
+}
+
+static long now_seconds(void)
+{
+    struct timespec ts;
+
+    return clock_gettime(CLOCK_MONOTONIC, &ts) == 0 ? (long)ts.tv_sec : 0;
+}
+
+int tpm_dev_take_reset(tpm_dev *d)
+{
+    int r;
+
+    pthread_mutex_lock(&d->lock);
+    r = d->was_reset;
+    d->was_reset = 0;
+    pthread_mutex_unlock(&d->lock);
+    return r;
+}
+
+int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
+{
+    int known, found = 0;
+
+    lock_dev(d);
+    /* A query (TLS-GROUP lists every group): an unreachable TPM is probed at most every two
+     * seconds, and its error comes with the operation that needs the TPM. */
+    if (!d->caps_known && d->ctx == NULL &&
+        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
+        ERR_set_mark();
+        if (connect_tpm(d) != 1)
+            d->probe_failed = now_seconds();
+        ERR_pop_to_mark();
+    }
+    known = d->caps_known;
+    for (size_t i = 0; i < d->ncurves; i++)
+        found |= d->curves[i] == curve;
+    unlock_dev(d);
+    if (!known)
+        return curve == TPM2_ECC_NIST_P256 || curve == TPM2_ECC_NIST_P384;
+    return found;
+}
+
+/* ---- lifetime ---------------------------------------------------------------------------- */
+
+int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
+{
+    tpm_dev *d = OPENSSL_zalloc(sizeof(*d));
+
+    *out = d;
+    if (d == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    d->p = p;
+    d->tcti = p->cfg.tpm_tcti;
+    d->parent = d->session = ESYS_TR_NONE;
+    pthread_mutex_init(&d->lock, NULL);
+    d->fast_ok = tpm_fsess_init(&d->fast, p->libctx);
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&registry_lock);
+    d->reg_next = registry;
+    registry = d;
+    pthread_mutex_unlock(&registry_lock);
+    return 1;
+}
+
+void tpm_dev_free(tpm_dev *d)
+{
+    if (d == NULL)
+        return;
+    pthread_mutex_lock(&registry_lock);
+    for (tpm_dev **pp = &registry; *pp != NULL; pp = &(*pp)->reg_next)
+        if (*pp == d) {
+            *pp = d->reg_next;
+            break;
+        }
+    pthread_mutex_unlock(&registry_lock);
+    lock_dev(d);
+    if (d->ctx != NULL && d->pid == getpid()) {
+        /* Without a resource manager nothing flushes what a process leaves in the TPM. */
+        for (tpm_obj *o = d->head; o != NULL; o = o->next)
+            if (o->tr != ESYS_TR_NONE)
+                Esys_FlushContext(d->ctx, o->tr);
+        if (d->session != ESYS_TR_NONE)
+            Esys_FlushContext(d->ctx, d->session);
+        tpm_fsess_flush(&d->fast, d->ctx);
+        if (d->parent_owned)
+            Esys_FlushContext(d->ctx, d->parent);
+        disconnect(d);
+    }
+    unlock_dev(d);
+    pthread_mutex_destroy(&d->lock);
+    tpm_fsess_cleanup(&d->fast);
+    OPENSSL_free(d);
+}
+
+struct keyx_provctx *tpm_dev_prov(const tpm_dev *d)
+{
+    return d->p;
+}

@@ -1,0 +1,89 @@
+/* The TPM device layer of the tpm backend: one ESYS context per process behind a lock, opened
+ * lazily through the TCTI loader (`tpm-tcti` / KEYX_TPM_TCTI), reopened after fork() and after
+ * a lost connection; the storage parent (a cached ECC P-256 primary, or `tpm-parent`); the
+ * salted HMAC session that encrypts the secrets the TPM returns; and the TPM's object slots,
+ * shared out among keyx's transient objects without a resource manager (swtpm has three). Key
+ * operations (backend/tpm2.c) run between tpm_begin() and tpm_end(). */
+#ifndef KEYX_BACKEND_TPM2_DEVICE_H
+#define KEYX_BACKEND_TPM2_DEVICE_H
+
+#include <stdint.h>
+
+#include <tss2/tss2_esys.h>
+
+struct keyx_provctx;
+
+typedef struct tpm_dev tpm_dev;
+
+/* A TPM object keyx uses. Transient objects keyx made are flushed when dropped, and may be
+ * context-saved out of the TPM while idle to free a slot; persistent ones are only referenced. */
+typedef struct tpm_obj {
+    ESYS_TR tr;                  /* ESYS_TR_NONE while saved out */
+    TPMS_CONTEXT *saved;         /* context-saved blob while evicted from the TPM */
+    uint64_t gen;                /* connection generation the object belongs to */
+    TPM2_HANDLE persistent;      /* 0x81xxxxxx for persistent keys; 0 for transient objects */
+    uint64_t stamp;              /* last use, for least-recently-used eviction */
+    struct tpm_obj *prev, *next; /* list of transient objects loaded in the TPM */
+    int listed;
+} tpm_obj;
+
+/* Reads the configuration; touches no device. */
+int tpm_dev_new(struct keyx_provctx *p, tpm_dev **out);
+void tpm_dev_free(tpm_dev *d);
+struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
+
+/* 1 if the TPM lists curve (TPM2_CAP_ECC_CURVES). When the TPM cannot be reached, answers for
+ * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. */
+int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
+
+/* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
+ * restarted or reset, or went away mid-command), not a failure to connect: an operation that
+ * creates its object from scratch may retry once, on a new connection. */
+int tpm_dev_take_reset(tpm_dev *d);
+
+/* Locks the device and connects if needed. 1: *ctx usable until tpm_end(); 0 or
+ * KEYX_BACKEND_DOWN with an error raised and the lock released. */
+int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx);
+/* Locks the device without connecting: 1 if connected (for freeing objects). Always tpm_end(). */
+int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx);
+void tpm_end(tpm_dev *d);
+
+/* Inside begin/end. The storage parent; ESYS's session for an auth or non-auth slot (started on
+ * first use), with the given parameter-encryption attributes (TPMA_SESSION_ENCRYPT: response,
+ * _DECRYPT: command) when encrypted sessions are on, else ESYS_TR_PASSWORD (auth) /
+ * ESYS_TR_NONE (non-auth): 1, or 0/KEYX_BACKEND_DOWN with an error raised. */
+ESYS_TR tpm_parent(tpm_dev *d);
+int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
+/* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
+ * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
+
+/* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
+ * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */
+int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr);
+/* Records a transient object just created or loaded as tr. */
+void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr);
+/* Records a persistent object resolved as tr. */
+void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr);
+/* Flushes a transient object (if still in this connection), releases a persistent one. */
+void tpm_obj_drop(tpm_dev *d, tpm_obj *o);
+
+/* Inside begin/end: when rc says the TPM's object memory is full (TPM_RC_OBJECT_MEMORY),
+ * saves out and flushes the least recently used idle object other than keep; 1 if it freed a
+ * slot (retry the command), 0 if nothing could be freed. */
+int tpm_make_room(tpm_dev *d, TSS2_RC rc, const tpm_obj *keep);
+
+/* Runs a TPM command, retrying it while the TPM's object memory is full and keyx can free a
+ * slot. */
+#define TPM_CALL(d, keep, rc, call)                                                                \
+    do {                                                                                           \
+        (rc) = (call);                                                                             \
+    } while (tpm_make_room((d), (rc), (keep)))
+
+/* Inside begin/end: rc != success. Raises "tpm: WHAT failed: <decoded rc> ..." and returns
+ * KEYX_BACKEND_DOWN (connection lost: closed, reopened on next use) or 0 (the TPM refused). */
+int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what);
+/* 1 if rc is a TPM format-one error with the given error number (e.g. TPM2_RC_ECC_POINT). */
+int tpm_rc_is(TSS2_RC rc, TSS2_RC fmt1);
+
+#endif

@@ -1,0 +1,42 @@
+/* keyx's own salted HMAC session for TPM2_ECDH_ZGen. ESYS (tpm2-tss 3.2) computes session
+ * HMACs and parameter encryption by creating a new OpenSSL library context for every hash,
+ * which costs milliseconds per command; keyx computes the same values (TPM 2.0 Part 1, 19.6 and
+ * 21) in its own library context with algorithms fetched once, and sends the command through
+ * the ESYS context's SAPI. The session is salted with the storage parent (ECC), so only this TPM
+ * knows the session key, and the Z point comes back encrypted (AES-128-CFB) with an HMAC that
+ * keyx verifies before using it. */
+#ifndef KEYX_BACKEND_TPM2_SESSION_H
+#define KEYX_BACKEND_TPM2_SESSION_H
+
+#include <openssl/types.h>
+#include <tss2/tss2_esys.h>
+
+typedef struct tpm_fsess {
+    TPM2_HANDLE handle; /* 0: no session */
+    unsigned char key[32];
+    TPM2B_NONCE nonce_tpm;
+    OSSL_LIB_CTX *libctx;
+    EVP_MD *sha256;
+    EVP_MAC *hmac;
+    EVP_CIPHER *aes;
+} tpm_fsess;
+
+/* Fetches the algorithms (once). 0 if libctx lacks them. */
+int tpm_fsess_init(tpm_fsess *s, OSSL_LIB_CTX *libctx);
+void tpm_fsess_cleanup(tpm_fsess *s);
+
+/* Starts the session salted with parent (an ECC P-256 decrypt key with SHA-256 name). Returns
+ * 1; 0 with *rc = TSS2_RC_SUCCESS when the parent cannot salt it this way (use ESYS instead);
+ * 0 with *rc set on a TPM or TSS error. */
+int tpm_fsess_start(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR parent, TSS2_RC *rc);
+/* Forgets the session (after a reconnect it no longer exists). */
+void tpm_fsess_forget(tpm_fsess *s);
+/* Flushes it from the TPM. */
+void tpm_fsess_flush(tpm_fsess *s, ESYS_CONTEXT *ectx);
+
+/* ECDH_ZGen with key authorized by the session and outPoint encrypted. Returns the TPM/TSS
+ * result; TSS2_ESYS_RC_RSP_AUTH_FAILED when the response HMAC does not verify. */
+TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                       TPM2B_ECC_POINT *out);
+
+#endif
