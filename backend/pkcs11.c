@@ -101,15 +101,30 @@ static p11_key *key_new(keyx_provctx *p, keyx_alg alg, const p11_sess *s, CK_OBJ
     return k;
 }
 
-/* Reads one attribute into a new buffer (two C_GetAttributeValue calls). */
-static CK_RV get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
-                      unsigned char **out, size_t *len)
+/* Reads one attribute into a new buffer. With a size hint that fits (an EC point, a DH value:
+ * the group says how long) that is one C_GetAttributeValue; else a size query first. */
+static CK_RV get_attr_hint(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type, size_t hint,
+                           unsigned char **out, size_t *len)
 {
     CK_ATTRIBUTE a = {type, NULL, 0};
-    CK_RV rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1);
+    CK_RV rv;
 
     *out = NULL;
-    if (rv != CKR_OK)
+    if (hint > 0) {
+        if ((a.pValue = *out = OPENSSL_malloc(hint)) == NULL)
+            return CKR_HOST_MEMORY;
+        a.ulValueLen = hint;
+        if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) == CKR_OK) {
+            *len = a.ulValueLen;
+            return CKR_OK;
+        }
+        OPENSSL_free(*out);
+        *out = NULL;
+        if (rv != CKR_BUFFER_TOO_SMALL)
+            return rv;
+        a.pValue = NULL;
+    }
+    if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) != CKR_OK)
         return rv;
     if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > 65536)
         return CKR_ATTRIBUTE_TYPE_INVALID;
@@ -122,6 +137,12 @@ static CK_RV get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
     }
     *len = a.ulValueLen;
     return CKR_OK;
+}
+
+static CK_RV get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
+                      unsigned char **out, size_t *len)
+{
+    return get_attr_hint(s, obj, type, 0, out, len);
 }
 
 static int bn_bytes(const EVP_PKEY *pk, const char *name, unsigned char **out, size_t *len)
@@ -169,7 +190,9 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
         return p11_fail(s, rv, "EC key generation (C_GenerateKeyPair)");
     }
     /* The public point is read once and kept in keyx; the token's public object goes now. */
-    rv = get_attr(s, pubobj, CKA_EC_POINT, &point, &ptlen);
+    /* DER OCTET STRING of an uncompressed point: 04 X Y plus at most 3 header bytes */
+    rv = get_attr_hint(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
+                       &ptlen);
     s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK && (*pub = p11_ec_public(p->libctx, spec->group, point, ptlen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
@@ -221,7 +244,7 @@ static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
         p11_session_put(s, rv);
         return p11_fail(s, rv, "DH key generation (C_GenerateKeyPair)");
     }
-    rv = get_attr(s, pubobj, CKA_VALUE, &y, &ylen);
+    rv = get_attr_hint(s, pubobj, CKA_VALUE, plen, &y, &ylen);
     s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK && (*pub = p11_dh_public(p->libctx, spec->domain, y, ylen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;

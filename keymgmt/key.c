@@ -47,6 +47,12 @@ const char *keyx_group_canonical(const char *name)
     return name;
 }
 
+int keyx_group_prime_order(const char *group)
+{
+    return strcmp(group, "P-256") == 0 || strcmp(group, "P-384") == 0 ||
+           strcmp(group, "P-521") == 0;
+}
+
 keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg)
 {
     keyx_key *k = OPENSSL_zalloc(sizeof(*k));

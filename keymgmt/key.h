@@ -40,6 +40,8 @@ keyx_key *keyx_key_dup(const keyx_key *k, int selection);
 
 /* keyx's name for an OpenSSL group name: "prime256v1" -> "P-256"; others unchanged. */
 const char *keyx_group_canonical(const char *name);
+/* 1 for keyx's named curves P-256/384/521: prime order, cofactor 1. */
+int keyx_group_prime_order(const char *group);
 /* Audit/debug event about this key (keygen, load, ...); no-op when both are off. */
 void keyx_key_event(keyx_key *k, const char *event, int ok, const char *error);
 const char *keyx_key_backend_name(const keyx_key *k);

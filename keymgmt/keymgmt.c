@@ -66,6 +66,10 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
                                        : "public key is malformed or not on the curve";
         if (k->alg == KEYX_ALG_DH && !quick)
             ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
+        else if (k->alg == KEYX_ALG_EC && keyx_group_prime_order(k->group))
+            /* Every point of a prime-order curve (cofactor 1) has order n: the full check's
+             * n*Q == O adds nothing to the quick one (on the curve, not at infinity). */
+            ok = EVP_PKEY_public_check_quick(ctx) == 1;
         else
             ok = (quick ? EVP_PKEY_public_check_quick(ctx) : EVP_PKEY_public_check(ctx)) == 1;
         if (ok && !quick)
