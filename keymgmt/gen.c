@@ -10,6 +10,7 @@
 #include "backend/call.h"
 #include "backend/router.h"
 #include "keymgmt/algtab.h"
+#include "keymgmt/domain_cache.h"
 #include "keymgmt/key.h"
 #include "keymgmt/keymgmt.h"
 #include "provider/audit.h"
@@ -141,6 +142,12 @@ static EVP_PKEY *domain_params(keyx_genctx *g, const OSSL_PARAM *params)
 
     if (g->templ != NULL)
         return EVP_PKEY_up_ref(g->templ) ? g->templ : NULL;
+    /* A named group and nothing else (libssl's key shares): the shared parameters */
+    if (params != NULL && params[0].key != NULL && params[1].key == NULL &&
+        strcmp(params[0].key, OSSL_PKEY_PARAM_GROUP_NAME) == 0 &&
+        params[0].data_type == OSSL_PARAM_UTF8_STRING &&
+        (dom = keyx_domain_cache_get(g->p->domains, g->p->libctx, g->alg, params[0].data)) != NULL)
+        return dom;
     ctx = EVP_PKEY_CTX_new_from_name(g->p->libctx, keyx_alg_name(g->alg), NULL);
     if (ctx == NULL || EVP_PKEY_paramgen_init(ctx) != 1 ||
         (params != NULL && EVP_PKEY_CTX_set_params(ctx, params) != 1) ||

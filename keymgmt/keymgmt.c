@@ -255,8 +255,17 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
     const OSSL_PARAM *enc = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
     EVP_PKEY *pub;
 
-    if (enc == NULL)
-        return k->pub == NULL || EVP_PKEY_set_params(k->pub, (OSSL_PARAM *)params) == 1;
+    if (enc == NULL) {
+        /* Views are shared (duplicates, the named-group cache): a changed one is a copy. */
+        if (k->pub == NULL)
+            return 1;
+        pub = EVP_PKEY_dup(k->pub);
+        if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
+            EVP_PKEY_free(pub);
+            return 0;
+        }
+        return keyx_key_set_pub(k, pub);
+    }
     if (keyx_key_has_private(k)) {
         KEYX_ERR(k->prov, KEYX_R_INVALID_ARGUMENT,
                  "cannot replace the public key of a %s private key", keyx_alg_name(k->alg));

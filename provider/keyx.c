@@ -8,6 +8,7 @@
 
 #include "backend/router.h"
 #include "keymgmt/algtab.h"
+#include "keymgmt/domain_cache.h"
 #include "provider/audit.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
@@ -123,6 +124,7 @@ static void keyx_provctx_free(keyx_provctx *p)
     if (p == NULL)
         return;
     keyx_router_free(p->router);
+    keyx_domain_cache_free(p->domains);
     keyx_algtab_free(p->algs);
     keyx_audit_close(p->audit);
     keyx_config_free(&p->cfg);
@@ -177,7 +179,8 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
         goto err;
     if (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL)
         goto err;
-    if (!keyx_algtab_new(p) || !keyx_router_new(p, &p->router))
+    if (!keyx_algtab_new(p) || !keyx_router_new(p, &p->router) ||
+        (p->domains = keyx_domain_cache_new()) == NULL)
         goto err;
 
     p->initialized = 1;

@@ -11,6 +11,7 @@
 struct keyx_audit;
 struct keyx_router;
 struct keyx_algtab;
+struct keyx_domain_cache;
 
 typedef struct keyx_provctx {
     const OSSL_CORE_HANDLE *handle;
@@ -20,9 +21,10 @@ typedef struct keyx_provctx {
     OSSL_LIB_CTX *libctx;
     OSSL_PROVIDER *dflt;
     keyx_config cfg;
-    struct keyx_audit *audit;   /* NULL when audit-log is off */
-    struct keyx_router *router; /* the configured backends, in order */
-    struct keyx_algtab *algs;   /* default provider's keymgmt tables, fetched once */
+    struct keyx_audit *audit;          /* NULL when audit-log is off */
+    struct keyx_router *router;        /* the configured backends, in order */
+    struct keyx_algtab *algs;          /* default provider's keymgmt tables, fetched once */
+    struct keyx_domain_cache *domains; /* named groups' parameters, made once */
     /* Core error functions: keyx errors carry keyx's own library code and reason strings. */
     OSSL_FUNC_core_new_error_fn *core_new_error;
     OSSL_FUNC_core_set_error_debug_fn *core_set_error_debug;
