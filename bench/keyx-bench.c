@@ -470,13 +470,13 @@ static void print_json(void)
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
 
-        printf("%s\n  {\"impl\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", \"ops_per_s\": %.3f, "
-               "\"min\": %.3f, \"max\": %.3f, \"cpu_us_per_op\": %.3f, \"secret_check\": true, "
+        printf("%s\n  {\"impl\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", \"ops_per_s\": %.4f, "
+               "\"min\": %.4f, \"max\": %.4f, \"cpu_us_per_op\": %.4f, \"secret_check\": true, "
                "\"rounds\": [",
                i ? "," : "", impl_names[c->impl], c->alg->name, op_names[c->op], c->median, c->min,
                c->max, c->cpu_median);
         for (int r = 0; r < c->nrounds; r++)
-            printf("%s%.3f", r ? ", " : "", c->ops[r]);
+            printf("%s%.4f", r ? ", " : "", c->ops[r]);
         printf("]");
         if (c->mem_done)
             printf(", \"memory\": {\"ops\": %ld, \"rss_growth_kb\": %ld}", c->mem_ops,
