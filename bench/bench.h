@@ -78,4 +78,11 @@ int raw_p11_destroy(raw_p11 *r, unsigned long obj);
 int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
                           const unsigned char *peer, size_t peerlen, unsigned char *out);
 
+/* Call counting: swaps the entries of the module's function list (shared with keyx in this
+ * process) for counting wrappers until raw_p11_count_end. 1 ok, 0 not possible. */
+#define RAW_P11_NCOUNTED 18
+int raw_p11_count_begin(raw_p11 *r);
+void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
+const char *raw_p11_count_name(int i);
+
 #endif

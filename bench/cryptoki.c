@@ -4,9 +4,12 @@
  * buffer, one C_DeriveKey into a generic secret, one read, the destroys. The templates are those
  * of a careful implementation: session objects, private keys sensitive and not extractable. */
 #include <dlfcn.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
@@ -379,4 +382,110 @@ int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
         return 0;
     ok = raw_p11_derive(r, alg, priv, peer, peerlen, out);
     return raw_p11_destroy(r, priv) && ok;
+}
+
+/* ---- call counting ---------------------------------------------------------------------------
+ * keyx and these raw rows share one CK_FUNCTION_LIST (the module's own table) in this process.
+ * For a counting pass, its entries are swapped for wrappers that count and forward to the saved
+ * originals; raw_p11_count_end puts the originals back. Never active while a cell is timed. */
+
+static CK_FUNCTION_LIST saved;
+static unsigned long counts[RAW_P11_NCOUNTED];
+
+#define WRAP(idx, name, params, args)                                                              \
+    static CK_RV count_##name params                                                               \
+    {                                                                                              \
+        counts[idx]++;                                                                             \
+        return saved.name args;                                                                    \
+    }
+
+WRAP(0, C_GetSlotList, (CK_BBOOL a, CK_SLOT_ID_PTR b, CK_ULONG_PTR c), (a, b, c))
+WRAP(1, C_GetTokenInfo, (CK_SLOT_ID a, CK_TOKEN_INFO_PTR b), (a, b))
+WRAP(2, C_GetMechanismList, (CK_SLOT_ID a, CK_MECHANISM_TYPE_PTR b, CK_ULONG_PTR c), (a, b, c))
+WRAP(3, C_GetMechanismInfo, (CK_SLOT_ID a, CK_MECHANISM_TYPE b, CK_MECHANISM_INFO_PTR c), (a, b, c))
+WRAP(4, C_OpenSession,
+     (CK_SLOT_ID a, CK_FLAGS b, CK_VOID_PTR c, CK_NOTIFY d, CK_SESSION_HANDLE_PTR e),
+     (a, b, c, d, e))
+WRAP(5, C_CloseSession, (CK_SESSION_HANDLE a), (a))
+WRAP(6, C_GetSessionInfo, (CK_SESSION_HANDLE a, CK_SESSION_INFO_PTR b), (a, b))
+WRAP(7, C_Login, (CK_SESSION_HANDLE a, CK_USER_TYPE b, CK_UTF8CHAR_PTR c, CK_ULONG d), (a, b, c, d))
+WRAP(8, C_CreateObject,
+     (CK_SESSION_HANDLE a, CK_ATTRIBUTE_PTR b, CK_ULONG c, CK_OBJECT_HANDLE_PTR d), (a, b, c, d))
+WRAP(9, C_DestroyObject, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b), (a, b))
+WRAP(10, C_GetAttributeValue,
+     (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE b, CK_ATTRIBUTE_PTR c, CK_ULONG d), (a, b, c, d))
+WRAP(11, C_FindObjectsInit, (CK_SESSION_HANDLE a, CK_ATTRIBUTE_PTR b, CK_ULONG c), (a, b, c))
+WRAP(12, C_FindObjects, (CK_SESSION_HANDLE a, CK_OBJECT_HANDLE_PTR b, CK_ULONG c, CK_ULONG_PTR d),
+     (a, b, c, d))
+WRAP(13, C_FindObjectsFinal, (CK_SESSION_HANDLE a), (a))
+WRAP(14, C_GenerateKeyPair,
+     (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_ATTRIBUTE_PTR c, CK_ULONG d, CK_ATTRIBUTE_PTR e,
+      CK_ULONG f, CK_OBJECT_HANDLE_PTR g, CK_OBJECT_HANDLE_PTR h),
+     (a, b, c, d, e, f, g, h))
+WRAP(15, C_DeriveKey,
+     (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c, CK_ATTRIBUTE_PTR d, CK_ULONG e,
+      CK_OBJECT_HANDLE_PTR f),
+     (a, b, c, d, e, f))
+WRAP(16, C_GenerateRandom, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c), (a, b, c))
+WRAP(17, C_GetSlotInfo, (CK_SLOT_ID a, CK_SLOT_INFO_PTR b), (a, b))
+
+static const char *const count_names[RAW_P11_NCOUNTED] = {
+    "C_GetSlotList",    "C_GetTokenInfo",     "C_GetMechanismList",  "C_GetMechanismInfo",
+    "C_OpenSession",    "C_CloseSession",     "C_GetSessionInfo",    "C_Login",
+    "C_CreateObject",   "C_DestroyObject",    "C_GetAttributeValue", "C_FindObjectsInit",
+    "C_FindObjects",    "C_FindObjectsFinal", "C_GenerateKeyPair",   "C_DeriveKey",
+    "C_GenerateRandom", "C_GetSlotInfo",
+};
+
+const char *raw_p11_count_name(int i)
+{
+    return i >= 0 && i < RAW_P11_NCOUNTED ? count_names[i] : NULL;
+}
+
+/* Makes the table's page(s) writable when the module keeps it read-only. */
+static int table_writable(CK_FUNCTION_LIST_PTR f)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)f & ~(uintptr_t)(page - 1);
+    uintptr_t end = (uintptr_t)f + sizeof(*f);
+
+    return mprotect((void *)start, end - start, PROT_READ | PROT_WRITE) == 0;
+}
+
+int raw_p11_count_begin(raw_p11 *r)
+{
+    CK_FUNCTION_LIST_PTR f = r->f;
+
+    if (!table_writable(f)) {
+        fprintf(stderr, "keyx-bench: cannot make the module's function list writable: no call "
+                        "counts\n");
+        return 0;
+    }
+    saved = *f;
+    memset(counts, 0, sizeof(counts));
+    f->C_GetSlotList = count_C_GetSlotList;
+    f->C_GetTokenInfo = count_C_GetTokenInfo;
+    f->C_GetMechanismList = count_C_GetMechanismList;
+    f->C_GetMechanismInfo = count_C_GetMechanismInfo;
+    f->C_OpenSession = count_C_OpenSession;
+    f->C_CloseSession = count_C_CloseSession;
+    f->C_GetSessionInfo = count_C_GetSessionInfo;
+    f->C_Login = count_C_Login;
+    f->C_CreateObject = count_C_CreateObject;
+    f->C_DestroyObject = count_C_DestroyObject;
+    f->C_GetAttributeValue = count_C_GetAttributeValue;
+    f->C_FindObjectsInit = count_C_FindObjectsInit;
+    f->C_FindObjects = count_C_FindObjects;
+    f->C_FindObjectsFinal = count_C_FindObjectsFinal;
+    f->C_GenerateKeyPair = count_C_GenerateKeyPair;
+    f->C_DeriveKey = count_C_DeriveKey;
+    f->C_GenerateRandom = count_C_GenerateRandom;
+    f->C_GetSlotInfo = count_C_GetSlotInfo;
+    return 1;
+}
+
+void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED])
+{
+    *r->f = saved;
+    memcpy(out, counts, sizeof(counts));
 }

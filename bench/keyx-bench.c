@@ -25,6 +25,10 @@
  * key (static-derive); keygen+derive = C_GenerateKeyPair (session objects) + read of the public
  * value + the derive + destroys.
  *
+ * Cryptoki calls: after the timed rounds, the calls every pkcs11 cell makes per operation,
+ * counted by wrappers swapped into the module's function list (shared by keyx and the raw rows)
+ * for --count-ops untimed operations, then removed.
+ *
  * Memory: after the timed rounds, resident set growth (/proc/self/statm) over --mem-ops more
  * operations of every cell of --mem-alg.
  *
@@ -122,6 +126,8 @@ typedef struct cell {
     long mem_ops;
     long mem_growth_kb;
     int mem_done;
+    double calls[RAW_P11_NCOUNTED]; /* Cryptoki calls per operation */
+    long calls_ops;
 } cell;
 
 static struct {
@@ -130,24 +136,21 @@ static struct {
     int json;
     const char *only;
     long mem_ops;
+    long count_ops;
     const char *mem_alg;
     int npeers;
     const char *sw_config, *p11_config;
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
-} opt = {5,
-         1.0,
-         0,
-         NULL,
-         10000,
-         "P-256",
-         64,
-         NULL,
-         NULL,
-         "/usr/lib/softhsm/libsofthsm2.so",
-         NULL,
-         NULL,
-         "bench-ecdh",
-         NULL};
+} opt = {
+    .rounds = 5,
+    .seconds = 1.0,
+    .mem_ops = 10000,
+    .count_ops = 100,
+    .mem_alg = "P-256",
+    .npeers = 64,
+    .p11_module = "/usr/lib/softhsm/libsofthsm2.so",
+    .p11_key = "bench-ecdh",
+};
 
 static OSSL_LIB_CTX *libctx[N_IMPL];
 static raw_p11 *raw;
@@ -354,6 +357,33 @@ static void measure(cell *c)
     c->nrounds++;
 }
 
+/* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
+static void count_calls(cell *c)
+{
+    unsigned long n[RAW_P11_NCOUNTED];
+
+    if (!raw_p11_count_begin(raw))
+        return;
+    for (long i = 0; i < opt.count_ops; i++)
+        if (!run_once(c)) {
+            raw_p11_count_end(raw, n);
+            die(c->name);
+        }
+    raw_p11_count_end(raw, n);
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        c->calls[i] = (double)n[i] / (double)opt.count_ops;
+    c->calls_ops = opt.count_ops;
+}
+
+static double calls_total(const cell *c)
+{
+    double t = 0;
+
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        t += c->calls[i];
+    return t;
+}
+
 static void measure_memory(cell *c)
 {
     long before, after;
@@ -447,6 +477,23 @@ static void print_table(void)
                        ? "  BELOW TARGET"
                        : "");
         }
+    if (raw != NULL && opt.count_ops > 0) {
+        printf("\nCryptoki calls per operation (counted over %ld untimed operations per cell)\n",
+               opt.count_ops);
+        printf("%-14s %-10s %-14s %6s  %s\n", "impl", "alg", "op", "total", "calls");
+        for (size_t i = 0; i < ncells; i++) {
+            const cell *c = &cells[i];
+
+            if (c->calls_ops == 0)
+                continue;
+            printf("%-14s %-10s %-14s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+                   calls_total(c));
+            for (int k = 0; k < RAW_P11_NCOUNTED; k++)
+                if (c->calls[k] > 0)
+                    printf(" %s %.2f", raw_p11_count_name(k) + 2, c->calls[k]);
+            printf("\n");
+        }
+    }
     if (opt.mem_ops > 0) {
         printf("\nmemory (resident set growth over N more operations after the rounds)\n");
         printf("%-14s %-10s %-14s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
@@ -481,6 +528,14 @@ static void print_json(void)
         if (c->mem_done)
             printf(", \"memory\": {\"ops\": %ld, \"rss_growth_kb\": %ld}", c->mem_ops,
                    c->mem_growth_kb);
+        if (c->calls_ops > 0) {
+            printf(", \"cryptoki_calls_per_op\": {\"ops\": %ld, \"total\": %.4f", c->calls_ops,
+                   calls_total(c));
+            for (int k = 0; k < RAW_P11_NCOUNTED; k++)
+                if (c->calls[k] > 0)
+                    printf(", \"%s\": %.4f", raw_p11_count_name(k), c->calls[k]);
+            printf("}");
+        }
         printf("}");
     }
     printf("\n], \"ratios\": [");
@@ -523,11 +578,13 @@ static void usage(FILE *fp)
             "  --peers N               peer public keys in the pool (default %d)\n"
             "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
             "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
+            "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
+            "(default %ld)\n"
             "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
             "  --json                  JSON on stdout instead of the table\n"
             "Without --software-config or --pkcs11-config those rows are left out.\n",
             opt.p11_module, opt.p11_key, opt.rounds, opt.seconds, opt.npeers, opt.mem_ops,
-            opt.mem_alg);
+            opt.mem_alg, opt.count_ops);
 }
 
 static void parse_args(int argc, char **argv)
@@ -545,6 +602,7 @@ static void parse_args(int argc, char **argv)
         {"peers", required_argument, NULL, 'n'},
         {"mem-ops", required_argument, NULL, 'M'},
         {"mem-alg", required_argument, NULL, 'A'},
+        {"count-ops", required_argument, NULL, 'C'},
         {"only", required_argument, NULL, 'o'},
         {"json", no_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
@@ -598,6 +656,11 @@ static void parse_args(int argc, char **argv)
             break;
         case 'A':
             opt.mem_alg = optarg;
+            break;
+        case 'C':
+            opt.count_ops = strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.count_ops < 0)
+                goto bad;
             break;
         case 'o':
             opt.only = optarg;
@@ -704,6 +767,10 @@ int main(int argc, char **argv)
             measure(&cells[i]);
     for (size_t i = 0; i < ncells; i++)
         summarize(&cells[i]);
+    if (raw != NULL && opt.count_ops > 0)
+        for (size_t i = 0; i < ncells; i++)
+            if (cells[i].impl == IMPL_PKCS11 || cells[i].impl == IMPL_RAW_PKCS11)
+                count_calls(&cells[i]);
     if (opt.mem_ops > 0)
         for (size_t i = 0; i < ncells; i++)
             if (strcmp(cells[i].alg->name, opt.mem_alg) == 0)
