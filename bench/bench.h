@@ -35,6 +35,9 @@ EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned
                            size_t publen);
 /* EVP_PKEY_keygen in L for the group (libssl's ssl_generate_pkey_group). */
 EVP_PKEY *bench_keygen(OSSL_LIB_CTX *L, const bench_alg *alg);
+/* 1 (libssl's behaviour): EVP_PKEY_derive_set_peer validates the peer (EVP_PKEY_public_check);
+ * 0: --no-peer-validation, a diagnostic that shows what validation costs. */
+extern int bench_validate_peer;
 /* libssl's ssl_derive: new context from own, set peer, size query, derive into out (secretlen). */
 int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *out,
                  size_t *outlen);

@@ -65,6 +65,8 @@ EVP_PKEY *bench_keygen(OSSL_LIB_CTX *L, const bench_alg *alg)
     return k;
 }
 
+int bench_validate_peer = 1;
+
 int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *out, size_t *outlen)
 {
     EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(L, own, NULL);
@@ -76,8 +78,9 @@ int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *
     /* TLS 1.3 pads the ffdhe secret to |p| (RFC 8446 7.4.1), as libssl asks. */
     if (EVP_PKEY_is_a(own, "DH") && EVP_PKEY_CTX_set_dh_pad(pctx, 1) <= 0)
         goto end;
-    if (EVP_PKEY_derive_set_peer(pctx, peer) <= 0 || EVP_PKEY_derive(pctx, NULL, &len) <= 0 ||
-        len > *outlen || EVP_PKEY_derive(pctx, out, &len) <= 0)
+    if (EVP_PKEY_derive_set_peer_ex(pctx, peer, bench_validate_peer) <= 0 ||
+        EVP_PKEY_derive(pctx, NULL, &len) <= 0 || len > *outlen ||
+        EVP_PKEY_derive(pctx, out, &len) <= 0)
         goto end;
     *outlen = len;
     ok = 1;

@@ -445,8 +445,12 @@ static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
 static void print_table(void)
 {
     printf("keyx-bench: %d rounds x %.2f s per cell, interleaved; ops/s = median of rounds "
-           "(wall clock), min-max over rounds; cpu = median CPU us per op\n\n",
+           "(wall clock), min-max over rounds; cpu = median CPU us per op\n",
            opt.rounds, opt.seconds);
+    if (!bench_validate_peer)
+        printf("DIAGNOSTIC RUN: peers set without validation (--no-peer-validation); libssl "
+               "validates\n");
+    printf("\n");
     printf("%-14s %-10s %-14s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
            "cpu us/op", "secret");
     for (size_t i = 0; i < ncells; i++) {
@@ -513,7 +517,8 @@ static void print_json(void)
 {
     int first = 1;
 
-    printf("{\"rounds\": %d, \"seconds\": %g, \"cells\": [", opt.rounds, opt.seconds);
+    printf("{\"rounds\": %d, \"seconds\": %g, \"peer_validation\": %s, \"cells\": [", opt.rounds,
+           opt.seconds, bench_validate_peer ? "true" : "false");
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
 
@@ -582,6 +587,8 @@ static void usage(FILE *fp)
             "(default %ld)\n"
             "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
             "  --json                  JSON on stdout instead of the table\n"
+            "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
+            "(libssl always checks)\n"
             "Without --software-config or --pkcs11-config those rows are left out.\n",
             opt.p11_module, opt.p11_key, opt.rounds, opt.seconds, opt.npeers, opt.mem_ops,
             opt.mem_alg, opt.count_ops);
@@ -605,6 +612,7 @@ static void parse_args(int argc, char **argv)
         {"count-ops", required_argument, NULL, 'C'},
         {"only", required_argument, NULL, 'o'},
         {"json", no_argument, NULL, 'j'},
+        {"no-peer-validation", no_argument, NULL, 'V'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -667,6 +675,9 @@ static void parse_args(int argc, char **argv)
             break;
         case 'j':
             opt.json = 1;
+            break;
+        case 'V':
+            bench_validate_peer = 0;
             break;
         case 'h':
             usage(stdout);

@@ -100,7 +100,7 @@ def test_bench_table_has_every_row(cnf, token):
 def test_bench_json(cnf, token):
     r = run_bench(bench_args(cnf, token, "--json", "--rounds", "2"), token).ok("keyx-bench --json")
     doc = json.loads(r.out)
-    assert doc["rounds"] == 2
+    assert doc["rounds"] == 2 and doc["peer_validation"] is True
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
     assert len(cells) == len(doc["cells"]), "a cell appears twice"
     assert set(cells) == expected_cells()
