@@ -153,6 +153,7 @@ static struct {
 };
 
 static OSSL_LIB_CTX *libctx[N_IMPL];
+static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
 static EVP_PKEY *dh_domain; /* ffdhe2048 parameters for the raw DH cells */
 static bench_peers peers[N_ALG];
@@ -749,7 +750,7 @@ int main(int argc, char **argv)
 
     /* The default provider always: peers and cross-checks come from it. */
     if ((libctx[IMPL_DEFAULT] = OSSL_LIB_CTX_new()) == NULL ||
-        OSSL_PROVIDER_load(libctx[IMPL_DEFAULT], "default") == NULL)
+        (default_prov = OSSL_PROVIDER_load(libctx[IMPL_DEFAULT], "default")) == NULL)
         die("loading the default provider");
     if (need[IMPL_SOFTWARE])
         libctx[IMPL_SOFTWARE] = keyx_libctx(opt.sw_config);
@@ -807,6 +808,7 @@ int main(int argc, char **argv)
         bench_peers_free(&peers[a]);
     EVP_PKEY_free(dh_domain);
     raw_p11_end_session(raw);
+    OSSL_PROVIDER_unload(default_prov);
     for (int i = N_IMPL - 1; i >= 0; i--)
         OSSL_LIB_CTX_free(libctx[i]);
     raw_p11_close(raw);
