@@ -20,7 +20,7 @@ typedef struct bench_alg {
  * peer sends, imported afresh for every operation as libssl does. */
 typedef struct bench_peers {
     const bench_alg *alg;
-    size_t n, next;
+    size_t n;
     EVP_PKEY **priv;     /* in the default provider's libctx, for cross-checks */
     unsigned char **pub; /* encoded public keys (EC point, X25519 u, DH y padded to |p|) */
     size_t *publen;
@@ -41,8 +41,8 @@ extern int bench_validate_peer;
 /* libssl's ssl_derive: new context from own, set peer, size query, derive into out (secretlen). */
 int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *out,
                  size_t *outlen);
-/* One libssl-pattern derive of own (in L) with the next peer: import the peer, derive, free. */
-int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp);
+/* One libssl-pattern derive of own (in L) with peer i of the pool: import it, derive, free. */
+int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp, size_t i);
 /* Cross-check: own (any libctx) derives with pool peer 0 the same secret as the default
  * provider derives from that peer's private key and own's public key. 1 equal, 0 not/error. */
 int bench_check_against_default(OSSL_LIB_CTX *L, OSSL_LIB_CTX *deflt, EVP_PKEY *own,
@@ -66,6 +66,9 @@ raw_p11 *raw_p11_open(const char *module, const char *token, const char *pin_fil
 void raw_p11_end_session(raw_p11 *r);
 /* Closes the session if still open; finalizes the module only if raw_p11_open initialized it. */
 void raw_p11_close(raw_p11 *r);
+/* A worker thread's own session (the login is the application's, shared by all sessions). */
+int raw_p11_thread_begin(raw_p11 *r);
+void raw_p11_thread_end(raw_p11 *r);
 /* Encoded public key (EC point) of the token key. */
 int raw_p11_token_pub(raw_p11 *r, const unsigned char **pub, size_t *publen);
 /* Generates a session key pair for alg (EC P-256 or DH with the default provider's p, g from

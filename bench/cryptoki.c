@@ -32,6 +32,11 @@ struct raw_p11 {
 };
 
 static const CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+
+/* A session serves one thread at a time: a worker thread opens its own (raw_p11_thread_begin),
+ * used by every operation of that thread; other threads use the one raw_p11_open made. */
+static _Thread_local CK_SESSION_HANDLE thread_session;
+#define SESS(r) (thread_session != CK_INVALID_HANDLE ? thread_session : (r)->h)
 /* DER OID of prime256v1, the CKA_EC_PARAMS of a P-256 key. */
 static const unsigned char p256_params[] = {0x06, 0x08, 0x2A, 0x86, 0x48,
                                             0xCE, 0x3D, 0x03, 0x01, 0x07};
@@ -216,6 +221,24 @@ void raw_p11_close(raw_p11 *r)
     free(r);
 }
 
+int raw_p11_thread_begin(raw_p11 *r)
+{
+    CK_SESSION_INFO info;
+    CK_RV rv = r->f->C_GetSessionInfo(r->h, &info);
+
+    if (rv == CKR_OK)
+        rv = r->f->C_OpenSession(info.slotID, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL,
+                                 &thread_session);
+    return rv == CKR_OK ? 1 : fail("C_OpenSession (worker thread)", rv);
+}
+
+void raw_p11_thread_end(raw_p11 *r)
+{
+    if (thread_session != CK_INVALID_HANDLE)
+        r->f->C_CloseSession(thread_session);
+    thread_session = CK_INVALID_HANDLE;
+}
+
 int raw_p11_token_pub(raw_p11 *r, const unsigned char **pub, size_t *publen)
 {
     *pub = r->point;
@@ -272,16 +295,16 @@ static int keygen(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom, CK_OBJE
         fprintf(stderr, "keyx-bench: raw Cryptoki rows exist for P-256 and ffdhe only\n");
         return 0;
     }
-    rv = ec ? r->f->C_GenerateKeyPair(r->h, &mech, ect, NATTR(ect), privt, NATTR(privt), &pubobj,
+    rv = ec ? r->f->C_GenerateKeyPair(SESS(r), &mech, ect, NATTR(ect), privt, NATTR(privt), &pubobj,
                                       priv)
-            : r->f->C_GenerateKeyPair(r->h, &mech, dht, NATTR(dht), privt, NATTR(privt), &pubobj,
+            : r->f->C_GenerateKeyPair(SESS(r), &mech, dht, NATTR(dht), privt, NATTR(privt), &pubobj,
                                       priv);
     if (rv != CKR_OK)
         return fail("C_GenerateKeyPair", rv);
-    rv = r->f->C_GetAttributeValue(r->h, pubobj, &pa, 1);
-    r->f->C_DestroyObject(r->h, pubobj);
+    rv = r->f->C_GetAttributeValue(SESS(r), pubobj, &pa, 1);
+    r->f->C_DestroyObject(SESS(r), pubobj);
     if (rv != CKR_OK) {
-        r->f->C_DestroyObject(r->h, *priv);
+        r->f->C_DestroyObject(SESS(r), *priv);
         return fail("C_GetAttributeValue(public value)", rv);
     }
     if (ec) {
@@ -297,7 +320,7 @@ static int keygen(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom, CK_OBJE
     }
     return 1;
 bad:
-    r->f->C_DestroyObject(r->h, *priv);
+    r->f->C_DestroyObject(SESS(r), *priv);
     fprintf(stderr, "keyx-bench: unexpected public value from C_GenerateKeyPair\n");
     return 0;
 }
@@ -312,7 +335,7 @@ int raw_p11_keygen(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom, unsign
     if (!keygen(r, alg, dom, &h, buf, &len))
         return 0;
     if ((*pub = OPENSSL_memdup(buf, len)) == NULL) {
-        r->f->C_DestroyObject(r->h, h);
+        r->f->C_DestroyObject(SESS(r), h);
         return 0;
     }
     *publen = len;
@@ -347,11 +370,11 @@ int raw_p11_derive(raw_p11 *r, const bench_alg *alg, unsigned long priv, const u
     } else {
         mech = (CK_MECHANISM){CKM_DH_PKCS_DERIVE, (void *)peer, peerlen};
     }
-    rv = r->f->C_DeriveKey(r->h, &mech, priv != 0 ? priv : r->key, t, NATTR(t), &obj);
+    rv = r->f->C_DeriveKey(SESS(r), &mech, priv != 0 ? priv : r->key, t, NATTR(t), &obj);
     if (rv != CKR_OK)
         return fail("C_DeriveKey", rv);
-    rv = r->f->C_GetAttributeValue(r->h, obj, &value, 1);
-    r->f->C_DestroyObject(r->h, obj);
+    rv = r->f->C_GetAttributeValue(SESS(r), obj, &value, 1);
+    r->f->C_DestroyObject(SESS(r), obj);
     if (rv != CKR_OK)
         return fail("C_GetAttributeValue(CKA_VALUE)", rv);
     if (value.ulValueLen < alg->secretlen) { /* leading zeros stripped: fixed-size form */
@@ -365,7 +388,7 @@ int raw_p11_derive(raw_p11 *r, const bench_alg *alg, unsigned long priv, const u
 
 int raw_p11_destroy(raw_p11 *r, unsigned long obj)
 {
-    CK_RV rv = r->f->C_DestroyObject(r->h, obj);
+    CK_RV rv = r->f->C_DestroyObject(SESS(r), obj);
 
     return rv == CKR_OK ? 1 : fail("C_DestroyObject", rv);
 }

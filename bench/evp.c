@@ -89,14 +89,15 @@ end:
     return ok;
 }
 
-int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp)
+int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp, size_t i)
 {
-    size_t i = pp->next++ % pp->n, len;
+    size_t len;
     unsigned char secret[1024];
-    EVP_PKEY *peer = bench_pub_import(L, pp->alg, pp->pub[i], pp->publen[i]);
+    EVP_PKEY *peer;
     int ok;
 
-    if (peer == NULL)
+    i %= pp->n;
+    if ((peer = bench_pub_import(L, pp->alg, pp->pub[i], pp->publen[i])) == NULL)
         return 0;
     len = sizeof(secret);
     ok = bench_derive(L, own, peer, secret, &len);

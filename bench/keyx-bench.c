@@ -29,12 +29,17 @@
  * counted by wrappers swapped into the module's function list (shared by keyx and the raw rows)
  * for --count-ops untimed operations, then removed.
  *
+ * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
+ * again on N threads at once (each thread its own peer sequence; the raw rows each thread its
+ * own session); the figure is the sum of the threads' rates, "scaling" its ratio to one thread.
+ *
  * Memory: after the timed rounds, resident set growth (/proc/self/statm) over --mem-ops more
  * operations of every cell of --mem-alg.
  *
  * Adding a backend (TPM: keyx-tpm and raw-esys): one impl_id, its libctx or raw state in setup(),
  * its operations in run_once(), its rows in PLAN and its ratios in RATIOS. */
 #include <getopt.h>
+#include <pthread.h>
 #include <regex.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,6 +133,9 @@ typedef struct cell {
     int mem_done;
     double calls[RAW_P11_NCOUNTED]; /* Cryptoki calls per operation */
     long calls_ops;
+    size_t next; /* peer index of single-threaded runs */
+    /* with --threads N > 1: the same cell run by N threads at once, in the same rounds */
+    double mt_ops[MAX_ROUNDS], mt_median;
 } cell;
 
 static struct {
@@ -137,6 +145,7 @@ static struct {
     const char *only;
     long mem_ops;
     long count_ops;
+    int threads;
     const char *mem_alg;
     int npeers;
     const char *sw_config, *p11_config;
@@ -146,6 +155,7 @@ static struct {
     .seconds = 1.0,
     .mem_ops = 10000,
     .count_ops = 100,
+    .threads = 1,
     .mem_alg = "P-256",
     .npeers = 64,
     .p11_module = "/usr/lib/softhsm/libsofthsm2.so",
@@ -307,11 +317,12 @@ static void setup(cell *c)
 
 /* ---- one operation ---------------------------------------------------------------------- */
 
-static int run_once(cell *c)
+/* One operation; *next picks the peer (each thread has its own counter). */
+static int run_once(cell *c, size_t *next)
 {
     if (c->impl == IMPL_RAW_PKCS11) {
         bench_peers *pp = c->peers;
-        size_t i = pp->next++ % pp->n;
+        size_t i = (*next)++ % pp->n;
         unsigned char secret[512];
         int ok;
 
@@ -333,13 +344,13 @@ static int run_once(cell *c)
         EVP_PKEY *k = bench_keygen(c->L, c->alg);
         unsigned char *pub = NULL;
         int ok = k != NULL && EVP_PKEY_get1_encoded_public_key(k, &pub) != 0 &&
-                 bench_derive_fresh_peer(c->L, k, c->peers);
+                 bench_derive_fresh_peer(c->L, k, c->peers, (*next)++);
 
         OPENSSL_free(pub);
         EVP_PKEY_free(k);
         return ok;
     }
-    return bench_derive_fresh_peer(c->L, c->own, c->peers);
+    return bench_derive_fresh_peer(c->L, c->own, c->peers, (*next)++);
 }
 
 static void measure(cell *c)
@@ -348,7 +359,7 @@ static void measure(cell *c)
     double t0 = clock_s(CLOCK_MONOTONIC), c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t;
 
     do {
-        if (!run_once(c))
+        if (!run_once(c, &c->next))
             die(c->name);
         n++;
         t = clock_s(CLOCK_MONOTONIC);
@@ -356,6 +367,68 @@ static void measure(cell *c)
     c->ops[c->nrounds] = (double)n / (t - t0);
     c->cpu_us[c->nrounds] = (clock_s(CLOCK_PROCESS_CPUTIME_ID) - c0) / (double)n * 1e6;
     c->nrounds++;
+}
+
+typedef struct worker {
+    cell *c;
+    pthread_barrier_t *start;
+    size_t next;
+    long n;
+    double seconds;
+    int ok;
+} worker;
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    double t0, t;
+
+    w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
+    pthread_barrier_wait(w->start);
+    if (!w->ok)
+        return NULL;
+    t0 = clock_s(CLOCK_MONOTONIC);
+    do {
+        if (!run_once(w->c, &w->next)) {
+            w->ok = 0;
+            break;
+        }
+        w->n++;
+        t = clock_s(CLOCK_MONOTONIC);
+    } while (t - t0 < opt.seconds);
+    w->seconds = t - t0;
+    if (w->c->impl == IMPL_RAW_PKCS11)
+        raw_p11_thread_end(raw);
+    return NULL;
+}
+
+/* The cell run by opt.threads threads at once (own peer counters; own sessions for raw). */
+static void measure_threads(cell *c, int round)
+{
+    pthread_t tid[64];
+    worker w[64];
+    pthread_barrier_t start;
+    double rate = 0;
+    int nt = opt.threads, ok = 1;
+
+    pthread_barrier_init(&start, NULL, (unsigned)nt);
+    for (int i = 0; i < nt; i++) {
+        w[i] = (worker){.c = c, .start = &start, .next = (size_t)i * 7919};
+        if (pthread_create(&tid[i], NULL, worker_main, &w[i]) != 0) {
+            fprintf(stderr, "keyx-bench: cannot start a thread\n");
+            exit(1);
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        pthread_join(tid[i], NULL);
+        ok &= w[i].ok;
+        if (w[i].ok)
+            rate += (double)w[i].n / w[i].seconds;
+    }
+    pthread_barrier_destroy(&start);
+    if (!ok)
+        die(c->name);
+    c->mt_ops[round] = rate;
 }
 
 /* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
@@ -366,7 +439,7 @@ static void count_calls(cell *c)
     if (!raw_p11_count_begin(raw))
         return;
     for (long i = 0; i < opt.count_ops; i++)
-        if (!run_once(c)) {
+        if (!run_once(c, &c->next)) {
             raw_p11_count_end(raw, n);
             die(c->name);
         }
@@ -392,11 +465,11 @@ static void measure_memory(cell *c)
     /* The first operations after the timed rounds must not count allocator warm-up: a few
      * hundred untimed ones first. */
     for (int i = 0; i < 200; i++)
-        if (!run_once(c))
+        if (!run_once(c, &c->next))
             die(c->name);
     before = rss_kb();
     for (long i = 0; i < opt.mem_ops; i++)
-        if (!run_once(c))
+        if (!run_once(c, &c->next))
             die(c->name);
     after = rss_kb();
     c->mem_ops = opt.mem_ops;
@@ -426,6 +499,8 @@ static void summarize(cell *c)
 {
     c->median = median_of(c->ops, c->nrounds);
     c->cpu_median = median_of(c->cpu_us, c->nrounds);
+    if (opt.threads > 1)
+        c->mt_median = median_of(c->mt_ops, c->nrounds);
     c->min = c->max = c->ops[0];
     for (int i = 1; i < c->nrounds; i++) {
         if (c->ops[i] < c->min)
@@ -482,6 +557,18 @@ static void print_table(void)
                        ? "  BELOW TARGET"
                        : "");
         }
+    if (opt.threads > 1) {
+        printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
+               raw != NULL ? ", raw rows their own sessions" : "");
+        printf("%-14s %-10s %-14s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
+               "scaling");
+        for (size_t i = 0; i < ncells; i++) {
+            const cell *c = &cells[i];
+
+            printf("%-14s %-10s %-14s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
+                   op_names[c->op], c->median, c->mt_median, c->mt_median / c->median);
+        }
+    }
     if (raw != NULL && opt.count_ops > 0) {
         printf("\nCryptoki calls per operation (counted over %ld untimed operations per cell)\n",
                opt.count_ops);
@@ -518,8 +605,9 @@ static void print_json(void)
 {
     int first = 1;
 
-    printf("{\"rounds\": %d, \"seconds\": %g, \"peer_validation\": %s, \"cells\": [", opt.rounds,
-           opt.seconds, bench_validate_peer ? "true" : "false");
+    printf("{\"rounds\": %d, \"seconds\": %g, \"peer_validation\": %s, \"threads\": %d, "
+           "\"cells\": [",
+           opt.rounds, opt.seconds, bench_validate_peer ? "true" : "false", opt.threads);
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
 
@@ -531,6 +619,13 @@ static void print_json(void)
         for (int r = 0; r < c->nrounds; r++)
             printf("%s%.4f", r ? ", " : "", c->ops[r]);
         printf("]");
+        if (opt.threads > 1) {
+            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_rounds\": [",
+                   c->mt_median, c->mt_median / c->median);
+            for (int r = 0; r < c->nrounds; r++)
+                printf("%s%.4f", r ? ", " : "", c->mt_ops[r]);
+            printf("]");
+        }
         if (c->mem_done)
             printf(", \"memory\": {\"ops\": %ld, \"rss_growth_kb\": %ld}", c->mem_ops,
                    c->mem_growth_kb);
@@ -584,6 +679,8 @@ static void usage(FILE *fp)
             "  --peers N               peer public keys in the pool (default %d)\n"
             "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
             "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
+            "  --threads N             also run every cell with N threads at once (default 1: "
+            "off)\n"
             "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
             "(default %ld)\n"
             "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
@@ -611,6 +708,7 @@ static void parse_args(int argc, char **argv)
         {"mem-ops", required_argument, NULL, 'M'},
         {"mem-alg", required_argument, NULL, 'A'},
         {"count-ops", required_argument, NULL, 'C'},
+        {"threads", required_argument, NULL, 'T'},
         {"only", required_argument, NULL, 'o'},
         {"json", no_argument, NULL, 'j'},
         {"no-peer-validation", no_argument, NULL, 'V'},
@@ -665,6 +763,11 @@ static void parse_args(int argc, char **argv)
             break;
         case 'A':
             opt.mem_alg = optarg;
+            break;
+        case 'T':
+            opt.threads = (int)strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.threads < 1 || opt.threads > 64)
+                goto bad;
             break;
         case 'C':
             opt.count_ops = strtol(optarg, &end, 10);
@@ -775,8 +878,11 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < ncells; i++)
         setup(&cells[i]);
     for (int r = 0; r < opt.rounds; r++)
-        for (size_t i = 0; i < ncells; i++)
+        for (size_t i = 0; i < ncells; i++) {
             measure(&cells[i]);
+            if (opt.threads > 1)
+                measure_threads(&cells[i], r);
+        }
     for (size_t i = 0; i < ncells; i++)
         summarize(&cells[i]);
     if (raw != NULL && opt.count_ops > 0)

@@ -167,3 +167,23 @@ def test_bench_wrong_pin_fails_cleanly(cnf, token, tmp):
     r = run_bench(args, token)
     assert r.rc == 1, r
     assert "C_Login failed" in r.err and "0000" not in r.err, r
+
+
+def test_bench_threads(cnf, token):
+    """--threads 2 runs every cell on two threads as well (raw rows on their own sessions) and
+    reports the sum of the threads' rates and its ratio to one thread."""
+    r = run_bench(bench_args(cnf, token, "--json", "--threads", "2", "--only", "P-256/derive",
+                             "--mem-ops", "0"), token).ok("keyx-bench --threads 2")
+    doc = json.loads(r.out)
+    assert doc["threads"] == 2
+    assert {c["impl"] for c in doc["cells"]} == {"default", "keyx-software", "keyx-pkcs11",
+                                                 "raw-pkcs11"}
+    for c in doc["cells"]:
+        assert len(c["threads_rounds"]) == 1 and c["threads_rounds"][0] > 0, c
+        assert c["threads_ops_per_s"] == pytest.approx(c["threads_rounds"][0], abs=1e-3), c
+        assert c["scaling"] == pytest.approx(c["threads_ops_per_s"] / c["ops_per_s"], rel=1e-4), c
+        assert "cryptoki_calls_per_op" in c or c["impl"] in ("default", "keyx-software")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-software/P-256/derive", "--threads", "2",
+                             "--mem-ops", "0"), token).ok()
+    assert re.search(r"^2 threads", r.out, re.M), r
+    assert re.search(r"^keyx-software\s+P-256\s+derive\s+\d+\s+\d+\s+[\d.]+$", r.out, re.M), r
