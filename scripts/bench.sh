@@ -3,7 +3,8 @@
 #   1. installs missing Debian packages and builds keyx and bench/keyx-bench (RelWithDebInfo);
 #   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh);
 #   3. runs keyx-bench: keyx software and keyx pkcs11 beside the default provider and beside raw
-#      Cryptoki calls, one process, interleaved rounds, medians, ratios, memory growth;
+#      Cryptoki calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
+#      Cryptoki calls per operation, memory growth;
 #   4. TLS 1.3 handshakes per second (P-256 ECDHE, ECDSA P-256 server certificate) with
 #      `openssl s_time -new` against an `openssl s_server` using the default provider, keyx
 #      software, and keyx pkcs11 (ECDHE on the token: default_properties = ?provider=keyx);
@@ -90,9 +91,10 @@ write_cnf "$work/pkcs11.cnf" "backends = pkcs11" "pkcs11-module = $module" \
     "pkcs11-token = pkcs11:token=$token" "pkcs11-pin = file:$work/pin"
 printf '# default provider only\n' >"$work/default.cnf"
 
+# --threads 2: every cell also on two threads (the scaling figure); later arguments override.
 BENCH_ARGS=(--software-config "$work/software.cnf" --pkcs11-config "$work/pkcs11.cnf"
     --pkcs11-module "$module" --pkcs11-token "$token" --pkcs11-pin-file "$work/pin"
-    --pkcs11-key bench-ecdh)
+    --pkcs11-key bench-ecdh --threads 2)
 TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
     "keyx-pkcs11 $work/pkcs11.cnf")
 
