@@ -248,6 +248,34 @@ static void expect_provider(const cell *c, const EVP_PKEY *k)
     }
 }
 
+static int run_once(cell *c, size_t *next);
+
+/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (a
+ * configuration that routed to software would make none). */
+static void expect_token(cell *c)
+{
+    unsigned long n[RAW_P11_NCOUNTED];
+    size_t next = 0;
+    int ok, derives = -1;
+
+    if (!raw_p11_count_begin(raw))
+        return;
+    ok = run_once(c, &next);
+    raw_p11_count_end(raw, n);
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        if (strcmp(raw_p11_count_name(i), "C_DeriveKey") == 0)
+            derives = (int)n[i];
+    if (!ok)
+        die(c->name);
+    if (derives != 1) {
+        fprintf(stderr,
+                "keyx-bench: %s: one operation made %d C_DeriveKey calls on the token, not 1 "
+                "(check backends = pkcs11 in %s)\n",
+                c->name, derives, opt.p11_config);
+        exit(1);
+    }
+}
+
 /* Prepares a cell and cross-checks one secret against the default provider. */
 static void setup(cell *c)
 {
@@ -312,6 +340,8 @@ static void setup(cell *c)
                 c->name);
         die(c->name);
     }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
     ERR_clear_error();
 }
 
@@ -859,7 +889,8 @@ int main(int argc, char **argv)
         libctx[IMPL_SOFTWARE] = keyx_libctx(opt.sw_config);
     if (need[IMPL_PKCS11])
         libctx[IMPL_PKCS11] = keyx_libctx(opt.p11_config);
-    if (need[IMPL_RAW_PKCS11] &&
+    /* keyx-pkcs11 cells use it too: to count their Cryptoki calls and prove they reach it */
+    if ((need[IMPL_PKCS11] || need[IMPL_RAW_PKCS11]) &&
         (raw = raw_p11_open(opt.p11_module, opt.p11_token, opt.p11_pin_file, opt.p11_key)) == NULL)
         return 1;
     for (int a = 0; a < N_ALG; a++) {

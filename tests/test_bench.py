@@ -187,3 +187,12 @@ def test_bench_threads(cnf, token):
                              "--mem-ops", "0"), token).ok()
     assert re.search(r"^2 threads", r.out, re.M), r
     assert re.search(r"^keyx-software\s+P-256\s+derive\s+\d+\s+\d+\s+[\d.]+$", r.out, re.M), r
+
+
+def test_bench_refuses_pkcs11_rows_that_do_not_reach_the_token(cnf, token):
+    """A 'pkcs11' configuration that routes keys to software must not yield pkcs11 figures."""
+    wrong = cnf(keyx={"backends": "software"}, name="not-pkcs11.cnf")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-pkcs11/P-256/derive", pkcs11=wrong),
+                  token)
+    assert r.rc == 1, r
+    assert "made 0 C_DeriveKey calls on the token" in r.err, r
