@@ -386,7 +386,7 @@ static int run_once(cell *c, size_t *next)
 static void measure(cell *c)
 {
     long n = 0;
-    double t0 = clock_s(CLOCK_MONOTONIC), c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t;
+    double t0 = clock_s(CLOCK_MONOTONIC), c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t = t0;
 
     do {
         if (!run_once(c, &c->next))
@@ -411,7 +411,7 @@ typedef struct worker {
 static void *worker_main(void *arg)
 {
     worker *w = arg;
-    double t0, t;
+    double t0, t = 0;
 
     w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
     pthread_barrier_wait(w->start);
