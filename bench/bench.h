@@ -1,0 +1,94 @@
+/* keyx-bench: shared declarations of the benchmark program (see keyx-bench.c for the method).
+ * evp.c holds the EVP operations (the libssl pattern, keygen+derive, peers); cryptoki.c holds the
+ * raw Cryptoki calls the PKCS#11 figures are compared with. */
+#ifndef KEYX_BENCH_H
+#define KEYX_BENCH_H
+
+#include <stddef.h>
+
+#include <openssl/evp.h>
+
+/* One key-exchange algorithm as libssl names it (TLS-GROUP internal name). */
+typedef struct bench_alg {
+    const char *name;    /* row label: P-256, X25519, ffdhe2048 */
+    const char *keytype; /* EVP key type: EC, X25519, DH */
+    const char *group;   /* group name libssl sets: prime256v1, X25519, ffdhe2048 */
+    size_t secretlen;    /* shared secret bytes */
+} bench_alg;
+
+/* Peers: key pairs made once by the default provider; their encoded public keys are what a TLS
+ * peer sends, imported afresh for every operation as libssl does. */
+typedef struct bench_peers {
+    const bench_alg *alg;
+    size_t n;
+    EVP_PKEY **priv;     /* in the default provider's libctx, for cross-checks */
+    unsigned char **pub; /* encoded public keys (EC point, X25519 u, DH y padded to |p|) */
+    size_t *publen;
+} bench_peers;
+
+/* ---- evp.c ---- */
+int bench_peers_make(bench_peers *pp, OSSL_LIB_CTX *deflt, const bench_alg *alg, size_t n);
+void bench_peers_free(bench_peers *pp);
+/* Key with the group's parameters and the given encoded public key, made in libctx L the way
+ * libssl makes a peer's key share (paramgen with the group, then the encoded public key). */
+EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned char *pub,
+                           size_t publen);
+/* EVP_PKEY_keygen in L for the group (libssl's ssl_generate_pkey_group). */
+EVP_PKEY *bench_keygen(OSSL_LIB_CTX *L, const bench_alg *alg);
+/* 1 (libssl's behaviour): EVP_PKEY_derive_set_peer validates the peer (EVP_PKEY_public_check);
+ * 0: --no-peer-validation, a diagnostic that shows what validation costs. */
+extern int bench_validate_peer;
+/* libssl's ssl_derive: new context from own, set peer, size query, derive into out (secretlen). */
+int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *out,
+                 size_t *outlen);
+/* One libssl-pattern derive of own (in L) with peer i of the pool: import it, derive, free. */
+int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp, size_t i);
+/* Cross-check: own (any libctx) derives with pool peer 0 the same secret as the default
+ * provider derives from that peer's private key and own's public key. 1 equal, 0 not/error. */
+int bench_check_against_default(OSSL_LIB_CTX *L, OSSL_LIB_CTX *deflt, EVP_PKEY *own,
+                                bench_peers *pp);
+/* Same, for a secret computed elsewhere (raw Cryptoki) from pool peer 0 by a key whose encoded
+ * public key is pub. */
+int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char *pub,
+                       size_t publen, const unsigned char *secret, size_t secretlen);
+/* The name of the provider serving key k ("keyx", "default", ...). */
+const char *bench_provider_of(const EVP_PKEY *k);
+void bench_print_errors(const char *what);
+
+/* ---- cryptoki.c ---- */
+typedef struct raw_p11 raw_p11;
+/* Loads the module (dlopen), C_Initialize (sharing an already initialized module), finds the
+ * token by label, opens a session, logs in with the PIN from pin_file, finds the private key
+ * labelled key_label. NULL with a message on stderr. */
+raw_p11 *raw_p11_open(const char *module, const char *token, const char *pin_file,
+                      const char *key_label);
+/* Closes the session (call before freeing keyx's libctx, which may finalize the module). */
+void raw_p11_end_session(raw_p11 *r);
+/* Closes the session if still open; finalizes the module only if raw_p11_open initialized it. */
+void raw_p11_close(raw_p11 *r);
+/* A worker thread's own session (the login is the application's, shared by all sessions). */
+int raw_p11_thread_begin(raw_p11 *r);
+void raw_p11_thread_end(raw_p11 *r);
+/* Encoded public key (EC point) of the token key. */
+int raw_p11_token_pub(raw_p11 *r, const unsigned char **pub, size_t *publen);
+/* Generates a session key pair for alg (EC P-256 or DH with the default provider's p, g from
+ * dom), reads its public key into pub (malloc'd); the private handle goes to *priv. */
+int raw_p11_keygen(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom, unsigned long *priv,
+                   unsigned char **pub, size_t *publen);
+/* Derive with private key priv (0 = the token key) and an encoded peer public key into a generic
+ * secret session object, read it into out (secretlen bytes) and destroy the object. */
+int raw_p11_derive(raw_p11 *r, const bench_alg *alg, unsigned long priv, const unsigned char *peer,
+                   size_t peerlen, unsigned char *out);
+int raw_p11_destroy(raw_p11 *r, unsigned long obj);
+/* keygen + read public + derive + read + destroy everything, as one ephemeral exchange. */
+int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
+                          const unsigned char *peer, size_t peerlen, unsigned char *out);
+
+/* Call counting: swaps the entries of the module's function list (shared with keyx in this
+ * process) for counting wrappers until raw_p11_count_end. 1 ok, 0 not possible. */
+#define RAW_P11_NCOUNTED 18
+int raw_p11_count_begin(raw_p11 *r);
+void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
+const char *raw_p11_count_name(int i);
+
+#endif

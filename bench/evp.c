@@ -1,0 +1,172 @@
+/* keyx-bench: the EVP side. Every operation is written the way libssl 3.0 performs it during a
+ * handshake (ssl_generate_param_group + EVP_PKEY_set1_encoded_public_key for the peer's share,
+ * ssl_generate_pkey_group for the own key, ssl_derive for the secret), so that the figures are
+ * those a TLS server sees per handshake. */
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/core_names.h>
+#include <openssl/dh.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/provider.h>
+
+#include "bench.h"
+
+void bench_print_errors(const char *what)
+{
+    unsigned long e;
+    const char *file, *data;
+    int line, flags;
+    char buf[256];
+
+    fprintf(stderr, "keyx-bench: %s failed\n", what);
+    while ((e = ERR_get_error_all(&file, &line, NULL, &data, &flags)) != 0) {
+        ERR_error_string_n(e, buf, sizeof(buf));
+        fprintf(stderr, "  %s%s%s\n", buf, (flags & ERR_TXT_STRING) ? ": " : "",
+                (flags & ERR_TXT_STRING) ? data : "");
+    }
+}
+
+const char *bench_provider_of(const EVP_PKEY *k)
+{
+    const OSSL_PROVIDER *p = EVP_PKEY_get0_provider(k);
+
+    return p != NULL ? OSSL_PROVIDER_get0_name(p) : "(legacy)";
+}
+
+EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned char *pub,
+                           size_t publen)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(L, alg->keytype, NULL);
+    EVP_PKEY *k = NULL;
+
+    if (pctx == NULL || EVP_PKEY_paramgen_init(pctx) <= 0 ||
+        EVP_PKEY_CTX_set_group_name(pctx, alg->group) <= 0 || EVP_PKEY_paramgen(pctx, &k) <= 0 ||
+        EVP_PKEY_set1_encoded_public_key(k, pub, publen) <= 0) {
+        EVP_PKEY_free(k);
+        k = NULL;
+    }
+    EVP_PKEY_CTX_free(pctx);
+    return k;
+}
+
+EVP_PKEY *bench_keygen(OSSL_LIB_CTX *L, const bench_alg *alg)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(L, alg->keytype, NULL);
+    EVP_PKEY *k = NULL;
+
+    if (pctx == NULL || EVP_PKEY_keygen_init(pctx) <= 0 ||
+        EVP_PKEY_CTX_set_group_name(pctx, alg->group) <= 0 || EVP_PKEY_keygen(pctx, &k) <= 0) {
+        EVP_PKEY_free(k);
+        k = NULL;
+    }
+    EVP_PKEY_CTX_free(pctx);
+    return k;
+}
+
+int bench_validate_peer = 1;
+
+int bench_derive(OSSL_LIB_CTX *L, EVP_PKEY *own, EVP_PKEY *peer, unsigned char *out, size_t *outlen)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(L, own, NULL);
+    size_t len = 0;
+    int ok = 0;
+
+    if (pctx == NULL || EVP_PKEY_derive_init(pctx) <= 0)
+        goto end;
+    /* TLS 1.3 pads the ffdhe secret to |p| (RFC 8446 7.4.1), as libssl asks. */
+    if (EVP_PKEY_is_a(own, "DH") && EVP_PKEY_CTX_set_dh_pad(pctx, 1) <= 0)
+        goto end;
+    if (EVP_PKEY_derive_set_peer_ex(pctx, peer, bench_validate_peer) <= 0 ||
+        EVP_PKEY_derive(pctx, NULL, &len) <= 0 || len > *outlen ||
+        EVP_PKEY_derive(pctx, out, &len) <= 0)
+        goto end;
+    *outlen = len;
+    ok = 1;
+end:
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+int bench_derive_fresh_peer(OSSL_LIB_CTX *L, EVP_PKEY *own, bench_peers *pp, size_t i)
+{
+    size_t len;
+    unsigned char secret[1024];
+    EVP_PKEY *peer;
+    int ok;
+
+    i %= pp->n;
+    if ((peer = bench_pub_import(L, pp->alg, pp->pub[i], pp->publen[i])) == NULL)
+        return 0;
+    len = sizeof(secret);
+    ok = bench_derive(L, own, peer, secret, &len);
+    OPENSSL_cleanse(secret, len);
+    EVP_PKEY_free(peer);
+    return ok;
+}
+
+int bench_peers_make(bench_peers *pp, OSSL_LIB_CTX *deflt, const bench_alg *alg, size_t n)
+{
+    memset(pp, 0, sizeof(*pp));
+    pp->alg = alg;
+    pp->priv = OPENSSL_zalloc(n * sizeof(*pp->priv));
+    pp->pub = OPENSSL_zalloc(n * sizeof(*pp->pub));
+    pp->publen = OPENSSL_zalloc(n * sizeof(*pp->publen));
+    if (pp->priv == NULL || pp->pub == NULL || pp->publen == NULL)
+        return 0;
+    for (pp->n = 0; pp->n < n; pp->n++) {
+        EVP_PKEY *k = bench_keygen(deflt, alg);
+
+        if (k == NULL)
+            return 0;
+        pp->priv[pp->n] = k;
+        pp->publen[pp->n] = EVP_PKEY_get1_encoded_public_key(k, &pp->pub[pp->n]);
+        if (pp->publen[pp->n] == 0) {
+            pp->n++;
+            return 0;
+        }
+    }
+    return 1;
+}
+
+void bench_peers_free(bench_peers *pp)
+{
+    for (size_t i = 0; i < pp->n; i++) {
+        EVP_PKEY_free(pp->priv[i]);
+        OPENSSL_free(pp->pub[i]);
+    }
+    OPENSSL_free(pp->priv);
+    OPENSSL_free(pp->pub);
+    OPENSSL_free(pp->publen);
+    memset(pp, 0, sizeof(*pp));
+}
+
+int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char *pub,
+                       size_t publen, const unsigned char *secret, size_t secretlen)
+{
+    unsigned char want[1024];
+    size_t wantlen = sizeof(want);
+    EVP_PKEY *ownpub = bench_pub_import(deflt, pp->alg, pub, publen);
+    int ok = ownpub != NULL && bench_derive(deflt, pp->priv[0], ownpub, want, &wantlen) &&
+             wantlen == secretlen && CRYPTO_memcmp(want, secret, secretlen) == 0;
+
+    OPENSSL_cleanse(want, sizeof(want));
+    EVP_PKEY_free(ownpub);
+    return ok;
+}
+
+int bench_check_against_default(OSSL_LIB_CTX *L, OSSL_LIB_CTX *deflt, EVP_PKEY *own,
+                                bench_peers *pp)
+{
+    unsigned char got[1024], *pub = NULL;
+    size_t gotlen = sizeof(got), publen = EVP_PKEY_get1_encoded_public_key(own, &pub);
+    EVP_PKEY *peer = bench_pub_import(L, pp->alg, pp->pub[0], pp->publen[0]);
+    int ok = publen != 0 && peer != NULL && bench_derive(L, own, peer, got, &gotlen) &&
+             bench_check_secret(deflt, pp, pub, publen, got, gotlen);
+
+    OPENSSL_cleanse(got, sizeof(got));
+    OPENSSL_free(pub);
+    EVP_PKEY_free(peer);
+    return ok;
+}

@@ -1,0 +1,954 @@
+/* keyx-bench: key exchange throughput of keyx beside the OpenSSL default provider and beside raw
+ * backend calls, measured in one process.
+ *
+ * Method. Every "cell" is one (implementation, algorithm, operation). Each libctx is separate:
+ * the default provider in one, keyx with its software backend in another, keyx with its pkcs11
+ * backend in a third, each keyx libctx loaded from its own openssl.cnf (OSSL_LIB_CTX_load_config).
+ * The raw Cryptoki cells call the PKCS#11 module directly (dlopen by path, the same library
+ * instance keyx uses). Rounds are interleaved: round 1 runs every cell for --seconds, then round
+ * 2, and so on, so that a slow phase of the machine hits every cell alike. A cell's figure is the
+ * median of its rounds' operations per second (wall clock), with the min-max spread; ratios are
+ * medians divided by medians, from this same run. Before it is timed, every cell derives one
+ * secret that is cross-checked against the default provider (peer's private key with the cell's
+ * public key): a cell that computes a wrong secret stops the program.
+ *
+ * Operations (all per TLS handshake, as libssl 3.0 performs them):
+ *   derive         own key generated once in the implementation; per operation: the peer's
+ *                  encoded public key (from a pool made by the default provider) imported into
+ *                  a fresh key (paramgen with the group + EVP_PKEY_set1_encoded_public_key), new
+ *                  EVP_PKEY_CTX, set peer, size query, derive; free.
+ *   keygen+derive  EVP_PKEY_keygen in the implementation, read of the encoded public key (what
+ *                  libssl sends), then the derive above, then free of the key.
+ *   static-derive  the derive above with a token key loaded by URI through OSSL_STORE.
+ * Raw Cryptoki: derive = C_DeriveKey (CKM_ECDH1_DERIVE / CKM_DH_PKCS_DERIVE) into a generic
+ * secret session object + read + destroy, with a session key generated once (derive) or the token
+ * key (static-derive); keygen+derive = C_GenerateKeyPair (session objects) + read of the public
+ * value + the derive + destroys.
+ *
+ * Cryptoki calls: after the timed rounds, the calls every pkcs11 cell makes per operation,
+ * counted by wrappers swapped into the module's function list (shared by keyx and the raw rows)
+ * for --count-ops untimed operations, then removed.
+ *
+ * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
+ * again on N threads at once (each thread its own peer sequence; the raw rows each thread its
+ * own session); the figure is the sum of the threads' rates, "scaling" its ratio to one thread.
+ *
+ * Memory: after the timed rounds, resident set growth (/proc/self/statm) over --mem-ops more
+ * operations of every cell of --mem-alg.
+ *
+ * Adding a backend (TPM: keyx-tpm and raw-esys): one impl_id, its libctx or raw state in setup(),
+ * its operations in run_once(), its rows in PLAN and its ratios in RATIOS. */
+#include <getopt.h>
+#include <pthread.h>
+#include <regex.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/provider.h>
+#include <openssl/store.h>
+
+#include "bench.h"
+
+#define MAX_ROUNDS 101
+
+typedef enum { IMPL_DEFAULT, IMPL_SOFTWARE, IMPL_PKCS11, IMPL_RAW_PKCS11, N_IMPL } impl_id;
+static const char *const impl_names[N_IMPL] = {"default", "keyx-software", "keyx-pkcs11",
+                                               "raw-pkcs11"};
+
+typedef enum { OP_DERIVE, OP_KEYGEN_DERIVE, OP_STATIC_DERIVE, N_OP } op_id;
+static const char *const op_names[N_OP] = {"derive", "keygen+derive", "static-derive"};
+
+enum { ALG_P256, ALG_X25519, ALG_FFDHE2048, N_ALG };
+static const bench_alg algs[N_ALG] = {
+    {"P-256", "EC", "prime256v1", 32},
+    {"X25519", "X25519", "X25519", 32},
+    {"ffdhe2048", "DH", "ffdhe2048", 256},
+};
+
+/* What is measured, in table order. */
+static const struct {
+    impl_id impl;
+    int alg;
+    op_id op;
+} PLAN[] = {
+    {IMPL_DEFAULT, ALG_P256, OP_DERIVE},
+    {IMPL_DEFAULT, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_DEFAULT, ALG_X25519, OP_DERIVE},
+    {IMPL_DEFAULT, ALG_X25519, OP_KEYGEN_DERIVE},
+    {IMPL_DEFAULT, ALG_FFDHE2048, OP_DERIVE},
+    {IMPL_DEFAULT, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+    {IMPL_SOFTWARE, ALG_P256, OP_DERIVE},
+    {IMPL_SOFTWARE, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_SOFTWARE, ALG_X25519, OP_DERIVE},
+    {IMPL_SOFTWARE, ALG_X25519, OP_KEYGEN_DERIVE},
+    {IMPL_SOFTWARE, ALG_FFDHE2048, OP_DERIVE},
+    {IMPL_SOFTWARE, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+    {IMPL_PKCS11, ALG_P256, OP_DERIVE},
+    {IMPL_PKCS11, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_PKCS11, ALG_P256, OP_STATIC_DERIVE},
+    {IMPL_PKCS11, ALG_FFDHE2048, OP_DERIVE},
+    {IMPL_PKCS11, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+    {IMPL_RAW_PKCS11, ALG_P256, OP_DERIVE},
+    {IMPL_RAW_PKCS11, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_RAW_PKCS11, ALG_P256, OP_STATIC_DERIVE},
+    {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_DERIVE},
+    {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+};
+
+/* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
+static const struct {
+    impl_id num, den;
+    op_id op;
+    double target;
+} RATIOS[] = {
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_DERIVE, 0},
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0.95},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_DERIVE, 0.85},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_KEYGEN_DERIVE, 0.85},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE, 0.85},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_DERIVE, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0},
+};
+
+typedef struct cell {
+    impl_id impl;
+    const bench_alg *alg;
+    op_id op;
+    char name[64];
+    OSSL_LIB_CTX *L;
+    bench_peers *peers;
+    EVP_PKEY *own;        /* derive, static-derive */
+    unsigned long rawkey; /* raw derive: the session private key */
+    int nrounds;
+    double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
+    double median, min, max, cpu_median;
+    long mem_ops;
+    long mem_growth_kb;
+    int mem_done;
+    double calls[RAW_P11_NCOUNTED]; /* Cryptoki calls per operation */
+    long calls_ops;
+    size_t next; /* peer index of single-threaded runs */
+    /* with --threads N > 1: the same cell run by N threads at once, in the same rounds */
+    double mt_ops[MAX_ROUNDS], mt_median;
+} cell;
+
+static struct {
+    int rounds;
+    double seconds;
+    int json;
+    const char *only;
+    long mem_ops;
+    long count_ops;
+    int threads;
+    const char *mem_alg;
+    int npeers;
+    const char *sw_config, *p11_config;
+    const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
+} opt = {
+    .rounds = 5,
+    .seconds = 1.0,
+    .mem_ops = 10000,
+    .count_ops = 100,
+    .threads = 1,
+    .mem_alg = "P-256",
+    .npeers = 64,
+    .p11_module = "/usr/lib/softhsm/libsofthsm2.so",
+    .p11_key = "bench-ecdh",
+};
+
+static OSSL_LIB_CTX *libctx[N_IMPL];
+static OSSL_PROVIDER *default_prov;
+static raw_p11 *raw;
+static EVP_PKEY *dh_domain; /* ffdhe2048 parameters for the raw DH cells */
+static bench_peers peers[N_ALG];
+static cell *cells;
+static size_t ncells;
+
+static double clock_s(clockid_t id)
+{
+    struct timespec ts;
+
+    clock_gettime(id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static long rss_kb(void)
+{
+    long size = 0, resident = 0;
+    FILE *fp = fopen("/proc/self/statm", "r");
+
+    if (fp == NULL)
+        return -1;
+    if (fscanf(fp, "%ld %ld", &size, &resident) != 2)
+        resident = -1;
+    fclose(fp);
+    return resident < 0 ? -1 : resident * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+static void die(const char *what)
+{
+    bench_print_errors(what);
+    exit(1);
+}
+
+/* ---- setup ---------------------------------------------------------------------------- */
+
+static OSSL_LIB_CTX *keyx_libctx(const char *config)
+{
+    OSSL_LIB_CTX *L = OSSL_LIB_CTX_new();
+
+    if (L == NULL || !OSSL_LIB_CTX_load_config(L, config)) {
+        fprintf(stderr, "keyx-bench: cannot load %s into a library context\n", config);
+        die("OSSL_LIB_CTX_load_config");
+    }
+    if (!OSSL_PROVIDER_available(L, "keyx")) {
+        fprintf(stderr, "keyx-bench: %s does not load and activate keyx\n", config);
+        exit(1);
+    }
+    return L;
+}
+
+static EVP_PKEY *store_load(OSSL_LIB_CTX *L, const char *uri)
+{
+    OSSL_STORE_CTX *sc = OSSL_STORE_open_ex(uri, L, NULL, NULL, NULL, NULL, NULL, NULL);
+    EVP_PKEY *k = NULL;
+
+    if (sc == NULL)
+        return NULL;
+    while (k == NULL && !OSSL_STORE_eof(sc)) {
+        OSSL_STORE_INFO *info = OSSL_STORE_load(sc);
+
+        if (info == NULL)
+            break;
+        if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY)
+            k = OSSL_STORE_INFO_get1_PKEY(info);
+        OSSL_STORE_INFO_free(info);
+    }
+    OSSL_STORE_close(sc);
+    return k;
+}
+
+static void expect_provider(const cell *c, const EVP_PKEY *k)
+{
+    const char *want = c->impl == IMPL_DEFAULT ? "default" : "keyx";
+    const char *got = bench_provider_of(k);
+
+    if (strcmp(got, want) != 0) {
+        fprintf(stderr,
+                "keyx-bench: %s: the key is served by provider '%s', not '%s' (check the "
+                "configuration: default_properties = ?provider=keyx)\n",
+                c->name, got, want);
+        exit(1);
+    }
+}
+
+static int run_once(cell *c, size_t *next);
+
+/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (a
+ * configuration that routed to software would make none). */
+static void expect_token(cell *c)
+{
+    unsigned long n[RAW_P11_NCOUNTED];
+    size_t next = 0;
+    int ok, derives = -1;
+
+    if (!raw_p11_count_begin(raw))
+        return;
+    ok = run_once(c, &next);
+    raw_p11_count_end(raw, n);
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        if (strcmp(raw_p11_count_name(i), "C_DeriveKey") == 0)
+            derives = (int)n[i];
+    if (!ok)
+        die(c->name);
+    if (derives != 1) {
+        fprintf(stderr,
+                "keyx-bench: %s: one operation made %d C_DeriveKey calls on the token, not 1 "
+                "(check backends = pkcs11 in %s)\n",
+                c->name, derives, opt.p11_config);
+        exit(1);
+    }
+}
+
+/* Prepares a cell and cross-checks one secret against the default provider. */
+static void setup(cell *c)
+{
+    OSSL_LIB_CTX *deflt = libctx[IMPL_DEFAULT];
+    unsigned char secret[1024], *pub = NULL;
+    const unsigned char *tpub;
+    size_t publen = 0;
+    int ok = 0;
+
+    c->L = libctx[c->impl];
+    c->peers = &peers[c->alg - algs];
+    if (c->impl == IMPL_RAW_PKCS11) {
+        switch (c->op) {
+        case OP_DERIVE:
+            ok = raw_p11_keygen(raw, c->alg, dh_domain, &c->rawkey, &pub, &publen) &&
+                 raw_p11_derive(raw, c->alg, c->rawkey, c->peers->pub[0], c->peers->publen[0],
+                                secret) &&
+                 bench_check_secret(deflt, c->peers, pub, publen, secret, c->alg->secretlen);
+            OPENSSL_free(pub);
+            break;
+        case OP_STATIC_DERIVE:
+            ok = raw_p11_token_pub(raw, &tpub, &publen) &&
+                 raw_p11_derive(raw, c->alg, 0, c->peers->pub[0], c->peers->publen[0], secret) &&
+                 bench_check_secret(deflt, c->peers, tpub, publen, secret, c->alg->secretlen);
+            break;
+        case OP_KEYGEN_DERIVE: {
+            unsigned long k = 0;
+
+            ok = raw_p11_keygen(raw, c->alg, dh_domain, &k, &pub, &publen) &&
+                 raw_p11_derive(raw, c->alg, k, c->peers->pub[0], c->peers->publen[0], secret) &&
+                 bench_check_secret(deflt, c->peers, pub, publen, secret, c->alg->secretlen);
+            if (k != 0)
+                raw_p11_destroy(raw, k);
+            OPENSSL_free(pub);
+            break;
+        }
+        default:
+            break;
+        }
+        OPENSSL_cleanse(secret, sizeof(secret));
+    } else {
+        EVP_PKEY *k =
+            c->op == OP_STATIC_DERIVE ? store_load(c->L, opt.p11_uri) : bench_keygen(c->L, c->alg);
+
+        if (k == NULL) {
+            fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
+                    c->op == OP_STATIC_DERIVE ? "cannot load the token key by URI"
+                                              : "key generation failed");
+            die(c->name);
+        }
+        expect_provider(c, k);
+        ok = bench_check_against_default(c->L, deflt, k, c->peers);
+        if (c->op == OP_KEYGEN_DERIVE)
+            EVP_PKEY_free(k);
+        else
+            c->own = k;
+    }
+    if (!ok) {
+        fprintf(stderr,
+                "keyx-bench: %s: the secret differs from the default provider's (or the "
+                "cross-check failed)\n",
+                c->name);
+        die(c->name);
+    }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
+    ERR_clear_error();
+}
+
+/* ---- one operation ---------------------------------------------------------------------- */
+
+/* One operation; *next picks the peer (each thread has its own counter). */
+static int run_once(cell *c, size_t *next)
+{
+    if (c->impl == IMPL_RAW_PKCS11) {
+        bench_peers *pp = c->peers;
+        size_t i = (*next)++ % pp->n;
+        unsigned char secret[512];
+        int ok;
+
+        switch (c->op) {
+        case OP_DERIVE:
+            ok = raw_p11_derive(raw, c->alg, c->rawkey, pp->pub[i], pp->publen[i], secret);
+            break;
+        case OP_STATIC_DERIVE:
+            ok = raw_p11_derive(raw, c->alg, 0, pp->pub[i], pp->publen[i], secret);
+            break;
+        default:
+            ok = raw_p11_keygen_derive(raw, c->alg, dh_domain, pp->pub[i], pp->publen[i], secret);
+            break;
+        }
+        OPENSSL_cleanse(secret, c->alg->secretlen);
+        return ok;
+    }
+    if (c->op == OP_KEYGEN_DERIVE) {
+        EVP_PKEY *k = bench_keygen(c->L, c->alg);
+        unsigned char *pub = NULL;
+        int ok = k != NULL && EVP_PKEY_get1_encoded_public_key(k, &pub) != 0 &&
+                 bench_derive_fresh_peer(c->L, k, c->peers, (*next)++);
+
+        OPENSSL_free(pub);
+        EVP_PKEY_free(k);
+        return ok;
+    }
+    return bench_derive_fresh_peer(c->L, c->own, c->peers, (*next)++);
+}
+
+static void measure(cell *c)
+{
+    long n = 0;
+    double t0 = clock_s(CLOCK_MONOTONIC), c0 = clock_s(CLOCK_PROCESS_CPUTIME_ID), t = t0;
+
+    do {
+        if (!run_once(c, &c->next))
+            die(c->name);
+        n++;
+        t = clock_s(CLOCK_MONOTONIC);
+    } while (t - t0 < opt.seconds);
+    c->ops[c->nrounds] = (double)n / (t - t0);
+    c->cpu_us[c->nrounds] = (clock_s(CLOCK_PROCESS_CPUTIME_ID) - c0) / (double)n * 1e6;
+    c->nrounds++;
+}
+
+typedef struct worker {
+    cell *c;
+    pthread_barrier_t *start;
+    size_t next;
+    long n;
+    double seconds;
+    int ok;
+} worker;
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    double t0, t = 0;
+
+    w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
+    pthread_barrier_wait(w->start);
+    if (!w->ok)
+        return NULL;
+    t0 = clock_s(CLOCK_MONOTONIC);
+    do {
+        if (!run_once(w->c, &w->next)) {
+            w->ok = 0;
+            break;
+        }
+        w->n++;
+        t = clock_s(CLOCK_MONOTONIC);
+    } while (t - t0 < opt.seconds);
+    w->seconds = t - t0;
+    if (w->c->impl == IMPL_RAW_PKCS11)
+        raw_p11_thread_end(raw);
+    return NULL;
+}
+
+/* The cell run by opt.threads threads at once (own peer counters; own sessions for raw). */
+static void measure_threads(cell *c, int round)
+{
+    pthread_t tid[64];
+    worker w[64];
+    pthread_barrier_t start;
+    double rate = 0;
+    int nt = opt.threads, ok = 1;
+
+    pthread_barrier_init(&start, NULL, (unsigned)nt);
+    for (int i = 0; i < nt; i++) {
+        w[i] = (worker){.c = c, .start = &start, .next = (size_t)i * 7919};
+        if (pthread_create(&tid[i], NULL, worker_main, &w[i]) != 0) {
+            fprintf(stderr, "keyx-bench: cannot start a thread\n");
+            exit(1);
+        }
+    }
+    for (int i = 0; i < nt; i++) {
+        pthread_join(tid[i], NULL);
+        ok &= w[i].ok;
+        if (w[i].ok)
+            rate += (double)w[i].n / w[i].seconds;
+    }
+    pthread_barrier_destroy(&start);
+    if (!ok)
+        die(c->name);
+    c->mt_ops[round] = rate;
+}
+
+/* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
+static void count_calls(cell *c)
+{
+    unsigned long n[RAW_P11_NCOUNTED];
+
+    if (!raw_p11_count_begin(raw))
+        return;
+    for (long i = 0; i < opt.count_ops; i++)
+        if (!run_once(c, &c->next)) {
+            raw_p11_count_end(raw, n);
+            die(c->name);
+        }
+    raw_p11_count_end(raw, n);
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        c->calls[i] = (double)n[i] / (double)opt.count_ops;
+    c->calls_ops = opt.count_ops;
+}
+
+static double calls_total(const cell *c)
+{
+    double t = 0;
+
+    for (int i = 0; i < RAW_P11_NCOUNTED; i++)
+        t += c->calls[i];
+    return t;
+}
+
+static void measure_memory(cell *c)
+{
+    long before, after;
+
+    /* The first operations after the timed rounds must not count allocator warm-up: a few
+     * hundred untimed ones first. */
+    for (int i = 0; i < 200; i++)
+        if (!run_once(c, &c->next))
+            die(c->name);
+    before = rss_kb();
+    for (long i = 0; i < opt.mem_ops; i++)
+        if (!run_once(c, &c->next))
+            die(c->name);
+    after = rss_kb();
+    c->mem_ops = opt.mem_ops;
+    c->mem_growth_kb = after - before;
+    c->mem_done = before >= 0 && after >= 0;
+}
+
+/* ---- statistics and output --------------------------------------------------------------- */
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+static double median_of(const double *v, int n)
+{
+    double s[MAX_ROUNDS];
+
+    memcpy(s, v, (size_t)n * sizeof(*v));
+    qsort(s, (size_t)n, sizeof(*s), cmp_double);
+    return n % 2 ? s[n / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
+static void summarize(cell *c)
+{
+    c->median = median_of(c->ops, c->nrounds);
+    c->cpu_median = median_of(c->cpu_us, c->nrounds);
+    if (opt.threads > 1)
+        c->mt_median = median_of(c->mt_ops, c->nrounds);
+    c->min = c->max = c->ops[0];
+    for (int i = 1; i < c->nrounds; i++) {
+        if (c->ops[i] < c->min)
+            c->min = c->ops[i];
+        if (c->ops[i] > c->max)
+            c->max = c->ops[i];
+    }
+}
+
+static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
+{
+    for (size_t i = 0; i < ncells; i++)
+        if (cells[i].impl == impl && cells[i].alg == alg && cells[i].op == op)
+            return &cells[i];
+    return NULL;
+}
+
+static void print_table(void)
+{
+    printf("keyx-bench: %d rounds x %.2f s per cell, interleaved; ops/s = median of rounds "
+           "(wall clock), min-max over rounds; cpu = median CPU us per op\n",
+           opt.rounds, opt.seconds);
+    if (!bench_validate_peer)
+        printf("DIAGNOSTIC RUN: peers set without validation (--no-peer-validation); libssl "
+               "validates\n");
+    printf("\n");
+    printf("%-14s %-10s %-14s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
+           "cpu us/op", "secret");
+    for (size_t i = 0; i < ncells; i++) {
+        const cell *c = &cells[i];
+        char spread[48];
+
+        snprintf(spread, sizeof(spread), "%.0f-%.0f", c->min, c->max);
+        printf("%-14s %-10s %-14s %10.0f %21s %9.1f  %s\n", impl_names[c->impl], c->alg->name,
+               op_names[c->op], c->median, spread, c->cpu_median, "ok");
+    }
+    printf("\nratios (median / median, same run)\n");
+    printf("%-28s %-10s %-14s %7s %7s\n", "ratio", "alg", "op", "value", "target");
+    for (size_t r = 0; r < sizeof(RATIOS) / sizeof(RATIOS[0]); r++)
+        for (int a = 0; a < N_ALG; a++) {
+            const cell *n = find_cell(RATIOS[r].num, &algs[a], RATIOS[r].op);
+            const cell *d = find_cell(RATIOS[r].den, &algs[a], RATIOS[r].op);
+            char name[64], target[16] = "-";
+
+            if (n == NULL || d == NULL)
+                continue;
+            snprintf(name, sizeof(name), "%s/%s", impl_names[RATIOS[r].num],
+                     impl_names[RATIOS[r].den]);
+            if (RATIOS[r].target > 0)
+                snprintf(target, sizeof(target), ">=%.2f", RATIOS[r].target);
+            printf("%-28s %-10s %-14s %7.3f %7s%s\n", name, algs[a].name, op_names[RATIOS[r].op],
+                   n->median / d->median, target,
+                   RATIOS[r].target > 0 && n->median / d->median < RATIOS[r].target
+                       ? "  BELOW TARGET"
+                       : "");
+        }
+    if (opt.threads > 1) {
+        printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
+               raw != NULL ? ", raw rows their own sessions" : "");
+        printf("%-14s %-10s %-14s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
+               "scaling");
+        for (size_t i = 0; i < ncells; i++) {
+            const cell *c = &cells[i];
+
+            printf("%-14s %-10s %-14s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
+                   op_names[c->op], c->median, c->mt_median, c->mt_median / c->median);
+        }
+    }
+    if (raw != NULL && opt.count_ops > 0) {
+        printf("\nCryptoki calls per operation (counted over %ld untimed operations per cell)\n",
+               opt.count_ops);
+        printf("%-14s %-10s %-14s %6s  %s\n", "impl", "alg", "op", "total", "calls");
+        for (size_t i = 0; i < ncells; i++) {
+            const cell *c = &cells[i];
+
+            if (c->calls_ops == 0)
+                continue;
+            printf("%-14s %-10s %-14s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+                   calls_total(c));
+            for (int k = 0; k < RAW_P11_NCOUNTED; k++)
+                if (c->calls[k] > 0)
+                    printf(" %s %.2f", raw_p11_count_name(k) + 2, c->calls[k]);
+            printf("\n");
+        }
+    }
+    if (opt.mem_ops > 0) {
+        printf("\nmemory (resident set growth over N more operations after the rounds)\n");
+        printf("%-14s %-10s %-14s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
+               "bytes/op");
+        for (size_t i = 0; i < ncells; i++) {
+            const cell *c = &cells[i];
+
+            if (c->mem_done)
+                printf("%-14s %-10s %-14s %9ld %12ld %10.1f\n", impl_names[c->impl], c->alg->name,
+                       op_names[c->op], c->mem_ops, c->mem_growth_kb,
+                       (double)c->mem_growth_kb * 1024.0 / (double)c->mem_ops);
+        }
+    }
+}
+
+static void print_json(void)
+{
+    int first = 1;
+
+    printf("{\"rounds\": %d, \"seconds\": %g, \"peer_validation\": %s, \"threads\": %d, "
+           "\"cells\": [",
+           opt.rounds, opt.seconds, bench_validate_peer ? "true" : "false", opt.threads);
+    for (size_t i = 0; i < ncells; i++) {
+        const cell *c = &cells[i];
+
+        printf("%s\n  {\"impl\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", \"ops_per_s\": %.4f, "
+               "\"min\": %.4f, \"max\": %.4f, \"cpu_us_per_op\": %.4f, \"secret_check\": true, "
+               "\"rounds\": [",
+               i ? "," : "", impl_names[c->impl], c->alg->name, op_names[c->op], c->median, c->min,
+               c->max, c->cpu_median);
+        for (int r = 0; r < c->nrounds; r++)
+            printf("%s%.4f", r ? ", " : "", c->ops[r]);
+        printf("]");
+        if (opt.threads > 1) {
+            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_rounds\": [",
+                   c->mt_median, c->mt_median / c->median);
+            for (int r = 0; r < c->nrounds; r++)
+                printf("%s%.4f", r ? ", " : "", c->mt_ops[r]);
+            printf("]");
+        }
+        if (c->mem_done)
+            printf(", \"memory\": {\"ops\": %ld, \"rss_growth_kb\": %ld}", c->mem_ops,
+                   c->mem_growth_kb);
+        if (c->calls_ops > 0) {
+            printf(", \"cryptoki_calls_per_op\": {\"ops\": %ld, \"total\": %.4f", c->calls_ops,
+                   calls_total(c));
+            for (int k = 0; k < RAW_P11_NCOUNTED; k++)
+                if (c->calls[k] > 0)
+                    printf(", \"%s\": %.4f", raw_p11_count_name(k), c->calls[k]);
+            printf("}");
+        }
+        printf("}");
+    }
+    printf("\n], \"ratios\": [");
+    for (size_t r = 0; r < sizeof(RATIOS) / sizeof(RATIOS[0]); r++)
+        for (int a = 0; a < N_ALG; a++) {
+            const cell *n = find_cell(RATIOS[r].num, &algs[a], RATIOS[r].op);
+            const cell *d = find_cell(RATIOS[r].den, &algs[a], RATIOS[r].op);
+
+            if (n == NULL || d == NULL)
+                continue;
+            printf("%s\n  {\"num\": \"%s\", \"den\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", "
+                   "\"ratio\": %.6f",
+                   first ? "" : ",", impl_names[RATIOS[r].num], impl_names[RATIOS[r].den],
+                   algs[a].name, op_names[RATIOS[r].op], n->median / d->median);
+            if (RATIOS[r].target > 0)
+                printf(", \"target\": %.2f, \"meets_target\": %s", RATIOS[r].target,
+                       n->median / d->median >= RATIOS[r].target ? "true" : "false");
+            printf("}");
+            first = 0;
+        }
+    printf("\n]}\n");
+}
+
+/* ---- main ------------------------------------------------------------------------------- */
+
+static void usage(FILE *fp)
+{
+    fprintf(fp,
+            "usage: keyx-bench [options]\n"
+            "  --software-config FILE  openssl.cnf loading keyx with backends = software\n"
+            "  --pkcs11-config FILE    openssl.cnf loading keyx with backends = pkcs11\n"
+            "  --pkcs11-module PATH    module for the raw Cryptoki rows (default %s)\n"
+            "  --pkcs11-token LABEL    token label (raw rows; and the key URI)\n"
+            "  --pkcs11-pin-file PATH  file holding the user PIN (raw rows)\n"
+            "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
+            "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
+            "type=private)\n"
+            "  --rounds N              interleaved rounds (default %d)\n"
+            "  --seconds S             seconds per cell per round (default %.1f)\n"
+            "  --peers N               peer public keys in the pool (default %d)\n"
+            "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
+            "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
+            "  --threads N             also run every cell with N threads at once (default 1: "
+            "off)\n"
+            "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
+            "(default %ld)\n"
+            "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
+            "  --json                  JSON on stdout instead of the table\n"
+            "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
+            "(libssl always checks)\n"
+            "Without --software-config or --pkcs11-config those rows are left out.\n",
+            opt.p11_module, opt.p11_key, opt.rounds, opt.seconds, opt.npeers, opt.mem_ops,
+            opt.mem_alg, opt.count_ops);
+}
+
+static void parse_args(int argc, char **argv)
+{
+    static const struct option lopts[] = {
+        {"software-config", required_argument, NULL, 'S'},
+        {"pkcs11-config", required_argument, NULL, 'P'},
+        {"pkcs11-module", required_argument, NULL, 'm'},
+        {"pkcs11-token", required_argument, NULL, 't'},
+        {"pkcs11-pin-file", required_argument, NULL, 'p'},
+        {"pkcs11-key", required_argument, NULL, 'k'},
+        {"pkcs11-key-uri", required_argument, NULL, 'u'},
+        {"rounds", required_argument, NULL, 'r'},
+        {"seconds", required_argument, NULL, 's'},
+        {"peers", required_argument, NULL, 'n'},
+        {"mem-ops", required_argument, NULL, 'M'},
+        {"mem-alg", required_argument, NULL, 'A'},
+        {"count-ops", required_argument, NULL, 'C'},
+        {"threads", required_argument, NULL, 'T'},
+        {"only", required_argument, NULL, 'o'},
+        {"json", no_argument, NULL, 'j'},
+        {"no-peer-validation", no_argument, NULL, 'V'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int ch, li = 0;
+    char *end;
+
+    while ((ch = getopt_long(argc, argv, "h", lopts, &li)) != -1) {
+        switch (ch) {
+        case 'S':
+            opt.sw_config = optarg;
+            break;
+        case 'P':
+            opt.p11_config = optarg;
+            break;
+        case 'm':
+            opt.p11_module = optarg;
+            break;
+        case 't':
+            opt.p11_token = optarg;
+            break;
+        case 'p':
+            opt.p11_pin_file = optarg;
+            break;
+        case 'k':
+            opt.p11_key = optarg;
+            break;
+        case 'u':
+            opt.p11_uri = optarg;
+            break;
+        case 'r':
+            opt.rounds = (int)strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.rounds < 1 || opt.rounds > MAX_ROUNDS)
+                goto bad;
+            break;
+        case 's':
+            opt.seconds = strtod(optarg, &end);
+            if (*end != '\0' || !(opt.seconds > 0 && opt.seconds <= 3600))
+                goto bad;
+            break;
+        case 'n':
+            opt.npeers = (int)strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.npeers < 1 || opt.npeers > 100000)
+                goto bad;
+            break;
+        case 'M':
+            opt.mem_ops = strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.mem_ops < 0)
+                goto bad;
+            break;
+        case 'A':
+            opt.mem_alg = optarg;
+            break;
+        case 'T':
+            opt.threads = (int)strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.threads < 1 || opt.threads > 64)
+                goto bad;
+            break;
+        case 'C':
+            opt.count_ops = strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.count_ops < 0)
+                goto bad;
+            break;
+        case 'o':
+            opt.only = optarg;
+            break;
+        case 'j':
+            opt.json = 1;
+            break;
+        case 'V':
+            bench_validate_peer = 0;
+            break;
+        case 'h':
+            usage(stdout);
+            exit(0);
+        default:
+            usage(stderr);
+            exit(2);
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        exit(2);
+    }
+    if (opt.p11_config != NULL && (opt.p11_token == NULL || opt.p11_pin_file == NULL)) {
+        fprintf(stderr, "keyx-bench: --pkcs11-config needs --pkcs11-token and --pkcs11-pin-file "
+                        "(the raw Cryptoki rows log in to the same token)\n");
+        exit(2);
+    }
+    return;
+bad:
+    fprintf(stderr, "keyx-bench: bad value '%s' for --%s\n", optarg, lopts[li].name);
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    regex_t only;
+    char uri[512];
+    int need[N_IMPL] = {0}, rc = 0;
+
+    parse_args(argc, argv);
+    if (opt.only != NULL && regcomp(&only, opt.only, REG_EXTENDED | REG_NOSUB) != 0) {
+        fprintf(stderr, "keyx-bench: --only: invalid regular expression '%s'\n", opt.only);
+        return 2;
+    }
+    if (opt.p11_uri == NULL && opt.p11_token != NULL) {
+        snprintf(uri, sizeof(uri), "pkcs11:token=%s;object=%s;type=private", opt.p11_token,
+                 opt.p11_key);
+        opt.p11_uri = uri;
+    }
+
+    /* The cells: the plan, less what is not configured or not selected. */
+    cells = calloc(sizeof(PLAN) / sizeof(PLAN[0]), sizeof(*cells));
+    if (cells == NULL)
+        return 1;
+    for (size_t i = 0; i < sizeof(PLAN) / sizeof(PLAN[0]); i++) {
+        cell *c = &cells[ncells];
+
+        if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
+            ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
+             opt.p11_config == NULL))
+            continue;
+        c->impl = PLAN[i].impl;
+        c->alg = &algs[PLAN[i].alg];
+        c->op = PLAN[i].op;
+        snprintf(c->name, sizeof(c->name), "%s/%s/%s", impl_names[c->impl], c->alg->name,
+                 op_names[c->op]);
+        if (opt.only != NULL && regexec(&only, c->name, 0, NULL, 0) != 0)
+            continue;
+        need[c->impl] = 1;
+        ncells++;
+    }
+    if (opt.only != NULL)
+        regfree(&only);
+    if (ncells == 0) {
+        fprintf(stderr, "keyx-bench: no cell selected\n");
+        return 2;
+    }
+
+    /* The default provider always: peers and cross-checks come from it. */
+    if ((libctx[IMPL_DEFAULT] = OSSL_LIB_CTX_new()) == NULL ||
+        (default_prov = OSSL_PROVIDER_load(libctx[IMPL_DEFAULT], "default")) == NULL)
+        die("loading the default provider");
+    if (need[IMPL_SOFTWARE])
+        libctx[IMPL_SOFTWARE] = keyx_libctx(opt.sw_config);
+    if (need[IMPL_PKCS11])
+        libctx[IMPL_PKCS11] = keyx_libctx(opt.p11_config);
+    /* keyx-pkcs11 cells use it too: to count their Cryptoki calls and prove they reach it */
+    if ((need[IMPL_PKCS11] || need[IMPL_RAW_PKCS11]) &&
+        (raw = raw_p11_open(opt.p11_module, opt.p11_token, opt.p11_pin_file, opt.p11_key)) == NULL)
+        return 1;
+    for (int a = 0; a < N_ALG; a++) {
+        int used = 0;
+
+        for (size_t i = 0; i < ncells; i++)
+            used |= cells[i].alg == &algs[a];
+        if (used &&
+            !bench_peers_make(&peers[a], libctx[IMPL_DEFAULT], &algs[a], (size_t)opt.npeers))
+            die("generating the peer keys");
+    }
+    if (need[IMPL_RAW_PKCS11] &&
+        (dh_domain = bench_keygen(libctx[IMPL_DEFAULT], &algs[ALG_FFDHE2048])) == NULL)
+        die("ffdhe2048 parameters");
+
+    for (size_t i = 0; i < ncells; i++)
+        setup(&cells[i]);
+    for (int r = 0; r < opt.rounds; r++)
+        for (size_t i = 0; i < ncells; i++) {
+            measure(&cells[i]);
+            if (opt.threads > 1)
+                measure_threads(&cells[i], r);
+        }
+    for (size_t i = 0; i < ncells; i++)
+        summarize(&cells[i]);
+    if (raw != NULL && opt.count_ops > 0)
+        for (size_t i = 0; i < ncells; i++)
+            if (cells[i].impl == IMPL_PKCS11 || cells[i].impl == IMPL_RAW_PKCS11)
+                count_calls(&cells[i]);
+    if (opt.mem_ops > 0)
+        for (size_t i = 0; i < ncells; i++)
+            if (strcmp(cells[i].alg->name, opt.mem_alg) == 0)
+                measure_memory(&cells[i]);
+
+    if (opt.json)
+        print_json();
+    else
+        print_table();
+    if (fflush(stdout) != 0)
+        rc = 1;
+
+    /* Teardown in an order that suits a shared module: the raw session goes first, then keyx
+     * (which finalizes the module if it initialized it), then the raw module if it was ours.
+     * Freeing the library contexts here, not at exit, also keeps keyx's teardown ahead of the
+     * module's own exit-time destructors. */
+    for (size_t i = 0; i < ncells; i++) {
+        if (cells[i].rawkey != 0)
+            raw_p11_destroy(raw, cells[i].rawkey);
+        EVP_PKEY_free(cells[i].own);
+    }
+    for (int a = 0; a < N_ALG; a++)
+        bench_peers_free(&peers[a]);
+    EVP_PKEY_free(dh_domain);
+    raw_p11_end_session(raw);
+    OSSL_PROVIDER_unload(default_prov);
+    for (int i = N_IMPL - 1; i >= 0; i--)
+        OSSL_LIB_CTX_free(libctx[i]);
+    raw_p11_close(raw);
+    free(cells);
+    return rc;
+}

@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# Benchmark keyx on this machine (method and latest results: docs/performance.md).
+#   1. installs missing Debian packages and builds keyx and bench/keyx-bench (RelWithDebInfo);
+#   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh);
+#   3. runs keyx-bench: keyx software and keyx pkcs11 beside the default provider and beside raw
+#      Cryptoki calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
+#      Cryptoki calls per operation, memory growth;
+#   4. TLS 1.3 handshakes per second (P-256 ECDHE, ECDSA P-256 server certificate) with
+#      `openssl s_time -new` against an `openssl s_server` using the default provider, keyx
+#      software, and keyx pkcs11 (ECDHE on the token: default_properties = ?provider=keyx);
+#   5. removes the token, configs and servers it made.
+# Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json).
+# With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "tls": [...]}.
+#   BENCH_TLS_SECONDS=10   seconds per s_time run (0: no TLS figures)
+#   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
+#   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
+#
+# Adding the TPM figures (swtpm, raw ESYS): fill in bench_tpm_setup below. It starts swtpm, writes
+# a keyx config with backends = tpm, appends keyx-bench's TPM arguments to BENCH_ARGS and a
+# "keyx-tpm <cnf>" entry to TLS_CONFIGS, and registers what cleanup must stop in CLEANUP_PIDS.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+tls_seconds=${BENCH_TLS_SECONDS:-10}
+module=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+json=0
+for a in "$@"; do
+    [ "$a" = --json ] && json=1
+done
+# Chatter goes to stderr so that stdout holds only the results (pure JSON with --json).
+say() { keyx_say "$@" >&2; }
+
+keyx_install_deps "${KEYX_PACKAGES[@]}" >&2
+build=$(keyx_abs "${BUILD_DIR:-build}")
+keyx_build "$build" >&2
+bench_bin=$build/bench/keyx-bench
+[ -x "$bench_bin" ] || keyx_die "the build left no $bench_bin"
+[ -f "$module" ] || keyx_die "SoftHSM2 module $module not found (package softhsm2)"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/keyx-bench.XXXXXX")
+CLEANUP_PIDS=()
+cleanup() {
+    local pid
+    for pid in "${CLEANUP_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+unset OPENSSL_MODULES OPENSSL_CONF KEYX_BACKENDS KEYX_AUDIT_LOG KEYX_DEBUG KEYX_EPHEMERAL_MAX_USES \
+    KEYX_PKCS11_MODULE KEYX_PKCS11_TOKEN KEYX_PKCS11_PIN KEYX_PKCS11_POOL KEYX_TPM_POOL
+
+# ---- SoftHSM2 token --------------------------------------------------------------------------
+token=keyx-bench
+mkdir "$work/tokens"
+cat >"$work/softhsm2.conf" <<EOF
+directories.tokendir = $work/tokens
+objectstore.backend = file
+log.level = ERROR
+EOF
+export SOFTHSM2_CONF=$work/softhsm2.conf
+pin=$(openssl rand -hex 8)
+so_pin=$(openssl rand -hex 8)
+(umask 077 && printf '%s' "$pin" >"$work/pin")
+say "SoftHSM2 token '$token' in $work/tokens with a static P-256 key (bench-ecdh)"
+softhsm2-util --init-token --free --label "$token" --so-pin "$so_pin" --pin "$pin" >/dev/null
+pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
+    --keypairgen --key-type EC:prime256v1 --label bench-ecdh --id 01 --usage-derive >/dev/null
+unset pin so_pin
+
+# ---- keyx configurations ---------------------------------------------------------------------
+# write_cnf FILE BACKEND-LINES...: keyx preferred, the default provider beside it.
+write_cnf() {
+    local file=$1 line
+    shift
+    {
+        printf '%s\n' "openssl_conf = openssl_init" "" "[openssl_init]" "providers = provider_sect" \
+            "alg_section = algorithm_sect" "" "[algorithm_sect]" "default_properties = ?provider=keyx" \
+            "" "[provider_sect]" "keyx = keyx_sect" "default = default_sect" "" "[keyx_sect]" \
+            "module = $build/keyx.so" "activate = 1"
+        for line in "$@"; do
+            printf '%s\n' "$line"
+        done
+        printf '%s\n' "" "[default_sect]" "activate = 1"
+    } >"$file"
+}
+write_cnf "$work/software.cnf" "backends = software"
+write_cnf "$work/pkcs11.cnf" "backends = pkcs11" "pkcs11-module = $module" \
+    "pkcs11-token = pkcs11:token=$token" "pkcs11-pin = file:$work/pin"
+printf '# default provider only\n' >"$work/default.cnf"
+
+# --threads 2: every cell also on two threads (the scaling figure); later arguments override.
+BENCH_ARGS=(--software-config "$work/software.cnf" --pkcs11-config "$work/pkcs11.cnf"
+    --pkcs11-module "$module" --pkcs11-token "$token" --pkcs11-pin-file "$work/pin"
+    --pkcs11-key bench-ecdh --threads 2)
+TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
+    "keyx-pkcs11 $work/pkcs11.cnf")
+
+# TPM hook (see the header): nothing yet.
+bench_tpm_setup() {
+    return 0
+}
+bench_tpm_setup
+
+# ---- keyx-bench ------------------------------------------------------------------------------
+say "keyx-bench ${BENCH_ARGS[*]} $*"
+bench_out=$("$bench_bin" "${BENCH_ARGS[@]}" "$@") || keyx_die "keyx-bench failed"
+[ "$json" = 1 ] || printf '%s\n' "$bench_out"
+
+# ---- TLS handshakes per second ---------------------------------------------------------------
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# tls_rate NAME CNF: handshakes/s of s_time -new against an s_server configured by CNF; prints
+# "NAME CONNECTIONS SECONDS RATE". The client always runs with the default provider alone.
+# Runs in a command substitution (a subshell): it stops its own server on every path.
+tls_rate() {
+    local name=$1 cnf=$2 port pid='' n t0 t1 out
+    trap '[ -z "$pid" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }' EXIT
+    port=$(free_port)
+    OPENSSL_CONF=$cnf openssl s_server -accept "127.0.0.1:$port" -cert "$work/ec.crt" \
+        -key "$work/ec.key" -groups P-256 -quiet </dev/null >"$work/s_server-$name.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || keyx_die "s_server ($name) exited: $(cat "$work/s_server-$name.log")"
+        sleep 0.1
+    done
+    t0=$(date +%s.%N)
+    out=$(OPENSSL_CONF=$work/client.cnf timeout $((tls_seconds + 60)) openssl s_time \
+        -connect "127.0.0.1:$port" -new -time "$tls_seconds" 2>&1) || true
+    t1=$(date +%s.%N)
+    kill -0 "$pid" 2>/dev/null || keyx_die "s_server ($name) died: $(cat "$work/s_server-$name.log")"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    pid=
+    n=$(printf '%s\n' "$out" | sed -n 's/^\([0-9][0-9]*\) connections in [0-9]* real seconds.*/\1/p')
+    if [ -z "$n" ] || [ "$n" -eq 0 ]; then
+        keyx_die "s_time against $name made no connection: $out"
+    fi
+    awk -v name="$name" -v n="$n" -v t0="$t0" -v t1="$t1" \
+        'BEGIN { printf "%s %d %.2f %.1f\n", name, n, t1 - t0, n / (t1 - t0) }'
+}
+
+tls_rows=()
+if [ "$tls_seconds" -gt 0 ]; then
+    OPENSSL_CONF=$work/default.cnf openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+        -nodes -keyout "$work/ec.key" -out "$work/ec.crt" -subj /CN=localhost -days 2 2>/dev/null
+    # The client offers P-256 only, so the server never needs a HelloRetryRequest.
+    printf '%s\n' "openssl_conf = openssl_init" "[openssl_init]" "ssl_conf = ssl_sect" \
+        "[ssl_sect]" "system_default = tls_sect" "[tls_sect]" "Groups = P-256" >"$work/client.cnf"
+
+    # Proof that the pkcs11 server does ECDHE on the token: one short run with the audit log.
+    say "checking with the audit log that keyx-pkcs11 handshakes generate and derive in pkcs11"
+    saved=$tls_seconds
+    tls_seconds=1
+    check=$(KEYX_AUDIT_LOG=$work/audit.jsonl tls_rate keyx-pkcs11 "$work/pkcs11.cnf")
+    tls_seconds=$saved
+    conns=$(printf '%s' "$check" | awk '{print $2}')
+    gens=$(grep -c '"event":"keygen","backend":"pkcs11"' "$work/audit.jsonl" || true)
+    derives=$(grep -c '"event":"derive","backend":"pkcs11"' "$work/audit.jsonl" || true)
+    say "  $conns handshakes: $gens keygens and $derives derives in pkcs11"
+    if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
+        keyx_die "keyx-pkcs11 TLS did not run ECDHE on the token ($gens keygens for $conns handshakes)"
+    fi
+
+    for entry in "${TLS_CONFIGS[@]}"; do
+        say "TLS 1.3 handshakes/s, server: ${entry%% *} (${tls_seconds}s)"
+        # shellcheck disable=SC2086 # "name cnf"
+        row=$(tls_rate $entry)
+        tls_rows+=("$row")
+    done
+fi
+
+if [ "$json" = 1 ]; then
+    printf '{"bench": %s,\n "tls": [' "$bench_out"
+    sep=
+    for row in "${tls_rows[@]}"; do
+        # shellcheck disable=SC2086 # "name n seconds rate"
+        set -- $row
+        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s}' \
+            "$sep" "$1" "$2" "$3" "$4"
+        sep=,
+    done
+    printf '\n]}\n'
+elif [ ${#tls_rows[@]} -gt 0 ]; then
+    printf '\nTLS 1.3 handshakes per second (openssl s_time -new, P-256 ECDHE, ECDSA P-256 cert;\n'
+    printf 'client: default provider; server as named)\n'
+    printf '%-14s %12s %9s %13s %9s\n' server connections seconds handshakes/s "/default"
+    base=
+    for row in "${tls_rows[@]}"; do
+        # shellcheck disable=SC2086
+        set -- $row
+        [ -n "$base" ] || base=$4
+        awk -v s="$1" -v n="$2" -v t="$3" -v r="$4" -v b="$base" \
+            'BEGIN { printf "%-14s %12d %9.2f %13.1f %9.3f\n", s, n, t, r, r / b }'
+    done
+fi

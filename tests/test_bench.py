@@ -1,0 +1,198 @@
+"""Smoke tests of the benchmark program (bench/keyx-bench.c), run briefly on a real SoftHSM2 token.
+
+They assert behaviour, never speed: every row is printed, the JSON is valid and complete, every
+figure is a positive rate, ratios are the quotients of the measured medians, the memory figures
+are there, --only selects, and the program refuses to report keyx figures when keyx is not the
+provider serving the keys or when the token cannot be used.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+import kxutil
+from kxutil import TIMEOUT, base_env, run
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+TOKEN = "keyx-bench-test"
+PIN = "4711-bench"
+
+ALGS_ALL = ("P-256", "X25519", "ffdhe2048")
+ALGS_P11 = ("P-256", "ffdhe2048")
+OPS = ("derive", "keygen+derive")
+
+
+def expected_cells():
+    cells = set()
+    for impl in ("default", "keyx-software"):
+        cells |= {(impl, a, op) for a in ALGS_ALL for op in OPS}
+    for impl in ("keyx-pkcs11", "raw-pkcs11"):
+        cells |= {(impl, a, op) for a in ALGS_P11 for op in OPS}
+        cells.add((impl, "P-256", "static-derive"))
+    return cells
+
+
+def bench_bin():
+    return kxutil.build_dir() / "bench" / "keyx-bench"
+
+
+@pytest.fixture
+def token(tmp, build):
+    """A SoftHSM2 token in tmp with a P-256 key labelled bench-ecdh; fails if SoftHSM is missing."""
+    for tool in ("softhsm2-util", "pkcs11-tool"):
+        assert shutil.which(tool), f"{tool} not found: install softhsm2 and opensc"
+    assert Path(MODULE).is_file(), f"{MODULE} not found: install softhsm2"
+    assert bench_bin().is_file(), f"{bench_bin()} not found (bench/CMakeLists.txt)"
+    (tmp / "tokens").mkdir()
+    conf = tmp / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tmp / 'tokens'}\nobjectstore.backend = file\n"
+                    "log.level = ERROR\n")
+    env = base_env(SOFTHSM2_CONF=conf)
+    run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--so-pin", "123456",
+         "--pin", PIN], env=env).ok("softhsm2-util --init-token")
+    run(["pkcs11-tool", "--module", MODULE, "--token-label", TOKEN, "--login", "--pin", PIN,
+         "--keypairgen", "--key-type", "EC:prime256v1", "--label", "bench-ecdh", "--id", "01",
+         "--usage-derive"], env=env).ok("pkcs11-tool --keypairgen")
+    pin = tmp / "pin"
+    pin.write_text(PIN)
+    return {"env": env, "pin": pin}
+
+
+def bench_args(cnf, token, *extra, software=None, pkcs11=None):
+    sw = software or cnf(keyx={"backends": "software"}, name="software.cnf")
+    p11 = pkcs11 or cnf(keyx={"backends": "pkcs11", "pkcs11-module": MODULE,
+                              "pkcs11-token": f"pkcs11:token={TOKEN}",
+                              "pkcs11-pin": f"file:{token['pin']}"}, name="pkcs11.cnf")
+    return [bench_bin(), "--software-config", sw, "--pkcs11-config", p11,
+            "--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", token["pin"],
+            "--rounds", "1", "--seconds", "0.1", "--peers", "4", "--mem-ops", "50", *extra]
+
+
+def run_bench(args, token, timeout=max(TIMEOUT, 180)):
+    return run(args, env=token["env"], timeout=timeout)
+
+
+def test_bench_table_has_every_row(cnf, token):
+    r = run_bench(bench_args(cnf, token), token).ok("keyx-bench")
+    rows = {}
+    for line in r.out.splitlines():
+        m = re.match(r"^(\S+)\s+(\S+)\s+(derive|keygen\+derive|static-derive)\s+(\d+)\s+(\d+)-(\d+)"
+                     r"\s+([\d.]+)\s+ok$", line)
+        if m:
+            rows[m.group(1, 2, 3)] = [float(x) for x in m.group(4, 5, 6, 7)]
+    assert set(rows) == expected_cells(), f"rows differ from the plan:\n{r!r}"
+    for cellname, (ops, lo, hi, cpu) in rows.items():
+        assert ops > 0 and lo <= ops <= hi and cpu > 0, f"{cellname}: bad figures\n{r!r}"
+    for ratio in ("keyx-software/default", "keyx-pkcs11/raw-pkcs11", "keyx-pkcs11/default"):
+        assert re.search(rf"^{re.escape(ratio)}\s+P-256\s+keygen\+derive\s+[\d.]+", r.out, re.M), \
+            f"ratio {ratio} missing:\n{r!r}"
+    assert re.search(r"^keyx-pkcs11/raw-pkcs11\s+P-256\s+static-derive\s+[\d.]+", r.out, re.M)
+    mem = re.findall(r"^(\S+)\s+P-256\s+(\S+)\s+50\s+-?\d+\s+-?[\d.]+$", r.out, re.M)
+    assert {m for m in mem} == {(c[0], c[2]) for c in expected_cells() if c[1] == "P-256"}, \
+        f"memory rows missing:\n{r!r}"
+    # the PIN never reaches the output
+    assert PIN not in r.out and PIN not in r.err
+
+
+def test_bench_json(cnf, token):
+    r = run_bench(bench_args(cnf, token, "--json", "--rounds", "2"), token).ok("keyx-bench --json")
+    doc = json.loads(r.out)
+    assert doc["rounds"] == 2 and doc["peer_validation"] is True
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert len(cells) == len(doc["cells"]), "a cell appears twice"
+    assert set(cells) == expected_cells()
+    for key, c in cells.items():
+        assert len(c["rounds"]) == 2 and all(x > 0 for x in c["rounds"]), key
+        assert c["min"] == pytest.approx(min(c["rounds"]), abs=1e-3), key
+        assert c["max"] == pytest.approx(max(c["rounds"]), abs=1e-3), key
+        # median of two rounds = their mean
+        assert c["ops_per_s"] == pytest.approx(sum(c["rounds"]) / 2, abs=1e-3), key
+        assert c["cpu_us_per_op"] > 0 and c["secret_check"] is True, key
+        if c["alg"] == "P-256":
+            assert c["memory"]["ops"] == 50 and isinstance(c["memory"]["rss_growth_kb"], int), key
+        else:
+            assert "memory" not in c, key
+    seen = set()
+    for ra in doc["ratios"]:
+        num = cells[(ra["num"], ra["alg"], ra["op"])]["ops_per_s"]
+        den = cells[(ra["den"], ra["alg"], ra["op"])]["ops_per_s"]
+        assert ra["ratio"] == pytest.approx(num / den, rel=1e-4), ra
+        if "target" in ra:
+            assert ra["meets_target"] == (ra["ratio"] >= ra["target"]), ra
+        seen.add((ra["num"], ra["den"], ra["alg"], ra["op"]))
+    for alg in ALGS_ALL:
+        assert ("keyx-software", "default", alg, "keygen+derive") in seen
+    for alg in ALGS_P11:
+        for op in OPS:
+            assert ("keyx-pkcs11", "raw-pkcs11", alg, op) in seen
+    assert ("keyx-pkcs11", "raw-pkcs11", "P-256", "static-derive") in seen
+
+
+def test_bench_only_selects(cnf, token):
+    r = run_bench(bench_args(cnf, token, "--json", "--only", "pkcs11/P-256/static"), token).ok()
+    doc = json.loads(r.out)
+    assert {(c["impl"], c["alg"], c["op"]) for c in doc["cells"]} == {
+        ("keyx-pkcs11", "P-256", "static-derive"), ("raw-pkcs11", "P-256", "static-derive")}
+    assert [(x["num"], x["den"]) for x in doc["ratios"]] == [("keyx-pkcs11", "raw-pkcs11")]
+    r = run_bench(bench_args(cnf, token, "--only", "no-such-cell"), token)
+    assert r.rc != 0 and "no cell selected" in r.err, r
+
+
+def test_bench_default_only_without_configs(build):
+    r = run([bench_bin(), "--rounds", "1", "--seconds", "0.05", "--peers", "2", "--mem-ops", "0",
+             "--json"], timeout=max(TIMEOUT, 120)).ok("keyx-bench without keyx configs")
+    doc = json.loads(r.out)
+    assert {c["impl"] for c in doc["cells"]} == {"default"}
+    assert doc["ratios"] == []
+
+
+def test_bench_refuses_when_keyx_does_not_serve(cnf, token):
+    """keyx loaded but not preferred: the keys come from the default provider, and the program
+    must say so instead of reporting default-provider figures as keyx's."""
+    sw = cnf(keyx={"backends": "software"}, prefer=False, name="not-preferred.cnf")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-software/P-256/derive", software=sw),
+                  token)
+    assert r.rc != 0, r
+    assert "served by provider 'default', not 'keyx'" in r.err, r
+
+
+def test_bench_wrong_pin_fails_cleanly(cnf, token, tmp):
+    bad = tmp / "bad-pin"
+    bad.write_text("0000")
+    args = bench_args(cnf, token, "--only", "raw-pkcs11/P-256/static")
+    args[args.index("--pkcs11-pin-file") + 1] = bad
+    r = run_bench(args, token)
+    assert r.rc == 1, r
+    assert "C_Login failed" in r.err and "0000" not in r.err, r
+
+
+def test_bench_threads(cnf, token):
+    """--threads 2 runs every cell on two threads as well (raw rows on their own sessions) and
+    reports the sum of the threads' rates and its ratio to one thread."""
+    r = run_bench(bench_args(cnf, token, "--json", "--threads", "2", "--only", "P-256/derive",
+                             "--mem-ops", "0"), token).ok("keyx-bench --threads 2")
+    doc = json.loads(r.out)
+    assert doc["threads"] == 2
+    assert {c["impl"] for c in doc["cells"]} == {"default", "keyx-software", "keyx-pkcs11",
+                                                 "raw-pkcs11"}
+    for c in doc["cells"]:
+        assert len(c["threads_rounds"]) == 1 and c["threads_rounds"][0] > 0, c
+        assert c["threads_ops_per_s"] == pytest.approx(c["threads_rounds"][0], abs=1e-3), c
+        assert c["scaling"] == pytest.approx(c["threads_ops_per_s"] / c["ops_per_s"], rel=1e-4), c
+        assert "cryptoki_calls_per_op" in c or c["impl"] in ("default", "keyx-software")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-software/P-256/derive", "--threads", "2",
+                             "--mem-ops", "0"), token).ok()
+    assert re.search(r"^2 threads", r.out, re.M), r
+    assert re.search(r"^keyx-software\s+P-256\s+derive\s+\d+\s+\d+\s+[\d.]+$", r.out, re.M), r
+
+
+def test_bench_refuses_pkcs11_rows_that_do_not_reach_the_token(cnf, token):
+    """A 'pkcs11' configuration that routes keys to software must not yield pkcs11 figures."""
+    wrong = cnf(keyx={"backends": "software"}, name="not-pkcs11.cnf")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-pkcs11/P-256/derive", pkcs11=wrong),
+                  token)
+    assert r.rc == 1, r
+    assert "made 0 C_DeriveKey calls on the token" in r.err, r
