@@ -194,7 +194,8 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
     rv = get_attr_hint(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
                        &ptlen);
     s->f->C_DestroyObject(s->h, pubobj);
-    if (rv == CKR_OK && (*pub = p11_ec_public(p->libctx, spec->group, point, ptlen)) == NULL)
+    if (rv == CKR_OK &&
+        (*pub = p11_ec_public(p->libctx, spec->group, spec->domain, point, ptlen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
     OPENSSL_free(point);
     if (rv != CKR_OK) {
@@ -570,7 +571,7 @@ static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, O
             (group = p11_ec_group(params, plen)) == NULL)
             rv = CKR_DOMAIN_PARAMS_INVALID;
         if (rv == CKR_OK && (rv = get_attr(s, objs[0], CKA_EC_POINT, &point, &ptlen)) == CKR_OK &&
-            (*pub = p11_ec_public(libctx, group, point, ptlen)) == NULL)
+            (*pub = p11_ec_public(libctx, group, NULL, point, ptlen)) == NULL)
             rv = CKR_ATTRIBUTE_VALUE_INVALID;
         *secretlen = p11_ec_field_bytes(group);
     } else if (rv == CKR_OK) {

@@ -93,14 +93,25 @@ static EVP_PKEY *from_params(OSSL_LIB_CTX *libctx, const char *alg, OSSL_PARAM_B
     return pk;
 }
 
-EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const unsigned char *point,
-                        size_t len)
+EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const EVP_PKEY *domain,
+                        const unsigned char *point, size_t len)
 {
     const struct curve *c = curve_by_group(group);
     OSSL_PARAM_BLD *bld;
     EVP_PKEY *pk = NULL;
 
-    if (c == NULL || !unwrap_point(c, &point, &len) || (bld = OSSL_PARAM_BLD_new()) == NULL)
+    if (c == NULL || !unwrap_point(c, &point, &len))
+        return NULL;
+    if (domain != NULL) {
+        /* a copy of the group keyx already has is far cheaper than a new one from its name */
+        if ((pk = EVP_PKEY_dup((EVP_PKEY *)domain)) != NULL &&
+            EVP_PKEY_set1_encoded_public_key(pk, point, len) != 1) {
+            EVP_PKEY_free(pk);
+            pk = NULL;
+        }
+        return pk;
+    }
+    if ((bld = OSSL_PARAM_BLD_new()) == NULL)
         return NULL;
     if (OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, c->openssl, 0) &&
         OSSL_PARAM_BLD_push_octet_string(bld, OSSL_PKEY_PARAM_PUB_KEY, point, len))

@@ -13,9 +13,10 @@ const char *p11_ec_group(const unsigned char *der, size_t len);
 /* Field size in bytes of "P-256"/"P-384"/"P-521" (the ECDH secret size); 0 otherwise. */
 size_t p11_ec_field_bytes(const char *group);
 
-/* The EC public key for group from a CKA_EC_POINT value (DER OCTET STRING or a raw point). */
-EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const unsigned char *point,
-                        size_t len);
+/* The EC public key for group from a CKA_EC_POINT value (DER OCTET STRING or a raw point),
+ * on a copy of domain (the group's parameters in libctx) when given, else on a new group. */
+EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const EVP_PKEY *domain,
+                        const unsigned char *point, size_t len);
 /* The DH public key y (big-endian) on the domain parameters of dom (a DH key in libctx). */
 EVP_PKEY *p11_dh_public(OSSL_LIB_CTX *libctx, const EVP_PKEY *dom, const unsigned char *y,
                         size_t len);

@@ -20,6 +20,9 @@
  *   keygen+derive  EVP_PKEY_keygen in the implementation, read of the encoded public key (what
  *                  libssl sends), then the derive above, then free of the key.
  *   static-derive  the derive above with a token key loaded by URI through OSSL_STORE.
+ *   X(ready)       X with the peer's key imported once beforehand (what raw Cryptoki, which
+ *                  takes the peer's bytes, is compared with); the libssl pattern imports a
+ *                  peer per handshake, which is OpenSSL's work whatever provider serves it.
  * Raw Cryptoki: derive = C_DeriveKey (CKM_ECDH1_DERIVE / CKM_DH_PKCS_DERIVE) into a generic
  * secret session object + read + destroy, with a session key generated once (derive) or the token
  * key (static-derive); keygen+derive = C_GenerateKeyPair (session objects) + read of the public
@@ -61,8 +64,25 @@ typedef enum { IMPL_DEFAULT, IMPL_SOFTWARE, IMPL_PKCS11, IMPL_RAW_PKCS11, N_IMPL
 static const char *const impl_names[N_IMPL] = {"default", "keyx-software", "keyx-pkcs11",
                                                "raw-pkcs11"};
 
-typedef enum { OP_DERIVE, OP_KEYGEN_DERIVE, OP_STATIC_DERIVE, N_OP } op_id;
-static const char *const op_names[N_OP] = {"derive", "keygen+derive", "static-derive"};
+typedef enum {
+    OP_DERIVE,
+    OP_KEYGEN_DERIVE,
+    OP_STATIC_DERIVE,
+    OP_DERIVE_READY,
+    OP_KEYGEN_DERIVE_READY,
+    OP_STATIC_DERIVE_READY,
+    N_OP
+} op_id;
+static const char *const op_names[N_OP] = {
+    "derive",        "keygen+derive",        "static-derive",
+    "derive(ready)", "keygen+derive(ready)", "static-derive(ready)"};
+
+/* The "(ready)" operations: the same with the peer's key already imported (the pool's keys made
+ * once in the cell's libctx), the comparison with raw Cryptoki, which takes the peer's bytes. */
+static op_id base_op(op_id op)
+{
+    return op >= OP_DERIVE_READY ? (op_id)(op - OP_DERIVE_READY) : op;
+}
 
 enum { ALG_P256, ALG_X25519, ALG_FFDHE2048, N_ALG };
 static const bench_alg algs[N_ALG] = {
@@ -92,6 +112,9 @@ static const struct {
     {IMPL_PKCS11, ALG_P256, OP_DERIVE},
     {IMPL_PKCS11, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_PKCS11, ALG_P256, OP_STATIC_DERIVE},
+    {IMPL_PKCS11, ALG_P256, OP_DERIVE_READY},
+    {IMPL_PKCS11, ALG_P256, OP_KEYGEN_DERIVE_READY},
+    {IMPL_PKCS11, ALG_P256, OP_STATIC_DERIVE_READY},
     {IMPL_PKCS11, ALG_FFDHE2048, OP_DERIVE},
     {IMPL_PKCS11, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
     {IMPL_RAW_PKCS11, ALG_P256, OP_DERIVE},
@@ -109,9 +132,12 @@ static const struct {
 } RATIOS[] = {
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_DERIVE, 0},
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0.95},
-    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_DERIVE, 0.85},
-    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_KEYGEN_DERIVE, 0.85},
-    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE, 0.85},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_DERIVE, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_KEYGEN_DERIVE, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_DERIVE_READY, 0.85},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_KEYGEN_DERIVE_READY, 0.85},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE_READY, 0.85},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_DERIVE, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0},
 };
@@ -124,6 +150,7 @@ typedef struct cell {
     OSSL_LIB_CTX *L;
     bench_peers *peers;
     EVP_PKEY *own;        /* derive, static-derive */
+    EVP_PKEY **ready;     /* "(ready)" operations: the pool's peers imported into L */
     unsigned long rawkey; /* raw derive: the session private key */
     int nrounds;
     double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
@@ -317,21 +344,30 @@ static void setup(cell *c)
         }
         OPENSSL_cleanse(secret, sizeof(secret));
     } else {
+        op_id op = base_op(c->op);
         EVP_PKEY *k =
-            c->op == OP_STATIC_DERIVE ? store_load(c->L, opt.p11_uri) : bench_keygen(c->L, c->alg);
+            op == OP_STATIC_DERIVE ? store_load(c->L, opt.p11_uri) : bench_keygen(c->L, c->alg);
 
         if (k == NULL) {
             fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
-                    c->op == OP_STATIC_DERIVE ? "cannot load the token key by URI"
-                                              : "key generation failed");
+                    op == OP_STATIC_DERIVE ? "cannot load the token key by URI"
+                                           : "key generation failed");
             die(c->name);
         }
         expect_provider(c, k);
         ok = bench_check_against_default(c->L, deflt, k, c->peers);
-        if (c->op == OP_KEYGEN_DERIVE)
+        if (op == OP_KEYGEN_DERIVE)
             EVP_PKEY_free(k);
         else
             c->own = k;
+        if (ok && op != c->op) {
+            if ((c->ready = OPENSSL_zalloc(c->peers->n * sizeof(*c->ready))) == NULL)
+                die(c->name);
+            for (size_t i = 0; i < c->peers->n; i++)
+                if ((c->ready[i] = bench_pub_import(c->L, c->alg, c->peers->pub[i],
+                                                    c->peers->publen[i])) == NULL)
+                    die(c->name);
+        }
     }
     if (!ok) {
         fprintf(stderr,
@@ -347,6 +383,17 @@ static void setup(cell *c)
 
 /* ---- one operation ---------------------------------------------------------------------- */
 
+/* A "(ready)" derive: own with pool peer i, already imported into the cell's libctx. */
+static int derive_ready(cell *c, EVP_PKEY *own, size_t i)
+{
+    unsigned char secret[1024];
+    size_t len = sizeof(secret);
+    int ok = bench_derive(c->L, own, c->ready[i % c->peers->n], secret, &len);
+
+    OPENSSL_cleanse(secret, len);
+    return ok;
+}
+
 /* One operation; *next picks the peer (each thread has its own counter). */
 static int run_once(cell *c, size_t *next)
 {
@@ -356,7 +403,7 @@ static int run_once(cell *c, size_t *next)
         unsigned char secret[512];
         int ok;
 
-        switch (c->op) {
+        switch (base_op(c->op)) {
         case OP_DERIVE:
             ok = raw_p11_derive(raw, c->alg, c->rawkey, pp->pub[i], pp->publen[i], secret);
             break;
@@ -370,16 +417,19 @@ static int run_once(cell *c, size_t *next)
         OPENSSL_cleanse(secret, c->alg->secretlen);
         return ok;
     }
-    if (c->op == OP_KEYGEN_DERIVE) {
+    if (base_op(c->op) == OP_KEYGEN_DERIVE) {
         EVP_PKEY *k = bench_keygen(c->L, c->alg);
         unsigned char *pub = NULL;
         int ok = k != NULL && EVP_PKEY_get1_encoded_public_key(k, &pub) != 0 &&
-                 bench_derive_fresh_peer(c->L, k, c->peers, (*next)++);
+                 (c->ready != NULL ? derive_ready(c, k, (*next)++)
+                                   : bench_derive_fresh_peer(c->L, k, c->peers, (*next)++));
 
         OPENSSL_free(pub);
         EVP_PKEY_free(k);
         return ok;
     }
+    if (c->ready != NULL)
+        return derive_ready(c, c->own, (*next)++);
     return bench_derive_fresh_peer(c->L, c->own, c->peers, (*next)++);
 }
 
@@ -542,6 +592,9 @@ static void summarize(cell *c)
 
 static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
 {
+    /* raw Cryptoki takes the peer's bytes: its "(ready)" figure is its plain one */
+    if (impl == IMPL_RAW_PKCS11)
+        op = base_op(op);
     for (size_t i = 0; i < ncells; i++)
         if (cells[i].impl == impl && cells[i].alg == alg && cells[i].op == op)
             return &cells[i];
@@ -557,18 +610,18 @@ static void print_table(void)
         printf("DIAGNOSTIC RUN: peers set without validation (--no-peer-validation); libssl "
                "validates\n");
     printf("\n");
-    printf("%-14s %-10s %-14s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
+    printf("%-14s %-10s %-20s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
            "cpu us/op", "secret");
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
         char spread[48];
 
         snprintf(spread, sizeof(spread), "%.0f-%.0f", c->min, c->max);
-        printf("%-14s %-10s %-14s %10.0f %21s %9.1f  %s\n", impl_names[c->impl], c->alg->name,
+        printf("%-14s %-10s %-20s %10.0f %21s %9.1f  %s\n", impl_names[c->impl], c->alg->name,
                op_names[c->op], c->median, spread, c->cpu_median, "ok");
     }
     printf("\nratios (median / median, same run)\n");
-    printf("%-28s %-10s %-14s %7s %7s\n", "ratio", "alg", "op", "value", "target");
+    printf("%-28s %-10s %-20s %7s %7s\n", "ratio", "alg", "op", "value", "target");
     for (size_t r = 0; r < sizeof(RATIOS) / sizeof(RATIOS[0]); r++)
         for (int a = 0; a < N_ALG; a++) {
             const cell *n = find_cell(RATIOS[r].num, &algs[a], RATIOS[r].op);
@@ -581,7 +634,7 @@ static void print_table(void)
                      impl_names[RATIOS[r].den]);
             if (RATIOS[r].target > 0)
                 snprintf(target, sizeof(target), ">=%.2f", RATIOS[r].target);
-            printf("%-28s %-10s %-14s %7.3f %7s%s\n", name, algs[a].name, op_names[RATIOS[r].op],
+            printf("%-28s %-10s %-20s %7.3f %7s%s\n", name, algs[a].name, op_names[RATIOS[r].op],
                    n->median / d->median, target,
                    RATIOS[r].target > 0 && n->median / d->median < RATIOS[r].target
                        ? "  BELOW TARGET"
@@ -590,25 +643,25 @@ static void print_table(void)
     if (opt.threads > 1) {
         printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
                raw != NULL ? ", raw rows their own sessions" : "");
-        printf("%-14s %-10s %-14s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
+        printf("%-14s %-10s %-20s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
                "scaling");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
-            printf("%-14s %-10s %-14s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
+            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
                    op_names[c->op], c->median, c->mt_median, c->mt_median / c->median);
         }
     }
     if (raw != NULL && opt.count_ops > 0) {
         printf("\nCryptoki calls per operation (counted over %ld untimed operations per cell)\n",
                opt.count_ops);
-        printf("%-14s %-10s %-14s %6s  %s\n", "impl", "alg", "op", "total", "calls");
+        printf("%-14s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "calls");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
             if (c->calls_ops == 0)
                 continue;
-            printf("%-14s %-10s %-14s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+            printf("%-14s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
                    calls_total(c));
             for (int k = 0; k < RAW_P11_NCOUNTED; k++)
                 if (c->calls[k] > 0)
@@ -618,13 +671,13 @@ static void print_table(void)
     }
     if (opt.mem_ops > 0) {
         printf("\nmemory (resident set growth over N more operations after the rounds)\n");
-        printf("%-14s %-10s %-14s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
+        printf("%-14s %-10s %-20s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
                "bytes/op");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
             if (c->mem_done)
-                printf("%-14s %-10s %-14s %9ld %12ld %10.1f\n", impl_names[c->impl], c->alg->name,
+                printf("%-14s %-10s %-20s %9ld %12ld %10.1f\n", impl_names[c->impl], c->alg->name,
                        op_names[c->op], c->mem_ops, c->mem_growth_kb,
                        (double)c->mem_growth_kb * 1024.0 / (double)c->mem_ops);
         }
@@ -940,6 +993,10 @@ int main(int argc, char **argv)
         if (cells[i].rawkey != 0)
             raw_p11_destroy(raw, cells[i].rawkey);
         EVP_PKEY_free(cells[i].own);
+        if (cells[i].ready != NULL)
+            for (size_t j = 0; j < cells[i].peers->n; j++)
+                EVP_PKEY_free(cells[i].ready[j]);
+        OPENSSL_free(cells[i].ready);
     }
     for (int a = 0; a < N_ALG; a++)
         bench_peers_free(&peers[a]);

@@ -197,7 +197,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     OSSL_PARAM *owned = NULL;
     const OSSL_PARAM *params = merged_params(g, &owned);
     keyx_key *k = keyx_key_new(g->p, g->alg);
-    EVP_PKEY *dom = NULL, *pub = NULL;
+    EVP_PKEY *dom = NULL, *pub = NULL, *named = NULL;
     keyx_backend *be = NULL;
     void *handle = NULL;
     keyx_keyspec spec = {.alg = g->alg, .params = params};
@@ -209,9 +209,11 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     if (k == NULL || (g->nsets > 1 && params == NULL))
         goto err;
     if (g->alg == KEYX_ALG_EC && (name = named_curve(g, params)) != NULL) {
-        /* A key pair on a named curve: the backend needs only the name, no parameter object. */
+        /* A key pair on a named curve: the name is enough; the shared parameters come along
+         * so that a backend builds the public key from them instead of a new EC_GROUP. */
         spec.group = keyx_group_canonical(name);
         snprintf(k->group, sizeof(k->group), "%s", spec.group);
+        spec.domain = named = keyx_domain_cache_get(g->p->domains, g->p->libctx, g->alg, name);
     } else if (keyx_alg_has_domain(g->alg)) {
         if ((dom = domain_params(g, params)) == NULL || !keyx_key_set_pub(k, dom))
             goto err;
@@ -231,6 +233,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     }
     if ((g->selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0) {
         /* Parameters only: nothing is created in any backend. */
+        EVP_PKEY_free(named);
         OSSL_PARAM_free(owned);
         return k;
     }
@@ -239,12 +242,14 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 1))
         goto err;
     keyx_key_event(k, "keygen", 1, NULL);
+    EVP_PKEY_free(named);
     OSSL_PARAM_free(owned);
     return k;
 
 fail:
     keygen_failed(g, k, be);
 err:
+    EVP_PKEY_free(named);
     OSSL_PARAM_free(owned);
     keyx_key_free(k);
     return NULL;

@@ -55,24 +55,31 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
         ok = (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !keyx_alg_has_domain(k->alg);
         goto end;
     }
+    if ((selection & OSSL_KEYMGMT_SELECT_ALL) == OSSL_KEYMGMT_SELECT_PUBLIC_KEY &&
+        __atomic_load_n(&k->public_checked, __ATOMIC_ACQUIRE))
+        return 1; /* libssl checks each peer key once per derive context */
     if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(k->alg)) {
         failed = "domain parameters are invalid";
         ok = (quick ? EVP_PKEY_param_check_quick(ctx) : EVP_PKEY_param_check(ctx)) == 1;
     }
-    if (ok && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
+    if (ok && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) &&
+        /* a view never changes: a key that passed the full check once passes it again */
+        !__atomic_load_n(&k->public_checked, __ATOMIC_ACQUIRE)) {
+        int prime_order = k->alg == KEYX_ALG_EC && keyx_group_prime_order(k->group);
+
         failed = k->alg == KEYX_ALG_DH ? "public value is outside [2, p-2] or the subgroup"
                                        : "public key is malformed or not on the curve";
         if (k->alg == KEYX_ALG_DH && !quick)
             ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
-        else if (k->alg == KEYX_ALG_EC && keyx_group_prime_order(k->group))
+        else if (prime_order)
             /* Every point of a prime-order curve (cofactor 1) has order n: the full check's
              * n*Q == O adds nothing to the quick one (on the curve, not at infinity). */
             ok = EVP_PKEY_public_check_quick(ctx) == 1;
         else
             ok = (quick ? EVP_PKEY_public_check_quick(ctx) : EVP_PKEY_public_check(ctx)) == 1;
-        if (ok && !quick)
+        if (ok && (!quick || prime_order))
             __atomic_store_n(&k->public_checked, 1, __ATOMIC_RELEASE);
     }
     /* A hardware backend vouches for its own private part; it cannot be read to check it. */
