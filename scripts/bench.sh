@@ -245,7 +245,7 @@ if [ "$json" = 1 ]; then
         set -- $row
         target=
         [ "$1" != keyx-tpm ] || target=$(awk -v r="$4" \
-            'BEGIN { printf ", \"target\": 315, \"anchor\": \"5x tpm2-openssl 63/s\", \"meets_target\": %s", r >= 315 ? "true" : "false" }')
+            'BEGIN { printf ", \"target\": 315, \"anchor\": \"5x tpm2-openssl 63/s\", \"meets_target\": %s", (r >= 315 ? "true" : "false") }')
         printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s%s}' \
             "$sep" "$1" "$2" "$3" "$4" "$target"
         sep=,
@@ -265,6 +265,6 @@ elif [ ${#tls_rows[@]} -gt 0 ]; then
         [ "$1" != keyx-tpm ] || tpm_rate=$4
     done
     if [ -n "${tpm_rate:-}" ]; then
-        awk -v r="$tpm_rate" 'BEGIN { printf "keyx-tpm target: >= 315 handshakes/s (5x tpm2-openssl'"'"'s 63/s): %s\n", r >= 315 ? "met" : "BELOW TARGET" }'
+        awk -v r="$tpm_rate" 'BEGIN { printf "keyx-tpm target: >= 315 handshakes/s (5x tpm2-openssl'"'"'s 63/s): %s\n", (r >= 315 ? "met" : "BELOW TARGET") }'
     fi
 fi
