@@ -33,8 +33,10 @@
  * for --count-ops untimed operations, then removed.
  *
  * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
- * again on N threads at once (each thread its own peer sequence; the raw rows each thread its
- * own session); the figure is the sum of the threads' rates, "scaling" its ratio to one thread.
+ * again on N threads at once (each thread its own peer sequence; the raw Cryptoki rows each
+ * thread its own session; the raw ESYS rows share their one ESYS context, calls serialized, as
+ * the TPM serves one command at a time anyway); the figure is the sum of the threads' rates,
+ * "scaling" its ratio to one thread.
  *
  * Memory: after the timed rounds, resident set growth (/proc/self/statm) over --mem-ops more
  * operations of every cell of --mem-alg.
