@@ -1,6 +1,7 @@
 /* keyx-bench: shared declarations of the benchmark program (see keyx-bench.c for the method).
  * evp.c holds the EVP operations (the libssl pattern, keygen+derive, peers); cryptoki.c holds the
- * raw Cryptoki calls the PKCS#11 figures are compared with. */
+ * raw Cryptoki calls the PKCS#11 figures are compared with; esys.c the raw ESYS calls the TPM
+ * figures are compared with. */
 #ifndef KEYX_BENCH_H
 #define KEYX_BENCH_H
 
@@ -90,5 +91,21 @@ int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
 int raw_p11_count_begin(raw_p11 *r);
 void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
 const char *raw_p11_count_name(int i);
+
+/* ---- esys.c ---- */
+typedef struct raw_esys raw_esys;
+/* ESYS context on TCTI tcti (tpm2-tss TCTI loader), the persistent ECC P-256 key at handle, and
+ * with session != 0 a salted HMAC session (response encryption) authorizing every ZGen, as keyx
+ * protects ZGen by default. NULL with a message on stderr. */
+raw_esys *raw_esys_open(const char *tcti, unsigned long handle, int session);
+void raw_esys_close(raw_esys *r);
+/* Encoded public key (uncompressed point, 65 bytes) of the persistent key. */
+const unsigned char *raw_esys_pub(const raw_esys *r);
+/* One ECDH_ZGen of the persistent key with an encoded peer point; x of Z into out (32 bytes). */
+int raw_esys_derive(raw_esys *r, const unsigned char *peer, size_t peerlen, unsigned char *out);
+/* CreateLoaded of an ECDH key in the NULL hierarchy + ZGen + FlushContext; the new key's encoded
+ * public key into pub (65 bytes) unless NULL. */
+int raw_esys_keygen_derive(raw_esys *r, const unsigned char *peer, size_t peerlen,
+                           unsigned char *out, unsigned char *pub);
 
 #endif

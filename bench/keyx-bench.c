@@ -33,14 +33,29 @@
  * for --count-ops untimed operations, then removed.
  *
  * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
- * again on N threads at once (each thread its own peer sequence; the raw rows each thread its
- * own session); the figure is the sum of the threads' rates, "scaling" its ratio to one thread.
+ * again on N threads at once (each thread its own peer sequence; the raw Cryptoki rows each
+ * thread its own session; the raw ESYS rows share their one ESYS context, calls serialized, as
+ * the TPM serves one command at a time anyway); the figure is the sum of the threads' rates,
+ * "scaling" its ratio to one thread.
  *
  * Memory: after the timed rounds, resident set growth (/proc/self/statm) over --mem-ops more
  * operations of every cell of --mem-alg.
  *
- * Adding a backend (TPM: keyx-tpm and raw-esys): one impl_id, its libctx or raw state in setup(),
- * its operations in run_once(), its rows in PLAN and its ratios in RATIOS. */
+ * TPM (--tpm-config, --tpm-tcti, --tpm-handle; esys.c): keyx-tpm cells as above, static-derive
+ * with the persistent key loaded as keyx:tpm:handle=0x81...; keyx-tpm's derive and derive(ready)
+ * share one generated key (swtpm has three transient slots: keyx's parent, that key, and one for
+ * the key a keygen+derive makes, keyx's or raw ESYS's). Raw ESYS, on its own ESYS context (the
+ * swtpm TCTI connects per command, so keyx's context and it take turns on swtpm's one connection):
+ * derive = one Esys_ECDH_ZGen of the persistent key with the peer's point (also the denominator of
+ * static-derive, the same TPM operation); keygen+derive = Esys_CreateLoaded of an ECDH key in the
+ * NULL hierarchy + ZGen + FlushContext. Two raw rows each: raw-esys-sess with a salted HMAC
+ * session encrypting ZGen's response (the bus protection keyx uses by default: the like-for-like
+ * comparison, which the target applies to) and raw-esys with a password authorization (the bus in
+ * clear; the floor of the TPM itself). Raw ESYS takes the peer's bytes: its plain figure is the
+ * denominator of the "(ready)" ratios. Memory figures of TPM cells run at most --tpm-mem-ops.
+ *
+ * Adding a backend: one impl_id, its libctx or raw state in setup(), its operations in
+ * run_once(), its rows in PLAN and its ratios in RATIOS. */
 #include <getopt.h>
 #include <pthread.h>
 #include <regex.h>
@@ -60,9 +75,29 @@
 
 #define MAX_ROUNDS 101
 
-typedef enum { IMPL_DEFAULT, IMPL_SOFTWARE, IMPL_PKCS11, IMPL_RAW_PKCS11, N_IMPL } impl_id;
-static const char *const impl_names[N_IMPL] = {"default", "keyx-software", "keyx-pkcs11",
-                                               "raw-pkcs11"};
+typedef enum {
+    IMPL_DEFAULT,
+    IMPL_SOFTWARE,
+    IMPL_PKCS11,
+    IMPL_RAW_PKCS11,
+    IMPL_TPM,
+    IMPL_RAW_ESYS_SESS,
+    IMPL_RAW_ESYS,
+    N_IMPL
+} impl_id;
+static const char *const impl_names[N_IMPL] = {"default",    "keyx-software", "keyx-pkcs11",
+                                               "raw-pkcs11", "keyx-tpm",      "raw-esys-sess",
+                                               "raw-esys"};
+
+static int is_raw_esys(impl_id i)
+{
+    return i == IMPL_RAW_ESYS_SESS || i == IMPL_RAW_ESYS;
+}
+
+static int is_tpm(impl_id i)
+{
+    return i == IMPL_TPM || is_raw_esys(i);
+}
 
 typedef enum {
     OP_DERIVE,
@@ -122,6 +157,16 @@ static const struct {
     {IMPL_RAW_PKCS11, ALG_P256, OP_STATIC_DERIVE},
     {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_DERIVE},
     {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+    {IMPL_TPM, ALG_P256, OP_DERIVE},
+    {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_TPM, ALG_P256, OP_STATIC_DERIVE},
+    {IMPL_TPM, ALG_P256, OP_DERIVE_READY},
+    {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE_READY},
+    {IMPL_TPM, ALG_P256, OP_STATIC_DERIVE_READY},
+    {IMPL_RAW_ESYS_SESS, ALG_P256, OP_DERIVE},
+    {IMPL_RAW_ESYS_SESS, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_RAW_ESYS, ALG_P256, OP_DERIVE},
+    {IMPL_RAW_ESYS, ALG_P256, OP_KEYGEN_DERIVE},
 };
 
 /* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
@@ -140,6 +185,34 @@ static const struct {
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE_READY, 0.85},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_DERIVE, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0},
+    /* TPM: like-for-like (both with a session encrypting ZGen's response), then against the bus
+     * in clear */
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_KEYGEN_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_STATIC_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_DERIVE_READY, 0.9},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_KEYGEN_DERIVE_READY, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_STATIC_DERIVE_READY, 0.9},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_DERIVE_READY, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE_READY, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE_READY, 0},
+    {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_DERIVE, 0},
+    {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
+};
+
+/* Absolute targets (ops/s), stated against an anchor measured on this machine. */
+static const struct {
+    impl_id impl;
+    int alg;
+    op_id op;
+    double target;
+    const char *anchor;
+} ABSOLUTE[] = {
+    {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE, 518, "2x tpm2-openssl's 259/s"},
+    {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE_READY, 518, "2x tpm2-openssl's 259/s"},
 };
 
 typedef struct cell {
@@ -177,6 +250,9 @@ static struct {
     int npeers;
     const char *sw_config, *p11_config;
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
+    const char *tpm_config, *tpm_tcti, *tpm_handle;
+    unsigned long tpm_handle_num;
+    long tpm_mem_ops;
 } opt = {
     .rounds = 5,
     .seconds = 1.0,
@@ -187,11 +263,20 @@ static struct {
     .npeers = 64,
     .p11_module = "/usr/lib/softhsm/libsofthsm2.so",
     .p11_key = "bench-ecdh",
+    .tpm_mem_ops = 2000,
 };
 
 static OSSL_LIB_CTX *libctx[N_IMPL];
 static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
+static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: without */
+static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
+static char tpm_uri[64];
+
+static raw_esys *esys_of(impl_id i)
+{
+    return esys[i == IMPL_RAW_ESYS];
+}
 static EVP_PKEY *dh_domain; /* ffdhe2048 parameters for the raw DH cells */
 static bench_peers peers[N_ALG];
 static cell *cells;
@@ -314,7 +399,19 @@ static void setup(cell *c)
 
     c->L = libctx[c->impl];
     c->peers = &peers[c->alg - algs];
-    if (c->impl == IMPL_RAW_PKCS11) {
+    if (is_raw_esys(c->impl)) {
+        unsigned char epub[65];
+
+        if (c->op == OP_DERIVE)
+            ok = raw_esys_derive(esys_of(c->impl), c->peers->pub[0], c->peers->publen[0], secret) &&
+                 bench_check_secret(deflt, c->peers, raw_esys_pub(esys_of(c->impl)), 65, secret,
+                                    c->alg->secretlen);
+        else
+            ok = raw_esys_keygen_derive(esys_of(c->impl), c->peers->pub[0], c->peers->publen[0],
+                                        secret, epub) &&
+                 bench_check_secret(deflt, c->peers, epub, sizeof(epub), secret, c->alg->secretlen);
+        OPENSSL_cleanse(secret, sizeof(secret));
+    } else if (c->impl == IMPL_RAW_PKCS11) {
         switch (c->op) {
         case OP_DERIVE:
             ok = raw_p11_keygen(raw, c->alg, dh_domain, &c->rawkey, &pub, &publen) &&
@@ -345,12 +442,20 @@ static void setup(cell *c)
         OPENSSL_cleanse(secret, sizeof(secret));
     } else {
         op_id op = base_op(c->op);
-        EVP_PKEY *k =
-            op == OP_STATIC_DERIVE ? store_load(c->L, opt.p11_uri) : bench_keygen(c->L, c->alg);
+        const char *uri = c->impl == IMPL_TPM ? tpm_uri : opt.p11_uri;
+        EVP_PKEY *k = NULL;
+
+        if (op == OP_STATIC_DERIVE)
+            k = store_load(c->L, uri);
+        else if (c->impl == IMPL_TPM && op == OP_DERIVE && tpm_own != NULL &&
+                 EVP_PKEY_up_ref(tpm_own))
+            k = tpm_own;
+        else
+            k = bench_keygen(c->L, c->alg);
 
         if (k == NULL) {
             fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
-                    op == OP_STATIC_DERIVE ? "cannot load the token key by URI"
+                    op == OP_STATIC_DERIVE ? "cannot load the static key by URI"
                                            : "key generation failed");
             die(c->name);
         }
@@ -360,6 +465,8 @@ static void setup(cell *c)
             EVP_PKEY_free(k);
         else
             c->own = k;
+        if (c->impl == IMPL_TPM && op == OP_DERIVE)
+            tpm_own = k;
         if (ok && op != c->op) {
             if ((c->ready = OPENSSL_zalloc(c->peers->n * sizeof(*c->ready))) == NULL)
                 die(c->name);
@@ -397,6 +504,18 @@ static int derive_ready(cell *c, EVP_PKEY *own, size_t i)
 /* One operation; *next picks the peer (each thread has its own counter). */
 static int run_once(cell *c, size_t *next)
 {
+    if (is_raw_esys(c->impl)) {
+        bench_peers *pp = c->peers;
+        size_t i = (*next)++ % pp->n;
+        unsigned char secret[32], epub[65];
+        int ok =
+            base_op(c->op) == OP_KEYGEN_DERIVE
+                ? raw_esys_keygen_derive(esys_of(c->impl), pp->pub[i], pp->publen[i], secret, epub)
+                : raw_esys_derive(esys_of(c->impl), pp->pub[i], pp->publen[i], secret);
+
+        OPENSSL_cleanse(secret, sizeof(secret));
+        return ok;
+    }
     if (c->impl == IMPL_RAW_PKCS11) {
         bench_peers *pp = c->peers;
         size_t i = (*next)++ % pp->n;
@@ -547,12 +666,14 @@ static void measure_memory(cell *c)
     for (int i = 0; i < 200; i++)
         if (!run_once(c, &c->next))
             die(c->name);
+    long n = is_tpm(c->impl) && opt.tpm_mem_ops < opt.mem_ops ? opt.tpm_mem_ops : opt.mem_ops;
+
     before = rss_kb();
-    for (long i = 0; i < opt.mem_ops; i++)
+    for (long i = 0; i < n; i++)
         if (!run_once(c, &c->next))
             die(c->name);
     after = rss_kb();
-    c->mem_ops = opt.mem_ops;
+    c->mem_ops = n;
     c->mem_growth_kb = after - before;
     c->mem_done = before >= 0 && after >= 0;
 }
@@ -592,9 +713,12 @@ static void summarize(cell *c)
 
 static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
 {
-    /* raw Cryptoki takes the peer's bytes: its "(ready)" figure is its plain one */
-    if (impl == IMPL_RAW_PKCS11)
+    /* raw Cryptoki and ESYS take the peer's bytes: their "(ready)" figure is their plain one */
+    if (impl == IMPL_RAW_PKCS11 || is_raw_esys(impl))
         op = base_op(op);
+    /* raw ESYS: static-derive is its derive (one ZGen of the persistent key) */
+    if (is_raw_esys(impl) && op == OP_STATIC_DERIVE)
+        op = OP_DERIVE;
     for (size_t i = 0; i < ncells; i++)
         if (cells[i].impl == impl && cells[i].alg == alg && cells[i].op == op)
             return &cells[i];
@@ -640,6 +764,22 @@ static void print_table(void)
                        ? "  BELOW TARGET"
                        : "");
         }
+    for (size_t r = 0, head = 0; r < sizeof(ABSOLUTE) / sizeof(ABSOLUTE[0]); r++) {
+        const cell *c = find_cell(ABSOLUTE[r].impl, &algs[ABSOLUTE[r].alg], ABSOLUTE[r].op);
+        char target[16];
+
+        if (c == NULL)
+            continue;
+        if (!head++) {
+            printf("\nabsolute targets (median ops/s)\n");
+            printf("%-28s %-10s %-20s %7s %7s  %s\n", "impl", "alg", "op", "ops/s", "target",
+                   "anchor");
+        }
+        snprintf(target, sizeof(target), ">=%.0f", ABSOLUTE[r].target);
+        printf("%-28s %-10s %-20s %7.0f %7s  %s%s\n", impl_names[c->impl], c->alg->name,
+               op_names[c->op], c->median, target, ABSOLUTE[r].anchor,
+               c->median < ABSOLUTE[r].target ? "  BELOW TARGET" : "");
+    }
     if (opt.threads > 1) {
         printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
                raw != NULL ? ", raw rows their own sessions" : "");
@@ -740,6 +880,20 @@ static void print_json(void)
             printf("}");
             first = 0;
         }
+    printf("\n], \"absolute\": [");
+    first = 1;
+    for (size_t r = 0; r < sizeof(ABSOLUTE) / sizeof(ABSOLUTE[0]); r++) {
+        const cell *c = find_cell(ABSOLUTE[r].impl, &algs[ABSOLUTE[r].alg], ABSOLUTE[r].op);
+
+        if (c == NULL)
+            continue;
+        printf("%s\n  {\"impl\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", \"ops_per_s\": %.4f, "
+               "\"target\": %.2f, \"anchor\": \"%s\", \"meets_target\": %s}",
+               first ? "" : ",", impl_names[c->impl], c->alg->name, op_names[c->op], c->median,
+               ABSOLUTE[r].target, ABSOLUTE[r].anchor,
+               c->median >= ABSOLUTE[r].target ? "true" : "false");
+        first = 0;
+    }
     printf("\n]}\n");
 }
 
@@ -757,6 +911,12 @@ static void usage(FILE *fp)
             "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
             "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
             "type=private)\n"
+            "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
+            "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
+            "swtpm:host=127.0.0.1,port=2321)\n"
+            "  --tpm-handle 0x81...    persistent ECC P-256 decrypt key (static-derive; raw "
+            "derive)\n"
+            "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
             "  --rounds N              interleaved rounds (default %d)\n"
             "  --seconds S             seconds per cell per round (default %.1f)\n"
             "  --peers N               peer public keys in the pool (default %d)\n"
@@ -770,9 +930,10 @@ static void usage(FILE *fp)
             "  --json                  JSON on stdout instead of the table\n"
             "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
             "(libssl always checks)\n"
-            "Without --software-config or --pkcs11-config those rows are left out.\n",
-            opt.p11_module, opt.p11_key, opt.rounds, opt.seconds, opt.npeers, opt.mem_ops,
-            opt.mem_alg, opt.count_ops);
+            "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
+            "out.\n",
+            opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
+            opt.mem_ops, opt.mem_alg, opt.count_ops);
 }
 
 static void parse_args(int argc, char **argv)
@@ -785,6 +946,10 @@ static void parse_args(int argc, char **argv)
         {"pkcs11-pin-file", required_argument, NULL, 'p'},
         {"pkcs11-key", required_argument, NULL, 'k'},
         {"pkcs11-key-uri", required_argument, NULL, 'u'},
+        {"tpm-config", required_argument, NULL, 'X'},
+        {"tpm-tcti", required_argument, NULL, 'Y'},
+        {"tpm-handle", required_argument, NULL, 'H'},
+        {"tpm-mem-ops", required_argument, NULL, 'Z'},
         {"rounds", required_argument, NULL, 'r'},
         {"seconds", required_argument, NULL, 's'},
         {"peers", required_argument, NULL, 'n'},
@@ -823,6 +988,23 @@ static void parse_args(int argc, char **argv)
             break;
         case 'u':
             opt.p11_uri = optarg;
+            break;
+        case 'X':
+            opt.tpm_config = optarg;
+            break;
+        case 'Y':
+            opt.tpm_tcti = optarg;
+            break;
+        case 'H':
+            opt.tpm_handle = optarg;
+            opt.tpm_handle_num = strtoul(optarg, &end, 0);
+            if (*end != '\0' || (opt.tpm_handle_num >> 24) != 0x81)
+                goto bad;
+            break;
+        case 'Z':
+            opt.tpm_mem_ops = strtol(optarg, &end, 10);
+            if (*end != '\0' || opt.tpm_mem_ops < 0)
+                goto bad;
             break;
         case 'r':
             opt.rounds = (int)strtol(optarg, &end, 10);
@@ -883,6 +1065,11 @@ static void parse_args(int argc, char **argv)
                         "(the raw Cryptoki rows log in to the same token)\n");
         exit(2);
     }
+    if (opt.tpm_config != NULL && (opt.tpm_tcti == NULL || opt.tpm_handle == NULL)) {
+        fprintf(stderr, "keyx-bench: --tpm-config needs --tpm-tcti and --tpm-handle (the raw ESYS "
+                        "rows use the same TPM and its persistent key)\n");
+        exit(2);
+    }
     return;
 bad:
     fprintf(stderr, "keyx-bench: bad value '%s' for --%s\n", optarg, lopts[li].name);
@@ -900,6 +1087,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "keyx-bench: --only: invalid regular expression '%s'\n", opt.only);
         return 2;
     }
+    if (opt.tpm_handle != NULL)
+        snprintf(tpm_uri, sizeof(tpm_uri), "keyx:tpm:handle=0x%08lX", opt.tpm_handle_num);
     if (opt.p11_uri == NULL && opt.p11_token != NULL) {
         snprintf(uri, sizeof(uri), "pkcs11:token=%s;object=%s;type=private", opt.p11_token,
                  opt.p11_key);
@@ -915,7 +1104,8 @@ int main(int argc, char **argv)
 
         if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
-             opt.p11_config == NULL))
+             opt.p11_config == NULL) ||
+            (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL))
             continue;
         c->impl = PLAN[i].impl;
         c->alg = &algs[PLAN[i].alg];
@@ -946,6 +1136,12 @@ int main(int argc, char **argv)
     if ((need[IMPL_PKCS11] || need[IMPL_RAW_PKCS11]) &&
         (raw = raw_p11_open(opt.p11_module, opt.p11_token, opt.p11_pin_file, opt.p11_key)) == NULL)
         return 1;
+    if (need[IMPL_TPM])
+        libctx[IMPL_TPM] = keyx_libctx(opt.tpm_config);
+    for (int i = 0; i < 2; i++)
+        if (need[i ? IMPL_RAW_ESYS : IMPL_RAW_ESYS_SESS] &&
+            (esys[i] = raw_esys_open(opt.tpm_tcti, opt.tpm_handle_num, !i)) == NULL)
+            return 1;
     for (int a = 0; a < N_ALG; a++) {
         int used = 0;
 
@@ -1002,6 +1198,8 @@ int main(int argc, char **argv)
         bench_peers_free(&peers[a]);
     EVP_PKEY_free(dh_domain);
     raw_p11_end_session(raw);
+    raw_esys_close(esys[0]);
+    raw_esys_close(esys[1]);
     OSSL_PROVIDER_unload(default_prov);
     for (int i = N_IMPL - 1; i >= 0; i--)
         OSSL_LIB_CTX_free(libctx[i]);

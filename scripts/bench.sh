@@ -2,22 +2,25 @@
 # Benchmark keyx on this machine (method and latest results: docs/performance.md).
 #   1. installs missing Debian packages and builds keyx and bench/keyx-bench (RelWithDebInfo);
 #   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh);
-#   3. runs keyx-bench: keyx software and keyx pkcs11 beside the default provider and beside raw
-#      Cryptoki calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
+#   3. starts swtpm with a persistent P-256 key (0x81000002);
+#      runs keyx-bench: keyx software, pkcs11 and tpm beside the default provider and beside raw
+#      Cryptoki and raw ESYS calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
 #      Cryptoki calls per operation, memory growth;
 #   4. TLS 1.3 handshakes per second (P-256 ECDHE, ECDSA P-256 server certificate) with
 #      `openssl s_time -new` against an `openssl s_server` using the default provider, keyx
-#      software, and keyx pkcs11 (ECDHE on the token: default_properties = ?provider=keyx);
-#   5. removes the token, configs and servers it made.
+#      software, keyx pkcs11 (ECDHE on the token: default_properties = ?provider=keyx) and keyx
+#      tpm (ECDHE in swtpm; target 5x tpm2-openssl's 63/s);
+#   5. removes the token, swtpm, configs and servers it made.
 # Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json).
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "tls": [...]}.
 #   BENCH_TLS_SECONDS=10   seconds per s_time run (0: no TLS figures)
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
 #
-# Adding the TPM figures (swtpm, raw ESYS): fill in bench_tpm_setup below. It starts swtpm, writes
-# a keyx config with backends = tpm, appends keyx-bench's TPM arguments to BENCH_ARGS and a
-# "keyx-tpm <cnf>" entry to TLS_CONFIGS, and registers what cleanup must stop in CLEANUP_PIDS.
+# TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes a persistent P-256
+# key with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
+# (--tpm-config, --tpm-tcti, --tpm-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
+# cleanup stops swtpm. The TLS keyx-tpm server does P-256 ECDHE fully in the TPM.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -98,9 +101,57 @@ BENCH_ARGS=(--software-config "$work/software.cnf" --pkcs11-config "$work/pkcs11
 TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
     "keyx-pkcs11 $work/pkcs11.cnf")
 
-# TPM hook (see the header): nothing yet.
+# ---- TPM: swtpm with a persistent P-256 key -----------------------------------------------------
+# swtpm serves one connection and has 3 transient slots, no resource manager: keyx and the raw
+# ESYS rows share it in one process (tpm2-tss's swtpm TCTI connects per command, so they take
+# turns). The persistent key (0x81000002) is made with tpm2-tools, which leave objects loaded:
+# every step is followed by a flush.
+free_port_pair() {
+    python3 -c '
+import socket
+for _ in range(50):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    try:
+        t = socket.socket(); t.bind(("127.0.0.1", p + 1)); t.close(); print(p); break
+    except OSError:
+        pass'
+}
 bench_tpm_setup() {
-    return 0
+    local port pid tools
+    command -v swtpm >/dev/null || keyx_die "swtpm not found (packages swtpm swtpm-tools)"
+    command -v tpm2_createprimary >/dev/null || keyx_die "tpm2-tools not found (package tpm2-tools)"
+    port=$(free_port_pair)
+    [ -n "$port" ] || keyx_die "no two consecutive free TCP ports on 127.0.0.1 for swtpm"
+    mkdir "$work/tpm"
+    swtpm socket --tpm2 --tpmstate "dir=$work/tpm" \
+        --server "type=tcp,port=$port,bindaddr=127.0.0.1" \
+        --ctrl "type=tcp,port=$((port + 1)),bindaddr=127.0.0.1" \
+        --flags not-need-init,startup-clear --log "file=$work/swtpm.log" </dev/null >/dev/null 2>&1 &
+    pid=$!
+    CLEANUP_PIDS+=("$pid")
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null && break
+        kill -0 "$pid" 2>/dev/null || keyx_die "swtpm exited: $(cat "$work/swtpm.log" 2>/dev/null)"
+        sleep 0.1
+    done
+    TPM_TCTI=swtpm:host=127.0.0.1,port=$port
+    say "swtpm on 127.0.0.1:$port (state $work/tpm), persistent P-256 key 0x81000002"
+    tools() { TPM2TOOLS_TCTI=$TPM_TCTI "$@" >/dev/null 2>"$work/tpm2-tools.log" ||
+        keyx_die "$1 failed: $(cat "$work/tpm2-tools.log")"; }
+    tools tpm2_createprimary -C o -G ecc256 -c "$work/srk.ctx"
+    tools tpm2_flushcontext -t
+    tools tpm2_create -C "$work/srk.ctx" -G ecc256:null \
+        -a 'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda' \
+        -u "$work/k.pub" -r "$work/k.priv"
+    tools tpm2_flushcontext -t
+    tools tpm2_load -C "$work/srk.ctx" -u "$work/k.pub" -r "$work/k.priv" -c "$work/k.ctx"
+    tools tpm2_evictcontrol -C o -c "$work/k.ctx" 0x81000002
+    tools tpm2_flushcontext -t
+    tools tpm2_flushcontext -l
+    tools tpm2_flushcontext -s
+    write_cnf "$work/tpm.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI"
+    BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
+    TLS_CONFIGS+=("keyx-tpm $work/tpm.cnf")
 }
 bench_tpm_setup
 
@@ -166,6 +217,17 @@ if [ "$tls_seconds" -gt 0 ]; then
     if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
         keyx_die "keyx-pkcs11 TLS did not run ECDHE on the token ($gens keygens for $conns handshakes)"
     fi
+    say "checking with the audit log that keyx-tpm handshakes generate and derive in the TPM"
+    tls_seconds=1
+    check=$(KEYX_AUDIT_LOG=$work/audit-tpm.jsonl tls_rate keyx-tpm "$work/tpm.cnf")
+    tls_seconds=$saved
+    conns=$(printf '%s' "$check" | awk '{print $2}')
+    gens=$(grep -c '"event":"keygen","backend":"tpm"' "$work/audit-tpm.jsonl" || true)
+    derives=$(grep -c '"event":"derive","backend":"tpm"' "$work/audit-tpm.jsonl" || true)
+    say "  $conns handshakes: $gens keygens and $derives derives in the TPM"
+    if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
+        keyx_die "keyx-tpm TLS did not run ECDHE in the TPM ($gens keygens for $conns handshakes)"
+    fi
 
     for entry in "${TLS_CONFIGS[@]}"; do
         say "TLS 1.3 handshakes/s, server: ${entry%% *} (${tls_seconds}s)"
@@ -181,8 +243,11 @@ if [ "$json" = 1 ]; then
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086 # "name n seconds rate"
         set -- $row
-        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s}' \
-            "$sep" "$1" "$2" "$3" "$4"
+        target=
+        [ "$1" != keyx-tpm ] || target=$(awk -v r="$4" \
+            'BEGIN { printf ", \"target\": 315, \"anchor\": \"5x tpm2-openssl 63/s\", \"meets_target\": %s", (r >= 315 ? "true" : "false") }')
+        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s%s}' \
+            "$sep" "$1" "$2" "$3" "$4" "$target"
         sep=,
     done
     printf '\n]}\n'
@@ -197,5 +262,9 @@ elif [ ${#tls_rows[@]} -gt 0 ]; then
         [ -n "$base" ] || base=$4
         awk -v s="$1" -v n="$2" -v t="$3" -v r="$4" -v b="$base" \
             'BEGIN { printf "%-14s %12d %9.2f %13.1f %9.3f\n", s, n, t, r, r / b }'
+        [ "$1" != keyx-tpm ] || tpm_rate=$4
     done
+    if [ -n "${tpm_rate:-}" ]; then
+        awk -v r="$tpm_rate" 'BEGIN { printf "keyx-tpm target: >= 315 handshakes/s (5x tpm2-openssl'"'"'s 63/s): %s\n", (r >= 315 ? "met" : "BELOW TARGET") }'
+    fi
 fi

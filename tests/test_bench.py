@@ -204,3 +204,98 @@ def test_bench_refuses_pkcs11_rows_that_do_not_reach_the_token(cnf, token):
                   token)
     assert r.rc == 1, r
     assert "made 0 C_DeriveKey calls on the token" in r.err, r
+
+
+# ---- TPM: keyx-tpm beside raw ESYS on a private swtpm -------------------------------------------
+
+TPM_HANDLE = 0x81000002
+TPM_CELLS = ({("keyx-tpm", "P-256", op) for op in READY} |
+             {("keyx-tpm", "P-256", op + "(ready)") for op in READY} |
+             {(raw, "P-256", op) for raw in ("raw-esys-sess", "raw-esys") for op in OPS})
+
+
+@pytest.fixture
+def tpm_bench(swtpm_factory, tmp, build):
+    """A private swtpm with a persistent P-256 decrypt key at 0x81000002 (made with tpm2-tools,
+    flushing after each step: swtpm has three transient slots) and a keyx config on it with an
+    audit log. Fails when swtpm or tpm2-tools are missing."""
+    assert bench_bin().is_file(), f"{bench_bin()} not found (bench/CMakeLists.txt)"
+    tpm = swtpm_factory()
+    tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "ecc256", "-c", tmp / "srk.ctx")
+    tpm.flush_transient()
+    tpm.tools("tpm2_create", "-Q", "-C", tmp / "srk.ctx", "-G", "ecc256:null", "-a",
+              "decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+              "-u", tmp / "k.pub", "-r", tmp / "k.priv")
+    tpm.flush_transient()
+    tpm.tools("tpm2_load", "-Q", "-C", tmp / "srk.ctx", "-u", tmp / "k.pub", "-r", tmp / "k.priv",
+              "-c", tmp / "k.ctx")
+    tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "k.ctx", f"0x{TPM_HANDLE:x}")
+    tpm.flush_transient()
+    log = tmp / "audit-tpm.jsonl"
+    cfg = kxutil.write_cnf(tmp / "tpm.cnf", keyx={"backends": "tpm", "tpm-tcti": tpm.tcti,
+                                                  "audit-log": log})
+    return {"tpm": tpm, "cnf": cfg, "log": log}
+
+
+def tpm_args(tb, *extra):
+    return [bench_bin(), "--tpm-config", tb["cnf"], "--tpm-tcti", tb["tpm"].tcti,
+            "--tpm-handle", f"0x{TPM_HANDLE:08x}", "--only", "P-256", "--rounds", "1",
+            "--seconds", "0.1", "--peers", "4", "--mem-ops", "50", *extra]
+
+
+def test_bench_tpm_rows_ratios_and_cross_check(tpm_bench):
+    """keyx-tpm and raw ESYS rows (with and without a salted session) are all measured, each after
+    a secret cross-checked against the default provider (peer's private key with the cell's
+    public key; the program stops on a mismatch), in one process on swtpm's single connection;
+    ratios are the quotients of the medians; the absolute keygen+derive target is reported; and
+    the audit log shows keyx's keys made and used in the TPM, never in software."""
+    r = run(tpm_args(tpm_bench, "--json"), timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm)")
+    doc = json.loads(r.out)
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS}, r
+    for key, c in cells.items():
+        assert c["secret_check"] is True and c["ops_per_s"] > 0, key
+        assert c["memory"]["ops"] == 50, key
+    ratios = {(x["num"], x["den"], x["op"]): x for x in doc["ratios"]}
+    for den in ("raw-esys-sess", "raw-esys"):
+        for op in READY:
+            for o in (op, op + "(ready)"):
+                x = ratios[("keyx-tpm", den, o)]
+                base = "derive" if o.startswith("static-derive") or o == "derive(ready)" else \
+                    o.replace("(ready)", "")
+                want = cells[("keyx-tpm", "P-256", o)]["ops_per_s"] / cells[(den, "P-256", base)]["ops_per_s"]
+                assert x["ratio"] == pytest.approx(want, rel=1e-4), x
+    # the like-for-like derive ratio carries the 0.9 target
+    assert ratios[("keyx-tpm", "raw-esys-sess", "derive(ready)")]["target"] == 0.9
+    absolute = {(a["impl"], a["op"]): a for a in doc["absolute"]}
+    a = absolute[("keyx-tpm", "keygen+derive")]
+    assert a["target"] == 518 and a["meets_target"] == (a["ops_per_s"] >= 518), a
+    events = kxutil.read_audit(tpm_bench["log"])
+    backends = {(e.get("event"), e.get("backend")) for e in events}
+    assert ("keygen", "tpm") in backends and ("derive", "tpm") in backends, backends
+    assert not any(e.get("backend") == "software" and e.get("event") in ("keygen", "derive")
+                   for e in events), "a keyx-tpm cell ran in software"
+    # raw ESYS flushed what it made: only keyx's objects could remain, and keyx has exited
+    left = tpm_bench["tpm"].tools("tpm2_getcap", "handles-transient").out
+    assert "0x80" not in left, left
+
+
+def test_bench_tpm_table(tpm_bench):
+    r = run(tpm_args(tpm_bench, "--mem-ops", "0"), timeout=max(TIMEOUT, 300)).ok("keyx-bench")
+    for impl, alg, op in TPM_CELLS:
+        assert re.search(rf"^{re.escape(impl)}\s+{alg}\s+{re.escape(op)}\s+\d+\s+\d+-\d+\s+[\d.]+\s+ok$",
+                         r.out, re.M), f"row {impl} {op} missing:\n{r!r}"
+    assert re.search(r"^keyx-tpm/raw-esys-sess\s+P-256\s+derive\(ready\)\s+[\d.]+\s+>=0\.90", r.out, re.M), r
+    assert re.search(r"^keyx-tpm\s+P-256\s+keygen\+derive\s+\d+\s+>=518\s+2x tpm2-openssl", r.out, re.M), r
+
+
+def test_bench_tpm_options_checked(tpm_bench):
+    r = run([bench_bin(), "--tpm-config", tpm_bench["cnf"], "--rounds", "1"], timeout=TIMEOUT)
+    assert r.rc == 2 and "--tpm-config needs --tpm-tcti and --tpm-handle" in r.err, r
+    r = run(tpm_args(tpm_bench) + ["--tpm-handle", "0x01000002"], timeout=TIMEOUT)
+    assert r.rc == 2 and "bad value" in r.err, r
+    # no key at the handle: the raw rows say so and the program stops
+    args = tpm_args(tpm_bench, "--only", "raw-esys/")
+    args[args.index("--tpm-handle") + 1] = "0x81000009"
+    r = run(args, timeout=max(TIMEOUT, 120))
+    assert r.rc == 1 and "no key at persistent handle 0x81000009" in r.err, r
