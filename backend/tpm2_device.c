@@ -38,7 +38,8 @@ struct tpm_dev {
     int caps_known;
     TPM2_ECC_CURVE curves[MAX_CURVES];
     size_t ncurves;
-    tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
+    unsigned rsa_known, rsa_ok; /* TestParms results, bit i: RSA 2048, 3072, 4096 */
+    tpm_obj *head, *tail;       /* loaded transient objects, most recently used first */
     uint64_t clock;
     int reclaimed;     /* foreign objects flushed during the current operation */
     int ready;         /* connected with parent and session: tpm_begin() has succeeded */
@@ -595,6 +596,29 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_
     return rc;
 }
 
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                        TPM2B_PUBLIC_KEY_RSA *out)
+{
+    TPM2B_PUBLIC_KEY_RSA *res = NULL;
+    ESYS_TR sess;
+    TSS2_RC rc;
+
+    if (d->fast.handle != 0)
+        return tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, in, scheme, label, out);
+    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
+    if (sess != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
+                                  0xFF);
+    rc = Esys_RSA_Decrypt(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, scheme, label, &res);
+    if (rc == TSS2_RC_SUCCESS) {
+        *out = *res;
+        OPENSSL_cleanse(res, sizeof(*res));
+        Esys_Free(res);
+    }
+    return rc;
+}
+
 static long now_seconds(void)
 {
     struct timespec ts;
@@ -634,6 +658,46 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
     if (!known)
         return curve == TPM2_ECC_NIST_P256 || curve == TPM2_ECC_NIST_P384;
     return found;
+}
+
+static int rsa_index(size_t bits)
+{
+    return bits == 2048 ? 0 : bits == 3072 ? 1 : bits == 4096 ? 2 : -1;
+}
+
+int tpm_dev_has_rsa(tpm_dev *d, size_t bits)
+{
+    int i = rsa_index(bits), ok;
+
+    if (i < 0)
+        return 0;
+    lock_dev(d);
+    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL &&
+        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
+        ERR_set_mark();
+        if (connect_tpm(d) != 1)
+            d->probe_failed = now_seconds();
+        ERR_pop_to_mark();
+    }
+    if (!(d->rsa_known & (1u << i)) && d->ctx != NULL) {
+        /* TPM2_TestParms: the TPM says whether it takes keys of this size (swtpm 0.7: 2048 and
+         * 3072; 4096 is rare in TPMs). */
+        TPMT_PUBLIC_PARMS parms = {.type = TPM2_ALG_RSA};
+        TSS2_RC rc;
+
+        parms.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
+        parms.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+        parms.parameters.rsaDetail.keyBits = (TPM2_KEY_BITS)bits;
+        rc = Esys_TestParms(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &parms);
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER && !rc_is_down(rc)) {
+            d->rsa_known |= 1u << i;
+            if (rc == TSS2_RC_SUCCESS)
+                d->rsa_ok |= 1u << i;
+        }
+    }
+    ok = (d->rsa_known & (1u << i)) ? (d->rsa_ok >> i) & 1 : bits == 2048;
+    unlock_dev(d);
+    return ok;
 }
 
 /* ---- lifetime ---------------------------------------------------------------------------- */

@@ -36,6 +36,10 @@ struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
  * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. */
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
 
+/* 1 if the TPM takes RSA keys of bits (2048, 3072, 4096; TPM2_TestParms, asked once). When the
+ * TPM cannot be reached, answers for 2048 only. */
+int tpm_dev_has_rsa(tpm_dev *d, size_t bits);
+
 /* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
  * restarted or reset, or went away mid-command), not a failure to connect: an operation that
  * creates its object from scratch may retry once, on a new connection. */
@@ -57,6 +61,12 @@ int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
 /* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
  * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
 TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
+
+/* Inside begin/end: TPM2_RSA_Decrypt with key, the message encrypted in the session as for
+ * ECDH_ZGen unless sessions are off. */
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                        TPM2B_PUBLIC_KEY_RSA *out);
 
 /* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
  * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */
