@@ -13,6 +13,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
+#include <openssl/rand.h>
 #include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
 
@@ -97,7 +98,7 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     TPM2B_SENSITIVE_CREATE sens = {0};
     TPM2B_TEMPLATE tmpl = {0};
     TPMT_PUBLIC area;
-    TPM2B_PUBLIC *outpub = NULL;
+    TPM2B_PUBLIC *outpub = NULL, prim_pub;
     TPM2B_PRIVATE *outpriv = NULL;
     ESYS_CONTEXT *ctx;
     ESYS_TR tr = ESYS_TR_NONE;
@@ -141,12 +142,29 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
         OPENSSL_free(k);
         return r;
     }
-    TPM_CALL(d, NULL, rc,
-             Esys_CreateLoaded(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
-                               &sens, &tmpl, &tr, &outpriv, &outpub));
+    if (c != NULL) {
+        /* An ephemeral EC key is a primary key in the NULL hierarchy: one command, no storage
+         * parent, and gone with the next TPM reset like the NULL seed it comes from. The random
+         * unique field makes every key a new one (a primary is derived from the hierarchy's
+         * seed and its template). */
+        TPM2B_PUBLIC inpub = {.publicArea = area};
+
+        if (RAND_bytes_ex(p->libctx, inpub.publicArea.unique.ecc.x.buffer, c->field, 0) != 1) {
+            tpm_end(d);
+            OPENSSL_free(k);
+            KEYX_ERR(p, KEYX_R_INTERNAL, "tpm: no random bytes for the key template");
+            return 0;
+        }
+        inpub.publicArea.unique.ecc.x.size = (UINT16)c->field;
+        TPM_CALL(d, NULL, rc, tpm_create_null_primary(d, &inpub, &tr, &prim_pub, &k->obj.name));
+    } else {
+        TPM_CALL(d, NULL, rc,
+                 Esys_CreateLoaded(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                                   &sens, &tmpl, &tr, &outpriv, &outpub));
+    }
     if (rc != TSS2_RC_SUCCESS) {
         r = tpm_fail(d, rc,
-                     c != NULL ? "EC key generation (CreateLoaded)"
+                     c != NULL ? "EC key generation (CreatePrimary, NULL hierarchy)"
                                : "RSA key generation (CreateLoaded)");
         tpm_end(d);
         OPENSSL_free(k);
@@ -155,8 +173,9 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     Esys_Free(outpriv);
     tpm_obj_loaded(d, &k->obj, tr);
     if (c != NULL) {
-        *pub = tpm_ec_public(p->libctx, c, &outpub->publicArea.unique.ecc);
+        *pub = tpm_ec_public(p->libctx, c, &prim_pub.publicArea.unique.ecc);
     } else {
+        tpm_obj_public(d, &k->obj, &outpub->publicArea);
         *pub = tpm_rsa_public(p->libctx, &outpub->publicArea);
         k->nlen = outpub->publicArea.unique.rsa.size;
     }
@@ -253,6 +272,7 @@ static int import_rsa_once(tpm_dev *d, EVP_PKEY *key, void **handle, EVP_PKEY **
         goto fail_r;
     }
     tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &inpub.publicArea);
     tpm_end(d);
     *handle = k;
     return 1;
@@ -330,6 +350,7 @@ static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
         goto fail;
     }
     tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &inpub.publicArea);
     tpm_end(d);
     *handle = k;
     return 1;
@@ -387,7 +408,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     }
     /* One TPM command: the key's authorization and the encryption of the returned point share
      * the salted session. */
-    TPM_CALL(d, &k->obj, rc, tpm_ecdh_zgen(d, tr, &in, &out));
+    TPM_CALL(d, &k->obj, rc, tpm_ecdh_zgen(d, &k->obj, tr, &in, &out));
     if (rc != TSS2_RC_SUCCESS) {
         if (tpm_rc_is(rc, TPM2_RC_ECC_POINT) || tpm_rc_is(rc, TPM2_RC_NO_RESULT)) {
             KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY,
@@ -640,7 +661,7 @@ static int rsa_decrypt_once(tpm_dev *d, tpm_key *k, const TPMT_RSA_DECRYPT *sche
         tpm_end(d);
         return r;
     }
-    TPM_CALL(d, &k->obj, rc, tpm_rsa_decrypt(d, tr, ct, scheme, label, &msg));
+    TPM_CALL(d, &k->obj, rc, tpm_rsa_decrypt(d, &k->obj, tr, ct, scheme, label, &msg));
     if (rc != TSS2_RC_SUCCESS) {
         if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
             (tpm_rc_is(rc, TPM2_RC_VALUE) || tpm_rc_is(rc, TPM2_RC_SIZE) ||

@@ -6,7 +6,9 @@
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
+#include <tss2/tss2_sys.h>
 #include <tss2/tss2_tctildr.h>
 
 #include "backend/backend.h"
@@ -341,6 +343,12 @@ void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
     list_front(d, o);
 }
 
+void tpm_obj_public(tpm_dev *d, tpm_obj *o, const TPMT_PUBLIC *pub)
+{
+    if (d->fast_ok)
+        tpm_fsess_name(&d->fast, pub, &o->name);
+}
+
 void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr)
 {
     o->tr = tr;
@@ -574,14 +582,32 @@ int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
     return 1;
 }
 
-TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
+/* The key's name for keyx's session: known since it was made, or asked of ESYS once. */
+static TSS2_RC obj_name(tpm_dev *d, tpm_obj *o, ESYS_TR key)
+{
+    TPM2B_NAME *name = NULL;
+    TSS2_RC rc;
+
+    if (o->name.size != 0)
+        return TSS2_RC_SUCCESS;
+    if ((rc = Esys_TR_GetName(d->ctx, key, &name)) != TSS2_RC_SUCCESS)
+        return rc;
+    o->name = *name;
+    Esys_Free(name);
+    return rc;
+}
+
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                      TPM2B_ECC_POINT *out)
 {
     TPM2B_ECC_POINT *res = NULL;
     ESYS_TR sess;
     TSS2_RC rc;
 
     if (d->fast.handle != 0)
-        return tpm_fsess_zgen(&d->fast, d->ctx, key, in, out);
+        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
+                   ? rc
+                   : tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out);
     /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
@@ -596,7 +622,7 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_
     return rc;
 }
 
-TSS2_RC tpm_rsa_decrypt(tpm_dev *d, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
                         const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
                         TPM2B_PUBLIC_KEY_RSA *out)
 {
@@ -605,7 +631,9 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
     TSS2_RC rc;
 
     if (d->fast.handle != 0)
-        return tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, in, scheme, label, out);
+        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
+                   ? rc
+                   : tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme, label, out);
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
         Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
@@ -615,6 +643,48 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
         *out = *res;
         OPENSSL_cleanse(res, sizeof(*res));
         Esys_Free(res);
+    }
+    return rc;
+}
+
+TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *tr,
+                                TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
+    TSS2L_SYS_AUTH_RESPONSE rsp = {0};
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TPM2B_CREATION_DATA cdata = {0};
+    TPM2B_DIGEST chash = {0};
+    TPMT_TK_CREATION ticket = {0};
+    TPM2_HANDLE h = 0;
+    uint8_t meta[4 + sizeof(TPM2B_NAME) + 4 + sizeof(TPM2B_PUBLIC)];
+    size_t off = 0;
+    TSS2_RC rc;
+
+    *tr = ESYS_TR_NONE;
+    cmd.auths[0].sessionHandle = TPM2_RS_PW; /* the NULL hierarchy's empty authorization */
+    memset(outpub, 0, sizeof(*outpub));
+    memset(name, 0, sizeof(*name));
+    if ((rc = Esys_GetSysContext(d->ctx, &sys)) != TSS2_RC_SUCCESS)
+        return rc;
+    rc = Tss2_Sys_CreatePrimary(sys, TPM2_RH_NULL, &cmd, &sens, inpub, &outside, &pcrs, &h, outpub,
+                                &cdata, &chash, &ticket, name, &rsp);
+    if (rc != TSS2_RC_SUCCESS)
+        return rc;
+    /* ESYS learns of the object from its metadata (what Esys_TR_Serialize writes: handle, name,
+     * IESYSC_KEY_RSRC, public area): no command, and no name computed in a new library context
+     * as Esys_CreatePrimary does. */
+    if ((rc = Tss2_MU_UINT32_Marshal(h, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_TPM2B_NAME_Marshal(name, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_UINT32_Marshal(1 /* IESYSC_KEY_RSRC */, meta, sizeof(meta), &off)) !=
+            TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_TPM2B_PUBLIC_Marshal(outpub, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Esys_TR_Deserialize(d->ctx, meta, off, tr)) != TSS2_RC_SUCCESS) {
+        *tr = ESYS_TR_NONE;
+        Tss2_Sys_FlushContext(sys, h);
     }
     return rc;
 }

@@ -259,39 +259,53 @@ end:
     return rc;
 }
 
-TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_ECC_POINT *in,
-                       TPM2B_ECC_POINT *out)
+int tpm_fsess_name(tpm_fsess *s, const TPMT_PUBLIC *pub, TPM2B_NAME *name)
+{
+    unsigned char buf[sizeof(TPMT_PUBLIC)];
+    size_t off = 0;
+    const void *parts[] = {buf};
+    size_t lens[1];
+
+    name->size = 0;
+    if (pub->nameAlg != TPM2_ALG_SHA256 || s->sha256 == NULL ||
+        Tss2_MU_TPMT_PUBLIC_Marshal(pub, buf, sizeof(buf), &off) != TSS2_RC_SUCCESS)
+        return 0;
+    lens[0] = off;
+    name->name[0] = (BYTE)(TPM2_ALG_SHA256 >> 8);
+    name->name[1] = (BYTE)TPM2_ALG_SHA256;
+    if (!sha256(s, parts, lens, 1, name->name + 2))
+        return 0;
+    name->size = 2 + DIGEST;
+    return 1;
+}
+
+TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
 {
     TSS2_SYS_CONTEXT *sys = NULL;
-    TPM2B_NAME *name = NULL;
     TPM2_HANDLE handle = 0;
     TSS2_RC rc;
 
     if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
         (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
-        (rc = Esys_TR_GetName(ectx, key, &name)) == TSS2_RC_SUCCESS &&
         (rc = Tss2_Sys_ECDH_ZGen_Prepare(sys, handle, in)) == TSS2_RC_SUCCESS &&
         (rc = run_prepared(s, sys, name, TPM2_CC_ECDH_ZGen)) == TSS2_RC_SUCCESS)
         rc = Tss2_Sys_ECDH_ZGen_Complete(sys, out);
-    Esys_Free(name);
     return rc;
 }
 
-TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key,
+TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
                               const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
                               const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out)
 {
     TSS2_SYS_CONTEXT *sys = NULL;
-    TPM2B_NAME *name = NULL;
     TPM2_HANDLE handle = 0;
     TSS2_RC rc;
 
     if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
         (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
-        (rc = Esys_TR_GetName(ectx, key, &name)) == TSS2_RC_SUCCESS &&
         (rc = Tss2_Sys_RSA_Decrypt_Prepare(sys, handle, in, scheme, label)) == TSS2_RC_SUCCESS &&
         (rc = run_prepared(s, sys, name, TPM2_CC_RSA_Decrypt)) == TSS2_RC_SUCCESS)
         rc = Tss2_Sys_RSA_Decrypt_Complete(sys, out);
-    Esys_Free(name);
     return rc;
 }

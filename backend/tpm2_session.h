@@ -34,12 +34,17 @@ void tpm_fsess_forget(tpm_fsess *s);
 /* Flushes it from the TPM. */
 void tpm_fsess_flush(tpm_fsess *s, ESYS_CONTEXT *ectx);
 
-/* ECDH_ZGen with key authorized by the session and outPoint encrypted. Returns the TPM/TSS
- * result; TSS2_ESYS_RC_RSP_AUTH_FAILED when the response HMAC does not verify. */
-TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_ECC_POINT *in,
-                       TPM2B_ECC_POINT *out);
+/* The TPM name of an object with a SHA-256 name algorithm (computed in keyx's library context:
+ * ESYS computes names with a new library context each time). 0 for other name algorithms. */
+int tpm_fsess_name(tpm_fsess *s, const TPMT_PUBLIC *pub, TPM2B_NAME *name);
+
+/* ECDH_ZGen with key (whose TPM name is name) authorized by the session and outPoint encrypted.
+ * Returns the TPM/TSS result; TSS2_ESYS_RC_RSP_AUTH_FAILED when the response HMAC does not
+ * verify. */
+TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
 /* TPM2_RSA_Decrypt the same way: message comes back encrypted in the session. */
-TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key,
+TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
                               const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
                               const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out);
 
