@@ -1,9 +1,11 @@
 /* The tpm backend: ECDH key pairs and shared secrets, and RSA decryption, inside a TPM 2.0.
- * Ephemeral keys are transient objects made under the cached storage parent (CreateLoaded) and
- * flushed when freed; a derive is exactly one TPM2_ECDH_ZGen, its result travelling in an
- * encrypted session. Static keys are persistent handles (keyx:tpm:handle=0x81000002), used by
- * reference. Imported keys (tests) are loaded with TPM2_LoadExternal in the NULL hierarchy.
- * backend/tpm2_device.c owns the connection, parent, session and slots. */
+ * Ephemeral EC keys are primaries in the NULL hierarchy (one TPM2_CreatePrimary each, random
+ * unique field) and RSA keys transient objects under the cached storage parent (CreateLoaded),
+ * all flushed when freed; a derive is exactly one TPM2_ECDH_ZGen and a decryption one
+ * TPM2_RSA_Decrypt, the result travelling in an encrypted session. Static keys are persistent
+ * handles (keyx:tpm:handle=0x81000002), used by reference. Imported keys (tests) are loaded with
+ * TPM2_LoadExternal in the NULL hierarchy. backend/tpm2_device.c owns the connection, parent,
+ * session and slots. */
 #include <stdlib.h>
 #include <string.h>
 
