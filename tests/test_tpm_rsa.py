@@ -215,13 +215,29 @@ def test_transient_keys_are_flushed(swtpm, tmp):
     assert swtpm.tools("tpm2_getcap", "handles-transient").out == before
 
 
-@pytest.mark.parametrize("encrypt", ["1", "0"])
-def test_plaintext_on_the_bus(swtpm, vectors_dir, tmp, encrypt):
+RSA_PARENT = 0x81000012
+
+
+def rsa_parent(tpm, d):
+    """An RSA storage primary evicted to RSA_PARENT (as test_tpm_session.py makes it): keyx cannot
+    salt its own session with it, ESYS's session protects the commands instead."""
+    if f"0x{RSA_PARENT:x}" not in tpm.tools("tpm2_getcap", "handles-persistent").out.lower():
+        tpm.flush_transient()
+        tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", d / "srk.ctx")
+        tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", d / "srk.ctx", f"0x{RSA_PARENT:x}")
+        tpm.flush_transient()
+    return f"0x{RSA_PARENT:x}"
+
+
+@pytest.mark.parametrize("encrypt,parent", [("1", None), ("0", None), ("1", "rsa")])
+def test_plaintext_on_the_bus(swtpm, vectors_dir, tmp, encrypt, parent):
     pcap = tmp / "tpm.pcap"
     tests = [t for t in load(vectors_dir, "rsa_oaep_2048_sha256_mgf1sha256_test.json")
              if t["result"] == "valid" and not t["label"] and len(t["msg"]) >= 32][:3]
     assert len(tests) == 3
     env = tpm_env(swtpm, TCTI_PCAP_FILE=pcap, KEYX_TPM_ENCRYPT_SESSIONS=encrypt)
+    if parent:
+        env["KEYX_TPM_PARENT"] = rsa_parent(swtpm, tmp)
     env["KEYX_TPM_TCTI"] = f"pcap:{swtpm.tcti}"
     got, _ = decrypt(tests, backend="tpm", env=env)
     for t in tests:
