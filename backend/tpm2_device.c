@@ -659,6 +659,7 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
     TPM2B_CREATION_DATA cdata = {0};
     TPM2B_DIGEST chash = {0};
     TPMT_TK_CREATION ticket = {0};
+    TPM2B_NAME check;
     TPM2_HANDLE h = 0;
     uint8_t meta[4 + sizeof(TPM2B_NAME) + 4 + sizeof(TPM2B_PUBLIC)];
     size_t off = 0;
@@ -674,6 +675,13 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
                                 &cdata, &chash, &ticket, name, &rsp);
     if (rc != TSS2_RC_SUCCESS)
         return rc;
+    /* The name the TPM returned must be that of the public key it returned (as ESYS checks). */
+    if (d->fast_ok &&
+        (!tpm_fsess_name(&d->fast, &outpub->publicArea, &check) || check.size != name->size ||
+         memcmp(check.name, name->name, name->size) != 0)) {
+        Tss2_Sys_FlushContext(sys, h);
+        return TSS2_ESYS_RC_MALFORMED_RESPONSE;
+    }
     /* ESYS learns of the object from its metadata (what Esys_TR_Serialize writes: handle, name,
      * IESYSC_KEY_RSRC, public area): no command, and no name computed in a new library context
      * as Esys_CreatePrimary does. */
