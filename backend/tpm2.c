@@ -530,7 +530,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
                 p, KEYX_R_UNSUPPORTED,
                 "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
                 "scheme of its own, so keyx cannot decrypt with it (create it with tpm2_create "
-                "-G rsa2048:null:aes128cfb -a "
+                "-G rsa2048:null:null -a "
                 "'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
                 (unsigned)h);
             r = 0;

@@ -251,3 +251,12 @@ def test_plaintext_on_the_bus(swtpm, vectors_dir, tmp, encrypt, parent):
         assert not any(seen), "an RSA plaintext crossed the TPM bus in clear"
     else:
         assert all(seen), "capture without encryption should show the plaintexts"
+
+
+def test_restricted_rsa_key_is_refused(swtpm, tmp):
+    """A restricted RSA storage key cannot decrypt for applications: refused when loaded, with the
+    tpm2_create recipe of a key that works."""
+    handle = rsa_parent(swtpm, tmp)
+    env = kxutil.base_env(OPENSSL_CONF=tpm_cnf(tmp / "openssl.cnf", swtpm))
+    r = kxutil.openssl("pkey", "-in", f"keyx:tpm:handle={handle}", "-pubout", env=env)
+    assert r.rc != 0 and "not an unrestricted decrypt key" in r.err and "rsa2048:null:null" in r.err, r
