@@ -651,14 +651,6 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
 {
     TSS2_SYS_CONTEXT *sys = NULL;
-    TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
-    TSS2L_SYS_AUTH_RESPONSE rsp = {0};
-    TPM2B_SENSITIVE_CREATE sens = {0};
-    TPM2B_DATA outside = {0};
-    TPML_PCR_SELECTION pcrs = {0};
-    TPM2B_CREATION_DATA cdata = {0};
-    TPM2B_DIGEST chash = {0};
-    TPMT_TK_CREATION ticket = {0};
     TPM2B_NAME check;
     TPM2_HANDLE h = 0;
     uint8_t meta[4 + sizeof(TPM2B_NAME) + 4 + sizeof(TPM2B_PUBLIC)];
@@ -666,13 +658,51 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
     TSS2_RC rc;
 
     *tr = ESYS_TR_NONE;
-    cmd.auths[0].sessionHandle = TPM2_RS_PW; /* the NULL hierarchy's empty authorization */
     memset(outpub, 0, sizeof(*outpub));
     memset(name, 0, sizeof(*name));
     if ((rc = Esys_GetSysContext(d->ctx, &sys)) != TSS2_RC_SUCCESS)
         return rc;
-    rc = Tss2_Sys_CreatePrimary(sys, TPM2_RH_NULL, &cmd, &sens, inpub, &outside, &pcrs, &h, outpub,
-                                &cdata, &chash, &ticket, name, &rsp);
+    if (d->fast.handle == 0 && d->session != ESYS_TR_NONE) {
+        /* ESYS's session (a non-ECC tpm-parent): ESYS makes the key. */
+        TPM2B_SENSITIVE_CREATE sens = {0};
+        TPM2B_DATA outside = {0};
+        TPML_PCR_SELECTION pcrs = {0};
+        TPM2B_PUBLIC *pub = NULL;
+        TPM2B_NAME *n = NULL;
+
+        Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION, 0xFF);
+        rc = Esys_CreatePrimary(d->ctx, ESYS_TR_RH_NULL, d->session, ESYS_TR_NONE, ESYS_TR_NONE,
+                                &sens, inpub, &outside, &pcrs, tr, &pub, NULL, NULL, NULL);
+        if (rc == TSS2_RC_SUCCESS && (rc = Esys_TR_GetName(d->ctx, *tr, &n)) == TSS2_RC_SUCCESS) {
+            *outpub = *pub;
+            *name = *n;
+        } else if (rc == TSS2_RC_SUCCESS) {
+            Esys_FlushContext(d->ctx, *tr);
+            *tr = ESYS_TR_NONE;
+        }
+        Esys_Free(pub);
+        Esys_Free(n);
+        return rc;
+    }
+    if (d->fast.handle != 0) {
+        /* Authorized by keyx's session: after a TPM reset the session is gone and the TPM says
+         * so here, and the key is made again on a new connection (tpm_dev_take_reset). */
+        rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h, outpub, name);
+    } else {
+        TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
+        TSS2L_SYS_AUTH_RESPONSE rsp = {0};
+        TPM2B_SENSITIVE_CREATE sens = {0};
+        TPM2B_DATA outside = {0};
+        TPML_PCR_SELECTION pcrs = {0};
+        TPM2B_CREATION_DATA cdata = {0};
+        TPM2B_DIGEST chash = {0};
+        TPMT_TK_CREATION ticket = {0};
+
+        /* Sessions off: the NULL hierarchy's empty password. */
+        cmd.auths[0].sessionHandle = TPM2_RS_PW;
+        rc = Tss2_Sys_CreatePrimary(sys, TPM2_RH_NULL, &cmd, &sens, inpub, &outside, &pcrs, &h,
+                                    outpub, &cdata, &chash, &ticket, name, &rsp);
+    }
     if (rc != TSS2_RC_SUCCESS)
         return rc;
     /* The name the TPM returned must be that of the public key it returned (as ESYS checks). */

@@ -309,3 +309,27 @@ TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, con
         rc = Tss2_Sys_RSA_Decrypt_Complete(sys, out);
     return rc;
 }
+
+TSS2_RC tpm_fsess_create_primary(tpm_fsess *s, ESYS_CONTEXT *ectx, TPM2_HANDLE hierarchy,
+                                 const TPM2B_PUBLIC *inpub, TPM2_HANDLE *handle,
+                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TPM2B_CREATION_DATA cdata = {0};
+    TPM2B_DIGEST chash = {0};
+    TPMT_TK_CREATION ticket = {0};
+    /* A permanent handle's name is the handle itself. */
+    TPM2B_NAME hname = {.size = 4};
+    TSS2_RC rc;
+
+    be32(hname.name, hierarchy);
+    if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
+        (rc = Tss2_Sys_CreatePrimary_Prepare(sys, hierarchy, &sens, inpub, &outside, &pcrs)) ==
+            TSS2_RC_SUCCESS &&
+        (rc = run_prepared(s, sys, &hname, TPM2_CC_CreatePrimary)) == TSS2_RC_SUCCESS)
+        rc = Tss2_Sys_CreatePrimary_Complete(sys, handle, outpub, &cdata, &chash, &ticket, name);
+    return rc;
+}

@@ -48,4 +48,11 @@ TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, con
                               const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
                               const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out);
 
+/* TPM2_CreatePrimary in hierarchy (empty authorization), authorized by the session: a TPM that
+ * was reset since the session started refuses it (the session is gone) instead of making a key
+ * the next command cannot use. */
+TSS2_RC tpm_fsess_create_primary(tpm_fsess *s, ESYS_CONTEXT *ectx, TPM2_HANDLE hierarchy,
+                                 const TPM2B_PUBLIC *inpub, TPM2_HANDLE *handle,
+                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name);
+
 #endif
