@@ -1,15 +1,21 @@
-/* The tpm backend: ECDH key pairs and shared secrets inside a TPM 2.0.
- * Ephemeral keys are transient objects made under the cached storage parent (CreateLoaded) and
- * flushed when freed; a derive is exactly one TPM2_ECDH_ZGen, its result travelling in an
- * encrypted session. Static keys are persistent handles (keyx:tpm:handle=0x81000002), used by
- * reference. Imported keys (tests) are loaded with TPM2_LoadExternal in the NULL hierarchy.
- * backend/tpm2_device.c owns the connection, parent, session and slots. */
+/* The tpm backend: ECDH key pairs and shared secrets, and RSA decryption, inside a TPM 2.0.
+ * Ephemeral EC keys are primaries in the NULL hierarchy (one TPM2_CreatePrimary each, random
+ * unique field) and RSA keys transient objects under the cached storage parent (CreateLoaded),
+ * all flushed when freed; a derive is exactly one TPM2_ECDH_ZGen and a decryption one
+ * TPM2_RSA_Decrypt, the result travelling in an encrypted session. Static keys are persistent
+ * handles (keyx:tpm:handle=0x81000002), used by reference. Imported keys (tests) are loaded with
+ * TPM2_LoadExternal in the NULL hierarchy. backend/tpm2_device.c owns the connection, parent,
+ * session and slots. */
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/params.h>
+#include <openssl/rand.h>
 #include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
 
@@ -21,7 +27,8 @@
 
 typedef struct tpm_key {
     tpm_obj obj;
-    const tpm_curve *curve;
+    const tpm_curve *curve; /* EC keys; NULL for RSA */
+    size_t nlen;            /* RSA keys: modulus bytes; 0 for EC */
 } tpm_key;
 
 /* ---- open / close / supports ------------------------------------------------------------ */
@@ -40,7 +47,9 @@ static int tpm2_supports(void *state, const keyx_keyspec *spec)
 {
     const tpm_curve *c;
 
-    /* X25519, X448 and finite-field DH do not exist in TPM 2.0; RSA is not served yet. */
+    /* X25519, X448 and finite-field DH do not exist in TPM 2.0. */
+    if (spec->alg == KEYX_ALG_RSA)
+        return tpm_dev_has_rsa(state, spec->bits != 0 ? spec->bits : 2048);
     if (spec->alg != KEYX_ALG_EC || (c = tpm_curve_by_group(spec->group)) == NULL)
         return 0;
     return tpm_dev_has_curve(state, c->id);
@@ -59,6 +68,28 @@ static tpm_key *key_new(tpm_dev *d, const tpm_curve *c)
     return k;
 }
 
+/* The public exponent the application asked for ("e"); 65537 by default. */
+static int rsa_exponent(keyx_provctx *p, const OSSL_PARAM *params, uint32_t *e)
+{
+    const OSSL_PARAM *pe =
+        params != NULL ? OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_RSA_E) : NULL;
+    BIGNUM *bn = NULL;
+    int ok;
+
+    *e = 65537;
+    if (pe == NULL)
+        return 1;
+    ok = OSSL_PARAM_get_BN(pe, &bn) && BN_is_odd(bn) && !BN_is_one(bn) && BN_num_bits(bn) <= 32;
+    if (ok)
+        *e = (uint32_t)BN_get_word(bn);
+    BN_free(bn);
+    if (!ok)
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: the RSA public exponent must be an odd number greater than 1 that fits in "
+                 "32 bits (the TPM's limit)");
+    return ok;
+}
+
 /* ---- generate ---------------------------------------------------------------------------- */
 
 static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
@@ -69,7 +100,7 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     TPM2B_SENSITIVE_CREATE sens = {0};
     TPM2B_TEMPLATE tmpl = {0};
     TPMT_PUBLIC area;
-    TPM2B_PUBLIC *outpub = NULL;
+    TPM2B_PUBLIC *outpub = NULL, prim_pub;
     TPM2B_PRIVATE *outpriv = NULL;
     ESYS_CONTEXT *ctx;
     ESYS_TR tr = ESYS_TR_NONE;
@@ -80,12 +111,27 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
 
     *handle = NULL;
     *pub = NULL;
-    if (spec->alg != KEYX_ALG_EC || c == NULL) {
+    if (spec->alg == KEYX_ALG_RSA) {
+        size_t bits = spec->bits != 0 ? spec->bits : 2048;
+        uint32_t e = 65537;
+
+        if (!rsa_exponent(p, spec->params, &e))
+            return 0;
+        if (!tpm_dev_has_rsa(d, bits)) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: this TPM does not make %zu-bit RSA keys (TPM2_TestParms refused "
+                     "them; swtpm and most TPMs do 2048, some 3072)",
+                     bits);
+            return 0;
+        }
+        tpm_rsa_template(bits, e, 1, &area);
+    } else if (spec->alg != KEYX_ALG_EC || c == NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: only EC P-256, P-384 and P-521 keys are made in the TPM");
+                 "tpm: only EC P-256, P-384 and P-521 and RSA keys are made in the TPM");
         return 0;
+    } else {
+        tpm_ecdh_template(c, 1, &area);
     }
-    tpm_ecdh_template(c, 1, &area);
     if (Tss2_MU_TPMT_PUBLIC_Marshal(&area, tmpl.buffer, sizeof(tmpl.buffer), &off) !=
         TSS2_RC_SUCCESS) {
         KEYX_ERR(p, KEYX_R_INTERNAL, "tpm: cannot encode the key template");
@@ -98,25 +144,50 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
         OPENSSL_free(k);
         return r;
     }
-    TPM_CALL(d, NULL, rc,
-             Esys_CreateLoaded(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
-                               &sens, &tmpl, &tr, &outpriv, &outpub));
+    if (c != NULL) {
+        /* An ephemeral EC key is a primary key in the NULL hierarchy: one command, no storage
+         * parent, and gone with the next TPM reset like the NULL seed it comes from. The random
+         * unique field makes every key a new one (a primary is derived from the hierarchy's
+         * seed and its template). */
+        TPM2B_PUBLIC inpub = {.publicArea = area};
+
+        if (RAND_bytes_ex(p->libctx, inpub.publicArea.unique.ecc.x.buffer, c->field, 0) != 1) {
+            tpm_end(d);
+            OPENSSL_free(k);
+            KEYX_ERR(p, KEYX_R_INTERNAL, "tpm: no random bytes for the key template");
+            return 0;
+        }
+        inpub.publicArea.unique.ecc.x.size = (UINT16)c->field;
+        TPM_CALL(d, NULL, rc, tpm_create_null_primary(d, &inpub, &tr, &prim_pub, &k->obj.name));
+    } else {
+        TPM_CALL(d, NULL, rc,
+                 Esys_CreateLoaded(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                                   &sens, &tmpl, &tr, &outpriv, &outpub));
+    }
     if (rc != TSS2_RC_SUCCESS) {
-        r = tpm_fail(d, rc, "EC key generation (CreateLoaded)");
+        r = tpm_fail(d, rc,
+                     c != NULL ? "EC key generation (CreatePrimary, NULL hierarchy)"
+                               : "RSA key generation (CreateLoaded)");
         tpm_end(d);
         OPENSSL_free(k);
         return r;
     }
     Esys_Free(outpriv);
     tpm_obj_loaded(d, &k->obj, tr);
-    *pub = tpm_ec_public(p->libctx, c, &outpub->publicArea.unique.ecc);
+    if (c != NULL) {
+        *pub = tpm_ec_public(p->libctx, c, &prim_pub.publicArea.unique.ecc);
+    } else {
+        tpm_obj_public(d, &k->obj, &outpub->publicArea);
+        *pub = tpm_rsa_public(p->libctx, &outpub->publicArea);
+        k->nlen = outpub->publicArea.unique.rsa.size;
+    }
     Esys_Free(outpub);
     if (*pub == NULL) {
         tpm_obj_drop(d, &k->obj);
         tpm_end(d);
         OPENSSL_free(k);
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: the TPM returned an unusable %s public key",
-                 c->group);
+                 c != NULL ? c->group : "RSA");
         return 0;
     }
     tpm_end(d);
@@ -142,6 +213,81 @@ static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, E
 
 /* ---- import: TPM2_LoadExternal in the NULL hierarchy (tests, keys moved into the TPM) ----- */
 
+/* An RSA private key: its first prime is the TPM's sensitive part, n and e the public area. */
+static int import_rsa_once(tpm_dev *d, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    TPM2B_SENSITIVE sens = {0};
+    TPM2B_PUBLIC inpub = {0};
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr = ESYS_TR_NONE, sess;
+    int bits = EVP_PKEY_get_bits(key);
+    tpm_key *k = NULL;
+    TSS2_RC rc;
+    int r;
+
+    *handle = NULL;
+    *pub = NULL;
+    if (bits != 2048 && bits != 3072 && bits != 4096) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: only 2048, 3072 and 4096-bit RSA keys can be moved into a TPM (this one "
+                 "has %d bits)",
+                 bits);
+        return 0;
+    }
+    if (!tpm_dev_has_rsa(d, (size_t)bits)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM does not take %d-bit RSA keys (TPM2_TestParms refused them)", bits);
+        return 0;
+    }
+    sens.sensitiveArea.sensitiveType = TPM2_ALG_RSA;
+    if (!tpm_rsa_area(key, &inpub.publicArea, &sens.sensitiveArea.sensitive.rsa)) {
+        OPENSSL_cleanse(&sens, sizeof(sens));
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: unusable RSA private key (the TPM needs n, a public exponent below 2^32 "
+                 "and the prime p)");
+        return 0;
+    }
+    if ((*pub = tpm_rsa_public(p->libctx, &inpub.publicArea)) == NULL ||
+        (k = key_new(d, NULL)) == NULL) {
+        OPENSSL_cleanse(&sens, sizeof(sens));
+        goto fail;
+    }
+    k->nlen = inpub.publicArea.unique.rsa.size;
+    if ((r = tpm_begin(d, &ctx)) != 1) {
+        OPENSSL_cleanse(&sens, sizeof(sens));
+        goto fail_r;
+    }
+    /* The prime crosses the bus encrypted (command parameter encryption). */
+    if ((r = tpm_session(d, TPMA_SESSION_DECRYPT, 0, &sess)) != 1) {
+        OPENSSL_cleanse(&sens, sizeof(sens));
+        tpm_end(d);
+        goto fail_r;
+    }
+    TPM_CALL(d, NULL, rc,
+             Esys_LoadExternal(ctx, sess, ESYS_TR_NONE, ESYS_TR_NONE, &sens, &inpub,
+                               ESYS_TR_RH_NULL, &tr));
+    OPENSSL_cleanse(&sens, sizeof(sens));
+    if (rc != TSS2_RC_SUCCESS) {
+        r = tpm_fail(d, rc, "loading the RSA private key (LoadExternal)");
+        tpm_end(d);
+        goto fail_r;
+    }
+    tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &inpub.publicArea);
+    tpm_end(d);
+    *handle = k;
+    return 1;
+
+fail:
+    r = 0;
+fail_r:
+    OPENSSL_free(k);
+    EVP_PKEY_free(*pub);
+    *pub = NULL;
+    return r;
+}
+
 static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
@@ -156,11 +302,14 @@ static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
     TSS2_RC rc;
     int r;
 
+    if (EVP_PKEY_is_a(key, "RSA"))
+        return import_rsa_once(d, key, handle, pub);
     *handle = NULL;
     *pub = NULL;
     if (c == NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: only EC P-256, P-384 and P-521 private keys can be moved into the TPM");
+                 "tpm: only EC P-256, P-384 and P-521 and RSA private keys can be moved into the "
+                 "TPM");
         return 0;
     }
     tpm_ecdh_template(c, 0, &inpub.publicArea);
@@ -203,6 +352,7 @@ static int import_once(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
         goto fail;
     }
     tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &inpub.publicArea);
     tpm_end(d);
     *handle = k;
     return 1;
@@ -243,6 +393,10 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     TSS2_RC rc;
     int r;
 
+    if (k->curve == NULL) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an RSA key does not do key agreement");
+        return 0;
+    }
     if (secretlen != k->curve->field || !tpm_ec_point(peer, k->curve, &in.point)) {
         KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY, "tpm: the peer key is not a %s public point",
                  k->curve->group);
@@ -256,7 +410,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     }
     /* One TPM command: the key's authorization and the encryption of the returned point share
      * the salted session. */
-    TPM_CALL(d, &k->obj, rc, tpm_ecdh_zgen(d, tr, &in, &out));
+    TPM_CALL(d, &k->obj, rc, tpm_ecdh_zgen(d, &k->obj, tr, &in, &out));
     if (rc != TSS2_RC_SUCCESS) {
         if (tpm_rc_is(rc, TPM2_RC_ECC_POINT) || tpm_rc_is(rc, TPM2_RC_NO_RESULT)) {
             KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY,
@@ -367,12 +521,39 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         return r;
     }
     attrs = outpub->publicArea.objectAttributes;
-    if (outpub->publicArea.type != TPM2_ALG_ECC ||
-        (c = tpm_curve_by_id(outpub->publicArea.parameters.eccDetail.curveID)) == NULL ||
-        !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)) {
+    if (outpub->publicArea.type == TPM2_ALG_RSA) {
+        TPMI_ALG_RSA_SCHEME sch = outpub->publicArea.parameters.rsaDetail.scheme.scheme;
+
+        if (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
+            sch != TPM2_ALG_NULL) {
+            KEYX_ERR(
+                p, KEYX_R_UNSUPPORTED,
+                "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
+                "scheme of its own, so keyx cannot decrypt with it (create it with tpm2_create "
+                "-G rsa2048:null:null -a "
+                "'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
+                (unsigned)h);
+            r = 0;
+        } else if ((*pub = tpm_rsa_public(p->libctx, &outpub->publicArea)) == NULL) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable RSA public key at 0x%08X",
+                     (unsigned)h);
+            r = 0;
+        } else if ((k = key_new(d, NULL)) == NULL) {
+            EVP_PKEY_free(*pub);
+            *pub = NULL;
+            r = 0;
+        } else {
+            k->nlen = outpub->publicArea.unique.rsa.size;
+            tpm_obj_persistent(d, &k->obj, h, tr);
+            *handle = k;
+            r = 1;
+        }
+    } else if (outpub->publicArea.type != TPM2_ALG_ECC ||
+               (c = tpm_curve_by_id(outpub->publicArea.parameters.eccDetail.curveID)) == NULL ||
+               !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                  "tpm: the key at 0x%08X is not an unrestricted decrypt ECC P-256/P-384/P-521 "
-                 "key, so it cannot do ECDH (create it with tpm2_create -G ecc256 -a "
+                 "or RSA key, so keyx cannot use it (create it with tpm2_create -G ecc256 -a "
                  "'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
                  (unsigned)h);
         r = 0;
@@ -392,6 +573,165 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     if (r != 1)
         Esys_TR_Close(ctx, &tr);
     tpm_end(d);
+    return r;
+}
+
+/* ---- RSA decryption: one TPM2_RSA_Decrypt ------------------------------------------------- */
+
+static TPMI_ALG_HASH tpm_hash(const char *md)
+{
+    static const struct {
+        const char *name;
+        TPMI_ALG_HASH alg;
+    } map[] = {{"SHA1", TPM2_ALG_SHA1},
+               {"SHA256", TPM2_ALG_SHA256},
+               {"SHA384", TPM2_ALG_SHA384},
+               {"SHA512", TPM2_ALG_SHA512}};
+
+    for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
+        if (OPENSSL_strcasecmp(md, map[i].name) == 0)
+            return map[i].alg;
+    return TPM2_ALG_NULL;
+}
+
+/* The request's parameters as TPM2_RSA_Decrypt takes them; 0 (error raised) when the TPM
+ * cannot take them, whatever the ciphertext. */
+static int rsa_params(keyx_provctx *p, const keyx_rsa_op *op, TPMT_RSA_DECRYPT *scheme,
+                      TPM2B_DATA *label)
+{
+    const char *md = op->md != NULL ? op->md : "SHA1";
+    const char *mgf1 = op->mgf1_md != NULL ? op->mgf1_md : md;
+
+    memset(scheme, 0, sizeof(*scheme));
+    memset(label, 0, sizeof(*label));
+    if (op->pad == KEYX_RSA_PAD_TLS) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: TLS RSA key exchange padding (PKCS#1 v1.5 with implicit rejection) is "
+                 "not offered for TPM keys; use RSA-OAEP or RSASVE");
+        return 0;
+    }
+    if (op->pad == KEYX_RSA_PAD_RAW) {
+        scheme->scheme = TPM2_ALG_NULL;
+        return 1;
+    }
+    scheme->scheme = TPM2_ALG_OAEP;
+    scheme->details.oaep.hashAlg = tpm_hash(md);
+    if (scheme->details.oaep.hashAlg == TPM2_ALG_NULL) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: RSA-OAEP with %s is not offered: a TPM does OAEP with SHA1, SHA256, "
+                 "SHA384 or SHA512",
+                 md);
+        return 0;
+    }
+    if (tpm_hash(mgf1) != scheme->details.oaep.hashAlg) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: RSA-OAEP with %s and MGF1-%s cannot run in a TPM: TPM2_RSA_Decrypt "
+                 "always uses the OAEP digest for MGF1 (set rsa_mgf1_md to %s)",
+                 md, mgf1, md);
+        return 0;
+    }
+    if (op->labellen > 0) {
+        /* TPM 2.0 Part 3, TPM2_RSA_Decrypt: a label must end with a zero byte, which is part of
+         * the label OAEP hashes (TPM_RC_VALUE otherwise); nothing is appended. */
+        if (op->label[op->labellen - 1] != 0 || op->labellen > sizeof(label->buffer)) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: this RSA-OAEP label (%zu bytes) cannot be given to a TPM: "
+                     "TPM2_RSA_Decrypt takes only labels that end with a zero byte (a C string "
+                     "with its terminator), at most %zu bytes",
+                     op->labellen, sizeof(label->buffer));
+            return 0;
+        }
+        memcpy(label->buffer, op->label, op->labellen);
+        label->size = (UINT16)op->labellen;
+    }
+    return 1;
+}
+
+static int rsa_decrypt_once(tpm_dev *d, tpm_key *k, const TPMT_RSA_DECRYPT *scheme,
+                            const TPM2B_DATA *label, const TPM2B_PUBLIC_KEY_RSA *ct,
+                            unsigned char *out, size_t *outlen, int fixed)
+{
+    TPM2B_PUBLIC_KEY_RSA msg = {0};
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr;
+    TSS2_RC rc;
+    int r;
+
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if ((r = tpm_obj_ready(d, &k->obj, &tr)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    TPM_CALL(d, &k->obj, rc, tpm_rsa_decrypt(d, &k->obj, tr, ct, scheme, label, &msg));
+    if (rc != TSS2_RC_SUCCESS) {
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            (tpm_rc_is(rc, TPM2_RC_VALUE) || tpm_rc_is(rc, TPM2_RC_SIZE) ||
+             rc == TPM2_RC_FAILURE)) {
+            /* Bad padding, wrong label, a value not below the modulus: the ciphertext's fault.
+             * (libtpms answers a failed OpenSSL decryption with TPM_RC_FAILURE.) */
+            r = KEYX_RSA_DECRYPT_ERROR;
+        } else {
+            r = tpm_fail(d, rc, "RSA decryption (RSA_Decrypt)");
+        }
+        tpm_end(d);
+        OPENSSL_cleanse(&msg, sizeof(msg));
+        return r;
+    }
+    tpm_end(d);
+    if (msg.size > *outlen || (fixed && msg.size > k->nlen)) {
+        r = KEYX_RSA_DECRYPT_ERROR;
+    } else if (fixed) { /* raw: keep the leading zeros of the modulus-size value */
+        memset(out, 0, k->nlen - msg.size);
+        memcpy(out + k->nlen - msg.size, msg.buffer, msg.size);
+        *outlen = k->nlen;
+        r = 1;
+    } else {
+        memcpy(out, msg.buffer, msg.size);
+        *outlen = msg.size;
+        r = 1;
+    }
+    OPENSSL_cleanse(&msg, sizeof(msg));
+    return r;
+}
+
+static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
+                            const unsigned char *in, size_t inlen, unsigned char *out,
+                            size_t *outlen)
+{
+    tpm_dev *d = state;
+    tpm_key *k = handle;
+    keyx_provctx *p = tpm_dev_prov(d);
+    TPMT_RSA_DECRYPT scheme;
+    TPM2B_DATA label;
+    TPM2B_PUBLIC_KEY_RSA ct = {0};
+    int r;
+
+    if (k->nlen == 0) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an EC key does not decrypt");
+        return 0;
+    }
+    /* Parameters first: the same answer for every ciphertext. */
+    if (!rsa_params(p, op, &scheme, &label))
+        return 0;
+    if (*outlen < k->nlen) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: RSA output buffer smaller than the modulus");
+        return 0;
+    }
+    if (inlen > k->nlen || k->nlen > sizeof(ct.buffer))
+        return KEYX_RSA_DECRYPT_ERROR;
+    /* The TPM takes exactly a modulus-size ciphertext: a shorter one is the same number
+     * without its leading zeros. */
+    memcpy(ct.buffer + k->nlen - inlen, in, inlen);
+    ct.size = (UINT16)k->nlen;
+    ERR_set_mark();
+    r = rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen, op->pad == KEYX_RSA_PAD_RAW);
+    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen,
+                                op->pad == KEYX_RSA_PAD_RAW);
+    }
+    ERR_clear_last_mark();
     return r;
 }
 
@@ -426,4 +766,5 @@ const keyx_backend_ops keyx_tpm_backend = {
     .load = tpm2_load,
     .derive = tpm2_derive,
     .free = tpm2_free,
+    .rsa_decrypt = tpm2_rsa_decrypt,
 };

@@ -6,7 +6,9 @@
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <tss2/tss2_mu.h>
 #include <tss2/tss2_rc.h>
+#include <tss2/tss2_sys.h>
 #include <tss2/tss2_tctildr.h>
 
 #include "backend/backend.h"
@@ -38,7 +40,8 @@ struct tpm_dev {
     int caps_known;
     TPM2_ECC_CURVE curves[MAX_CURVES];
     size_t ncurves;
-    tpm_obj *head, *tail; /* loaded transient objects, most recently used first */
+    unsigned rsa_known, rsa_ok; /* TestParms results, bit i: RSA 2048, 3072, 4096 */
+    tpm_obj *head, *tail;       /* loaded transient objects, most recently used first */
     uint64_t clock;
     int reclaimed;     /* foreign objects flushed during the current operation */
     int ready;         /* connected with parent and session: tpm_begin() has succeeded */
@@ -340,6 +343,12 @@ void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
     list_front(d, o);
 }
 
+void tpm_obj_public(tpm_dev *d, tpm_obj *o, const TPMT_PUBLIC *pub)
+{
+    if (d->fast_ok)
+        tpm_fsess_name(&d->fast, pub, &o->name);
+}
+
 void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr)
 {
     o->tr = tr;
@@ -573,14 +582,32 @@ int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
     return 1;
 }
 
-TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
+/* The key's name for keyx's session: known since it was made, or asked of ESYS once. */
+static TSS2_RC obj_name(tpm_dev *d, tpm_obj *o, ESYS_TR key)
+{
+    TPM2B_NAME *name = NULL;
+    TSS2_RC rc;
+
+    if (o->name.size != 0)
+        return TSS2_RC_SUCCESS;
+    if ((rc = Esys_TR_GetName(d->ctx, key, &name)) != TSS2_RC_SUCCESS)
+        return rc;
+    o->name = *name;
+    Esys_Free(name);
+    return rc;
+}
+
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                      TPM2B_ECC_POINT *out)
 {
     TPM2B_ECC_POINT *res = NULL;
     ESYS_TR sess;
     TSS2_RC rc;
 
     if (d->fast.handle != 0)
-        return tpm_fsess_zgen(&d->fast, d->ctx, key, in, out);
+        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
+                   ? rc
+                   : tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out);
     /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
@@ -591,6 +618,111 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_
         *out = *res;
         OPENSSL_cleanse(res, sizeof(*res));
         Esys_Free(res);
+    }
+    return rc;
+}
+
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                        TPM2B_PUBLIC_KEY_RSA *out)
+{
+    TPM2B_PUBLIC_KEY_RSA *res = NULL;
+    ESYS_TR sess;
+    TSS2_RC rc;
+
+    if (d->fast.handle != 0)
+        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
+                   ? rc
+                   : tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme, label, out);
+    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
+    if (sess != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
+                                  0xFF);
+    rc = Esys_RSA_Decrypt(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, scheme, label, &res);
+    if (rc == TSS2_RC_SUCCESS) {
+        *out = *res;
+        OPENSSL_cleanse(res, sizeof(*res));
+        Esys_Free(res);
+    }
+    return rc;
+}
+
+TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *tr,
+                                TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2B_NAME check;
+    TPM2_HANDLE h = 0;
+    uint8_t meta[4 + sizeof(TPM2B_NAME) + 4 + sizeof(TPM2B_PUBLIC)];
+    size_t off = 0;
+    TSS2_RC rc;
+
+    *tr = ESYS_TR_NONE;
+    memset(outpub, 0, sizeof(*outpub));
+    memset(name, 0, sizeof(*name));
+    if ((rc = Esys_GetSysContext(d->ctx, &sys)) != TSS2_RC_SUCCESS)
+        return rc;
+    if (d->fast.handle == 0 && d->session != ESYS_TR_NONE) {
+        /* ESYS's session (a non-ECC tpm-parent): ESYS makes the key. */
+        TPM2B_SENSITIVE_CREATE sens = {0};
+        TPM2B_DATA outside = {0};
+        TPML_PCR_SELECTION pcrs = {0};
+        TPM2B_PUBLIC *pub = NULL;
+        TPM2B_NAME *n = NULL;
+
+        Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION, 0xFF);
+        rc = Esys_CreatePrimary(d->ctx, ESYS_TR_RH_NULL, d->session, ESYS_TR_NONE, ESYS_TR_NONE,
+                                &sens, inpub, &outside, &pcrs, tr, &pub, NULL, NULL, NULL);
+        if (rc == TSS2_RC_SUCCESS && (rc = Esys_TR_GetName(d->ctx, *tr, &n)) == TSS2_RC_SUCCESS) {
+            *outpub = *pub;
+            *name = *n;
+        } else if (rc == TSS2_RC_SUCCESS) {
+            Esys_FlushContext(d->ctx, *tr);
+            *tr = ESYS_TR_NONE;
+        }
+        Esys_Free(pub);
+        Esys_Free(n);
+        return rc;
+    }
+    if (d->fast.handle != 0) {
+        /* Authorized by keyx's session: after a TPM reset the session is gone and the TPM says
+         * so here, and the key is made again on a new connection (tpm_dev_take_reset). */
+        rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h, outpub, name);
+    } else {
+        TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
+        TSS2L_SYS_AUTH_RESPONSE rsp = {0};
+        TPM2B_SENSITIVE_CREATE sens = {0};
+        TPM2B_DATA outside = {0};
+        TPML_PCR_SELECTION pcrs = {0};
+        TPM2B_CREATION_DATA cdata = {0};
+        TPM2B_DIGEST chash = {0};
+        TPMT_TK_CREATION ticket = {0};
+
+        /* Sessions off: the NULL hierarchy's empty password. */
+        cmd.auths[0].sessionHandle = TPM2_RS_PW;
+        rc = Tss2_Sys_CreatePrimary(sys, TPM2_RH_NULL, &cmd, &sens, inpub, &outside, &pcrs, &h,
+                                    outpub, &cdata, &chash, &ticket, name, &rsp);
+    }
+    if (rc != TSS2_RC_SUCCESS)
+        return rc;
+    /* The name the TPM returned must be that of the public key it returned (as ESYS checks). */
+    if (d->fast_ok &&
+        (!tpm_fsess_name(&d->fast, &outpub->publicArea, &check) || check.size != name->size ||
+         memcmp(check.name, name->name, name->size) != 0)) {
+        Tss2_Sys_FlushContext(sys, h);
+        return TSS2_ESYS_RC_MALFORMED_RESPONSE;
+    }
+    /* ESYS learns of the object from its metadata (what Esys_TR_Serialize writes: handle, name,
+     * IESYSC_KEY_RSRC, public area): no command, and no name computed in a new library context
+     * as Esys_CreatePrimary does. */
+    if ((rc = Tss2_MU_UINT32_Marshal(h, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_TPM2B_NAME_Marshal(name, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_UINT32_Marshal(1 /* IESYSC_KEY_RSRC */, meta, sizeof(meta), &off)) !=
+            TSS2_RC_SUCCESS ||
+        (rc = Tss2_MU_TPM2B_PUBLIC_Marshal(outpub, meta, sizeof(meta), &off)) != TSS2_RC_SUCCESS ||
+        (rc = Esys_TR_Deserialize(d->ctx, meta, off, tr)) != TSS2_RC_SUCCESS) {
+        *tr = ESYS_TR_NONE;
+        Tss2_Sys_FlushContext(sys, h);
     }
     return rc;
 }
@@ -634,6 +766,46 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
     if (!known)
         return curve == TPM2_ECC_NIST_P256 || curve == TPM2_ECC_NIST_P384;
     return found;
+}
+
+static int rsa_index(size_t bits)
+{
+    return bits == 2048 ? 0 : bits == 3072 ? 1 : bits == 4096 ? 2 : -1;
+}
+
+int tpm_dev_has_rsa(tpm_dev *d, size_t bits)
+{
+    int i = rsa_index(bits), ok;
+
+    if (i < 0)
+        return 0;
+    lock_dev(d);
+    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL &&
+        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
+        ERR_set_mark();
+        if (connect_tpm(d) != 1)
+            d->probe_failed = now_seconds();
+        ERR_pop_to_mark();
+    }
+    if (!(d->rsa_known & (1u << i)) && d->ctx != NULL) {
+        /* TPM2_TestParms: the TPM says whether it takes keys of this size (swtpm 0.7: 2048 and
+         * 3072; 4096 is rare in TPMs). */
+        TPMT_PUBLIC_PARMS parms = {.type = TPM2_ALG_RSA};
+        TSS2_RC rc;
+
+        parms.parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
+        parms.parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+        parms.parameters.rsaDetail.keyBits = (TPM2_KEY_BITS)bits;
+        rc = Esys_TestParms(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &parms);
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER && !rc_is_down(rc)) {
+            d->rsa_known |= 1u << i;
+            if (rc == TSS2_RC_SUCCESS)
+                d->rsa_ok |= 1u << i;
+        }
+    }
+    ok = (d->rsa_known & (1u << i)) ? (d->rsa_ok >> i) & 1 : bits == 2048;
+    unlock_dev(d);
+    return ok;
 }
 
 /* ---- lifetime ---------------------------------------------------------------------------- */

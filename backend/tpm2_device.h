@@ -22,6 +22,7 @@ typedef struct tpm_obj {
     TPMS_CONTEXT *saved;         /* context-saved blob while evicted from the TPM */
     uint64_t gen;                /* connection generation the object belongs to */
     TPM2_HANDLE persistent;      /* 0x81xxxxxx for persistent keys; 0 for transient objects */
+    TPM2B_NAME name;             /* the object's TPM name once known (size 0: not yet) */
     uint64_t stamp;              /* last use, for least-recently-used eviction */
     struct tpm_obj *prev, *next; /* list of transient objects loaded in the TPM */
     int listed;
@@ -35,6 +36,10 @@ struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
 /* 1 if the TPM lists curve (TPM2_CAP_ECC_CURVES). When the TPM cannot be reached, answers for
  * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. */
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
+
+/* 1 if the TPM takes RSA keys of bits (2048, 3072, 4096; TPM2_TestParms, asked once). When the
+ * TPM cannot be reached, answers for 2048 only. */
+int tpm_dev_has_rsa(tpm_dev *d, size_t bits);
 
 /* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
  * restarted or reset, or went away mid-command), not a failure to connect: an operation that
@@ -56,13 +61,27 @@ ESYS_TR tpm_parent(tpm_dev *d);
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
 /* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
  * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
-TSS2_RC tpm_ecdh_zgen(tpm_dev *d, ESYS_TR key, const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                      TPM2B_ECC_POINT *out);
+
+/* Inside begin/end: TPM2_RSA_Decrypt with key, the message encrypted in the session as for
+ * ECDH_ZGen unless sessions are off. */
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                        TPM2B_PUBLIC_KEY_RSA *out);
+
+/* Inside begin/end: TPM2_CreatePrimary in the NULL hierarchy from inpub (sent through ESYS's
+ * SAPI), the new object registered in ESYS as *tr; *outpub and *name as the TPM returned them. */
+TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *tr,
+                                TPM2B_PUBLIC *outpub, TPM2B_NAME *name);
 
 /* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
  * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */
 int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr);
 /* Records a transient object just created or loaded as tr. */
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr);
+/* Records the public area of o (after tpm_obj_loaded): its name is computed once, here. */
+void tpm_obj_public(tpm_dev *d, tpm_obj *o, const TPMT_PUBLIC *pub);
 /* Records a persistent object resolved as tr. */
 void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr);
 /* Flushes a transient object (if still in this connection), releases a persistent one. */

@@ -126,3 +126,75 @@ int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt)
     return get_coord(pk, OSSL_PKEY_PARAM_EC_PUB_X, c->field, &pt->x) &&
            get_coord(pk, OSSL_PKEY_PARAM_EC_PUB_Y, c->field, &pt->y);
 }
+
+/* ---- RSA --------------------------------------------------------------------------------- */
+
+void tpm_rsa_template(size_t bits, uint32_t exponent, int internal, TPMT_PUBLIC *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->type = TPM2_ALG_RSA;
+    out->nameAlg = TPM2_ALG_SHA256;
+    out->objectAttributes = TPMA_OBJECT_DECRYPT | TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
+    if (internal)
+        out->objectAttributes |=
+            TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN;
+    out->parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
+    /* No scheme in the key: each TPM2_RSA_Decrypt names its own (OAEP with a hash, or none). */
+    out->parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
+    out->parameters.rsaDetail.keyBits = (TPM2_KEY_BITS)bits;
+    out->parameters.rsaDetail.exponent = exponent == 65537 ? 0 : exponent;
+}
+
+EVP_PKEY *tpm_rsa_public(OSSL_LIB_CTX *libctx, const TPMT_PUBLIC *area)
+{
+    const TPM2B_PUBLIC_KEY_RSA *n = &area->unique.rsa;
+    uint32_t e =
+        area->parameters.rsaDetail.exponent != 0 ? area->parameters.rsaDetail.exponent : 65537;
+    OSSL_PARAM_BLD *bld = NULL;
+    OSSL_PARAM *params = NULL;
+    EVP_PKEY_CTX *ctx = NULL;
+    EVP_PKEY *pk = NULL;
+    BIGNUM *bn = NULL, *be = NULL;
+
+    if (area->type != TPM2_ALG_RSA || n->size == 0 || n->size > sizeof(n->buffer))
+        return NULL;
+    if ((bn = BN_bin2bn(n->buffer, n->size, NULL)) != NULL && (be = BN_new()) != NULL &&
+        BN_set_word(be, e) && (bld = OSSL_PARAM_BLD_new()) != NULL &&
+        OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn) &&
+        OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, be) &&
+        (params = OSSL_PARAM_BLD_to_param(bld)) != NULL &&
+        (ctx = EVP_PKEY_CTX_new_from_name(libctx, "RSA", NULL)) != NULL &&
+        EVP_PKEY_fromdata_init(ctx) == 1 &&
+        EVP_PKEY_fromdata(ctx, &pk, EVP_PKEY_PUBLIC_KEY, params) != 1)
+        pk = NULL;
+    EVP_PKEY_CTX_free(ctx);
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    BN_free(bn);
+    BN_free(be);
+    return pk;
+}
+
+int tpm_rsa_area(const EVP_PKEY *pk, TPMT_PUBLIC *area, TPM2B_PRIVATE_KEY_RSA *prime)
+{
+    BIGNUM *n = NULL, *e = NULL, *p = NULL;
+    int bits = EVP_PKEY_get_bits(pk), nlen = (bits + 7) / 8, ok;
+
+    ok = EVP_PKEY_is_a(pk, "RSA") && (bits == 2048 || bits == 3072 || bits == 4096) &&
+         EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_N, &n) == 1 &&
+         EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_E, &e) == 1 && BN_num_bits(e) <= 32 &&
+         (prime == NULL || EVP_PKEY_get_bn_param(pk, OSSL_PKEY_PARAM_RSA_FACTOR1, &p) == 1);
+    if (ok) {
+        tpm_rsa_template((size_t)bits, (uint32_t)BN_get_word(e), 0, area);
+        ok = BN_bn2binpad(n, area->unique.rsa.buffer, nlen) == nlen;
+        area->unique.rsa.size = (UINT16)nlen;
+    }
+    if (ok && prime != NULL) {
+        ok = BN_num_bytes(p) == nlen / 2 && BN_bn2binpad(p, prime->buffer, nlen / 2) == nlen / 2;
+        prime->size = (UINT16)(nlen / 2);
+    }
+    BN_free(n);
+    BN_free(e);
+    BN_clear_free(p);
+    return ok;
+}

@@ -4,6 +4,7 @@
 #define KEYX_BACKEND_TPM2_PUBKEY_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <openssl/types.h>
 #include <tss2/tss2_tpm2_types.h>
@@ -32,5 +33,14 @@ void tpm_storage_template(TPMT_PUBLIC *out);
 EVP_PKEY *tpm_ec_public(OSSL_LIB_CTX *libctx, const tpm_curve *c, const TPMS_ECC_POINT *pt);
 /* x and y of pk into pt, each left-padded to the field size of c. 0 if they do not fit. */
 int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt);
+
+/* The public area of an RSA decrypt key of bits with public exponent (65537 written as 0), no
+ * scheme (chosen per TPM2_RSA_Decrypt) and the attributes of tpm_ecdh_template. */
+void tpm_rsa_template(size_t bits, uint32_t exponent, int internal, TPMT_PUBLIC *out);
+/* EVP_PKEY (keyx libctx) holding the RSA public key of a TPM public area; NULL on error. */
+EVP_PKEY *tpm_rsa_public(OSSL_LIB_CTX *libctx, const TPMT_PUBLIC *area);
+/* The TPM2_LoadExternal public area (internal = 0) of RSA key pk (2048/3072/4096, e < 2^32) and,
+ * if prime is not NULL, its first prime (the TPM's sensitive part). 0 if it does not fit. */
+int tpm_rsa_area(const EVP_PKEY *pk, TPMT_PUBLIC *area, TPM2B_PRIVATE_KEY_RSA *prime);
 
 #endif

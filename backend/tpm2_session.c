@@ -179,12 +179,12 @@ end:
     return ok;
 }
 
-TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_ECC_POINT *in,
-                       TPM2B_ECC_POINT *out)
+/* The command already prepared in the SAPI context (Tss2_Sys_<command>_Prepare) runs with
+ * key (TPM handle, name) authorized by the session and its first response parameter encrypted;
+ * on success that parameter is decrypted in place for Tss2_Sys_<command>_Complete. */
+static TSS2_RC run_prepared(tpm_fsess *s, TSS2_SYS_CONTEXT *sys, const TPM2B_NAME *name,
+                            TPM2_CC code)
 {
-    TSS2_SYS_CONTEXT *sys = NULL;
-    TPM2B_NAME *name = NULL;
-    TPM2_HANDLE handle = 0;
     TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
     TSS2L_SYS_AUTH_RESPONSE rsp = {0};
     TPM2B_NONCE caller = {.size = DIGEST};
@@ -196,18 +196,12 @@ TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2
     int outl = 0;
     TSS2_RC rc;
 
-    be32(cc, TPM2_CC_ECDH_ZGen);
-    if ((rc = Esys_GetSysContext(ectx, &sys)) != TSS2_RC_SUCCESS ||
-        (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) != TSS2_RC_SUCCESS ||
-        (rc = Esys_TR_GetName(ectx, key, &name)) != TSS2_RC_SUCCESS)
-        goto end;
+    be32(cc, code);
+    if ((rc = Tss2_Sys_GetCpBuffer(sys, &cplen, &cp)) != TSS2_RC_SUCCESS)
+        return rc;
     rc = TSS2_ESYS_RC_GENERAL_FAILURE;
     if (RAND_bytes_ex(s->libctx, caller.buffer, DIGEST, 0) != 1)
         goto end;
-    if ((rc = Tss2_Sys_ECDH_ZGen_Prepare(sys, handle, in)) != TSS2_RC_SUCCESS ||
-        (rc = Tss2_Sys_GetCpBuffer(sys, &cplen, &cp)) != TSS2_RC_SUCCESS)
-        goto end;
-    rc = TSS2_ESYS_RC_GENERAL_FAILURE;
     {
         /* cpHash = H(commandCode || Name(keyHandle) || parameters);
          * HMAC(sessionKey || authValue (empty), cpHash || nonceCaller || nonceTPM || attrs) */
@@ -248,18 +242,94 @@ TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2
             goto end;
     }
     s->nonce_tpm = rsp.auths[0].nonce;
-    /* outPoint's contents: AES-128-CFB, key || IV = KDFa(key, "CFB", nonceTPM', nonceCaller) */
+    /* The parameter's contents: AES-128-CFB, key || IV = KDFa(key, "CFB", nonceTPM',
+     * nonceCaller) */
     rc = TSS2_ESYS_RC_GENERAL_FAILURE;
     if (!kdfa(s, s->key, DIGEST, "CFB", &s->nonce_tpm, &caller, cfb) ||
         (cctx = EVP_CIPHER_CTX_new()) == NULL ||
         EVP_DecryptInit_ex2(cctx, s->aes, cfb, cfb + 16, NULL) != 1 ||
-        EVP_DecryptUpdate(cctx, (unsigned char *)enc, &outl, enc, (int)enclen) != 1 ||
+        (enclen > 0 &&
+         EVP_DecryptUpdate(cctx, (unsigned char *)enc, &outl, enc, (int)enclen) != 1) ||
         (size_t)outl != enclen)
         goto end;
-    rc = Tss2_Sys_ECDH_ZGen_Complete(sys, out);
+    rc = TSS2_RC_SUCCESS;
 end:
     OPENSSL_cleanse(cfb, sizeof(cfb));
     EVP_CIPHER_CTX_free(cctx);
-    Esys_Free(name);
+    return rc;
+}
+
+int tpm_fsess_name(tpm_fsess *s, const TPMT_PUBLIC *pub, TPM2B_NAME *name)
+{
+    unsigned char buf[sizeof(TPMT_PUBLIC)];
+    size_t off = 0;
+    const void *parts[] = {buf};
+    size_t lens[1];
+
+    name->size = 0;
+    if (pub->nameAlg != TPM2_ALG_SHA256 || s->sha256 == NULL ||
+        Tss2_MU_TPMT_PUBLIC_Marshal(pub, buf, sizeof(buf), &off) != TSS2_RC_SUCCESS)
+        return 0;
+    lens[0] = off;
+    name->name[0] = (BYTE)(TPM2_ALG_SHA256 >> 8);
+    name->name[1] = (BYTE)TPM2_ALG_SHA256;
+    if (!sha256(s, parts, lens, 1, name->name + 2))
+        return 0;
+    name->size = 2 + DIGEST;
+    return 1;
+}
+
+TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2_HANDLE handle = 0;
+    TSS2_RC rc;
+
+    if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
+        (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
+        (rc = Tss2_Sys_ECDH_ZGen_Prepare(sys, handle, in)) == TSS2_RC_SUCCESS &&
+        (rc = run_prepared(s, sys, name, TPM2_CC_ECDH_ZGen)) == TSS2_RC_SUCCESS)
+        rc = Tss2_Sys_ECDH_ZGen_Complete(sys, out);
+    return rc;
+}
+
+TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                              const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
+                              const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2_HANDLE handle = 0;
+    TSS2_RC rc;
+
+    if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
+        (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
+        (rc = Tss2_Sys_RSA_Decrypt_Prepare(sys, handle, in, scheme, label)) == TSS2_RC_SUCCESS &&
+        (rc = run_prepared(s, sys, name, TPM2_CC_RSA_Decrypt)) == TSS2_RC_SUCCESS)
+        rc = Tss2_Sys_RSA_Decrypt_Complete(sys, out);
+    return rc;
+}
+
+TSS2_RC tpm_fsess_create_primary(tpm_fsess *s, ESYS_CONTEXT *ectx, TPM2_HANDLE hierarchy,
+                                 const TPM2B_PUBLIC *inpub, TPM2_HANDLE *handle,
+                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TPM2B_CREATION_DATA cdata = {0};
+    TPM2B_DIGEST chash = {0};
+    TPMT_TK_CREATION ticket = {0};
+    /* A permanent handle's name is the handle itself. */
+    TPM2B_NAME hname = {.size = 4};
+    TSS2_RC rc;
+
+    be32(hname.name, hierarchy);
+    if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
+        (rc = Tss2_Sys_CreatePrimary_Prepare(sys, hierarchy, &sens, inpub, &outside, &pcrs)) ==
+            TSS2_RC_SUCCESS &&
+        (rc = run_prepared(s, sys, &hname, TPM2_CC_CreatePrimary)) == TSS2_RC_SUCCESS)
+        rc = Tss2_Sys_CreatePrimary_Complete(sys, handle, outpub, &cdata, &chash, &ticket, name);
     return rc;
 }

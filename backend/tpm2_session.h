@@ -1,10 +1,10 @@
-/* keyx's own salted HMAC session for TPM2_ECDH_ZGen. ESYS (tpm2-tss 3.2) computes session
- * HMACs and parameter encryption by creating a new OpenSSL library context for every hash,
- * which costs milliseconds per command; keyx computes the same values (TPM 2.0 Part 1, 19.6 and
- * 21) in its own library context with algorithms fetched once, and sends the command through
- * the ESYS context's SAPI. The session is salted with the storage parent (ECC), so only this TPM
- * knows the session key, and the Z point comes back encrypted (AES-128-CFB) with an HMAC that
- * keyx verifies before using it. */
+/* keyx's own salted HMAC session for TPM2_ECDH_ZGen and TPM2_RSA_Decrypt. ESYS (tpm2-tss 3.2)
+ * computes session HMACs and parameter encryption by creating a new OpenSSL library context for
+ * every hash, which costs milliseconds per command; keyx computes the same values (TPM 2.0 Part
+ * 1, 19.6 and 21) in its own library context with algorithms fetched once, and sends the command
+ * through the ESYS context's SAPI. The session is salted with the storage parent (ECC), so only
+ * this TPM knows the session key, and the Z point comes back encrypted (AES-128-CFB) with an HMAC
+ * that keyx verifies before using it. */
 #ifndef KEYX_BACKEND_TPM2_SESSION_H
 #define KEYX_BACKEND_TPM2_SESSION_H
 
@@ -34,9 +34,25 @@ void tpm_fsess_forget(tpm_fsess *s);
 /* Flushes it from the TPM. */
 void tpm_fsess_flush(tpm_fsess *s, ESYS_CONTEXT *ectx);
 
-/* ECDH_ZGen with key authorized by the session and outPoint encrypted. Returns the TPM/TSS
- * result; TSS2_ESYS_RC_RSP_AUTH_FAILED when the response HMAC does not verify. */
-TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_ECC_POINT *in,
-                       TPM2B_ECC_POINT *out);
+/* The TPM name of an object with a SHA-256 name algorithm (computed in keyx's library context:
+ * ESYS computes names with a new library context each time). 0 for other name algorithms. */
+int tpm_fsess_name(tpm_fsess *s, const TPMT_PUBLIC *pub, TPM2B_NAME *name);
+
+/* ECDH_ZGen with key (whose TPM name is name) authorized by the session and outPoint encrypted.
+ * Returns the TPM/TSS result; TSS2_ESYS_RC_RSP_AUTH_FAILED when the response HMAC does not
+ * verify. */
+TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_ECC_POINT *in, TPM2B_ECC_POINT *out);
+/* TPM2_RSA_Decrypt the same way: message comes back encrypted in the session. */
+TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                              const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
+                              const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out);
+
+/* TPM2_CreatePrimary in hierarchy (empty authorization), authorized by the session: a TPM that
+ * was reset since the session started refuses it (the session is gone) instead of making a key
+ * the next command cannot use. */
+TSS2_RC tpm_fsess_create_primary(tpm_fsess *s, ESYS_CONTEXT *ectx, TPM2_HANDLE hierarchy,
+                                 const TPM2B_PUBLIC *inpub, TPM2_HANDLE *handle,
+                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name);
 
 #endif

@@ -11,6 +11,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 import kxutil
 from fixture_swtpm import tpm_cnf, tpm_derive_cmd
 from kxutil import base_env
@@ -146,6 +148,34 @@ def test_tls_server_survives_tpm_restart(swtpm_factory, s_server, s_client, cert
     events = [e for e in kxutil.read_audit(log) if e["pid"] == srv.pid]
     keygens = [(e["backend"], e["ok"]) for e in events if e["event"] == "keygen"]
     assert keygens[0] == ("tpm", True) and keygens[-1] == ("tpm", True) and ("tpm", False) in keygens, events
+
+
+@pytest.mark.parametrize("session", ["keyx", "off", "esys"])
+def test_tls_server_handshake_right_after_silent_tpm_restart(swtpm_factory, s_server, s_client, certs, tmp,
+                                                             session):
+    """swtpm restarted between two handshakes, no command failing in between (its TCTI opens a
+    socket per command): the next handshake's key is made in the new TPM and its derive must
+    succeed too (keyx notices the reset at keygen, before the key is used), with keyx's session,
+    without sessions, and with ESYS's (RSA tpm-parent)."""
+    tpm = swtpm_factory()
+    opts = {}
+    if session == "off":
+        opts["tpm-encrypt-sessions"] = "0"
+    elif session == "esys":
+        tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", tmp / "srk.ctx")
+        tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "srk.ctx", "0x81000012")
+        tpm.flush_transient()
+        opts["tpm-parent"] = "0x81000012"
+    env = base_env(OPENSSL_CONF=tpm_cnf(tmp / "openssl.cnf", tpm, keyx=opts))
+    crt, key = certs["rsa"]
+    srv = s_server(["-naccept", "3", "-cert", crt, "-key", key], env)
+    args = ["-tls1_3", "-groups", "P-256"]
+    for i in range(3):
+        if i:
+            tpm.restart()
+        r = s_client(srv.port, args, base_env())
+        assert r.rc == 0 and kxutil.protocol(r.out) == "TLSv1.3", f"handshake {i}: {r!r}"
+    srv.wait()
 
 
 def test_persistent_key_survives_tpm_restart(build, swtpm_factory, tmp):

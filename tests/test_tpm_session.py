@@ -68,3 +68,25 @@ def test_rsa_parent_session_also_encrypts(swtpm, tmp):
                         env=kxutil.base_env(TCTI_PCAP_FILE=pcap))
     assert got["1"].ok and got["1"].secret == k["S"], got["1"]
     assert bytes.fromhex(k["S"]) not in pcap.read_bytes()
+
+
+def test_ephemeral_keys_are_null_hierarchy_primaries(swtpm, tmp):
+    """Issue 4's keygen cost: an ephemeral key is one TPM2_CreatePrimary in the NULL hierarchy
+    (no CreateLoaded under the storage parent, which is created once per process in the owner
+    hierarchy, never per key); it is flushed when freed."""
+    pcap = tmp / "tpm.pcap"
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm, keyx={"tpm-tcti": f"pcap:{swtpm.tcti}"})
+    before = swtpm.tools("tpm2_getcap", "handles-transient").out
+    r = kxutil.run([kxutil.derive_bin(), "--config", cnf, "uses", "EC", "P-256", "3"],
+                   env=kxutil.base_env(TCTI_PCAP_FILE=pcap))
+    assert r.rc == 0 and r.out.count(" ok ") == 3, r
+    assert len({line.split()[2] for line in r.out.splitlines()[1:]}) == 1, "one key, one peer: one secret"
+    data = pcap.read_bytes()
+    create_primary = rb"\x80[\x01\x02].{4}\x00\x00\x01\x31"
+    null_primary = re.findall(create_primary + rb"\x40\x00\x00\x07", data, re.S)
+    owner_primary = re.findall(create_primary + rb"\x40\x00\x00\x01", data, re.S)
+    create_loaded = re.findall(rb"\x80[\x01\x02].{4}\x00\x00\x01\x91", data, re.S)
+    zgen = re.findall(rb"\x80[\x01\x02].{4}\x00\x00\x01\x54", data, re.S)
+    assert (len(null_primary), len(owner_primary), len(create_loaded), len(zgen)) == (1, 1, 0, 3), \
+        (len(null_primary), len(owner_primary), len(create_loaded), len(zgen))
+    assert swtpm.tools("tpm2_getcap", "handles-transient").out == before, "a transient object was left"
