@@ -106,12 +106,15 @@ TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
 # ESYS rows share it in one process (tpm2-tss's swtpm TCTI connects per command, so they take
 # turns). The persistent key (0x81000002) is made with tpm2-tools, which leave objects loaded:
 # every step is followed by a flush.
+# Below the ephemeral port range: the TCTI's connection per command leaves thousands of client
+# ports in TIME_WAIT.
 free_port_pair() {
     python3 -c '
-import socket
-for _ in range(50):
-    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+import random, socket
+for _ in range(200):
+    p = random.randrange(10000, 32000)
     try:
+        s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
         t = socket.socket(); t.bind(("127.0.0.1", p + 1)); t.close(); print(p); break
     except OSError:
         pass'

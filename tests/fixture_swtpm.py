@@ -7,6 +7,7 @@ resource manager in front: exactly the conditions keyx's tpm backend must cope w
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,15 +22,20 @@ from kxutil import TIMEOUT, run
 
 
 def _free_port_pair():
-    """A port P with P and P+1 both free (swtpm's TCTI expects the control port at P+1)."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
+    """A port P with P and P+1 both free (swtpm's TCTI expects the control port at P+1).
+
+    Taken below the kernel's ephemeral range: swtpm's TCTI opens one connection per command, so
+    a suite run leaves thousands of client ports in TIME_WAIT, and a pair picked among them (a
+    second run right after the first, as CI does) would often be taken."""
+    low, _ = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    lo, hi = 10000, max(10002, min(low, 32768)) - 2
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(lo, hi)
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s2:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s1, \
+                    socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s2:
+                s1.bind(("127.0.0.1", port))
                 s2.bind(("127.0.0.1", port + 1))
             return port
         except OSError:
