@@ -516,7 +516,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     if (rc != TSS2_RC_SUCCESS) {
         r = tpm_fail(d, rc, "reading the persistent key (ReadPublic)");
         if (r != KEYX_BACKEND_DOWN)
-            Esys_TR_Close(ctx, &tr);
+            tpm_persistent_close_unused(d, &tr);
         tpm_end(d);
         return r;
     }
@@ -571,7 +571,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     }
     Esys_Free(outpub);
     if (r != 1)
-        Esys_TR_Close(ctx, &tr);
+        tpm_persistent_close_unused(d, &tr);
     tpm_end(d);
     return r;
 }

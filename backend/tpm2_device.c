@@ -24,6 +24,8 @@
 #define TRANSIENT_FIRST ((TPM2_HANDLE)0x80000000u)
 #define HMAC_SESSION_FIRST ((TPM2_HANDLE)0x02000000u)
 
+#define MAX_PERSISTENT 32 /* persistent-key ESYS_TRs tracked; more are never closed (bounded) */
+
 struct tpm_dev {
     keyx_provctx *p;
     pthread_mutex_t lock;
@@ -48,6 +50,13 @@ struct tpm_dev {
     int was_reset;     /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
     long probe_failed; /* monotonic second of the last failed capability probe; 0: none */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
+    /* ESYS hands out one ESYS_TR per persistent handle: keys loaded twice by the same handle
+     * share it, so it is closed only when the last of them is freed. */
+    struct {
+        ESYS_TR tr;
+        uint64_t gen;
+        int refs;
+    } pers[MAX_PERSISTENT];
     tpm_dev *reg_next;
 };
 
@@ -292,6 +301,35 @@ int tpm_make_room(tpm_dev *d, TSS2_RC rc, const tpm_obj *keep)
     return reclaim_foreign(d, TRANSIENT_FIRST);
 }
 
+/* One more key on persistent ESYS_TR tr (lock held). */
+static void pers_ref(tpm_dev *d, ESYS_TR tr)
+{
+    int free_slot = -1;
+
+    for (int i = 0; i < MAX_PERSISTENT; i++) {
+        if (d->pers[i].refs > 0 && d->pers[i].gen == d->gen && d->pers[i].tr == tr) {
+            d->pers[i].refs++;
+            return;
+        }
+        if (free_slot < 0 && (d->pers[i].refs == 0 || d->pers[i].gen != d->gen))
+            free_slot = i;
+    }
+    if (free_slot >= 0) {
+        d->pers[free_slot].tr = tr;
+        d->pers[free_slot].gen = d->gen;
+        d->pers[free_slot].refs = 1;
+    }
+}
+
+/* One key fewer on tr; 1 when it was the last (the ESYS_TR may be closed). */
+static int pers_unref(tpm_dev *d, ESYS_TR tr)
+{
+    for (int i = 0; i < MAX_PERSISTENT; i++)
+        if (d->pers[i].refs > 0 && d->pers[i].gen == d->gen && d->pers[i].tr == tr)
+            return --d->pers[i].refs == 0;
+    return 0; /* untracked (table full): left open, one entry per handle at most */
+}
+
 int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
 {
     TSS2_RC rc;
@@ -317,6 +355,7 @@ int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
         if (rc != TSS2_RC_SUCCESS)
             return tpm_fail(d, rc, "finding the persistent key again");
         o->gen = d->gen;
+        pers_ref(d, o->tr);
     }
     if (o->persistent == 0 && o->tr == ESYS_TR_NONE) {
         if (o->saved == NULL) {
@@ -349,19 +388,29 @@ void tpm_obj_public(tpm_dev *d, tpm_obj *o, const TPMT_PUBLIC *pub)
         tpm_fsess_name(&d->fast, pub, &o->name);
 }
 
+void tpm_persistent_close_unused(tpm_dev *d, ESYS_TR *tr)
+{
+    for (int i = 0; i < MAX_PERSISTENT; i++)
+        if (d->pers[i].refs > 0 && d->pers[i].gen == d->gen && d->pers[i].tr == *tr)
+            return;
+    Esys_TR_Close(d->ctx, tr);
+}
+
 void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr)
 {
     o->tr = tr;
     o->gen = d->gen;
     o->persistent = h;
+    pers_ref(d, tr);
 }
 
 void tpm_obj_drop(tpm_dev *d, tpm_obj *o)
 {
     if (d->ctx != NULL && o->gen == d->gen) {
-        if (o->persistent != 0)
-            Esys_TR_Close(d->ctx, &o->tr); /* keyx's reference only: the key stays */
-        else if (o->tr != ESYS_TR_NONE)
+        if (o->persistent != 0) {
+            if (pers_unref(d, o->tr))
+                Esys_TR_Close(d->ctx, &o->tr); /* keyx's reference only: the key stays */
+        } else if (o->tr != ESYS_TR_NONE)
             Esys_FlushContext(d->ctx, o->tr);
         list_unlink(d, o);
     }

@@ -83,6 +83,8 @@ void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr);
 /* Records the public area of o (after tpm_obj_loaded): its name is computed once, here. */
 void tpm_obj_public(tpm_dev *d, tpm_obj *o, const TPMT_PUBLIC *pub);
 /* Records a persistent object resolved as tr. */
+/* Closes a persistent ESYS_TR opened by a load that failed, unless a loaded key shares it. */
+void tpm_persistent_close_unused(tpm_dev *d, ESYS_TR *tr);
 void tpm_obj_persistent(tpm_dev *d, tpm_obj *o, TPM2_HANDLE h, ESYS_TR tr);
 /* Flushes a transient object (if still in this connection), releases a persistent one. */
 void tpm_obj_drop(tpm_dev *d, tpm_obj *o);

@@ -372,6 +372,18 @@ def derive(vectors, provider="keyx", peer_provider=None, dh_pad=None, env=None, 
     return got, r
 
 
+def derive_twice(config, uri, group, env):
+    """The EC key at uri loaded twice in one process, the first copy freed, a derive with the
+    second (keyx-test-derive twice). Asserts the secret equals the default provider's from the
+    peer's side; returns the Result."""
+    r = run([derive_bin(), "--config", config, "twice", uri, group], env=env)
+    lines = dict(line.split(" ", 1) for line in r.out.splitlines() if " " in line)
+    assert r.rc == 0 and lines.get("1", "").startswith("ok "), f"derive after a second load failed:\n{r!r}"
+    want, _ = derive([("x", "EC", group, lines["peer"], "raw", lines["pub"])], provider="default")
+    assert want["x"].ok and lines["1"][3:] == want["x"].secret, f"wrong secret:\n{r!r}"
+    return r
+
+
 def pair(alg, group, zero=False, env=None):
     """Two key pairs made by the default provider and their secret (see derive.c, mode pair)."""
     cmd = [derive_bin(), "--provider", "default", "pair", alg, group] + (["zero"] if zero else [])

@@ -77,6 +77,11 @@ def test_token_key_by_uri_derives_what_libp11_and_the_peer_derive(softhsm, cnf, 
     assert secret.hex() not in log.read_text()
 
 
+def test_two_loads_of_one_token_key_are_independent(softhsm, cnf, tmp):
+    env, _ = keyx_env(softhsm, cnf, tmp)
+    kxutil.derive_twice(env["OPENSSL_CONF"], URI, "P-256", env)
+
+
 def test_exported_public_key_is_the_tokens(softhsm, cnf, tmp):
     env, _ = keyx_env(softhsm, cnf, tmp)
     r = kxutil.openssl("pkey", "-in", URI, "-pubout", "-outform", "DER", "-out", tmp / "keyx.der", env=env)

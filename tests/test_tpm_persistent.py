@@ -84,6 +84,15 @@ def test_persistent_key_matches_tpm2_ecdhzgen(swtpm, tmp, group, alg, handle):
     assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip()
 
 
+def test_two_loads_of_one_handle_are_independent(swtpm, tmp):
+    """ESYS gives both loads of a handle one ESYS_TR: freeing the first must not break the
+    second (it did: "ESYS_TR resource object is bad")."""
+    make_persistent(swtpm, tmp, "ecc256", 0x81000002)
+    cnf = tpm_cnf(tmp / "openssl.cnf", swtpm)
+    kxutil.derive_twice(cnf, "keyx:tpm:handle=0x81000002", "P-256", base_env())
+    assert "0x81000002" in swtpm.tools("tpm2_getcap", "handles-persistent").out.lower()
+
+
 def test_missing_handle_and_bad_locator(swtpm, tmp):
     env = base_env(OPENSSL_CONF=tpm_cnf(tmp / "openssl.cnf", swtpm))
     r = openssl("pkey", "-in", "keyx:tpm:handle=0x81000077", "-pubout", env=env)

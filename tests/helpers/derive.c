@@ -27,6 +27,8 @@
  *   params GROUP         "p q g" (hex) of a named DH group
  *   uses ALG GROUP N     generate a key through --provider, print "pub <encoded pub>", then
  *                        derive N times with a default-provider peer: "i ok <hex>" / "i err ..."
+ *   twice URI GROUP      load the EC key at URI twice (OSSL_STORE), free the first, derive with
+ *                        the second: "pub <hex>", "peer <peer scalar hex>", "1 ok <secret>"
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -43,6 +45,7 @@
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/provider.h>
+#include <openssl/store.h>
 #include <openssl/x509.h>
 
 #include "hexio.h"
@@ -604,6 +607,73 @@ end:
     return rc;
 }
 
+/* twice URI GROUP: the key at URI loaded twice through OSSL_STORE, the first copy freed, then a
+ * derive with the second (a hardware backend must not let one free break the other). Prints
+ * "pub <encoded pub>", "peer <peer's private scalar>" (a throwaway default-provider key, for the
+ * cross-check) and "1 ok <secret>" / "1 err ...". */
+static EVP_PKEY *store_load(const char *uri)
+{
+    OSSL_STORE_CTX *st = OSSL_STORE_open_ex(uri, libctx, propq, NULL, NULL, NULL, NULL, NULL);
+    EVP_PKEY *pk = NULL;
+
+    while (st != NULL && pk == NULL && !OSSL_STORE_eof(st)) {
+        OSSL_STORE_INFO *info = OSSL_STORE_load(st);
+
+        if (info != NULL && OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY)
+            pk = OSSL_STORE_INFO_get1_PKEY(info);
+        OSSL_STORE_INFO_free(info);
+    }
+    OSSL_STORE_close(st);
+    return pk;
+}
+
+static int mode_twice(const char *uri, const char *group)
+{
+    EVP_PKEY *k1 = store_load(uri), *k2 = store_load(uri), *peer = NULL;
+    BIGNUM *x = NULL;
+    unsigned char *secret = NULL;
+    const char *stage = "load";
+    size_t len = 0;
+    int rc = 1;
+
+    if (k1 == NULL || k2 == NULL)
+        goto end;
+    EVP_PKEY_free(k1);
+    k1 = NULL;
+    stage = "peer";
+    if ((peer = generate("EC", group, DEFAULT_PQ)) == NULL ||
+        EVP_PKEY_get_bn_param(peer, OSSL_PKEY_PARAM_PRIV_KEY, &x) != 1)
+        goto end;
+    printf("pub ");
+    if (!print_encoded_pub(k2))
+        goto end;
+    printf("\npeer ");
+    {
+        char *hex = BN_bn2hex(x);
+
+        printf("%s\n", hex != NULL ? hex : "-");
+        OPENSSL_free(hex);
+    }
+    ERR_clear_error();
+    secret = derive(k2, peer, &len, &stage);
+    printf("1 ");
+    if (secret != NULL) {
+        printf("ok ");
+        print_hex(secret, len);
+        rc = 0;
+    }
+end:
+    if (rc != 0)
+        print_errors(stage);
+    printf("\n");
+    OPENSSL_clear_free(secret, len);
+    BN_clear_free(x);
+    EVP_PKEY_free(k1);
+    EVP_PKEY_free(k2);
+    EVP_PKEY_free(peer);
+    return rc;
+}
+
 /* ---- main ------------------------------------------------------------------------------ */
 
 static int usage(void)
@@ -612,7 +682,7 @@ static int usage(void)
             "usage: keyx-test-derive [--module DIR] [--config FILE] "
             "[--provider keyx|default] [--peer-provider same|keyx|default] "
             "[--dh-pad 0|1] [--backend NAME] [derive | pair ALG GROUP [zero] | params GROUP | "
-            "uses ALG GROUP N]\n");
+            "uses ALG GROUP N | twice URI GROUP]\n");
     return 2;
 }
 
@@ -680,6 +750,8 @@ int main(int argc, char **argv)
         rc = mode_params(argv[i + 1]);
     else if (strcmp(argv[i], "uses") == 0 && argc - i == 4)
         rc = mode_uses(argv[i + 1], argv[i + 2], atoi(argv[i + 3]));
+    else if (strcmp(argv[i], "twice") == 0 && argc - i == 3)
+        rc = mode_twice(argv[i + 1], argv[i + 2]);
     else
         rc = usage();
 end:
