@@ -455,7 +455,7 @@ static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *
 {
     p11_dev *d = state;
     p11_key *k = handle;
-    unsigned char *peerdata = NULL;
+    unsigned char *peerdata = NULL, point[1 + 2 * 66]; /* P-521, uncompressed */
     size_t peerlen = 0;
     CK_ECDH1_DERIVE_PARAMS ecdh;
     CK_MECHANISM mech;
@@ -475,11 +475,13 @@ static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *
     int rc;
 
     if (k->alg == KEYX_ALG_EC) {
-        if ((peerlen = EVP_PKEY_get1_encoded_public_key(peer, &peerdata)) == 0)
+        /* the uncompressed point, straight into a stack buffer: one call, no allocation */
+        if (EVP_PKEY_get_octet_string_param(peer, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point,
+                                            sizeof(point), &peerlen) != 1)
             goto bad_peer;
         memset(&ecdh, 0, sizeof(ecdh));
         ecdh.kdf = CKD_NULL;
-        ecdh.pPublicData = peerdata;
+        ecdh.pPublicData = point;
         ecdh.ulPublicDataLen = peerlen;
         mech = (CK_MECHANISM){CKM_ECDH1_DERIVE, &ecdh, sizeof(ecdh)};
     } else {
