@@ -1032,43 +1032,44 @@ static void print_json(void)
 
 static void usage(FILE *fp)
 {
-    fprintf(fp,
-            "usage: keyx-bench [options]\n"
-            "  --software-config FILE  openssl.cnf loading keyx with backends = software\n"
-            "  --pkcs11-config FILE    openssl.cnf loading keyx with backends = pkcs11\n"
-            "  --pkcs11-module PATH    module for the raw Cryptoki rows (default %s)\n"
-            "  --pkcs11-token LABEL    token label (raw rows; and the key URI)\n"
-            "  --pkcs11-pin-file PATH  file holding the user PIN (raw rows)\n"
-            "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
-            "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
-            "type=private)\n"
-            "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
-            "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
-            "swtpm:host=127.0.0.1,port=2321)\n"
-            "  --tpm-handle 0x81...    persistent ECC P-256 decrypt key (static-derive; raw "
-            "derive)\n"
-            "  --pkcs11-rsa-key LABEL  token RSA-2048 key for the oaep-decrypt rows (none: no "
-            "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
-            "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
-            "(none: no TPM RSA rows)\n"
-            "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
-            "  --rounds N              interleaved rounds (default %d)\n"
-            "  --seconds S             seconds per cell per round (default %.1f)\n"
-            "  --peers N               peer public keys in the pool (default %d)\n"
-            "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
-            "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
-            "  --threads N             also run every cell with N threads at once (default 1: "
-            "off)\n"
-            "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
-            "(default %ld)\n"
-            "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
-            "  --json                  JSON on stdout instead of the table\n"
-            "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
-            "(libssl always checks)\n"
-            "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
-            "out.\n",
-            opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
-            opt.mem_ops, opt.mem_alg, opt.count_ops);
+    fprintf(
+        fp,
+        "usage: keyx-bench [options]\n"
+        "  --software-config FILE  openssl.cnf loading keyx with backends = software\n"
+        "  --pkcs11-config FILE    openssl.cnf loading keyx with backends = pkcs11\n"
+        "  --pkcs11-module PATH    module for the raw Cryptoki rows (default %s)\n"
+        "  --pkcs11-token LABEL    token label (raw rows; and the key URI)\n"
+        "  --pkcs11-pin-file PATH  file holding the user PIN (raw rows)\n"
+        "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
+        "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
+        "type=private)\n"
+        "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
+        "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
+        "swtpm:host=127.0.0.1,port=2321)\n"
+        "  --tpm-handle 0x81...    persistent ECC P-256 decrypt key (static-derive; raw "
+        "derive)\n"
+        "  --pkcs11-rsa-key LABEL  token RSA-2048 key for the oaep-decrypt rows (none: no "
+        "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
+        "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
+        "(none: no TPM RSA rows)\n"
+        "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
+        "  --rounds N              interleaved rounds (default %d)\n"
+        "  --seconds S             seconds per cell per round (default %.1f)\n"
+        "  --peers N               peer public keys (and RSA ciphertexts) per pool (default %d)\n"
+        "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
+        "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
+        "  --threads N             also run every cell with N threads at once (default 1: "
+        "off)\n"
+        "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
+        "(default %ld)\n"
+        "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
+        "  --json                  JSON on stdout instead of the table\n"
+        "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
+        "(libssl always checks)\n"
+        "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
+        "out.\n",
+        opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
+        opt.mem_ops, opt.mem_alg, opt.count_ops);
 }
 
 static void parse_args(int argc, char **argv)
