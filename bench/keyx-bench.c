@@ -411,8 +411,8 @@ static void expect_provider(const cell *c, const EVP_PKEY *k)
 
 static int run_once(cell *c, size_t *next);
 
-/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (a
- * configuration that routed to software would make none). */
+/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (one
+ * C_Decrypt for RSA-OAEP; a configuration that routed to software would make none). */
 static void expect_token(cell *c)
 {
     unsigned long n[RAW_P11_NCOUNTED];
