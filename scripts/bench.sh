@@ -20,7 +20,7 @@
 #
 # TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes a persistent P-256
 # key with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
-# (--tpm-config, --tpm-tcti, --tpm-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
+# (--tpm-config, --tpm-tcti, --tpm-handle, --tpm-rsa-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
 # cleanup stops swtpm. The TLS keyx-tpm server does P-256 ECDHE fully in the TPM.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
