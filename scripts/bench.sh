@@ -18,8 +18,8 @@
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
 #
-# TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes a persistent P-256
-# key with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
+# TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes persistent P-256 and
+# RSA-2048 keys with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
 # (--tpm-config, --tpm-tcti, --tpm-handle, --tpm-rsa-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
 # cleanup stops swtpm. The TLS keyx-tpm server does P-256 ECDHE fully in the TPM.
 set -euo pipefail
