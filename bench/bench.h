@@ -27,6 +27,17 @@ typedef struct bench_peers {
     size_t *publen;
 } bench_peers;
 
+/* RSA-OAEP decrypt: a pool of ciphertexts, each a random BENCH_WRAPPED_LEN-byte key encrypted
+ * once by the default provider with the cell's public key; the plaintext of the first is kept
+ * for the cross-check. */
+#define BENCH_WRAPPED_LEN 32
+typedef struct bench_ct_pool {
+    size_t n;
+    unsigned char **ct;
+    size_t ctlen;
+    unsigned char pt0[BENCH_WRAPPED_LEN];
+} bench_ct_pool;
+
 /* ---- evp.c ---- */
 int bench_peers_make(bench_peers *pp, OSSL_LIB_CTX *deflt, const bench_alg *alg, size_t n);
 void bench_peers_free(bench_peers *pp);
@@ -55,6 +66,22 @@ int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char
 /* The name of the provider serving key k ("keyx", "default", ...). */
 const char *bench_provider_of(const EVP_PKEY *k);
 void bench_print_errors(const char *what);
+
+/* RSA-OAEP (evp.c). md names both the OAEP and the MGF1 digest; no label. */
+EVP_PKEY *bench_rsa_keygen(OSSL_LIB_CTX *L, unsigned int bits);
+/* Public key in the default provider from big-endian n and e. */
+EVP_PKEY *bench_rsa_pub(OSSL_LIB_CTX *deflt, const unsigned char *n, size_t nlen,
+                        const unsigned char *e, size_t elen);
+/* The default provider's copy of k's public key (n and e read through k's provider). */
+EVP_PKEY *bench_rsa_pub_of(OSSL_LIB_CTX *deflt, const EVP_PKEY *k);
+/* One decrypt as an application makes it: new EVP_PKEY_CTX in L, OAEP parameters, decrypt. */
+int bench_oaep_decrypt(OSSL_LIB_CTX *L, EVP_PKEY *k, const char *md, const unsigned char *ct,
+                       size_t ctlen, unsigned char *out, size_t *outlen);
+int bench_ct_pool_make(bench_ct_pool *p, OSSL_LIB_CTX *deflt, EVP_PKEY *pub, const char *md,
+                       size_t n);
+/* 1 when pt is the plaintext of the pool's first ciphertext. */
+int bench_ct_pool_check(const bench_ct_pool *p, const unsigned char *pt, size_t ptlen);
+void bench_ct_pool_free(bench_ct_pool *p);
 
 /* ---- cryptoki.c ---- */
 typedef struct raw_p11 raw_p11;
@@ -85,9 +112,19 @@ int raw_p11_destroy(raw_p11 *r, unsigned long obj);
 int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
                           const unsigned char *peer, size_t peerlen, unsigned char *out);
 
+/* RSA: finds the token's private key labelled label (kept for raw_p11_oaep_decrypt), reads its
+ * modulus and public exponent (big-endian, *nlen and *elen in: sizes). */
+int raw_p11_rsa_key(raw_p11 *r, const char *label, unsigned char *n, size_t *nlen, unsigned char *e,
+                    size_t *elen);
+/* One OAEP decrypt with that key. md == NULL: CKM_RSA_PKCS_OAEP with SHA-1/MGF1-SHA-1, no label
+ * (what SoftHSM does natively); else CKM_RSA_X_509 (C_DecryptInit + C_Decrypt) and OAEP decoding
+ * with md (OAEP and MGF1) in software, what a caller must do for SHA-256 on SoftHSM. */
+int raw_p11_oaep_decrypt(raw_p11 *r, const EVP_MD *md, const unsigned char *ct, size_t ctlen,
+                         unsigned char *out, size_t *outlen);
+
 /* Call counting: swaps the entries of the module's function list (shared with keyx in this
  * process) for counting wrappers until raw_p11_count_end. 1 ok, 0 not possible. */
-#define RAW_P11_NCOUNTED 18
+#define RAW_P11_NCOUNTED 20
 int raw_p11_count_begin(raw_p11 *r);
 void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
 const char *raw_p11_count_name(int i);
@@ -107,5 +144,14 @@ int raw_esys_derive(raw_esys *r, const unsigned char *peer, size_t peerlen, unsi
  * public key into pub (65 bytes) unless NULL. */
 int raw_esys_keygen_derive(raw_esys *r, const unsigned char *peer, size_t peerlen,
                            unsigned char *out, unsigned char *pub);
+
+/* RSA: the persistent RSA decrypt key at handle (kept for raw_esys_oaep_decrypt); its modulus
+ * and exponent into n, e (*nlen, *elen in: sizes). */
+int raw_esys_rsa_key(raw_esys *r, unsigned long handle, unsigned char *n, size_t *nlen,
+                     unsigned char *e, size_t *elen);
+/* One Esys_RSA_Decrypt with the OAEP scheme, SHA-256, empty label; authorized by the salted
+ * session (response encrypted) when the context has one, else by password. */
+int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, unsigned char *out,
+                          size_t *outlen);
 
 #endif

@@ -2,7 +2,14 @@
  * dlopen'ed by path (the same library instance keyx uses in this process), and every operation is
  * the minimum a caller needs: one C_GenerateKeyPair, one read of the public value into a fixed
  * buffer, one C_DeriveKey into a generic secret, one read, the destroys. The templates are those
- * of a careful implementation: session objects, private keys sensitive and not extractable. */
+ * of a careful implementation: session objects, private keys sensitive and not extractable.
+ *
+ * RSA-OAEP: SoftHSM 2.6 does CKM_RSA_PKCS_OAEP only with SHA-1 and no label, so a raw caller
+ * wanting OAEP-SHA256 decrypts with CKM_RSA_X_509 and decodes OAEP itself. The decoding is
+ * OpenSSL's RSA_padding_check_PKCS1_OAEP_mgf1 (constant time), the one keyx uses for the same
+ * case; it is deprecated in 3.0 without a replacement outside a provider, hence
+ * OPENSSL_SUPPRESS_DEPRECATED in this file only (bench code, not linked into keyx). */
+#define OPENSSL_SUPPRESS_DEPRECATED
 #include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -13,6 +20,7 @@
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/rsa.h>
 
 #include <p11-kit/pkcs11.h>
 
@@ -24,6 +32,8 @@ struct raw_p11 {
     int we_initialized;
     CK_SESSION_HANDLE h;
     CK_OBJECT_HANDLE key;     /* the token's private key */
+    CK_OBJECT_HANDLE rsakey;  /* the token's RSA private key (raw_p11_rsa_key) */
+    size_t rsalen;            /* its modulus bytes */
     unsigned char point[133]; /* its public point, uncompressed */
     size_t pointlen;
     /* ffdhe2048 domain, read once from the default provider */
@@ -393,6 +403,63 @@ int raw_p11_destroy(raw_p11 *r, unsigned long obj)
     return rv == CKR_OK ? 1 : fail("C_DestroyObject", rv);
 }
 
+int raw_p11_rsa_key(raw_p11 *r, const char *label, unsigned char *n, size_t *nlen, unsigned char *e,
+                    size_t *elen)
+{
+    CK_ATTRIBUTE a[] = {ATTR(CKA_MODULUS, n, *nlen), ATTR(CKA_PUBLIC_EXPONENT, e, *elen)};
+    CK_RV rv;
+
+    if ((r->rsakey = find_key(r, CKO_PRIVATE_KEY, label)) == CK_INVALID_HANDLE)
+        return 0;
+    if ((rv = r->f->C_GetAttributeValue(r->h, r->rsakey, a, NATTR(a))) != CKR_OK)
+        return fail("C_GetAttributeValue(CKA_MODULUS, CKA_PUBLIC_EXPONENT)", rv);
+    *nlen = a[0].ulValueLen;
+    *elen = a[1].ulValueLen;
+    r->rsalen = *nlen;
+    return 1;
+}
+
+int raw_p11_oaep_decrypt(raw_p11 *r, const EVP_MD *md, const unsigned char *ct, size_t ctlen,
+                         unsigned char *out, size_t *outlen)
+{
+    CK_RSA_PKCS_OAEP_PARAMS oaep = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0};
+    CK_MECHANISM mech = md == NULL ? (CK_MECHANISM){CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)}
+                                   : (CK_MECHANISM){CKM_RSA_X_509, NULL, 0};
+    unsigned char em[1024];
+    CK_ULONG len = sizeof(em);
+    CK_RV rv;
+    int n;
+
+    if (r->rsalen == 0 || r->rsalen > sizeof(em))
+        return 0;
+    if ((rv = r->f->C_DecryptInit(SESS(r), &mech, r->rsakey)) != CKR_OK)
+        return fail("C_DecryptInit", rv);
+    if ((rv = r->f->C_Decrypt(SESS(r), (CK_BYTE_PTR)ct, ctlen, em, &len)) != CKR_OK)
+        return fail("C_Decrypt", rv);
+    if (md == NULL) {
+        if (len > *outlen)
+            return 0;
+        memcpy(out, em, len);
+        *outlen = len;
+        OPENSSL_cleanse(em, len);
+        return 1;
+    }
+    /* the encoded message, left-padded to the modulus size (leading zeros may be stripped) */
+    if (len > r->rsalen)
+        return 0;
+    memmove(em + r->rsalen - len, em, len);
+    memset(em, 0, r->rsalen - len);
+    n = RSA_padding_check_PKCS1_OAEP_mgf1(out, (int)*outlen, em, (int)r->rsalen, (int)r->rsalen,
+                                          NULL, 0, md, md);
+    OPENSSL_cleanse(em, r->rsalen);
+    if (n < 0) {
+        fprintf(stderr, "keyx-bench: raw Cryptoki: OAEP decoding failed\n");
+        return 0;
+    }
+    *outlen = (size_t)n;
+    return 1;
+}
+
 int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
                           const unsigned char *peer, size_t peerlen, unsigned char *out)
 {
@@ -451,13 +518,16 @@ WRAP(15, C_DeriveKey,
      (a, b, c, d, e, f))
 WRAP(16, C_GenerateRandom, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c), (a, b, c))
 WRAP(17, C_GetSlotInfo, (CK_SLOT_ID a, CK_SLOT_INFO_PTR b), (a, b))
+WRAP(18, C_DecryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c), (a, b, c))
+WRAP(19, C_Decrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e),
+     (a, b, c, d, e))
 
 static const char *const count_names[RAW_P11_NCOUNTED] = {
     "C_GetSlotList",    "C_GetTokenInfo",     "C_GetMechanismList",  "C_GetMechanismInfo",
     "C_OpenSession",    "C_CloseSession",     "C_GetSessionInfo",    "C_Login",
     "C_CreateObject",   "C_DestroyObject",    "C_GetAttributeValue", "C_FindObjectsInit",
     "C_FindObjects",    "C_FindObjectsFinal", "C_GenerateKeyPair",   "C_DeriveKey",
-    "C_GenerateRandom", "C_GetSlotInfo",
+    "C_GenerateRandom", "C_GetSlotInfo",      "C_DecryptInit",       "C_Decrypt",
 };
 
 const char *raw_p11_count_name(int i)
@@ -504,6 +574,8 @@ int raw_p11_count_begin(raw_p11 *r)
     f->C_DeriveKey = count_C_DeriveKey;
     f->C_GenerateRandom = count_C_GenerateRandom;
     f->C_GetSlotInfo = count_C_GetSlotInfo;
+    f->C_DecryptInit = count_C_DecryptInit;
+    f->C_Decrypt = count_C_Decrypt;
     return 1;
 }
 

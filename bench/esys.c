@@ -11,6 +11,9 @@
  * KDFe), AES-128-CFB response encryption, used as the key's authorization for every ZGen, the
  * protection keyx gives ZGen by default; CreateLoaded uses a password authorization as keyx's
  * does. Without: password authorization, the point crosses the bus in clear.
+ * RSA-OAEP (oaep-decrypt): one Esys_RSA_Decrypt of a persistent RSA-2048 decrypt key (scheme
+ * NULL in the key, OAEP/SHA-256 in the call, empty label), authorized by the same salted session
+ * (the plaintext comes back encrypted) or by password.
  * ESYS contexts are not thread-safe: one mutex serializes this context's calls. */
 #include <pthread.h>
 #include <stdio.h>
@@ -30,6 +33,7 @@ struct raw_esys {
     TSS2_TCTI_CONTEXT *tcti;
     ESYS_CONTEXT *ctx;
     ESYS_TR key;     /* the persistent key */
+    ESYS_TR rsakey;  /* the persistent RSA key (raw_esys_rsa_key), ESYS_TR_NONE before */
     ESYS_TR session; /* ESYS_TR_PASSWORD when none */
     unsigned char pub[65];
     pthread_mutex_t lock;
@@ -49,6 +53,7 @@ raw_esys *raw_esys_open(const char *tcti, unsigned long handle, int session)
     if (r == NULL)
         return NULL;
     r->session = ESYS_TR_PASSWORD;
+    r->rsakey = ESYS_TR_NONE;
     pthread_mutex_init(&r->lock, NULL);
     if ((rc = Tss2_TctiLdr_Initialize(tcti, &r->tcti)) != TSS2_RC_SUCCESS) {
         fprintf(stderr, "keyx-bench: raw ESYS: cannot open TCTI '%s': %s\n", tcti,
@@ -222,5 +227,80 @@ end:
     pthread_mutex_unlock(&r->lock);
     Esys_Free(outpub);
     Esys_Free(outpriv);
+    return ok;
+}
+
+int raw_esys_rsa_key(raw_esys *r, unsigned long handle, unsigned char *n, size_t *nlen,
+                     unsigned char *e, size_t *elen)
+{
+    TPM2B_PUBLIC *pub = NULL;
+    UINT32 exp;
+    TSS2_RC rc;
+    int ok = 0;
+
+    pthread_mutex_lock(&r->lock);
+    if ((rc = Esys_TR_FromTPMPublic(r->ctx, (TPM2_HANDLE)handle, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, &r->rsakey)) != TSS2_RC_SUCCESS) {
+        fprintf(stderr, "keyx-bench: raw ESYS: no key at persistent handle 0x%08lX: %s\n", handle,
+                Tss2_RC_Decode(rc));
+        r->rsakey = ESYS_TR_NONE;
+        goto end;
+    }
+    if ((rc = Esys_ReadPublic(r->ctx, r->rsakey, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &pub,
+                              NULL, NULL)) != TSS2_RC_SUCCESS) {
+        esys_err("ReadPublic of the persistent RSA key", rc);
+        goto end;
+    }
+    if (pub->publicArea.type != TPM2_ALG_RSA || pub->publicArea.unique.rsa.size > *nlen ||
+        *elen < 4) {
+        fprintf(stderr, "keyx-bench: raw ESYS: 0x%08lX is not an RSA key\n", handle);
+        goto end;
+    }
+    *nlen = pub->publicArea.unique.rsa.size;
+    memcpy(n, pub->publicArea.unique.rsa.buffer, *nlen);
+    exp = pub->publicArea.parameters.rsaDetail.exponent;
+    if (exp == 0)
+        exp = 65537;
+    e[0] = (unsigned char)(exp >> 24);
+    e[1] = (unsigned char)(exp >> 16);
+    e[2] = (unsigned char)(exp >> 8);
+    e[3] = (unsigned char)exp;
+    *elen = 4;
+    ok = 1;
+end:
+    pthread_mutex_unlock(&r->lock);
+    Esys_Free(pub);
+    return ok;
+}
+
+int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, unsigned char *out,
+                          size_t *outlen)
+{
+    TPM2B_PUBLIC_KEY_RSA in = {0};
+    TPMT_RSA_DECRYPT scheme = {.scheme = TPM2_ALG_OAEP, .details.oaep.hashAlg = TPM2_ALG_SHA256};
+    TPM2B_DATA label = {0};
+    TPM2B_PUBLIC_KEY_RSA *msg = NULL;
+    TSS2_RC rc;
+    int ok = 0;
+
+    if (ctlen > sizeof(in.buffer) || r->rsakey == ESYS_TR_NONE)
+        return 0;
+    in.size = (UINT16)ctlen;
+    memcpy(in.buffer, ct, ctlen);
+    pthread_mutex_lock(&r->lock);
+    rc = Esys_RSA_Decrypt(r->ctx, r->rsakey, r->session, ESYS_TR_NONE, ESYS_TR_NONE, &in, &scheme,
+                          &label, &msg);
+    pthread_mutex_unlock(&r->lock);
+    if (rc != TSS2_RC_SUCCESS) {
+        esys_err("RSA_Decrypt", rc);
+        return 0;
+    }
+    if (msg->size <= *outlen) {
+        memcpy(out, msg->buffer, msg->size);
+        *outlen = msg->size;
+        ok = 1;
+    }
+    OPENSSL_cleanse(msg, sizeof(*msg));
+    Esys_Free(msg);
     return ok;
 }

@@ -9,7 +9,10 @@
 #include <openssl/dh.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
+#include <openssl/param_build.h>
 #include <openssl/provider.h>
+#include <openssl/rand.h>
+#include <openssl/rsa.h>
 
 #include "bench.h"
 
@@ -169,4 +172,128 @@ int bench_check_against_default(OSSL_LIB_CTX *L, OSSL_LIB_CTX *deflt, EVP_PKEY *
     OPENSSL_free(pub);
     EVP_PKEY_free(peer);
     return ok;
+}
+
+/* ---- RSA-OAEP decrypt ---------------------------------------------------------------------- */
+
+EVP_PKEY *bench_rsa_keygen(OSSL_LIB_CTX *L, unsigned int bits)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(L, "RSA", NULL);
+    EVP_PKEY *k = NULL;
+
+    if (pctx == NULL || EVP_PKEY_keygen_init(pctx) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_keygen_bits(pctx, (int)bits) <= 0 || EVP_PKEY_keygen(pctx, &k) <= 0) {
+        EVP_PKEY_free(k);
+        k = NULL;
+    }
+    EVP_PKEY_CTX_free(pctx);
+    return k;
+}
+
+EVP_PKEY *bench_rsa_pub(OSSL_LIB_CTX *deflt, const unsigned char *n, size_t nlen,
+                        const unsigned char *e, size_t elen)
+{
+    BIGNUM *bn = BN_bin2bn(n, (int)nlen, NULL), *be = BN_bin2bn(e, (int)elen, NULL);
+    OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM *params = NULL;
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(deflt, "RSA", NULL);
+    EVP_PKEY *k = NULL;
+
+    if (bn == NULL || be == NULL || bld == NULL || pctx == NULL ||
+        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_N, bn) ||
+        !OSSL_PARAM_BLD_push_BN(bld, OSSL_PKEY_PARAM_RSA_E, be) ||
+        (params = OSSL_PARAM_BLD_to_param(bld)) == NULL || EVP_PKEY_fromdata_init(pctx) <= 0 ||
+        EVP_PKEY_fromdata(pctx, &k, EVP_PKEY_PUBLIC_KEY, params) <= 0) {
+        EVP_PKEY_free(k);
+        k = NULL;
+    }
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    EVP_PKEY_CTX_free(pctx);
+    BN_free(bn);
+    BN_free(be);
+    return k;
+}
+
+EVP_PKEY *bench_rsa_pub_of(OSSL_LIB_CTX *deflt, const EVP_PKEY *k)
+{
+    BIGNUM *n = NULL, *e = NULL;
+    unsigned char nb[1024], eb[16];
+    EVP_PKEY *pub = NULL;
+
+    if (EVP_PKEY_get_bn_param(k, OSSL_PKEY_PARAM_RSA_N, &n) &&
+        EVP_PKEY_get_bn_param(k, OSSL_PKEY_PARAM_RSA_E, &e) && BN_num_bytes(n) <= (int)sizeof(nb) &&
+        BN_num_bytes(e) <= (int)sizeof(eb))
+        pub = bench_rsa_pub(deflt, nb, (size_t)BN_bn2bin(n, nb), eb, (size_t)BN_bn2bin(e, eb));
+    BN_free(n);
+    BN_free(e);
+    return pub;
+}
+
+static EVP_PKEY_CTX *oaep_ctx(OSSL_LIB_CTX *L, EVP_PKEY *k, const char *md, int decrypt)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(L, k, NULL);
+
+    if (pctx == NULL ||
+        (decrypt ? EVP_PKEY_decrypt_init(pctx) : EVP_PKEY_encrypt_init(pctx)) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_padding(pctx, RSA_PKCS1_OAEP_PADDING) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_oaep_md_name(pctx, md, NULL) <= 0 ||
+        EVP_PKEY_CTX_set_rsa_mgf1_md_name(pctx, md, NULL) <= 0) {
+        EVP_PKEY_CTX_free(pctx);
+        return NULL;
+    }
+    return pctx;
+}
+
+int bench_oaep_decrypt(OSSL_LIB_CTX *L, EVP_PKEY *k, const char *md, const unsigned char *ct,
+                       size_t ctlen, unsigned char *out, size_t *outlen)
+{
+    EVP_PKEY_CTX *pctx = oaep_ctx(L, k, md, 1);
+    int ok = pctx != NULL && EVP_PKEY_decrypt(pctx, out, outlen, ct, ctlen) > 0;
+
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+int bench_ct_pool_make(bench_ct_pool *p, OSSL_LIB_CTX *deflt, EVP_PKEY *pub, const char *md,
+                       size_t n)
+{
+    unsigned char key[BENCH_WRAPPED_LEN];
+    EVP_PKEY_CTX *pctx = oaep_ctx(deflt, pub, md, 0);
+    int ok = 0;
+
+    memset(p, 0, sizeof(*p));
+    if (pctx == NULL || (p->ct = OPENSSL_zalloc(n * sizeof(*p->ct))) == NULL)
+        goto end;
+    p->ctlen = (size_t)EVP_PKEY_get_size(pub);
+    for (p->n = 0; p->n < n; p->n++) {
+        size_t len = p->ctlen;
+
+        if ((p->ct[p->n] = OPENSSL_malloc(p->ctlen)) == NULL ||
+            RAND_bytes_ex(deflt, key, sizeof(key), 0) <= 0 ||
+            EVP_PKEY_encrypt(pctx, p->ct[p->n], &len, key, sizeof(key)) <= 0 || len != p->ctlen) {
+            p->n++;
+            goto end;
+        }
+        if (p->n == 0)
+            memcpy(p->pt0, key, sizeof(key));
+    }
+    ok = 1;
+end:
+    OPENSSL_cleanse(key, sizeof(key));
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+int bench_ct_pool_check(const bench_ct_pool *p, const unsigned char *pt, size_t ptlen)
+{
+    return ptlen == BENCH_WRAPPED_LEN && CRYPTO_memcmp(pt, p->pt0, ptlen) == 0;
+}
+
+void bench_ct_pool_free(bench_ct_pool *p)
+{
+    for (size_t i = 0; i < p->n; i++)
+        OPENSSL_free(p->ct[i]);
+    OPENSSL_free(p->ct);
+    OPENSSL_cleanse(p, sizeof(*p));
 }

@@ -54,6 +54,20 @@
  * clear; the floor of the TPM itself). Raw ESYS takes the peer's bytes: its plain figure is the
  * denominator of the "(ready)" ratios. Memory figures of TPM cells run at most --tpm-mem-ops.
  *
+ * RSA-OAEP (op oaep-decrypt, alg RSA-2048; OAEP with SHA-256 and MGF1-SHA-256, no label): one
+ * EVP_PKEY_decrypt per operation as an application makes it (new EVP_PKEY_CTX from the key, OAEP
+ * parameters, decrypt of a 256-byte ciphertext into a 32-byte key). Keys: default and
+ * keyx-software generate their own RSA-2048 key (EVP_PKEY_keygen in their libctx); keyx-pkcs11
+ * loads the token key labelled --pkcs11-rsa-key by URI, raw-pkcs11 uses the same token object;
+ * keyx-tpm loads the persistent key --tpm-rsa-handle by URI, raw ESYS uses the same handle. Each
+ * cell's ciphertexts (a pool of --peers, random 32-byte keys) are made once by the default
+ * provider with that cell's public key, and one is decrypted and compared before timing. Raw
+ * Cryptoki: SoftHSM does CKM_RSA_PKCS_OAEP with SHA-1 only, so the SHA-256 row is C_DecryptInit
+ * (CKM_RSA_X_509) + C_Decrypt + OAEP decoding in software (cryptoki.c), the work keyx does with
+ * pkcs11-raw-rsa = 1; oaep-sha1-decrypt is native CKM_RSA_PKCS_OAEP (SHA-1, no label), for
+ * reference, beside keyx-pkcs11 doing the same. Raw ESYS: one Esys_RSA_Decrypt (OAEP, SHA-256),
+ * with the salted session (response encrypted, like keyx) and with a password.
+ *
  * Adding a backend: one impl_id, its libctx or raw state in setup(), its operations in
  * run_once(), its rows in PLAN and its ratios in RATIOS. */
 #include <getopt.h>
@@ -106,25 +120,36 @@ typedef enum {
     OP_DERIVE_READY,
     OP_KEYGEN_DERIVE_READY,
     OP_STATIC_DERIVE_READY,
+    OP_OAEP_DECRYPT,      /* RSA-OAEP SHA-256 decrypt */
+    OP_OAEP_SHA1_DECRYPT, /* the same with SHA-1: what SoftHSM does natively */
     N_OP
 } op_id;
 static const char *const op_names[N_OP] = {
     "derive",        "keygen+derive",        "static-derive",
-    "derive(ready)", "keygen+derive(ready)", "static-derive(ready)"};
+    "derive(ready)", "keygen+derive(ready)", "static-derive(ready)",
+    "oaep-decrypt",  "oaep-sha1-decrypt"};
 
 /* The "(ready)" operations: the same with the peer's key already imported (the pool's keys made
  * once in the cell's libctx), the comparison with raw Cryptoki, which takes the peer's bytes. */
 static op_id base_op(op_id op)
 {
-    return op >= OP_DERIVE_READY ? (op_id)(op - OP_DERIVE_READY) : op;
+    return op >= OP_DERIVE_READY && op <= OP_STATIC_DERIVE_READY ? (op_id)(op - OP_DERIVE_READY)
+                                                                 : op;
 }
 
-enum { ALG_P256, ALG_X25519, ALG_FFDHE2048, N_ALG };
+enum { ALG_P256, ALG_X25519, ALG_FFDHE2048, ALG_RSA2048, N_ALG };
 static const bench_alg algs[N_ALG] = {
     {"P-256", "EC", "prime256v1", 32},
     {"X25519", "X25519", "X25519", 32},
     {"ffdhe2048", "DH", "ffdhe2048", 256},
+    /* not a key exchange: RSA-OAEP decrypt cells, no peers (a ciphertext pool per cell) */
+    {"RSA-2048", "RSA", NULL, BENCH_WRAPPED_LEN},
 };
+
+static int is_rsa(const bench_alg *alg)
+{
+    return alg == &algs[ALG_RSA2048];
+}
 
 /* What is measured, in table order. */
 static const struct {
@@ -167,6 +192,16 @@ static const struct {
     {IMPL_RAW_ESYS_SESS, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_KEYGEN_DERIVE},
+    /* RSA-OAEP decrypt (pkcs11 rows with --pkcs11-rsa-key, TPM rows with --tpm-rsa-handle) */
+    {IMPL_DEFAULT, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_SOFTWARE, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_PKCS11, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_PKCS11, ALG_RSA2048, OP_OAEP_SHA1_DECRYPT},
+    {IMPL_RAW_PKCS11, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_RAW_PKCS11, ALG_RSA2048, OP_OAEP_SHA1_DECRYPT},
+    {IMPL_TPM, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_RAW_ESYS_SESS, ALG_RSA2048, OP_OAEP_DECRYPT},
+    {IMPL_RAW_ESYS, ALG_RSA2048, OP_OAEP_DECRYPT},
 };
 
 /* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
@@ -201,6 +236,15 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE_READY, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_DERIVE, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
+    /* RSA-OAEP decrypt: issue 5 states no targets */
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_DECRYPT, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_SHA1_DECRYPT, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_OAEP_DECRYPT, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
+    {IMPL_TPM, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
+    {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
 };
 
 /* Absolute targets (ops/s), stated against an anchor measured on this machine. */
@@ -225,6 +269,8 @@ typedef struct cell {
     EVP_PKEY *own;        /* derive, static-derive */
     EVP_PKEY **ready;     /* "(ready)" operations: the pool's peers imported into L */
     unsigned long rawkey; /* raw derive: the session private key */
+    bench_ct_pool pool;   /* RSA-OAEP: the ciphertexts */
+    const char *md;       /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
     int nrounds;
     double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
     double median, min, max, cpu_median;
@@ -252,6 +298,8 @@ static struct {
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
     const char *tpm_config, *tpm_tcti, *tpm_handle;
     unsigned long tpm_handle_num;
+    const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
+    unsigned long tpm_rsa_handle_num;
     long tpm_mem_ops;
 } opt = {
     .rounds = 5,
@@ -271,7 +319,8 @@ static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
 static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: without */
 static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
-static char tpm_uri[64];
+static char tpm_uri[64], tpm_rsa_uri[64];
+static EVP_MD *sha256; /* the raw Cryptoki rows' OAEP decoding digest (default provider) */
 
 static raw_esys *esys_of(impl_id i)
 {
@@ -362,30 +411,100 @@ static void expect_provider(const cell *c, const EVP_PKEY *k)
 
 static int run_once(cell *c, size_t *next);
 
-/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (a
- * configuration that routed to software would make none). */
+/* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (one
+ * C_Decrypt for RSA-OAEP; a configuration that routed to software would make none). */
 static void expect_token(cell *c)
 {
     unsigned long n[RAW_P11_NCOUNTED];
     size_t next = 0;
     int ok, derives = -1;
+    const char *call = is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
 
     if (!raw_p11_count_begin(raw))
         return;
     ok = run_once(c, &next);
     raw_p11_count_end(raw, n);
     for (int i = 0; i < RAW_P11_NCOUNTED; i++)
-        if (strcmp(raw_p11_count_name(i), "C_DeriveKey") == 0)
+        if (strcmp(raw_p11_count_name(i), call) == 0)
             derives = (int)n[i];
     if (!ok)
         die(c->name);
     if (derives != 1) {
         fprintf(stderr,
-                "keyx-bench: %s: one operation made %d C_DeriveKey calls on the token, not 1 "
+                "keyx-bench: %s: one operation made %d %s calls on the token, not 1 "
                 "(check backends = pkcs11 in %s)\n",
-                c->name, derives, opt.p11_config);
+                c->name, derives, call, opt.p11_config);
         exit(1);
     }
+}
+
+/* One RSA-OAEP decrypt of pool ciphertext i into out (*outlen in: size). */
+static int rsa_decrypt(cell *c, size_t i, unsigned char *out, size_t *outlen)
+{
+    const unsigned char *ct = c->pool.ct[i % c->pool.n];
+
+    if (c->impl == IMPL_RAW_PKCS11)
+        return raw_p11_oaep_decrypt(raw, c->op == OP_OAEP_SHA1_DECRYPT ? NULL : sha256, ct,
+                                    c->pool.ctlen, out, outlen);
+    if (is_raw_esys(c->impl))
+        return raw_esys_oaep_decrypt(esys_of(c->impl), ct, c->pool.ctlen, out, outlen);
+    return bench_oaep_decrypt(c->L, c->own, c->md, ct, c->pool.ctlen, out, outlen);
+}
+
+/* RSA-OAEP cell: its key, its ciphertext pool (default provider, the cell's public key) and one
+ * decrypt compared with the plaintext the default provider encrypted. */
+static void setup_rsa(cell *c)
+{
+    OSSL_LIB_CTX *deflt = libctx[IMPL_DEFAULT];
+    unsigned char n[1024], e[16], pt[1024];
+    size_t nlen = sizeof(n), elen = sizeof(e), ptlen = sizeof(pt);
+    EVP_PKEY *pub = NULL;
+    int ok;
+
+    c->L = libctx[c->impl];
+    c->md = c->op == OP_OAEP_SHA1_DECRYPT ? "SHA1" : "SHA256";
+    if (c->impl == IMPL_RAW_PKCS11) {
+        if (!raw_p11_rsa_key(raw, opt.p11_rsa_key, n, &nlen, e, &elen))
+            die(c->name);
+        pub = bench_rsa_pub(deflt, n, nlen, e, elen);
+    } else if (is_raw_esys(c->impl)) {
+        if (!raw_esys_rsa_key(esys_of(c->impl), opt.tpm_rsa_handle_num, n, &nlen, e, &elen))
+            die(c->name);
+        pub = bench_rsa_pub(deflt, n, nlen, e, elen);
+    } else {
+        const char *uri = c->impl == IMPL_PKCS11 ? opt.p11_rsa_uri
+                          : c->impl == IMPL_TPM  ? tpm_rsa_uri
+                                                 : NULL;
+
+        c->own = uri != NULL ? store_load(c->L, uri) : bench_rsa_keygen(c->L, 2048);
+        if (c->own == NULL) {
+            fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
+                    uri != NULL ? "cannot load the RSA key by URI" : "RSA key generation failed");
+            die(c->name);
+        }
+        expect_provider(c, c->own);
+        pub = bench_rsa_pub_of(deflt, c->own);
+    }
+    if (pub == NULL) {
+        fprintf(stderr, "keyx-bench: %s: cannot read the RSA public key\n", c->name);
+        die(c->name);
+    }
+    ok = bench_ct_pool_make(&c->pool, deflt, pub, c->md, (size_t)opt.npeers);
+    EVP_PKEY_free(pub);
+    if (!ok)
+        die("encrypting the ciphertext pool");
+    ok = rsa_decrypt(c, 0, pt, &ptlen) && bench_ct_pool_check(&c->pool, pt, ptlen);
+    OPENSSL_cleanse(pt, sizeof(pt));
+    if (!ok) {
+        fprintf(stderr,
+                "keyx-bench: %s: the decrypted key differs from the one the default provider "
+                "encrypted (or the decrypt failed)\n",
+                c->name);
+        die(c->name);
+    }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
+    ERR_clear_error();
 }
 
 /* Prepares a cell and cross-checks one secret against the default provider. */
@@ -397,6 +516,10 @@ static void setup(cell *c)
     size_t publen = 0;
     int ok = 0;
 
+    if (is_rsa(c->alg)) {
+        setup_rsa(c);
+        return;
+    }
     c->L = libctx[c->impl];
     c->peers = &peers[c->alg - algs];
     if (is_raw_esys(c->impl)) {
@@ -504,6 +627,14 @@ static int derive_ready(cell *c, EVP_PKEY *own, size_t i)
 /* One operation; *next picks the peer (each thread has its own counter). */
 static int run_once(cell *c, size_t *next)
 {
+    if (is_rsa(c->alg)) {
+        unsigned char pt[1024];
+        size_t len = sizeof(pt);
+        int ok = rsa_decrypt(c, (*next)++, pt, &len);
+
+        OPENSSL_cleanse(pt, len < sizeof(pt) ? len : sizeof(pt));
+        return ok;
+    }
     if (is_raw_esys(c->impl)) {
         bench_peers *pp = c->peers;
         size_t i = (*next)++ % pp->n;
@@ -901,39 +1032,44 @@ static void print_json(void)
 
 static void usage(FILE *fp)
 {
-    fprintf(fp,
-            "usage: keyx-bench [options]\n"
-            "  --software-config FILE  openssl.cnf loading keyx with backends = software\n"
-            "  --pkcs11-config FILE    openssl.cnf loading keyx with backends = pkcs11\n"
-            "  --pkcs11-module PATH    module for the raw Cryptoki rows (default %s)\n"
-            "  --pkcs11-token LABEL    token label (raw rows; and the key URI)\n"
-            "  --pkcs11-pin-file PATH  file holding the user PIN (raw rows)\n"
-            "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
-            "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
-            "type=private)\n"
-            "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
-            "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
-            "swtpm:host=127.0.0.1,port=2321)\n"
-            "  --tpm-handle 0x81...    persistent ECC P-256 decrypt key (static-derive; raw "
-            "derive)\n"
-            "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
-            "  --rounds N              interleaved rounds (default %d)\n"
-            "  --seconds S             seconds per cell per round (default %.1f)\n"
-            "  --peers N               peer public keys in the pool (default %d)\n"
-            "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
-            "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
-            "  --threads N             also run every cell with N threads at once (default 1: "
-            "off)\n"
-            "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
-            "(default %ld)\n"
-            "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
-            "  --json                  JSON on stdout instead of the table\n"
-            "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
-            "(libssl always checks)\n"
-            "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
-            "out.\n",
-            opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
-            opt.mem_ops, opt.mem_alg, opt.count_ops);
+    fprintf(
+        fp,
+        "usage: keyx-bench [options]\n"
+        "  --software-config FILE  openssl.cnf loading keyx with backends = software\n"
+        "  --pkcs11-config FILE    openssl.cnf loading keyx with backends = pkcs11\n"
+        "  --pkcs11-module PATH    module for the raw Cryptoki rows (default %s)\n"
+        "  --pkcs11-token LABEL    token label (raw rows; and the key URI)\n"
+        "  --pkcs11-pin-file PATH  file holding the user PIN (raw rows)\n"
+        "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
+        "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
+        "type=private)\n"
+        "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
+        "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
+        "swtpm:host=127.0.0.1,port=2321)\n"
+        "  --tpm-handle 0x81...    persistent ECC P-256 decrypt key (static-derive; raw "
+        "derive)\n"
+        "  --pkcs11-rsa-key LABEL  token RSA-2048 key for the oaep-decrypt rows (none: no "
+        "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
+        "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
+        "(none: no TPM RSA rows)\n"
+        "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
+        "  --rounds N              interleaved rounds (default %d)\n"
+        "  --seconds S             seconds per cell per round (default %.1f)\n"
+        "  --peers N               peer public keys (and RSA ciphertexts) per pool (default %d)\n"
+        "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
+        "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
+        "  --threads N             also run every cell with N threads at once (default 1: "
+        "off)\n"
+        "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
+        "(default %ld)\n"
+        "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
+        "  --json                  JSON on stdout instead of the table\n"
+        "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
+        "(libssl always checks)\n"
+        "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
+        "out.\n",
+        opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
+        opt.mem_ops, opt.mem_alg, opt.count_ops);
 }
 
 static void parse_args(int argc, char **argv)
@@ -950,6 +1086,8 @@ static void parse_args(int argc, char **argv)
         {"tpm-tcti", required_argument, NULL, 'Y'},
         {"tpm-handle", required_argument, NULL, 'H'},
         {"tpm-mem-ops", required_argument, NULL, 'Z'},
+        {"pkcs11-rsa-key", required_argument, NULL, 'R'},
+        {"tpm-rsa-handle", required_argument, NULL, 'W'},
         {"rounds", required_argument, NULL, 'r'},
         {"seconds", required_argument, NULL, 's'},
         {"peers", required_argument, NULL, 'n'},
@@ -999,6 +1137,15 @@ static void parse_args(int argc, char **argv)
             opt.tpm_handle = optarg;
             opt.tpm_handle_num = strtoul(optarg, &end, 0);
             if (*end != '\0' || (opt.tpm_handle_num >> 24) != 0x81)
+                goto bad;
+            break;
+        case 'R':
+            opt.p11_rsa_key = optarg;
+            break;
+        case 'W':
+            opt.tpm_rsa_handle = optarg;
+            opt.tpm_rsa_handle_num = strtoul(optarg, &end, 0);
+            if (*end != '\0' || (opt.tpm_rsa_handle_num >> 24) != 0x81)
                 goto bad;
             break;
         case 'Z':
@@ -1070,6 +1217,14 @@ static void parse_args(int argc, char **argv)
                         "rows use the same TPM and its persistent key)\n");
         exit(2);
     }
+    if (opt.tpm_rsa_handle != NULL && opt.tpm_config == NULL) {
+        fprintf(stderr, "keyx-bench: --tpm-rsa-handle needs --tpm-config\n");
+        exit(2);
+    }
+    if (opt.p11_rsa_key != NULL && opt.p11_config == NULL) {
+        fprintf(stderr, "keyx-bench: --pkcs11-rsa-key needs --pkcs11-config\n");
+        exit(2);
+    }
     return;
 bad:
     fprintf(stderr, "keyx-bench: bad value '%s' for --%s\n", optarg, lopts[li].name);
@@ -1079,7 +1234,7 @@ bad:
 int main(int argc, char **argv)
 {
     regex_t only;
-    char uri[512];
+    char uri[512], rsa_uri[512];
     int need[N_IMPL] = {0}, rc = 0;
 
     parse_args(argc, argv);
@@ -1094,6 +1249,14 @@ int main(int argc, char **argv)
                  opt.p11_key);
         opt.p11_uri = uri;
     }
+    if (opt.tpm_rsa_handle != NULL)
+        snprintf(tpm_rsa_uri, sizeof(tpm_rsa_uri), "keyx:tpm:handle=0x%08lX",
+                 opt.tpm_rsa_handle_num);
+    if (opt.p11_rsa_key != NULL && opt.p11_token != NULL) {
+        snprintf(rsa_uri, sizeof(rsa_uri), "pkcs11:token=%s;object=%s;type=private", opt.p11_token,
+                 opt.p11_rsa_key);
+        opt.p11_rsa_uri = rsa_uri;
+    }
 
     /* The cells: the plan, less what is not configured or not selected. */
     cells = calloc(sizeof(PLAN) / sizeof(PLAN[0]), sizeof(*cells));
@@ -1105,7 +1268,11 @@ int main(int argc, char **argv)
         if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              opt.p11_config == NULL) ||
-            (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL))
+            (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL) ||
+            (PLAN[i].alg == ALG_RSA2048 &&
+             (((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
+               opt.p11_rsa_key == NULL) ||
+              (is_tpm(PLAN[i].impl) && opt.tpm_rsa_handle == NULL))))
             continue;
         c->impl = PLAN[i].impl;
         c->alg = &algs[PLAN[i].alg];
@@ -1147,10 +1314,13 @@ int main(int argc, char **argv)
 
         for (size_t i = 0; i < ncells; i++)
             used |= cells[i].alg == &algs[a];
-        if (used &&
+        if (used && !is_rsa(&algs[a]) &&
             !bench_peers_make(&peers[a], libctx[IMPL_DEFAULT], &algs[a], (size_t)opt.npeers))
             die("generating the peer keys");
     }
+    if (need[IMPL_RAW_PKCS11] &&
+        (sha256 = EVP_MD_fetch(libctx[IMPL_DEFAULT], "SHA256", NULL)) == NULL)
+        die("fetching SHA-256");
     if (need[IMPL_RAW_PKCS11] &&
         (dh_domain = bench_keygen(libctx[IMPL_DEFAULT], &algs[ALG_FFDHE2048])) == NULL)
         die("ffdhe2048 parameters");
@@ -1193,7 +1363,9 @@ int main(int argc, char **argv)
             for (size_t j = 0; j < cells[i].peers->n; j++)
                 EVP_PKEY_free(cells[i].ready[j]);
         OPENSSL_free(cells[i].ready);
+        bench_ct_pool_free(&cells[i].pool);
     }
+    EVP_MD_free(sha256);
     for (int a = 0; a < N_ALG; a++)
         bench_peers_free(&peers[a]);
     EVP_PKEY_free(dh_domain);

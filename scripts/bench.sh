@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark keyx on this machine (method and latest results: docs/performance.md).
 #   1. installs missing Debian packages and builds keyx and bench/keyx-bench (RelWithDebInfo);
-#   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh);
-#   3. starts swtpm with a persistent P-256 key (0x81000002);
+#   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh) and an RSA-2048
+#      decrypt key (label bench-rsa, for the RSA-OAEP decrypt rows);
+#   3. starts swtpm with a persistent P-256 key (0x81000002) and RSA-2048 key (0x81000004);
 #      runs keyx-bench: keyx software, pkcs11 and tpm beside the default provider and beside raw
 #      Cryptoki and raw ESYS calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
 #      Cryptoki calls per operation, memory growth;
@@ -17,9 +18,9 @@
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
 #
-# TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes a persistent P-256
-# key with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
-# (--tpm-config, --tpm-tcti, --tpm-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
+# TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes persistent P-256 and
+# RSA-2048 keys with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
+# (--tpm-config, --tpm-tcti, --tpm-handle, --tpm-rsa-handle) to BENCH_ARGS and "keyx-tpm <cnf>" to TLS_CONFIGS;
 # cleanup stops swtpm. The TLS keyx-tpm server does P-256 ECDHE fully in the TPM.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -67,10 +68,12 @@ export SOFTHSM2_CONF=$work/softhsm2.conf
 pin=$(openssl rand -hex 8)
 so_pin=$(openssl rand -hex 8)
 (umask 077 && printf '%s' "$pin" >"$work/pin")
-say "SoftHSM2 token '$token' in $work/tokens with a static P-256 key (bench-ecdh)"
+say "SoftHSM2 token '$token' in $work/tokens with a static P-256 key (bench-ecdh) and RSA-2048 (bench-rsa)"
 softhsm2-util --init-token --free --label "$token" --so-pin "$so_pin" --pin "$pin" >/dev/null
 pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
     --keypairgen --key-type EC:prime256v1 --label bench-ecdh --id 01 --usage-derive >/dev/null
+pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
+    --keypairgen --key-type rsa:2048 --label bench-rsa --id 02 --usage-decrypt >/dev/null
 unset pin so_pin
 
 # ---- keyx configurations ---------------------------------------------------------------------
@@ -91,13 +94,15 @@ write_cnf() {
 }
 write_cnf "$work/software.cnf" "backends = software"
 write_cnf "$work/pkcs11.cnf" "backends = pkcs11" "pkcs11-module = $module" \
-    "pkcs11-token = pkcs11:token=$token" "pkcs11-pin = file:$work/pin"
+    "pkcs11-token = pkcs11:token=$token" "pkcs11-pin = file:$work/pin" "pkcs11-raw-rsa = 1"
 printf '# default provider only\n' >"$work/default.cnf"
 
+# pkcs11-raw-rsa = 1: SoftHSM does OAEP natively only with SHA-1, so OAEP-SHA256 (the RSA rows) is
+# CKM_RSA_X_509 + keyx's OAEP decoding; it changes nothing for EC.
 # --threads 2: every cell also on two threads (the scaling figure); later arguments override.
 BENCH_ARGS=(--software-config "$work/software.cnf" --pkcs11-config "$work/pkcs11.cnf"
     --pkcs11-module "$module" --pkcs11-token "$token" --pkcs11-pin-file "$work/pin"
-    --pkcs11-key bench-ecdh --threads 2)
+    --pkcs11-key bench-ecdh --pkcs11-rsa-key bench-rsa --threads 2)
 TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
     "keyx-pkcs11 $work/pkcs11.cnf")
 
@@ -138,7 +143,7 @@ bench_tpm_setup() {
         sleep 0.1
     done
     TPM_TCTI=swtpm:host=127.0.0.1,port=$port
-    say "swtpm on 127.0.0.1:$port (state $work/tpm), persistent P-256 key 0x81000002"
+    say "swtpm on 127.0.0.1:$port (state $work/tpm), persistent P-256 key 0x81000002, RSA-2048 0x81000004"
     tools() { TPM2TOOLS_TCTI=$TPM_TCTI "$@" >/dev/null 2>"$work/tpm2-tools.log" ||
         keyx_die "$1 failed: $(cat "$work/tpm2-tools.log")"; }
     tools tpm2_createprimary -C o -G ecc256 -c "$work/srk.ctx"
@@ -150,10 +155,19 @@ bench_tpm_setup() {
     tools tpm2_load -C "$work/srk.ctx" -u "$work/k.pub" -r "$work/k.priv" -c "$work/k.ctx"
     tools tpm2_evictcontrol -C o -c "$work/k.ctx" 0x81000002
     tools tpm2_flushcontext -t
+    # RSA-2048 decrypt key, scheme NULL (OAEP chosen per call), for the RSA-OAEP decrypt rows
+    tools tpm2_create -C "$work/srk.ctx" -G rsa2048:null:null \
+        -a 'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda' \
+        -u "$work/r.pub" -r "$work/r.priv"
+    tools tpm2_flushcontext -t
+    tools tpm2_load -C "$work/srk.ctx" -u "$work/r.pub" -r "$work/r.priv" -c "$work/r.ctx"
+    tools tpm2_evictcontrol -C o -c "$work/r.ctx" 0x81000004
+    tools tpm2_flushcontext -t
     tools tpm2_flushcontext -l
     tools tpm2_flushcontext -s
     write_cnf "$work/tpm.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI"
-    BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
+    BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
+        --tpm-rsa-handle 0x81000004)
     TLS_CONFIGS+=("keyx-tpm $work/tpm.cnf")
 }
 bench_tpm_setup
