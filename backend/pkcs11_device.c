@@ -39,9 +39,10 @@ typedef struct p11_tok {
     CK_SLOT_ID slot;
     char label[33];
     int logged_in;
-    CK_RV pin_failed; /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
-    long down_until;  /* monotonic seconds; 0: up */
-    long checked_at;  /* last presence check (C_GetTokenInfo), monotonic seconds */
+    CK_RV pin_failed;      /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
+    long down_until;       /* monotonic seconds; 0: up */
+    long checked_at;       /* last presence check (C_GetTokenInfo), monotonic seconds */
+    uint32_t oaep_refused; /* OAEP parameter sets the token refused (pkcs11_rsa.c) */
     int caps_known;
     p11_caps caps;
     CK_SESSION_HANDLE idle[POOL_MAX];
@@ -420,6 +421,24 @@ static int module_ready(p11_dev *d)
         return 0;
     }
     return 1;
+}
+
+int p11_dev_oaep_refused(p11_dev *d, int tok, int bit)
+{
+    int r;
+
+    pthread_mutex_lock(&d->lock);
+    r = tok >= 0 && tok < d->ntok && (d->tok[tok].oaep_refused >> bit & 1u);
+    pthread_mutex_unlock(&d->lock);
+    return r;
+}
+
+void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit)
+{
+    pthread_mutex_lock(&d->lock);
+    if (tok >= 0 && tok < d->ntok)
+        d->tok[tok].oaep_refused |= 1u << bit;
+    pthread_mutex_unlock(&d->lock);
 }
 
 int p11_dev_set_size(const p11_dev *d)

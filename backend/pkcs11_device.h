@@ -59,6 +59,9 @@ void p11_session_put(p11_sess *s, CK_RV rv);
 
 /* 1 if an object made under generation gen on token tok is still valid (no fork/re-init since). */
 int p11_dev_current(p11_dev *d, uint64_t gen);
+/* OAEP parameter sets (a bit per digest pair, see pkcs11_rsa.c) token tok refused. */
+int p11_dev_oaep_refused(p11_dev *d, int tok, int bit);
+void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit);
 /* Number of tokens in the failover set (pkcs11-token; 1 when it is unset). */
 int p11_dev_set_size(const p11_dev *d);
 

@@ -327,6 +327,21 @@ static CK_RSA_PKCS_MGF_TYPE mgf_type(const char *md)
     return 0;
 }
 
+/* Bit of a (digest, MGF1 digest) pair among SHA-1..SHA-512 squared; -1 for others. */
+static int oaep_pair_bit(const char *md, const char *mgf1)
+{
+    static const char *const names[] = {"SHA1", "SHA224", "SHA256", "SHA384", "SHA512"};
+    int a = -1, b = -1;
+
+    for (int i = 0; i < 5; i++) {
+        if (strcmp(md, names[i]) == 0)
+            a = i;
+        if (strcmp(mgf1, names[i]) == 0)
+            b = i;
+    }
+    return a < 0 || b < 0 ? -1 : a * 5 + b;
+}
+
 /* OAEP: natively when the token takes the parameters, else (pkcs11-raw-rsa) raw + keyx. */
 static int oaep_decrypt(p11_sess *s, CK_OBJECT_HANDLE obj, const keyx_rsa_op *op,
                         const unsigned char *ct, size_t ctlen, size_t nlen, unsigned char *out,
@@ -340,13 +355,18 @@ static int oaep_decrypt(p11_sess *s, CK_OBJECT_HANDLE obj, const keyx_rsa_op *op
     CK_RV rv = CKR_MECHANISM_PARAM_INVALID;
     unsigned char *em;
     size_t emlen = nlen;
-    char buf[24];
     int rc;
 
     /* A label is never handed to the token: SoftHSM 2.6 accepts one in C_DecryptInit and
      * ignores it, so a ciphertext made under another label (or none) would decrypt. Labelled
      * OAEP runs as raw RSA on the token and OAEP decoding in keyx (pkcs11-raw-rsa = 1). */
+    /* The token's refusal of a parameter set is remembered: asking again on every decrypt
+     * would cost a round trip per decryption on a network HSM. */
+    int bit = oaep_pair_bit(op->md, mgf1);
+
     if (op->labellen > 0)
+        rv = CKR_MECHANISM_PARAM_INVALID;
+    else if (bit >= 0 && p11_dev_oaep_refused(s->dev, s->tok, bit))
         rv = CKR_MECHANISM_PARAM_INVALID;
     else if (prm.hashAlg != CK_UNAVAILABLE_INFORMATION && prm.mgf != 0) {
         rv = s->f->C_DecryptInit(s->h, &mech, obj);
@@ -356,6 +376,8 @@ static int oaep_decrypt(p11_sess *s, CK_OBJECT_HANDLE obj, const keyx_rsa_op *op
             *rvp = rv;
             return p11_fail(s, rv, "RSA-OAEP decryption (C_DecryptInit CKM_RSA_PKCS_OAEP)");
         }
+        if (bit >= 0)
+            p11_dev_oaep_refuse(s->dev, s->tok, bit);
     }
     if (!p->cfg.pkcs11_raw_rsa) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
@@ -365,7 +387,8 @@ static int oaep_decrypt(p11_sess *s, CK_OBJECT_HANDLE obj, const keyx_rsa_op *op
                  "raw CKM_RSA_X_509 decryption on the token",
                  p11_dev_token_label(s->dev, s->tok), op->md, mgf1,
                  op->labellen > 0 ? " and a label" : "",
-                 op->labellen > 0 ? "label" : p11_rv_name(rv, buf, sizeof(buf)));
+                 op->labellen > 0 ? "labels are not handed to tokens"
+                                  : "the token refused these parameters");
         return 0;
     }
     if ((em = OPENSSL_malloc(nlen)) == NULL)
