@@ -1,4 +1,5 @@
-/* keyx configuration: keys of the provider's openssl.cnf section, each overridden by its KEYX_* variable. */
+/* keyx configuration: keys of the provider's openssl.cnf section, each overridden by its KEYX_*
+ * variable. */
 #ifndef KEYX_PROVIDER_CONFIG_H
 #define KEYX_PROVIDER_CONFIG_H
 
@@ -20,16 +21,16 @@ typedef enum keyx_backend_kind {
 typedef struct keyx_config {
     keyx_backend_kind backends[KEYX_BACKEND_KINDS]; /* `backends`, in order, no repeats */
     size_t nbackends;
-    char *tpm_tcti;           /* `tpm-tcti`; NULL: the TCTI loader's default */
-    uint32_t tpm_parent;      /* `tpm-parent`; 0: transient primary created once and cached */
-    char *pkcs11_module;      /* `pkcs11-module`; NULL: the p11-kit proxy */
-    char *pkcs11_token;       /* `pkcs11-token`: space-separated RFC 7512 URIs; NULL: first token */
-    char *pkcs11_pin;         /* `pkcs11-pin`: "file:PATH", "env:NAME" or a literal; never printed */
-    int pkcs11_raw_rsa;       /* `pkcs11-raw-rsa`: 0 or 1 */
-    int tpm_encrypt_sessions; /* `tpm-encrypt-sessions`: 0 or 1, default 1 */
-    unsigned int tpm_pool;    /* `tpm-pool`: pre-generated keys per group, 0 = off */
-    unsigned int pkcs11_pool; /* `pkcs11-pool` */
-    char *audit_log;          /* `audit-log`; NULL: off */
+    char *tpm_tcti;      /* `tpm-tcti`; NULL: the TCTI loader's default */
+    uint32_t tpm_parent; /* `tpm-parent`; 0: transient primary created once and cached */
+    char *pkcs11_module; /* `pkcs11-module`; NULL: the p11-kit proxy */
+    char *pkcs11_token;  /* `pkcs11-token`: space-separated RFC 7512 URIs; NULL: first token */
+    char *pkcs11_pin;    /* `pkcs11-pin`: "file:PATH", "env:NAME" or a literal; never printed */
+    int pkcs11_raw_rsa;  /* `pkcs11-raw-rsa`: 0 or 1 */
+    int tpm_encrypt_sessions;    /* `tpm-encrypt-sessions`: 0 or 1, default 1 */
+    unsigned int tpm_pool;       /* `tpm-pool`: pre-generated keys per group, 0 = off */
+    unsigned int pkcs11_pool;    /* `pkcs11-pool` */
+    char *audit_log;             /* `audit-log`; NULL: off */
     uint64_t ephemeral_max_uses; /* `ephemeral-max-uses`; 0: unlimited */
     int debug;                   /* `debug`: 0 or 1 */
 } keyx_config;
