@@ -10,6 +10,7 @@
 #include <openssl/evp.h>
 
 #include "backend/backend.h"
+#include "backend/pkcs11_attr.h"
 #include "backend/pkcs11_device.h"
 #include "backend/pkcs11_pubkey.h"
 #include "backend/pkcs11_rsa.h"
@@ -25,14 +26,6 @@ typedef struct p11_key {
     size_t secretlen;     /* EC field size or |p|; RSA: modulus bytes */
     char *uri;            /* static keys: the URI, to find the key again after a fork */
 } p11_key;
-
-static const CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
-
-#define ATTR(type, ptr, len)                                                                       \
-    {                                                                                              \
-        (type), (void *)(ptr), (CK_ULONG)(len)                                                     \
-    }
-#define ATTR_BOOL(type, v) ATTR((type), &(v), sizeof(CK_BBOOL))
 
 /* The part of a URI that can be printed: RFC 7512 puts pin-value in the query. */
 static int printable_len(const char *uri)
@@ -101,50 +94,6 @@ static p11_key *key_new(keyx_provctx *p, keyx_alg alg, const p11_sess *s, CK_OBJ
     return k;
 }
 
-/* Reads one attribute into a new buffer. With a size hint that fits (an EC point, a DH value:
- * the group says how long) that is one C_GetAttributeValue; else a size query first. */
-static CK_RV get_attr_hint(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type, size_t hint,
-                           unsigned char **out, size_t *len)
-{
-    CK_ATTRIBUTE a = {type, NULL, 0};
-    CK_RV rv;
-
-    *out = NULL;
-    if (hint > 0) {
-        if ((a.pValue = *out = OPENSSL_malloc(hint)) == NULL)
-            return CKR_HOST_MEMORY;
-        a.ulValueLen = hint;
-        if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) == CKR_OK) {
-            *len = a.ulValueLen;
-            return CKR_OK;
-        }
-        OPENSSL_free(*out);
-        *out = NULL;
-        if (rv != CKR_BUFFER_TOO_SMALL)
-            return rv;
-        a.pValue = NULL;
-    }
-    if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) != CKR_OK)
-        return rv;
-    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > 65536)
-        return CKR_ATTRIBUTE_TYPE_INVALID;
-    if ((a.pValue = *out = OPENSSL_malloc(a.ulValueLen + 1)) == NULL)
-        return CKR_HOST_MEMORY;
-    if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) != CKR_OK) {
-        OPENSSL_free(*out);
-        *out = NULL;
-        return rv;
-    }
-    *len = a.ulValueLen;
-    return CKR_OK;
-}
-
-static CK_RV get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
-                      unsigned char **out, size_t *len)
-{
-    return get_attr_hint(s, obj, type, 0, out, len);
-}
-
 static int bn_bytes(const EVP_PKEY *pk, const char *name, unsigned char **out, size_t *len)
 {
     BIGNUM *bn = NULL;
@@ -167,13 +116,12 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
     const unsigned char *params = p11_ec_params(spec->group, &plen);
     CK_MECHANISM mech = {CKM_EC_KEY_PAIR_GEN, NULL, 0};
     CK_ATTRIBUTE pubt[] = {
-        ATTR_BOOL(CKA_TOKEN, no),
+        ATTR_BOOL(CKA_TOKEN, p11_no),
         ATTR(CKA_EC_PARAMS, params, plen),
     };
     /* Session object, usable only for derivation, never readable or extractable. */
     CK_ATTRIBUTE privt[] = {
-        ATTR_BOOL(CKA_TOKEN, no),       ATTR_BOOL(CKA_PRIVATE, yes), ATTR_BOOL(CKA_SENSITIVE, yes),
-        ATTR_BOOL(CKA_EXTRACTABLE, no), ATTR_BOOL(CKA_DERIVE, yes),
+        P11_SESSION_PRIVATE(CKA_DERIVE),
     };
     CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
     unsigned char *point = NULL;
@@ -191,8 +139,8 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
     }
     /* The public point is read once and kept in keyx; the token's public object goes now. */
     /* DER OCTET STRING of an uncompressed point: 04 X Y plus at most 3 header bytes */
-    rv = get_attr_hint(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
-                       &ptlen);
+    rv = p11_get_attr(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
+                      &ptlen);
     s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK &&
         (*pub = p11_ec_public(p->libctx, spec->group, spec->domain, point, ptlen)) == NULL)
@@ -227,14 +175,12 @@ static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
     }
     {
         CK_ATTRIBUTE pubt[] = {
-            ATTR_BOOL(CKA_TOKEN, no),
+            ATTR_BOOL(CKA_TOKEN, p11_no),
             ATTR(CKA_PRIME, prime, plen),
             ATTR(CKA_BASE, base, glen),
         };
         CK_ATTRIBUTE privt[] = {
-            ATTR_BOOL(CKA_TOKEN, no),      ATTR_BOOL(CKA_PRIVATE, yes),
-            ATTR_BOOL(CKA_SENSITIVE, yes), ATTR_BOOL(CKA_EXTRACTABLE, no),
-            ATTR_BOOL(CKA_DERIVE, yes),
+            P11_SESSION_PRIVATE(CKA_DERIVE),
         };
 
         rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 3, privt, 5, &pubobj, priv);
@@ -245,7 +191,7 @@ static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
         p11_session_put(s, rv);
         return p11_fail(s, rv, "DH key generation (C_GenerateKeyPair)");
     }
-    rv = get_attr_hint(s, pubobj, CKA_VALUE, plen, &y, &ylen);
+    rv = p11_get_attr(s, pubobj, CKA_VALUE, plen, &y, &ylen);
     s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK && (*pub = p11_dh_public(p->libctx, spec->domain, y, ylen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
@@ -338,10 +284,9 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
     char group[64];
     CK_OBJECT_HANDLE obj;
     CK_ATTRIBUTE t[10] = {
-        ATTR(CKA_CLASS, &cls, sizeof(cls)), ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
-        ATTR_BOOL(CKA_TOKEN, no),           ATTR_BOOL(CKA_PRIVATE, yes),
-        ATTR_BOOL(CKA_SENSITIVE, yes),      ATTR_BOOL(CKA_EXTRACTABLE, no),
-        ATTR_BOOL(CKA_DERIVE, yes),
+        ATTR(CKA_CLASS, &cls, sizeof(cls)),
+        ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+        P11_SESSION_PRIVATE(CKA_DERIVE),
     };
     CK_ULONG nt = 7;
     keyx_alg alg;
@@ -464,9 +409,9 @@ static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *
     CK_ULONG vlen = secretlen;
     /* The secret is a session object that exists only between C_DeriveKey and its read. */
     CK_ATTRIBUTE t[] = {
-        ATTR(CKA_CLASS, &cls, sizeof(cls)), ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
-        ATTR_BOOL(CKA_TOKEN, no),           ATTR_BOOL(CKA_SENSITIVE, no),
-        ATTR_BOOL(CKA_EXTRACTABLE, yes),    ATTR(CKA_VALUE_LEN, &vlen, sizeof(vlen)),
+        ATTR(CKA_CLASS, &cls, sizeof(cls)),  ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+        ATTR_BOOL(CKA_TOKEN, p11_no),        ATTR_BOOL(CKA_SENSITIVE, p11_no),
+        ATTR_BOOL(CKA_EXTRACTABLE, p11_yes), ATTR(CKA_VALUE_LEN, &vlen, sizeof(vlen)),
     };
     CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
     CK_ATTRIBUTE value = {CKA_VALUE, secret, secretlen};
@@ -551,11 +496,11 @@ static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, O
     const char *group = NULL;
     CK_RV rv;
 
-    rv = get_attr(s, priv, CKA_ID, &id, &idlen);
+    rv = p11_get_attr(s, priv, CKA_ID, 0, &id, &idlen);
     if (rv != CKR_OK || idlen == 0) {
         OPENSSL_free(id);
         link = CKA_LABEL;
-        rv = get_attr(s, priv, CKA_LABEL, &id, &idlen);
+        rv = p11_get_attr(s, priv, CKA_LABEL, 0, &id, &idlen);
     }
     if (rv == CKR_OK) {
         CK_ATTRIBUTE t[] = {
@@ -569,17 +514,18 @@ static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, O
             rv = CKR_KEY_HANDLE_INVALID; /* no public key object beside the private key */
     }
     if (rv == CKR_OK && kt == CKK_EC) {
-        if ((rv = get_attr(s, priv, CKA_EC_PARAMS, &params, &plen)) == CKR_OK &&
+        if ((rv = p11_get_attr(s, priv, CKA_EC_PARAMS, 0, &params, &plen)) == CKR_OK &&
             (group = p11_ec_group(params, plen)) == NULL)
             rv = CKR_DOMAIN_PARAMS_INVALID;
-        if (rv == CKR_OK && (rv = get_attr(s, objs[0], CKA_EC_POINT, &point, &ptlen)) == CKR_OK &&
+        if (rv == CKR_OK &&
+            (rv = p11_get_attr(s, objs[0], CKA_EC_POINT, 0, &point, &ptlen)) == CKR_OK &&
             (*pub = p11_ec_public(libctx, group, NULL, point, ptlen)) == NULL)
             rv = CKR_ATTRIBUTE_VALUE_INVALID;
         *secretlen = p11_ec_field_bytes(group);
     } else if (rv == CKR_OK) {
-        if ((rv = get_attr(s, priv, CKA_PRIME, &prime, &plen)) == CKR_OK &&
-            (rv = get_attr(s, priv, CKA_BASE, &base, &glen)) == CKR_OK &&
-            (rv = get_attr(s, objs[0], CKA_VALUE, &point, &ptlen)) == CKR_OK &&
+        if ((rv = p11_get_attr(s, priv, CKA_PRIME, 0, &prime, &plen)) == CKR_OK &&
+            (rv = p11_get_attr(s, priv, CKA_BASE, 0, &base, &glen)) == CKR_OK &&
+            (rv = p11_get_attr(s, objs[0], CKA_VALUE, 0, &point, &ptlen)) == CKR_OK &&
             (*pub = p11_dh_public_pg(libctx, prime, plen, base, glen, point, ptlen)) == NULL)
             rv = CKR_ATTRIBUTE_VALUE_INVALID;
         *secretlen = plen;

@@ -6,48 +6,17 @@
 #include <openssl/param_build.h>
 #include <openssl/params.h>
 
+#include "backend/pkcs11_attr.h"
 #include "backend/pkcs11_rsa.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 #include "wrap/oaep_decode.h"
-
-static const CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
-
-#define ATTR(type, ptr, len)                                                                       \
-    {                                                                                              \
-        (type), (void *)(ptr), (CK_ULONG)(len)                                                     \
-    }
-#define ATTR_BOOL(type, v) ATTR((type), &(v), sizeof(CK_BBOOL))
 
 int p11_rsa_supports(const p11_caps *caps, size_t bits)
 {
     if (bits != 2048 && bits != 3072 && bits != 4096)
         return 0;
     return caps->rsa && bits >= caps->rsa_min && (caps->rsa_max == 0 || bits <= caps->rsa_max);
-}
-
-/* ---- attributes -------------------------------------------------------------------------- */
-
-static CK_RV read_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type,
-                       unsigned char **out, size_t *len)
-{
-    CK_ATTRIBUTE a = {type, NULL, 0};
-    CK_RV rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1);
-
-    *out = NULL;
-    if (rv != CKR_OK)
-        return rv;
-    if (a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen == 0 || a.ulValueLen > 4096)
-        return CKR_ATTRIBUTE_TYPE_INVALID;
-    if ((a.pValue = *out = OPENSSL_malloc(a.ulValueLen)) == NULL)
-        return CKR_HOST_MEMORY;
-    if ((rv = s->f->C_GetAttributeValue(s->h, obj, &a, 1)) != CKR_OK) {
-        OPENSSL_free(*out);
-        *out = NULL;
-        return rv;
-    }
-    *len = a.ulValueLen;
-    return CKR_OK;
 }
 
 /* An RSA public key (n, e big-endian) in libctx. */
@@ -82,9 +51,11 @@ CK_RV p11_rsa_public(p11_sess *s, CK_OBJECT_HANDLE priv, OSSL_LIB_CTX *libctx, E
     size_t nl = 0, el = 0;
     CK_RV rv;
 
-    if ((rv = read_attr(s, priv, CKA_MODULUS, &n, &nl)) == CKR_OK &&
-        (rv = read_attr(s, priv, CKA_PUBLIC_EXPONENT, &e, &el)) == CKR_OK &&
-        (*pub = rsa_public(libctx, n, nl, e, el)) == NULL)
+    if ((rv = p11_get_attr(s, priv, CKA_MODULUS, 0, &n, &nl)) == CKR_OK &&
+        (rv = p11_get_attr(s, priv, CKA_PUBLIC_EXPONENT, 0, &e, &el)) == CKR_OK &&
+        (nl == 0 || el == 0))
+        rv = CKR_ATTRIBUTE_TYPE_INVALID;
+    if (rv == CKR_OK && (*pub = rsa_public(libctx, n, nl, e, el)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
     if (rv == CKR_OK)
         *nlen = (size_t)EVP_PKEY_get_size(*pub);
@@ -136,16 +107,14 @@ int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *pr
     }
     {
         CK_ATTRIBUTE pubt[] = {
-            ATTR_BOOL(CKA_TOKEN, no),
-            ATTR_BOOL(CKA_ENCRYPT, yes),
+            ATTR_BOOL(CKA_TOKEN, p11_no),
+            ATTR_BOOL(CKA_ENCRYPT, p11_yes),
             ATTR(CKA_MODULUS_BITS, &bits, sizeof(bits)),
             ATTR(CKA_PUBLIC_EXPONENT, e, elen),
         };
         /* Session object, usable only for decryption, never readable or extractable. */
         CK_ATTRIBUTE privt[] = {
-            ATTR_BOOL(CKA_TOKEN, no),      ATTR_BOOL(CKA_PRIVATE, yes),
-            ATTR_BOOL(CKA_SENSITIVE, yes), ATTR_BOOL(CKA_EXTRACTABLE, no),
-            ATTR_BOOL(CKA_DECRYPT, yes),
+            P11_SESSION_PRIVATE(CKA_DECRYPT),
         };
 
         rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 4, privt, 5, &pubobj, priv);
@@ -185,10 +154,9 @@ int p11_rsa_import(p11_sess *s, EVP_PKEY *key, CK_OBJECT_HANDLE *obj, EVP_PKEY *
     CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
     CK_KEY_TYPE kt = CKK_RSA;
     CK_ATTRIBUTE t[16] = {
-        ATTR(CKA_CLASS, &cls, sizeof(cls)), ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
-        ATTR_BOOL(CKA_TOKEN, no),           ATTR_BOOL(CKA_PRIVATE, yes),
-        ATTR_BOOL(CKA_SENSITIVE, yes),      ATTR_BOOL(CKA_EXTRACTABLE, no),
-        ATTR_BOOL(CKA_DECRYPT, yes),
+        ATTR(CKA_CLASS, &cls, sizeof(cls)),
+        ATTR(CKA_KEY_TYPE, &kt, sizeof(kt)),
+        P11_SESSION_PRIVATE(CKA_DECRYPT),
     };
     unsigned char *v[8] = {NULL};
     size_t len[8] = {0};

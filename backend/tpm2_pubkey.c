@@ -43,15 +43,23 @@ const tpm_curve *tpm_curve_of(const EVP_PKEY *pk)
     return tpm_curve_by_group(name);
 }
 
-void tpm_ecdh_template(const tpm_curve *c, int internal, TPMT_PUBLIC *out)
+/* What every key keyx makes or imports shares: a decrypt key without a symmetric algorithm or
+ * scheme of its own, SHA-256 names, password auth, no dictionary-attack lockout; internal keys
+ * (made in the TPM) also never leave it. */
+static void decrypt_key(TPMI_ALG_PUBLIC type, int internal, TPMT_PUBLIC *out)
 {
     memset(out, 0, sizeof(*out));
-    out->type = TPM2_ALG_ECC;
+    out->type = type;
     out->nameAlg = TPM2_ALG_SHA256;
     out->objectAttributes = TPMA_OBJECT_DECRYPT | TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
     if (internal)
         out->objectAttributes |=
             TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN;
+}
+
+void tpm_ecdh_template(const tpm_curve *c, int internal, TPMT_PUBLIC *out)
+{
+    decrypt_key(TPM2_ALG_ECC, internal, out);
     out->parameters.eccDetail.symmetric.algorithm = TPM2_ALG_NULL;
     out->parameters.eccDetail.scheme.scheme = TPM2_ALG_NULL;
     out->parameters.eccDetail.curveID = c->id;
@@ -131,13 +139,7 @@ int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt)
 
 void tpm_rsa_template(size_t bits, uint32_t exponent, int internal, TPMT_PUBLIC *out)
 {
-    memset(out, 0, sizeof(*out));
-    out->type = TPM2_ALG_RSA;
-    out->nameAlg = TPM2_ALG_SHA256;
-    out->objectAttributes = TPMA_OBJECT_DECRYPT | TPMA_OBJECT_USERWITHAUTH | TPMA_OBJECT_NODA;
-    if (internal)
-        out->objectAttributes |=
-            TPMA_OBJECT_FIXEDTPM | TPMA_OBJECT_FIXEDPARENT | TPMA_OBJECT_SENSITIVEDATAORIGIN;
+    decrypt_key(TPM2_ALG_RSA, internal, out);
     out->parameters.rsaDetail.symmetric.algorithm = TPM2_ALG_NULL;
     /* No scheme in the key: each TPM2_RSA_Decrypt names its own (OAEP with a hash, or none). */
     out->parameters.rsaDetail.scheme.scheme = TPM2_ALG_NULL;
