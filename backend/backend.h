@@ -26,6 +26,18 @@ const char *keyx_alg_name(keyx_alg alg);
 /* EC and DH keys carry domain parameters (a curve, p and g); the others have none. */
 int keyx_alg_has_domain(keyx_alg alg);
 
+/* Where a generated key must live on after the process (openssl genpkey -pkeyopt keyx-persist:,
+ * keyx-label:, keyx-id:). Such keys are made for signing too (issue 7: certificate keys): EC keys
+ * sign and derive, RSA keys sign and decrypt, DH keys derive. They are sensitive and never
+ * extractable, like every hardware key. */
+typedef struct keyx_persist {
+    unsigned long tpm_handle; /* tpm: persistent handle 0x81000000..0x81FFFFFF, refused when in
+                                 use; 0 for other backends */
+    const char *label;        /* pkcs11: CKA_LABEL; NULL: none */
+    const unsigned char *id;  /* pkcs11: CKA_ID; NULL: the backend picks a fresh random id */
+    size_t idlen;
+} keyx_persist;
+
 /* What to generate, or what to ask a backend whether it can serve. */
 typedef struct keyx_keyspec {
     keyx_alg alg;
@@ -33,12 +45,18 @@ typedef struct keyx_keyspec {
                           NULL for explicit DH parameters and for RSA */
     EVP_PKEY *domain;  /* EC and DH: domain parameters in keyx's libctx; else NULL */
     size_t bits;       /* RSA modulus bits; DH prime bits; else 0 */
-    const OSSL_PARAM *params; /* the application's further generation parameters (RSA e, ...) */
+    const OSSL_PARAM *params;    /* the application's further generation parameters (RSA e, ...) */
+    const keyx_persist *persist; /* NULL: an ephemeral key (freed with its last reference) */
 } keyx_keyspec;
 
 /* Key import (EVP_PKEY_fromdata) and generation parameter naming the backend that must hold the
  * private key: "software", "tpm" or "pkcs11". Without it, imports stay in software. */
 #define KEYX_PARAM_BACKEND "keyx-backend"
+/* Generation parameters that make a persistent key (keyx_persist): a TPM handle ("0x81000010"),
+ * a PKCS#11 label, a PKCS#11 id in hex ("01", "a1b2"). */
+#define KEYX_PARAM_PERSIST "keyx-persist"
+#define KEYX_PARAM_LABEL "keyx-label"
+#define KEYX_PARAM_ID "keyx-id"
 
 /* Results of generate, import, load and derive: 1 done; 0 failed (an error is raised: bad input,
  * unsupported request, key gone...); KEYX_BACKEND_DOWN: the device itself is unreachable or broken
@@ -94,6 +112,22 @@ typedef struct keyx_backend_ops {
      * left-padded with zeros. An all-zero X25519/X448 result must be refused. */
     int (*derive)(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                   size_t secretlen);
+    /* The locator of a loaded or persistent key, as load() takes it back and as a key
+     * reference file records it: tpm "handle=0x81000010"; pkcs11 a URI naming the token (its
+     * label and serial) and the key's id and label ("pkcs11:token=keyx;serial=...;id=%01;
+     * object=srv;type=private"), never a PIN. *out is OPENSSL_malloc'ed. 0 with an error for
+     * keys no locator can name again (ephemeral keys, keys loaded from a TSS2 file). NULL: the
+     * backend has no static keys. */
+    int (*locator)(void *state, void *handle, char **out);
+    /* Static key from an encoded form other than a locator, by reference: format
+     * "TSS2 PRIVATE KEY" (tpm: the DER of a TSS2 key file, loaded under the parent it names).
+     * Same results as load(). NULL: the backend reads no such form. */
+    int (*load_encoded)(void *state, const char *format, const unsigned char *der, size_t len,
+                        void **handle, EVP_PKEY **pub);
+    /* Locators of every key that locator (a collection: pkcs11 "pkcs11:token=keyx") names,
+     * private keys first, for `openssl storeutl -keys`. *out is an OPENSSL_malloc'ed array of
+     * OPENSSL_malloc'ed strings, *n its length (0 is fine). NULL: no listing. */
+    int (*enumerate)(void *state, const char *locator, char ***out, size_t *n);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
     /* RSA private-key decryption of in under op; in is the ciphertext as the application gave

@@ -77,3 +77,50 @@ void keyx_backend_free(keyx_backend *be, void *handle)
     be->ops->free(be->state, handle);
     inside_backend--;
 }
+
+int keyx_backend_locator(keyx_backend *be, void *handle, char **out)
+{
+    int ok;
+
+    if (be->ops->locator == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED,
+                 "the %s backend has no static keys: its keys cannot be referred to",
+                 be->ops->name);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->locator(be->state, handle, out);
+    inside_backend--;
+    return ok;
+}
+
+int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsigned char *der,
+                              size_t len, void **handle, EVP_PKEY **pub)
+{
+    int ok;
+
+    if (be->ops->load_encoded == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot load a %s", be->ops->name,
+                 format);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->load_encoded(be->state, format, der, len, handle, pub);
+    inside_backend--;
+    return ok;
+}
+
+int keyx_backend_enumerate(keyx_backend *be, const char *locator, char ***out, size_t *n)
+{
+    int ok;
+
+    if (be->ops->enumerate == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot list its keys",
+                 be->ops->name);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->enumerate(be->state, locator, out, n);
+    inside_backend--;
+    return ok;
+}

@@ -19,6 +19,11 @@ int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *
                              const unsigned char *in, size_t inlen, unsigned char *out,
                              size_t *outlen);
 void keyx_backend_free(keyx_backend *be, void *handle);
+/* The optional operations: 0 with an error naming the backend when it lacks them. */
+int keyx_backend_locator(keyx_backend *be, void *handle, char **out);
+int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsigned char *der,
+                              size_t len, void **handle, EVP_PKEY **pub);
+int keyx_backend_enumerate(keyx_backend *be, const char *locator, char ***out, size_t *n);
 
 /* At keyx's entry points: 0 with KEYX_R_RECURSION raised when called from inside a backend. */
 int keyx_check_not_reentered(const struct keyx_provctx *p, const char *what);

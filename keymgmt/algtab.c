@@ -1,6 +1,9 @@
 #include <openssl/evp.h>
 
+#include <openssl/params.h>
+
 #include "keymgmt/algtab.h"
+#include "keymgmt/gen_target.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -19,6 +22,10 @@ int keyx_algtab_new(keyx_provctx *p)
             KEYX_ERR(p, KEYX_R_INTERNAL, "the default provider in keyx's context lacks %s", name);
             return 0;
         }
+        t->gen_settable[a] =
+            OSSL_PARAM_merge(EVP_KEYMGMT_gen_settable_params(t->km[a]), keyx_gen_target_settable());
+        if (t->gen_settable[a] == NULL)
+            return 0;
     }
     t->sha256 = EVP_MD_fetch(p->libctx, "SHA256", NULL);
     if (t->sha256 == NULL) {
@@ -34,6 +41,7 @@ void keyx_algtab_free(keyx_algtab *t)
         return;
     for (int a = 0; a < KEYX_ALG_COUNT; a++) {
         EVP_KEYMGMT_free(t->km[a]);
+        OPENSSL_free(t->gen_settable[a]); /* OSSL_PARAM_merge copies only the array */
     }
     EVP_MD_free(t->sha256);
     OPENSSL_free(t);

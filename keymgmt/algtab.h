@@ -11,6 +11,8 @@ struct keyx_provctx;
 
 typedef struct keyx_algtab {
     EVP_KEYMGMT *km[KEYX_ALG_COUNT];
+    /* The default provider's generation parameters plus keyx's own (keymgmt/gen_target.h) */
+    OSSL_PARAM *gen_settable[KEYX_ALG_COUNT];
     EVP_MD *sha256; /* audit key ids */
 } keyx_algtab;
 

@@ -11,6 +11,7 @@
 #include "backend/router.h"
 #include "keymgmt/algtab.h"
 #include "keymgmt/domain_cache.h"
+#include "keymgmt/gen_target.h"
 #include "keymgmt/key.h"
 #include "keymgmt/keymgmt.h"
 #include "provider/audit.h"
@@ -98,7 +99,7 @@ int keyx_km_gen_set_params(void *genctx, const OSSL_PARAM params[])
 
 const OSSL_PARAM *keyx_km_gen_settable_params(keyx_provctx *p, keyx_alg alg)
 {
-    return EVP_KEYMGMT_gen_settable_params(p->algs->km[alg]);
+    return p->algs->gen_settable[alg];
 }
 
 void keyx_km_gen_cleanup(void *genctx)
@@ -175,20 +176,36 @@ static const char *named_curve(keyx_genctx *g, const OSSL_PARAM *params)
     return name;
 }
 
-static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend *be)
+static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend *be, int ephemeral)
 {
     keyx_event ev = {
         .event = "keygen",
         .backend = be != NULL ? be->ops->name : NULL,
         .alg = keyx_alg_name(g->alg),
         .group = k->group[0] ? k->group : NULL,
-        .ephemeral = 1,
+        .ephemeral = ephemeral,
         .ok = 0,
         .error = be != NULL ? "backend failed to generate the key"
                             : "no configured backend supports this algorithm or group",
     };
 
     keyx_event_emit(g->p, &ev);
+}
+
+/* Generation in the backend the application named (keyx-backend, or implied by keyx-persist,
+ * keyx-label, keyx-id): no routing and no failover, the key is wanted there or nowhere. */
+static int generate_in(keyx_genctx *g, const keyx_gen_target *t, const keyx_keyspec *spec,
+                       keyx_backend **be, void **handle, EVP_PKEY **pub)
+{
+    if ((*be = keyx_router_backend(g->p->router, t->kind)) == NULL)
+        return 0;
+    if (!(*be)->ops->supports((*be)->state, spec)) {
+        KEYX_ERR(g->p, KEYX_R_UNSUPPORTED, "the %s backend cannot generate %s%s%s keys",
+                 (*be)->ops->name, keyx_alg_name(spec->alg), spec->group ? " " : "",
+                 spec->group ? spec->group : "");
+        return 0;
+    }
+    return keyx_backend_generate(*be, spec, handle, pub) == 1;
 }
 
 void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
@@ -203,11 +220,14 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     keyx_keyspec spec = {.alg = g->alg, .params = params};
     const OSSL_PARAM *bits;
     const char *name;
+    keyx_gen_target target;
 
     (void)cb;
     (void)cbarg;
-    if (k == NULL || (g->nsets > 1 && params == NULL))
+    if (k == NULL || (g->nsets > 1 && params == NULL) ||
+        !keyx_gen_target_parse(g->p, params, &target))
         goto err;
+    spec.persist = target.persistent ? &target.persist : NULL;
     if (g->alg == KEYX_ALG_EC && (name = named_curve(g, params)) != NULL) {
         /* A key pair on a named curve: the name is enough; the shared parameters come along
          * so that a backend builds the public key from them instead of a new EC_GROUP. */
@@ -237,9 +257,11 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
         OSSL_PARAM_free(owned);
         return k;
     }
-    if (!keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
+    if (target.named ? !generate_in(g, &target, &spec, &be, &handle, &pub)
+                     : !keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
         goto fail;
-    if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, 1))
+    /* A persistent key is no ephemeral one: freeing it never deletes it from the device. */
+    if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, !target.persistent))
         goto err;
     keyx_key_event(k, "keygen", 1, NULL);
     EVP_PKEY_free(named);
@@ -247,7 +269,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     return k;
 
 fail:
-    keygen_failed(g, k, be);
+    keygen_failed(g, k, be, !target.persistent);
 err:
     EVP_PKEY_free(named);
     OSSL_PARAM_free(owned);
