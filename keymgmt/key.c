@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include <openssl/core_names.h>
+#include <openssl/core_object.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -206,6 +207,59 @@ int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral)
     if (events_wanted(k->prov))
         compute_id(k);
     return 1;
+}
+
+/* keyx's algorithm for a key a backend loaded, from its public view. */
+static int alg_of(const EVP_PKEY *pub, keyx_alg *alg)
+{
+    for (int a = 0; a < KEYX_ALG_COUNT; a++)
+        if (EVP_PKEY_is_a(pub, keyx_alg_name((keyx_alg)a))) {
+            *alg = (keyx_alg)a;
+            return 1;
+        }
+    return 0;
+}
+
+keyx_key *keyx_key_adopt(keyx_provctx *p, keyx_backend *be, void *handle, EVP_PKEY *pub)
+{
+    keyx_key *k = NULL;
+    keyx_alg alg;
+
+    if (!alg_of(pub, &alg)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "%s: the key is of a type keyx does not serve",
+                 be->ops->name);
+    } else if ((k = keyx_key_new(p, alg)) != NULL) {
+        if (!keyx_key_set_pub(k, pub)) {
+            keyx_key_free(k);
+            keyx_backend_free(be, handle);
+            return NULL;
+        }
+        if (!keyx_key_attach(k, be, handle, 0)) {
+            keyx_key_free(k);
+            return NULL;
+        }
+        keyx_key_event(k, "load", 1, NULL);
+        return k;
+    }
+    keyx_backend_free(be, handle);
+    EVP_PKEY_free(pub);
+    return NULL;
+}
+
+int keyx_key_pass(keyx_key *k, OSSL_CALLBACK *cb, void *cbarg)
+{
+    int type = OSSL_OBJECT_PKEY, ok;
+    OSSL_PARAM params[4];
+
+    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &type);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                                 (char *)keyx_alg_name(k->alg), 0);
+    /* keyx's keymgmt load() takes the key over and clears the pointer. */
+    params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &k, sizeof(k));
+    params[3] = OSSL_PARAM_construct_end();
+    ok = cb(params, cbarg);
+    keyx_key_free(k); /* NULL when OpenSSL took it */
+    return ok;
 }
 
 int keyx_key_has_private(const keyx_key *k)

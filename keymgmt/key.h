@@ -4,6 +4,7 @@
 
 #include <stddef.h>
 
+#include <openssl/core.h>
 #include <openssl/types.h>
 
 #include "backend/backend.h"
@@ -32,6 +33,12 @@ void keyx_key_free(keyx_key *k);
 int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub);
 /* Attaches a private part produced by backend be (ownership of handle moves to the key). */
 int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral);
+/* A static key a backend loaded (by locator or from an encoded form): takes over handle and pub
+ * (freed on failure), writes the load event. NULL + error when keyx does not serve its type. */
+keyx_key *keyx_key_adopt(keyx_provctx *p, keyx_backend *be, void *handle, EVP_PKEY *pub);
+/* Hands k to OpenSSL by reference through a STORE or DECODER object callback (keyx's keymgmt
+ * load() takes it over); k is freed if OpenSSL did not take it. The callback's result. */
+int keyx_key_pass(keyx_key *k, OSSL_CALLBACK *cb, void *cbarg);
 int keyx_key_has_private(const keyx_key *k);
 /* 0 for hardware keys: their private part must never be exported. */
 int keyx_key_exports_private(const keyx_key *k);

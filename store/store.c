@@ -67,17 +67,6 @@ static int store_set_ctx_params(void *loaderctx, const OSSL_PARAM params[])
     return e == NULL || OSSL_PARAM_get_int(e, &s->expect);
 }
 
-/* keyx's algorithm for a key the backend loaded, from its public view. */
-static int alg_of(const EVP_PKEY *pub, keyx_alg *alg)
-{
-    for (int a = 0; a < KEYX_ALG_COUNT; a++)
-        if (EVP_PKEY_is_a(pub, keyx_alg_name((keyx_alg)a))) {
-            *alg = (keyx_alg)a;
-            return 1;
-        }
-    return 0;
-}
-
 static void load_failed(keyx_store *s, const char *backend)
 {
     keyx_event ev = {
@@ -97,8 +86,6 @@ static keyx_key *load_key(keyx_store *s)
     keyx_backend *be;
     void *handle = NULL;
     EVP_PKEY *pub = NULL;
-    keyx_key *k;
-    keyx_alg alg;
 
     if (!keyx_store_uri_parse(s->p, s->uri_text, &s->uri) ||
         (be = keyx_router_backend(s->p->router, s->uri.backend)) == NULL)
@@ -112,38 +99,14 @@ static keyx_key *load_key(keyx_store *s)
         load_failed(s, be->ops->name);
         return NULL;
     }
-    if (!alg_of(pub, &alg)) {
-        keyx_backend_free(be, handle);
-        EVP_PKEY_free(pub);
-        KEYX_ERR(s->p, KEYX_R_UNSUPPORTED, "%s: the key is of a type keyx does not serve",
-                 be->ops->name);
-        return NULL;
-    }
-    if ((k = keyx_key_new(s->p, alg)) == NULL) {
-        keyx_backend_free(be, handle);
-        EVP_PKEY_free(pub);
-        return NULL;
-    }
-    if (!keyx_key_set_pub(k, pub)) {
-        keyx_backend_free(be, handle);
-        keyx_key_free(k);
-        return NULL;
-    }
-    if (!keyx_key_attach(k, be, handle, 0)) {
-        keyx_key_free(k);
-        return NULL;
-    }
-    keyx_key_event(k, "load", 1, NULL);
-    return k;
+    return keyx_key_adopt(s->p, be, handle, pub);
 }
 
 static int store_load(void *loaderctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
                       OSSL_PASSPHRASE_CALLBACK *pw_cb, void *pw_cbarg)
 {
     keyx_store *s = loaderctx;
-    int type = OSSL_OBJECT_PKEY, ok;
     keyx_key *k;
-    OSSL_PARAM params[4];
 
     (void)pw_cb; /* PINs come from the configuration (pkcs11-pin), never from a prompt */
     (void)pw_cbarg;
@@ -155,15 +118,7 @@ static int store_load(void *loaderctx, OSSL_CALLBACK *object_cb, void *object_cb
         return 1;
     if ((k = load_key(s)) == NULL)
         return 0;
-    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &type);
-    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
-                                                 (char *)keyx_alg_name(k->alg), 0);
-    /* By reference: keyx's keymgmt load() takes the key over and clears the pointer. */
-    params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &k, sizeof(k));
-    params[3] = OSSL_PARAM_construct_end();
-    ok = object_cb(params, object_cbarg);
-    keyx_key_free(k); /* NULL when OpenSSL took it */
-    return ok;
+    return keyx_key_pass(k, object_cb, object_cbarg);
 }
 
 static int store_eof(void *loaderctx)
