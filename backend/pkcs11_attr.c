@@ -1,8 +1,51 @@
+#include <string.h>
+
 #include <openssl/crypto.h>
 
 #include "backend/pkcs11_attr.h"
 
 const CK_BBOOL p11_yes = CK_TRUE, p11_no = CK_FALSE;
+
+void p11_tmpl_add(p11_tmpl *t, CK_ATTRIBUTE_TYPE type, const void *value, size_t len)
+{
+    if (t->n < sizeof(t->a) / sizeof(t->a[0]))
+        t->a[t->n++] = (CK_ATTRIBUTE)ATTR(type, value, len);
+}
+
+void p11_tmpl_pair(p11_tmpl *pub, p11_tmpl *priv, const p11_name *name,
+                   CK_ATTRIBUTE_TYPE pub_usage, CK_ATTRIBUTE_TYPE priv_usage, int sign)
+{
+    const CK_ATTRIBUTE session[] = {P11_SESSION_PRIVATE(priv_usage)};
+
+    pub->n = priv->n = 0;
+    if (name == NULL) {
+        p11_tmpl_add(pub, CKA_TOKEN, &p11_no, sizeof(CK_BBOOL));
+        if (pub_usage != 0)
+            p11_tmpl_add(pub, pub_usage, &p11_yes, sizeof(CK_BBOOL));
+        memcpy(priv->a, session, sizeof(session));
+        priv->n = sizeof(session) / sizeof(session[0]);
+        return;
+    }
+    p11_tmpl_add(pub, CKA_TOKEN, &p11_yes, sizeof(CK_BBOOL));
+    p11_tmpl_add(pub, CKA_PRIVATE, &p11_no, sizeof(CK_BBOOL));
+    p11_tmpl_add(priv, CKA_TOKEN, &p11_yes, sizeof(CK_BBOOL));
+    p11_tmpl_add(priv, CKA_PRIVATE, &p11_yes, sizeof(CK_BBOOL));
+    p11_tmpl_add(priv, CKA_SENSITIVE, &p11_yes, sizeof(CK_BBOOL));
+    p11_tmpl_add(priv, CKA_EXTRACTABLE, &p11_no, sizeof(CK_BBOOL));
+    p11_tmpl_add(priv, priv_usage, &p11_yes, sizeof(CK_BBOOL));
+    if (pub_usage != 0)
+        p11_tmpl_add(pub, pub_usage, &p11_yes, sizeof(CK_BBOOL));
+    if (sign) {
+        p11_tmpl_add(priv, CKA_SIGN, &p11_yes, sizeof(CK_BBOOL));
+        p11_tmpl_add(pub, CKA_VERIFY, &p11_yes, sizeof(CK_BBOOL));
+    }
+    if (name->label != NULL) {
+        p11_tmpl_add(pub, CKA_LABEL, name->label, strlen(name->label));
+        p11_tmpl_add(priv, CKA_LABEL, name->label, strlen(name->label));
+    }
+    p11_tmpl_add(pub, CKA_ID, name->id, name->idlen);
+    p11_tmpl_add(priv, CKA_ID, name->id, name->idlen);
+}
 
 CK_RV p11_get_attr(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type, size_t hint,
                    unsigned char **out, size_t *len)
