@@ -323,8 +323,7 @@ static int new_name(p11_sess *s, const keyx_keyspec *spec, p11_name *name)
     }
     hex_id(name->id, name->idlen, idhex, sizeof(idhex));
     if (name->label != NULL) {
-        rv = key_exists(s, (CK_ATTRIBUTE)ATTR(CKA_LABEL, name->label, strlen(name->label)),
-                        &found);
+        rv = key_exists(s, (CK_ATTRIBUTE)ATTR(CKA_LABEL, name->label, strlen(name->label)), &found);
         if (rv == CKR_OK && found) {
             p11_session_put(s, rv);
             KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,

@@ -33,15 +33,16 @@ typedef struct p11_name {
  * session object (P11_SESSION_PRIVATE) usable for priv_usage, the public half a session object.
  * name set: both halves token objects carrying the name (so pkcs11-tool and libp11 find them),
  * the private one private, sensitive, not extractable, for priv_usage and, when sign is set,
- * CKA_SIGN (the public one CKA_VERIFY); the public one public. pub_usage (0: none) goes on the
- * public half either way. Room for three more attributes each (the algorithm's). */
+ * CKA_SIGN (the public one CKA_VERIFY), every other usage false; the public one public.
+ * pub_usage (0: none) goes on the public half either way. Room for three more attributes each
+ * (the algorithm's). */
 typedef struct p11_tmpl {
-    CK_ATTRIBUTE a[14];
+    CK_ATTRIBUTE a[16];
     CK_ULONG n;
 } p11_tmpl;
 
-void p11_tmpl_pair(p11_tmpl *pub, p11_tmpl *priv, const p11_name *name,
-                   CK_ATTRIBUTE_TYPE pub_usage, CK_ATTRIBUTE_TYPE priv_usage, int sign);
+void p11_tmpl_pair(p11_tmpl *pub, p11_tmpl *priv, const p11_name *name, CK_ATTRIBUTE_TYPE pub_usage,
+                   CK_ATTRIBUTE_TYPE priv_usage, int sign);
 void p11_tmpl_add(p11_tmpl *t, CK_ATTRIBUTE_TYPE type, const void *value, size_t len);
 
 /* Reads one attribute into a new buffer (OPENSSL_free). With a size hint that fits (an EC point,
