@@ -21,10 +21,11 @@ TOKEN = "keyx-kf"
 # libp11 0.4.12 cannot enumerate the private keys of a token that holds a DH key ("Unable to
 # enumerate private keys", then a crash): its cross-check runs on a token of EC keys only.
 EC_TOKEN = "keyx-kf-ec"
+EMPTY_TOKEN = "keyx-kf-empty"  # never gets a key: listing it finds nothing
 
 
 class OwnToken(SoftHSM):
-    """A SoftHSM2 token directory with the tokens keyx-kf and keyx-kf-ec, empty."""
+    """A SoftHSM2 token directory with the tokens keyx-kf, keyx-kf-ec and keyx-kf-empty, empty."""
 
     def setup(self):
         self.tokendir.mkdir(parents=True)
@@ -32,7 +33,7 @@ class OwnToken(SoftHSM):
                              "objectstore.backend = file\nlog.level = ERROR\n")
         self.pin_file.write_text(PIN)
         self.pin_file.chmod(0o600)
-        for label in (TOKEN, EC_TOKEN):
+        for label in (TOKEN, EC_TOKEN, EMPTY_TOKEN):
             r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
                             "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
             m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
@@ -68,8 +69,10 @@ def objects(hsm, token=TOKEN):
         m = re.match(r"(Private Key|Public Key|Secret Key|Data|Certificate) Object", block)
         if not m:
             continue
-        o = {"kind": m.group(1)}
-        for key in ("label", "ID", "Usage", "Access"):
+        head = block.split("\n")[0]
+        # pkcs11-tool 0.23 calls DH "unknown key algorithm 2" (CKK_DH)
+        o = {"kind": m.group(1), "type": "DH" if "key algorithm 2" in head else head.split(";")[-1].split()[0]}
+        for key in ("label", "ID", "Usage", "Access", "EC_POINT"):
             mm = re.search(rf"^\s+{key}:\s*(.*)$", block, re.M)
             o[key.lower()] = mm.group(1).strip() if mm else ""
         out.append(o)
@@ -252,3 +255,88 @@ def test_x25519_cannot_be_a_token_key(hsm, cnf, tmp):
     env, _ = keyx_env(hsm, cnf, tmp)
     r = genkey(env, tmp, "x", "X25519", label="kf-x25519")
     check_error(r, "the pkcs11 backend cannot generate X25519")
+
+
+# ---- listing ---------------------------------------------------------------------------------
+
+
+def ec_point(der):
+    """The uncompressed point at the end of an EC SubjectPublicKeyInfo or CKA_EC_POINT."""
+    for n in (65, 97, 133):
+        if len(der) > n + 1 and der[-n] == 4 and der[-n - 1] in (0, n, 0x81):
+            return der[-n:]
+    raise AssertionError(f"no EC point in {der.hex()}")
+
+
+def storeutl(env, uri, *opts):
+    r = kxutil.openssl("storeutl", "-keys", *opts, uri, env=env).ok("storeutl")
+    m = re.search(r"^Total found: (\d+)$", r.out, re.M)
+    assert m, r
+    return r, int(m.group(1))
+
+
+def test_storeutl_lists_exactly_the_tokens_keys(hsm, cnf, tmp):
+    env, log = keyx_env(hsm, cnf, tmp)
+    for alg, opt, label in (("EC", "group:P-256", "kf-list-ec"), ("RSA", "bits:2048", "kf-list-rsa"),
+                            ("DH", "group:ffdhe2048", "kf-list-dh")):
+        if not any(o["label"] == label for o in objects(hsm)):
+            genkey(env, tmp, label, alg, opt, label=label).ok("genpkey")
+    privs = [o for o in objects(hsm) if o["kind"] == "Private Key"]
+    assert len(privs) >= 3
+    r, n = storeutl(env, f"pkcs11:token={TOKEN}")
+    assert n == len(privs), f"storeutl found {n} keys, pkcs11-tool lists {len(privs)}:\n{r.out}"
+    assert re.findall(r"^\d+: (\S+)", r.out, re.M) == ["Pkey"] * n, r.out
+    # each listed key was loaded by reference once: its audit key id is the token's public key
+    loads = [e for e in kxutil.read_audit(log) if e["event"] == "load"]
+    assert len(loads) == n and all(e["ok"] and e["backend"] == "pkcs11" and e["ephemeral"] is False
+                                   for e in loads), loads
+    assert sorted(e["alg"] for e in loads) == sorted(o["type"] for o in privs), (loads, privs)
+    pubs = {o["id"]: o for o in objects(hsm) if o["kind"] == "Public Key"}
+    want = {kxutil.key_id(ec_point(bytes.fromhex(pubs[o["id"]]["ec_point"])).hex())
+            for o in privs if o["type"] == "EC"}
+    assert len(want) == sum(o["type"] == "EC" for o in privs)
+    assert {e["key"] for e in loads if e["alg"] == "EC"} == want, (loads, want)
+
+
+def test_storeutl_on_a_token_without_keys_finds_none(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    r, n = storeutl(env, f"pkcs11:token={EMPTY_TOKEN}")
+    assert n == 0 and "error" not in r.err.lower(), r
+
+
+def test_storeutl_of_one_key_lists_it(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    if not any(o["label"] == "kf-list-ec" for o in objects(hsm)):
+        genkey(env, tmp, "one", "EC", "group:P-256", label="kf-list-ec").ok("genpkey")
+    r, n = storeutl(env, f"pkcs11:token={TOKEN};object=kf-list-ec;type=private")
+    assert n == 1, r
+
+
+@pytest.mark.parametrize("uri,needles", [
+    ("pkcs11:token=no-such-token", ["no key matches 'pkcs11:token=no-such-token'", "searched 0 tokens"]),
+    (f"pkcs11:token={TOKEN};object=kf-nothing", ["no key matches", "kf-nothing"]),
+    (f"pkcs11:token={TOKEN};object=%zz", ["invalid PKCS#11 URI"]),
+    (f"pkcs11:token={TOKEN};type=public", ["names a public key object", "type=private"]),
+])
+def test_storeutl_errors_are_todays(hsm, cnf, tmp, uri, needles):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    r = kxutil.openssl("storeutl", "-keys", uri, env=env)
+    text = r.out + r.err
+    assert "Total found: 0" in text or r.rc != 0, r
+    for n in needles:
+        assert n in text, f"error does not say {n!r}:\n{r!r}"
+
+
+# pkcs11-tool 0.23 reads P-256 public keys only ("cannot create EVP_PKEY" for P-384 with OpenSSL 3)
+@pytest.mark.parametrize("alg,opt,label", [("EC", "group:P-256", "kf-pub-ec"), ("RSA", "bits:2048", "kf-pub-rsa")])
+def test_pubout_and_text_pub_of_a_token_key(hsm, cnf, tmp, alg, opt, label):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    genkey(env, tmp, label, alg, opt, label=label).ok("genpkey")
+    key_id = by_label(hsm, label)["Private Key"]["id"]
+    uri = f"pkcs11:token={TOKEN};object={label};type=private"
+    kxutil.openssl("pkey", "-in", uri, "-pubout", "-outform", "DER", "-out", tmp / "keyx.der", env=env).ok("pubout")
+    assert (tmp / "keyx.der").read_bytes() == read_pub(hsm, tmp, key_id, label).read_bytes()
+    ours = kxutil.openssl("pkey", "-in", uri, "-text_pub", "-noout", env=env).ok("text_pub").out
+    theirs = kxutil.openssl("pkey", "-pubin", "-inform", "DER", "-in", tmp / f"{label}-tok.der", "-text_pub",
+                            "-noout", env=kxutil.base_env()).ok("text_pub").out
+    assert ours == theirs and ("Public-Key: (256 bit)" in ours or "Public-Key: (2048 bit)" in ours), ours
