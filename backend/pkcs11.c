@@ -986,6 +986,37 @@ static int push_locator(char ***list, size_t *n, size_t *cap, char *loc)
     return 1;
 }
 
+/* Every object matching t on the session's token, into a new array (OPENSSL_free). */
+static CK_RV all_objects(p11_sess *s, CK_ATTRIBUTE *t, CK_ULONG nt, CK_OBJECT_HANDLE **objs,
+                         size_t *count)
+{
+    size_t cap = 0;
+    CK_ULONG got = 0;
+    CK_RV rv;
+
+    *objs = NULL;
+    *count = 0;
+    if ((rv = s->f->C_FindObjectsInit(s->h, t, nt)) != CKR_OK)
+        return rv;
+    do {
+        if (*count + 32 > cap) {
+            CK_OBJECT_HANDLE *grown = OPENSSL_realloc(*objs, (cap + 64) * sizeof(**objs));
+
+            if (grown == NULL) {
+                rv = CKR_HOST_MEMORY;
+                break;
+            }
+            *objs = grown;
+            cap += 64;
+        }
+        rv = s->f->C_FindObjects(s->h, *objs + *count, 32, &got);
+        if (rv == CKR_OK)
+            *count += got;
+    } while (rv == CKR_OK && got == 32);
+    s->f->C_FindObjectsFinal(s->h);
+    return rv;
+}
+
 /* Locators of the private keys keyx can load among those the URI matches on every token it
  * matches (keys with neither CKA_ID nor CKA_LABEL left out: nothing could name them again). */
 static int p11_enumerate(void *state, const char *locator, char ***out, size_t *n)
@@ -1009,19 +1040,16 @@ static int p11_enumerate(void *state, const char *locator, char ***out, size_t *
         goto done;
     }
     for (int i = 0; i < ntoks; i++) {
-        CK_OBJECT_HANDLE objs[64];
-        CK_ULONG count = 0;
+        CK_OBJECT_HANDLE *objs = NULL;
+        size_t count = 0;
         p11_sess s;
         CK_RV rv;
 
         if ((rc = p11_session_get(d, toks[i], &s)) != 1)
             goto done;
         /* all handles first: reading attributes inside a search is not portable */
-        if ((rv = s.f->C_FindObjectsInit(s.h, t, nt)) == CKR_OK) {
-            rv = s.f->C_FindObjects(s.h, objs, 64, &count);
-            s.f->C_FindObjectsFinal(s.h);
-        }
-        for (CK_ULONG j = 0; rv == CKR_OK && j < count; j++) {
+        rv = all_objects(&s, t, nt, &objs, &count);
+        for (size_t j = 0; rv == CKR_OK && j < count; j++) {
             int nameless = 0;
             char *loc;
 
@@ -1034,6 +1062,7 @@ static int p11_enumerate(void *state, const char *locator, char ***out, size_t *
                 rv = CKR_HOST_MEMORY;
             }
         }
+        OPENSSL_free(objs);
         p11_session_put(&s, rv);
         if (rv != CKR_OK) {
             rc = p11_fail(&s, rv, "listing the token's keys (C_FindObjects)");

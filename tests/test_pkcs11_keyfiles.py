@@ -340,3 +340,17 @@ def test_pubout_and_text_pub_of_a_token_key(hsm, cnf, tmp, alg, opt, label):
     theirs = kxutil.openssl("pkey", "-pubin", "-inform", "DER", "-in", tmp / f"{label}-tok.der", "-text_pub",
                             "-noout", env=kxutil.base_env()).ok("text_pub").out
     assert ours == theirs and ("Public-Key: (256 bit)" in ours or "Public-Key: (2048 bit)" in ours), ours
+
+
+def test_first_token_missing_the_key_is_made_on_the_next(hsm, cnf, tmp):
+    """pkcs11-token names a token that is not there, then keyx-kf-ec: the key is made once, on
+    keyx-kf-ec, and a failover event says so."""
+    log = tmp / "audit.jsonl"
+    settings = hsm.keyx_settings(tokens=("keyx-kf-gone", EC_TOKEN), **{"audit-log": log})
+    env = hsm.env(OPENSSL_CONF=cnf(keyx=settings))
+    genkey(env, tmp, "fo", "EC", "group:P-256", label="kf-failover").ok("genpkey")
+    assert by_label(hsm, "kf-failover", EC_TOKEN)
+    assert not any(o["label"] == "kf-failover" for o in objects(hsm))
+    events = kxutil.read_audit(log)
+    assert any(e["event"] == "failover" for e in events), events
+    assert [e["ok"] for e in events if e["event"] == "keygen"] == [True], events
