@@ -8,6 +8,7 @@ key pkcs11-tool reads from the token) and, for EC, against libp11's engine on th
 object attributes against pkcs11-tool's listing.
 """
 
+import base64
 import re
 import shutil
 from pathlib import Path
@@ -41,9 +42,9 @@ class OwnToken(SoftHSM):
             self.slots[label] = int(m.group(1))
         return self
 
-    def serial(self):
+    def serial(self, token=TOKEN):
         r = kxutil.run(["softhsm2-util", "--show-slots"], env=self.tool_env()).ok("show slots")
-        block = next(b for b in r.out.split("\nSlot ") if re.search(rf"Label:[ \t]+{TOKEN}\b", b))
+        block = next(b for b in r.out.split("\nSlot ") if re.search(rf"Label:[ \t]+{token}[ \t]*$", b, re.M))
         return re.search(r"Serial number:[ \t]+(\S+)", block).group(1)
 
 
@@ -73,7 +74,7 @@ def objects(hsm, token=TOKEN):
         # pkcs11-tool 0.23 calls DH "unknown key algorithm 2" (CKK_DH)
         o = {"kind": m.group(1), "type": "DH" if "key algorithm 2" in head else head.split(";")[-1].split()[0]}
         for key in ("label", "ID", "Usage", "Access", "EC_POINT"):
-            mm = re.search(rf"^\s+{key}:\s*(.*)$", block, re.M)
+            mm = re.search(rf"^[ \t]+{key}:[ \t]*(.*)$", block, re.M)
             o[key.lower()] = mm.group(1).strip() if mm else ""
         out.append(o)
     return out
@@ -96,11 +97,7 @@ def genkey(env, tmp, name, alg, *opts, label=None, key_id=None):
         args += ["-pkeyopt", f"keyx-label:{label}"]
     if key_id is not None:
         args += ["-pkeyopt", f"keyx-id:{key_id}"]
-    r = kxutil.openssl(*args, "-out", tmp / f"{name}.pem", env=env)
-    if "Error writing key" in r.err:  # TEMP until the KEYX KEY encoder lands
-        r.rc = 0
-        (tmp / f"{name}.pem").write_text("")
-    return r
+    return kxutil.openssl(*args, "-out", tmp / f"{name}.pem", env=env)
 
 
 def pct(hexid):
@@ -349,8 +346,114 @@ def test_first_token_missing_the_key_is_made_on_the_next(hsm, cnf, tmp):
     settings = hsm.keyx_settings(tokens=("keyx-kf-gone", EC_TOKEN), **{"audit-log": log})
     env = hsm.env(OPENSSL_CONF=cnf(keyx=settings))
     genkey(env, tmp, "fo", "EC", "group:P-256", label="kf-failover").ok("genpkey")
-    assert by_label(hsm, "kf-failover", EC_TOKEN)
+    priv = by_label(hsm, "kf-failover", EC_TOKEN)["Private Key"]
     assert not any(o["label"] == "kf-failover" for o in objects(hsm))
+    [(_, locator, _)] = references((tmp / "fo.pem").read_text())
+    assert locator == expected_locator(hsm, EC_TOKEN, priv["id"], "kf-failover"), locator
     events = kxutil.read_audit(log)
     assert any(e["event"] == "failover" for e in events), events
     assert [e["ok"] for e in events if e["event"] == "keygen"] == [True], events
+
+
+
+# ---- locators: what a reference file records ---------------------------------------------------
+
+
+def references(text):
+    """(backend, locator, SPKI DER) of every KEYX KEY PEM block in text, read with a DER reader
+    of the test's own: SEQUENCE { INTEGER 1, UTF8String, UTF8String, SEQUENCE }."""
+    out = []
+    for body in re.findall(r"-----BEGIN KEYX KEY-----\n(.*?)-----END KEYX KEY-----", text, re.S):
+        der = base64.b64decode("".join(body.split()))
+
+        def tlv(data, i):
+            tag, n, j = data[i], data[i + 1], i + 2
+            if n & 0x80:
+                k = n & 0x7F
+                n, j = int.from_bytes(data[j:j + k], "big"), j + k
+            return tag, data[j:j + n], data[i:j + n], j + n
+
+        tag, seq, _, _ = tlv(der, 0)
+        assert tag == 0x30
+        items, i = [], 0
+        while i < len(seq):
+            t, content, whole, i = tlv(seq, i)
+            items.append((t, content, whole))
+        assert [t for t, _, _ in items] == [0x02, 0x0C, 0x0C, 0x30] and items[0][1] == b"\x01", items
+        out.append((items[1][1].decode(), items[2][1].decode(), items[3][2]))
+    return out
+
+
+def expected_locator(hsm, token, key_id, label):
+    """The canonical URI as RFC 7512 and the brief spell it, built here from softhsm2-util's
+    serial and pkcs11-tool's id and label (p11-kit writes %XX in upper case)."""
+    return (f"pkcs11:serial={hsm.serial(token)};token={token};id={pct(key_id).upper()};"
+            f"object={label};type=private")
+
+
+def test_reference_file_names_the_token_key(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    genkey(env, tmp, "ref", "EC", "group:P-256", label="kf-ref", key_id="0a0b").ok("genpkey")
+    text = (tmp / "ref.pem").read_text()
+    [(backend, locator, spki)] = references(text)
+    assert backend == "pkcs11"
+    assert locator == expected_locator(hsm, TOKEN, "0a0b", "kf-ref"), locator
+    assert "pin" not in locator and "module" not in locator and PIN not in text
+    assert spki == read_pub(hsm, tmp, "0a0b", "ref").read_bytes()
+    # the locator and the reference (its DER form) load the same key: one secret, the peer's
+    peer_pub, expected = ec_peer_secret(tmp, tmp / "ref-tok.der")
+    assert keyx_derive(env, tmp, locator, peer_pub, "by-locator.bin") == expected
+    der = tmp / "ref.der"
+    der.write_bytes(base64.b64decode("".join(text.splitlines()[1:-1])))
+    out = tmp / "by-ref.bin"
+    kxutil.openssl("pkeyutl", "-derive", "-keyform", "DER", "-inkey", der, "-peerkey", peer_pub, "-out", out,
+                   env=env).ok("derive by reference")
+    assert out.read_bytes() == expected
+
+
+@pytest.mark.parametrize("uri", [f"pkcs11:token={TOKEN};id=%0a%0b", f"pkcs11:object=kf-ref;type=private"])
+def test_a_key_loaded_by_any_uri_gets_the_canonical_locator(hsm, cnf, tmp, uri):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    if not any(o["label"] == "kf-ref" for o in objects(hsm)):
+        genkey(env, tmp, "ref", "EC", "group:P-256", label="kf-ref", key_id="0a0b").ok("genpkey")
+    r = kxutil.openssl("pkey", "-in", uri, env=env).ok("write reference")
+    [(_, locator, _)] = references(r.out)
+    assert locator == expected_locator(hsm, TOKEN, "0a0b", "kf-ref")
+
+
+def test_a_token_key_without_label_is_named_by_its_id(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    genkey(env, tmp, "nolabel", "EC", "group:P-256", key_id="0c0d").ok("genpkey")
+    [(_, locator, _)] = references((tmp / "nolabel.pem").read_text())
+    assert locator == f"pkcs11:serial={hsm.serial(TOKEN)};token={TOKEN};id=%0C%0D;type=private"
+    kxutil.openssl("pkey", "-in", locator, "-pubout", env=env).ok("load by locator")
+
+
+def test_an_ephemeral_token_key_has_no_locator(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    before = objects(hsm)
+    r = kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", tmp / "eph.pem", env=env)
+    check_error(r, "an ephemeral pkcs11 key has no locator; generate it with keyx-label/keyx-id to keep it "
+                   "on the token")
+    assert objects(hsm) == before
+
+
+def test_storeutl_writes_a_reference_and_text_per_key(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    if not any(o["label"] == "kf-list-ec" for o in objects(hsm)):
+        genkey(env, tmp, "one", "EC", "group:P-256", label="kf-list-ec").ok("genpkey")
+    privs = [o for o in objects(hsm) if o["kind"] == "Private Key"]
+    r, n = storeutl(env, f"pkcs11:token={TOKEN}")
+    refs = references(r.out)
+    assert len(refs) == n == len(privs)
+    assert sorted(loc for _, loc, _ in refs) == sorted(
+        expected_locator(hsm, TOKEN, o["id"], o["label"]) if o["label"] else
+        f"pkcs11:serial={hsm.serial(TOKEN)};token={TOKEN};id={pct(o['id']).upper()};type=private"
+        for o in privs)
+    # -text: each key's public part and where its private part is; then -pubout by its locator
+    r, _ = storeutl(env, f"pkcs11:token={TOKEN}", "-text", "-noout")
+    for _, loc, spki in refs:
+        assert f"private key: in the pkcs11 backend, {loc}" in r.out, r.out
+        der = kxutil.openssl("pkey", "-in", loc, "-pubout", "-outform", "DER", env=env, text=False).ok("pubout").out
+        assert der == spki
+    assert "PRIVATE KEY-----" not in r.out and "priv:" not in r.out
