@@ -457,3 +457,16 @@ def test_storeutl_writes_a_reference_and_text_per_key(hsm, cnf, tmp):
         der = kxutil.openssl("pkey", "-in", loc, "-pubout", "-outform", "DER", env=env, text=False).ok("pubout").out
         assert der == spki
     assert "PRIVATE KEY-----" not in r.out and "priv:" not in r.out
+
+
+def test_labels_are_percent_encoded_in_the_locator(hsm, cnf, tmp):
+    """RFC 7512: a label with a space, ';', '/' and non-ASCII is percent-encoded; the locator
+    loads the key back."""
+    env, _ = keyx_env(hsm, cnf, tmp)
+    label = "kf srv;1/\u00e9"
+    genkey(env, tmp, "enc", "EC", "group:P-256", label=label, key_id="0e").ok("genpkey")
+    [(_, locator, spki)] = references((tmp / "enc.pem").read_text())
+    assert locator == (f"pkcs11:serial={hsm.serial(TOKEN)};token={TOKEN};id=%0E;"
+                       "object=kf%20srv%3B1%2F%C3%A9;type=private"), locator
+    der = kxutil.openssl("pkey", "-in", locator, "-pubout", "-outform", "DER", env=env, text=False).ok("load").out
+    assert der == spki == read_pub(hsm, tmp, "0e", "enc").read_bytes()
