@@ -470,3 +470,94 @@ def test_labels_are_percent_encoded_in_the_locator(hsm, cnf, tmp):
                        "object=kf%20srv%3B1%2F%C3%A9;type=private"), locator
     der = kxutil.openssl("pkey", "-in", locator, "-pubout", "-outform", "DER", env=env, text=False).ok("load").out
     assert der == spki == read_pub(hsm, tmp, "0e", "enc").read_bytes()
+
+
+# 2048-bit safe-prime DH parameters generated once with `openssl genpkey -genparam -algorithm DH`
+# (no named group: keyx hands the token explicit p and g)
+EXPLICIT_DH = """-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEAzHmvTeIUYTWD+vR6cF3axiFg/WL4fdT//0+YrMjrVZbhF1Tl3uoX
+IqhmK7l0drclOFmUX4VqD/RJ7MaH2sNbnlRvNBwJECNzn0q9PUwBgDWRlw5tsL88
+bsExiwK6pZA3+9lOXZwRmUQiIk1ZXQvbi2f1uBfH7QOUKsU4kRmijTFcV3xXfEBj
+/eB6F6x8MznAbWDCdDh7m89kuspXfgIJpp5kL/dgRV9skGcPDy0b+ZLBXHu3a00N
+KEY5qXI8YT9lzzEHdBVRlkK/o4pTQPl9JtXalPtIwj3/qWFVje+pJViO6jZmL1/T
+vv59ozhxIvynsmuwb/qqDhkblZSNDz9tNwIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+# An application making a DH token key on explicit p and g through the API (openssl genpkey
+# -paramfile cannot: the parameter file is decoded into the default provider, whose key
+# generation knows no keyx-label). Python + libcrypto through ctypes, keyx from OPENSSL_CONF.
+EXPLICIT_DH_APP = r"""
+import ctypes, sys
+from ctypes import c_void_p, c_char_p, c_int, byref
+L = ctypes.CDLL("libcrypto.so.3")
+def fn(name, res, *args):
+    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
+bld_new = fn("OSSL_PARAM_BLD_new", c_void_p)
+push_bn = fn("OSSL_PARAM_BLD_push_BN", c_int, c_void_p, c_char_p, c_void_p)
+push_str = fn("OSSL_PARAM_BLD_push_utf8_string", c_int, c_void_p, c_char_p, c_char_p, ctypes.c_size_t)
+to_param = fn("OSSL_PARAM_BLD_to_param", c_void_p, c_void_p)
+hex2bn = fn("BN_hex2bn", c_int, ctypes.POINTER(c_void_p), c_char_p)
+ctx_name = fn("EVP_PKEY_CTX_new_from_name", c_void_p, c_void_p, c_char_p, c_char_p)
+ctx_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
+fromdata_init = fn("EVP_PKEY_fromdata_init", c_int, c_void_p)
+fromdata = fn("EVP_PKEY_fromdata", c_int, c_void_p, ctypes.POINTER(c_void_p), c_int, c_void_p)
+keygen_init = fn("EVP_PKEY_keygen_init", c_int, c_void_p)
+set_params = fn("EVP_PKEY_CTX_set_params", c_int, c_void_p, c_void_p)
+generate = fn("EVP_PKEY_generate", c_int, c_void_p, ctypes.POINTER(c_void_p))
+bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
+write_pub = fn("PEM_write_bio_PUBKEY", c_int, c_void_p, c_void_p)
+bio_free = fn("BIO_free", c_int, c_void_p)
+print_errs = fn("ERR_print_errors_fp", None, c_void_p)
+p, g = c_void_p(), c_void_p()
+hex2bn(byref(p), sys.argv[1].encode()); hex2bn(byref(g), sys.argv[2].encode())
+b = bld_new(); push_bn(b, b"p", p); push_bn(b, b"g", g)
+dom = c_void_p()
+ctx = ctx_name(None, b"DH", b"provider=keyx")
+ok = ctx and fromdata_init(ctx) == 1 and fromdata(ctx, byref(dom), 0x84, to_param(b)) == 1
+b2 = bld_new(); push_str(b2, b"keyx-label", sys.argv[3].encode(), 0)
+gctx = ok and ctx_pkey(None, dom, b"provider=keyx")
+key = c_void_p()
+ok = ok and gctx and keygen_init(gctx) == 1 and set_params(gctx, to_param(b2)) == 1 and generate(gctx, byref(key)) == 1
+if not ok:
+    L.ERR_print_errors_fp.argtypes = [c_void_p]
+    libc = ctypes.CDLL(None); print_errs(c_void_p.in_dll(libc, "stderr")); sys.exit(1)
+out = bio_file(sys.argv[4].encode(), b"w"); write_pub(out, key); bio_free(out)
+print("generated")
+"""
+
+
+def dh_p_g(params_path):
+    """p and g (hex) of a DH parameter file, as the default provider prints them."""
+    text = kxutil.openssl("pkeyparam", "-in", params_path, "-text", "-noout", env=kxutil.base_env()).ok("params").out
+    m = re.search(r"P:\s*\n((?:\s+[0-9a-f:]+\n)+)", text)
+    gm = re.search(r"G:\s+(\d+)", text)
+    assert m and gm, text
+    return re.sub(r"[\s:]", "", m.group(1)), format(int(gm.group(1)), "x")
+
+
+def test_dh_token_key_on_explicit_parameters(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    params = tmp / "dh.params"
+    params.write_text(EXPLICIT_DH)
+    p, g = dh_p_g(params)
+    tokpub = tmp / "tok.pub"
+    r = kxutil.run(["/usr/bin/python3", "-c", EXPLICIT_DH_APP, p, g, "kf-dh-explicit", tokpub], env=env)
+    assert r.rc == 0 and "generated" in r.out, r
+    assert by_label(hsm, "kf-dh-explicit")["Private Key"]["type"] == "DH"
+    plain = kxutil.base_env()
+    key, pub, sec = (tmp / x for x in ("peer.pem", "peer.pub", "peer.bin"))
+    kxutil.openssl("genpkey", "-paramfile", params, "-out", key, env=plain).ok("peer")
+    kxutil.openssl("pkey", "-in", key, "-pubout", "-out", pub, env=plain).ok("peer pub")
+    kxutil.openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", tokpub, "-out", sec, env=plain).ok("peer derive")
+    uri = f"pkcs11:token={TOKEN};object=kf-dh-explicit;type=private"
+    ours = keyx_derive(env, tmp, uri, pub)
+    assert len(ours) == 256 and ours == sec.read_bytes()
+
+
+def test_storeutl_takes_the_keyx_prefix(hsm, cnf, tmp):
+    env, _ = keyx_env(hsm, cnf, tmp)
+    privs = [o for o in objects(hsm) if o["kind"] == "Private Key"]
+    _, n = storeutl(env, f"keyx:pkcs11:token={TOKEN}")
+    assert n == len(privs) > 1
