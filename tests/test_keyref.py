@@ -388,3 +388,18 @@ def test_software_keys_stay_pkcs8_with_encryption_honoured(tmp, cnf):
     r = kxutil.openssl("pkey", "-in", enc, "-passin", "pass:wrong", "-noout", env=neutral)
     assert r.rc != 0
     kxutil.openssl("pkey", "-in", enc, "-passin", "pass:kx-7781", "-noout", env=neutral).ok("decrypts")
+
+
+def test_uri_naming_several_keys_is_refused_a_token_uri_lists(hsm, tmp):
+    """A URI with object=/id= that matches two keys is an error (the listing's first key could be
+    the wrong one); a URI naming only the token lists its keys."""
+    dev = Device("pkcs11", tmp, hsm=hsm)
+    for kid in ("b1", "b2"):
+        hsm.tool("keyx-a", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "twin", "--id", kid,
+                 "--usage-derive").ok("twin key")
+    _, peer_pub = peer_pair(tmp)
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", "pkcs11:token=keyx-a;object=twin;type=private",
+                       "-peerkey", peer_pub, env=dev.env)
+    assert r.rc != 0 and "several private keys match" in r.err, r
+    r = kxutil.openssl("storeutl", "-keys", "-text", "-noout", "pkcs11:token=keyx-a", env=dev.env).ok("storeutl")
+    assert r.out.count("object=twin") == 2, r.out
