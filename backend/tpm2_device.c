@@ -617,6 +617,72 @@ ESYS_TR tpm_parent(tpm_dev *d)
     return d->parent;
 }
 
+#define RELEASE_FLUSH 1 /* a primary made for this load */
+#define RELEASE_CLOSE 2 /* a persistent handle opened for this load */
+
+int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release)
+{
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_PUBLIC tmpl = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TSS2_RC rc;
+
+    *tr = ESYS_TR_NONE;
+    *release = 0;
+    if (h == TPM2_RH_OWNER) {
+        if (d->parent_owned) { /* keyx's own primary is made from the same template */
+            *tr = d->parent;
+            return 1;
+        }
+        tpm_storage_template(&tmpl.publicArea);
+        TPM_CALL(d, NULL, rc,
+                 Esys_CreatePrimary(d->ctx, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, &sens, &tmpl, &outside, &pcrs, tr, NULL, NULL,
+                                    NULL, NULL));
+        if (rc != TSS2_RC_SUCCESS) {
+            *tr = ESYS_TR_NONE;
+            return tpm_fail(d, rc, "creating the owner storage primary key (CreatePrimary)");
+        }
+        *release = RELEASE_FLUSH;
+        return 1;
+    }
+    if ((h >> 24) != TPM2_HT_PERSISTENT) {
+        KEYX_ERR(d->p, KEYX_R_UNSUPPORTED,
+                 "tpm: the key file's parent 0x%08X is neither the owner hierarchy (0x40000001) "
+                 "nor a persistent key (0x81xxxxxx): keyx cannot load keys under it",
+                 (unsigned)h);
+        return 0;
+    }
+    if (d->p->cfg.tpm_parent == h && !d->parent_owned) {
+        *tr = d->parent;
+        return 1;
+    }
+    rc = Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, tr);
+    if (rc != TSS2_RC_SUCCESS) {
+        *tr = ESYS_TR_NONE;
+        if (rc_is_down(rc))
+            return tpm_fail(d, rc, "opening the key file's parent");
+        KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                 "tpm: the key file's parent, persistent key 0x%08X, is not in this TPM (%s): the "
+                 "file can only be loaded on the TPM that made it, with its parent in place",
+                 (unsigned)h, Tss2_RC_Decode(rc));
+        return 0;
+    }
+    *release = RELEASE_CLOSE;
+    return 1;
+}
+
+void tpm_release_parent(tpm_dev *d, ESYS_TR tr, int release)
+{
+    if (d->ctx == NULL || tr == ESYS_TR_NONE)
+        return;
+    if (release == RELEASE_FLUSH)
+        Esys_FlushContext(d->ctx, tr);
+    else if (release == RELEASE_CLOSE)
+        tpm_persistent_close_unused(d, &tr);
+}
+
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
 {
     int r;

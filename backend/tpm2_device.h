@@ -58,6 +58,13 @@ void tpm_end(tpm_dev *d);
  * _DECRYPT: command) when encrypted sessions are on, else ESYS_TR_PASSWORD (auth) /
  * ESYS_TR_NONE (non-auth): 1, or 0/KEYX_BACKEND_DOWN with an error raised. */
 ESYS_TR tpm_parent(tpm_dev *d);
+/* Inside begin/end: the parent a TSS2 key file names, opened for TPM2_Load. TPM2_RH_OWNER
+ * (0x40000001): the owner-hierarchy primary made from tpm_storage_template, which is also the
+ * primary tpm2-openssl and the TSS2 key file convention use (keyx's cached storage parent when it
+ * is that primary, else one made now); a persistent handle 0x81xxxxxx: that key. 1 with *tr
+ * (release it with tpm_release_parent), else 0/KEYX_BACKEND_DOWN with an error raised. */
+int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release);
+void tpm_release_parent(tpm_dev *d, ESYS_TR tr, int release);
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
 /* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
  * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
