@@ -651,7 +651,10 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
     TPM2B_PRIVATE *outpriv = NULL;
     ESYS_CONTEXT *ctx;
     ESYS_TR tr = ESYS_TR_NONE, ptr = ESYS_TR_NONE;
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
     char locator[32];
+    int used;
     TSS2_RC rc;
     int r;
 
@@ -674,10 +677,17 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
-    /* In use? (ReadPublic through ESYS: success means a key lives there.) */
-    rc = Esys_TR_FromTPMPublic(ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &ptr);
-    if (rc == TSS2_RC_SUCCESS) {
-        tpm_persistent_close_unused(d, &ptr);
+    /* In use? (Asked of the handle list: ReadPublic on a free handle makes ESYS log errors.) */
+    rc = Esys_GetCapability(ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES, h, 1,
+                            &more, &cap);
+    if (rc != TSS2_RC_SUCCESS) {
+        r = tpm_fail(d, rc, "checking the persistent handle (GetCapability)");
+        tpm_end(d);
+        return r;
+    }
+    used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
+    Esys_Free(cap);
+    if (used) {
         tpm_end(d);
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
                  "tpm: persistent handle 0x%08X is already in use: keyx never overwrites a key; "
@@ -685,12 +695,6 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
                  "free this one with tpm2_evictcontrol -C o -c 0x%08X",
                  (unsigned)h, (unsigned)h);
         return 0;
-    }
-    if ((rc & TSS2_RC_LAYER_MASK) != TSS2_TPM_RC_LAYER ||
-        !(tpm_rc_is(rc, TPM2_RC_HANDLE) || (rc & 0xFFF) == TPM2_RC_HANDLE)) {
-        r = tpm_fail(d, rc, "checking the persistent handle (ReadPublic)");
-        tpm_end(d);
-        return r;
     }
     TPM_CALL(d, NULL, rc,
              Esys_Create(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens,

@@ -27,23 +27,24 @@ typedef struct keyx_tpmkey_st {
     ASN1_OCTET_STRING *privkey;
 } KEYX_TPMKEY;
 
-ASN1_SEQUENCE(KEYX_TPMKEY) =
-    {
-        ASN1_SIMPLE(KEYX_TPMKEY, type, ASN1_OBJECT),
-        ASN1_EXP_OPT(KEYX_TPMKEY, empty_auth, ASN1_BOOLEAN, 0),
-        ASN1_EXP_OPT(KEYX_TPMKEY, policy, ASN1_ANY, 1),
-        ASN1_EXP_OPT(KEYX_TPMKEY, secret, ASN1_OCTET_STRING, 2),
-        ASN1_SIMPLE(KEYX_TPMKEY, parent, ASN1_INTEGER),
-        ASN1_SIMPLE(KEYX_TPMKEY, pubkey, ASN1_OCTET_STRING),
-        ASN1_SIMPLE(KEYX_TPMKEY, privkey, ASN1_OCTET_STRING),
+/* clang-format off */
+ASN1_SEQUENCE(KEYX_TPMKEY) = {
+    ASN1_SIMPLE(KEYX_TPMKEY, type, ASN1_OBJECT),
+    ASN1_EXP_OPT(KEYX_TPMKEY, empty_auth, ASN1_BOOLEAN, 0),
+    ASN1_EXP_OPT(KEYX_TPMKEY, policy, ASN1_ANY, 1),
+    ASN1_EXP_OPT(KEYX_TPMKEY, secret, ASN1_OCTET_STRING, 2),
+    ASN1_SIMPLE(KEYX_TPMKEY, parent, ASN1_INTEGER),
+    ASN1_SIMPLE(KEYX_TPMKEY, pubkey, ASN1_OCTET_STRING),
+    ASN1_SIMPLE(KEYX_TPMKEY, privkey, ASN1_OCTET_STRING),
 } static_ASN1_SEQUENCE_END(KEYX_TPMKEY)
 
-        static int type_is(const ASN1_OBJECT *type, const char *oid)
+static int type_is(const ASN1_OBJECT *type, const char *oid)
 {
     char txt[64];
 
     return OBJ_obj2txt(txt, sizeof(txt), type, 1) > 0 && strcmp(txt, oid) == 0;
 }
+/* clang-format on */
 
 int tpm_keyfile_parse(keyx_provctx *p, const unsigned char *der, size_t len, tpm_keyfile *out)
 {

@@ -1,0 +1,158 @@
+/* TSS2 PRIVATE KEY files in (the key files of tpm2-openssl, openssl_tpm2_engine and
+ * tpm2-tss-engine), PEM or DER, from PEM_read_bio_PrivateKey, `-inkey file` and every other
+ * OpenSSL key reader: the tpm backend loads the key under the parent the file names, and the key
+ * is handed over by reference. One decoder per algorithm (EC, RSA) and input (pem, der); a file
+ * holding a key of the other algorithm, or no TSS2 key at all, is passed over. */
+#include <string.h>
+
+#include <openssl/asn1.h>
+#include <openssl/core_dispatch.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+
+#include "backend/call.h"
+#include "backend/router.h"
+#include "encode/core_bio.h"
+#include "encode/encode.h"
+#include "keymgmt/key.h"
+#include "provider/audit.h"
+#include "provider/dispatch.h"
+#include "provider/errors.h"
+
+#define TSS2_PEM_NAME "TSS2 PRIVATE KEY"
+
+/* The TPM type of the key (TPM2_ALG_ECC 0x0023, TPM2_ALG_RSA 0x0001) in a TPMKey DER, read from
+ * its pubkey (the next-to-last field, a TPM2B_PUBLIC: size, then type); 0 when der is no
+ * SEQUENCE whose first field is a TCG key-file OID (2.23.133.10.1.x). The backend checks the
+ * rest. */
+static unsigned tpm_type_of(const unsigned char *der, size_t len)
+{
+    static const unsigned char tcg_keyfile_oid[] = {0x06, 0x06, 0x67, 0x81, 0x05, 0x0a, 0x01};
+    const unsigned char *q = der;
+    ASN1_SEQUENCE_ANY *seq = NULL;
+    const ASN1_TYPE *pub;
+    size_t hl;
+    unsigned type = 0;
+    int n;
+
+    if (len < 2 || der[0] != 0x30)
+        return 0;
+    hl = der[1] < 0x80 ? 2 : 2 + (size_t)(der[1] & 0x7f);
+    if (len < hl + sizeof(tcg_keyfile_oid) + 1 ||
+        memcmp(der + hl, tcg_keyfile_oid, sizeof(tcg_keyfile_oid)) != 0)
+        return 0;
+    ERR_set_mark();
+    seq = d2i_ASN1_SEQUENCE_ANY(NULL, &q, (long)len);
+    ERR_pop_to_mark();
+    if (seq != NULL && (n = sk_ASN1_TYPE_num(seq)) >= 4 &&
+        (pub = sk_ASN1_TYPE_value(seq, n - 2))->type == V_ASN1_OCTET_STRING &&
+        pub->value.octet_string->length >= 4)
+        type = (unsigned)pub->value.octet_string->data[2] << 8 | pub->value.octet_string->data[3];
+    sk_ASN1_TYPE_pop_free(seq, ASN1_TYPE_free);
+    return type != 0 ? type : 1; /* 1: a TSS2 file whose key the backend will refuse */
+}
+
+/* The decoder of c's algorithm claims its keys; a TSS2 file whose key is neither EC nor RSA (or
+ * unreadable) is the EC decoder's, so that the user sees the backend's error once. */
+static int claims(const keyx_codec *c, unsigned type)
+{
+    if (type == 0x0023)
+        return c->alg == KEYX_ALG_EC;
+    if (type == 0x0001)
+        return c->alg == KEYX_ALG_RSA;
+    return c->alg == KEYX_ALG_EC;
+}
+
+static void load_failed(keyx_codec *c)
+{
+    keyx_event ev = {
+        .event = "load",
+        .backend = "tpm",
+        .alg = keyx_alg_name(c->alg),
+        .ephemeral = 0,
+        .ok = 0,
+        .error = "the TSS2 key file could not be loaded into the TPM",
+    };
+
+    keyx_event_emit(c->p, &ev);
+}
+
+static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
+                       void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg)
+{
+    keyx_codec *c = ctx;
+    BIO *mem;
+    char *name = NULL, *header = NULL;
+    unsigned char *pem_der = NULL, *data = NULL;
+    const unsigned char *der = NULL;
+    long len = 0;
+    keyx_backend *be;
+    void *handle = NULL;
+    EVP_PKEY *pub = NULL;
+    keyx_key *k;
+    unsigned type;
+    int ok = 1;
+
+    (void)selection;
+    (void)cb; /* keys with a password are refused: nothing to ask */
+    (void)cbarg;
+    if (!keyx_check_not_reentered(c->p, "a TSS2 key file"))
+        return 0;
+    if ((mem = keyx_core_bio_read_all(c->p, in)) == NULL)
+        return 0;
+    ERR_set_mark(); /* other formats fail to parse here: not an error of ours */
+    if (c->enc == KEYX_ENC_PEM) {
+        if (PEM_read_bio(mem, &name, &header, &pem_der, &len) > 0 &&
+            strcmp(name, TSS2_PEM_NAME) == 0)
+            der = pem_der;
+    } else {
+        len = BIO_get_mem_data(mem, &data);
+        der = len > 0 ? data : NULL;
+    }
+    ERR_pop_to_mark();
+    /* DER: only what starts like a TSS2 key is ours; PEM: everything named TSS2 PRIVATE KEY. */
+    type = der != NULL ? tpm_type_of(der, (size_t)len) : 0;
+    if (der != NULL && (type != 0 || c->enc == KEYX_ENC_PEM) && claims(c, type)) {
+        /* Ours: from here on a failure is the user's error. */
+        if ((be = keyx_router_backend(c->p->router, KEYX_BACKEND_TPM)) == NULL ||
+            keyx_backend_load_encoded(be, TSS2_PEM_NAME, der, (size_t)len, &handle, &pub) != 1) {
+            load_failed(c);
+            ok = 0;
+        } else {
+            k = keyx_key_adopt(c->p, be, handle, pub);
+            ok = k != NULL && keyx_key_pass(k, data_cb, data_cbarg);
+        }
+    }
+    OPENSSL_free(name);
+    OPENSSL_free(header);
+    OPENSSL_free(pem_der);
+    BIO_free(mem);
+    return ok;
+}
+
+#define FN(f) ((void (*)(void))(f))
+
+static int any_selection(void *provctx, int selection)
+{
+    (void)provctx;
+    (void)selection;
+    return 1;
+}
+
+#define TSS2_DECODER(lower, ALG, ENC, enc)                                                         \
+    static void *lower##_##enc##_newctx(void *provctx)                                             \
+    {                                                                                              \
+        return keyx_codec_new(provctx, ALG, ENC);                                                  \
+    }                                                                                              \
+    const OSSL_DISPATCH keyx_tss2_##enc##_to_##lower##_decoder[] = {                               \
+        {OSSL_FUNC_DECODER_NEWCTX, FN(lower##_##enc##_newctx)},                                    \
+        {OSSL_FUNC_DECODER_FREECTX, FN(keyx_codec_free)},                                          \
+        {OSSL_FUNC_DECODER_DOES_SELECTION, FN(any_selection)},                                     \
+        {OSSL_FUNC_DECODER_DECODE, FN(tss2_decode)},                                               \
+        {0, NULL},                                                                                 \
+    }
+
+TSS2_DECODER(ec, KEYX_ALG_EC, KEYX_ENC_PEM, pem);
+TSS2_DECODER(ec, KEYX_ALG_EC, KEYX_ENC_DER, der);
+TSS2_DECODER(rsa, KEYX_ALG_RSA, KEYX_ENC_PEM, pem);
+TSS2_DECODER(rsa, KEYX_ALG_RSA, KEYX_ENC_DER, der);
