@@ -125,7 +125,8 @@ def readpublic(tpm, tmp, handle):
 # ---- keyx-persist -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("group,handle", [("P-256", 0x81000020), ("P-384", 0x81000021)])
+@pytest.mark.parametrize("group,handle", [("P-256", 0x81000020), ("P-384", 0x81000021),
+                                          ("P-521", 0x81000026)], ids=["P-256", "P-384", "P-521"])
 def test_persist_ec(tpm, tmp, group, handle):
     evict(tpm, handle)
     log = tmp / "audit.jsonl"
