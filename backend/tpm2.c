@@ -774,7 +774,7 @@ static int tpm2_locator(void *state, void *handle, char **out)
 
 #define TSS2_FORMAT "TSS2 PRIVATE KEY"
 
-static int tpm2_load_encoded(void *state, const char *format, const unsigned char *der, size_t len,
+static int load_encoded_once(void *state, const char *format, const unsigned char *der, size_t len,
                              void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
@@ -877,6 +877,22 @@ out:
         EVP_PKEY_free(*pub);
         *pub = NULL;
     }
+    return r;
+}
+
+/* A TPM restarted since the last command: the key is loaded again on a new connection. */
+static int tpm2_load_encoded(void *state, const char *format, const unsigned char *der, size_t len,
+                             void **handle, EVP_PKEY **pub)
+{
+    int r;
+
+    ERR_set_mark();
+    r = load_encoded_once(state, format, der, len, handle, pub);
+    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return load_encoded_once(state, format, der, len, handle, pub);
+    }
+    ERR_clear_last_mark();
     return r;
 }
 
