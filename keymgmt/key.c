@@ -272,6 +272,28 @@ const char *keyx_key_backend_name(const keyx_key *k)
     return k->priv != NULL ? k->priv->be->ops->name : NULL;
 }
 
+int keyx_key_locator(keyx_key *k, char **out)
+{
+    keyx_priv *pv = k->priv;
+    int ok = 0;
+
+    *out = NULL;
+    if (pv == NULL) {
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY,
+                 "a public key has no location: only keys with "
+                 "their private part in a backend have one");
+        return 0;
+    }
+    if (!CRYPTO_THREAD_read_lock(pv->lock))
+        return 0;
+    if (pv->handle == NULL)
+        KEYX_ERR(k->prov, KEYX_R_KEY_USED_UP, "the key has been destroyed");
+    else
+        ok = keyx_backend_locator(pv->be, pv->handle, out) == 1;
+    CRYPTO_THREAD_unlock(pv->lock);
+    return ok;
+}
+
 int keyx_key_exports_private(const keyx_key *k)
 {
     return k->priv == NULL || k->priv->be->ops->exports_private;

@@ -52,6 +52,9 @@ int keyx_group_prime_order(const char *group);
 /* Audit/debug event about this key (keygen, load, ...); no-op when both are off. */
 void keyx_key_event(keyx_key *k, const char *event, int ok, const char *error);
 const char *keyx_key_backend_name(const keyx_key *k);
+/* Where k's private part lives, as its backend's load() takes it back (key reference files):
+ * *out OPENSSL_malloc'ed. 0 with an error for keys no locator names (ephemeral, software). */
+int keyx_key_locator(keyx_key *k, char **out);
 /* Bytes of a shared secret with this key's group (EC: field size, X25519 32, X448 56, DH |p|). */
 size_t keyx_key_secret_size(const keyx_key *k);
 /* Peer has our group and a valid public key; raises KEYX_R_KEY_MISMATCH / INVALID_PEER_KEY. */

@@ -7,6 +7,7 @@
 #include <openssl/provider.h>
 
 #include "backend/router.h"
+#include "encode/core_bio.h"
 #include "keymgmt/algtab.h"
 #include "keymgmt/domain_cache.h"
 #include "provider/audit.h"
@@ -17,15 +18,58 @@
 #define KEYX_PROPS "provider=keyx"
 
 /* Names and aliases exactly as the default provider's, so keyx can stand in for it. */
+#define NAME_EC "EC:id-ecPublicKey:1.2.840.10045.2.1"
+#define NAME_X25519 "X25519:1.3.101.110"
+#define NAME_X448 "X448:1.3.101.111"
+#define NAME_DH "DH:dhKeyAgreement:1.2.840.113549.1.3.1"
+#define NAME_RSA "RSA:rsaEncryption:1.2.840.113549.1.1.1"
+
 static const OSSL_ALGORITHM keyx_keymgmt[] = {
-    {"EC:id-ecPublicKey:1.2.840.10045.2.1", KEYX_PROPS, keyx_ec_keymgmt_functions,
-     "keyx EC key management"},
-    {"X25519:1.3.101.110", KEYX_PROPS, keyx_x25519_keymgmt_functions, "keyx X25519 key management"},
-    {"X448:1.3.101.111", KEYX_PROPS, keyx_x448_keymgmt_functions, "keyx X448 key management"},
-    {"DH:dhKeyAgreement:1.2.840.113549.1.3.1", KEYX_PROPS, keyx_dh_keymgmt_functions,
-     "keyx DH key management"},
-    {"RSA:rsaEncryption:1.2.840.113549.1.1.1", KEYX_PROPS, keyx_rsa_keymgmt_functions,
-     "keyx RSA key management"},
+    {NAME_EC, KEYX_PROPS, keyx_ec_keymgmt_functions, "keyx EC key management"},
+    {NAME_X25519, KEYX_PROPS, keyx_x25519_keymgmt_functions, "keyx X25519 key management"},
+    {NAME_X448, KEYX_PROPS, keyx_x448_keymgmt_functions, "keyx X448 key management"},
+    {NAME_DH, KEYX_PROPS, keyx_dh_keymgmt_functions, "keyx DH key management"},
+    {NAME_RSA, KEYX_PROPS, keyx_rsa_keymgmt_functions, "keyx RSA key management"},
+    {NULL, NULL, NULL, NULL},
+};
+
+/* Private keys out as key reference files (hardware) or PKCS#8 (software), public keys as
+ * SubjectPublicKeyInfo, and text: the encoders of keyx's own keys, which OpenSSL would otherwise
+ * have to export (refused for a hardware key's private part). */
+#define ENCODERS(NAME, lower)                                                                      \
+    {NAME, KEYX_PROPS ",output=der,structure=PrivateKeyInfo",                                      \
+     keyx_##lower##_to_keyref_der_encoder, "keyx key reference (DER) or PKCS#8"},                  \
+        {NAME, KEYX_PROPS ",output=pem,structure=PrivateKeyInfo",                                  \
+         keyx_##lower##_to_keyref_pem_encoder, "keyx key reference (PEM KEYX KEY) or PKCS#8"},     \
+        {NAME, KEYX_PROPS ",output=der,structure=SubjectPublicKeyInfo",                            \
+         keyx_##lower##_to_spki_der_encoder, "keyx public key (DER)"},                             \
+        {NAME, KEYX_PROPS ",output=pem,structure=SubjectPublicKeyInfo",                            \
+         keyx_##lower##_to_spki_pem_encoder, "keyx public key (PEM)"},                             \
+    {                                                                                              \
+        NAME, KEYX_PROPS ",output=text", keyx_##lower##_to_text_encoder, "keyx key as text"        \
+    }
+
+static const OSSL_ALGORITHM keyx_encoder[] = {
+    ENCODERS(NAME_EC, ec), ENCODERS(NAME_X25519, x25519), ENCODERS(NAME_X448, x448),
+    ENCODERS(NAME_DH, dh), ENCODERS(NAME_RSA, rsa),       {NULL, NULL, NULL, NULL},
+};
+
+/* Key reference files back into the hardware keys they name. */
+#define DECODERS(NAME, lower)                                                                      \
+    {NAME, KEYX_PROPS ",input=pem", keyx_keyref_pem_to_##lower##_decoder,                          \
+     "keyx key reference file (PEM KEYX KEY)"},                                                    \
+    {                                                                                              \
+        NAME, KEYX_PROPS ",input=der", keyx_keyref_der_to_##lower##_decoder,                       \
+            "keyx key reference file (DER)"                                                        \
+    }
+
+static const OSSL_ALGORITHM keyx_decoder[] = {
+    DECODERS(NAME_EC, ec),
+    DECODERS(NAME_X25519, x25519),
+    DECODERS(NAME_X448, x448),
+    DECODERS(NAME_DH, dh),
+    DECODERS(NAME_RSA, rsa),
+    /* TSS2 PRIVATE KEY decoders (encode/tss2_decoder.c) go here */
     {NULL, NULL, NULL, NULL},
 };
 
@@ -33,13 +77,13 @@ static const OSSL_ALGORITHM keyx_keyexch[] = {
     {"ECDH", KEYX_PROPS, keyx_ecdh_exchange_functions, "keyx ECDH"},
     {"X25519", KEYX_PROPS, keyx_x25519_exchange_functions, "keyx X25519"},
     {"X448", KEYX_PROPS, keyx_x448_exchange_functions, "keyx X448"},
-    {"DH:dhKeyAgreement:1.2.840.113549.1.3.1", KEYX_PROPS, keyx_dh_exchange_functions, "keyx DH"},
+    {NAME_DH, KEYX_PROPS, keyx_dh_exchange_functions, "keyx DH"},
     {NULL, NULL, NULL, NULL},
 };
 
 /* RSA key wrapping (wrap/): serves every RSA encryption of an application preferring keyx. */
 static const OSSL_ALGORITHM keyx_asym_cipher[] = {
-    {"RSA:rsaEncryption:1.2.840.113549.1.1.1", KEYX_PROPS, keyx_rsa_asym_cipher_functions,
+    {NAME_RSA, KEYX_PROPS, keyx_rsa_asym_cipher_functions,
      "keyx RSA (OAEP decryption in the key's backend)"},
     {NULL, NULL, NULL, NULL},
 };
@@ -73,6 +117,10 @@ static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no
         return keyx_kem;
     case OSSL_OP_STORE:
         return keyx_store;
+    case OSSL_OP_ENCODER:
+        return keyx_encoder;
+    case OSSL_OP_DECODER:
+        return keyx_decoder;
     default:
         return NULL;
     }
@@ -163,6 +211,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
         return 0;
     p->handle = handle;
     keyx_errors_init(p, in);
+    keyx_core_bio_init(p, in);
     for (const OSSL_DISPATCH *d = in; d->function_id != 0; d++)
         if (d->function_id == OSSL_FUNC_CORE_GET_PARAMS)
             core_get_params = OSSL_FUNC_core_get_params(d);

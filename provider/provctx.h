@@ -29,6 +29,9 @@ typedef struct keyx_provctx {
     OSSL_FUNC_core_new_error_fn *core_new_error;
     OSSL_FUNC_core_set_error_debug_fn *core_set_error_debug;
     OSSL_FUNC_core_vset_error_fn *core_vset_error;
+    /* Core BIO functions: encoders and decoders read and write the application's BIOs. */
+    OSSL_FUNC_BIO_read_ex_fn *core_bio_read_ex;
+    OSSL_FUNC_BIO_write_ex_fn *core_bio_write_ex;
 } keyx_provctx;
 
 #endif

@@ -1,0 +1,19 @@
+/* The application's BIOs as OpenSSL hands them to encoders and decoders (OSSL_CORE_BIO), through
+ * the core's upcalls: keyx's own library context cannot wrap them in BIOs of its own. */
+#ifndef KEYX_ENCODE_CORE_BIO_H
+#define KEYX_ENCODE_CORE_BIO_H
+
+#include <stddef.h>
+
+#include <openssl/core.h>
+
+#include "provider/provctx.h"
+
+/* Takes the core's BIO functions from the provider's in-dispatch. */
+void keyx_core_bio_init(keyx_provctx *p, const OSSL_DISPATCH *in);
+/* All that remains to read from in, in a memory BIO of keyx's (BIO_free it); NULL + error. */
+BIO *keyx_core_bio_read_all(keyx_provctx *p, OSSL_CORE_BIO *in);
+/* Writes what mem holds to out; 1 or 0 + error. */
+int keyx_core_bio_write_mem(keyx_provctx *p, OSSL_CORE_BIO *out, BIO *mem);
+
+#endif

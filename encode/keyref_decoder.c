@@ -1,0 +1,140 @@
+/* Key reference files in: PEM "KEYX KEY" or its DER, from PEM_read_bio_PrivateKey,
+ * SSL_CTX_use_PrivateKey_file, `-inkey file` and every other OpenSSL key reader. The key is
+ * loaded from the backend the file names and handed over by reference, after its public key has
+ * been checked against the one the file recorded. */
+#include <string.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "backend/call.h"
+#include "backend/router.h"
+#include "encode/core_bio.h"
+#include "encode/encode.h"
+#include "encode/keyref.h"
+#include "keymgmt/key.h"
+#include "provider/audit.h"
+#include "provider/errors.h"
+
+/* The reference in the input: 1 found, 0 not a reference file (passed over), -1 a "KEYX KEY"
+ * PEM that does not parse (error raised). */
+static int read_reference(keyx_codec *c, OSSL_CORE_BIO *in, keyx_keyref *r)
+{
+    BIO *mem = keyx_core_bio_read_all(c->p, in);
+    char *name = NULL, *header = NULL;
+    unsigned char *der = NULL, *data = NULL;
+    long len = 0;
+    int found = 0;
+
+    if (mem == NULL)
+        return -1;
+    ERR_set_mark(); /* other formats fail to parse here: not an error of ours */
+    if (c->enc == KEYX_ENC_PEM) {
+        if (PEM_read_bio(mem, &name, &header, &der, &len) > 0 &&
+            strcmp(name, KEYX_KEYREF_PEM_NAME) == 0) {
+            found = keyx_keyref_from_der(der, (size_t)len, r) ? 1 : -1;
+        }
+    } else {
+        len = BIO_get_mem_data(mem, &data);
+        found = len > 0 && keyx_keyref_from_der(data, (size_t)len, r);
+    }
+    ERR_pop_to_mark();
+    if (found < 0)
+        KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
+                 "malformed " KEYX_KEYREF_PEM_NAME " file: not a keyx key reference (version 1)");
+    OPENSSL_free(name);
+    OPENSSL_free(header);
+    OPENSSL_free(der);
+    BIO_free(mem);
+    return found;
+}
+
+static void load_failed(keyx_codec *c, const char *backend, const char *error)
+{
+    keyx_event ev = {
+        .event = "load",
+        .backend = backend,
+        .alg = keyx_alg_name(c->alg),
+        .ephemeral = 0,
+        .ok = 0,
+        .error = error,
+    };
+
+    keyx_event_emit(c->p, &ev);
+}
+
+static keyx_backend *backend_named(keyx_codec *c, const char *name)
+{
+    for (int kind = 0; kind < KEYX_BACKEND_KINDS; kind++)
+        if (kind != KEYX_BACKEND_SOFTWARE &&
+            strcmp(name, keyx_backend_kind_name((keyx_backend_kind)kind)) == 0)
+            return keyx_router_backend(c->p->router, (keyx_backend_kind)kind);
+    KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
+             "key reference file names backend \"%s\": expected tpm or pkcs11", name);
+    return NULL;
+}
+
+/* The key the reference names, checked against the recorded public key; NULL + error. */
+static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *recorded)
+{
+    keyx_backend *be = backend_named(c, r->backend);
+    void *handle = NULL;
+    EVP_PKEY *pub = NULL;
+
+    if (be == NULL)
+        return NULL;
+    if (be->ops->load == NULL || keyx_backend_load(be, r->locator, &handle, &pub) != 1) {
+        KEYX_ERR(c->p, KEYX_R_MISSING_KEY,
+                 "key reference file: the %s key \"%s\" could not be loaded (deleted, or another "
+                 "TPM or token?)",
+                 r->backend, r->locator);
+        load_failed(c, be->ops->name, "the key named by the reference file could not be loaded");
+        return NULL;
+    }
+    if (EVP_PKEY_eq(pub, recorded) != 1) {
+        keyx_backend_free(be, handle);
+        EVP_PKEY_free(pub);
+        KEYX_ERR(c->p, KEYX_R_KEY_MISMATCH,
+                 "key reference file: the %s key \"%s\" is not the key this file was written "
+                 "for (its public key differs): the key there was replaced",
+                 r->backend, r->locator);
+        load_failed(c, be->ops->name, "the key named by the reference file was replaced");
+        return NULL;
+    }
+    return keyx_key_adopt(c->p, be, handle, pub);
+}
+
+int keyx_keyref_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
+                       void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg)
+{
+    keyx_codec *c = ctx;
+    keyx_keyref r;
+    EVP_PKEY *recorded = NULL;
+    const unsigned char *p;
+    keyx_key *k;
+    int found, ok = 1;
+
+    (void)selection;
+    (void)cb; /* a reference file is not encrypted; PINs come from the configuration */
+    (void)cbarg;
+    if (!keyx_check_not_reentered(c->p, "a key reference file"))
+        return 0;
+    if ((found = read_reference(c, in, &r)) <= 0)
+        return found == 0; /* not ours: the next decoder tries */
+    p = r.spki;
+    recorded = d2i_PUBKEY_ex(NULL, &p, (long)r.spkilen, c->p->libctx, NULL);
+    if (recorded == NULL || p != r.spki + r.spkilen) {
+        KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
+                 "malformed " KEYX_KEYREF_PEM_NAME " file: its public key does not parse");
+        ok = 0;
+    } else if (EVP_PKEY_is_a(recorded, keyx_alg_name(c->alg))) {
+        /* Decoders of the other algorithms pass it over. */
+        k = load_reference(c, &r, recorded);
+        ok = k != NULL && keyx_key_pass(k, data_cb, data_cbarg);
+    }
+    EVP_PKEY_free(recorded);
+    keyx_keyref_clear(&r);
+    return ok;
+}
