@@ -122,6 +122,109 @@ def readpublic(tpm, tmp, handle):
     return r.out, pem
 
 
+# An application reading a private key file with PEM_read_bio_PrivateKey_ex (PEM) or
+# d2i_PrivateKey_ex_bio (DER) in its own library context (openssl.cnf argv[1]), then deriving with
+# a peer's public key or decrypting RSA-OAEP-SHA256; the result goes to a file, never to output.
+APP = r"""
+import ctypes, sys
+from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
+L = ctypes.CDLL("libcrypto.so.3")
+def fn(name, res, *args):
+    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
+LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
+LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
+LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
+bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
+bio_free = fn("BIO_free", c_int, c_void_p)
+read_pem = fn("PEM_read_bio_PrivateKey_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+read_der = fn("d2i_PrivateKey_ex_bio", c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+read_pub = fn("PEM_read_bio_PUBKEY_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
+CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
+d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
+d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
+d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
+dec_init = fn("EVP_PKEY_decrypt_init", c_int, c_void_p)
+set_pad = fn("EVP_PKEY_CTX_set_rsa_padding", c_int, c_void_p, c_int)
+set_md = fn("EVP_PKEY_CTX_set_rsa_oaep_md_name", c_int, c_void_p, c_char_p, c_char_p)
+decrypt = fn("EVP_PKEY_decrypt", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
+pkey_free = fn("EVP_PKEY_free", None, c_void_p)
+write_pem = fn("PEM_write_bio_PrivateKey", c_int, c_void_p, c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_void_p)
+get_prov = fn("EVP_PKEY_get0_provider", c_void_p, c_void_p)
+prov_name = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
+get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
+def fail(stage):
+    msgs = []
+    while True:
+        f, l, func, data, flags = c_char_p(), c_int(), c_char_p(), c_char_p(), c_int()
+        e = get_err(byref(f), byref(l), byref(func), byref(data), byref(flags))
+        if not e: break
+        msgs.append(f"{func.value.decode() if func.value else ''}:{data.value.decode() if data.value else ''}")
+    print(f"err {stage}: " + " | ".join(msgs), file=sys.stderr)
+    # a clean exit: keyx flushes what it holds in the TPM when its library context goes
+    # (without a resource manager nothing else would)
+    for k in held:
+        pkey_free(k)
+    LIB_free(ctx)
+    sys.exit(1)
+held = []
+cnf, mode, keyfile, arg, out = sys.argv[1:6]
+ctx = LIB_new()
+if LIB_load(ctx, cnf.encode()) != 1: fail("config")
+b = bio_file(keyfile.encode(), b"rb")
+key = (read_der(b, None, ctx, None) if keyfile.endswith(".der")
+       else read_pem(b, None, None, None, ctx, None))
+bio_free(b)
+if not key: fail("read key")
+held.append(key)
+print("provider", prov_name(get_prov(key)).decode())
+c = CTX_pkey(ctx, key, None)
+buf = ctypes.create_string_buffer(1024)
+n = c_size_t(len(buf))
+if mode == "derive":
+    b = bio_file(arg.encode(), b"rb")
+    peer = read_pub(b, None, None, None, ctx, None)
+    bio_free(b)
+    held.append(peer)
+    if not peer or d_init(c) != 1 or d_peer(c, peer) != 1 or d_derive(c, buf, byref(n)) != 1:
+        fail("derive")
+elif mode == "write":
+    b = bio_file(out.encode(), b"wb")
+    if write_pem(b, key, None, None, 0, None, None) != 1: fail("write key")
+    bio_free(b)
+    sys.exit(0)
+else:
+    ct = open(arg, "rb").read()
+    if (dec_init(c) != 1 or set_pad(c, 4) != 1 or set_md(c, b"SHA256", None) != 1
+            or decrypt(c, buf, byref(n), ct, len(ct)) != 1):
+        fail("decrypt")
+open(out, "wb").write(buf.raw[:n.value])
+CTX_free(c)
+for k in held:
+    pkey_free(k)
+LIB_free(ctx)
+"""
+
+
+def app(env, tmp, mode, keyfile, arg):
+    """(result bytes, Result) of APP: mode derive (arg: peer public PEM) or decrypt (arg: the
+    ciphertext file); the openssl.cnf is env's."""
+    script = tmp / "app.py"
+    script.write_text(APP)
+    out = tmp / "app.out"
+    if out.exists():
+        out.unlink()
+    r = kxutil.run(["/usr/bin/python3", script, env["OPENSSL_CONF"], mode, keyfile, arg, out],
+                   env=env)
+    return (out.read_bytes() if r.rc == 0 else None), r
+
+
+def app_ok(env, tmp, mode, keyfile, arg):
+    got, r = app(env, tmp, mode, keyfile, arg)
+    assert r.rc == 0 and "provider keyx" in r.out, f"application {mode} with {keyfile}:\n{r!r}"
+    return got
+
+
 # ---- keyx-persist -----------------------------------------------------------------------------
 
 
@@ -149,7 +252,7 @@ def test_persist_ec(tpm, tmp, group, handle):
         # the default provider, with the peer's private key and the TPM's public key, agrees too
         assert derive(base_env(), tmp, priv, tpm_pub) == want
         assert derive(env, tmp, uri, pub) == want, f"{group}: keyx by handle and tpm2_ecdhzgen differ"
-        assert derive(env, tmp, ref, pub) == want, f"{group}: keyx by reference file differs"
+        assert app_ok(env, tmp, "derive", ref, pub) == want, f"{group}: by reference file differs"
     events = kxutil.read_audit(log)
     kxutil.check_audit_schema(events)
     gens = [e for e in events if e["event"] == "keygen"]
@@ -172,7 +275,7 @@ def test_persist_rsa(tpm, tmp):
     msg = os.urandom(32)
     ct = oaep_encrypt(tmp, tpm_pub, msg)
     assert oaep_decrypt(env, tmp, f"keyx:tpm:handle=0x{handle:08x}", ct) == msg
-    assert oaep_decrypt(env, tmp, ref, ct) == msg
+    assert app_ok(env, tmp, "decrypt", ref, ct) == msg
     assert f"0x{handle:x}" in persistent_handles(tpm)
 
 
@@ -225,19 +328,19 @@ def test_persistent_key_survives_and_reference_names_it(tpm, tmp):
     env = keyx_env(tmp, tpm)
     ref = tmp / "ref.pem"
     genpkey_persist(env, ref, "EC", handle, "P-256").ok("genpkey")
-    pub = tmp / "pub.pem"
-    openssl("pkey", "-in", ref, "-pubout", "-out", pub, env=env).ok("public key of the reference")
-    _, tpm_pub = readpublic(tpm, tmp, handle)
-    assert pub.read_text() == tpm_pub.read_text()
+    _, pub, point = peer_point(tmp, "P-256", "peer")
+    want = ecdhzgen(tpm, tmp, f"0x{handle:x}", point, "P-256")
+    assert app_ok(env, tmp, "derive", ref, pub) == want
     evict(tpm, handle)
-    r = openssl("pkey", "-in", ref, "-pubout", env=env)
-    assert r.rc != 0 and f"handle=0x{handle:08x}" in r.err, r
+    got, r = app(env, tmp, "derive", ref, pub)
+    assert got is None and f"handle=0x{handle:08x}" in r.err, r
 
 
 # ---- TSS2 PRIVATE KEY files -------------------------------------------------------------------
 
 
 def tpm2_openssl_genpkey(tpm, out, alg, *opts):
+    tpm.flush_transient()  # tpm2-openssl needs two free slots and reclaims none
     args = ["genpkey", "-provider", "tpm2", "-provider", "base", "-algorithm", alg]
     for o in opts:
         args += ["-pkeyopt", o]
@@ -273,15 +376,25 @@ def test_tss2_ec_key_from_tpm2_openssl(tpm, tmp):
                         "default", "-propquery", "?provider=tpm2")
         independent = derive(base_env(), tmp, priv, kpub)
         assert theirs == independent, "tpm2-openssl and the default provider disagree"
-        mine = derive(env, tmp, key, pub, "-provider", "keyx", "-provider", "default")
-        assert mine == independent, "keyx's secret with the TSS2 key differs"
-        assert derive(env, tmp, der, pub, "-keyform", "DER") == independent, "DER form differs"
+        assert app_ok(env, tmp, "derive", key, pub) == independent, "keyx's secret differs"
+        assert app_ok(env, tmp, "derive", der, pub) == independent, "DER form differs"
     events = kxutil.read_audit(log)
     kxutil.check_audit_schema(events)
-    assert [e["backend"] for e in events if e["event"] == "derive"] == ["tpm"] * 4, events
+    assert [(e["backend"], e["ephemeral"]) for e in events if e["event"] == "derive"] == [
+        ("tpm", False)] * 4, events
     # Transient objects only: nothing made persistent, nothing left loaded.
     assert not tpm.tools("tpm2_getcap", "handles-transient").out.strip()
-    # keyx's public export equals tpm2-openssl's
+
+
+def test_tss2_key_with_openssl_inkey(tpm, tmp):
+    """`openssl pkeyutl -inkey k.pem` reads files through OpenSSL's file: STORE (the default
+    provider's), which takes keys by reference only from keymgmts of its own provider."""
+    key = tpm2_openssl_genpkey(tpm, tmp / "k.pem", "EC", "group:P-256")
+    kpub = tpm2_openssl_pubkey(tpm, key, tmp / "k.pub")
+    priv, pub, _ = peer_point(tmp, "P-256", "peer")
+    env = keyx_env(tmp, tpm)
+    assert derive(env, tmp, key, pub, "-provider", "keyx", "-provider", "default") == derive(
+        base_env(), tmp, priv, kpub)
     mine = tmp / "mine.pub"
     openssl("pkey", "-in", key, "-pubout", "-out", mine, env=env).ok("keyx public key")
     assert mine.read_text() == kpub.read_text()
@@ -293,19 +406,19 @@ def test_tss2_rsa_key_from_tpm2_openssl(tpm, tmp):
     env = keyx_env(tmp, tpm)
     msg = os.urandom(24)
     ct = oaep_encrypt(tmp, kpub, msg)
-    assert oaep_decrypt(env, tmp, key, ct) == msg
+    assert app_ok(env, tmp, "decrypt", key, ct) == msg
 
 
 def test_tss2_key_with_password_is_refused(tpm, tmp):
     key = tpm2_openssl_genpkey(tpm, tmp / "a.pem", "EC", "group:P-256", "user-auth:x")
     _, pub, _ = peer_point(tmp, "P-256", "peer")
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", pub, env=keyx_env(tmp, tpm))
-    assert r.rc != 0 and "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
+    got, r = app(keyx_env(tmp, tpm), tmp, "derive", key, pub)
+    assert got is None and "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
 
 
 def test_tss2_key_has_no_locator(tpm, tmp):
     key = tpm2_openssl_genpkey(tpm, tmp / "k.pem", "EC", "group:P-256")
-    r = openssl("pkey", "-in", key, "-out", tmp / "ref.pem", env=keyx_env(tmp, tpm))
+    got, r = app(keyx_env(tmp, tpm), tmp, "write", key, "-")
     assert r.rc != 0 and "a key loaded from a TSS2 key file has no locator" in r.err, r
 
 
@@ -313,8 +426,8 @@ def test_tss2_key_of_another_tpm(tpm, swtpm_factory, tmp):
     key = tpm2_openssl_genpkey(tpm, tmp / "k.pem", "EC", "group:P-256")
     other = swtpm_factory()
     _, pub, _ = peer_point(tmp, "P-256", "peer")
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", pub, env=keyx_env(tmp, other))
-    assert r.rc != 0 and "this TPM cannot load the TSS2 key under its parent 0x40000001" in r.err, r
+    got, r = app(keyx_env(tmp, other), tmp, "derive", key, pub)
+    assert got is None and "this TPM cannot load the TSS2 key under its parent 0x40000001" in r.err, r
 
 
 # TSS2 files written here from tpm2-tools objects (tpm2_create's TPM2B_PUBLIC / TPM2B_PRIVATE):
@@ -383,15 +496,17 @@ def test_tss2_key_under_persistent_parent(tpm, tmp):
     _, peer, point = peer_point(tmp, "P-256", "peer")
     want = ecdhzgen(tpm, tmp, tmp / "child.ctx", point, "P-256")
     tpm.flush_transient()
-    assert derive(keyx_env(tmp, tpm), tmp, key, peer) == want
+    env = keyx_env(tmp, tpm)
+    assert app_ok(env, tmp, "derive", key, peer) == want
     assert not tpm.tools("tpm2_getcap", "handles-transient").out.strip()
     # the same key under an owner parent it does not belong to
     key.write_text(tss2_pem(tss2_der(pub, priv, 0x40000001)))
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", peer, env=keyx_env(tmp, tpm))
-    assert r.rc != 0 and "cannot load the TSS2 key under its parent 0x40000001" in r.err, r
+    got, r = app(env, tmp, "derive", key, peer)
+    assert got is None and "cannot load the TSS2 key under its parent 0x40000001" in r.err, r
     key.write_text(tss2_pem(tss2_der(pub, priv, 0x81000077)))
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", peer, env=keyx_env(tmp, tpm))
-    assert r.rc != 0 and "the key file's parent, persistent key 0x81000077, is not in this TPM" in r.err, r
+    got, r = app(env, tmp, "derive", key, peer)
+    assert (got is None and "the key file's parent, persistent key 0x81000077, is not in this TPM"
+            in r.err), r
 
 
 def test_tss2_sign_only_key_refused_for_derive(tpm, tmp):
@@ -400,11 +515,10 @@ def test_tss2_sign_only_key_refused_for_derive(tpm, tmp):
     key = tmp / "signer.pem"
     key.write_text(tss2_pem(tss2_der(pub, priv, 0x40000001)))
     _, peer, _ = peer_point(tmp, "P-256", "peer")
-    env = keyx_env(tmp, tpm)
-    # it loads (a signing key), and keyx's public key is the TPM's
-    openssl("pkey", "-in", key, "-pubout", env=env).ok("sign-only key loads")
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", peer, env=env)
-    assert r.rc != 0 and "this TPM key cannot do key agreement (ECDH_ZGen)" in r.err, r
+    got, r = app(keyx_env(tmp, tpm), tmp, "derive", key, peer)
+    # it loads (a signing key, for issue 7), and refuses key agreement
+    assert "provider keyx" in r.out, r
+    assert got is None and "this TPM key cannot do key agreement (ECDH_ZGen)" in r.err, r
 
 
 def test_tss2_malformed_and_foreign_files(tpm, tmp):
@@ -424,5 +538,5 @@ def test_tss2_malformed_and_foreign_files(tpm, tmp):
     for i, (der, msg) in enumerate(cases):
         f = tmp / f"bad{i}.pem"
         f.write_text(tss2_pem(der))
-        r = openssl("pkeyutl", "-derive", "-inkey", f, "-peerkey", peer, env=env)
-        assert r.rc != 0 and msg in r.err, f"case {i}:\n{r!r}"
+        got, r = app(env, tmp, "derive", f, peer)
+        assert got is None and msg in r.err, f"case {i}:\n{r!r}"
