@@ -392,9 +392,12 @@ def test_tss2_key_with_openssl_inkey(tpm, tmp):
     key = tpm2_openssl_genpkey(tpm, tmp / "k.pem", "EC", "group:P-256")
     kpub = tpm2_openssl_pubkey(tpm, key, tmp / "k.pub")
     priv, pub, _ = peer_point(tmp, "P-256", "peer")
-    env = keyx_env(tmp, tpm)
+    # keyx configured (backends = tpm) but loaded by the command line, as the issue shows it
+    env = base_env(OPENSSL_CONF=tpm_cnf(tmp / "cli.cnf", tpm, prefer=False, activate_keyx=False,
+                                        default=False))
     assert derive(env, tmp, key, pub, "-provider", "keyx", "-provider", "default") == derive(
         base_env(), tmp, priv, kpub)
+    env = keyx_env(tmp, tpm)
     mine = tmp / "mine.pub"
     openssl("pkey", "-in", key, "-pubout", "-out", mine, env=env).ok("keyx public key")
     assert mine.read_text() == kpub.read_text()
