@@ -22,6 +22,9 @@ typedef struct keyx_tpmkey_st {
     ASN1_BOOLEAN empty_auth; /* -1: absent */
     ASN1_TYPE *policy;       /* SEQUENCE OF TPMPolicy; only its presence matters here */
     ASN1_OCTET_STRING *secret;
+    ASN1_TYPE *auth_policy;       /* [3] SEQUENCE OF TPMAuthPolicy (later versions of the format) */
+    ASN1_UTF8STRING *description; /* [4] */
+    ASN1_BOOLEAN rsa_parent;      /* [5] TRUE: the owner primary is RSA; -1: absent */
     ASN1_INTEGER *parent;
     ASN1_OCTET_STRING *pubkey;
     ASN1_OCTET_STRING *privkey;
@@ -33,6 +36,9 @@ ASN1_SEQUENCE(KEYX_TPMKEY) = {
     ASN1_EXP_OPT(KEYX_TPMKEY, empty_auth, ASN1_BOOLEAN, 0),
     ASN1_EXP_OPT(KEYX_TPMKEY, policy, ASN1_ANY, 1),
     ASN1_EXP_OPT(KEYX_TPMKEY, secret, ASN1_OCTET_STRING, 2),
+    ASN1_EXP_OPT(KEYX_TPMKEY, auth_policy, ASN1_ANY, 3),
+    ASN1_EXP_OPT(KEYX_TPMKEY, description, ASN1_UTF8STRING, 4),
+    ASN1_EXP_OPT(KEYX_TPMKEY, rsa_parent, ASN1_BOOLEAN, 5),
     ASN1_SIMPLE(KEYX_TPMKEY, parent, ASN1_INTEGER),
     ASN1_SIMPLE(KEYX_TPMKEY, pubkey, ASN1_OCTET_STRING),
     ASN1_SIMPLE(KEYX_TPMKEY, privkey, ASN1_OCTET_STRING),
@@ -81,11 +87,18 @@ int tpm_keyfile_parse(keyx_provctx *p, const unsigned char *der, size_t len, tpm
                  "password to empty with tpm2_changeauth)");
         goto done;
     }
-    if (k->policy != NULL || k->secret != NULL) {
+    if (k->policy != NULL || k->secret != NULL || k->auth_policy != NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                  "tpm: this TSS2 key is bound to a policy%s: keyx loads only keys authorized by "
                  "an empty password",
                  k->secret != NULL ? " and carries an import secret" : "");
+        goto done;
+    }
+    if (k->rsa_parent > 0) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TSS2 key was made under an RSA storage primary (rsaParent): keyx "
+                 "loads keys under the ECC P-256 storage primary that tpm2-openssl uses, or under "
+                 "a persistent parent");
         goto done;
     }
     if (!ASN1_INTEGER_get_uint64(&parent, k->parent) || parent > UINT32_MAX) {

@@ -1,10 +1,16 @@
 /* TSS2 PRIVATE KEY files (the key file format of tpm2-openssl, openssl_tpm2_engine and
- * tpm2-tss-engine): the DER of
- *   TPMKey ::= SEQUENCE { type OBJECT IDENTIFIER (2.23.133.10.1.3: a loadable key),
- *                         emptyAuth [0] EXPLICIT BOOLEAN OPTIONAL, policy [1] EXPLICIT ...
- * OPTIONAL, secret [2] EXPLICIT OCTET STRING OPTIONAL, parent INTEGER, pubkey OCTET STRING
- * (TPM2B_PUBLIC), privkey OCTET STRING (TPM2B_PRIVATE) } keyx loads keys without a password or
- * policy only. */
+ * tpm2-tss-engine): the DER of TPMKey, a SEQUENCE of
+ *   type        OBJECT IDENTIFIER (2.23.133.10.1.3: a loadable key),
+ *   emptyAuth   [0] EXPLICIT BOOLEAN OPTIONAL,
+ *   policy      [1] EXPLICIT SEQUENCE OF TPMPolicy OPTIONAL,
+ *   secret      [2] EXPLICIT OCTET STRING OPTIONAL,
+ *   authPolicy  [3] EXPLICIT SEQUENCE OF TPMAuthPolicy OPTIONAL,
+ *   description [4] EXPLICIT UTF8String OPTIONAL,
+ *   rsaParent   [5] EXPLICIT BOOLEAN OPTIONAL,
+ *   parent      INTEGER (a TPM handle),
+ *   pubkey      OCTET STRING (TPM2B_PUBLIC),
+ *   privkey     OCTET STRING (TPM2B_PRIVATE).
+ * keyx loads keys without a password or policy only. */
 #ifndef KEYX_BACKEND_TPM2_KEYFILE_H
 #define KEYX_BACKEND_TPM2_KEYFILE_H
 

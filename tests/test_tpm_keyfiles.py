@@ -447,7 +447,8 @@ def _der(tag, body):
     return bytes([tag]) + ln + body
 
 
-def tss2_der(pub, priv, parent, empty_auth=True, oid=b"\x67\x81\x05\x0a\x01\x03", policy=False):
+def tss2_der(pub, priv, parent, empty_auth=True, oid=b"\x67\x81\x05\x0a\x01\x03", policy=False,
+             description=None, rsa_parent=None):
     p = parent.to_bytes(5, "big").lstrip(b"\0")
     if p[0] & 0x80:
         p = b"\0" + p
@@ -456,6 +457,10 @@ def tss2_der(pub, priv, parent, empty_auth=True, oid=b"\x67\x81\x05\x0a\x01\x03"
         body += _der(0xA0, _der(0x01, b"\xff" if empty_auth else b"\0"))
     if policy:
         body += _der(0xA1, _der(0x30, _der(0x30, _der(0xA0, _der(0x02, b"\x01")))))
+    if description is not None:
+        body += _der(0xA4, _der(0x0C, description.encode()))
+    if rsa_parent is not None:
+        body += _der(0xA5, _der(0x01, b"\xff" if rsa_parent else b"\0"))
     body += _der(0x02, p) + _der(0x04, pub) + _der(0x04, priv)
     return _der(0x30, body)
 
@@ -493,7 +498,8 @@ def test_tss2_key_under_persistent_parent(tpm, tmp):
     pub, priv = make_tools_key(tpm, tmp, "decrypt|fixedtpm|fixedparent|sensitivedataorigin|"
                                "userwithauth|noda", "child", parent_handle=srk)
     key = tmp / "child.pem"
-    key.write_text(tss2_pem(tss2_der(pub, priv, srk)))
+    # with the later format's optional fields (a description, rsaParent FALSE)
+    key.write_text(tss2_pem(tss2_der(pub, priv, srk, description="srv key", rsa_parent=False)))
     tpm.tools("tpm2_load", "-Q", "-C", f"0x{srk:x}", "-u", tmp / "child.pub", "-r",
               tmp / "child.priv", "-c", tmp / "child.ctx")
     _, peer, point = peer_point(tmp, "P-256", "peer")
@@ -535,6 +541,8 @@ def test_tss2_malformed_and_foreign_files(tpm, tmp):
         (tss2_der(pub, priv, 0x40000001, oid=b"\x67\x81\x05\x0a\x01\x05"),
          "holds sealed data (OID 2.23.133.10.1.5), not a loadable key"),
         (tss2_der(pub[:-3], priv, 0x40000001), "pubkey is not a TPM2B_PUBLIC"),
+        (tss2_der(pub, priv, 0x40000001, rsa_parent=True),
+         "this TSS2 key was made under an RSA storage primary (rsaParent)"),
         (_der(0x30, _der(0x06, b"\x67\x81\x05\x0a\x01\x03") + _der(0x02, b"\x01")),
          "not a TSS2 PRIVATE KEY: the DER does not have the TPMKey structure"),
     ]
