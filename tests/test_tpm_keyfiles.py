@@ -551,3 +551,28 @@ def test_tss2_malformed_and_foreign_files(tpm, tmp):
         f.write_text(tss2_pem(der))
         got, r = app(env, tmp, "derive", f, peer)
         assert got is None and msg in r.err, f"case {i}:\n{r!r}"
+
+
+def test_tpm_parent_config(tpm, tmp):
+    """With tpm-parent (a persistent RSA storage key), keyx-persist keys are made under it, and
+    TSS2 files naming the owner hierarchy still load under the owner's ECC primary (made for the
+    load and flushed after it)."""
+    srk = 0x81000031
+    if f"0x{srk:x}" not in persistent_handles(tpm):
+        tpm.flush_transient()
+        tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", tmp / "p.ctx")
+        tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "p.ctx", f"0x{srk:x}")
+        tpm.flush_transient()
+    env = keyx_env(tmp, tpm, **{"tpm-parent": f"0x{srk:x}"})
+    handle = 0x81000027
+    evict(tpm, handle)
+    genpkey_persist(env, tmp / "ref.pem", "EC", handle, "P-256").ok("genpkey under tpm-parent")
+    _, pub, point = peer_point(tmp, "P-256", "peer")
+    want = ecdhzgen(tpm, tmp, f"0x{handle:x}", point, "P-256")
+    assert derive(env, tmp, f"keyx:tpm:handle=0x{handle:08x}", pub) == want
+
+    key = tpm2_openssl_genpkey(tpm, tmp / "k.pem", "EC", "group:P-256")
+    kpub = tpm2_openssl_pubkey(tpm, key, tmp / "k.pub")
+    priv, pub, _ = peer_point(tmp, "P-256", "peer2")
+    assert app_ok(env, tmp, "derive", key, pub) == derive(base_env(), tmp, priv, kpub)
+    assert not tpm.tools("tpm2_getcap", "handles-transient").out.strip()
