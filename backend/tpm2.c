@@ -488,6 +488,22 @@ static int parse_locator(keyx_provctx *p, const char *locator, TPM2_HANDLE *h)
     return 1;
 }
 
+/* Inside begin/end: *used = 1 if a persistent object lives at h (asked of the handle list:
+ * ReadPublic on a free handle makes ESYS print errors of its own). 1, or the tpm_fail result. */
+static int persistent_in_use(tpm_dev *d, ESYS_CONTEXT *ctx, TPM2_HANDLE h, int *used)
+{
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
+    TSS2_RC rc = Esys_GetCapability(ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
+                                    h, 1, &more, &cap);
+
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "reading the persistent handles (GetCapability)");
+    *used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
+    Esys_Free(cap);
+    return 1;
+}
+
 static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
@@ -500,7 +516,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     TPMA_OBJECT attrs;
     tpm_key *k;
     TSS2_RC rc;
-    int r;
+    int r, used = 0;
 
     *handle = NULL;
     *pub = NULL;
@@ -508,6 +524,15 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
+    if ((r = persistent_in_use(d, ctx, h, &used)) != 1 || !used) {
+        if (r == 1)
+            KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                     "tpm: no persistent key at handle 0x%08X: list them with tpm2_getcap "
+                     "handles-persistent",
+                     (unsigned)h);
+        tpm_end(d);
+        return r == 1 ? 0 : r;
+    }
     TPM_CALL(d, NULL, rc,
              Esys_TR_FromTPMPublic(ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr));
     if (rc != TSS2_RC_SUCCESS) {
@@ -651,10 +676,8 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
     TPM2B_PRIVATE *outpriv = NULL;
     ESYS_CONTEXT *ctx;
     ESYS_TR tr = ESYS_TR_NONE, ptr = ESYS_TR_NONE;
-    TPMS_CAPABILITY_DATA *cap = NULL;
-    TPMI_YES_NO more = 0;
     char locator[32];
-    int used;
+    int used = 0;
     TSS2_RC rc;
     int r;
 
@@ -677,16 +700,10 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
-    /* In use? (Asked of the handle list: ReadPublic on a free handle makes ESYS log errors.) */
-    rc = Esys_GetCapability(ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES, h, 1,
-                            &more, &cap);
-    if (rc != TSS2_RC_SUCCESS) {
-        r = tpm_fail(d, rc, "checking the persistent handle (GetCapability)");
+    if ((r = persistent_in_use(d, ctx, h, &used)) != 1) {
         tpm_end(d);
         return r;
     }
-    used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
-    Esys_Free(cap);
     if (used) {
         tpm_end(d);
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
