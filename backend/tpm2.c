@@ -488,22 +488,6 @@ static int parse_locator(keyx_provctx *p, const char *locator, TPM2_HANDLE *h)
     return 1;
 }
 
-/* Inside begin/end: *used = 1 if a persistent object lives at h (asked of the handle list:
- * ReadPublic on a free handle makes ESYS print errors of its own). 1, or the tpm_fail result. */
-static int persistent_in_use(tpm_dev *d, ESYS_CONTEXT *ctx, TPM2_HANDLE h, int *used)
-{
-    TPMS_CAPABILITY_DATA *cap = NULL;
-    TPMI_YES_NO more = 0;
-    TSS2_RC rc = Esys_GetCapability(ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_HANDLES,
-                                    h, 1, &more, &cap);
-
-    if (rc != TSS2_RC_SUCCESS)
-        return tpm_fail(d, rc, "reading the persistent handles (GetCapability)");
-    *used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
-    Esys_Free(cap);
-    return 1;
-}
-
 static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
@@ -524,7 +508,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
-    if ((r = persistent_in_use(d, ctx, h, &used)) != 1 || !used) {
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1 || !used) {
         if (r == 1)
             KEYX_ERR(p, KEYX_R_MISSING_KEY,
                      "tpm: no persistent key at handle 0x%08X: list them with tpm2_getcap "
@@ -700,7 +684,7 @@ static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **hand
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
-    if ((r = persistent_in_use(d, ctx, h, &used)) != 1) {
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1) {
         tpm_end(d);
         return r;
     }

@@ -617,6 +617,21 @@ ESYS_TR tpm_parent(tpm_dev *d)
     return d->parent;
 }
 
+int tpm_persistent_in_use(tpm_dev *d, TPM2_HANDLE h, int *used)
+{
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
+    TSS2_RC rc = Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    TPM2_CAP_HANDLES, h, 1, &more, &cap);
+
+    *used = 0;
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "reading the persistent handles (GetCapability)");
+    *used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
+    Esys_Free(cap);
+    return 1;
+}
+
 #define RELEASE_FLUSH 1 /* a primary made for this load */
 #define RELEASE_CLOSE 2 /* a persistent handle opened for this load */
 
@@ -627,6 +642,7 @@ int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release)
     TPM2B_DATA outside = {0};
     TPML_PCR_SELECTION pcrs = {0};
     TSS2_RC rc;
+    int r, used = 0;
 
     *tr = ESYS_TR_NONE;
     *release = 0;
@@ -657,6 +673,15 @@ int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release)
     if (d->p->cfg.tpm_parent == h && !d->parent_owned) {
         *tr = d->parent;
         return 1;
+    }
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1)
+        return r;
+    if (!used) {
+        KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                 "tpm: the key file's parent, persistent key 0x%08X, is not in this TPM: the "
+                 "file can only be loaded on the TPM that made it, with its parent in place",
+                 (unsigned)h);
+        return 0;
     }
     rc = Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, tr);
     if (rc != TSS2_RC_SUCCESS) {

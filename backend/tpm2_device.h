@@ -63,6 +63,9 @@ ESYS_TR tpm_parent(tpm_dev *d);
  * primary tpm2-openssl and the TSS2 key file convention use (keyx's cached storage parent when it
  * is that primary, else one made now); a persistent handle 0x81xxxxxx: that key. 1 with *tr
  * (release it with tpm_release_parent), else 0/KEYX_BACKEND_DOWN with an error raised. */
+/* Inside begin/end: *used = 1 if a persistent object lives at h (asked of the handle list:
+ * ReadPublic on a free handle makes ESYS print errors of its own). 1, or the tpm_fail result. */
+int tpm_persistent_in_use(tpm_dev *d, TPM2_HANDLE h, int *used);
 int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release);
 void tpm_release_parent(tpm_dev *d, ESYS_TR tr, int release);
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
