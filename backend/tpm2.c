@@ -30,7 +30,8 @@ typedef struct tpm_key {
     tpm_obj obj;
     const tpm_curve *curve; /* EC keys; NULL for RSA */
     size_t nlen;            /* RSA keys: modulus bytes; 0 for EC */
-    int from_file;          /* loaded from a TSS2 key file (a transient object) */
+    tpm_keyfile *file;      /* loaded from a TSS2 key file (a transient object, loaded again
+                               when the TPM lost it); NULL for other keys */
     int no_decrypt;         /* TSS2 keys: not an unrestricted decrypt key (e.g. sign only) */
 } tpm_key;
 
@@ -451,17 +452,25 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     return r;
 }
 
+static int file_key_refresh(tpm_dev *d, tpm_key *k);
+
 static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                        size_t secretlen)
 {
     tpm_key *k = handle;
     int r;
 
+    if (k->file != NULL && (r = file_key_refresh(state, k)) != 1)
+        return r;
     ERR_set_mark();
     r = derive_once(state, handle, peer, secret, secretlen);
-    /* A persistent key survives a TPM restart: found again at its handle on a new connection. */
-    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+    /* A persistent key survives a TPM restart: found again at its handle on a new connection;
+     * a key from a TSS2 file is loaded again. */
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(state)) {
         ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(state, k)) != 1)
+            return r;
         return derive_once(state, handle, peer, secret, secretlen);
     }
     ERR_clear_last_mark();
@@ -753,7 +762,7 @@ static int tpm2_locator(void *state, void *handle, char **out)
 
     *out = NULL;
     if (k->obj.persistent == 0) {
-        if (k->from_file)
+        if (k->file != NULL)
             KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                      "tpm: a key loaded from a TSS2 key file has no locator: it lives in that "
                      "file; give the file itself where the key is wanted");
@@ -775,6 +784,55 @@ static int tpm2_locator(void *state, void *handle, char **out)
 
 #define TSS2_FORMAT "TSS2 PRIVATE KEY"
 
+/* Loads k's TSS2 key under the parent its file names, unless it is loaded on the current
+ * connection already: at load time, and again after the TPM lost it (restarted, reconnected,
+ * fork()). */
+static int file_key_refresh(tpm_dev *d, tpm_key *k)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    const tpm_keyfile *f = k->file;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR parent = ESYS_TR_NONE, tr = ESYS_TR_NONE;
+    TSS2_RC rc;
+    int release = 0, r;
+
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if (tpm_obj_current(d, &k->obj)) {
+        tpm_end(d);
+        return 1;
+    }
+    tpm_obj_drop(d, &k->obj); /* what was left of the lost object */
+    if ((r = tpm_open_parent(d, f->parent, &parent, &release)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    TPM_CALL(d, NULL, rc,
+             Esys_Load(ctx, parent, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &f->priv, &f->pub,
+                       &tr));
+    tpm_release_parent(d, parent, release);
+    if (rc != TSS2_RC_SUCCESS) {
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            (tpm_rc_is(rc, TPM2_RC_INTEGRITY) || tpm_rc_is(rc, TPM2_RC_SIZE) ||
+             tpm_rc_is(rc, TPM2_RC_VALUE) || tpm_rc_is(rc, TPM2_RC_KEY))) {
+            KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                     "tpm: this TPM cannot load the TSS2 key under its parent 0x%08X (%s): the "
+                     "file was made by another TPM, or under another parent, or the TPM was "
+                     "cleared since",
+                     (unsigned)f->parent, Tss2_RC_Decode(rc));
+            r = 0;
+        } else {
+            r = tpm_fail(d, rc, "loading the TSS2 key (Load)");
+        }
+        tpm_end(d);
+        return r;
+    }
+    tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &f->pub.publicArea);
+    tpm_end(d);
+    return 1;
+}
+
 static int load_encoded_once(void *state, const char *format, const unsigned char *der, size_t len,
                              void **handle, EVP_PKEY **pub)
 {
@@ -783,12 +841,9 @@ static int load_encoded_once(void *state, const char *format, const unsigned cha
     const tpm_curve *c = NULL;
     const TPMT_PUBLIC *area;
     tpm_keyfile f;
-    ESYS_CONTEXT *ctx;
-    ESYS_TR parent = ESYS_TR_NONE, tr = ESYS_TR_NONE;
     TPMA_OBJECT attrs;
     tpm_key *k;
-    TSS2_RC rc;
-    int release = 0, r;
+    int r;
 
     *handle = NULL;
     *pub = NULL;
@@ -828,7 +883,6 @@ static int load_encoded_once(void *state, const char *format, const unsigned cha
         r = 0;
         goto out;
     }
-    k->from_file = 1;
     /* Loaded whatever it is for (issue 7 signs with keys like these); derive and decrypt refuse a
      * key that is not an unrestricted decrypt key without a scheme of its own. */
     k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
@@ -836,39 +890,17 @@ static int load_encoded_once(void *state, const char *format, const unsigned cha
                      area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_OAEP);
     if (c == NULL)
         k->nlen = area->unique.rsa.size;
-    if ((r = tpm_begin(d, &ctx)) != 1) {
+    if ((k->file = OPENSSL_memdup(&f, sizeof(f))) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        OPENSSL_free(k);
+        r = 0;
+        goto out;
+    }
+    if ((r = file_key_refresh(d, k)) != 1) {
+        OPENSSL_clear_free(k->file, sizeof(*k->file));
         OPENSSL_free(k);
         goto out;
     }
-    if ((r = tpm_open_parent(d, f.parent, &parent, &release)) != 1) {
-        tpm_end(d);
-        OPENSSL_free(k);
-        goto out;
-    }
-    TPM_CALL(
-        d, NULL, rc,
-        Esys_Load(ctx, parent, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &f.priv, &f.pub, &tr));
-    tpm_release_parent(d, parent, release);
-    if (rc != TSS2_RC_SUCCESS) {
-        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
-            (tpm_rc_is(rc, TPM2_RC_INTEGRITY) || tpm_rc_is(rc, TPM2_RC_SIZE) ||
-             tpm_rc_is(rc, TPM2_RC_VALUE) || tpm_rc_is(rc, TPM2_RC_KEY))) {
-            KEYX_ERR(p, KEYX_R_MISSING_KEY,
-                     "tpm: this TPM cannot load the TSS2 key under its parent 0x%08X (%s): the "
-                     "file was made by another TPM, or under another parent, or the TPM was "
-                     "cleared since",
-                     (unsigned)f.parent, Tss2_RC_Decode(rc));
-            r = 0;
-        } else {
-            r = tpm_fail(d, rc, "loading the TSS2 key (Load)");
-        }
-        tpm_end(d);
-        OPENSSL_free(k);
-        goto out;
-    }
-    tpm_obj_loaded(d, &k->obj, tr);
-    tpm_obj_public(d, &k->obj, area);
-    tpm_end(d);
     *handle = k;
     r = 1;
 
@@ -1052,10 +1084,15 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
      * without its leading zeros. */
     memcpy(ct.buffer + k->nlen - inlen, in, inlen);
     ct.size = (UINT16)k->nlen;
+    if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+        return r;
     ERR_set_mark();
     r = rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen, op->pad == KEYX_RSA_PAD_RAW);
-    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(state)) {
         ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+            return r;
         return rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen,
                                 op->pad == KEYX_RSA_PAD_RAW);
     }
@@ -1080,6 +1117,7 @@ static void tpm2_free(void *state, void *handle)
     tpm_obj_drop(d, &k->obj);
     tpm_end(d);
     ERR_pop_to_mark();
+    OPENSSL_clear_free(k->file, k->file != NULL ? sizeof(*k->file) : 0);
     OPENSSL_free(k);
 }
 

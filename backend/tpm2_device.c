@@ -374,6 +374,11 @@ int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
     return 1;
 }
 
+int tpm_obj_current(tpm_dev *d, const tpm_obj *o)
+{
+    return d->ctx != NULL && o->gen == d->gen && (o->tr != ESYS_TR_NONE || o->saved != NULL);
+}
+
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
 {
     o->tr = tr;
@@ -413,6 +418,11 @@ void tpm_obj_drop(tpm_dev *d, tpm_obj *o)
         } else if (o->tr != ESYS_TR_NONE)
             Esys_FlushContext(d->ctx, o->tr);
         list_unlink(d, o);
+    } else {
+        /* The connection it belonged to is gone, and its list with it (a key from a file is
+         * loaded again on the new one). */
+        o->prev = o->next = NULL;
+        o->listed = 0;
     }
     Esys_Free(o->saved);
     o->saved = NULL;
@@ -722,6 +732,32 @@ int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
     return 1;
 }
 
+/* TPM 2.0 Part 2, 6.6.3: TPM_RC_RETRY, _YIELDED and _TESTING (a self-test of the algorithm
+ * running, as on a TPM's first ECDH) ask the caller to send the command again. ESYS does so for
+ * its own commands; keyx's session sends through SAPI and retries itself, a few times with a
+ * growing pause. */
+static int rc_is_retry(TSS2_RC rc)
+{
+    return rc == TPM2_RC_RETRY || rc == TPM2_RC_YIELDED || rc == TPM2_RC_TESTING;
+}
+
+static void retry_pause(int attempt)
+{
+    struct timespec ts = {0, 1000000L << attempt}; /* 1, 2, 4, 8, 16 ms */
+
+    nanosleep(&ts, NULL);
+}
+
+#define FAST_RETRIES 5
+/* 1 when a command that answered rc is to be sent again (attempt: how many times it was). */
+static int again(TSS2_RC rc, int attempt)
+{
+    if (!rc_is_retry(rc) || attempt == FAST_RETRIES)
+        return 0;
+    retry_pause(attempt);
+    return 1;
+}
+
 /* The key's name for keyx's session: known since it was made, or asked of ESYS once. */
 static TSS2_RC obj_name(tpm_dev *d, tpm_obj *o, ESYS_TR key)
 {
@@ -744,10 +780,13 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT
     ESYS_TR sess;
     TSS2_RC rc;
 
-    if (d->fast.handle != 0)
-        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
-                   ? rc
-                   : tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out);
+    if (d->fast.handle != 0) {
+        if ((rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS)
+            return rc;
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out), i))
+                return rc;
+    }
     /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
@@ -770,10 +809,15 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_
     ESYS_TR sess;
     TSS2_RC rc;
 
-    if (d->fast.handle != 0)
-        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
-                   ? rc
-                   : tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme, label, out);
+    if (d->fast.handle != 0) {
+        if ((rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS)
+            return rc;
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme,
+                                                  label, out),
+                       i))
+                return rc;
+    }
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
         Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
@@ -827,7 +871,11 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
     if (d->fast.handle != 0) {
         /* Authorized by keyx's session: after a TPM reset the session is gone and the TPM says
          * so here, and the key is made again on a new connection (tpm_dev_take_reset). */
-        rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h, outpub, name);
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h,
+                                                     outpub, name),
+                       i))
+                break;
     } else {
         TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
         TSS2L_SYS_AUTH_RESPONSE rsp = {0};

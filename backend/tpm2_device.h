@@ -88,6 +88,9 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
 /* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
  * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */
 int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr);
+/* Inside begin/end: 1 if o belongs to the current connection (a transient object the TPM
+ * still holds, loaded or saved out); 0 once a reconnect or fork() took it. */
+int tpm_obj_current(tpm_dev *d, const tpm_obj *o);
 /* Records a transient object just created or loaded as tr. */
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr);
 /* Records the public area of o (after tpm_obj_loaded): its name is computed once, here. */

@@ -10,6 +10,7 @@ not meet test_tpm_persistent.py's on the session one).
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -181,13 +182,20 @@ print("provider", prov_name(get_prov(key)).decode())
 c = CTX_pkey(ctx, key, None)
 buf = ctypes.create_string_buffer(1024)
 n = c_size_t(len(buf))
-if mode == "derive":
+if mode in ("derive", "derive2"):
     b = bio_file(arg.encode(), b"rb")
     peer = read_pub(b, None, None, None, ctx, None)
     bio_free(b)
     held.append(peer)
     if not peer or d_init(c) != 1 or d_peer(c, peer) != 1 or d_derive(c, buf, byref(n)) != 1:
         fail("derive")
+    if mode == "derive2":  # derive again with the same key once told to (stdin)
+        open(out + ".1", "wb").write(buf.raw[:n.value])
+        print("ready", flush=True)
+        sys.stdin.readline()
+        n = c_size_t(len(buf))
+        if d_derive(c, buf, byref(n)) != 1:
+            fail("second derive")
 elif mode == "write":
     b = bio_file(out.encode(), b"wb")
     if write_pem(b, key, None, None, 0, None, None) != 1: fail("write key")
@@ -577,3 +585,34 @@ def test_tpm_parent_config(tpm, tmp):
     priv, pub, _ = peer_point(tmp, "P-256", "peer2")
     assert app_ok(env, tmp, "derive", key, pub) == derive(base_env(), tmp, priv, kpub)
     assert not tpm.tools("tpm2_getcap", "handles-transient").out.strip()
+
+
+def test_tss2_key_survives_a_tpm_restart(swtpm_factory, tmp):
+    """A process holding a key from a TSS2 file keeps using it when the TPM restarts: keyx loads
+    the file again (as a persistent key is found again at its handle)."""
+    other = swtpm_factory()
+    key = tpm2_openssl_genpkey(other, tmp / "k.pem", "EC", "group:P-256")
+    kpub = tpm2_openssl_pubkey(other, key, tmp / "k.pub")
+    priv, pub, _ = peer_point(tmp, "P-256", "peer")
+    want = derive(base_env(), tmp, priv, kpub)
+    env = keyx_env(tmp, other)
+    script = tmp / "app.py"
+    script.write_text(APP)
+    out = tmp / "app.out"
+    p = subprocess.Popen(["/usr/bin/python3", str(script), env["OPENSSL_CONF"], "derive2", str(key),
+                          str(pub), str(out)], env=env, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        while line and line.strip() != "ready":
+            line = p.stdout.readline()
+        assert line.strip() == "ready", p.stderr.read()
+        other.restart()
+        o, e = p.communicate("go\n", timeout=kxutil.TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, f"after the restart:\n{o}\n{e}"
+    assert Path(str(out) + ".1").read_bytes() == want
+    assert out.read_bytes() == want, "the key from the file did not come back after the restart"
