@@ -2,12 +2,15 @@
  * Ephemeral keys are session objects (never token objects) that cannot leave the token; derived
  * secrets are session objects read once and destroyed. Static keys are token objects found by
  * RFC 7512 URI and used by reference. backend/pkcs11_device.c owns the module and sessions. */
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 
 #include "backend/backend.h"
 #include "backend/pkcs11_attr.h"
@@ -23,8 +26,9 @@ typedef struct p11_key {
     uint64_t gen;         /* module generation the handle belongs to */
     CK_OBJECT_HANDLE obj; /* the private key */
     int owned;            /* a session object keyx created: destroyed when freed */
+    int nameless;         /* a token key with neither CKA_ID nor CKA_LABEL: no locator */
     size_t secretlen;     /* EC field size or |p|; RSA: modulus bytes */
-    char *uri;            /* static keys: the URI, to find the key again after a fork */
+    char *uri; /* token keys: the canonical URI (the locator; finds the key again after a fork) */
 } p11_key;
 
 /* The part of a URI that can be printed: RFC 7512 puts pin-value in the query. */
@@ -108,44 +112,44 @@ static int bn_bytes(const EVP_PKEY *pk, const char *name, unsigned char **out, s
 
 /* ---- generate ---------------------------------------------------------------------------- */
 
-static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv,
-                  EVP_PKEY **pub)
+static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, const p11_name *name,
+                  CK_OBJECT_HANDLE *priv, EVP_PKEY **pub)
 {
     keyx_provctx *p = p11_dev_prov(d);
     size_t plen = 0, ptlen = 0;
     const unsigned char *params = p11_ec_params(spec->group, &plen);
     CK_MECHANISM mech = {CKM_EC_KEY_PAIR_GEN, NULL, 0};
-    CK_ATTRIBUTE pubt[] = {
-        ATTR_BOOL(CKA_TOKEN, p11_no),
-        ATTR(CKA_EC_PARAMS, params, plen),
-    };
-    /* Session object, usable only for derivation, never readable or extractable. */
-    CK_ATTRIBUTE privt[] = {
-        P11_SESSION_PRIVATE(CKA_DERIVE),
-    };
     CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
     unsigned char *point = NULL;
+    p11_tmpl pubt, privt;
     CK_RV rv;
 
     if (params == NULL) {
+        p11_session_put(s, CKR_OK);
         KEYX_ERR(p, KEYX_R_UNSUPPORTED, "pkcs11: curve %s is not served by keyx's pkcs11 backend",
                  spec->group != NULL ? spec->group : "(explicit)");
         return 0;
     }
-    rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 2, privt, 5, &pubobj, priv);
+    /* Ephemeral: a session object usable only for derivation, never readable or extractable.
+     * Named: token objects, for derivation and signing. */
+    p11_tmpl_pair(&pubt, &privt, name, 0, CKA_DERIVE, 1);
+    p11_tmpl_add(&pubt, CKA_EC_PARAMS, params, plen);
+    rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt.a, pubt.n, privt.a, privt.n, &pubobj, priv);
     if (rv != CKR_OK) {
         p11_session_put(s, rv);
         return p11_fail(s, rv, "EC key generation (C_GenerateKeyPair)");
     }
-    /* The public point is read once and kept in keyx; the token's public object goes now. */
+    /* The public point is read once and kept in keyx; an ephemeral key's public object goes
+     * now, a token key's stays beside its private key. */
     /* DER OCTET STRING of an uncompressed point: 04 X Y plus at most 3 header bytes */
     rv = p11_get_attr(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
                       &ptlen);
-    s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK &&
         (*pub = p11_ec_public(p->libctx, spec->group, spec->domain, point, ptlen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
     OPENSSL_free(point);
+    if (name == NULL || rv != CKR_OK)
+        s->f->C_DestroyObject(s->h, pubobj);
     if (rv != CKR_OK) {
         s->f->C_DestroyObject(s->h, *priv);
         p11_session_put(s, rv);
@@ -155,16 +159,16 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
     return 1;
 }
 
-static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv,
-                  EVP_PKEY **pub)
+static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, const p11_name *name,
+                  CK_OBJECT_HANDLE *priv, EVP_PKEY **pub)
 {
     keyx_provctx *p = p11_dev_prov(d);
     unsigned char *prime = NULL, *base = NULL, *y = NULL;
     size_t plen = 0, glen = 0, ylen = 0;
     CK_MECHANISM mech = {CKM_DH_PKCS_KEY_PAIR_GEN, NULL, 0};
     CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
+    p11_tmpl pubt, privt;
     CK_RV rv = CKR_HOST_MEMORY;
-    int rc;
 
     if (spec->domain == NULL || !bn_bytes(spec->domain, OSSL_PKEY_PARAM_FFC_P, &prime, &plen) ||
         !bn_bytes(spec->domain, OSSL_PKEY_PARAM_FFC_G, &base, &glen)) {
@@ -173,18 +177,10 @@ static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "pkcs11: DH key generation needs p and g");
         return 0;
     }
-    {
-        CK_ATTRIBUTE pubt[] = {
-            ATTR_BOOL(CKA_TOKEN, p11_no),
-            ATTR(CKA_PRIME, prime, plen),
-            ATTR(CKA_BASE, base, glen),
-        };
-        CK_ATTRIBUTE privt[] = {
-            P11_SESSION_PRIVATE(CKA_DERIVE),
-        };
-
-        rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 3, privt, 5, &pubobj, priv);
-    }
+    p11_tmpl_pair(&pubt, &privt, name, 0, CKA_DERIVE, 0);
+    p11_tmpl_add(&pubt, CKA_PRIME, prime, plen);
+    p11_tmpl_add(&pubt, CKA_BASE, base, glen);
+    rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt.a, pubt.n, privt.a, privt.n, &pubobj, priv);
     OPENSSL_free(prime);
     OPENSSL_free(base);
     if (rv != CKR_OK) {
@@ -192,38 +188,234 @@ static int gen_dh(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_H
         return p11_fail(s, rv, "DH key generation (C_GenerateKeyPair)");
     }
     rv = p11_get_attr(s, pubobj, CKA_VALUE, plen, &y, &ylen);
-    s->f->C_DestroyObject(s->h, pubobj);
     if (rv == CKR_OK && (*pub = p11_dh_public(p->libctx, spec->domain, y, ylen)) == NULL)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
     OPENSSL_free(y);
+    if (name == NULL || rv != CKR_OK)
+        s->f->C_DestroyObject(s->h, pubobj);
     if (rv != CKR_OK) {
         s->f->C_DestroyObject(s->h, *priv);
         p11_session_put(s, rv);
-        rc = p11_fail(s, rv, "reading the generated DH public key");
-        return rc;
+        return p11_fail(s, rv, "reading the generated DH public key");
     }
     p11_session_put(s, CKR_OK);
     return 1;
 }
 
+/* ---- token keys: names and locators ------------------------------------------------------ */
+
+/* "a1b2" for messages (ids are not secret). */
+static void hex_id(const unsigned char *id, size_t len, char *out, size_t cap)
+{
+    size_t i;
+
+    for (i = 0; i < len && 2 * i + 3 <= cap; i++)
+        snprintf(out + 2 * i, 3, "%02x", id[i]);
+    out[2 * i] = '\0';
+}
+
+/* The canonical locator of a private key on token tok: the token's label and serial, the key's
+ * CKA_ID and CKA_LABEL (RFC 7512, percent-encoded by p11-kit), type=private. Never a PIN or a
+ * module path. OPENSSL_malloc'ed; NULL + error. */
+static char *make_locator(p11_dev *d, int tok, const unsigned char *id, size_t idlen,
+                          const char *label, size_t labellen)
+{
+    keyx_provctx *p = p11_dev_prov(d);
+    char tlabel[33], serial[17], *text = NULL, *out = NULL;
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    P11KitUri *u;
+    CK_TOKEN_INFO *ti;
+    CK_ATTRIBUTE a;
+
+    if (!p11_dev_token_name(d, tok, tlabel, serial) || (u = p11_kit_uri_new()) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "pkcs11: the key's token is unknown");
+        return NULL;
+    }
+    ti = p11_kit_uri_get_token_info(u);
+    memset(ti->label, ' ', sizeof(ti->label));
+    memcpy(ti->label, tlabel, strlen(tlabel));
+    if (serial[0] != '\0') {
+        memset(ti->serialNumber, ' ', sizeof(ti->serialNumber));
+        memcpy(ti->serialNumber, serial, strlen(serial));
+    }
+    a = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &cls, sizeof(cls));
+    p11_kit_uri_set_attribute(u, &a);
+    if (idlen > 0) {
+        a = (CK_ATTRIBUTE)ATTR(CKA_ID, id, idlen);
+        p11_kit_uri_set_attribute(u, &a);
+    }
+    if (labellen > 0) {
+        a = (CK_ATTRIBUTE)ATTR(CKA_LABEL, label, labellen);
+        p11_kit_uri_set_attribute(u, &a);
+    }
+    if (p11_kit_uri_format(u, P11_KIT_URI_FOR_OBJECT_ON_TOKEN, &text) == P11_KIT_URI_OK)
+        out = OPENSSL_strdup(text);
+    free(text);
+    p11_kit_uri_free(u);
+    if (out == NULL)
+        KEYX_ERR(p, KEYX_R_INTERNAL, "pkcs11: cannot write the key's URI");
+    return out;
+}
+
+/* The locator of object obj (CKA_ID and CKA_LABEL read from it); NULL without an error when the
+ * object has neither, since no URI can then tell it from the token's other keys. */
+static char *object_locator(p11_sess *s, CK_OBJECT_HANDLE obj, int *nameless)
+{
+    unsigned char *id = NULL, *label = NULL;
+    size_t idlen = 0, labellen = 0;
+    char *out = NULL;
+
+    if (p11_get_attr(s, obj, CKA_ID, 0, &id, &idlen) != CKR_OK)
+        idlen = 0;
+    if (p11_get_attr(s, obj, CKA_LABEL, 0, &label, &labellen) != CKR_OK)
+        labellen = 0;
+    *nameless = idlen == 0 && labellen == 0;
+    if (!*nameless)
+        out = make_locator(s->dev, s->tok, id, idlen, (const char *)label, labellen);
+    OPENSSL_free(id);
+    OPENSSL_free(label);
+    return out;
+}
+
+/* Whether a key object (private or public) with attribute a exists on the session's token. */
+static CK_RV key_exists(p11_sess *s, CK_ATTRIBUTE a, int *found)
+{
+    static const CK_OBJECT_CLASS classes[] = {CKO_PRIVATE_KEY, CKO_PUBLIC_KEY};
+    CK_OBJECT_HANDLE obj;
+    CK_ULONG count = 0;
+    CK_RV rv = CKR_OK;
+
+    *found = 0;
+    for (size_t i = 0; i < 2 && rv == CKR_OK && !*found; i++) {
+        CK_ATTRIBUTE t[] = {ATTR(CKA_CLASS, &classes[i], sizeof(CK_OBJECT_CLASS)), a};
+
+        if ((rv = s->f->C_FindObjectsInit(s->h, t, 2)) != CKR_OK)
+            break;
+        rv = s->f->C_FindObjects(s->h, &obj, 1, &count);
+        s->f->C_FindObjectsFinal(s->h);
+        *found = rv == CKR_OK && count > 0;
+    }
+    return rv;
+}
+
+/* The name of a new token key: persist's label and id, or a fresh random 8-byte id. Refused
+ * (session given back, 0 + error) when a key with that label or id is on the token already:
+ * keyx never makes two keys one URI cannot tell apart. */
+static int new_name(p11_sess *s, const keyx_keyspec *spec, p11_name *name)
+{
+    keyx_provctx *p = p11_dev_prov(s->dev);
+    const keyx_persist *persist = spec->persist;
+    char idhex[2 * sizeof(name->id) + 1];
+    int found = 0;
+    CK_RV rv;
+
+    memset(name, 0, sizeof(*name));
+    name->label = persist->label;
+    if (persist->id != NULL && persist->idlen > 0 && persist->idlen <= sizeof(name->id)) {
+        memcpy(name->id, persist->id, persist->idlen);
+        name->idlen = persist->idlen;
+    } else if (RAND_bytes_ex(p->libctx, name->id, 8, 0) == 1) {
+        name->idlen = 8;
+    } else {
+        p11_session_put(s, CKR_OK);
+        KEYX_ERR(p, KEYX_R_INTERNAL, "pkcs11: no random bytes for the new key's CKA_ID");
+        return 0;
+    }
+    hex_id(name->id, name->idlen, idhex, sizeof(idhex));
+    if (name->label != NULL) {
+        rv = key_exists(s, (CK_ATTRIBUTE)ATTR(CKA_LABEL, name->label, strlen(name->label)), &found);
+        if (rv == CKR_OK && found) {
+            p11_session_put(s, rv);
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                     "pkcs11: a key labelled '%s' already exists on token '%s': keyx does not "
+                     "make two keys of one label; choose another keyx-label or delete the old key",
+                     name->label, p11_dev_token_label(s->dev, s->tok));
+            return 0;
+        }
+        if (rv != CKR_OK) {
+            p11_session_put(s, rv);
+            return p11_fail(s, rv, "looking for keys of the same label (C_FindObjects)");
+        }
+    }
+    rv = key_exists(s, (CK_ATTRIBUTE)ATTR(CKA_ID, name->id, name->idlen), &found);
+    if (rv == CKR_OK && found) {
+        p11_session_put(s, rv);
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "pkcs11: a key with id %s already exists on token '%s': keyx does not make two "
+                 "keys of one id; choose another keyx-id (or none: keyx then picks a fresh one)",
+                 idhex, p11_dev_token_label(s->dev, s->tok));
+        return 0;
+    }
+    if (rv != CKR_OK) {
+        p11_session_put(s, rv);
+        return p11_fail(s, rv, "looking for keys of the same id (C_FindObjects)");
+    }
+    return 1;
+}
+
+/* Deletes a token key pair made by this very request that could not be completed. */
+static void drop_new_pair(p11_dev *d, int tok, CK_OBJECT_HANDLE priv, const p11_name *name)
+{
+    CK_OBJECT_CLASS cls = CKO_PUBLIC_KEY;
+    CK_ATTRIBUTE t[] = {
+        ATTR(CKA_CLASS, &cls, sizeof(cls)),
+        ATTR(CKA_ID, name->id, name->idlen),
+    };
+    CK_OBJECT_HANDLE objs[2];
+    CK_ULONG count = 0;
+    p11_sess s;
+
+    ERR_set_mark();
+    if (p11_session_get(d, tok, &s) == 1) {
+        s.f->C_DestroyObject(s.h, priv);
+        if (s.f->C_FindObjectsInit(s.h, t, 2) == CKR_OK) {
+            s.f->C_FindObjects(s.h, objs, 2, &count);
+            s.f->C_FindObjectsFinal(s.h);
+            for (CK_ULONG i = 0; i < count; i++)
+                s.f->C_DestroyObject(s.h, objs[i]);
+        }
+        p11_session_put(&s, CKR_OK);
+    }
+    ERR_pop_to_mark();
+}
+
 static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     p11_dev *d = state;
+    keyx_provctx *p = p11_dev_prov(d);
     CK_OBJECT_HANDLE priv = CK_INVALID_HANDLE;
+    const p11_name *named = NULL;
+    p11_name name;
     p11_sess s;
     p11_key *k;
     int rc;
 
+    if (spec->persist != NULL && spec->persist->tpm_handle != 0) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "pkcs11: keyx-persist names a TPM handle; a token key is named by keyx-label "
+                 "and keyx-id");
+        return 0;
+    }
     /* A token that fails now is marked down by p11_session_put and the next one in the set
-     * serves this very request; the router sees KEYX_BACKEND_DOWN only when none is left. */
+     * serves this very request; the router sees KEYX_BACKEND_DOWN only when none is left.
+     * A token key is made on the first token of the set that is up: one that is down before
+     * the request is passed over (p11_session_get), but once C_GenerateKeyPair was sent the
+     * key may exist there, and no second one is made elsewhere. */
     ERR_set_mark();
     for (int tries = p11_dev_set_size(d); tries > 0; tries--) {
         if ((rc = p11_session_get(d, -1, &s)) != 1)
             break;
-        rc = spec->alg == KEYX_ALG_EC    ? gen_ec(d, &s, spec, &priv, pub)
-             : spec->alg == KEYX_ALG_RSA ? p11_rsa_generate(&s, spec, &priv, pub)
-                                         : gen_dh(d, &s, spec, &priv, pub);
-        if (rc != KEYX_BACKEND_DOWN)
+        if (spec->persist != NULL) {
+            if ((rc = new_name(&s, spec, &name)) == KEYX_BACKEND_DOWN)
+                continue; /* nothing made there yet */
+            if (rc != 1)
+                break;
+            named = &name;
+        }
+        rc = spec->alg == KEYX_ALG_EC    ? gen_ec(d, &s, spec, named, &priv, pub)
+             : spec->alg == KEYX_ALG_RSA ? p11_rsa_generate(&s, spec, named, &priv, pub)
+                                         : gen_dh(d, &s, spec, named, &priv, pub);
+        if (rc != KEYX_BACKEND_DOWN || named != NULL)
             break;
     }
     if (rc != 1) {
@@ -231,13 +423,21 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
         return rc;
     }
     ERR_pop_to_mark(); /* a failed token is in the audit log (failover event) */
-    k = key_new(p11_dev_prov(d), spec->alg, &s, priv, 1,
+    k = key_new(p, spec->alg, &s, priv, named == NULL,
                 spec->alg == KEYX_ALG_EC ? p11_ec_field_bytes(spec->group)
                                          : (size_t)EVP_PKEY_get_size(*pub)); /* |p|, |n| */
+    if (k != NULL && named != NULL &&
+        (k->uri = make_locator(d, s.tok, name.id, name.idlen, name.label,
+                               name.label != NULL ? strlen(name.label) : 0)) == NULL) {
+        OPENSSL_free(k);
+        k = NULL;
+    }
     if (k == NULL) {
         EVP_PKEY_free(*pub);
         *pub = NULL;
-        if (p11_session_get(d, s.tok, &s) == 1) {
+        if (named != NULL) {
+            drop_new_pair(d, s.tok, priv, named);
+        } else if (p11_session_get(d, s.tok, &s) == 1) {
             s.f->C_DestroyObject(s.h, priv);
             p11_session_put(&s, CKR_OK);
         }
@@ -538,39 +738,27 @@ static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, O
     return rv;
 }
 
-/* Finds the one private key uri names, on the tokens it matches. pub may be NULL (found again
- * after a fork: the public view is kept). 1, 0 or KEYX_BACKEND_DOWN with an error raised. */
-static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pub)
+/* Parses a key URI into u and its object attributes into t (at most 7, the class left out: the
+ * caller adds CKO_PRIVATE_KEY). 0 + error for a malformed URI or one naming a non-private
+ * object. */
+static int parse_key_uri(keyx_provctx *p, const char *uri, P11KitUri *u, CK_ATTRIBUTE *t,
+                         CK_ULONG *nt)
 {
-    keyx_provctx *p = p11_dev_prov(d);
-    P11KitUri *u = p11_kit_uri_new();
-    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-    CK_ATTRIBUTE *uattrs, t[8];
-    CK_ULONG nu = 0, nt = 0, count = 0;
-    CK_OBJECT_HANDLE objs[2];
-    CK_KEY_TYPE kt = 0;
-    CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
-    CK_BBOOL derive = CK_FALSE;
-    CK_ATTRIBUTE da = {CKA_DERIVE, &derive, sizeof(derive)};
-    CK_ATTRIBUTE decrypt_attr = {CKA_DECRYPT, &derive, sizeof(derive)}; /* RSA keys */
-    int toks[8], ntoks, rc = 0, pr;
-    size_t secretlen = 0;
-    p11_sess s;
-    CK_RV rv = CKR_OK;
+    CK_ATTRIBUTE *uattrs;
+    CK_ULONG nu = 0;
+    int pr;
 
-    *out = NULL;
-    if (u == NULL)
-        return 0;
+    *nt = 0;
     if ((pr = p11_kit_uri_parse(uri, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, u)) !=
         P11_KIT_URI_OK) {
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
                  "pkcs11: invalid PKCS#11 URI '%.*s': %s (RFC 7512, e.g. "
                  "pkcs11:token=keyx;object=srv;type=private)",
                  printable_len(uri), uri, p11_kit_uri_message(pr));
-        goto done;
+        return 0;
     }
     uattrs = p11_kit_uri_get_attributes(u, &nu);
-    for (CK_ULONG i = 0; i < nu && nt < 7; i++) {
+    for (CK_ULONG i = 0; i < nu && *nt < 7; i++) {
         if (uattrs[i].type == CKA_CLASS) {
             CK_OBJECT_CLASS c = *(CK_OBJECT_CLASS *)uattrs[i].pValue;
 
@@ -579,12 +767,42 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
                          "pkcs11: '%.*s' names a %s object: keyx loads private keys "
                          "(type=private); openssl pkey -pubout on that URI gives the public key",
                          printable_len(uri), uri, c == CKO_PUBLIC_KEY ? "public key" : "non-key");
-                goto done;
+                return 0;
             }
             continue;
         }
-        t[nt++] = uattrs[i];
+        t[(*nt)++] = uattrs[i];
     }
+    return 1;
+}
+
+/* Finds the one private key uri names, on the tokens it matches. pub may be NULL (found again
+ * after a fork: the public view is kept). 1, 0 or KEYX_BACKEND_DOWN with an error raised. */
+static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pub)
+{
+    keyx_provctx *p = p11_dev_prov(d);
+    P11KitUri *u = p11_kit_uri_new();
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE t[8];
+    CK_ULONG nt = 0, count = 0;
+    CK_OBJECT_HANDLE objs[2];
+    CK_KEY_TYPE kt = 0;
+    CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
+    CK_BBOOL derive = CK_FALSE;
+    CK_ATTRIBUTE da = {CKA_DERIVE, &derive, sizeof(derive)};
+    CK_ATTRIBUTE decrypt_attr = {CKA_DECRYPT, &derive, sizeof(derive)}; /* RSA keys */
+    int toks[8], ntoks, rc = 0;
+    size_t secretlen = 0;
+    char *canon = NULL;
+    int nameless = 0;
+    p11_sess s;
+    CK_RV rv = CKR_OK;
+
+    *out = NULL;
+    if (u == NULL)
+        return 0;
+    if (!parse_key_uri(p, uri, u, t, &nt))
+        goto done;
     t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &cls, sizeof(cls));
     if ((ntoks = p11_dev_find_tokens(d, u, toks, 8)) < 0) {
         rc = ntoks == KEYX_BACKEND_DOWN ? KEYX_BACKEND_DOWN : 0;
@@ -632,6 +850,9 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
             } else if (rv == CKR_OK && pub != NULL) {
                 rv = static_public(&s, objs[0], kt, p->libctx, pub, &secretlen);
             }
+            if (rv == CKR_OK && (canon = object_locator(&s, objs[0], &nameless)) == NULL &&
+                !nameless)
+                rv = CKR_HOST_MEMORY;
             p11_session_put(&s, rv);
             if (rv != CKR_OK) {
                 rc = rv == CKR_KEY_TYPE_INCONSISTENT
@@ -653,12 +874,14 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
                                 : kt == CKK_RSA ? KEYX_ALG_RSA
                                                 : KEYX_ALG_DH,
                                 &s, objs[0], 0, secretlen)) == NULL ||
-                ((*out)->uri = OPENSSL_strdup(uri)) == NULL) {
+                ((*out)->uri = canon != NULL ? canon : OPENSSL_strdup(uri)) == NULL) {
+                OPENSSL_free(canon);
                 OPENSSL_free(*out);
                 *out = NULL;
                 rc = 0;
                 goto done;
             }
+            (*out)->nameless = nameless;
             rc = 1;
             goto done;
         }
@@ -690,6 +913,179 @@ static int p11_load(void *state, const char *locator, void **handle, EVP_PKEY **
     *pub = NULL;
     rc = find_static(state, locator, &k, pub);
     *handle = k;
+    return rc;
+}
+
+static int p11_locator(void *state, void *handle, char **out)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+
+    *out = NULL;
+    if (k->uri == NULL) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: an ephemeral pkcs11 key has no locator; generate it with keyx-label/"
+                 "keyx-id to keep it on the token");
+        return 0;
+    }
+    if (k->nameless) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: the key '%.*s' has neither CKA_ID nor CKA_LABEL, so no URI names it "
+                 "alone: give it an id (pkcs11-tool --set-id) to refer to it",
+                 printable_len(k->uri), k->uri);
+        return 0;
+    }
+    if ((*out = OPENSSL_strdup(k->uri)) == NULL) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    return 1;
+}
+
+/* ---- listing (openssl storeutl) ---------------------------------------------------------- */
+
+/* 1 if keyx can load obj as a key: EC on a curve keyx serves or DH, allowed to derive; RSA
+ * allowed to decrypt. */
+static int loadable(p11_sess *s, CK_OBJECT_HANDLE obj)
+{
+    CK_KEY_TYPE kt = 0;
+    CK_BBOOL usage = CK_FALSE;
+    CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
+    CK_ATTRIBUTE ua = {CKA_DERIVE, &usage, sizeof(usage)};
+    unsigned char *params = NULL;
+    size_t plen = 0;
+    int ok;
+
+    if (s->f->C_GetAttributeValue(s->h, obj, &kta, 1) != CKR_OK ||
+        (kt != CKK_EC && kt != CKK_DH && kt != CKK_RSA))
+        return 0;
+    if (kt == CKK_RSA)
+        ua.type = CKA_DECRYPT;
+    if (s->f->C_GetAttributeValue(s->h, obj, &ua, 1) != CKR_OK || !usage)
+        return 0;
+    if (kt != CKK_EC)
+        return 1;
+    ok = p11_get_attr(s, obj, CKA_EC_PARAMS, 0, &params, &plen) == CKR_OK &&
+         p11_ec_group(params, plen) != NULL;
+    OPENSSL_free(params);
+    return ok;
+}
+
+static int push_locator(char ***list, size_t *n, size_t *cap, char *loc)
+{
+    if (*n == *cap) {
+        size_t ncap = *cap ? 2 * *cap : 8;
+        char **grown = OPENSSL_realloc(*list, ncap * sizeof(**list));
+
+        if (grown == NULL)
+            return 0;
+        *list = grown;
+        *cap = ncap;
+    }
+    (*list)[(*n)++] = loc;
+    return 1;
+}
+
+/* Every object matching t on the session's token, into a new array (OPENSSL_free). */
+static CK_RV all_objects(p11_sess *s, CK_ATTRIBUTE *t, CK_ULONG nt, CK_OBJECT_HANDLE **objs,
+                         size_t *count)
+{
+    size_t cap = 0;
+    CK_ULONG got = 0;
+    CK_RV rv;
+
+    *objs = NULL;
+    *count = 0;
+    if ((rv = s->f->C_FindObjectsInit(s->h, t, nt)) != CKR_OK)
+        return rv;
+    do {
+        if (*count + 32 > cap) {
+            CK_OBJECT_HANDLE *grown = OPENSSL_realloc(*objs, (cap + 64) * sizeof(**objs));
+
+            if (grown == NULL) {
+                rv = CKR_HOST_MEMORY;
+                break;
+            }
+            *objs = grown;
+            cap += 64;
+        }
+        rv = s->f->C_FindObjects(s->h, *objs + *count, 32, &got);
+        if (rv == CKR_OK)
+            *count += got;
+    } while (rv == CKR_OK && got == 32);
+    s->f->C_FindObjectsFinal(s->h);
+    return rv;
+}
+
+/* Locators of the private keys keyx can load among those the URI matches on every token it
+ * matches (keys with neither CKA_ID nor CKA_LABEL left out: nothing could name them again). */
+static int p11_enumerate(void *state, const char *locator, char ***out, size_t *n)
+{
+    p11_dev *d = state;
+    keyx_provctx *p = p11_dev_prov(d);
+    P11KitUri *u = p11_kit_uri_new();
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE t[8];
+    CK_ULONG nt = 0;
+    int toks[8], ntoks, rc = 0;
+    size_t cap = 0;
+
+    *out = NULL;
+    *n = 0;
+    if (u == NULL || !parse_key_uri(p, locator, u, t, &nt))
+        goto done;
+    t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &cls, sizeof(cls));
+    if ((ntoks = p11_dev_find_tokens(d, u, toks, 8)) < 0) {
+        rc = ntoks == KEYX_BACKEND_DOWN ? KEYX_BACKEND_DOWN : 0;
+        goto done;
+    }
+    for (int i = 0; i < ntoks; i++) {
+        CK_OBJECT_HANDLE *objs = NULL;
+        size_t count = 0;
+        p11_sess s;
+        CK_RV rv;
+
+        if ((rc = p11_session_get(d, toks[i], &s)) != 1)
+            goto done;
+        /* all handles first: reading attributes inside a search is not portable */
+        rv = all_objects(&s, t, nt, &objs, &count);
+        for (size_t j = 0; rv == CKR_OK && j < count; j++) {
+            int nameless = 0;
+            char *loc;
+
+            if (!loadable(&s, objs[j]))
+                continue;
+            if ((loc = object_locator(&s, objs[j], &nameless)) == NULL && !nameless)
+                rv = CKR_HOST_MEMORY;
+            else if (loc != NULL && !push_locator(out, n, &cap, loc)) {
+                OPENSSL_free(loc);
+                rv = CKR_HOST_MEMORY;
+            }
+        }
+        OPENSSL_free(objs);
+        p11_session_put(&s, rv);
+        if (rv != CKR_OK) {
+            rc = p11_fail(&s, rv, "listing the token's keys (C_FindObjects)");
+            goto done;
+        }
+    }
+    if (ntoks == 0) {
+        KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                 "pkcs11: no token matches '%.*s': check token= (and serial=) in the URI",
+                 printable_len(locator), locator);
+        goto done;
+    }
+    rc = 1;
+done:
+    if (rc != 1) {
+        for (size_t i = 0; i < *n; i++)
+            OPENSSL_free((*out)[i]);
+        OPENSSL_free(*out);
+        *out = NULL;
+        *n = 0;
+    }
+    if (u != NULL)
+        p11_kit_uri_free(u);
     return rc;
 }
 
@@ -745,6 +1141,8 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .generate = p11_generate,
     .import = p11_import,
     .load = p11_load,
+    .locator = p11_locator,
+    .enumerate = p11_enumerate,
     .derive = p11_derive,
     .free = p11_free,
     .rsa_decrypt = p11_rsa_decrypt_op,

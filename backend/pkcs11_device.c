@@ -38,6 +38,7 @@ typedef struct p11_tok {
     int found;      /* slot is known for the current generation */
     CK_SLOT_ID slot;
     char label[33];
+    char serial[17]; /* token info serialNumber, blanks trimmed: names the token in locators */
     int logged_in;
     CK_RV pin_failed;      /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
     long down_until;       /* monotonic seconds; 0: up */
@@ -231,6 +232,20 @@ struct keyx_provctx *p11_dev_prov(const p11_dev *d)
 const char *p11_dev_token_label(p11_dev *d, int tok)
 {
     return tok >= 0 && tok < d->ntok && d->tok[tok].label[0] ? d->tok[tok].label : "?";
+}
+
+int p11_dev_token_name(p11_dev *d, int tok, char label[33], char serial[17])
+{
+    int ok;
+
+    pthread_mutex_lock(&d->lock);
+    ok = tok >= 0 && tok < d->ntok && d->tok[tok].label[0] != '\0';
+    if (ok) {
+        memcpy(label, d->tok[tok].label, 33);
+        memcpy(serial, d->tok[tok].serial, 17);
+    }
+    pthread_mutex_unlock(&d->lock);
+    return ok;
 }
 
 int p11_fail(p11_sess *s, CK_RV rv, const char *what)
@@ -534,6 +549,7 @@ static int token_find(p11_dev *d, int idx)
             t->slot = slots[i];
             t->found = 1;
             copy_label(t->label, info.label, sizeof(info.label));
+            copy_label(t->serial, info.serialNumber, sizeof(info.serialNumber));
             if (!t->caps_known)
                 read_caps(d, t);
             return 1;
@@ -866,6 +882,7 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
             t->slot = slots[j];
             t->found = 1;
             copy_label(t->label, info.label, sizeof(info.label));
+            copy_label(t->serial, info.serialNumber, sizeof(info.serialNumber));
             /* Found again by label after a re-initialization. */
             if ((t->uri = p11_kit_uri_new()) != NULL) {
                 CK_TOKEN_INFO *ti = p11_kit_uri_get_token_info(t->uri);

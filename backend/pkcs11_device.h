@@ -72,6 +72,10 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max);
 /* "keyx" (the token label) for messages. */
 const char *p11_dev_token_label(p11_dev *d, int tok);
 
+/* The label and serial number of token tok as its token info gives them (blanks trimmed), for
+ * locators. 0 when the token was never found. */
+int p11_dev_token_name(p11_dev *d, int tok, char label[33], char serial[17]);
+
 /* 1 if rv means the device, token or session is gone or broken (not the request). */
 int p11_rv_is_down(CK_RV rv);
 /* "CKR_PIN_INCORRECT" or "CKR_0x000000A0". buf has at least 24 bytes. */

@@ -89,7 +89,8 @@ static unsigned char *public_exponent(const keyx_keyspec *spec, size_t *len)
     return out;
 }
 
-int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv, EVP_PKEY **pub)
+int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, const p11_name *name,
+                     CK_OBJECT_HANDLE *priv, EVP_PKEY **pub)
 {
     keyx_provctx *p = p11_dev_prov(s->dev);
     CK_ULONG bits = spec->bits;
@@ -97,6 +98,7 @@ int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *pr
     unsigned char *e = public_exponent(spec, &elen);
     CK_MECHANISM mech = {CKM_RSA_PKCS_KEY_PAIR_GEN, NULL, 0};
     CK_OBJECT_HANDLE pubobj = CK_INVALID_HANDLE;
+    p11_tmpl pubt, privt;
     CK_RV rv;
 
     if (e == NULL) {
@@ -105,28 +107,22 @@ int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *pr
                  "pkcs11: the RSA public exponent must be an odd number greater than 1");
         return 0;
     }
-    {
-        CK_ATTRIBUTE pubt[] = {
-            ATTR_BOOL(CKA_TOKEN, p11_no),
-            ATTR_BOOL(CKA_ENCRYPT, p11_yes),
-            ATTR(CKA_MODULUS_BITS, &bits, sizeof(bits)),
-            ATTR(CKA_PUBLIC_EXPONENT, e, elen),
-        };
-        /* Session object, usable only for decryption, never readable or extractable. */
-        CK_ATTRIBUTE privt[] = {
-            P11_SESSION_PRIVATE(CKA_DECRYPT),
-        };
-
-        rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt, 4, privt, 5, &pubobj, priv);
-    }
+    /* Ephemeral: session objects, the private one usable only for decryption, never readable
+     * or extractable. Named (keyx-label/keyx-id): token objects, for decryption and signing. */
+    p11_tmpl_pair(&pubt, &privt, name, CKA_ENCRYPT, CKA_DECRYPT, 1);
+    p11_tmpl_add(&pubt, CKA_MODULUS_BITS, &bits, sizeof(bits));
+    p11_tmpl_add(&pubt, CKA_PUBLIC_EXPONENT, e, elen);
+    rv = s->f->C_GenerateKeyPair(s->h, &mech, pubt.a, pubt.n, privt.a, privt.n, &pubobj, priv);
     OPENSSL_free(e);
     if (rv != CKR_OK) {
         p11_session_put(s, rv);
         return p11_fail(s, rv, "RSA key generation (C_GenerateKeyPair)");
     }
-    /* n and e are read from the public object once and kept in keyx; the object goes now. */
+    /* n and e are read from the public object once and kept in keyx; an ephemeral key's public
+     * object goes now, a token key's stays beside its private key. */
     rv = p11_rsa_public(s, pubobj, p->libctx, pub, &nl);
-    s->f->C_DestroyObject(s->h, pubobj);
+    if (name == NULL || rv != CKR_OK)
+        s->f->C_DestroyObject(s->h, pubobj);
     if (rv != CKR_OK) {
         s->f->C_DestroyObject(s->h, *priv);
         p11_session_put(s, rv);

@@ -6,6 +6,7 @@
 #define KEYX_BACKEND_PKCS11_RSA_H
 
 #include "backend/backend.h"
+#include "backend/pkcs11_attr.h"
 #include "backend/pkcs11_device.h"
 
 /* RSA key pairs of bits (2048, 3072, 4096) within what the token generates. */
@@ -13,7 +14,9 @@ int p11_rsa_supports(const p11_caps *caps, size_t bits);
 
 /* The next three give the session back (p11_session_put) and return 1, 0 or
  * KEYX_BACKEND_DOWN with an error raised, as the backend contract's generate/import do. */
-int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, CK_OBJECT_HANDLE *priv, EVP_PKEY **pub);
+/* name: NULL for an ephemeral key (session objects), else the token key's label and id. */
+int p11_rsa_generate(p11_sess *s, const keyx_keyspec *spec, const p11_name *name,
+                     CK_OBJECT_HANDLE *priv, EVP_PKEY **pub);
 /* key: a complete RSA private key in keyx's libctx; *pub: its public part only. */
 int p11_rsa_import(p11_sess *s, EVP_PKEY *key, CK_OBJECT_HANDLE *obj, EVP_PKEY **pub);
 /* rsa_decrypt of the contract for the private key obj of nlen modulus bytes. */

@@ -6,6 +6,7 @@
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
 #include <openssl/core_object.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 #include <openssl/store.h>
@@ -23,7 +24,14 @@ typedef struct keyx_store {
     char *uri_text;
     keyx_store_uri uri;
     int expect; /* OSSL_STORE_INFO_* the application asked for; 0: anything */
+    int started;
     int done;
+    /* A URI naming several keys (a token, "pkcs11:token=keyx"): their locators, one key per
+     * load() call */
+    keyx_backend *be;
+    char **items;
+    size_t nitems, next;
+    int empty; /* the URI names a collection without keys */
 } keyx_store;
 
 static void *store_open(void *provctx, const char *uri)
@@ -80,26 +88,62 @@ static void load_failed(keyx_store *s, const char *backend)
     keyx_event_emit(s->p, &ev);
 }
 
-/* The key the URI names, with its private part attached by reference; NULL + error. */
-static keyx_key *load_key(keyx_store *s)
+/* The key locator names in be, with its private part attached by reference; NULL + error. */
+static keyx_key *load_locator(keyx_store *s, keyx_backend *be, const char *locator)
 {
-    keyx_backend *be;
     void *handle = NULL;
     EVP_PKEY *pub = NULL;
 
-    if (!keyx_store_uri_parse(s->p, s->uri_text, &s->uri) ||
-        (be = keyx_router_backend(s->p->router, s->uri.backend)) == NULL)
-        return NULL;
     if (be->ops->load == NULL) {
         KEYX_ERR(s->p, KEYX_R_UNSUPPORTED, "the %s backend has no keys to load by URI",
                  be->ops->name);
         return NULL;
     }
-    if (keyx_backend_load(be, s->uri.locator, &handle, &pub) != 1) {
+    if (keyx_backend_load(be, locator, &handle, &pub) != 1) {
         load_failed(s, be->ops->name);
         return NULL;
     }
     return keyx_key_adopt(s->p, be, handle, pub);
+}
+
+static void free_items(keyx_store *s)
+{
+    for (size_t i = 0; i < s->nitems; i++)
+        OPENSSL_free(s->items[i]);
+    OPENSSL_free(s->items);
+    s->items = NULL;
+    s->nitems = s->next = 0;
+}
+
+/* First load(): parses the URI and, when the backend lists keys, asks which keys it names.
+ * Several: they are returned one per call. None, on a URI naming no object (an empty token):
+ * nothing, no error. One, or none on a URI naming an object, or a listing that failed: the URI
+ * is loaded as one key, with the errors that has always given (unknown token or key). 1 or 0
+ * with an error raised. */
+static int start(keyx_store *s)
+{
+    char **items = NULL;
+    size_t n = 0;
+
+    s->started = 1;
+    if (!keyx_store_uri_parse(s->p, s->uri_text, &s->uri) ||
+        (s->be = keyx_router_backend(s->p->router, s->uri.backend)) == NULL)
+        return 0;
+    if (s->be->ops->enumerate == NULL)
+        return 1;
+    ERR_set_mark();
+    if (keyx_backend_enumerate(s->be, s->uri.locator, &items, &n) != 1) {
+        ERR_pop_to_mark(); /* the single-key load below says what is wrong */
+        return 1;
+    }
+    ERR_clear_last_mark();
+    s->items = items;
+    s->nitems = n;
+    if (n > 1)
+        return 1;
+    s->empty = n == 0 && !keyx_store_uri_names_object(&s->uri);
+    free_items(s); /* the single-key path serves */
+    return 1;
 }
 
 static int store_load(void *loaderctx, OSSL_CALLBACK *object_cb, void *object_cbarg,
@@ -112,11 +156,29 @@ static int store_load(void *loaderctx, OSSL_CALLBACK *object_cb, void *object_cb
     (void)pw_cbarg;
     if (s->done)
         return 0;
-    s->done = 1;
     /* Keys only: an application looking for certificates or CRLs here finds nothing. */
-    if (s->expect != 0 && s->expect != OSSL_STORE_INFO_PKEY && s->expect != OSSL_STORE_INFO_PUBKEY)
+    if (s->expect != 0 && s->expect != OSSL_STORE_INFO_PKEY &&
+        s->expect != OSSL_STORE_INFO_PUBKEY) {
+        s->done = 1;
         return 1;
-    if ((k = load_key(s)) == NULL)
+    }
+    if (!s->started && !start(s)) {
+        s->done = 1;
+        return 0;
+    }
+    if (s->nitems > 0) {
+        /* a listing: the next key by its locator */
+        const char *loc = s->items[s->next++];
+
+        s->done = s->next == s->nitems;
+        if ((k = load_locator(s, s->be, loc)) == NULL)
+            return 0;
+        return keyx_key_pass(k, object_cb, object_cbarg);
+    }
+    s->done = 1;
+    if (s->empty)
+        return 1;
+    if ((k = load_locator(s, s->be, s->uri.locator)) == NULL)
         return 0;
     return keyx_key_pass(k, object_cb, object_cbarg);
 }
@@ -131,6 +193,7 @@ static int store_close(void *loaderctx)
     keyx_store *s = loaderctx;
 
     if (s != NULL) {
+        free_items(s);
         keyx_store_uri_clear(&s->uri);
         OPENSSL_free(s->uri_text);
     }

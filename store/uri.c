@@ -44,3 +44,26 @@ void keyx_store_uri_clear(keyx_store_uri *u)
     OPENSSL_free(u->locator);
     u->locator = NULL;
 }
+
+int keyx_store_uri_names_object(const keyx_store_uri *u)
+{
+    const char *a, *end;
+
+    if (u->backend != KEYX_BACKEND_PKCS11)
+        return 1;
+    /* "pkcs11:" path attributes, ';'-separated, up to the query ('?') */
+    a = u->locator + strlen("pkcs11:");
+    end = a + strcspn(a, "?");
+    while (a < end) {
+        size_t len = strcspn(a, ";?");
+
+        if ((len >= 7 && strncmp(a, "object=", 7) == 0) || (len >= 3 && strncmp(a, "id=", 3) == 0))
+            return 1;
+        a += len;
+        if (*a == ';')
+            a++;
+        else
+            break;
+    }
+    return 0;
+}

@@ -13,5 +13,9 @@ typedef struct keyx_store_uri {
  * forms when uri is none of them. */
 int keyx_store_uri_parse(struct keyx_provctx *p, const char *uri, keyx_store_uri *out);
 void keyx_store_uri_clear(keyx_store_uri *u);
+/* 1 if a pkcs11 URI names an object (object= or id= in its path), so that finding no key is an
+ * error; 0 for a collection ("pkcs11:token=keyx": every key of the token). tpm locators always
+ * name one key. */
+int keyx_store_uri_names_object(const keyx_store_uri *u);
 
 #endif
