@@ -88,6 +88,21 @@ typedef struct keyx_rsa_op {
  * device, key gone), with the backend's error raised. */
 #define KEYX_RSA_DECRYPT_ERROR (-2)
 
+/* Signatures (signature/): keyx computes the digest in software and the backend signs it. */
+typedef enum keyx_sig_scheme {
+    KEYX_SIG_ECDSA,     /* signature out: r || s, each as long as the group order, big-endian */
+    KEYX_SIG_RSA_PKCS1, /* RSASSA-PKCS1-v1_5: the backend wraps the digest in md's DigestInfo
+                           (PKCS#11 CKM_RSA_PKCS) or names md to the device (TPM RSASSA) */
+    KEYX_SIG_RSA_PSS    /* RSASSA-PSS with MGF1(mgf1_md) and a salt of saltlen bytes */
+} keyx_sig_scheme;
+
+typedef struct keyx_sign_op {
+    keyx_sig_scheme scheme;
+    const char *md;      /* the digest's algorithm: "SHA256", "SHA384", "SHA512", "SHA1", ... */
+    const char *mgf1_md; /* PSS: MGF1 digest (never NULL for PSS: the caller resolves it) */
+    int saltlen;         /* PSS: salt bytes (resolved by the caller, >= 0) */
+} keyx_sign_op;
+
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
     /* 1: private parts may be exported (they already live in process memory). */
@@ -128,6 +143,16 @@ typedef struct keyx_backend_ops {
      * private keys first, for `openssl storeutl -keys`. *out is an OPENSSL_malloc'ed array of
      * OPENSSL_malloc'ed strings, *n its length (0 is fine). NULL: no listing. */
     int (*enumerate)(void *state, const char *locator, char ***out, size_t *n);
+    /* 1 if the key can sign under op, decided before any data is seen (TLS and
+     * EVP_DigestSignInit fail fast on digests or PSS settings the device cannot use); 0 with an
+     * error naming what is refused and what would work. NULL: this backend signs nothing. */
+    int (*sign_check)(void *state, void *handle, const keyx_sign_op *op);
+    /* Signs the digest dgst (dlen: op->md's size) under op, after sign_check passed. *siglen
+     * in: capacity of sig (at least 2 * order size for ECDSA, the modulus size for RSA); out:
+     * the length written (ECDSA: exactly 2 * order size, r and s left-padded). 1, 0 (error
+     * raised) or KEYX_BACKEND_DOWN. Audit and use counting are the caller's. */
+    int (*sign)(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
+                size_t dlen, unsigned char *sig, size_t *siglen);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
     /* RSA private-key decryption of in under op; in is the ciphertext as the application gave

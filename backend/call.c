@@ -124,3 +124,32 @@ int keyx_backend_enumerate(keyx_backend *be, const char *locator, char ***out, s
     inside_backend--;
     return ok;
 }
+
+int keyx_backend_sign_check(keyx_backend *be, void *handle, const keyx_sign_op *op)
+{
+    int ok;
+
+    if (be->ops->sign_check == NULL || be->ops->sign == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot sign", be->ops->name);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->sign_check(be->state, handle, op);
+    inside_backend--;
+    return ok;
+}
+
+int keyx_backend_sign(keyx_backend *be, void *handle, const keyx_sign_op *op,
+                      const unsigned char *dgst, size_t dlen, unsigned char *sig, size_t *siglen)
+{
+    int ok;
+
+    if (be->ops->sign == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot sign", be->ops->name);
+        return 0;
+    }
+    inside_backend++;
+    ok = be->ops->sign(be->state, handle, op, dgst, dlen, sig, siglen);
+    inside_backend--;
+    return ok;
+}

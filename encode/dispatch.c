@@ -1,6 +1,7 @@
 /* One dispatch table per algorithm and format, all on the shared functions of encode/: key
  * reference files and PKCS#8 (PrivateKeyInfo), SubjectPublicKeyInfo, text, and the reference
- * file decoders. provider/keyx.c lists them with their properties. */
+ * file decoders, with the PEM-to-DER decoder of keyx's PEM names. provider/keyx.c lists them with
+ * their properties. */
 #include <openssl/core_dispatch.h>
 #include <openssl/core_names.h>
 
@@ -54,14 +55,21 @@ static int any_selection(void *provctx, int selection)
         {0, NULL},                                                                                 \
     }
 
-#define DECODER(name, newctx)                                                                      \
+#define DECODER(name, newctx, decode_fn)                                                           \
     const OSSL_DISPATCH name[] = {                                                                 \
         {OSSL_FUNC_DECODER_NEWCTX, FN(newctx)},                                                    \
         {OSSL_FUNC_DECODER_FREECTX, FN(keyx_codec_free)},                                          \
         {OSSL_FUNC_DECODER_DOES_SELECTION, FN(any_selection)},                                     \
-        {OSSL_FUNC_DECODER_DECODE, FN(keyx_keyref_decode)},                                        \
+        {OSSL_FUNC_DECODER_DECODE, FN(decode_fn)},                                                 \
         {0, NULL},                                                                                 \
     }
+
+static void *pem_newctx(void *provctx)
+{
+    return keyx_codec_new(provctx, KEYX_ALG_COUNT, KEYX_ENC_PEM);
+}
+
+DECODER(keyx_pem_to_der_decoder, pem_newctx, keyx_pem_to_der_decode);
 
 #define KEYX_CODECS(lower, ALG)                                                                    \
     static void *lower##_der_newctx(void *provctx)                                                 \
@@ -85,8 +93,7 @@ static int any_selection(void *provctx, int selection)
     ENCODER(keyx_##lower##_to_spki_pem_encoder, lower##_pem_newctx, public_selection,              \
             keyx_pubkey_encode);                                                                   \
     ENCODER(keyx_##lower##_to_text_encoder, lower##_text_newctx, any_selection, keyx_text_encode); \
-    DECODER(keyx_keyref_der_to_##lower##_decoder, lower##_der_newctx);                             \
-    DECODER(keyx_keyref_pem_to_##lower##_decoder, lower##_pem_newctx)
+    DECODER(keyx_keyref_der_to_##lower##_decoder, lower##_der_newctx, keyx_keyref_decode)
 
 KEYX_CODECS(ec, KEYX_ALG_EC);
 KEYX_CODECS(x25519, KEYX_ALG_X25519);

@@ -34,7 +34,11 @@ int keyx_pubkey_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSS
                        int selection, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);
 int keyx_text_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSSL_PARAM abstract[],
                      int selection, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);
-/* A key reference file (DER or PEM) back into the hardware key it names, by reference. Input
+/* keyx's PEM blocks ("KEYX KEY", "TSS2 PRIVATE KEY") to DER for its DER decoders; other PEM
+ * is passed over. */
+int keyx_pem_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
+                           void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);
+/* A key reference file (DER) back into the hardware key it names, by reference. Input
  * that is no reference file, or one for another algorithm, is passed over (1, nothing decoded). */
 int keyx_keyref_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
                        void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);

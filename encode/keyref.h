@@ -14,6 +14,8 @@
 #include <stddef.h>
 
 #define KEYX_KEYREF_PEM_NAME "KEYX KEY"
+/* The decoder structure name of its DER */
+#define KEYX_KEYREF_STRUCTURE "keyx"
 
 typedef struct keyx_keyref {
     char *backend;

@@ -1,7 +1,9 @@
-/* Key reference files in: PEM "KEYX KEY" or its DER, from PEM_read_bio_PrivateKey,
- * SSL_CTX_use_PrivateKey_file, `-inkey file` and every other OpenSSL key reader. The key is
- * loaded from the backend the file names and handed over by reference, after its public key has
- * been checked against the one the file recorded. */
+/* Key reference files in (DER; PEM "KEYX KEY" arrives as DER through pem_decoder.c), from
+ * PEM_read_bio_PrivateKey, SSL_CTX_use_PrivateKey_file, `-inkey file` and every other OpenSSL key
+ * reader. The key is loaded from the backend the file names and handed over by reference, after its
+ * public key has been checked against the one the file recorded. */
+#include <stdarg.h>
+#include <stdio.h>
 #include <string.h>
 
 #include <openssl/err.h>
@@ -18,50 +20,47 @@
 #include "provider/audit.h"
 #include "provider/errors.h"
 
-/* The reference in the input: 1 found, 0 not a reference file (passed over), -1 a "KEYX KEY"
- * PEM that does not parse (error raised). */
+/* The reference in the input: 1 found, 0 not a reference file (passed over). */
 static int read_reference(keyx_codec *c, OSSL_CORE_BIO *in, keyx_keyref *r)
 {
-    BIO *mem = keyx_core_bio_read_all(c->p, in);
-    char *name = NULL, *header = NULL;
-    unsigned char *der = NULL, *data = NULL;
-    long len = 0;
-    int found = 0;
+    BIO *mem = keyx_core_bio_read_der_element(c->p, in);
+    unsigned char *data = NULL;
+    long len;
+    int found;
 
     if (mem == NULL)
-        return -1;
+        return 0;
+    len = BIO_get_mem_data(mem, &data);
     ERR_set_mark(); /* other formats fail to parse here: not an error of ours */
-    if (c->enc == KEYX_ENC_PEM) {
-        if (PEM_read_bio(mem, &name, &header, &der, &len) > 0 &&
-            strcmp(name, KEYX_KEYREF_PEM_NAME) == 0) {
-            found = keyx_keyref_from_der(der, (size_t)len, r) ? 1 : -1;
-        }
-    } else {
-        len = BIO_get_mem_data(mem, &data);
-        found = len > 0 && keyx_keyref_from_der(data, (size_t)len, r);
-    }
+    found = len > 0 && keyx_keyref_from_der(data, (size_t)len, r);
     ERR_pop_to_mark();
-    if (found < 0)
-        KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
-                 "malformed " KEYX_KEYREF_PEM_NAME " file: not a keyx key reference (version 1)");
-    OPENSSL_free(name);
-    OPENSSL_free(header);
-    OPENSSL_free(der);
     BIO_free(mem);
     return found;
 }
 
-static void load_failed(keyx_codec *c, const char *backend, const char *error)
+/* Raises why the reference cannot be used, and writes it to the load event: OpenSSL 3.0's file:
+ * store (openssl -in/-inkey FILE) drops a decoder's errors, so there the audit log and the
+ * KEYX_DEBUG trace are where an operator reads it. */
+static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
 {
+    char msg[512];
+    va_list ap;
     keyx_event ev = {
         .event = "load",
         .backend = backend,
         .alg = keyx_alg_name(c->alg),
         .ephemeral = 0,
         .ok = 0,
-        .error = error,
+        .error = msg,
     };
 
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    KEYX_ERR(c->p, reason, "%s", msg);
     keyx_event_emit(c->p, &ev);
 }
 
@@ -71,8 +70,8 @@ static keyx_backend *backend_named(keyx_codec *c, const char *name)
         if (kind != KEYX_BACKEND_SOFTWARE &&
             strcmp(name, keyx_backend_kind_name((keyx_backend_kind)kind)) == 0)
             return keyx_router_backend(c->p->router, (keyx_backend_kind)kind);
-    KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
-             "key reference file names backend \"%s\": expected tpm or pkcs11", name);
+    load_failed(c, NULL, KEYX_R_INVALID_ARGUMENT,
+                "key reference file names backend \"%s\": expected tpm or pkcs11", name);
     return NULL;
 }
 
@@ -86,21 +85,19 @@ static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *r
     if (be == NULL)
         return NULL;
     if (be->ops->load == NULL || keyx_backend_load(be, r->locator, &handle, &pub) != 1) {
-        KEYX_ERR(c->p, KEYX_R_MISSING_KEY,
-                 "key reference file: the %s key \"%s\" could not be loaded (deleted, or another "
-                 "TPM or token?)",
-                 r->backend, r->locator);
-        load_failed(c, be->ops->name, "the key named by the reference file could not be loaded");
+        load_failed(c, be->ops->name, KEYX_R_MISSING_KEY,
+                    "key reference file: the %s key \"%s\" could not be loaded (deleted, or "
+                    "another TPM or token?)",
+                    r->backend, r->locator);
         return NULL;
     }
     if (EVP_PKEY_eq(pub, recorded) != 1) {
         keyx_backend_free(be, handle);
         EVP_PKEY_free(pub);
-        KEYX_ERR(c->p, KEYX_R_KEY_MISMATCH,
-                 "key reference file: the %s key \"%s\" is not the key this file was written "
-                 "for (its public key differs): the key there was replaced",
-                 r->backend, r->locator);
-        load_failed(c, be->ops->name, "the key named by the reference file was replaced");
+        load_failed(c, be->ops->name, KEYX_R_KEY_MISMATCH,
+                    "key reference file: the %s key \"%s\" is not the key this file was "
+                    "written for (its public key differs): the key there was replaced",
+                    r->backend, r->locator);
         return NULL;
     }
     return keyx_key_adopt(c->p, be, handle, pub);

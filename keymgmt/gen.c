@@ -200,9 +200,13 @@ static int generate_in(keyx_genctx *g, const keyx_gen_target *t, const keyx_keys
     if ((*be = keyx_router_backend(g->p->router, t->kind)) == NULL)
         return 0;
     if (!(*be)->ops->supports((*be)->state, spec)) {
+        /* "EC P-256", "X25519" (whose group is its name) */
+        const char *group =
+            spec->group != NULL && strcmp(spec->group, keyx_alg_name(spec->alg)) != 0 ? spec->group
+                                                                                      : NULL;
+
         KEYX_ERR(g->p, KEYX_R_UNSUPPORTED, "the %s backend cannot generate %s%s%s keys",
-                 (*be)->ops->name, keyx_alg_name(spec->alg), spec->group ? " " : "",
-                 spec->group ? spec->group : "");
+                 (*be)->ops->name, keyx_alg_name(spec->alg), group ? " " : "", group ? group : "");
         return 0;
     }
     return keyx_backend_generate(*be, spec, handle, pub) == 1;

@@ -70,8 +70,14 @@ static int parse_kind(const char *name, keyx_backend_kind *kind)
 static int implied(keyx_provctx *p, keyx_gen_target *t, keyx_backend_kind kind, const char *key)
 {
     if (t->named && t->kind != kind) {
-        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "%s is for keys of the %s backend, not %s", key,
-                 keyx_backend_kind_name(kind), keyx_backend_kind_name(t->kind));
+        if (t->persistent) /* keyx-persist with keyx-label/keyx-id */
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                     "%s and %s cannot be combined: %s and %s name PKCS#11 token keys, %s a TPM "
+                     "handle",
+                     KEYX_PARAM_PERSIST, key, KEYX_PARAM_LABEL, KEYX_PARAM_ID, KEYX_PARAM_PERSIST);
+        else
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "%s is for keys of the %s backend, not %s", key,
+                     keyx_backend_kind_name(kind), keyx_backend_kind_name(t->kind));
         return 0;
     }
     t->named = 1;

@@ -21,41 +21,37 @@ extern const OSSL_DISPATCH keyx_rsa_kem_functions[];
 extern const OSSL_DISPATCH keyx_store_functions[];
 
 /* encode/dispatch.c: key reference files, public keys, text */
+extern const OSSL_DISPATCH keyx_pem_to_der_decoder[];
 extern const OSSL_DISPATCH keyx_ec_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_spki_der_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_ec_decoder[];
-extern const OSSL_DISPATCH keyx_keyref_pem_to_ec_decoder[];
 extern const OSSL_DISPATCH keyx_x25519_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_x25519_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_x25519_to_spki_der_encoder[];
 extern const OSSL_DISPATCH keyx_x25519_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_x25519_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_x25519_decoder[];
-extern const OSSL_DISPATCH keyx_keyref_pem_to_x25519_decoder[];
 extern const OSSL_DISPATCH keyx_x448_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_x448_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_x448_to_spki_der_encoder[];
 extern const OSSL_DISPATCH keyx_x448_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_x448_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_x448_decoder[];
-extern const OSSL_DISPATCH keyx_keyref_pem_to_x448_decoder[];
 extern const OSSL_DISPATCH keyx_dh_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_dh_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_dh_to_spki_der_encoder[];
 extern const OSSL_DISPATCH keyx_dh_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_dh_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_dh_decoder[];
-extern const OSSL_DISPATCH keyx_keyref_pem_to_dh_decoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_spki_der_encoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_rsa_decoder[];
-extern const OSSL_DISPATCH keyx_keyref_pem_to_rsa_decoder[];
 
 /* encode/tss2_decoder.c: TSS2 PRIVATE KEY files (tpm backend) */
 extern const OSSL_DISPATCH keyx_tss2_pem_to_ec_decoder[];

@@ -54,16 +54,17 @@ static const OSSL_ALGORITHM keyx_encoder[] = {
     ENCODERS(NAME_DH, dh), ENCODERS(NAME_RSA, rsa),       {NULL, NULL, NULL, NULL},
 };
 
-/* Key reference files back into the hardware keys they name. */
+/* Key reference files back into the hardware keys they name: PEM "KEYX KEY" to DER
+ * (structure "keyx"), then DER to the key. */
 #define DECODERS(NAME, lower)                                                                      \
-    {NAME, KEYX_PROPS ",input=pem", keyx_keyref_pem_to_##lower##_decoder,                          \
-     "keyx key reference file (PEM KEYX KEY)"},                                                    \
     {                                                                                              \
-        NAME, KEYX_PROPS ",input=der", keyx_keyref_der_to_##lower##_decoder,                       \
-            "keyx key reference file (DER)"                                                        \
+        NAME, KEYX_PROPS ",input=der,structure=keyx", keyx_keyref_der_to_##lower##_decoder,        \
+            "keyx key reference file"                                                              \
     }
 
 static const OSSL_ALGORITHM keyx_decoder[] = {
+    {"DER", KEYX_PROPS ",input=pem", keyx_pem_to_der_decoder,
+     "PEM to DER for keyx's PEM names (KEYX KEY, TSS2 PRIVATE KEY)"},
     DECODERS(NAME_EC, ec),
     DECODERS(NAME_X25519, x25519),
     DECODERS(NAME_X448, x448),

@@ -32,6 +32,7 @@ typedef struct keyx_provctx {
     /* Core BIO functions: encoders and decoders read and write the application's BIOs. */
     OSSL_FUNC_BIO_read_ex_fn *core_bio_read_ex;
     OSSL_FUNC_BIO_write_ex_fn *core_bio_write_ex;
+    OSSL_FUNC_BIO_gets_fn *core_bio_gets;
 } keyx_provctx;
 
 #endif

@@ -115,8 +115,10 @@ static void free_items(keyx_store *s)
     s->nitems = s->next = 0;
 }
 
-/* First load(): parses the URI and, when the backend lists keys, asks which keys it names.
- * Several: they are returned one per call. None, on a URI naming no object (an empty token):
+/* First load(): parses the URI and, when it names no object (a token: "pkcs11:token=keyx") and
+ * the backend lists keys, asks which keys it names. Several: they are returned one per call. A
+ * URI that names an object (object=, id=) and matches several keys stays an error: a key chosen
+ * by the order of a listing could be the wrong one. None, on a URI naming no object (an empty token):
  * nothing, no error. One, or none on a URI naming an object, or a listing that failed: the URI
  * is loaded as one key, with the errors that has always given (unknown token or key). 1 or 0
  * with an error raised. */
@@ -129,7 +131,7 @@ static int start(keyx_store *s)
     if (!keyx_store_uri_parse(s->p, s->uri_text, &s->uri) ||
         (s->be = keyx_router_backend(s->p->router, s->uri.backend)) == NULL)
         return 0;
-    if (s->be->ops->enumerate == NULL)
+    if (s->be->ops->enumerate == NULL || keyx_store_uri_names_object(&s->uri))
         return 1;
     ERR_set_mark();
     if (keyx_backend_enumerate(s->be, s->uri.locator, &items, &n) != 1) {
@@ -141,7 +143,7 @@ static int start(keyx_store *s)
     s->nitems = n;
     if (n > 1)
         return 1;
-    s->empty = n == 0 && !keyx_store_uri_names_object(&s->uri);
+    s->empty = n == 0;
     free_items(s); /* the single-key path serves */
     return 1;
 }

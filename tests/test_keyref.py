@@ -47,6 +47,8 @@ class Device:
             self.cnf = tpm_cnf(tmp / "openssl.cnf", tpm, keyx=settings)
             self.env = kxutil.base_env(OPENSSL_CONF=self.cnf)
         else:
+            # SoftHSM decrypts OAEP with SHA-1 only: keyx decodes OAEP-SHA256 itself
+            settings["pkcs11-raw-rsa"] = 1
             self.cnf = kxutil.write_cnf(tmp / "openssl.cnf", keyx={**hsm.keyx_settings(), **settings})
             self.env = hsm.env(OPENSSL_CONF=self.cnf)
 
@@ -150,6 +152,37 @@ def peer_pair(tmp, group="P-256"):
     kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", f"group:{group}", "-out", key, env=env).ok("peer")
     kxutil.openssl("pkey", "-in", key, "-pubout", "-out", pub, env=env).ok("peer pub")
     return key, pub
+
+
+PEM_READ = """
+import ctypes, ssl, sys
+lc = ctypes.CDLL("libcrypto.so.3")
+for f, res, args in [("BIO_new_file", ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]),
+                     ("PEM_read_bio_PrivateKey", ctypes.c_void_p, [ctypes.c_void_p] * 4),
+                     ("ERR_get_error_all", ctypes.c_ulong, [ctypes.c_void_p] * 3 + [ctypes.POINTER(ctypes.c_char_p), ctypes.c_void_p])]:
+    getattr(lc, f).restype, getattr(lc, f).argtypes = res, args
+key = lc.PEM_read_bio_PrivateKey(lc.BIO_new_file(sys.argv[1].encode(), b"r"), None, None, None)
+data = ctypes.c_char_p()
+while lc.ERR_get_error_all(None, None, None, ctypes.byref(data), None):
+    print("error:", (data.value or b"").decode())
+print("key" if key else "no key")
+"""
+
+
+def refusal(dev, ref, message):
+    """A reference that cannot be used: every reader fails. PEM_read_bio_PrivateKey (nginx,
+    SSL_CTX_use_PrivateKey_file) reports keyx's message; the openssl tool's file: store in
+    OpenSSL 3.0 drops decoder errors, so there the audit log (and KEYX_DEBUG) carries it."""
+    r = kxutil.run(["/usr/bin/python3", "-c", PEM_READ, ref], env=dev.env).ok("PEM_read_bio_PrivateKey")
+    assert r.out.splitlines()[-1] == "no key" and "error: " in r.out and message in r.out, r
+    _, peer_pub = peer_pair(dev.tmp)
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=dev.env)
+    assert r.rc != 0 and "Could not read private key" in r.err, r
+    loads = [e for e in kxutil.read_audit(dev.log) if e["event"] == "load" and e["pid"] == r.pid]
+    assert loads and not loads[-1]["ok"] and message in loads[-1]["error"], loads
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub,
+                       env=dict(dev.env, KEYX_DEBUG="1"))
+    assert r.rc != 0 and message in r.err, r
 
 
 def derive(env, inkey, peer_pub, out, *extra):
@@ -265,9 +298,7 @@ def test_reference_to_a_deleted_key_names_it(dev, tmp):
     _, name = dev.genpkey(ref)
     backend, locator, _ = parse_reference(ref)
     dev.delete(name)
-    _, peer_pub = peer_pair(tmp)
-    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=dev.env)
-    assert r.rc != 0 and f'the {backend} key "{locator}" could not be loaded' in r.err, r
+    refusal(dev, ref, f'key reference file: the {backend} key "{locator}" could not be loaded')
 
 
 def test_reference_to_a_replaced_key_is_refused(dev, tmp):
@@ -283,26 +314,25 @@ def test_reference_to_a_replaced_key_is_refused(dev, tmp):
     kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-pkeyopt",
                    f"keyx-backend:{dev.name}", *opts, "-out", other, env=dev.env).ok("second key")
     assert parse_reference(other)[2] != spki
-    _, peer_pub = peer_pair(tmp)
-    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=dev.env)
-    assert r.rc != 0 and "is not the key this file was written for" in r.err, r
+    refusal(dev, ref, f'the {backend} key "{locator}" is not the key this file was written for')
 
 
 def test_malformed_references_are_refused_clearly(hsm, tmp):
-    env = hsm.env(OPENSSL_CONF=kxutil.write_cnf(tmp / "openssl.cnf", keyx=hsm.keyx_settings()))
+    dev = Device("pkcs11", tmp, hsm=hsm)
     spki = pem_body(kxutil.openssl("pkey", "-in", peer_pair(tmp)[0], "-pubout", env=kxutil.base_env()).out,
                     "PUBLIC KEY")
+    missing = "pkcs11:token=keyx-a;object=nothing-here;type=private"
     cases = {
-        "junk": (b"\x30\x03\x02\x01\x07", "malformed KEYX KEY file"),
         "backend": (make_reference_bytes("floppy", "x", spki), 'names backend "floppy": expected tpm or pkcs11'),
         "software": (make_reference_bytes("software", "x", spki), 'names backend "software"'),
-        "locator": (make_reference_bytes("pkcs11", "pkcs11:token=keyx-a;object=nothing-here;type=private", spki),
-                    'the pkcs11 key "pkcs11:token=keyx-a;object=nothing-here;type=private" could not be loaded'),
+        "locator": (make_reference_bytes("pkcs11", missing, spki), f'the pkcs11 key "{missing}" could not be loaded'),
     }
     for case, (der, message) in cases.items():
-        f = write_pem(tmp / f"{case}.pem", "KEYX KEY", der)
-        r = kxutil.openssl("pkey", "-in", f, "-noout", env=env)
-        assert r.rc != 0 and message in r.err, (case, r)
+        refusal(dev, write_pem(tmp / f"{case}.pem", "KEYX KEY", der), message)
+    # not a reference at all under the KEYX KEY name: refused by name, even by the openssl tool
+    junk = write_pem(tmp / "junk.pem", "KEYX KEY", b"\x30\x03\x02\x01\x07")
+    r = kxutil.openssl("pkey", "-in", junk, "-noout", env=dev.env)
+    assert r.rc != 0 and "malformed KEYX KEY file" in r.err, r
 
 
 def test_ephemeral_hardware_key_cannot_be_written(dev, tmp):
@@ -340,7 +370,9 @@ def test_reference_holds_no_private_bytes(hsm, tmp):
     assert scalar not in body and scalar.hex() not in pem.lower()
     # and it is the known key: the default provider derives the same with the peer
     peer_key, peer_pub = peer_pair(tmp)
-    assert derive(env, ref, peer_pub, tmp / "a.bin") == derive(kxutil.base_env(), peer_key, key, tmp / "b.bin",)
+    known_pub = tmp / "known.pub.pem"
+    kxutil.openssl("pkey", "-in", key, "-pubout", "-out", known_pub, env=kxutil.base_env()).ok("pub pem")
+    assert derive(env, ref, peer_pub, tmp / "a.bin") == derive(kxutil.base_env(), peer_key, known_pub, tmp / "b.bin")
 
 
 def test_software_keys_stay_pkcs8_with_encryption_honoured(tmp, cnf):
@@ -356,3 +388,18 @@ def test_software_keys_stay_pkcs8_with_encryption_honoured(tmp, cnf):
     r = kxutil.openssl("pkey", "-in", enc, "-passin", "pass:wrong", "-noout", env=neutral)
     assert r.rc != 0
     kxutil.openssl("pkey", "-in", enc, "-passin", "pass:kx-7781", "-noout", env=neutral).ok("decrypts")
+
+
+def test_uri_naming_several_keys_is_refused_a_token_uri_lists(hsm, tmp):
+    """A URI with object=/id= that matches two keys is an error (the listing's first key could be
+    the wrong one); a URI naming only the token lists its keys."""
+    dev = Device("pkcs11", tmp, hsm=hsm)
+    for kid in ("b1", "b2"):
+        hsm.tool("keyx-a", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "twin", "--id", kid,
+                 "--usage-derive").ok("twin key")
+    _, peer_pub = peer_pair(tmp)
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", "pkcs11:token=keyx-a;object=twin;type=private",
+                       "-peerkey", peer_pub, env=dev.env)
+    assert r.rc != 0 and "several private keys match" in r.err, r
+    r = kxutil.openssl("storeutl", "-keys", "-text", "-noout", "pkcs11:token=keyx-a", env=dev.env).ok("storeutl")
+    assert r.out.count("object=twin") == 2, r.out

@@ -237,7 +237,7 @@ def test_a_second_key_of_the_same_label_or_id_is_refused(hsm, cnf, tmp, second, 
 @pytest.mark.parametrize("opt,needles", [
     ("keyx-id:zz", ["keyx-id:zz: expected hex digits"]),
     ("keyx-id:0", ["keyx-id:0: expected hex digits"]),
-    ("keyx-persist:0x81000010", ["keyx-label is for keys of the pkcs11 backend, not tpm"]),
+    ("keyx-persist:0x81000010", ["keyx-persist and keyx-label cannot be combined"]),
 ])
 def test_bad_names_are_refused(hsm, cnf, tmp, opt, needles):
     env, _ = keyx_env(hsm, cnf, tmp)
@@ -251,7 +251,7 @@ def test_bad_names_are_refused(hsm, cnf, tmp, opt, needles):
 def test_x25519_cannot_be_a_token_key(hsm, cnf, tmp):
     env, _ = keyx_env(hsm, cnf, tmp)
     r = genkey(env, tmp, "x", "X25519", label="kf-x25519")
-    check_error(r, "the pkcs11 backend cannot generate X25519")
+    check_error(r, "the pkcs11 backend cannot generate X25519 keys")
 
 
 # ---- listing ---------------------------------------------------------------------------------
