@@ -1,14 +1,14 @@
 /* TSS2 PRIVATE KEY files in (the key files of tpm2-openssl, openssl_tpm2_engine and
- * tpm2-tss-engine), PEM or DER, from PEM_read_bio_PrivateKey, `-inkey file` and every other
- * OpenSSL key reader: the tpm backend loads the key under the parent the file names, and the key
- * is handed over by reference. One decoder per algorithm (EC, RSA) and input (pem, der); a file
- * holding a key of the other algorithm, or no TSS2 key at all, is passed over. */
+ * tpm2-tss-engine), from PEM_read_bio_PrivateKey, `-inkey file` and every other OpenSSL key
+ * reader: the tpm backend loads the key under the parent the file names, and the key is handed
+ * over by reference. DER in (structure "TSS2": encode/pem_decoder.c turns the PEM block into
+ * it); one decoder per algorithm (EC, RSA): a file holding a key of the other algorithm, or no
+ * TSS2 key at all, is passed over. */
 #include <string.h>
 
 #include <openssl/asn1.h>
 #include <openssl/core_dispatch.h>
 #include <openssl/err.h>
-#include <openssl/pem.h>
 
 #include "backend/call.h"
 #include "backend/router.h"
@@ -53,9 +53,12 @@ static unsigned tpm_type_of(const unsigned char *der, size_t len)
 }
 
 /* The decoder of c's algorithm claims its keys; a TSS2 file whose key is neither EC nor RSA (or
- * unreadable) is the EC decoder's, so that the user sees the backend's error once. */
+ * unreadable) is the EC decoder's, so that the user sees the backend's error once; anything else
+ * (type 0) is not a TSS2 file. */
 static int claims(const keyx_codec *c, unsigned type)
 {
+    if (type == 0)
+        return 0;
     if (type == 0x0023)
         return c->alg == KEYX_ALG_EC;
     if (type == 0x0001)
@@ -63,17 +66,28 @@ static int claims(const keyx_codec *c, unsigned type)
     return c->alg == KEYX_ALG_EC;
 }
 
+/* The load event says why the file cannot be used (the backend's message): OpenSSL 3.0's file:
+ * store (openssl -in/-inkey FILE) drops a decoder's errors, so there the audit log and the
+ * KEYX_DEBUG trace are where an operator reads it. */
 static void load_failed(keyx_codec *c)
 {
+    const char *data = NULL;
+    int flags = 0;
+    char msg[512];
     keyx_event ev = {
         .event = "load",
         .backend = "tpm",
         .alg = keyx_alg_name(c->alg),
         .ephemeral = 0,
         .ok = 0,
-        .error = "the TSS2 key file could not be loaded into the TPM",
+        .error = msg,
     };
 
+    ERR_peek_last_error_data(&data, &flags);
+    snprintf(msg, sizeof(msg), "TSS2 key file: %s",
+             data != NULL && (flags & ERR_TXT_STRING) && *data != '\0'
+                 ? data
+                 : "it could not be loaded into the TPM");
     keyx_event_emit(c->p, &ev);
 }
 
@@ -82,15 +96,12 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
 {
     keyx_codec *c = ctx;
     BIO *mem;
-    char *name = NULL, *header = NULL;
-    unsigned char *pem_der = NULL, *data = NULL;
-    const unsigned char *der = NULL;
+    unsigned char *der = NULL;
     long len = 0;
     keyx_backend *be;
     void *handle = NULL;
     EVP_PKEY *pub = NULL;
     keyx_key *k;
-    unsigned type;
     int ok = 1;
 
     (void)selection;
@@ -98,21 +109,11 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
     (void)cbarg;
     if (!keyx_check_not_reentered(c->p, "a TSS2 key file"))
         return 0;
-    if ((mem = keyx_core_bio_read_all(c->p, in)) == NULL)
-        return 0;
-    ERR_set_mark(); /* other formats fail to parse here: not an error of ours */
-    if (c->enc == KEYX_ENC_PEM) {
-        if (PEM_read_bio(mem, &name, &header, &pem_der, &len) > 0 &&
-            strcmp(name, TSS2_PEM_NAME) == 0)
-            der = pem_der;
-    } else {
-        len = BIO_get_mem_data(mem, &data);
-        der = len > 0 ? data : NULL;
-    }
-    ERR_pop_to_mark();
-    /* DER: only what starts like a TSS2 key is ours; PEM: everything named TSS2 PRIVATE KEY. */
-    type = der != NULL ? tpm_type_of(der, (size_t)len) : 0;
-    if (der != NULL && (type != 0 || c->enc == KEYX_ENC_PEM) && claims(c, type)) {
+    /* One DER element and no further (see keyx_core_bio_read_der_element). */
+    if ((mem = keyx_core_bio_read_der_element(c->p, in)) == NULL)
+        return 1; /* not a SEQUENCE: passed over */
+    len = BIO_get_mem_data(mem, &der);
+    if (len > 0 && claims(c, tpm_type_of(der, (size_t)len))) {
         /* Ours: from here on a failure is the user's error. */
         if ((be = keyx_router_backend(c->p->router, KEYX_BACKEND_TPM)) == NULL ||
             keyx_backend_load_encoded(be, TSS2_PEM_NAME, der, (size_t)len, &handle, &pub) != 1) {
@@ -123,9 +124,6 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
             ok = k != NULL && keyx_key_pass(k, data_cb, data_cbarg);
         }
     }
-    OPENSSL_free(name);
-    OPENSSL_free(header);
-    OPENSSL_free(pem_der);
     BIO_free(mem);
     return ok;
 }
@@ -152,7 +150,5 @@ static int any_selection(void *provctx, int selection)
         {0, NULL},                                                                                 \
     }
 
-TSS2_DECODER(ec, KEYX_ALG_EC, KEYX_ENC_PEM, pem);
 TSS2_DECODER(ec, KEYX_ALG_EC, KEYX_ENC_DER, der);
-TSS2_DECODER(rsa, KEYX_ALG_RSA, KEYX_ENC_PEM, pem);
 TSS2_DECODER(rsa, KEYX_ALG_RSA, KEYX_ENC_DER, der);

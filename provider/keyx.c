@@ -71,17 +71,12 @@ static const OSSL_ALGORITHM keyx_decoder[] = {
     DECODERS(NAME_DH, dh),
     DECODERS(NAME_RSA, rsa),
 #ifdef KEYX_HAVE_TPM
-    /* TSS2 PRIVATE KEY files (tpm2-openssl, openssl_tpm2_engine), tpm backend: a property of
-     * their own (structure=TSS2), or the method store keeps only one decoder per name and
-     * properties and these would shadow the reference-file decoders above. */
-    {NAME_EC, KEYX_PROPS ",input=pem,structure=TSS2", keyx_tss2_pem_to_ec_decoder,
-     "TSS2 PRIVATE KEY (PEM), TPM key by reference"},
+    /* TSS2 PRIVATE KEY files (tpm2-openssl, openssl_tpm2_engine), tpm backend: DER from the
+     * PEM-to-DER decoder above (structure "TSS2") or from a DER file. */
     {NAME_EC, KEYX_PROPS ",input=der,structure=TSS2", keyx_tss2_der_to_ec_decoder,
-     "TSS2 PRIVATE KEY (DER), TPM key by reference"},
-    {NAME_RSA, KEYX_PROPS ",input=pem,structure=TSS2", keyx_tss2_pem_to_rsa_decoder,
-     "TSS2 PRIVATE KEY (PEM), TPM key by reference"},
+     "TSS2 PRIVATE KEY, TPM key by reference"},
     {NAME_RSA, KEYX_PROPS ",input=der,structure=TSS2", keyx_tss2_der_to_rsa_decoder,
-     "TSS2 PRIVATE KEY (DER), TPM key by reference"},
+     "TSS2 PRIVATE KEY, TPM key by reference"},
 #endif
     {NULL, NULL, NULL, NULL},
 };

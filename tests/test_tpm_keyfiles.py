@@ -313,7 +313,7 @@ def test_persist_refusals(tpm, tmp):
     assert r.rc != 0 and "the tpm backend cannot generate X25519" in r.err, r
     r = openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-pkeyopt",
                 "keyx-persist:0x81000024", "-pkeyopt", "keyx-label:srv", env=env)
-    assert r.rc != 0 and "keyx-label is for keys of the pkcs11 backend, not tpm" in r.err, r
+    assert r.rc != 0 and "keyx-persist and keyx-label cannot be combined" in r.err, r
     assert "0x81000024" not in persistent_handles(tpm)
     assert "0x81800020" not in persistent_handles(tpm)
 
@@ -426,6 +426,22 @@ def test_tss2_key_with_password_is_refused(tpm, tmp):
     _, pub, _ = peer_point(tmp, "P-256", "peer")
     got, r = app(keyx_env(tmp, tpm), tmp, "derive", key, pub)
     assert got is None and "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
+
+
+def test_tss2_refusal_reaches_the_audit_log_through_openssl_inkey(tpm, tmp):
+    """openssl -inkey FILE reads through OpenSSL 3.0's file: store, which drops a decoder's
+    errors: the reason is in the audit log's load event."""
+    key = tpm2_openssl_genpkey(tpm, tmp / "a.pem", "EC", "group:P-256", "user-auth:x")
+    _, pub, _ = peer_point(tmp, "P-256", "peer")
+    log = tmp / "audit.jsonl"
+    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", pub,
+                env=keyx_env(tmp, tpm, **{"audit-log": log}))
+    assert r.rc != 0, r
+    events = kxutil.read_audit(log)
+    kxutil.check_audit_schema(events)
+    loads = [e for e in events if e["event"] == "load"]
+    assert loads and all(e["backend"] == "tpm" and e["ok"] is False for e in loads), events
+    assert "this TSS2 key has a password (its emptyAuth flag is not set)" in loads[0]["error"], loads
 
 
 def test_tss2_key_has_no_locator(tpm, tmp):
