@@ -261,6 +261,7 @@ def test_persist_ec(tpm, tmp, group, handle):
         assert derive(base_env(), tmp, priv, tpm_pub) == want
         assert derive(env, tmp, uri, pub) == want, f"{group}: keyx by handle and tpm2_ecdhzgen differ"
         assert app_ok(env, tmp, "derive", ref, pub) == want, f"{group}: by reference file differs"
+        assert derive(env, tmp, ref, pub) == want, f"{group}: -inkey reference file differs"
     events = kxutil.read_audit(log)
     kxutil.check_audit_schema(events)
     gens = [e for e in events if e["event"] == "keygen"]
@@ -284,6 +285,7 @@ def test_persist_rsa(tpm, tmp):
     ct = oaep_encrypt(tmp, tpm_pub, msg)
     assert oaep_decrypt(env, tmp, f"keyx:tpm:handle=0x{handle:08x}", ct) == msg
     assert app_ok(env, tmp, "decrypt", ref, ct) == msg
+    assert oaep_decrypt(env, tmp, ref, ct) == msg
     assert f"0x{handle:x}" in persistent_handles(tpm)
 
 
@@ -410,6 +412,8 @@ def test_tss2_key_with_openssl_inkey(tpm, tmp):
     mine = tmp / "mine.pub"
     openssl("pkey", "-in", key, "-pubout", "-out", mine, env=env).ok("keyx public key")
     assert mine.read_text() == kpub.read_text()
+    der = pem_to_der(key, tmp / "k.der")
+    assert derive(env, tmp, der, pub, "-keyform", "DER") == derive(base_env(), tmp, priv, kpub)
 
 
 def test_tss2_rsa_key_from_tpm2_openssl(tpm, tmp):
@@ -419,6 +423,7 @@ def test_tss2_rsa_key_from_tpm2_openssl(tpm, tmp):
     msg = os.urandom(24)
     ct = oaep_encrypt(tmp, kpub, msg)
     assert app_ok(env, tmp, "decrypt", key, ct) == msg
+    assert oaep_decrypt(env, tmp, key, ct) == msg  # openssl pkeyutl -decrypt -inkey r.pem
 
 
 def test_tss2_key_with_password_is_refused(tpm, tmp):
