@@ -139,9 +139,10 @@ http {{
         return sorted(pids)
 
     def errors(self):
-        """error.log lines at level crit/error/emerg/alert (handshake failures are crit or info)."""
+        """error.log lines at level crit/error/emerg/alert, and failed handshakes (which nginx
+        logs at info when the client or the handshake itself failed)."""
         return [l for l in self.error_log.read_text().splitlines()
-                if re.search(r"\[(emerg|alert|crit|error)\]", l)]
+                if re.search(r"\[(emerg|alert|crit|error)\]|SSL_do_handshake\(\) failed", l)]
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:

@@ -10,6 +10,7 @@ the certificate key (its key id computed here from the certificate's public key)
 """
 
 import hashlib
+import itertools
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from kxutil import TIMEOUT, base_env, openssl
 TOKEN = "keyx-ngx"
 HANDSHAKES = 200
 CURVES = "prime256v1:secp384r1"
+LABELS = itertools.count(1)  # one token key per test on the module's token
 
 
 class NginxToken(SoftHSM):
@@ -88,11 +90,21 @@ def curl(port, ca, n, tls, timeout=max(TIMEOUT, 300)):
     return kxutil.run(cmd, env=base_env(), timeout=timeout)
 
 
-def check_curl(r, n):
+def check_curl(r, n, srv=None):
     # -w prints "<status> <new connections>" per URL (the bodies go to stdout too, except the first)
     got = [line for line in r.out.splitlines() if re.fullmatch(r"\d{3} \d+", line)]
-    assert r.rc == 0 and got == ["200 1"] * n, (
-        f"curl: {got.count('200 1')} of {n} requests made a new connection and got 200:\n{r!r}")
+    if r.rc == 0 and got == ["200 1"] * n:
+        return
+    errs = sorted(set(r.err.splitlines()))[:5]
+    log = "\n".join(srv.errors()[:5]) if srv is not None else ""
+    raise AssertionError(f"curl (pid {r.pid}, exit {r.rc}): {got.count('200 1')} of {n} requests made a new "
+                         f"connection and got 200; curl said:\n" + "\n".join(errs) + f"\nnginx error.log:\n{log}")
+
+
+def probe(srv, ca):
+    """Two handshakes per TLS version, with a short timeout, before the long runs."""
+    for tls in ("1.3", "1.2"):
+        check_curl(curl(srv.port, ca, 2, tls, timeout=60), 2, srv)
 
 
 def s_client(port, ca, tls):
@@ -151,17 +163,18 @@ def check_audit(audit, srv, handshakes, backend, cert_id, sign_backend):
 
 def run_clients(srv, ca):
     """curl and s_client, each HANDSHAKES over TLS 1.3 and HANDSHAKES over TLS 1.2."""
+    probe(srv, ca)
     for tls in ("1.3", "1.2"):
-        check_curl(curl(srv.port, ca, HANDSHAKES, tls), HANDSHAKES)
+        check_curl(curl(srv.port, ca, HANDSHAKES, tls), HANDSHAKES, srv)
         s_client_loop(srv.port, ca, HANDSHAKES, tls)
-    return 4 * HANDSHAKES
+    return 4 + 4 * HANDSHAKES
 
 
 def hsm_setup(hsm, tmp, pki):
     audit = tmp / "audit.jsonl"
     cnf = keyx_cnf(tmp / "openssl.cnf", hsm.keyx_settings(tokens=(TOKEN,)), audit)
     env = hsm.env(OPENSSL_CONF=cnf)
-    ref, pub = hardware_key(env, tmp, ["keyx-label:srv-ngx"])
+    ref, pub = hardware_key(env, tmp, [f"keyx-label:srv-ngx-{next(LABELS)}"])
     crt = pki.certify(pub, "hsm")
     audit.unlink()
     return env, audit, ref, crt, ec_key_id(pub)
@@ -215,7 +228,7 @@ def parallel_curls(srv, ca, n, procs=4):
         for p in procs_:
             kxutil.kill_group(p) if p.poll() is None else None
     for r in results:
-        check_curl(r, n)
+        check_curl(r, n, srv)
     return procs * n
 
 
@@ -224,7 +237,8 @@ def test_nginx_four_parallel_clients(hsm, tmp, pki, nginx_server):
     and ECDHE on the token: none fails, every one in the audit log."""
     env, audit, ref, crt, cert_id = hsm_setup(hsm, tmp, pki)
     srv = nginx_server(crt, ref, env, curves=CURVES)
-    n = parallel_curls(srv, pki.crt, HANDSHAKES)
+    probe(srv, pki.crt)
+    n = 4 + parallel_curls(srv, pki.crt, HANDSHAKES)
     assert not srv.errors(), "nginx logged errors:\n" + "\n".join(srv.errors())
     check_audit(audit, srv, n, "pkcs11", cert_id, "pkcs11")
 
@@ -239,8 +253,25 @@ def test_nginx_token_ecdhe_with_a_software_certificate(hsm, tmp, pki, nginx_serv
     pub = tmp / "sw.pub"
     openssl("pkey", "-in", key, "-pubout", "-out", pub, env=base_env()).ok("pubout")
     srv = nginx_server(crt, key, env, curves=CURVES)
-    n = parallel_curls(srv, pki.crt, 50)
+    probe(srv, pki.crt)
+    n = 4 + parallel_curls(srv, pki.crt, 50)
     s_client_loop(srv.port, pki.crt, 10, "1.3")
     s_client_loop(srv.port, pki.crt, 10, "1.2")
     assert not srv.errors(), "nginx logged errors:\n" + "\n".join(srv.errors())
     check_audit(audit, srv, n + 20, "pkcs11", ec_key_id(pub), "software")
+
+
+def test_nginx_tpm_ecdhe_through_abrmd_with_a_software_certificate(abrmd, tmp, pki, nginx_server):
+    """ECDHE in the TPM for both workers through tpm2-abrmd, software certificate key: the TPM
+    part of the nginx setup without TPM signing."""
+    audit = tmp / "audit.jsonl"
+    cnf = keyx_cnf(tmp / "openssl.cnf", {"backends": "tpm", "tpm-tcti": abrmd.tcti}, audit)
+    env = abrmd.env(OPENSSL_CONF=cnf)
+    crt, key = pki.software_cert("sw")
+    pub = tmp / "sw.pub"
+    openssl("pkey", "-in", key, "-pubout", "-out", pub, env=base_env()).ok("pubout")
+    srv = nginx_server(crt, key, env, curves=CURVES)
+    probe(srv, pki.crt)
+    n = 4 + parallel_curls(srv, pki.crt, 25)
+    assert not srv.errors(), "nginx logged errors:\n" + "\n".join(srv.errors())
+    check_audit(audit, srv, n, "tpm", ec_key_id(pub), "software")
