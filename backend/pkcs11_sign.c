@@ -105,7 +105,7 @@ int p11_sig_prepare(p11_dev *d, int tok, keyx_alg alg, size_t size, size_t bits,
     out->scheme = op->scheme;
     if ((op->scheme == KEYX_SIG_ECDSA) != (alg == KEYX_ALG_EC) ||
         (alg != KEYX_ALG_EC && alg != KEYX_ALG_RSA)) {
-        KEYX_ERR(p, KEYX_R_KEY_MISMATCH, "pkcs11: an %s key cannot make %s signatures",
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "pkcs11: an %s key cannot make %s signatures",
                  keyx_alg_name(alg), scheme_names[op->scheme]);
         return 0;
     }
