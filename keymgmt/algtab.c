@@ -28,8 +28,10 @@ int keyx_algtab_new(keyx_provctx *p)
             return 0;
     }
     t->sha256 = EVP_MD_fetch(p->libctx, "SHA256", NULL);
-    if (t->sha256 == NULL) {
-        KEYX_ERR(p, KEYX_R_INTERNAL, "SHA-256 unavailable in keyx's context");
+    t->ecdsa = EVP_SIGNATURE_fetch(p->libctx, "ECDSA", NULL);
+    t->rsa_sig = EVP_SIGNATURE_fetch(p->libctx, "RSA", NULL);
+    if (t->sha256 == NULL || t->ecdsa == NULL || t->rsa_sig == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "SHA-256, ECDSA or RSA unavailable in keyx's context");
         return 0;
     }
     return 1;
@@ -44,5 +46,7 @@ void keyx_algtab_free(keyx_algtab *t)
         OPENSSL_free(t->gen_settable[a]); /* OSSL_PARAM_merge copies only the array */
     }
     EVP_MD_free(t->sha256);
+    EVP_SIGNATURE_free(t->ecdsa);
+    EVP_SIGNATURE_free(t->rsa_sig);
     OPENSSL_free(t);
 }

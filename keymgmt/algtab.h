@@ -14,6 +14,8 @@ typedef struct keyx_algtab {
     /* The default provider's generation parameters plus keyx's own (keymgmt/gen_target.h) */
     OSSL_PARAM *gen_settable[KEYX_ALG_COUNT];
     EVP_MD *sha256; /* audit key ids */
+    /* The default provider's signatures: keyx answers their parameter tables (signature/) */
+    EVP_SIGNATURE *ecdsa, *rsa_sig;
 } keyx_algtab;
 
 int keyx_algtab_new(struct keyx_provctx *p);

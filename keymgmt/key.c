@@ -553,3 +553,49 @@ int keyx_key_decrypt(keyx_key *k, const char *event, const keyx_rsa_op *op, cons
                                                       : "refused or failed in the backend");
     return ok == 1;
 }
+
+int keyx_key_sign_check(keyx_key *k, const keyx_sign_op *op)
+{
+    keyx_priv *pv = k->priv;
+    int ok = 0;
+
+    if (pv == NULL) {
+        KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "%s key has no private part to sign with",
+                 keyx_alg_name(k->alg));
+        return 0;
+    }
+    if (!CRYPTO_THREAD_read_lock(pv->lock))
+        return 0;
+    if (pv->handle == NULL)
+        KEYX_ERR(k->prov, KEYX_R_KEY_USED_UP, "the key has been destroyed");
+    else
+        ok = keyx_backend_sign_check(pv->be, pv->handle, op) == 1;
+    CRYPTO_THREAD_unlock(pv->lock);
+    return ok;
+}
+
+typedef struct sign_args {
+    const keyx_sign_op *op;
+    const unsigned char *dgst;
+    size_t dlen;
+    unsigned char *sig;
+    size_t *siglen;
+} sign_args;
+
+static int sign_op(keyx_priv *pv, void *arg)
+{
+    sign_args *a = arg;
+
+    return keyx_backend_sign(pv->be, pv->handle, a->op, a->dgst, a->dlen, a->sig, a->siglen);
+}
+
+int keyx_key_sign(keyx_key *k, const keyx_sign_op *op, const unsigned char *dgst, size_t dlen,
+                  unsigned char *sig, size_t *siglen)
+{
+    sign_args a = {op, dgst, dlen, sig, siglen};
+    int done, ok = key_use(k, "sign", sign_op, &a, &done);
+
+    if (done)
+        keyx_key_event(k, "sign", ok == 1, ok == 1 ? NULL : "refused or failed in the backend");
+    return ok == 1;
+}

@@ -69,4 +69,10 @@ int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outl
 int keyx_key_decrypt(keyx_key *k, const char *event, const keyx_rsa_op *op, const unsigned char *in,
                      size_t inlen, unsigned char *out, size_t *outlen);
 
+/* Signing with k's private part in its backend (signature/): sign_check before any data (no
+ * audit event), sign per signature (counted, `sign` audit event). 1, or 0 with an error. */
+int keyx_key_sign_check(keyx_key *k, const keyx_sign_op *op);
+int keyx_key_sign(keyx_key *k, const keyx_sign_op *op, const unsigned char *dgst, size_t dlen,
+                  unsigned char *sig, size_t *siglen);
+
 #endif

@@ -20,6 +20,9 @@ extern const OSSL_DISPATCH keyx_rsa_kem_functions[];
 
 extern const OSSL_DISPATCH keyx_store_functions[];
 
+extern const OSSL_DISPATCH keyx_ecdsa_signature_functions[];
+extern const OSSL_DISPATCH keyx_rsa_signature_functions[];
+
 /* encode/dispatch.c: key reference files, public keys, text */
 extern const OSSL_DISPATCH keyx_pem_to_der_decoder[];
 extern const OSSL_DISPATCH keyx_ec_to_keyref_der_encoder[];

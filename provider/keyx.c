@@ -89,6 +89,15 @@ static const OSSL_ALGORITHM keyx_asym_cipher[] = {
     {NULL, NULL, NULL, NULL},
 };
 
+/* Signatures with keyx keys: certificate keys in the TPM or on a token (signature/). */
+static const OSSL_ALGORITHM keyx_signature[] = {
+    {"ECDSA", KEYX_PROPS, keyx_ecdsa_signature_functions,
+     "keyx ECDSA (signed in the key's backend)"},
+    {NAME_RSA, KEYX_PROPS, keyx_rsa_signature_functions,
+     "keyx RSA PKCS#1 v1.5 and PSS signatures (signed in the key's backend)"},
+    {NULL, NULL, NULL, NULL},
+};
+
 static const OSSL_ALGORITHM keyx_kem[] = {
     {"RSA", KEYX_PROPS, keyx_rsa_kem_functions, "keyx RSA KEM (RSASVE)"},
     {NULL, NULL, NULL, NULL},
@@ -116,6 +125,8 @@ static const OSSL_ALGORITHM *keyx_query(void *provctx, int operation_id, int *no
         return keyx_asym_cipher;
     case OSSL_OP_KEM:
         return keyx_kem;
+    case OSSL_OP_SIGNATURE:
+        return keyx_signature;
     case OSSL_OP_STORE:
         return keyx_store;
     case OSSL_OP_ENCODER:
