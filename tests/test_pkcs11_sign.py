@@ -429,3 +429,68 @@ def test_tls_server_signs_with_the_token_key(keys, ca, s_server, s_client, name,
     kinds = {e["event"] for e in kxutil.read_audit(keys.log) if e["pid"] == srv.pid}
     assert {"keygen", "derive", "sign"} <= kinds, kinds
     kxutil.check_audit_schema(kxutil.read_audit(keys.log))
+
+
+# A server application that loads its certificate key once and forks workers (as nginx does):
+# each process signs handshakes with the key its parent loaded. Python's ssl module (the system
+# OpenSSL, keyx from OPENSSL_CONF), client and server in memory; the client verifies the chain.
+FORK_APP = r"""
+import os, ssl, sys
+
+crt, key, cafile = sys.argv[1:4]
+srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+srv.load_cert_chain(crt, key)
+srv.set_ecdh_curve("prime256v1")
+cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+cli.load_verify_locations(cafile)
+cli.set_ecdh_curve("prime256v1")
+
+def handshake():
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    s = srv.wrap_bio(bios[0], bios[1], server_side=True)
+    c = cli.wrap_bio(bios[2], bios[3], server_hostname="localhost")
+    done = [False, False]
+    for _ in range(20):
+        for i, (obj, outb, peer_in) in enumerate(((c, bios[3], bios[0]), (s, bios[1], bios[2]))):
+            if not done[i]:
+                try:
+                    obj.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(outb.read())
+        if all(done):
+            return c.version()
+    raise SystemExit("handshake did not finish")
+
+print("parent", os.getpid(), handshake(), flush=True)
+pid = os.fork()
+if pid == 0:
+    try:
+        print("child", os.getpid(), handshake(), handshake(), flush=True)
+        os._exit(0)
+    except BaseException as e:
+        print("child failed:", e, flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+print("parent again", handshake(), flush=True)
+sys.exit(1 if status else 0)
+"""
+
+
+@pytest.mark.parametrize("name", ["ec256", "rsa"])
+def test_a_forked_worker_signs_with_the_key_its_parent_loaded(keys, ca, tmp, name):
+    cafile, certs = ca
+    (tmp / "fork.py").write_text(FORK_APP)
+    r = kxutil.run(["/usr/bin/python3", tmp / "fork.py", certs[name], keys.ref(name), cafile], env=keys.env)
+    assert r.rc == 0 and "parent again TLSv1.3" in r.out, r
+    pids = {w[0]: int(w[1]) for w in map(str.split, r.out.splitlines()) if len(w) >= 3 and w[1].isdigit()}
+    assert set(pids) == {"parent", "child"}, r
+    assert r.out.count("TLSv1.3") == 4, r
+    events = kxutil.read_audit(keys.log)
+    for who, pid, n in (("parent", pids["parent"], 2), ("child", pids["child"], 2)):
+        signs = [e for e in events if e["pid"] == pid and e["event"] == "sign"]
+        assert len(signs) == n and all(e["ok"] and e["backend"] == "pkcs11" for e in signs), f"{who}: {signs}"
+    # the key was loaded once, in the parent: the child found it again on the token by its URI
+    loads = [e for e in events if e["event"] == "load" and e["pid"] in pids.values()]
+    assert {e["pid"] for e in loads} == {pids["parent"]}, loads
