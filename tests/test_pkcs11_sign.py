@@ -463,6 +463,9 @@ def handshake():
             return c.version()
     raise SystemExit("handshake did not finish")
 
+if len(sys.argv) > 4:  # N handshakes in this process, no fork
+    print(" ".join(handshake() for _ in range(int(sys.argv[4]))), flush=True)
+    sys.exit(0)
 print("parent", os.getpid(), handshake(), flush=True)
 pid = os.fork()
 if pid == 0:
@@ -494,3 +497,28 @@ def test_a_forked_worker_signs_with_the_key_its_parent_loaded(keys, ca, tmp, nam
     # the key was loaded once, in the parent: the child found it again on the token by its URI
     loads = [e for e in events if e["event"] == "load" and e["pid"] in pids.values()]
     assert {e["pid"] for e in loads} == {pids["parent"]}, loads
+
+
+@pytest.mark.parametrize("name,trial", [("ec256", 0), ("rsa", 1)])
+def test_sign_check_costs_no_cryptoki_call_per_handshake(keys, ca, tmp, name, trial):
+    """OpenSC's pkcs11-spy records keyx's calls into the token: 1 and then 6 handshakes in one
+    process (one key loaded once). Mechanism information is read once per token whatever the
+    count; each handshake costs exactly one C_SignInit and one C_Sign; the RSA-PSS parameter set
+    TLS uses is tried once per process (one more C_SignInit/C_Sign), then remembered."""
+    from fixture_softhsm import SPY
+
+    cafile, certs = ca
+    (tmp / "app.py").write_text(FORK_APP)
+    settings = {**keys.hsm.keyx_settings(tokens=(TOKEN,)), "pkcs11-module": SPY}
+    counts = {}
+    for n in (1, 6):
+        spy = tmp / f"spy{n}.log"
+        cnf = kxutil.write_cnf(tmp / f"spy{n}.cnf", keyx=settings)
+        env = keys.hsm.spy_env(spy, OPENSSL_CONF=cnf)
+        r = kxutil.run(["/usr/bin/python3", tmp / "app.py", certs[name], keys.ref(name), cafile, n], env=env)
+        assert r.rc == 0 and r.out.split() == ["TLSv1.3"] * n, r
+        calls = re.findall(r"^\d+: (C_\w+)$", spy.read_text(), re.M)
+        counts[n] = {c: calls.count(c) for c in ("C_GetMechanismInfo", "C_SignInit", "C_Sign")}
+    for n in (1, 6):
+        assert counts[n]["C_SignInit"] == counts[n]["C_Sign"] == n + trial, counts
+    assert counts[1]["C_GetMechanismInfo"] == counts[6]["C_GetMechanismInfo"] > 0, counts
