@@ -21,6 +21,7 @@
 
 #include "backend/backend.h"
 #include "backend/tpm2_device.h"
+#include "backend/tpm2_keyfile.h"
 #include "backend/tpm2_pubkey.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
@@ -29,6 +30,9 @@ typedef struct tpm_key {
     tpm_obj obj;
     const tpm_curve *curve; /* EC keys; NULL for RSA */
     size_t nlen;            /* RSA keys: modulus bytes; 0 for EC */
+    tpm_keyfile *file;      /* loaded from a TSS2 key file (a transient object, loaded again
+                               when the TPM lost it); NULL for other keys */
+    int no_decrypt;         /* TSS2 keys: not an unrestricted decrypt key (e.g. sign only) */
 } tpm_key;
 
 /* ---- open / close / supports ------------------------------------------------------------ */
@@ -197,10 +201,15 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
 
 /* A TPM restarted since the last command answers the first one with "no such handle" (see
  * tpm_dev_take_reset): a new key can be made at once on a new connection. */
+static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
+
 static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     int r;
 
+    /* Never retried: after a reset the handle may hold the key made by the first attempt. */
+    if (spec->persist != NULL)
+        return generate_persistent(state, spec, handle, pub);
     ERR_set_mark();
     r = generate_once(state, spec, handle, pub);
     if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
@@ -397,6 +406,12 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an RSA key does not do key agreement");
         return 0;
     }
+    if (k->no_decrypt) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key cannot do key agreement (ECDH_ZGen): its attributes make it "
+                 "no unrestricted decrypt key (a signing-only or storage key)");
+        return 0;
+    }
     if (secretlen != k->curve->field || !tpm_ec_point(peer, k->curve, &in.point)) {
         KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY, "tpm: the peer key is not a %s public point",
                  k->curve->group);
@@ -437,17 +452,25 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     return r;
 }
 
+static int file_key_refresh(tpm_dev *d, tpm_key *k);
+
 static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                        size_t secretlen)
 {
     tpm_key *k = handle;
     int r;
 
+    if (k->file != NULL && (r = file_key_refresh(state, k)) != 1)
+        return r;
     ERR_set_mark();
     r = derive_once(state, handle, peer, secret, secretlen);
-    /* A persistent key survives a TPM restart: found again at its handle on a new connection. */
-    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+    /* A persistent key survives a TPM restart: found again at its handle on a new connection;
+     * a key from a TSS2 file is loaded again. */
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(state)) {
         ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(state, k)) != 1)
+            return r;
         return derive_once(state, handle, peer, secret, secretlen);
     }
     ERR_clear_last_mark();
@@ -486,7 +509,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     TPMA_OBJECT attrs;
     tpm_key *k;
     TSS2_RC rc;
-    int r;
+    int r, used = 0;
 
     *handle = NULL;
     *pub = NULL;
@@ -494,6 +517,15 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         return 0;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1 || !used) {
+        if (r == 1)
+            KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                     "tpm: no persistent key at handle 0x%08X: list them with tpm2_getcap "
+                     "handles-persistent",
+                     (unsigned)h);
+        tpm_end(d);
+        return r == 1 ? 0 : r;
+    }
     TPM_CALL(d, NULL, rc,
              Esys_TR_FromTPMPublic(ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &tr));
     if (rc != TSS2_RC_SUCCESS) {
@@ -573,6 +605,327 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     if (r != 1)
         tpm_persistent_close_unused(d, &tr);
     tpm_end(d);
+    return r;
+}
+
+/* ---- keyx-persist: a new key made persistent at a handle -------------------------------- */
+
+/* Owner-hierarchy persistent handles (TPM 2.0 Part 2, 7.5: 0x81800000 and above belong to the
+ * platform). */
+#define OWNER_PERSISTENT_FIRST 0x81000000UL
+#define OWNER_PERSISTENT_LAST 0x817FFFFFUL
+
+/* The public area of a persistent key: what tpm_ecdh_template / tpm_rsa_template give (decrypt,
+ * fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth, noDA, no scheme) plus sign, so that
+ * the key can also be a certificate key. */
+static int persistent_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *area)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    const tpm_curve *c = tpm_curve_by_group(spec->group);
+
+    if (spec->alg == KEYX_ALG_RSA) {
+        size_t bits = spec->bits != 0 ? spec->bits : 2048;
+        uint32_t e = 65537;
+
+        if (!rsa_exponent(p, spec->params, &e))
+            return 0;
+        if (!tpm_dev_has_rsa(d, bits)) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: this TPM does not make %zu-bit RSA keys (TPM2_TestParms refused "
+                     "them; swtpm and most TPMs do 2048, some 3072)",
+                     bits);
+            return 0;
+        }
+        tpm_rsa_template(bits, e, 1, area);
+    } else if (spec->alg == KEYX_ALG_EC && c != NULL && tpm_dev_has_curve(d, c->id)) {
+        tpm_ecdh_template(c, 1, area);
+    } else {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: keyx-persist makes EC (P-256, P-384, P-521 when the TPM has it) and RSA "
+                 "keys; a TPM has no %s%s%s keys",
+                 keyx_alg_name(spec->alg), spec->group != NULL ? " " : "",
+                 spec->group != NULL ? spec->group : "");
+        return 0;
+    }
+    area->objectAttributes |= TPMA_OBJECT_SIGN_ENCRYPT;
+    return 1;
+}
+
+static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY **pub);
+
+/* TPM2_Create under the storage parent, TPM2_Load, TPM2_EvictControl (owner) to the handle,
+ * flush of the transient copy; then the key is opened by its handle exactly as
+ * keyx:tpm:handle=0x81... opens it. A handle in use is never overwritten. */
+static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    const keyx_persist *ps = spec->persist;
+    TPM2_HANDLE h = (TPM2_HANDLE)ps->tpm_handle;
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_PUBLIC inpub = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TPM2B_PUBLIC *outpub = NULL;
+    TPM2B_PRIVATE *outpriv = NULL;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr = ESYS_TR_NONE, ptr = ESYS_TR_NONE;
+    char locator[32];
+    int used = 0;
+    TSS2_RC rc;
+    int r;
+
+    *handle = NULL;
+    *pub = NULL;
+    if (ps->label != NULL || ps->id != NULL) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: keyx-label and keyx-id name PKCS#11 token keys; a TPM key is kept at a "
+                 "persistent handle: use keyx-persist:0x81xxxxxx alone");
+        return 0;
+    }
+    if (ps->tpm_handle < OWNER_PERSISTENT_FIRST || ps->tpm_handle > OWNER_PERSISTENT_LAST) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: keyx-persist:0x%08lX is not an owner persistent handle: keys are kept at "
+                 "0x81000000..0x817FFFFF (0x81800000 and above belong to the platform)",
+                 ps->tpm_handle);
+        return 0;
+    }
+    if (!persistent_area(d, spec, &inpub.publicArea))
+        return 0;
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    if (used) {
+        tpm_end(d);
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: persistent handle 0x%08X is already in use: keyx never overwrites a key; "
+                 "choose a free handle (tpm2_getcap handles-persistent lists the used ones) or "
+                 "free this one with tpm2_evictcontrol -C o -c 0x%08X",
+                 (unsigned)h, (unsigned)h);
+        return 0;
+    }
+    TPM_CALL(d, NULL, rc,
+             Esys_Create(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &sens,
+                         &inpub, &outside, &pcrs, &outpriv, &outpub, NULL, NULL, NULL));
+    if (rc != TSS2_RC_SUCCESS) {
+        r = tpm_fail(d, rc, "persistent key generation (Create)");
+        tpm_end(d);
+        return r;
+    }
+    TPM_CALL(d, NULL, rc,
+             Esys_Load(ctx, tpm_parent(d), ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, outpriv,
+                       outpub, &tr));
+    Esys_Free(outpriv);
+    Esys_Free(outpub);
+    if (rc != TSS2_RC_SUCCESS) {
+        r = tpm_fail(d, rc, "loading the new key (Load)");
+        tpm_end(d);
+        return r;
+    }
+    rc = Esys_EvictControl(ctx, ESYS_TR_RH_OWNER, tr, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE,
+                           h, &ptr);
+    Esys_FlushContext(ctx, tr);
+    if (rc != TSS2_RC_SUCCESS) {
+        if (rc == TPM2_RC_NV_DEFINED) {
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                     "tpm: persistent handle 0x%08X was taken meanwhile: keyx never overwrites a "
+                     "key; choose another handle or free it with tpm2_evictcontrol -C o -c 0x%08X",
+                     (unsigned)h, (unsigned)h);
+            r = 0;
+        } else if (rc == TPM2_RC_NV_SPACE) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE,
+                     "tpm: no room for another persistent key (%s): free one with "
+                     "tpm2_evictcontrol -C o -c 0x81xxxxxx (tpm2_getcap handles-persistent lists "
+                     "them)",
+                     Tss2_RC_Decode(rc));
+            r = 0;
+        } else {
+            r = tpm_fail(d, rc, "making the key persistent (EvictControl, owner hierarchy)");
+        }
+        tpm_end(d);
+        return r;
+    }
+    Esys_TR_Close(ctx, &ptr);
+    tpm_end(d);
+    snprintf(locator, sizeof(locator), "handle=0x%08x", (unsigned)h);
+    return tpm2_load(d, locator, handle, pub);
+}
+
+/* ---- locator: how a key reference file names a key ------------------------------------- */
+
+static int tpm2_locator(void *state, void *handle, char **out)
+{
+    keyx_provctx *p = tpm_dev_prov(state);
+    tpm_key *k = handle;
+
+    *out = NULL;
+    if (k->obj.persistent == 0) {
+        if (k->file != NULL)
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: a key loaded from a TSS2 key file has no locator: it lives in that "
+                     "file; give the file itself where the key is wanted");
+        else
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: ephemeral TPM key has no locator; generate it with keyx-persist to "
+                     "keep it");
+        return 0;
+    }
+    if ((*out = OPENSSL_malloc(32)) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    snprintf(*out, 32, "handle=0x%08x", (unsigned)k->obj.persistent);
+    return 1;
+}
+
+/* ---- TSS2 PRIVATE KEY files: TPM2_Load under the parent the file names --------------------- */
+
+#define TSS2_FORMAT "TSS2 PRIVATE KEY"
+
+/* Loads k's TSS2 key under the parent its file names, unless it is loaded on the current
+ * connection already: at load time, and again after the TPM lost it (restarted, reconnected,
+ * fork()). */
+static int file_key_refresh(tpm_dev *d, tpm_key *k)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    const tpm_keyfile *f = k->file;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR parent = ESYS_TR_NONE, tr = ESYS_TR_NONE;
+    TSS2_RC rc;
+    int release = 0, r;
+
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if (tpm_obj_current(d, &k->obj)) {
+        tpm_end(d);
+        return 1;
+    }
+    tpm_obj_drop(d, &k->obj); /* what was left of the lost object */
+    if ((r = tpm_open_parent(d, f->parent, &parent, &release)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    TPM_CALL(d, NULL, rc,
+             Esys_Load(ctx, parent, ESYS_TR_PASSWORD, ESYS_TR_NONE, ESYS_TR_NONE, &f->priv, &f->pub,
+                       &tr));
+    tpm_release_parent(d, parent, release);
+    if (rc != TSS2_RC_SUCCESS) {
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            (tpm_rc_is(rc, TPM2_RC_INTEGRITY) || tpm_rc_is(rc, TPM2_RC_SIZE) ||
+             tpm_rc_is(rc, TPM2_RC_VALUE) || tpm_rc_is(rc, TPM2_RC_KEY))) {
+            KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                     "tpm: this TPM cannot load the TSS2 key under its parent 0x%08X (%s): the "
+                     "file was made by another TPM, or under another parent, or the TPM was "
+                     "cleared since",
+                     (unsigned)f->parent, Tss2_RC_Decode(rc));
+            r = 0;
+        } else {
+            r = tpm_fail(d, rc, "loading the TSS2 key (Load)");
+        }
+        tpm_end(d);
+        return r;
+    }
+    tpm_obj_loaded(d, &k->obj, tr);
+    tpm_obj_public(d, &k->obj, &f->pub.publicArea);
+    tpm_end(d);
+    return 1;
+}
+
+static int load_encoded_once(void *state, const char *format, const unsigned char *der, size_t len,
+                             void **handle, EVP_PKEY **pub)
+{
+    tpm_dev *d = state;
+    keyx_provctx *p = tpm_dev_prov(d);
+    const tpm_curve *c = NULL;
+    const TPMT_PUBLIC *area;
+    tpm_keyfile f;
+    TPMA_OBJECT attrs;
+    tpm_key *k;
+    int r;
+
+    *handle = NULL;
+    *pub = NULL;
+    if (strcmp(format, TSS2_FORMAT) != 0) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED, "tpm: cannot load a %s (only a " TSS2_FORMAT ")", format);
+        return 0;
+    }
+    if (!tpm_keyfile_parse(p, der, len, &f))
+        return 0;
+    area = &f.pub.publicArea;
+    attrs = area->objectAttributes;
+    if (area->type == TPM2_ALG_ECC) {
+        if ((c = tpm_curve_by_id(area->parameters.eccDetail.curveID)) == NULL) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: this TSS2 key is on TPM curve 0x%04X: keyx serves P-256, P-384 and "
+                     "P-521 keys",
+                     (unsigned)area->parameters.eccDetail.curveID);
+            r = 0;
+            goto out;
+        }
+        *pub = tpm_ec_public(p->libctx, c, &area->unique.ecc);
+    } else if (area->type == TPM2_ALG_RSA) {
+        *pub = tpm_rsa_public(p->libctx, area);
+    } else {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TSS2 key is of TPM type 0x%04X: keyx serves EC and RSA keys",
+                 (unsigned)area->type);
+        r = 0;
+        goto out;
+    }
+    if (*pub == NULL) {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: the TSS2 key file's public key is unusable");
+        r = 0;
+        goto out;
+    }
+    if ((k = key_new(d, c)) == NULL) {
+        r = 0;
+        goto out;
+    }
+    /* Loaded whatever it is for (issue 7 signs with keys like these); derive and decrypt refuse a
+     * key that is not an unrestricted decrypt key without a scheme of its own. */
+    k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
+                    (c == NULL && area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_NULL &&
+                     area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_OAEP);
+    if (c == NULL)
+        k->nlen = area->unique.rsa.size;
+    if ((k->file = OPENSSL_memdup(&f, sizeof(f))) == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        OPENSSL_free(k);
+        r = 0;
+        goto out;
+    }
+    if ((r = file_key_refresh(d, k)) != 1) {
+        OPENSSL_clear_free(k->file, sizeof(*k->file));
+        OPENSSL_free(k);
+        goto out;
+    }
+    *handle = k;
+    r = 1;
+
+out:
+    OPENSSL_cleanse(&f, sizeof(f));
+    if (r != 1) {
+        EVP_PKEY_free(*pub);
+        *pub = NULL;
+    }
+    return r;
+}
+
+/* A TPM restarted since the last command: the key is loaded again on a new connection. */
+static int tpm2_load_encoded(void *state, const char *format, const unsigned char *der, size_t len,
+                             void **handle, EVP_PKEY **pub)
+{
+    int r;
+
+    ERR_set_mark();
+    r = load_encoded_once(state, format, der, len, handle, pub);
+    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return load_encoded_once(state, format, der, len, handle, pub);
+    }
+    ERR_clear_last_mark();
     return r;
 }
 
@@ -711,6 +1064,13 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an EC key does not decrypt");
         return 0;
     }
+    if (k->no_decrypt) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key cannot decrypt (RSA_Decrypt): its attributes make it no "
+                 "unrestricted decrypt key without a signing scheme (a signing-only or storage "
+                 "key)");
+        return 0;
+    }
     /* Parameters first: the same answer for every ciphertext. */
     if (!rsa_params(p, op, &scheme, &label))
         return 0;
@@ -724,10 +1084,15 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
      * without its leading zeros. */
     memcpy(ct.buffer + k->nlen - inlen, in, inlen);
     ct.size = (UINT16)k->nlen;
+    if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+        return r;
     ERR_set_mark();
     r = rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen, op->pad == KEYX_RSA_PAD_RAW);
-    if (r == KEYX_BACKEND_DOWN && k->obj.persistent != 0 && tpm_dev_take_reset(state)) {
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(state)) {
         ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+            return r;
         return rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen,
                                 op->pad == KEYX_RSA_PAD_RAW);
     }
@@ -752,6 +1117,7 @@ static void tpm2_free(void *state, void *handle)
     tpm_obj_drop(d, &k->obj);
     tpm_end(d);
     ERR_pop_to_mark();
+    OPENSSL_clear_free(k->file, k->file != NULL ? sizeof(*k->file) : 0);
     OPENSSL_free(k);
 }
 
@@ -764,6 +1130,8 @@ const keyx_backend_ops keyx_tpm_backend = {
     .generate = tpm2_generate,
     .import = tpm2_import,
     .load = tpm2_load,
+    .locator = tpm2_locator,
+    .load_encoded = tpm2_load_encoded,
     .derive = tpm2_derive,
     .free = tpm2_free,
     .rsa_decrypt = tpm2_rsa_decrypt,

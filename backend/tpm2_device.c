@@ -374,6 +374,11 @@ int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
     return 1;
 }
 
+int tpm_obj_current(tpm_dev *d, const tpm_obj *o)
+{
+    return d->ctx != NULL && o->gen == d->gen && (o->tr != ESYS_TR_NONE || o->saved != NULL);
+}
+
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
 {
     o->tr = tr;
@@ -413,6 +418,11 @@ void tpm_obj_drop(tpm_dev *d, tpm_obj *o)
         } else if (o->tr != ESYS_TR_NONE)
             Esys_FlushContext(d->ctx, o->tr);
         list_unlink(d, o);
+    } else {
+        /* The connection it belonged to is gone, and its list with it (a key from a file is
+         * loaded again on the new one). */
+        o->prev = o->next = NULL;
+        o->listed = 0;
     }
     Esys_Free(o->saved);
     o->saved = NULL;
@@ -617,6 +627,97 @@ ESYS_TR tpm_parent(tpm_dev *d)
     return d->parent;
 }
 
+int tpm_persistent_in_use(tpm_dev *d, TPM2_HANDLE h, int *used)
+{
+    TPMS_CAPABILITY_DATA *cap = NULL;
+    TPMI_YES_NO more = 0;
+    TSS2_RC rc = Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    TPM2_CAP_HANDLES, h, 1, &more, &cap);
+
+    *used = 0;
+    if (rc != TSS2_RC_SUCCESS)
+        return tpm_fail(d, rc, "reading the persistent handles (GetCapability)");
+    *used = cap->data.handles.count > 0 && cap->data.handles.handle[0] == h;
+    Esys_Free(cap);
+    return 1;
+}
+
+#define RELEASE_FLUSH 1 /* a primary made for this load */
+#define RELEASE_CLOSE 2 /* a persistent handle opened for this load */
+
+int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release)
+{
+    TPM2B_SENSITIVE_CREATE sens = {0};
+    TPM2B_PUBLIC tmpl = {0};
+    TPM2B_DATA outside = {0};
+    TPML_PCR_SELECTION pcrs = {0};
+    TSS2_RC rc;
+    int r, used = 0;
+
+    *tr = ESYS_TR_NONE;
+    *release = 0;
+    if (h == TPM2_RH_OWNER) {
+        if (d->parent_owned) { /* keyx's own primary is made from the same template */
+            *tr = d->parent;
+            return 1;
+        }
+        tpm_storage_template(&tmpl.publicArea);
+        TPM_CALL(d, NULL, rc,
+                 Esys_CreatePrimary(d->ctx, ESYS_TR_RH_OWNER, ESYS_TR_PASSWORD, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, &sens, &tmpl, &outside, &pcrs, tr, NULL, NULL,
+                                    NULL, NULL));
+        if (rc != TSS2_RC_SUCCESS) {
+            *tr = ESYS_TR_NONE;
+            return tpm_fail(d, rc, "creating the owner storage primary key (CreatePrimary)");
+        }
+        *release = RELEASE_FLUSH;
+        return 1;
+    }
+    if ((h >> 24) != TPM2_HT_PERSISTENT) {
+        KEYX_ERR(d->p, KEYX_R_UNSUPPORTED,
+                 "tpm: the key file's parent 0x%08X is neither the owner hierarchy (0x40000001) "
+                 "nor a persistent key (0x81xxxxxx): keyx cannot load keys under it",
+                 (unsigned)h);
+        return 0;
+    }
+    if (d->p->cfg.tpm_parent == h && !d->parent_owned) {
+        *tr = d->parent;
+        return 1;
+    }
+    if ((r = tpm_persistent_in_use(d, h, &used)) != 1)
+        return r;
+    if (!used) {
+        KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                 "tpm: the key file's parent, persistent key 0x%08X, is not in this TPM: the "
+                 "file can only be loaded on the TPM that made it, with its parent in place",
+                 (unsigned)h);
+        return 0;
+    }
+    rc = Esys_TR_FromTPMPublic(d->ctx, h, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, tr);
+    if (rc != TSS2_RC_SUCCESS) {
+        *tr = ESYS_TR_NONE;
+        if (rc_is_down(rc))
+            return tpm_fail(d, rc, "opening the key file's parent");
+        KEYX_ERR(d->p, KEYX_R_MISSING_KEY,
+                 "tpm: the key file's parent, persistent key 0x%08X, is not in this TPM (%s): the "
+                 "file can only be loaded on the TPM that made it, with its parent in place",
+                 (unsigned)h, Tss2_RC_Decode(rc));
+        return 0;
+    }
+    *release = RELEASE_CLOSE;
+    return 1;
+}
+
+void tpm_release_parent(tpm_dev *d, ESYS_TR tr, int release)
+{
+    if (d->ctx == NULL || tr == ESYS_TR_NONE)
+        return;
+    if (release == RELEASE_FLUSH)
+        Esys_FlushContext(d->ctx, tr);
+    else if (release == RELEASE_CLOSE)
+        tpm_persistent_close_unused(d, &tr);
+}
+
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
 {
     int r;
@@ -628,6 +729,32 @@ int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out)
         return r;
     Esys_TRSess_SetAttributes(d->ctx, d->session, TPMA_SESSION_CONTINUESESSION | crypt, 0xFF);
     *out = d->session;
+    return 1;
+}
+
+/* TPM 2.0 Part 2, 6.6.3: TPM_RC_RETRY, _YIELDED and _TESTING (a self-test of the algorithm
+ * running, as on a TPM's first ECDH) ask the caller to send the command again. ESYS does so for
+ * its own commands; keyx's session sends through SAPI and retries itself, a few times with a
+ * growing pause. */
+static int rc_is_retry(TSS2_RC rc)
+{
+    return rc == TPM2_RC_RETRY || rc == TPM2_RC_YIELDED || rc == TPM2_RC_TESTING;
+}
+
+static void retry_pause(int attempt)
+{
+    struct timespec ts = {0, 1000000L << attempt}; /* 1, 2, 4, 8, 16 ms */
+
+    nanosleep(&ts, NULL);
+}
+
+#define FAST_RETRIES 5
+/* 1 when a command that answered rc is to be sent again (attempt: how many times it was). */
+static int again(TSS2_RC rc, int attempt)
+{
+    if (!rc_is_retry(rc) || attempt == FAST_RETRIES)
+        return 0;
+    retry_pause(attempt);
     return 1;
 }
 
@@ -653,10 +780,13 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT
     ESYS_TR sess;
     TSS2_RC rc;
 
-    if (d->fast.handle != 0)
-        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
-                   ? rc
-                   : tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out);
+    if (d->fast.handle != 0) {
+        if ((rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS)
+            return rc;
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out), i))
+                return rc;
+    }
     /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
@@ -679,10 +809,15 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_
     ESYS_TR sess;
     TSS2_RC rc;
 
-    if (d->fast.handle != 0)
-        return (rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS
-                   ? rc
-                   : tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme, label, out);
+    if (d->fast.handle != 0) {
+        if ((rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS)
+            return rc;
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_rsa_decrypt(&d->fast, d->ctx, key, &o->name, in, scheme,
+                                                  label, out),
+                       i))
+                return rc;
+    }
     sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
     if (sess != ESYS_TR_PASSWORD)
         Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
@@ -736,7 +871,11 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
     if (d->fast.handle != 0) {
         /* Authorized by keyx's session: after a TPM reset the session is gone and the TPM says
          * so here, and the key is made again on a new connection (tpm_dev_take_reset). */
-        rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h, outpub, name);
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_create_primary(&d->fast, d->ctx, TPM2_RH_NULL, inpub, &h,
+                                                     outpub, name),
+                       i))
+                break;
     } else {
         TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
         TSS2L_SYS_AUTH_RESPONSE rsp = {0};

@@ -58,6 +58,16 @@ void tpm_end(tpm_dev *d);
  * _DECRYPT: command) when encrypted sessions are on, else ESYS_TR_PASSWORD (auth) /
  * ESYS_TR_NONE (non-auth): 1, or 0/KEYX_BACKEND_DOWN with an error raised. */
 ESYS_TR tpm_parent(tpm_dev *d);
+/* Inside begin/end: the parent a TSS2 key file names, opened for TPM2_Load. TPM2_RH_OWNER
+ * (0x40000001): the owner-hierarchy primary made from tpm_storage_template, which is also the
+ * primary tpm2-openssl and the TSS2 key file convention use (keyx's cached storage parent when it
+ * is that primary, else one made now); a persistent handle 0x81xxxxxx: that key. 1 with *tr
+ * (release it with tpm_release_parent), else 0/KEYX_BACKEND_DOWN with an error raised. */
+/* Inside begin/end: *used = 1 if a persistent object lives at h (asked of the handle list:
+ * ReadPublic on a free handle makes ESYS print errors of its own). 1, or the tpm_fail result. */
+int tpm_persistent_in_use(tpm_dev *d, TPM2_HANDLE h, int *used);
+int tpm_open_parent(tpm_dev *d, TPM2_HANDLE h, ESYS_TR *tr, int *release);
+void tpm_release_parent(tpm_dev *d, ESYS_TR tr, int release);
 int tpm_session(tpm_dev *d, TPMA_SESSION crypt, int auth, ESYS_TR *out);
 /* Inside begin/end: TPM2_ECDH_ZGen with key, the result encrypted in the session (keyx's own,
  * see tpm2_session.h; ESYS's when the parent cannot salt keyx's) unless sessions are off. */
@@ -78,6 +88,9 @@ TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *
 /* Inside begin/end. Makes o usable now (loads it back if it was saved out, finds a persistent
  * key again after a reconnect): 1 with *tr, else 0/KEYX_BACKEND_DOWN with an error raised. */
 int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr);
+/* Inside begin/end: 1 if o belongs to the current connection (a transient object the TPM
+ * still holds, loaded or saved out); 0 once a reconnect or fork() took it. */
+int tpm_obj_current(tpm_dev *d, const tpm_obj *o);
 /* Records a transient object just created or loaded as tr. */
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr);
 /* Records the public area of o (after tpm_obj_loaded): its name is computed once, here. */

@@ -56,6 +56,10 @@ extern const OSSL_DISPATCH keyx_rsa_to_spki_pem_encoder[];
 extern const OSSL_DISPATCH keyx_rsa_to_text_encoder[];
 extern const OSSL_DISPATCH keyx_keyref_der_to_rsa_decoder[];
 
+/* encode/tss2_decoder.c: TSS2 PRIVATE KEY files (tpm backend) */
+extern const OSSL_DISPATCH keyx_tss2_der_to_ec_decoder[];
+extern const OSSL_DISPATCH keyx_tss2_der_to_rsa_decoder[];
+
 int keyx_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *cb, void *arg);
 
 #endif

@@ -70,7 +70,14 @@ static const OSSL_ALGORITHM keyx_decoder[] = {
     DECODERS(NAME_X448, x448),
     DECODERS(NAME_DH, dh),
     DECODERS(NAME_RSA, rsa),
-    /* TSS2 PRIVATE KEY decoders (encode/tss2_decoder.c) go here */
+#ifdef KEYX_HAVE_TPM
+    /* TSS2 PRIVATE KEY files (tpm2-openssl, openssl_tpm2_engine), tpm backend: DER from the
+     * PEM-to-DER decoder above (structure "TSS2") or from a DER file. */
+    {NAME_EC, KEYX_PROPS ",input=der,structure=TSS2", keyx_tss2_der_to_ec_decoder,
+     "TSS2 PRIVATE KEY, TPM key by reference"},
+    {NAME_RSA, KEYX_PROPS ",input=der,structure=TSS2", keyx_tss2_der_to_rsa_decoder,
+     "TSS2 PRIVATE KEY, TPM key by reference"},
+#endif
     {NULL, NULL, NULL, NULL},
 };
 

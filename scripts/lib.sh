@@ -8,7 +8,7 @@ KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # PKCS#11 libraries keyx links, and the real swtpm, SoftHSM2 and peer tools the tests drive.
 KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest
     libtss2-dev libp11-kit-dev p11-kit-modules
-    swtpm swtpm-tools tpm2-tools softhsm2 opensc libengine-pkcs11-openssl)
+    swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl)
 
 keyx_say() {
     printf '\n==> %s\n' "$*"
