@@ -522,3 +522,60 @@ def test_sign_check_costs_no_cryptoki_call_per_handshake(keys, ca, tmp, name, tr
     for n in (1, 6):
         assert counts[n]["C_SignInit"] == counts[n]["C_Sign"] == n + trial, counts
     assert counts[1]["C_GetMechanismInfo"] == counts[6]["C_GetMechanismInfo"] > 0, counts
+
+
+def test_certificate_key_token_removed_fails_cleanly(tmp_path_factory, ca, tmp):
+    """The token holding the certificate key is removed while s_server runs (SoftHSM's
+    --delete-token): handshakes fail with an error naming the token, the server keeps running
+    (no crash), the audit log has the failed signature, and nothing signs in software. Its own
+    token directory: keyx-sig stays for the other tests."""
+    import subprocess
+    import time
+
+    from conftest import pick_port
+
+    hsm = SigToken(tmp_path_factory.mktemp("softhsm-sig-gone")).setup()
+    log = tmp / "audit.jsonl"
+    env = hsm.env(OPENSSL_CONF=kxutil.write_cnf(
+        tmp / "openssl.cnf", keyx=hsm.keyx_settings(tokens=(TOKEN,), backends="pkcs11, software",
+                                                    **{"audit-log": log})))
+    ref = tmp / "gone.ref.pem"
+    kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-pkeyopt", "keyx-label:sig-gone",
+                   "-out", ref, env=env).ok("genpkey")
+    token_public_keys(hsm, tmp, ["gone"])
+    cafile = ca[0]
+    crt = tmp / "gone.crt"
+    kxutil.openssl("x509", "-new", "-force_pubkey", tmp / "gone.pub.pem", "-subj", "/CN=localhost", "-CA", cafile,
+                   "-CAkey", cafile.parent / "ca.key", "-days", "2", "-out", crt, env=plain()).ok("issue")
+
+    def handshake(port):
+        return kxutil.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-CAfile", cafile,
+                           "-verify_return_error", "-brief"], env=plain(), input="")
+
+    port = pick_port()
+    srv = subprocess.Popen(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "3",
+                            "-cert", crt, "-key", ref, "-quiet"],
+                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=env, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while (r := handshake(port)).rc != 0 and time.monotonic() < deadline and srv.poll() is None:
+            time.sleep(0.1)  # until the server listens
+        assert r.rc == 0, r
+        kxutil.run(["softhsm2-util", "--delete-token", "--token", TOKEN], env=hsm.tool_env()).ok("remove token")
+        time.sleep(1.2)  # keyx checks a token's presence at most once a second
+        for _ in range(2):
+            r = handshake(port)
+            assert r.rc != 0, f"a handshake succeeded with the certificate key's token gone:\n{r!r}"
+        srv.wait(kxutil.TIMEOUT)
+    finally:
+        kxutil.kill_group(srv)
+    err = srv.stderr.read()
+    assert srv.returncode is not None and srv.returncode >= 0, f"s_server died (rc {srv.returncode}):\n{err}"
+    assert "pkcs11" in err and TOKEN in err, f"no clear error once the token is gone:\n{err}"
+    assert PIN not in err
+    events = [e for e in kxutil.read_audit(log) if e["pid"] == srv.pid]
+    kxutil.check_audit_schema(events)
+    signs = [e for e in events if e["event"] == "sign"]
+    assert [e["ok"] for e in signs][:1] == [True] and not any(e["ok"] for e in signs[1:]), signs
+    assert len(signs) >= 2 and {e["backend"] for e in signs} == {"pkcs11"}, signs
