@@ -232,8 +232,9 @@ int p11_sig_probe(p11_sess *s, CK_OBJECT_HANDLE obj, const p11_sig *g)
         if (rv != CKR_OK)
             return p11_fail(s, rv, "trying RSA-PSS parameters (C_Sign)");
         p11_dev_pss_note(s->dev, g->tok, g->pair, 1);
-        keyx_debug(p, "pkcs11: token '%s' takes RSA-PSS with %s, MGF1 pair %d (remembered)",
-                   p11_dev_token_label(s->dev, s->tok), g->md->label, g->pair);
+        keyx_debug(p, "pkcs11: token '%s' takes RSA-PSS with %s and MGF1-%s (remembered)",
+                   p11_dev_token_label(s->dev, s->tok), g->md->label,
+                   digests[g->pair % (int)NDIGESTS].label);
         return 1;
     }
     p11_session_put(s, rv);
