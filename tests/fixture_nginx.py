@@ -43,6 +43,7 @@ class Nginx:
         self.cert, self.key, self.env = cert, key, env
         self.curves, self.workers = curves, workers
         self.proc, self.port = None, None
+        self.test_pids = []
         self.conf = self.prefix / "nginx.conf"
         self.error_log = self.prefix / "logs" / "error.log"
 
@@ -95,6 +96,7 @@ http {{
             t = kxutil.run([NGINX, "-t", "-p", self.prefix, "-c", self.conf, "-e", self.error_log],
                            env=self.env)
             assert t.rc == 0, f"nginx -t refused the configuration:\n{t!r}\n{self.conf.read_text()}"
+            self.test_pids.append(t.pid)  # `nginx -t` loads the certificate key too
             self.proc = subprocess.Popen([NGINX, "-p", str(self.prefix), "-c", str(self.conf), "-e",
                                           str(self.error_log)], stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
