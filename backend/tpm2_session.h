@@ -48,6 +48,12 @@ TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, con
                               const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
                               const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out);
 
+/* TPM2_Sign of digest with key under scheme, validation ticket TPM2_ST_HASHCHECK/TPM2_RH_NULL,
+ * authorized by the session (no parameter encryption: the signature is no secret). */
+TSS2_RC tpm_fsess_sign(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_DIGEST *digest, const TPMT_SIG_SCHEME *scheme,
+                       TPMT_SIGNATURE *out);
+
 /* TPM2_CreatePrimary in hierarchy (empty authorization), authorized by the session: a TPM that
  * was reset since the session started refuses it (the session is gone) instead of making a key
  * the next command cannot use. */
