@@ -237,9 +237,12 @@ def test_refusals_name_the_cause(tpm, keys, tmp):
     env = keyx_env(tmp, tpm)
     data = data_file(tmp)
     ref, _, _ = keys["RSA"]
-    # a PSS salt the TPM does not use: refused at init, naming the TPM's salt
-    for salt in ("max", "20"):
-        r, _ = sign(env, tmp, ref, "sha256", data, "rsa_padding_mode:pss", f"rsa_pss_saltlen:{salt}")
+    # a PSS salt the TPM does not use, naming the TPM's salt: refused at init ("20"), or for
+    # "max" and "auto" (PSS's default, which reads as "max" while parameters are being set) at
+    # the signature, before any TPM command
+    for salt in ("max", "20", "auto", None):
+        opts = ["rsa_padding_mode:pss"] + ([f"rsa_pss_saltlen:{salt}"] if salt else [])
+        r, _ = sign(env, tmp, ref, "sha256", data, *opts)
         assert r.rc != 0 and "TPM2_Sign chooses the salt itself and uses 32 bytes" in r.err, r
         assert "rsa_pss_saltlen:digest" in r.err, r
     # MGF1 with another digest
