@@ -365,3 +365,45 @@ def test_tls_server_with_tpm_certificate_key(tpm, keys, ca, s_server, s_client, 
         assert re.search(r"Peer signature type: RSA-PSS", cli.out), cli.out
     events = [e for e in sign_events(log) if e["pid"] == srv.pid]
     assert len(events) == 1 and events[0]["ok"] and events[0]["backend"] == "tpm", events
+
+
+# ---- authorization and bus ----------------------------------------------------------------------
+
+SIGN_CC = b"\x00\x00\x01\x5d"  # TPM2_CC_Sign
+PARENT_RSA = 0x81000065
+
+
+@pytest.mark.parametrize("mode", ["keyx-session", "password", "esys-session"])
+def test_one_tpm2_sign_per_signature_authorized_as_configured(tpm, keys, tmp, mode):
+    """Each signature is exactly one TPM2_Sign on the bus, authorized by keyx's salted HMAC
+    session (default), by the empty password (tpm-encrypt-sessions = 0), or by ESYS's session
+    (an RSA tpm-parent keyx cannot salt its own session with)."""
+    ref, pub, handle = keys["P-256"]
+    pcap = tmp / "tpm.pcap"
+    env = keyx_env(tmp, tpm)
+    env["KEYX_TPM_TCTI"] = f"pcap:{tpm.tcti}"
+    env["TCTI_PCAP_FILE"] = str(pcap)
+    if mode == "password":
+        env["KEYX_TPM_ENCRYPT_SESSIONS"] = "0"
+    if mode == "esys-session":
+        if f"0x{PARENT_RSA:x}" not in tpm.tools("tpm2_getcap", "handles-persistent").out.lower():
+            tpm.flush_transient()
+            tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "rsa2048", "-c", tmp / "srk.ctx")
+            tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "srk.ctx",
+                      f"0x{PARENT_RSA:x}")
+            tpm.flush_transient()
+        env["KEYX_TPM_PARENT"] = f"0x{PARENT_RSA:x}"
+    data = data_file(tmp)
+    for md in ("sha256", "sha512"):
+        r, sig = sign(env, tmp, ref, md, data)
+        assert r.rc == 0 and verify(pub, md, data, sig), r
+    raw = pcap.read_bytes()
+    # tag (sessions) | size | command code | key handle | auth area size | session handle
+    calls = re.findall(rb"\x80\x02.{4}" + SIGN_CC + rb"(.{4}).{4}(.{4})", raw, re.S)
+    assert len(calls) == 2, f"{len(calls)} TPM2_Sign commands for 2 signatures"
+    for key, sess in calls:
+        assert key == handle.to_bytes(4, "big"), key.hex()
+        if mode == "password":
+            assert sess == b"\x40\x00\x00\x09", sess.hex()  # TPM2_RS_PW
+        else:
+            assert sess[0] == 0x02, f"not an HMAC session: {sess.hex()}"
