@@ -407,3 +407,102 @@ def test_one_tpm2_sign_per_signature_authorized_as_configured(tpm, keys, tmp, mo
             assert sess == b"\x40\x00\x00\x09", sess.hex()  # TPM2_RS_PW
         else:
             assert sess[0] == 0x02, f"not an HMAC session: {sess.hex()}"
+
+
+# ---- TPM restart and loss -----------------------------------------------------------------------
+
+# One process (its own library context from openssl.cnf) that loads a key file and signs sha256
+# digests of stdin lines, one signature per line: "sig <hex>" or "err <errors>".
+SIGNER = r"""
+import ctypes, sys
+from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
+L = ctypes.CDLL("libcrypto.so.3")
+def fn(name, res, *args):
+    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
+LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
+LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
+LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
+bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
+bio_free = fn("BIO_free", c_int, c_void_p)
+read_pem = fn("PEM_read_bio_PrivateKey_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+md_new = fn("EVP_MD_CTX_new", c_void_p)
+md_free = fn("EVP_MD_CTX_free", None, c_void_p)
+ds_init = fn("EVP_DigestSignInit_ex", c_int, c_void_p, c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p)
+ds = fn("EVP_DigestSign", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
+pkey_free = fn("EVP_PKEY_free", None, c_void_p)
+get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
+def errors():
+    msgs = []
+    while True:
+        f, l, func, data, flags = c_char_p(), c_int(), c_char_p(), c_char_p(), c_int()
+        if not get_err(byref(f), byref(l), byref(func), byref(data), byref(flags)): break
+        msgs.append(data.value.decode() if data.value else "")
+    return " | ".join(msgs)
+cnf, keyfile = sys.argv[1:3]
+ctx = LIB_new()
+assert LIB_load(ctx, cnf.encode()) == 1, errors()
+b = bio_file(keyfile.encode(), b"rb")
+key = read_pem(b, None, None, None, ctx, None)
+bio_free(b)
+assert key, errors()
+print("loaded", flush=True)
+for line in sys.stdin:
+    data = line.strip().encode()
+    m = md_new()
+    buf = ctypes.create_string_buffer(1024)
+    n = c_size_t(len(buf))
+    if ds_init(m, None, b"SHA256", ctx, None, key, None) == 1 and ds(m, buf, byref(n), data, len(data)) == 1:
+        print("sig", buf.raw[:n.value].hex(), flush=True)
+    else:
+        print("err", errors(), flush=True)
+    md_free(m)
+pkey_free(key)
+LIB_free(ctx)
+"""
+
+
+def test_sign_across_tpm_restart_and_loss(swtpm_factory, tmp):
+    """One process: a signature; swtpm restarted silently (the persistent key is found again on
+    a new connection): the next signature works; swtpm killed: a clear error naming the TCTI
+    within 5 seconds; swtpm back: signing works again, without restarting the application."""
+    import subprocess
+    import time
+    t = swtpm_factory()
+    env = base_env(OPENSSL_CONF=tpm_cnf(tmp / "openssl.cnf", t))
+    ref, pub, _ = make_key(t, tmp, env, 0x81000066, "EC", ["-pkeyopt", "group:P-256"])
+    app = tmp / "signer.py"
+    app.write_text(SIGNER)
+    p = subprocess.Popen(["/usr/bin/python3", str(app), str(tmp / "openssl.cnf"), str(ref)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=base_env(), text=True, start_new_session=True)
+
+    def one(i):
+        msg = f"message {i} {os.urandom(8).hex()}"
+        p.stdin.write(msg + "\n")
+        p.stdin.flush()
+        start = time.monotonic()
+        kind, _, rest = p.stdout.readline().strip().partition(" ")
+        took = time.monotonic() - start
+        if kind == "sig":
+            (tmp / "d.txt").write_text(msg)
+            (tmp / "s.der").write_bytes(bytes.fromhex(rest))
+            assert verify(pub, "sha256", tmp / "d.txt", tmp / "s.der"), f"signature {i} is wrong"
+        return kind, rest, took
+
+    try:
+        assert p.stdout.readline().strip() == "loaded"
+        assert one(0)[0] == "sig"
+        t.restart()
+        assert one(1)[0] == "sig", "first signature after a TPM restart"
+        t.kill()
+        kind, err, took = one(2)
+        assert kind == "err" and t.tcti in err, err
+        assert took < 5, f"the failed signature took {took:.1f}s"
+        t.start()
+        kind, err, _ = one(3)
+        assert kind == "sig", f"signing after swtpm came back: {err}"
+        p.stdin.close()
+        assert p.wait(30) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            kxutil.kill_group(p)
