@@ -1,4 +1,5 @@
-/* The tpm backend: ECDH key pairs and shared secrets, and RSA decryption, inside a TPM 2.0.
+/* The tpm backend: ECDH key pairs and shared secrets, RSA decryption and signatures (ECDSA,
+ * RSASSA, RSASSA-PSS on a digest keyx computed: one TPM2_Sign), inside a TPM 2.0.
  * Ephemeral EC keys are primaries in the NULL hierarchy (one TPM2_CreatePrimary each, random
  * unique field) and RSA keys transient objects under the cached storage parent (CreateLoaded),
  * all flushed when freed; a derive is exactly one TPM2_ECDH_ZGen and a decryption one

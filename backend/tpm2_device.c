@@ -1013,9 +1013,10 @@ int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg)
     for (size_t i = 0; i < d->nalgs; i++)
         found |= d->algs[i] == alg;
     unlock_dev(d);
-    if (!known) /* what every PC-client TPM has: the signature meets the real error */
-        return alg == TPM2_ALG_SHA256 || alg == TPM2_ALG_SHA384 || alg == TPM2_ALG_ECDSA ||
-               alg == TPM2_ALG_RSASSA || alg == TPM2_ALG_RSAPSS;
+    if (!known) /* unreachable TPM: the signature meets the real error (the TPM's absence) */
+        return alg == TPM2_ALG_SHA1 || alg == TPM2_ALG_SHA256 || alg == TPM2_ALG_SHA384 ||
+               alg == TPM2_ALG_SHA512 || alg == TPM2_ALG_ECDSA || alg == TPM2_ALG_RSASSA ||
+               alg == TPM2_ALG_RSAPSS;
     return found;
 }
 

@@ -42,7 +42,8 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
 int tpm_dev_has_rsa(tpm_dev *d, size_t bits);
 
 /* 1 if the TPM lists alg (TPM2_CAP_ALGS, read once per connection): hashes and signature
- * schemes. When the TPM cannot be reached, answers for SHA256, SHA384, ECDSA, RSASSA and RSAPSS. */
+ * schemes. When the TPM cannot be reached, answers for SHA1/256/384/512, ECDSA, RSASSA and RSAPSS
+ * so that the operation meets the real error. */
 int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg);
 
 /* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
