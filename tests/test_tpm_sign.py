@@ -449,6 +449,10 @@ print("loaded", flush=True)
 for line in sys.stdin:
     data = line.strip().encode()
     m = md_new()
+    if data == b"init":  # EVP_DigestSignInit alone (what TLS does before it has data)
+        print("init", ds_init(m, None, b"SHA256", ctx, None, key, None), flush=True)
+        md_free(m)
+        continue
     buf = ctypes.create_string_buffer(1024)
     n = c_size_t(len(buf))
     if ds_init(m, None, b"SHA256", ctx, None, key, None) == 1 and ds(m, buf, byref(n), data, len(data)) == 1:
@@ -506,3 +510,42 @@ def test_sign_across_tpm_restart_and_loss(swtpm_factory, tmp):
     finally:
         if p.poll() is None:
             kxutil.kill_group(p)
+
+
+def test_sign_init_sends_no_tpm_command(tpm, keys, tmp):
+    """sign_check decides from cached facts: 50 EVP_DigestSignInit calls after the key is loaded
+    and has signed once send nothing to the TPM (pcap TCTI); the next signature is one TPM2_Sign."""
+    import subprocess
+    ref, pub, _ = keys["P-256"]
+    pcap = tmp / "tpm.pcap"
+    env = base_env(KEYX_TPM_TCTI=f"pcap:{tpm.tcti}", TCTI_PCAP_FILE=str(pcap))
+    tpm_cnf(tmp / "openssl.cnf", tpm)
+    app = tmp / "signer.py"
+    app.write_text(SIGNER)
+    p = subprocess.Popen(["/usr/bin/python3", str(app), str(tmp / "openssl.cnf"), str(ref)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, text=True, start_new_session=True)
+    try:
+        assert p.stdout.readline().strip() == "loaded"
+        p.stdin.write("first\n")
+        p.stdin.flush()
+        assert p.stdout.readline().startswith("sig "), "first signature"
+        before = pcap.stat().st_size
+        # the capture is written as commands go (else the comparison below would prove nothing)
+        assert SIGN_CC in re.findall(rb"\x80[\x01\x02].{4}(.{4})", pcap.read_bytes(), re.S)
+        for _ in range(50):
+            p.stdin.write("init\n")
+            p.stdin.flush()
+            assert p.stdout.readline().strip() == "init 1"
+        assert pcap.stat().st_size == before, "EVP_DigestSignInit sent TPM commands"
+        p.stdin.write("second\n")
+        p.stdin.flush()
+        assert p.stdout.readline().startswith("sig "), "second signature"
+        p.stdin.close()
+        assert p.wait(30) == 0, p.stderr.read()
+    finally:
+        if p.poll() is None:
+            kxutil.kill_group(p)
+    raw = pcap.read_bytes()[before:]
+    cmds = re.findall(rb"\x80[\x01\x02].{4}(.{4})", raw, re.S)
+    assert SIGN_CC in cmds, "no TPM2_Sign after the inits"
