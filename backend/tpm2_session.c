@@ -180,8 +180,9 @@ end:
 }
 
 /* The command already prepared in the SAPI context (Tss2_Sys_<command>_Prepare) runs with
- * key (TPM handle, name) authorized by the session and its first response parameter encrypted;
- * on success that parameter is decrypted in place for Tss2_Sys_<command>_Complete. */
+ * key (TPM handle, name) authorized by the session (session attributes attrs); with
+ * TPMA_SESSION_ENCRYPT its first response parameter comes back encrypted and, on success, is
+ * decrypted in place for Tss2_Sys_<command>_Complete. */
 static TSS2_RC run_prepared(tpm_fsess *s, TSS2_SYS_CONTEXT *sys, const TPM2B_NAME *name,
                             TPM2_CC code, unsigned char attrs)
 {
