@@ -1154,14 +1154,6 @@ static int tpm_pss_salt(size_t hlen, size_t nlen)
     return (int)(hlen < max ? hlen : max);
 }
 
-/* 1 if salt is the largest PSS salt for the key: what "max" and "auto" resolve to (emLen is one
- * byte shorter when the modulus has 8k+1 bits). */
-static int pss_is_max(int salt, size_t hlen, size_t nlen)
-{
-    return (nlen >= hlen + 2 && salt == (int)(nlen - hlen - 2)) ||
-           (nlen >= hlen + 3 && salt == (int)(nlen - hlen - 3));
-}
-
 static const char *scheme_name(TPMI_ALG_SIG_SCHEME s)
 {
     return s == TPM2_ALG_ECDSA       ? "ECDSA"
@@ -1175,8 +1167,7 @@ static const char *scheme_name(TPMI_ALG_SIG_SCHEME s)
 
 /* The TPM scheme for op, or 0 with an error: from the key's attributes and the TPM's algorithm
  * list cached at connect time, no TPM command. */
-static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, int check_only,
-                       TPMT_SIG_SCHEME *out)
+static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPMT_SIG_SCHEME *out)
 {
     keyx_provctx *p = tpm_dev_prov(d);
     TPMI_ALG_HASH h = op->md != NULL ? tpm_hash(op->md) : TPM2_ALG_NULL;
@@ -1247,13 +1238,10 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, int
                      op->md, op->mgf1_md != NULL ? op->mgf1_md : "?", op->md);
             return 0;
         }
-        /* The caller checks at every parameter change, and resolves "auto" (PSS's default)
-         * like "max": between EVP_PKEY_CTX_set_rsa_padding(PSS) and set_rsa_pss_saltlen(digest)
-         * (libssl's TLS 1.3 order, and `-sigopt rsa_padding_mode:pss -sigopt
-         * rsa_pss_saltlen:digest`) the salt reads as the maximum. That value passes the check
-         * and is refused by sign() with the same message, before any TPM command. */
-        if (op->saltlen != salt &&
-            !(check_only && pss_is_max(op->saltlen, hash_size(h), k->nlen))) {
+        /* An "auto" salt (PSS's default, which libssl replaces right after choosing PSS) is
+         * checked as the digest length and resolved to the maximum at the signature, where
+         * this refuses it before any TPM command. */
+        if (op->saltlen != salt) {
             KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                      "tpm: RSA-PSS with a %d-byte salt cannot run in a TPM: TPM2_Sign chooses the "
                      "salt itself and uses %d bytes (the %s length) with this key; set "
@@ -1271,7 +1259,7 @@ static int tpm2_sign_check(void *state, void *handle, const keyx_sign_op *op)
 {
     TPMT_SIG_SCHEME scheme;
 
-    return sign_scheme(state, handle, op, 1, &scheme);
+    return sign_scheme(state, handle, op, &scheme);
 }
 
 /* r || s (ECDSA) or the signature (RSA), left-padded to the order or modulus size. */
@@ -1360,7 +1348,7 @@ static int tpm2_sign(void *state, void *handle, const keyx_sign_op *op, const un
     TPM2B_DIGEST digest = {0};
     int r;
 
-    if (!sign_scheme(d, k, op, 0, &scheme))
+    if (!sign_scheme(d, k, op, &scheme))
         return 0;
     if (dlen != hash_size(scheme.details.any.hashAlg)) {
         KEYX_ERR(tpm_dev_prov(d), KEYX_R_INVALID_ARGUMENT,
