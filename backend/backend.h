@@ -122,6 +122,13 @@ typedef struct keyx_backend_ops {
      * what follows "keyx:tpm:" ("handle=0x81000002"). Loaded keys are not ephemeral: free()
      * releases keyx's hold on them and never deletes them from the device. */
     int (*load)(void *state, const char *locator, void **handle, EVP_PKEY **pub);
+    /* As load(), for a key reference file that recorded the key's public key (recorded, keyx
+     * libctx): the backend may make the key without reaching the device, *pub being recorded
+     * (up-referenced), and then finds the key and checks its public key against recorded at its
+     * first use, refusing every use of a key that differs (tpm: nginx's master loads its
+     * certificate key before forking, issue 7). NULL: load() then a comparison by the caller. */
+    int (*load_deferred)(void *state, const char *locator, EVP_PKEY *recorded, void **handle,
+                         EVP_PKEY **pub);
     /* Shared secret with peer (already validated, keyx libctx). secretlen is the full size of
      * the secret for the group (DH: length of p); the backend fills exactly that many bytes,
      * left-padded with zeros. An all-zero X25519/X448 result must be refused. */

@@ -44,6 +44,17 @@ int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_
     return ok;
 }
 
+int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *recorded,
+                               void **handle, EVP_PKEY **pub)
+{
+    int ok;
+
+    inside_backend++;
+    ok = be->ops->load_deferred(be->state, locator, recorded, handle, pub);
+    inside_backend--;
+    return ok;
+}
+
 int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
                         size_t secretlen)
 {

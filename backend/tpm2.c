@@ -39,6 +39,8 @@ typedef struct tpm_key {
                                    -1: restricted (signs only TPM-made data) */
     TPMI_ALG_SIG_SCHEME scheme; /* the key's own signing scheme (TPM2_ALG_NULL: any) */
     TPMI_ALG_HASH scheme_hash;  /* and its hash */
+    EVP_PKEY *expect;           /* from a key reference file, not yet checked: the recorded public
+                                   key (key_settle checks and clears it at first use) */
 } tpm_key;
 
 /* What a key's public area says about signing (persistent and TSS2 keys). */
@@ -485,6 +487,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
 }
 
 static int file_key_refresh(tpm_dev *d, tpm_key *k);
+static int key_settle(tpm_dev *d, tpm_key *k);
 
 static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                        size_t secretlen)
@@ -492,6 +495,8 @@ static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char 
     tpm_key *k = handle;
     int r;
 
+    if ((r = key_settle(state, k)) != 1)
+        return r;
     if (k->file != NULL && (r = file_key_refresh(state, k)) != 1)
         return r;
     ERR_set_mark();
@@ -529,19 +534,86 @@ static int parse_locator(keyx_provctx *p, const char *locator, TPM2_HANDLE *h)
     return 1;
 }
 
+/* The key a persistent object's public area describes: *k (its obj not yet set) and *pub, or 0
+ * with an error when keyx cannot use it. */
+static int persistent_key(tpm_dev *d, TPM2_HANDLE h, const TPMT_PUBLIC *area, tpm_key **out,
+                          EVP_PKEY **pub)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    TPMA_OBJECT attrs = area->objectAttributes;
+    const tpm_curve *c = NULL;
+    tpm_key *k;
+    int sign_ok;
+
+    *out = NULL;
+    *pub = NULL;
+    /* Keys for key agreement or decryption, and keys for signing (certificate keys, issue 7). */
+    sign_ok = (attrs & TPMA_OBJECT_SIGN_ENCRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED);
+    if (area->type == TPM2_ALG_RSA) {
+        TPMI_ALG_RSA_SCHEME sch = area->parameters.rsaDetail.scheme.scheme;
+        int dec = (attrs & TPMA_OBJECT_DECRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED) &&
+                  sch == TPM2_ALG_NULL;
+
+        if (!dec && !sign_ok) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
+                     "scheme of its own, nor an unrestricted signing key, so keyx cannot use it "
+                     "(create it with tpm2_create -G rsa2048:null:null -a "
+                     "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
+                     (unsigned)h);
+            return 0;
+        }
+        if ((*pub = tpm_rsa_public(p->libctx, area)) == NULL) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable RSA public key at 0x%08X",
+                     (unsigned)h);
+            return 0;
+        }
+        if ((k = key_new(d, NULL)) == NULL) {
+            EVP_PKEY_free(*pub);
+            *pub = NULL;
+            return 0;
+        }
+        k->nlen = area->unique.rsa.size;
+        k->no_decrypt = !dec;
+    } else {
+        if (area->type != TPM2_ALG_ECC ||
+            (c = tpm_curve_by_id(area->parameters.eccDetail.curveID)) == NULL ||
+            (!sign_ok && (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)))) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: the key at 0x%08X is not an unrestricted decrypt (or signing) ECC "
+                     "P-256/P-384/P-521 or RSA key, so keyx cannot use it (create it with "
+                     "tpm2_create -G ecc256 -a "
+                     "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
+                     (unsigned)h);
+            return 0;
+        }
+        if ((*pub = tpm_ec_public(p->libctx, c, &area->unique.ecc)) == NULL) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable public key at 0x%08X", (unsigned)h);
+            return 0;
+        }
+        if ((k = key_new(d, c)) == NULL) {
+            EVP_PKEY_free(*pub);
+            *pub = NULL;
+            return 0;
+        }
+        k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED);
+    }
+    key_sign_attrs(k, area);
+    *out = k;
+    return 1;
+}
+
 static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
     keyx_provctx *p = tpm_dev_prov(d);
     TPM2B_PUBLIC *outpub = NULL;
-    const tpm_curve *c = NULL;
     ESYS_CONTEXT *ctx;
     ESYS_TR tr = ESYS_TR_NONE;
     TPM2_HANDLE h;
-    TPMA_OBJECT attrs;
-    tpm_key *k;
+    tpm_key *k = NULL;
     TSS2_RC rc;
-    int r, used = 0, sign_ok;
+    int r, used = 0;
 
     *handle = NULL;
     *pub = NULL;
@@ -584,66 +656,141 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         tpm_end(d);
         return r;
     }
-    attrs = outpub->publicArea.objectAttributes;
-    /* Keys for key agreement or decryption, and keys for signing (certificate keys, issue 7). */
-    sign_ok = (attrs & TPMA_OBJECT_SIGN_ENCRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED);
-    if (outpub->publicArea.type == TPM2_ALG_RSA) {
-        TPMI_ALG_RSA_SCHEME sch = outpub->publicArea.parameters.rsaDetail.scheme.scheme;
-
-        int dec = (attrs & TPMA_OBJECT_DECRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED) &&
-                  sch == TPM2_ALG_NULL;
-
-        if (!dec && !sign_ok) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                     "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
-                     "scheme of its own, nor an unrestricted signing key, so keyx cannot use it "
-                     "(create it with tpm2_create -G rsa2048:null:null -a "
-                     "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
-                     (unsigned)h);
-            r = 0;
-        } else if ((*pub = tpm_rsa_public(p->libctx, &outpub->publicArea)) == NULL) {
-            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable RSA public key at 0x%08X",
-                     (unsigned)h);
-            r = 0;
-        } else if ((k = key_new(d, NULL)) == NULL) {
-            EVP_PKEY_free(*pub);
-            *pub = NULL;
-            r = 0;
-        } else {
-            k->nlen = outpub->publicArea.unique.rsa.size;
-            k->no_decrypt = !dec;
-            key_sign_attrs(k, &outpub->publicArea);
-            tpm_obj_persistent(d, &k->obj, h, tr);
-            *handle = k;
-            r = 1;
-        }
-    } else if (outpub->publicArea.type != TPM2_ALG_ECC ||
-               (c = tpm_curve_by_id(outpub->publicArea.parameters.eccDetail.curveID)) == NULL ||
-               (!sign_ok && (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)))) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: the key at 0x%08X is not an unrestricted decrypt (or signing) ECC "
-                 "P-256/P-384/P-521 or RSA key, so keyx cannot use it (create it with "
-                 "tpm2_create -G ecc256 -a "
-                 "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
-                 (unsigned)h);
-        r = 0;
-    } else if ((*pub = tpm_ec_public(p->libctx, c, &outpub->publicArea.unique.ecc)) == NULL) {
-        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable public key at 0x%08X", (unsigned)h);
-        r = 0;
-    } else if ((k = key_new(d, c)) == NULL) {
-        EVP_PKEY_free(*pub);
-        *pub = NULL;
-        r = 0;
-    } else {
-        k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED);
-        key_sign_attrs(k, &outpub->publicArea);
+    r = persistent_key(d, h, &outpub->publicArea, &k, pub);
+    if (r == 1) {
         tpm_obj_persistent(d, &k->obj, h, tr);
         *handle = k;
-        r = 1;
     }
     Esys_Free(outpub);
     if (r != 1)
         tpm_persistent_close_unused(d, &tr);
+    tpm_end(d);
+    return r;
+}
+
+/* ---- static keys from a key reference file: opened at first use ------------------------- */
+
+/* A key reference file records the key's locator and public key, so the key is made without the
+ * TPM: nginx's master loads its certificate key before forking the workers, and a tabrmd TCTI
+ * opened there cannot be opened again in the workers (issue 7). The key is a persistent object
+ * of no connection yet: its first use (key_settle) finds it at its handle exactly as after a
+ * reconnect or fork, reads its public area and checks it against the recorded public key. */
+static int tpm2_load_deferred(void *state, const char *locator, EVP_PKEY *recorded, void **handle,
+                              EVP_PKEY **pub)
+{
+    tpm_dev *d = state;
+    keyx_provctx *p = tpm_dev_prov(d);
+    const tpm_curve *c = NULL;
+    size_t nlen = 0;
+    TPM2_HANDLE h;
+    tpm_key *k;
+
+    *handle = NULL;
+    *pub = NULL;
+    if (!parse_locator(p, locator, &h))
+        return 0;
+    if (EVP_PKEY_is_a(recorded, "EC")) {
+        char group[64];
+
+        if (!EVP_PKEY_get_utf8_string_param(recorded, OSSL_PKEY_PARAM_GROUP_NAME, group,
+                                            sizeof(group), NULL) ||
+            (c = tpm_curve_by_group(group)) == NULL) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: the key reference for 0x%08X records an EC key on a curve a TPM key "
+                     "of keyx cannot have (P-256, P-384, P-521)",
+                     (unsigned)h);
+            return 0;
+        }
+    } else if (EVP_PKEY_is_a(recorded, "RSA")) {
+        nlen = (size_t)EVP_PKEY_get_size(recorded);
+    } else {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: the key reference for 0x%08X records neither an EC nor an RSA key",
+                 (unsigned)h);
+        return 0;
+    }
+    if ((k = key_new(d, c)) == NULL)
+        return 0;
+    if (!EVP_PKEY_up_ref(recorded) || !EVP_PKEY_up_ref(recorded)) {
+        OPENSSL_free(k);
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    k->nlen = nlen;
+    k->sign = 1; /* settled at first use */
+    k->expect = recorded;
+    k->obj.persistent = h;
+    k->obj.gen = UINT64_MAX; /* of no connection: found at its handle at first use */
+    *handle = k;
+    *pub = recorded;
+    return 1;
+}
+
+/* Before any use of a key from a reference file: finds it at its handle, reads its public area
+ * and checks it against the recorded one; then the key is an ordinary persistent key. 1, or
+ * 0/KEYX_BACKEND_DOWN with an error raised (every use of a replaced key is refused). */
+static int key_settle(tpm_dev *d, tpm_key *k)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    TPM2B_PUBLIC *outpub = NULL;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr;
+    EVP_PKEY *pub = NULL;
+    tpm_key *seen = NULL;
+    TSS2_RC rc;
+    int r, used = 1;
+
+    if (k->expect == NULL) /* unlocked peek: set only before the key is shared, cleared below */
+        return 1;
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if (k->expect == NULL) { /* another thread settled it */
+        tpm_end(d);
+        return 1;
+    }
+    /* Asked of the handle list first: ReadPublic on a free handle makes ESYS print errors. */
+    if (!tpm_obj_current(d, &k->obj) &&
+        (r = tpm_persistent_in_use(d, k->obj.persistent, &used)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    if (!used || (r = tpm_obj_ready(d, &k->obj, &tr)) != 1) {
+        if (!used || r == 0)
+            KEYX_ERR(p, KEYX_R_MISSING_KEY,
+                     "key reference file: the tpm key \"handle=0x%08X\" could not be loaded "
+                     "(deleted, or another TPM or token?): no persistent key there (list them "
+                     "with tpm2_getcap handles-persistent)",
+                     (unsigned)k->obj.persistent);
+        tpm_end(d);
+        return !used ? 0 : r;
+    }
+    TPM_CALL(
+        d, NULL, rc,
+        Esys_ReadPublic(ctx, tr, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &outpub, NULL, NULL));
+    if (rc != TSS2_RC_SUCCESS) {
+        r = tpm_fail(d, rc, "reading the persistent key (ReadPublic)");
+        tpm_end(d);
+        return r;
+    }
+    r = persistent_key(d, k->obj.persistent, &outpub->publicArea, &seen, &pub);
+    if (r == 1 && EVP_PKEY_eq(pub, k->expect) != 1) {
+        KEYX_ERR(p, KEYX_R_KEY_MISMATCH,
+                 "key reference file: the tpm key \"handle=0x%08X\" is not the key this file was "
+                 "written for (its public key differs): the key there was replaced",
+                 (unsigned)k->obj.persistent);
+        r = 0;
+    } else if (r == 1) {
+        k->nlen = seen->nlen;
+        k->no_decrypt = seen->no_decrypt;
+        k->sign = seen->sign;
+        k->scheme = seen->scheme;
+        k->scheme_hash = seen->scheme_hash;
+        EVP_PKEY_free(k->expect);
+        k->expect = NULL;
+    }
+    OPENSSL_free(seen);
+    EVP_PKEY_free(pub);
+    Esys_Free(outpub);
     tpm_end(d);
     return r;
 }
@@ -1091,6 +1238,8 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
     TPM2B_PUBLIC_KEY_RSA ct = {0};
     int r;
 
+    if ((r = key_settle(d, k)) != 1)
+        return r;
     if (k->nlen == 0) {
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an EC key does not decrypt");
         return 0;
@@ -1258,6 +1407,9 @@ static int tpm2_sign_check(void *state, void *handle, const keyx_sign_op *op)
 {
     TPMT_SIG_SCHEME scheme;
 
+    /* A key from a reference file is checked first: its attributes decide the schemes. */
+    if (key_settle(state, handle) != 1)
+        return 0;
     return sign_scheme(state, handle, op, &scheme);
 }
 
@@ -1347,6 +1499,8 @@ static int tpm2_sign(void *state, void *handle, const keyx_sign_op *op, const un
     TPM2B_DIGEST digest = {0};
     int r;
 
+    if ((r = key_settle(d, k)) != 1)
+        return r;
     if (!sign_scheme(d, k, op, &scheme))
         return 0;
     if (dlen != hash_size(scheme.details.any.hashAlg)) {
@@ -1393,6 +1547,7 @@ static void tpm2_free(void *state, void *handle)
     tpm_end(d);
     ERR_pop_to_mark();
     OPENSSL_clear_free(k->file, k->file != NULL ? sizeof(*k->file) : 0);
+    EVP_PKEY_free(k->expect);
     OPENSSL_free(k);
 }
 
@@ -1405,6 +1560,7 @@ const keyx_backend_ops keyx_tpm_backend = {
     .generate = tpm2_generate,
     .import = tpm2_import,
     .load = tpm2_load,
+    .load_deferred = tpm2_load_deferred,
     .locator = tpm2_locator,
     .load_encoded = tpm2_load_encoded,
     .derive = tpm2_derive,

@@ -35,6 +35,7 @@ struct tpm_dev {
     ESYS_CONTEXT *ctx; /* NULL while not connected */
     pid_t pid;         /* process that opened ctx */
     uint64_t gen;      /* connection generation: bumps on every connect and disconnect */
+    int no_probe;      /* capability queries never connect (a tabrmd TCTI, see probe_caps) */
     ESYS_TR parent;
     int parent_owned; /* the cached primary keyx created (flushed at close); 0: tpm-parent */
     tpm_fsess fast;   /* keyx's salted session for ECDH_ZGen (tpm2_session.c); handle 0: none */
@@ -976,10 +977,15 @@ int tpm_dev_take_reset(tpm_dev *d)
 
 /* Capabilities are read at connect time. A query (TLS-GROUP lists every group, a signature
  * init asks for its scheme) connects if need be; an unreachable TPM is probed at most every two
- * seconds, and its error comes with the operation that needs the TPM. Under the device lock. */
+ * seconds, and its error comes with the operation that needs the TPM. Under the device lock.
+ * Except through tpm2-abrmd (a tabrmd TCTI, or the TCTI loader's default, which may pick it):
+ * its TCTI (GLib D-Bus) cannot be opened again in a child forked from a process that opened it
+ * (issue 7: nginx's master lists the TLS groups before forking its workers), so a query never
+ * connects there; until an operation connected, the answers are the defaults below (P-256 and
+ * P-384, RSA 2048), afterwards the TPM's own lists. */
 static void probe_caps(tpm_dev *d)
 {
-    if (!d->caps_known && d->ctx == NULL &&
+    if (!d->caps_known && d->ctx == NULL && !d->no_probe &&
         (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
         ERR_set_mark();
         if (connect_tpm(d) != 1)
@@ -1032,7 +1038,7 @@ int tpm_dev_has_rsa(tpm_dev *d, size_t bits)
     if (i < 0)
         return 0;
     lock_dev(d);
-    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL &&
+    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL && !d->no_probe &&
         (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
         ERR_set_mark();
         if (connect_tpm(d) != 1)
@@ -1073,6 +1079,8 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
     }
     d->p = p;
     d->tcti = p->cfg.tpm_tcti;
+    d->no_probe = d->tcti == NULL || d->tcti[0] == '\0' || strncmp(d->tcti, "tabrmd", 6) == 0 ||
+                  strstr(d->tcti, "tcti-tabrmd") != NULL;
     d->parent = d->session = ESYS_TR_NONE;
     pthread_mutex_init(&d->lock, NULL);
     d->fast_ok = tpm_fsess_init(&d->fast, p->libctx);

@@ -84,6 +84,16 @@ static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *r
 
     if (be == NULL)
         return NULL;
+    /* The tpm backend finds and checks the key at its first use (after nginx's fork). */
+    if (be->ops->load_deferred != NULL) {
+        if (keyx_backend_load_deferred(be, r->locator, recorded, &handle, &pub) != 1) {
+            load_failed(c, be->ops->name, KEYX_R_MISSING_KEY,
+                        "key reference file: the %s key \"%s\" could not be loaded", r->backend,
+                        r->locator);
+            return NULL;
+        }
+        return keyx_key_adopt(c->p, be, handle, pub);
+    }
     if (be->ops->load == NULL || keyx_backend_load(be, r->locator, &handle, &pub) != 1) {
         load_failed(c, be->ops->name, KEYX_R_MISSING_KEY,
                     "key reference file: the %s key \"%s\" could not be loaded (deleted, or "
