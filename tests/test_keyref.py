@@ -293,12 +293,28 @@ print("loaded", lc.OSSL_PROVIDER_get0_name(lc.EVP_PKEY_get0_provider(key)).decod
     assert len(loads) >= 2 and all(e["backend"] == dev.name and e["ok"] for e in loads), loads
 
 
+def refusal_at_use(dev, ref, message):
+    """A TPM reference is loaded without the TPM (nginx's master loads it before forking, issue
+    7): the key is found and checked at its first use, which fails with the message."""
+    r = kxutil.run(["/usr/bin/python3", "-c", PEM_READ, ref], env=dev.env).ok("PEM_read_bio_PrivateKey")
+    assert r.out.splitlines()[-1] == "key", r
+    _, peer_pub = peer_pair(dev.tmp)
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=dev.env)
+    assert r.rc != 0 and message in r.err, r
+    events = [e for e in kxutil.read_audit(dev.log) if e["pid"] == r.pid]
+    assert [(e["event"], e["ok"]) for e in events][:2] == [("load", True), ("derive", False)], events
+    data = dev.tmp / "data.txt"
+    data.write_text("signed at first use\n")
+    r = kxutil.openssl("dgst", "-sha256", "-sign", ref, "-out", dev.tmp / "sig", data, env=dev.env)
+    assert r.rc != 0 and message in r.err, r
+
+
 def test_reference_to_a_deleted_key_names_it(dev, tmp):
     ref = tmp / "srv.pem"
     _, name = dev.genpkey(ref)
     backend, locator, _ = parse_reference(ref)
     dev.delete(name)
-    refusal(dev, ref, f'key reference file: the {backend} key "{locator}" could not be loaded')
+    (refusal_at_use if dev.name == "tpm" else refusal)(dev, ref, f'key reference file: the {backend} key "{locator}" could not be loaded')
 
 
 def test_reference_to_a_replaced_key_is_refused(dev, tmp):
@@ -314,7 +330,7 @@ def test_reference_to_a_replaced_key_is_refused(dev, tmp):
     kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-pkeyopt",
                    f"keyx-backend:{dev.name}", *opts, "-out", other, env=dev.env).ok("second key")
     assert parse_reference(other)[2] != spki
-    refusal(dev, ref, f'the {backend} key "{locator}" is not the key this file was written for')
+    (refusal_at_use if dev.name == "tpm" else refusal)(dev, ref, f'the {backend} key "{locator}" is not the key this file was written for')
 
 
 def test_malformed_references_are_refused_clearly(hsm, tmp):
