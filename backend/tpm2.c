@@ -39,8 +39,8 @@ typedef struct tpm_key {
                                    -1: restricted (signs only TPM-made data) */
     TPMI_ALG_SIG_SCHEME scheme; /* the key's own signing scheme (TPM2_ALG_NULL: any) */
     TPMI_ALG_HASH scheme_hash;  /* and its hash */
-    EVP_PKEY *expect;           /* from a key reference file, not yet checked: the recorded public
-                                   key (key_settle checks and clears it at first use) */
+    EVP_PKEY *expect;           /* from a key reference file: the recorded public key */
+    int unsettled;              /* 1 until key_settle found and checked the key (atomic) */
 } tpm_key;
 
 /* What a key's public area says about signing (persistent and TSS2 keys). */
@@ -79,6 +79,11 @@ static int tpm2_supports(void *state, const keyx_keyspec *spec)
         return tpm_dev_has_rsa(state, spec->bits != 0 ? spec->bits : 2048);
     if (spec->alg != KEYX_ALG_EC || (c = tpm_curve_by_group(spec->group)) == NULL)
         return 0;
+    /* With domain parameters, a key generation asks (it uses the TPM next): the real list.
+     * Without, a capability query (TLS-GROUP), which may not open a tabrmd TCTI (issue 7: a
+     * forking server's master lists the groups): see tpm_dev_has_curve. */
+    if (spec->domain != NULL)
+        tpm_dev_probe(state);
     return tpm_dev_has_curve(state, c->id);
 }
 
@@ -719,6 +724,7 @@ static int tpm2_load_deferred(void *state, const char *locator, EVP_PKEY *record
     k->nlen = nlen;
     k->sign = 1; /* settled at first use */
     k->expect = recorded;
+    k->unsettled = 1;
     k->obj.persistent = h;
     k->obj.gen = UINT64_MAX; /* of no connection: found at its handle at first use */
     *handle = k;
@@ -740,11 +746,11 @@ static int key_settle(tpm_dev *d, tpm_key *k)
     TSS2_RC rc;
     int r, used = 1;
 
-    if (k->expect == NULL) /* unlocked peek: set only before the key is shared, cleared below */
+    if (!__atomic_load_n(&k->unsettled, __ATOMIC_ACQUIRE))
         return 1;
     if ((r = tpm_begin(d, &ctx)) != 1)
         return r;
-    if (k->expect == NULL) { /* another thread settled it */
+    if (!k->unsettled) { /* another thread settled it (under the device lock) */
         tpm_end(d);
         return 1;
     }
@@ -758,9 +764,9 @@ static int key_settle(tpm_dev *d, tpm_key *k)
         if (!used || r == 0)
             KEYX_ERR(p, KEYX_R_MISSING_KEY,
                      "key reference file: the tpm key \"handle=0x%08X\" could not be loaded "
-                     "(deleted, or another TPM or token?): no persistent key there (list them "
-                     "with tpm2_getcap handles-persistent)",
-                     (unsigned)k->obj.persistent);
+                     "(deleted, or another TPM or token?): no persistent key at handle 0x%08X: "
+                     "list them with tpm2_getcap handles-persistent",
+                     (unsigned)k->obj.persistent, (unsigned)k->obj.persistent);
         tpm_end(d);
         return !used ? 0 : r;
     }
@@ -785,8 +791,7 @@ static int key_settle(tpm_dev *d, tpm_key *k)
         k->sign = seen->sign;
         k->scheme = seen->scheme;
         k->scheme_hash = seen->scheme_hash;
-        EVP_PKEY_free(k->expect);
-        k->expect = NULL;
+        __atomic_store_n(&k->unsettled, 0, __ATOMIC_RELEASE);
     }
     OPENSSL_free(seen);
     EVP_PKEY_free(pub);

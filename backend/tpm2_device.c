@@ -981,17 +981,30 @@ int tpm_dev_take_reset(tpm_dev *d)
  * Except through tpm2-abrmd (a tabrmd TCTI, or the TCTI loader's default, which may pick it):
  * its TCTI (GLib D-Bus) cannot be opened again in a child forked from a process that opened it
  * (issue 7: nginx's master lists the TLS groups before forking its workers), so a query never
- * connects there; until an operation connected, the answers are the defaults below (P-256 and
- * P-384, RSA 2048), afterwards the TPM's own lists. */
-static void probe_caps(tpm_dev *d)
+ * connects there; until an operation connected (a key generation probes first: tpm_dev_probe),
+ * the answers are the defaults below (P-256 and P-384), afterwards the TPM's own lists. */
+static void probe_caps_now(tpm_dev *d)
 {
-    if (!d->caps_known && d->ctx == NULL && !d->no_probe &&
+    if (!d->caps_known && d->ctx == NULL &&
         (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
         ERR_set_mark();
         if (connect_tpm(d) != 1)
             d->probe_failed = now_seconds();
         ERR_pop_to_mark();
     }
+}
+
+static void probe_caps(tpm_dev *d)
+{
+    if (!d->no_probe)
+        probe_caps_now(d);
+}
+
+void tpm_dev_probe(tpm_dev *d)
+{
+    lock_dev(d);
+    probe_caps_now(d);
+    unlock_dev(d);
 }
 
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
@@ -1038,7 +1051,7 @@ int tpm_dev_has_rsa(tpm_dev *d, size_t bits)
     if (i < 0)
         return 0;
     lock_dev(d);
-    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL && !d->no_probe &&
+    if (!(d->rsa_known & (1u << i)) && d->ctx == NULL &&
         (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
         ERR_set_mark();
         if (connect_tpm(d) != 1)
