@@ -419,3 +419,21 @@ def test_uri_naming_several_keys_is_refused_a_token_uri_lists(hsm, tmp):
     assert r.rc != 0 and "several private keys match" in r.err, r
     r = kxutil.openssl("storeutl", "-keys", "-text", "-noout", "pkcs11:token=keyx-a", env=dev.env).ok("storeutl")
     assert r.out.count("object=twin") == 2, r.out
+
+
+def test_tpm_reference_reads_without_the_tpm(tpm, tmp, free_port):
+    """A forking server's master reads its TPM certificate key before the fork and must not open
+    the TPM (issue 7: tpm2-abrmd's TCTI cannot be opened again in the workers): the reference
+    reads with the TPM unreachable, and its first use meets the TPM's absence, naming the TCTI."""
+    dev = Device("tpm", tmp, tpm=tpm)
+    ref = tmp / "srv.pem"
+    dev.genpkey(ref)
+    dead = f"swtpm:host=127.0.0.1,port={free_port}"
+    env = dict(dev.env, KEYX_TPM_TCTI=dead)
+    r = kxutil.run(["/usr/bin/python3", "-c", PEM_READ, ref], env=env).ok("PEM_read_bio_PrivateKey")
+    assert r.out.splitlines() == ["key"], r
+    _, peer_pub = peer_pair(tmp)
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=env)
+    assert r.rc != 0 and f"TCTI '{dead}'" in r.err, r
+    kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, "-out", tmp / "z",
+                   env=dev.env).ok("derive with the TPM back")
