@@ -594,8 +594,9 @@ static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
     if (!p11_dev_current(d, k->gen)) {
         if (k->uri == NULL) {
             KEYX_ERR(p11_dev_prov(d), KEYX_R_MISSING_KEY,
-                     "pkcs11: this ephemeral key was made before fork() and does not exist in "
-                     "this process: generate keys after forking");
+                     "pkcs11: this ephemeral key was made before fork() or before the module was "
+                     "re-initialized (a token went missing) and does not exist any more: "
+                     "generate keys after forking");
             return 0;
         }
         if (find_static(d, k->uri, &fresh, NULL) != 1)
