@@ -710,7 +710,7 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
 {
     p11_tok *t = &d->tok[idx];
     const char *next = NULL;
-    char buf[24], why[160], next_name[33];
+    char buf[24], why[160], next_name[33], name[33];
 
     if (t->down_until > now_seconds())
         return;
@@ -725,7 +725,7 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     for (int i = 0; i < d->nset && next == NULL; i++)
         if (i != idx && d->tok[i].down_until <= now_seconds())
             next = set_token_name(&d->tok[i], next_name);
-    snprintf(why, sizeof(why), "token '%s' failed: %s", t->label,
+    snprintf(why, sizeof(why), "token '%s' failed: %s", set_token_name(t, name),
              p11_rv_name(rv, buf, sizeof(buf)));
     {
         keyx_event ev = {
