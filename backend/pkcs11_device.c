@@ -66,6 +66,7 @@ struct p11_dev {
     uint64_t gen;            /* bumps when the module is re-initialized (fork, token lost) */
     unsigned int forks_seen;
     int busy;             /* sessions of this generation handed out and not yet given back */
+    long objects;         /* live session objects keyx made in this generation (keys) */
     int need_init;        /* re-initialization finalized the module but C_Initialize failed */
     long long init_ms;    /* monotonic ms of the last C_Initialize (first or re-init) */
     unsigned int reinits; /* re-initializations after a token was missing */
@@ -429,6 +430,7 @@ static int module_ready(p11_dev *d)
         d->forks_seen = f;
         d->gen++;
         d->busy = 0; /* the parent's borrowed sessions are given back to nobody here */
+        d->objects = 0;
         d->need_init = 0;
         if ((rv = module_initialize(d)) != CKR_OK) {
             KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
@@ -487,6 +489,14 @@ void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit)
     pthread_mutex_lock(&d->lock);
     if (tok >= 0 && tok < d->ntok)
         d->tok[tok].oaep_refused |= 1u << bit;
+    pthread_mutex_unlock(&d->lock);
+}
+
+void p11_dev_objects(p11_dev *d, uint64_t gen, int delta)
+{
+    pthread_mutex_lock(&d->lock);
+    if (p11_dev_current(d, gen) && d->objects + delta >= 0)
+        d->objects += delta;
     pthread_mutex_unlock(&d->lock);
 }
 
@@ -793,21 +803,24 @@ static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
  * initialized again (sessions and logins of all tokens are redone on next use), at most once per
  * REINIT_MS, and only when no session of the current generation is borrowed: no thread is inside
  * a Cryptoki call or holds a session handle. Objects of the old generation (ephemeral keys) are
- * gone with it; static keys are found again by URI (p11_dev_current). Never when someone else
- * initialized the module (finalizing would end their sessions). Lock held. 1 if the module was
- * re-initialized (the caller looks again, once). */
-static int module_reinit(p11_dev *d, const char *why)
+ * gone with it; static keys are found again by URI (p11_dev_current). keep_objects: not while
+ * such objects live (a key's token is missing but other tokens may serve them); a failover set
+ * with no token left re-initializes anyway. Never when someone else initialized the module
+ * (finalizing would end their sessions). Lock held. 1 if the module was re-initialized (the
+ * caller looks again, once). */
+static int module_reinit(p11_dev *d, const char *why, int keep_objects)
 {
     char buf[24];
     CK_RV rv;
 
-    if (!d->we_initialized || d->busy > 0 || d->need_init || now_ms() - d->init_ms < REINIT_MS ||
-        atomic_load(&exiting))
+    if (!d->we_initialized || d->busy > 0 || (keep_objects && d->objects > 0) || d->need_init ||
+        now_ms() - d->init_ms < REINIT_MS || atomic_load(&exiting))
         return 0;
     forget_tokens(d, 1);
     d->f->C_Finalize(NULL);
     d->gen++;
     d->reinits++;
+    d->objects = 0;
     rv = module_initialize(d);
     keyx_debug(d->p, "pkcs11: %s: re-initialized module '%s' (%u): %s", why, d->module_path,
                d->reinits, p11_rv_name(rv, buf, sizeof(buf)));
@@ -825,15 +838,15 @@ int p11_session_get(p11_dev *d, int tok, p11_sess *s)
     int rc;
 
     pthread_mutex_lock(&d->lock);
+    ERR_set_mark();
     rc = session_get(d, tok, s);
-    if (rc == KEYX_BACKEND_DOWN && module_reinit(d, tok >= 0 ? "the key's token is missing"
-                                                             : "no token of pkcs11-token found")) {
-        ERR_set_mark();
+    if (rc == KEYX_BACKEND_DOWN &&
+        module_reinit(d, tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
+                      tok >= 0)) {
+        ERR_pop_to_mark(); /* the first look's error; the second look reports its own */
         rc = session_get(d, tok, s);
-        if (rc == 1)
-            ERR_pop_to_mark(); /* the first attempt's error is not the caller's */
-        else
-            ERR_clear_last_mark();
+    } else {
+        ERR_clear_last_mark();
     }
     if (rc == 1)
         d->busy++;
@@ -969,7 +982,8 @@ void p11_dev_pss_note(p11_dev *d, int tok, int bit, int ok)
     pthread_mutex_unlock(&d->lock);
 }
 
-int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
+/* p11_dev_find_tokens with the lock held. */
+static int find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
 {
     CK_SLOT_ID slots[64];
     CK_ULONG n = 64;
@@ -978,11 +992,8 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     char buf[24];
     CK_RV rv;
 
-    pthread_mutex_lock(&d->lock);
-    if (!module_ready(d)) {
-        pthread_mutex_unlock(&d->lock);
+    if (!module_ready(d))
         return -1;
-    }
     /* Failover-set tokens first, so that a key URI without token attributes finds the key
      * on the token that serves. */
     ERR_set_mark();
@@ -997,7 +1008,6 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     if ((rv = d->f->C_GetSlotList(CK_TRUE, slots, &n)) != CKR_OK) {
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: listing the slots of '%s' failed: %s",
                  d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
-        pthread_mutex_unlock(&d->lock);
         return count > 0 ? count : KEYX_BACKEND_DOWN;
     }
     for (CK_ULONG j = 0; j < n && count < max; j++) {
@@ -1031,6 +1041,24 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
         }
         if (known >= 0)
             out[count++] = known;
+    }
+    return count;
+}
+
+int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
+{
+    int count;
+
+    pthread_mutex_lock(&d->lock);
+    ERR_set_mark();
+    count = find_tokens(d, uri, out, max);
+    /* No token matches: the module may have missed it in C_Initialize (see module_reinit). */
+    if ((count == 0 || count == KEYX_BACKEND_DOWN) &&
+        module_reinit(d, "no token matches a key URI", 1)) {
+        ERR_pop_to_mark();
+        count = find_tokens(d, uri, out, max);
+    } else {
+        ERR_clear_last_mark();
     }
     pthread_mutex_unlock(&d->lock);
     return count;

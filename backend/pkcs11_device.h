@@ -65,6 +65,10 @@ void p11_session_put(p11_sess *s, CK_RV rv);
 
 /* 1 if an object made under generation gen on token tok is still valid (no fork/re-init since). */
 int p11_dev_current(p11_dev *d, uint64_t gen);
+/* Counts the session objects keyx made (ephemeral and imported keys) under generation gen: +1
+ * when one is made, -1 when it is freed. While any lives, a missing key token does not make the
+ * module re-initialize (that would destroy them); a failover set with no token left still does. */
+void p11_dev_objects(p11_dev *d, uint64_t gen, int delta);
 /* OAEP parameter sets (a bit per digest pair, see pkcs11_rsa.c) token tok refused. */
 int p11_dev_oaep_refused(p11_dev *d, int tok, int bit);
 void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit);
