@@ -1,5 +1,6 @@
 /* The PKCS#11 device layer of the pkcs11 backend: the module (loaded through p11-kit, initialized
- * lazily, re-initialized in a forked child), the tokens of the failover set (`pkcs11-token`),
+ * lazily, re-initialized in a forked child and, at most once a second, when a token it needs is
+ * not in the module's slot list), the tokens of the failover set (`pkcs11-token`),
  * login, a pool of sessions per token for concurrent threads, and what each token's mechanisms
  * allow. Key operations (backend/pkcs11.c) borrow a session, run their Cryptoki calls, give it
  * back. */
