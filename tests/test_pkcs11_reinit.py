@@ -9,6 +9,7 @@ serving the key shares). Every successful handshake is checked by the client's d
 (s_client runs without keyx), and the audit log shows who made the shares: pkcs11, never software.
 """
 
+import re
 import shutil
 import subprocess
 import time
@@ -139,3 +140,98 @@ def test_token_vanishes_and_comes_back(tmp_path_factory, certs, cnf, tmp):
         err, events = finish(srv, log)
     assert len(derives(events)) >= 9, events
     assert "re-initialized module" in err, err
+
+
+THREADS = r"""
+import os, shutil, ssl, sys, threading, time
+
+crt, key, tdir, away = sys.argv[1:5]
+
+def handshake():
+    srv = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv.load_cert_chain(crt, key)
+    srv.set_ecdh_curve("prime256v1")
+    cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cli.check_hostname, cli.verify_mode = False, ssl.CERT_NONE
+    cli.set_ecdh_curve("prime256v1")
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    s = srv.wrap_bio(bios[0], bios[1], server_side=True)
+    c = cli.wrap_bio(bios[2], bios[3], server_hostname="localhost")
+    done = [False, False]
+    for _ in range(20):
+        for i, (obj, inb, outb) in enumerate(((c, bios[2], bios[3]), (s, bios[0], bios[1]))):
+            if not done[i]:
+                try:
+                    obj.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            data = outb.read()
+            (bios[0] if obj is c else bios[2]).write(data)
+        if all(done):
+            return c.version()
+    raise SystemExit("handshake did not finish")
+
+phase = "before"
+results = []
+
+def worker():
+    while phase != "stop":
+        p = phase
+        try:
+            results.append((p, handshake()))
+        except BaseException as e:
+            results.append((p, type(e).__name__))
+
+threads = [threading.Thread(target=worker) for _ in range(4)]
+for t in threads:
+    t.start()
+time.sleep(0.7)
+shutil.move(tdir, away)
+phase = "away"
+time.sleep(1.5)
+phase = "back"
+shutil.move(away, tdir)
+time.sleep(2.5)
+phase = "after"
+time.sleep(1.5)
+phase = "stop"
+for t in threads:
+    t.join()
+for p in ("before", "away", "back", "after"):
+    mine = [r for q, r in results if q == p]
+    print(p, len(mine), mine.count("TLSv1.3"), flush=True)
+"""
+
+
+def test_reinit_with_handshakes_in_four_threads(tmp_path_factory, certs, cnf, tmp):
+    """Four threads handshake (both key shares on the token) while the token goes away and comes
+    back: the module is re-initialized only between operations (no thread's session is ended
+    under it: no call after C_Finalize fails with CKR_CRYPTOKI_NOT_INITIALIZED or an old session
+    handle), and every handshake from 2.5 s after the token came back succeeds."""
+    from fixture_softhsm import SPY
+    hsm = SoftHSM(tmp_path_factory.mktemp("reinit3")).setup()
+    tdir = token_dir(hsm, LABEL)
+    log, spy_log = tmp / "audit.jsonl", tmp / "spy.log"
+    settings = {**hsm.keyx_settings(tokens=(LABEL,)), "pkcs11-module": SPY}
+    env = hsm.spy_env(spy_log, OPENSSL_CONF=cnf(keyx={"audit-log": log, **settings}))
+    (tmp / "threads.py").write_text(THREADS)
+    crt, key = certs["ec"]
+    r = kxutil.run(["/usr/bin/python3", tmp / "threads.py", crt, key, tdir, hsm.root / "away"], env=env,
+                   timeout=max(kxutil.TIMEOUT, 120)).ok("handshakes in 4 threads")
+    counts = {w[0]: (int(w[1]), int(w[2])) for w in map(str.split, r.out.splitlines()) if len(w) == 3}
+    assert set(counts) == {"before", "away", "back", "after"}, r
+    assert counts["before"][1] >= 4, f"too few handshakes before the token went away: {counts}"
+    assert counts["away"][1] < counts["away"][0], f"no handshake failed while the token was away: {counts}"
+    total, ok = counts["after"]
+    assert total >= 8 and ok == total, f"handshakes failed after the token came back: {counts}"
+
+    spy = spy_log.read_text()
+    assert len(re.findall(r"^\d+: C_Finalize$", spy, re.M)) >= 1, "the module was never re-initialized"
+    for bad in ("CKR_CRYPTOKI_NOT_INITIALIZED", "CKR_SESSION_HANDLE_INVALID", "CKR_SESSION_CLOSED"):
+        at = spy.find(bad)
+        assert at < 0, f"a call ran into a re-initialization ({bad}):\n{spy[max(0, at - 3000):at + 200]}"
+    events = [e for e in kxutil.read_audit(log) if e["pid"] == r.pid]
+    kxutil.check_audit_schema(events)
+    assert not [e for e in events if e.get("backend") == "software" and e["event"] in ("keygen", "derive")], \
+        "a key share was made in software"
