@@ -101,6 +101,8 @@ static p11_key *key_new(keyx_provctx *p, keyx_alg alg, const p11_sess *s, CK_OBJ
     k->gen = s->gen;
     k->obj = obj;
     k->owned = owned;
+    if (owned)
+        p11_dev_objects(s->dev, s->gen, 1);
     k->secretlen = secretlen;
     k->can_use = 1;
     return k;
@@ -574,6 +576,8 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
             s.f->C_DestroyObject(s.h, obj);
             p11_session_put(&s, CKR_OK);
         }
+        if (*handle != NULL)
+            p11_dev_objects(d, ((p11_key *)*handle)->gen, -1);
         OPENSSL_free(*handle);
         return 0;
     }
@@ -594,8 +598,9 @@ static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
     if (!p11_dev_current(d, k->gen)) {
         if (k->uri == NULL) {
             KEYX_ERR(p11_dev_prov(d), KEYX_R_MISSING_KEY,
-                     "pkcs11: this ephemeral key was made before fork() and does not exist in "
-                     "this process: generate keys after forking");
+                     "pkcs11: this ephemeral key was made before fork() or before the module was "
+                     "re-initialized (a token went missing) and does not exist any more: "
+                     "generate keys after forking");
             return 0;
         }
         if (find_static(d, k->uri, &fresh, NULL) != 1)
@@ -1238,6 +1243,8 @@ static void p11_free(void *state, void *handle)
         p11_session_put(&s, rv == CKR_OBJECT_HANDLE_INVALID ? CKR_OK : rv);
     }
     ERR_pop_to_mark();
+    if (k->owned)
+        p11_dev_objects(d, k->gen, -1);
     OPENSSL_free(k->uri);
     OPENSSL_free(k);
 }

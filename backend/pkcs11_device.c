@@ -23,6 +23,10 @@
 /* Some modules keep serving a removed token from memory (SoftHSM answers everything but
  * C_GetTokenInfo once its token is deleted): its presence is checked this often. */
 #define CHECK_SECONDS 1
+/* A module whose slot list lacks a configured token is re-initialized at most this often (ms):
+ * SoftHSM builds its slot list once, in C_Initialize, and misses a token whose file another
+ * process is rewriting at that moment (every C_Login rewrites token.object). */
+#define REINIT_MS 1000
 
 #ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN /* PKCS#11 3.0; p11-kit 0.24's header predates it */
 #define CKM_EC_MONTGOMERY_KEY_PAIR_GEN 0x00001056UL
@@ -59,8 +63,13 @@ struct p11_dev {
     int we_initialized;      /* we called C_Initialize: we may finalize */
     CK_RV load_failed;       /* the module could not be loaded: not retried */
     char load_error[200];    /* why, repeated on every later use */
-    uint64_t gen;            /* bumps when the module is re-initialized (fork) */
+    uint64_t gen;            /* bumps when the module is re-initialized (fork, token lost) */
     unsigned int forks_seen;
+    int busy;             /* sessions of this generation handed out and not yet given back */
+    long objects;         /* live session objects keyx made in this generation (keys) */
+    int need_init;        /* re-initialization finalized the module but C_Initialize failed */
+    long long init_ms;    /* monotonic ms of the last C_Initialize (first or re-init) */
+    unsigned int reinits; /* re-initializations after a token was missing */
     p11_tok tok[MAX_TOKENS];
     int ntok, nset;
 };
@@ -108,6 +117,15 @@ static long now_seconds(void)
     struct timespec ts;
 
     return clock_gettime(CLOCK_MONOTONIC, &ts) == 0 ? (long)ts.tv_sec : 0;
+}
+
+static long long now_ms(void)
+{
+    struct timespec ts;
+
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
+        return 0;
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void copy_label(char *dst, const CK_UTF8CHAR *src, size_t n)
@@ -378,6 +396,7 @@ static CK_RV module_initialize(p11_dev *d)
     rv = d->f->C_Initialize(&args);
     ERR_pop_to_mark();
     d->we_initialized = rv == CKR_OK;
+    d->init_ms = now_ms();
     return rv == CKR_CRYPTOKI_ALREADY_INITIALIZED ? CKR_OK : rv;
 }
 
@@ -389,14 +408,30 @@ static int module_ready(p11_dev *d)
     unsigned int f = atomic_load(&forks);
     CK_RV rv;
 
-    if (d->f != NULL && d->forks_seen == f)
+    if (d->f != NULL && d->forks_seen == f && !d->need_init)
         return 1;
+    if (d->f != NULL && d->forks_seen == f) {
+        /* A re-initialization (module_reinit) finalized the module; C_Initialize failed then. */
+        rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+        if (now_ms() - d->init_ms >= REINIT_MS && (rv = module_initialize(d)) == CKR_OK) {
+            d->need_init = 0;
+            return 1;
+        }
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: re-initializing module '%s' failed: %s (retried at most once a "
+                 "second; for SoftHSM: is its tokendir readable?)",
+                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        return 0;
+    }
     if (d->f != NULL) {
         /* In a forked child: nothing of the parent's module state is usable here. */
         forget_tokens(d, 0);
         d->f->C_Finalize(NULL);
         d->forks_seen = f;
         d->gen++;
+        d->busy = 0; /* the parent's borrowed sessions are given back to nobody here */
+        d->objects = 0;
+        d->need_init = 0;
         if ((rv = module_initialize(d)) != CKR_OK) {
             KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                      "pkcs11: re-initializing module '%s' after fork failed: %s", d->module_path,
@@ -454,6 +489,14 @@ void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit)
     pthread_mutex_lock(&d->lock);
     if (tok >= 0 && tok < d->ntok)
         d->tok[tok].oaep_refused |= 1u << bit;
+    pthread_mutex_unlock(&d->lock);
+}
+
+void p11_dev_objects(p11_dev *d, uint64_t gen, int delta)
+{
+    pthread_mutex_lock(&d->lock);
+    if (p11_dev_current(d, gen) && d->objects + delta >= 0)
+        d->objects += delta;
     pthread_mutex_unlock(&d->lock);
 }
 
@@ -677,7 +720,7 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
 {
     p11_tok *t = &d->tok[idx];
     const char *next = NULL;
-    char buf[24], why[160], next_name[33];
+    char buf[24], why[160], next_name[33], name[33];
 
     if (t->down_until > now_seconds())
         return;
@@ -692,7 +735,7 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     for (int i = 0; i < d->nset && next == NULL; i++)
         if (i != idx && d->tok[i].down_until <= now_seconds())
             next = set_token_name(&d->tok[i], next_name);
-    snprintf(why, sizeof(why), "token '%s' failed: %s", t->label,
+    snprintf(why, sizeof(why), "token '%s' failed: %s", set_token_name(t, name),
              p11_rv_name(rv, buf, sizeof(buf)));
     {
         keyx_event ev = {
@@ -754,25 +797,78 @@ static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
     return 1;
 }
 
+/* The module's view of its tokens may be stale: SoftHSM lists the tokens it found in
+ * C_Initialize and never learns of one that was missing then (another process was rewriting its
+ * file) or that came back. When a token keyx needs is not there, the module is finalized and
+ * initialized again (sessions and logins of all tokens are redone on next use), at most once per
+ * REINIT_MS, and only when no session of the current generation is borrowed: no thread is inside
+ * a Cryptoki call or holds a session handle. Objects of the old generation (ephemeral keys) are
+ * gone with it; static keys are found again by URI (p11_dev_current). keep_objects: not while
+ * such objects live (a key's token is missing but other tokens may serve them); a failover set
+ * with no token left re-initializes anyway. Never when someone else initialized the module
+ * (finalizing would end their sessions). Lock held. 1 if the module was re-initialized (the
+ * caller looks again, once). */
+static int module_reinit(p11_dev *d, const char *why, int keep_objects)
+{
+    char buf[24];
+    CK_RV rv;
+
+    if (!d->we_initialized || d->busy > 0 || (keep_objects && d->objects > 0) || d->need_init ||
+        now_ms() - d->init_ms < REINIT_MS || atomic_load(&exiting))
+        return 0;
+    forget_tokens(d, 1);
+    d->f->C_Finalize(NULL);
+    d->gen++;
+    d->reinits++;
+    d->objects = 0;
+    rv = module_initialize(d);
+    keyx_debug(d->p, "pkcs11: %s: re-initialized module '%s' (%u): %s", why, d->module_path,
+               d->reinits, p11_rv_name(rv, buf, sizeof(buf)));
+    if (rv != CKR_OK) {
+        d->need_init = 1; /* module_ready retries, at most once per REINIT_MS */
+        return 0;
+    }
+    return 1;
+}
+
+static int session_get(p11_dev *d, int tok, p11_sess *s);
+
 int p11_session_get(p11_dev *d, int tok, p11_sess *s)
+{
+    int rc;
+
+    pthread_mutex_lock(&d->lock);
+    ERR_set_mark();
+    rc = session_get(d, tok, s);
+    if (rc == KEYX_BACKEND_DOWN &&
+        module_reinit(d, tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
+                      tok >= 0)) {
+        ERR_pop_to_mark(); /* the first look's error; the second look reports its own */
+        rc = session_get(d, tok, s);
+    } else {
+        ERR_clear_last_mark();
+    }
+    if (rc == 1)
+        d->busy++;
+    pthread_mutex_unlock(&d->lock);
+    return rc;
+}
+
+/* p11_session_get with the lock held. */
+static int session_get(p11_dev *d, int tok, p11_sess *s)
 {
     int rc = KEYX_BACKEND_DOWN;
     long now = now_seconds();
 
     memset(s, 0, sizeof(*s));
     s->dev = d;
-    pthread_mutex_lock(&d->lock);
-    if (!module_ready(d)) {
-        pthread_mutex_unlock(&d->lock);
+    if (!module_ready(d))
         return 0;
-    }
     s->f = d->f;
     s->gen = d->gen;
     if (tok >= 0) {
         s->tok = tok;
-        rc = tok < d->ntok ? token_session(d, tok, &s->h) : 0;
-        pthread_mutex_unlock(&d->lock);
-        return rc;
+        return tok < d->ntok ? token_session(d, tok, &s->h) : 0;
     }
     /* The failover set: tokens up first, in order; those marked down last (they may be back). */
     {
@@ -793,7 +889,6 @@ int p11_session_get(p11_dev *d, int tok, p11_sess *s)
         ERR_pop_to_mark(); /* an earlier token's failure is in the audit log */
     else
         ERR_clear_last_mark();
-    pthread_mutex_unlock(&d->lock);
     return rc;
 }
 
@@ -808,6 +903,8 @@ void p11_session_put(p11_sess *s, CK_RV rv)
         return;
     }
     t = &d->tok[s->tok];
+    if (d->busy > 0)
+        d->busy--;
     if (p11_rv_is_down(rv)) {
         d->f->C_CloseSession(s->h);
         token_down(d, s->tok, rv);
@@ -885,7 +982,8 @@ void p11_dev_pss_note(p11_dev *d, int tok, int bit, int ok)
     pthread_mutex_unlock(&d->lock);
 }
 
-int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
+/* p11_dev_find_tokens with the lock held. */
+static int find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
 {
     CK_SLOT_ID slots[64];
     CK_ULONG n = 64;
@@ -894,11 +992,8 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     char buf[24];
     CK_RV rv;
 
-    pthread_mutex_lock(&d->lock);
-    if (!module_ready(d)) {
-        pthread_mutex_unlock(&d->lock);
+    if (!module_ready(d))
         return -1;
-    }
     /* Failover-set tokens first, so that a key URI without token attributes finds the key
      * on the token that serves. */
     ERR_set_mark();
@@ -913,7 +1008,6 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     if ((rv = d->f->C_GetSlotList(CK_TRUE, slots, &n)) != CKR_OK) {
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: listing the slots of '%s' failed: %s",
                  d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
-        pthread_mutex_unlock(&d->lock);
         return count > 0 ? count : KEYX_BACKEND_DOWN;
     }
     for (CK_ULONG j = 0; j < n && count < max; j++) {
@@ -947,6 +1041,24 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
         }
         if (known >= 0)
             out[count++] = known;
+    }
+    return count;
+}
+
+int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
+{
+    int count;
+
+    pthread_mutex_lock(&d->lock);
+    ERR_set_mark();
+    count = find_tokens(d, uri, out, max);
+    /* No token matches: the module may have missed it in C_Initialize (see module_reinit). */
+    if ((count == 0 || count == KEYX_BACKEND_DOWN) &&
+        module_reinit(d, "no token matches a key URI", 1)) {
+        ERR_pop_to_mark();
+        count = find_tokens(d, uri, out, max);
+    } else {
+        ERR_clear_last_mark();
     }
     pthread_mutex_unlock(&d->lock);
     return count;

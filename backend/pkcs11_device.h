@@ -1,5 +1,6 @@
 /* The PKCS#11 device layer of the pkcs11 backend: the module (loaded through p11-kit, initialized
- * lazily, re-initialized in a forked child), the tokens of the failover set (`pkcs11-token`),
+ * lazily, re-initialized in a forked child and, at most once a second, when a token it needs is
+ * not in the module's slot list), the tokens of the failover set (`pkcs11-token`),
  * login, a pool of sessions per token for concurrent threads, and what each token's mechanisms
  * allow. Key operations (backend/pkcs11.c) borrow a session, run their Cryptoki calls, give it
  * back. */
@@ -65,6 +66,10 @@ void p11_session_put(p11_sess *s, CK_RV rv);
 
 /* 1 if an object made under generation gen on token tok is still valid (no fork/re-init since). */
 int p11_dev_current(p11_dev *d, uint64_t gen);
+/* Counts the session objects keyx made (ephemeral and imported keys) under generation gen: +1
+ * when one is made, -1 when it is freed. While any lives, a missing key token does not make the
+ * module re-initialize (that would destroy them); a failover set with no token left still does. */
+void p11_dev_objects(p11_dev *d, uint64_t gen, int delta);
 /* OAEP parameter sets (a bit per digest pair, see pkcs11_rsa.c) token tok refused. */
 int p11_dev_oaep_refused(p11_dev *d, int tok, int bit);
 void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit);
