@@ -32,6 +32,7 @@ softhsm_module=/usr/lib/softhsm/libsofthsm2.so
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keyx-demo.XXXXXX")
 server_pid=
+tls_pid=
 swtpm_pid=
 stop() { # stop PID: ends a process this script started
     [ -n "$1" ] || return 0
@@ -156,6 +157,7 @@ tls() {
         -servername localhost -groups P-256 -CAfile ca.crt -verify_return_error </dev/null \
         >client.log 2>&1 || { cat client.log server.log; keyx_die "$what: TLS handshake failed"; }
     timeout 30 tail --pid="$server_pid" -f /dev/null || true
+    tls_pid=$server_pid
     server_pid=
     grep -E '^(New, |Server Temp Key|Peer signature type|Verify return code)' client.log | indent
     grep -q '^Verify return code: 0 (ok)' client.log || keyx_die "$what: certificate not verified"
@@ -199,20 +201,25 @@ server_cert() {
     rm -f msg msg.sig sign.err
 }
 
-# audit NAME: the audit events of NAME.jsonl, one line per kind (event, backend, alg, group, ok)
-# with how many times it happened, in the order of first appearance.
+# audit NAME: the audit events of NAME.jsonl, one line per process, backend, algorithm and group
+# with how many events of each kind (in the order of first appearance) and whether all succeeded.
+# The process is the step's last TLS server (pid $tls_pid) or one of the step's openssl commands.
 audit() {
-    echo "    audit ($1.jsonl): event, backend, algorithm, group, result, count"
-    python3 - "$work/$1.jsonl" <<'PY' | indent
+    echo "    audit trail ($1.jsonl):"
+    python3 - "$work/$1.jsonl" "$tls_pid" <<'PY' | indent
 import json, sys
-counts = {}
+rows, failed = {}, []
 for line in open(sys.argv[1]):
     e = json.loads(line)
-    k = (e["event"], e.get("backend", "-"), e.get("alg", "-"), e.get("group", "-"),
-         "ok" if e["ok"] else "FAILED: " + e.get("error", ""))
-    counts[k] = counts.get(k, 0) + 1
-for k, n in counts.items():
-    print("  {:<8} {:<9} {:<5} {:<7} {} x{}".format(*k, n))
+    who = "s_server" if str(e["pid"]) == sys.argv[2] else "commands"
+    k = (who, e.get("backend", "-"), e.get("alg", "-"), e.get("group", "-"))
+    events = rows.setdefault(k, {})
+    events[e["event"]] = events.get(e["event"], 0) + 1
+    if not e["ok"]:
+        failed.append("{} {} {}: FAILED: {}".format(who, e["event"], e.get("backend", "-"), e.get("error", "")))
+for k, events in sorted(rows.items(), key=lambda kv: kv[0][0] == "s_server"):
+    print("  {:<9} {:<9} {:<3} {:<6} {}".format(*k, ", ".join(f"{ev} {n}" for ev, n in events.items())))
+print("  " + ("\n  ".join(failed) if failed else "every event ok"))
 PY
 }
 
@@ -252,7 +259,7 @@ echo "    ... (a reference: where the key is and its public key, nothing secret)
 openssl pkey -in srv.pem -text -noout | grep -E '^(NIST CURVE|private key):' | indent
 echo "    \$ pkcs11-tool --list-objects (the token's own view)"
 tool pkcs11-tool --module "$softhsm_module" --token-label keyx-demo --login --pin "$pin" \
-    --list-objects 2>/dev/null | grep -Ev '^ *(EC_POINT|EC_PARAMS):' | indent
+    --list-objects 2>/dev/null | grep -E '^[A-Z]|^ *(label|Usage|Access):' | indent
 derive_with_peer "token key (ECDH on the token)" srv.pem
 server_cert p11 srv.pem "the token key"
 tls "ECDHE key share made and used on the token" p11.crt "$cert_key"
@@ -301,8 +308,9 @@ echo "    \$ openssl genpkey -algorithm EC -pkeyopt group:P-256 -pkeyopt keyx-pe
 openssl genpkey -algorithm EC -pkeyopt group:P-256 -pkeyopt keyx-persist:0x81000010 -out tpm-srv.pem
 head -n 1 tpm-srv.pem | indent
 openssl pkey -in tpm-srv.pem -text -noout | grep -E '^private key:' | indent
-echo "    persistent handles (tpm2_getcap): $(tool env TPM2TOOLS_TCTI="$tcti" tpm2_getcap handles-persistent |
-    tr -d -- '- ' | paste -sd ' ')"
+handles=$(tool env TPM2TOOLS_TCTI="$tcti" tpm2_getcap handles-persistent | tr -d -- '- ' | paste -sd ' ')
+echo "    persistent handles (tpm2_getcap): $handles"
+case " $handles " in *" 0x81000010 "*) ;; *) keyx_die "tpm2_getcap does not list 0x81000010" ;; esac
 derive_with_peer "TPM key (TPM2_ECDH_ZGen)" tpm-srv.pem
 server_cert tpm tpm-srv.pem "the TPM key"
 tls "ECDHE key share made and used in the TPM" tpm.crt "$cert_key"
