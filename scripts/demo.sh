@@ -24,8 +24,8 @@ else
     keyx_install_deps "${KEYX_PACKAGES[@]}"
     keyx_build "$build" >/dev/null
 fi
-for tool in openssl python3 swtpm softhsm2-util pkcs11-tool tpm2_getcap; do
-    command -v "$tool" >/dev/null || keyx_die "$tool not found: install ${KEYX_PACKAGES[*]}"
+for cmd in openssl python3 swtpm softhsm2-util pkcs11-tool tpm2_getcap; do
+    command -v "$cmd" >/dev/null || keyx_die "$cmd not found: install ${KEYX_PACKAGES[*]}"
 done
 softhsm_module=/usr/lib/softhsm/libsofthsm2.so
 [ -f "$softhsm_module" ] || keyx_die "$softhsm_module not found: install softhsm2"
@@ -50,11 +50,14 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 cd "$work"
 
-unset OPENSSL_MODULES KEYX_BACKENDS KEYX_AUDIT_LOG KEYX_DEBUG KEYX_EPHEMERAL_MAX_USES KEYX_TPM_TCTI \
-    KEYX_TPM_PARENT KEYX_TPM_ENCRYPT_SESSIONS KEYX_PKCS11_MODULE KEYX_PKCS11_TOKEN KEYX_PKCS11_PIN
+# Only the openssl.cnf files below configure keyx: no KEYX_* overrides from the caller.
+unset OPENSSL_MODULES
+for var in $(compgen -e); do
+    case $var in KEYX_*) unset "$var" ;; esac
+done
 export SOFTHSM2_CONF=$work/softhsm2.conf TSS2_LOG=all+none
 
-# tool CMD...: a program that is not keyx (token and TPM tools, swtpm) runs without the sanitizer
+# tool CMD...: a program that is not keyx (token and TPM tools, python3) runs without the sanitizer
 # runtimes a sanitized keyx.so needs in the openssl processes (the test suite preloads them).
 tool() {
     env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "$@"
@@ -132,7 +135,7 @@ derive_with_peer() {
 }
 
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    tool python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
 # s_server ends a connection when its stdin ends: give it a pipe that stays open.
@@ -206,7 +209,7 @@ server_cert() {
 # The process is the step's last TLS server (pid $tls_pid) or one of the step's openssl commands.
 audit() {
     echo "    audit trail ($1.jsonl):"
-    python3 - "$work/$1.jsonl" "$tls_pid" <<'PY' | indent
+    tool python3 - "$work/$1.jsonl" "$tls_pid" <<'PY' | indent
 import json, sys
 rows, failed = {}, []
 for line in open(sys.argv[1]):
@@ -269,7 +272,7 @@ audit pkcs11
 keyx_say "3. TPM 2.0: swtpm on 127.0.0.1, state in $work"
 # A port P with P+1 free too (swtpm's control port), below the ephemeral range as in
 # tests/fixture_swtpm.py: swtpm's TCTI leaves many client ports in TIME_WAIT.
-tpm_port=$(python3 - <<'PY'
+tpm_port=$(tool python3 - <<'PY'
 import random, socket
 low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
 hi = max(10002, min(low, 32768)) - 2
@@ -296,7 +299,7 @@ env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS swtpm socket --tpm2 --tpmstat
 swtpm_pid=$!
 tcti=swtpm:host=127.0.0.1,port=$tpm_port
 for _ in $(seq 100); do
-    python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
+    tool python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
         "$((tpm_port + 1))" 2>/dev/null && break
     kill -0 "$swtpm_pid" 2>/dev/null || { cat tpm/swtpm.log; keyx_die "swtpm did not start"; }
     sleep 0.1
