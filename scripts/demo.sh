@@ -57,10 +57,11 @@ for var in $(compgen -e); do
 done
 export SOFTHSM2_CONF=$work/softhsm2.conf TSS2_LOG=all+none
 
-# tool CMD...: a program that is not keyx (token and TPM tools, python3) runs without the sanitizer
-# runtimes a sanitized keyx.so needs in the openssl processes (the test suite preloads them).
+# tool CMD...: a program that is not keyx (token and TPM tools, swtpm, python3) runs with the peer's
+# openssl.cnf (SoftHSM, pkcs11-tool and swtpm use libcrypto: keyx stays out of them) and without the
+# sanitizer runtimes a sanitized keyx.so needs in the openssl processes (the test suite preloads them).
 tool() {
-    env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS "$@"
+    env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS OPENSSL_CONF="$work/peer.cnf" "$@"
 }
 
 # The peer: only OpenSSL's default provider, whatever /etc/ssl/openssl.cnf says.
@@ -292,7 +293,7 @@ PY
 mkdir tpm
 # In the demo's process group (no --daemon), so that whoever kills the group kills swtpm too; $!
 # is swtpm itself (env execs it; a shell function here would leave a subshell's pid).
-env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS swtpm socket --tpm2 --tpmstate "dir=$work/tpm" \
+env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS OPENSSL_CONF="$work/peer.cnf" swtpm socket --tpm2 --tpmstate "dir=$work/tpm" \
     --server "type=tcp,port=$tpm_port,bindaddr=127.0.0.1" \
     --ctrl "type=tcp,port=$((tpm_port + 1)),bindaddr=127.0.0.1" \
     --flags not-need-init,startup-clear --log "file=$work/tpm/swtpm.log" </dev/null &
