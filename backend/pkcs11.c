@@ -17,6 +17,7 @@
 #include "backend/pkcs11_device.h"
 #include "backend/pkcs11_pubkey.h"
 #include "backend/pkcs11_rsa.h"
+#include "backend/pkcs11_sign.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -28,6 +29,12 @@ typedef struct p11_key {
     int owned;            /* a session object keyx created: destroyed when freed */
     int nameless;         /* a token key with neither CKA_ID nor CKA_LABEL: no locator */
     size_t secretlen;     /* EC field size or |p|; RSA: modulus bytes */
+    size_t bits;          /* RSA: modulus bits (PSS salt limits) */
+    /* What the token lets the key do, known when it is made or loaded (no Cryptoki call per
+     * operation): derive (EC, DH) or decrypt (RSA), and sign (CKA_SIGN: token keys made with
+     * keyx-label/keyx-id, or found by URI with it; never ephemeral or imported keys). */
+    int can_use;
+    int can_sign;
     char *uri; /* token keys: the canonical URI (the locator; finds the key again after a fork) */
 } p11_key;
 
@@ -95,6 +102,7 @@ static p11_key *key_new(keyx_provctx *p, keyx_alg alg, const p11_sess *s, CK_OBJ
     k->obj = obj;
     k->owned = owned;
     k->secretlen = secretlen;
+    k->can_use = 1;
     return k;
 }
 
@@ -432,6 +440,11 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
         OPENSSL_free(k);
         k = NULL;
     }
+    if (k != NULL) {
+        /* token keys are made for signing too (p11_tmpl_pair), except DH keys */
+        k->can_sign = named != NULL && spec->alg != KEYX_ALG_DH;
+        k->bits = spec->alg == KEYX_ALG_RSA ? (size_t)EVP_PKEY_get_bits(*pub) : 0;
+    }
     if (k == NULL) {
         EVP_PKEY_free(*pub);
         *pub = NULL;
@@ -469,6 +482,7 @@ static int import_rsa(p11_dev *d, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
         *pub = NULL;
         return 0;
     }
+    ((p11_key *)*handle)->bits = (size_t)EVP_PKEY_get_bits(*pub);
     return 1;
 }
 
@@ -619,6 +633,13 @@ static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *
     CK_RV rv;
     int rc;
 
+    if (!k->can_use) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: the key '%.*s' does not allow derivation (CKA_DERIVE is false): it is "
+                 "a signing key",
+                 k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
+        return 0;
+    }
     if (k->alg == KEYX_ALG_EC) {
         /* the uncompressed point, straight into a stack buffer: one call, no allocation */
         if (EVP_PKEY_get_octet_string_param(peer, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point,
@@ -738,6 +759,16 @@ static CK_RV static_public(p11_sess *s, CK_OBJECT_HANDLE priv, CK_KEY_TYPE kt, O
     return rv;
 }
 
+/* A CK_BBOOL attribute of obj: 1 when true or unreadable (the token then decides), 0 when
+ * false. */
+static int attr_true(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type)
+{
+    CK_BBOOL v = CK_FALSE;
+    CK_ATTRIBUTE a = {type, &v, sizeof(v)};
+
+    return s->f->C_GetAttributeValue(s->h, obj, &a, 1) != CKR_OK || v == CK_TRUE;
+}
+
 /* Parses a key URI into u and its object attributes into t (at most 7, the class left out: the
  * caller adds CKO_PRIVATE_KEY). 0 + error for a malformed URI or one naming a non-private
  * object. */
@@ -788,11 +819,8 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
     CK_OBJECT_HANDLE objs[2];
     CK_KEY_TYPE kt = 0;
     CK_ATTRIBUTE kta = {CKA_KEY_TYPE, &kt, sizeof(kt)};
-    CK_BBOOL derive = CK_FALSE;
-    CK_ATTRIBUTE da = {CKA_DERIVE, &derive, sizeof(derive)};
-    CK_ATTRIBUTE decrypt_attr = {CKA_DECRYPT, &derive, sizeof(derive)}; /* RSA keys */
-    int toks[8], ntoks, rc = 0;
-    size_t secretlen = 0;
+    int toks[8], ntoks, rc = 0, usage = 1, sign = 0;
+    size_t secretlen = 0, bits = 0;
     char *canon = NULL;
     int nameless = 0;
     p11_sess s;
@@ -823,16 +851,21 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
         }
         if (rv == CKR_OK && count == 1) {
             rv = s.f->C_GetAttributeValue(s.h, objs[0], &kta, 1);
-            if (rv == CKR_OK &&
-                s.f->C_GetAttributeValue(s.h, objs[0], kt == CKK_RSA ? &decrypt_attr : &da, 1) ==
-                    CKR_OK &&
-                !derive) {
+            if (rv == CKR_OK) {
+                /* A key for derivation (decryption), for signing (a certificate key), or both;
+                 * read once here, so that each operation is refused without a Cryptoki call. */
+                usage = attr_true(&s, objs[0], kt == CKK_RSA ? CKA_DECRYPT : CKA_DERIVE);
+                sign = (kt == CKK_EC || kt == CKK_RSA) && attr_true(&s, objs[0], CKA_SIGN);
+            }
+            if (rv == CKR_OK && !usage && !sign) {
                 p11_session_put(&s, rv);
                 KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                         kt == CKK_RSA ? "pkcs11: the RSA key '%.*s' does not allow decryption "
-                                         "(CKA_DECRYPT is false)"
-                                       : "pkcs11: the key '%.*s' does not allow derivation "
-                                         "(CKA_DERIVE is false)",
+                         kt == CKK_RSA  ? "pkcs11: the RSA key '%.*s' allows neither decryption "
+                                          "(CKA_DECRYPT) nor signing (CKA_SIGN)"
+                         : kt == CKK_EC ? "pkcs11: the key '%.*s' allows neither derivation "
+                                          "(CKA_DERIVE) nor signing (CKA_SIGN)"
+                                        : "pkcs11: the key '%.*s' does not allow derivation "
+                                          "(CKA_DERIVE is false)",
                          printable_len(uri), uri);
                 rc = 0;
                 goto done;
@@ -843,6 +876,8 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
                 EVP_PKEY *rsapub = NULL;
 
                 rv = p11_rsa_public(&s, objs[0], p->libctx, &rsapub, &secretlen);
+                if (rv == CKR_OK)
+                    bits = (size_t)EVP_PKEY_get_bits(rsapub);
                 if (pub != NULL)
                     *pub = rsapub;
                 else
@@ -882,6 +917,9 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
                 goto done;
             }
             (*out)->nameless = nameless;
+            (*out)->can_use = usage;
+            (*out)->can_sign = sign;
+            (*out)->bits = bits;
             rc = 1;
             goto done;
         }
@@ -945,7 +983,7 @@ static int p11_locator(void *state, void *handle, char **out)
 /* ---- listing (openssl storeutl) ---------------------------------------------------------- */
 
 /* 1 if keyx can load obj as a key: EC on a curve keyx serves or DH, allowed to derive; RSA
- * allowed to decrypt. */
+ * allowed to decrypt; EC and RSA allowed to sign. */
 static int loadable(p11_sess *s, CK_OBJECT_HANDLE obj)
 {
     CK_KEY_TYPE kt = 0;
@@ -961,7 +999,8 @@ static int loadable(p11_sess *s, CK_OBJECT_HANDLE obj)
         return 0;
     if (kt == CKK_RSA)
         ua.type = CKA_DECRYPT;
-    if (s->f->C_GetAttributeValue(s->h, obj, &ua, 1) != CKR_OK || !usage)
+    if ((s->f->C_GetAttributeValue(s->h, obj, &ua, 1) != CKR_OK || !usage) &&
+        (kt == CKK_DH || !attr_true(s, obj, CKA_SIGN)))
         return 0;
     if (kt != CKK_EC)
         return 1;
@@ -1104,9 +1143,80 @@ static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
         KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_MISMATCH, "pkcs11: not an RSA key");
         return 0;
     }
+    if (!k->can_use) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: the RSA key '%.*s' does not allow decryption (CKA_DECRYPT is false): "
+                 "it is a signing key",
+                 k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
+        return 0;
+    }
     if ((rc = key_session(d, k, &s)) != 1)
         return rc;
     return p11_rsa_decrypt(&s, k->obj, k->secretlen, op, in, inlen, out, outlen);
+}
+
+/* ---- signatures (backend/pkcs11_sign.c) ------------------------------------------------- */
+
+/* Refuses keys without CKA_SIGN, from what keyx learned when the key was made or loaded. */
+static int signing_key(p11_dev *d, const p11_key *k)
+{
+    if (k->can_sign)
+        return 1;
+    if (k->uri == NULL)
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): keys keyx makes "
+                 "without keyx-label/keyx-id (ephemeral key-exchange keys) and imported keys "
+                 "only %s; a certificate key is made with openssl genpkey -pkeyopt "
+                 "keyx-label:NAME",
+                 k->alg == KEYX_ALG_RSA ? "decrypt" : "derive");
+    else
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+                 "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): '%.*s' is not allowed "
+                 "to sign on its token; use a key made for signing",
+                 printable_len(k->uri), k->uri);
+    return 0;
+}
+
+/* At EVP_DigestSignInit/EVP_PKEY_sign_init (each TLS handshake): the key's usage and the
+ * token's mechanisms, both cached; a PSS parameter set the token was never asked about costs
+ * one trial C_SignInit, once per token. */
+static int p11_sign_check(void *state, void *handle, const keyx_sign_op *op)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+    p11_sig g;
+    p11_sess s;
+    int rc;
+
+    if (!signing_key(d, k))
+        return 0;
+    rc = p11_sig_prepare(d, k->tok, k->alg, k->secretlen, k->bits, op, &g);
+    if (rc != P11_SIG_PROBE)
+        return rc;
+    if ((rc = key_session(d, k, &s)) != 1)
+        return rc;
+    return p11_sig_probe(&s, k->obj, &g);
+}
+
+static int p11_sign(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
+                    size_t dlen, unsigned char *sig, size_t *siglen)
+{
+    p11_dev *d = state;
+    p11_key *k = handle;
+    p11_sig g;
+    p11_sess s;
+    int rc;
+
+    if (!signing_key(d, k))
+        return 0;
+    /* P11_SIG_PROBE: the signature itself tells (and is remembered) */
+    if (!p11_sig_prepare(d, k->tok, k->alg, k->secretlen, k->bits, op, &g))
+        return 0;
+    if ((rc = key_session(d, k, &s)) != 1)
+        return rc;
+    /* after a fork key_session may have found the key on another token index */
+    g.tok = k->tok;
+    return p11_sig_sign(&s, k->obj, &g, dgst, dlen, sig, siglen);
 }
 
 /* ---- free -------------------------------------------------------------------------------- */
@@ -1144,6 +1254,8 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .locator = p11_locator,
     .enumerate = p11_enumerate,
     .derive = p11_derive,
+    .sign_check = p11_sign_check,
+    .sign = p11_sign,
     .free = p11_free,
     .rsa_decrypt = p11_rsa_decrypt_op,
 };

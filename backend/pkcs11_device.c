@@ -44,6 +44,7 @@ typedef struct p11_tok {
     long down_until;       /* monotonic seconds; 0: up */
     long checked_at;       /* last presence check (C_GetTokenInfo), monotonic seconds */
     uint32_t oaep_refused; /* OAEP parameter sets the token refused (pkcs11_rsa.c) */
+    uint32_t pss_ok, pss_refused; /* PSS parameter sets tried in C_SignInit (pkcs11_sign.c) */
     int caps_known;
     p11_caps caps;
     CK_SESSION_HANDLE idle[POOL_MAX];
@@ -522,6 +523,18 @@ static void read_caps(p11_dev *d, p11_tok *t)
         t->caps.rsa_min = rsa_gen.ulMinKeySize;
         t->caps.rsa_max = rsa_gen.ulMaxKeySize;
     }
+    {
+        static const CK_MECHANISM_TYPE sign_mechs[3] = {CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS};
+        CK_MECHANISM_INFO mi;
+
+        for (size_t i = 0; i < 3; i++)
+            if (f->C_GetMechanismInfo(t->slot, sign_mechs[i], &mi) == CKR_OK &&
+                (mi.flags & CKF_SIGN)) {
+                t->caps.sign[i].ok = 1;
+                t->caps.sign[i].min = mi.ulMinKeySize;
+                t->caps.sign[i].max = mi.ulMaxKeySize;
+            }
+    }
     t->caps_known = 1;
 }
 
@@ -831,6 +844,45 @@ int p11_dev_caps(p11_dev *d, p11_caps *caps)
     *caps = d->tok[s.tok].caps;
     pthread_mutex_unlock(&d->lock);
     return 1;
+}
+
+int p11_dev_token_caps(p11_dev *d, int tok, p11_caps *caps)
+{
+    int ok;
+
+    pthread_mutex_lock(&d->lock);
+    ok = tok >= 0 && tok < d->ntok && d->tok[tok].caps_known;
+    if (ok)
+        *caps = d->tok[tok].caps;
+    pthread_mutex_unlock(&d->lock);
+    return ok;
+}
+
+int p11_dev_pss_state(p11_dev *d, int tok, int bit)
+{
+    int state = 0;
+
+    if (bit < 0 || bit >= 32)
+        return 0;
+    pthread_mutex_lock(&d->lock);
+    if (tok >= 0 && tok < d->ntok)
+        state = (d->tok[tok].pss_refused >> bit) & 1 ? -1 : (d->tok[tok].pss_ok >> bit) & 1 ? 1 : 0;
+    pthread_mutex_unlock(&d->lock);
+    return state;
+}
+
+void p11_dev_pss_note(p11_dev *d, int tok, int bit, int ok)
+{
+    if (bit < 0 || bit >= 32)
+        return;
+    pthread_mutex_lock(&d->lock);
+    if (tok >= 0 && tok < d->ntok) {
+        if (ok)
+            d->tok[tok].pss_ok |= 1u << bit;
+        else
+            d->tok[tok].pss_refused |= 1u << bit;
+    }
+    pthread_mutex_unlock(&d->lock);
 }
 
 int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)

@@ -30,6 +30,12 @@ typedef struct p11_caps {
     int rsa;        /* CKM_RSA_PKCS_KEY_PAIR_GEN and (CKM_RSA_PKCS_OAEP or CKM_RSA_X_509) */
     size_t rsa_max; /* modulus bits */
     size_t rsa_min;
+    /* Signing, per keyx_sig_scheme (CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS with CKF_SIGN):
+     * read once per token with the rest, so that sign_check costs no Cryptoki call. */
+    struct {
+        int ok;
+        size_t min, max; /* key bits (EC: order bits), 0: no limit given */
+    } sign[3];
 } p11_caps;
 
 /* A session borrowed from a token's pool. */
@@ -62,6 +68,12 @@ int p11_dev_current(p11_dev *d, uint64_t gen);
 /* OAEP parameter sets (a bit per digest pair, see pkcs11_rsa.c) token tok refused. */
 int p11_dev_oaep_refused(p11_dev *d, int tok, int bit);
 void p11_dev_oaep_refuse(p11_dev *d, int tok, int bit);
+/* Capabilities of token tok (the token a key lives on). 0 when they were never read. */
+int p11_dev_token_caps(p11_dev *d, int tok, p11_caps *caps);
+/* RSA-PSS parameter sets (a bit per digest pair, see pkcs11_sign.c) token tok was seen to take
+ * (1) or refuse (-1) in C_SignInit; 0: not tried yet. */
+int p11_dev_pss_state(p11_dev *d, int tok, int bit);
+void p11_dev_pss_note(p11_dev *d, int tok, int bit, int ok);
 /* Number of tokens in the failover set (pkcs11-token; 1 when it is unset). */
 int p11_dev_set_size(const p11_dev *d);
 
