@@ -84,11 +84,14 @@ def check_step(text, backend, what):
     return rows
 
 
-def check_certificate(text, backend, key_file, noun):
-    """The server's certificate key: the hardware key when keyx signs with it, else software
-    with the reason shown (signing for token and TPM keys is being added to main)."""
+def check_certificate(text, backend, key_file, noun, required=True):
+    """The server's certificate key is the hardware key: keyx signed with it (the default
+    provider verified the signature) and the TLS server signed in `backend`. Not required: TPM
+    signing is being added to main; until then a software key with the reason shown."""
     rows = audit_rows(text)
-    if f"certificate key: {key_file}, {noun}" in text:
+    if required or f"certificate key: {key_file}, {noun}" in text:
+        assert f"dgst -sha256 -sign {key_file}: signed with {noun}, verified by the default provider" in text, text
+        assert f"certificate key: {key_file}, {noun}" in text, text
         assert rows.get(("s_server", backend), {}).get("sign") == 1, f"the TLS server did not sign in {backend}:\n{text}"
         assert "sign" not in rows.get(("s_server", "software"), {}), text
     else:
@@ -120,7 +123,8 @@ def test_demo_shows_every_backend(build, tmp):
     assert re.search(r"^ +private key: in the tpm backend, handle=0x81000010$", tpm, re.M), tpm
     assert re.search(r"^ +persistent handles \(tpm2_getcap\): .*0x81000010", tpm, re.M), tpm
     assert audit_rows(tpm)[("commands", "tpm")].get("keygen") == 1, tpm
-    check_certificate(tpm, "tpm", "tpm-srv.pem", "the TPM key")
+    # TODO(signatures): required=True once TPM signing is on main (scripts/demo.sh's fallback goes too)
+    check_certificate(tpm, "tpm", "tpm-srv.pem", "the TPM key", required=False)
 
     assert "PRIVATE KEY" not in r.out, "the demo printed a private key"
     assert r.seconds < 120, f"the demo took {r.seconds:.0f}s, not a two-minute demo"
