@@ -148,6 +148,7 @@ exec 3<>server.in
 tls() {
     local what=$1 cert=$2 key=$3 port
     port=$(free_port)
+    echo "    \$ openssl s_server -tls1_3 -cert $cert -key $key   (client: s_client, default provider only)"
     openssl s_server -accept "127.0.0.1:$port" -naccept 1 -tls1_3 -cert "$cert" -key "$key" \
         <server.in >server.log 2>&1 &
     server_pid=$!
