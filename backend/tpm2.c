@@ -1,4 +1,5 @@
-/* The tpm backend: ECDH key pairs and shared secrets, and RSA decryption, inside a TPM 2.0.
+/* The tpm backend: ECDH key pairs and shared secrets, RSA decryption and signatures (ECDSA,
+ * RSASSA, RSASSA-PSS on a digest keyx computed: one TPM2_Sign), inside a TPM 2.0.
  * Ephemeral EC keys are primaries in the NULL hierarchy (one TPM2_CreatePrimary each, random
  * unique field) and RSA keys transient objects under the cached storage parent (CreateLoaded),
  * all flushed when freed; a derive is exactly one TPM2_ECDH_ZGen and a decryption one
@@ -28,12 +29,32 @@
 
 typedef struct tpm_key {
     tpm_obj obj;
-    const tpm_curve *curve; /* EC keys; NULL for RSA */
-    size_t nlen;            /* RSA keys: modulus bytes; 0 for EC */
-    tpm_keyfile *file;      /* loaded from a TSS2 key file (a transient object, loaded again
-                               when the TPM lost it); NULL for other keys */
-    int no_decrypt;         /* TSS2 keys: not an unrestricted decrypt key (e.g. sign only) */
+    const tpm_curve *curve;     /* EC keys; NULL for RSA */
+    size_t nlen;                /* RSA keys: modulus bytes; 0 for EC */
+    tpm_keyfile *file;          /* loaded from a TSS2 key file (a transient object, loaded again
+                                   when the TPM lost it); NULL for other keys */
+    int no_decrypt;             /* TSS2 and persistent keys: not an unrestricted decrypt key (e.g.
+                                   sign only) */
+    int sign;                   /* 1: signs (sign attribute, not restricted); 0: no sign attribute;
+                                   -1: restricted (signs only TPM-made data) */
+    TPMI_ALG_SIG_SCHEME scheme; /* the key's own signing scheme (TPM2_ALG_NULL: any) */
+    TPMI_ALG_HASH scheme_hash;  /* and its hash */
 } tpm_key;
+
+/* What a key's public area says about signing (persistent and TSS2 keys). */
+static void key_sign_attrs(tpm_key *k, const TPMT_PUBLIC *area)
+{
+    TPMA_OBJECT a = area->objectAttributes;
+
+    k->sign = !(a & TPMA_OBJECT_SIGN_ENCRYPT) ? 0 : (a & TPMA_OBJECT_RESTRICTED) ? -1 : 1;
+    if (area->type == TPM2_ALG_RSA) {
+        k->scheme = area->parameters.rsaDetail.scheme.scheme;
+        k->scheme_hash = area->parameters.rsaDetail.scheme.details.anySig.hashAlg;
+    } else {
+        k->scheme = area->parameters.eccDetail.scheme.scheme;
+        k->scheme_hash = area->parameters.eccDetail.scheme.details.anySig.hashAlg;
+    }
+}
 
 /* ---- open / close / supports ------------------------------------------------------------ */
 
@@ -69,6 +90,7 @@ static tpm_key *key_new(tpm_dev *d, const tpm_curve *c)
     }
     k->obj.tr = ESYS_TR_NONE;
     k->curve = c;
+    k->scheme = TPM2_ALG_NULL;
     return k;
 }
 
@@ -509,7 +531,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
     TPMA_OBJECT attrs;
     tpm_key *k;
     TSS2_RC rc;
-    int r, used = 0;
+    int r, used = 0, sign_ok;
 
     *handle = NULL;
     *pub = NULL;
@@ -553,18 +575,21 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         return r;
     }
     attrs = outpub->publicArea.objectAttributes;
+    /* Keys for key agreement or decryption, and keys for signing (certificate keys, issue 7). */
+    sign_ok = (attrs & TPMA_OBJECT_SIGN_ENCRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED);
     if (outpub->publicArea.type == TPM2_ALG_RSA) {
         TPMI_ALG_RSA_SCHEME sch = outpub->publicArea.parameters.rsaDetail.scheme.scheme;
 
-        if (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
-            sch != TPM2_ALG_NULL) {
-            KEYX_ERR(
-                p, KEYX_R_UNSUPPORTED,
-                "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
-                "scheme of its own, so keyx cannot decrypt with it (create it with tpm2_create "
-                "-G rsa2048:null:null -a "
-                "'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
-                (unsigned)h);
+        int dec = (attrs & TPMA_OBJECT_DECRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED) &&
+                  sch == TPM2_ALG_NULL;
+
+        if (!dec && !sign_ok) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
+                     "scheme of its own, nor an unrestricted signing key, so keyx cannot use it "
+                     "(create it with tpm2_create -G rsa2048:null:null -a "
+                     "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
+                     (unsigned)h);
             r = 0;
         } else if ((*pub = tpm_rsa_public(p->libctx, &outpub->publicArea)) == NULL) {
             KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: unusable RSA public key at 0x%08X",
@@ -576,17 +601,20 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
             r = 0;
         } else {
             k->nlen = outpub->publicArea.unique.rsa.size;
+            k->no_decrypt = !dec;
+            key_sign_attrs(k, &outpub->publicArea);
             tpm_obj_persistent(d, &k->obj, h, tr);
             *handle = k;
             r = 1;
         }
     } else if (outpub->publicArea.type != TPM2_ALG_ECC ||
                (c = tpm_curve_by_id(outpub->publicArea.parameters.eccDetail.curveID)) == NULL ||
-               !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)) {
+               (!sign_ok && (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)))) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: the key at 0x%08X is not an unrestricted decrypt ECC P-256/P-384/P-521 "
-                 "or RSA key, so keyx cannot use it (create it with tpm2_create -G ecc256 -a "
-                 "'decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
+                 "tpm: the key at 0x%08X is not an unrestricted decrypt (or signing) ECC "
+                 "P-256/P-384/P-521 or RSA key, so keyx cannot use it (create it with "
+                 "tpm2_create -G ecc256 -a "
+                 "'decrypt|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth')",
                  (unsigned)h);
         r = 0;
     } else if ((*pub = tpm_ec_public(p->libctx, c, &outpub->publicArea.unique.ecc)) == NULL) {
@@ -597,6 +625,8 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
         *pub = NULL;
         r = 0;
     } else {
+        k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED);
+        key_sign_attrs(k, &outpub->publicArea);
         tpm_obj_persistent(d, &k->obj, h, tr);
         *handle = k;
         r = 1;
@@ -888,6 +918,7 @@ static int load_encoded_once(void *state, const char *format, const unsigned cha
     k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
                     (c == NULL && area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_NULL &&
                      area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_OAEP);
+    key_sign_attrs(k, area);
     if (c == NULL)
         k->nlen = area->unique.rsa.size;
     if ((k->file = OPENSSL_memdup(&f, sizeof(f))) == NULL) {
@@ -936,10 +967,11 @@ static TPMI_ALG_HASH tpm_hash(const char *md)
     static const struct {
         const char *name;
         TPMI_ALG_HASH alg;
-    } map[] = {{"SHA1", TPM2_ALG_SHA1},
-               {"SHA256", TPM2_ALG_SHA256},
-               {"SHA384", TPM2_ALG_SHA384},
-               {"SHA512", TPM2_ALG_SHA512}};
+    } map[] = {
+        {"SHA1", TPM2_ALG_SHA1},       {"SHA-1", TPM2_ALG_SHA1},     {"SHA256", TPM2_ALG_SHA256},
+        {"SHA2-256", TPM2_ALG_SHA256}, {"SHA-256", TPM2_ALG_SHA256}, {"SHA384", TPM2_ALG_SHA384},
+        {"SHA2-384", TPM2_ALG_SHA384}, {"SHA-384", TPM2_ALG_SHA384}, {"SHA512", TPM2_ALG_SHA512},
+        {"SHA2-512", TPM2_ALG_SHA512}, {"SHA-512", TPM2_ALG_SHA512}};
 
     for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++)
         if (OPENSSL_strcasecmp(md, map[i].name) == 0)
@@ -1100,6 +1132,250 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
     return r;
 }
 
+/* ---- signatures: one TPM2_Sign -------------------------------------------------------------- */
+
+static size_t hash_size(TPMI_ALG_HASH h)
+{
+    return h == TPM2_ALG_SHA1     ? 20
+           : h == TPM2_ALG_SHA256 ? 32
+           : h == TPM2_ALG_SHA384 ? 48
+           : h == TPM2_ALG_SHA512 ? 64
+                                  : 0;
+}
+
+/* The salt TPM2_Sign uses for RSASSA-PSS with a digest of hlen bytes and a modulus of nlen bytes:
+ * the digest's length (TPM 2.0 Part 1, B.7, as FIPS 186-4 limits it; libtpms 0.9 / swtpm 0.7
+ * measured by tests/test_tpm_sign.py: the signatures verify with rsa_pss_saltlen:digest), or
+ * the most that fits when the modulus is too small for that. */
+static int tpm_pss_salt(size_t hlen, size_t nlen)
+{
+    size_t max = nlen >= hlen + 2 ? nlen - hlen - 2 : 0;
+
+    return (int)(hlen < max ? hlen : max);
+}
+
+static const char *scheme_name(TPMI_ALG_SIG_SCHEME s)
+{
+    return s == TPM2_ALG_ECDSA       ? "ECDSA"
+           : s == TPM2_ALG_RSASSA    ? "RSASSA (PKCS#1 v1.5)"
+           : s == TPM2_ALG_RSAPSS    ? "RSASSA-PSS"
+           : s == TPM2_ALG_ECDAA     ? "ECDAA"
+           : s == TPM2_ALG_SM2       ? "SM2"
+           : s == TPM2_ALG_ECSCHNORR ? "EC-Schnorr"
+                                     : "another scheme";
+}
+
+/* The TPM scheme for op, or 0 with an error: from the key's attributes and the TPM's algorithm
+ * list cached at connect time, no TPM command. */
+static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPMT_SIG_SCHEME *out)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    TPMI_ALG_HASH h = op->md != NULL ? tpm_hash(op->md) : TPM2_ALG_NULL;
+    TPMI_ALG_SIG_SCHEME want;
+
+    memset(out, 0, sizeof(*out));
+    if (k->sign == 0) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key cannot sign: it has no sign attribute (ephemeral key-agreement "
+                 "and decryption keys never sign); make a certificate key with openssl genpkey "
+                 "-pkeyopt keyx-persist:0x81xxxxxx, or tpm2_create -a "
+                 "'sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth'");
+        return 0;
+    }
+    if (k->sign < 0) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key is a restricted signing key: it signs only data the TPM made "
+                 "itself (quotes, certifications), not application digests; use an unrestricted "
+                 "signing key");
+        return 0;
+    }
+    if (k->curve != NULL) {
+        if (op->scheme != KEYX_SIG_ECDSA) {
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: an EC key signs with ECDSA only");
+            return 0;
+        }
+        want = TPM2_ALG_ECDSA;
+    } else if (op->scheme == KEYX_SIG_RSA_PKCS1) {
+        want = TPM2_ALG_RSASSA;
+    } else if (op->scheme == KEYX_SIG_RSA_PSS) {
+        want = TPM2_ALG_RSAPSS;
+    } else {
+        KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
+                 "tpm: an RSA key signs with PKCS#1 v1.5 or PSS padding, not ECDSA");
+        return 0;
+    }
+    if (h == TPM2_ALG_NULL || !tpm_dev_has_alg(d, h)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM does not sign %s digests: it lists %s%s%s%s (TPM2_CAP_ALGS); "
+                 "choose one of those (e.g. -sha256)",
+                 op->md != NULL ? op->md : "(no digest)",
+                 tpm_dev_has_alg(d, TPM2_ALG_SHA1) ? "SHA1 " : "",
+                 tpm_dev_has_alg(d, TPM2_ALG_SHA256) ? "SHA256 " : "",
+                 tpm_dev_has_alg(d, TPM2_ALG_SHA384) ? "SHA384 " : "",
+                 tpm_dev_has_alg(d, TPM2_ALG_SHA512) ? "SHA512" : "");
+        return 0;
+    }
+    if (!tpm_dev_has_alg(d, want)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM does not offer %s signatures (not in TPM2_CAP_ALGS)%s",
+                 scheme_name(want), want == TPM2_ALG_RSAPSS ? ": use PKCS#1 v1.5 padding" : "");
+        return 0;
+    }
+    if (k->scheme != TPM2_ALG_NULL && (k->scheme != want || k->scheme_hash != h)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key is bound to %s with hash 0x%04X (its own scheme); it cannot "
+                 "sign %s with %s",
+                 scheme_name(k->scheme), (unsigned)k->scheme_hash, scheme_name(want), op->md);
+        return 0;
+    }
+    if (want == TPM2_ALG_RSAPSS) {
+        int salt = tpm_pss_salt(hash_size(h), k->nlen);
+
+        if (op->mgf1_md == NULL || tpm_hash(op->mgf1_md) != h) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: RSA-PSS with %s and MGF1-%s cannot run in a TPM: TPM2_Sign always uses "
+                     "the message digest for MGF1 (set rsa_mgf1_md to %s)",
+                     op->md, op->mgf1_md != NULL ? op->mgf1_md : "?", op->md);
+            return 0;
+        }
+        /* An "auto" salt (PSS's default, which libssl replaces right after choosing PSS) is
+         * checked as the digest length and resolved to the maximum at the signature, where
+         * this refuses it before any TPM command. */
+        if (op->saltlen != salt) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: RSA-PSS with a %d-byte salt cannot run in a TPM: TPM2_Sign chooses the "
+                     "salt itself and uses %d bytes (the %s length) with this key; set "
+                     "rsa_pss_saltlen:digest (or %d); 'max' and 'auto' are refused for TPM keys",
+                     op->saltlen, salt, op->md, salt);
+            return 0;
+        }
+    }
+    out->scheme = want;
+    out->details.any.hashAlg = h;
+    return 1;
+}
+
+static int tpm2_sign_check(void *state, void *handle, const keyx_sign_op *op)
+{
+    TPMT_SIG_SCHEME scheme;
+
+    return sign_scheme(state, handle, op, &scheme);
+}
+
+/* r || s (ECDSA) or the signature (RSA), left-padded to the order or modulus size. */
+static int sig_out(keyx_provctx *p, const tpm_key *k, const TPMT_SIGNATURE *ts, unsigned char *sig,
+                   size_t *siglen)
+{
+    if (k->curve != NULL) {
+        const TPM2B_ECC_PARAMETER *r = &ts->signature.ecdsa.signatureR;
+        const TPM2B_ECC_PARAMETER *sv = &ts->signature.ecdsa.signatureS;
+        size_t n = k->curve->field;
+
+        if (ts->sigAlg != TPM2_ALG_ECDSA || r->size > n || sv->size > n) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: TPM2_Sign returned a malformed signature");
+            return 0;
+        }
+        if (*siglen < 2 * n) {
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: ECDSA signature buffer too small");
+            return 0;
+        }
+        memset(sig, 0, 2 * n);
+        memcpy(sig + n - r->size, r->buffer, r->size);
+        memcpy(sig + 2 * n - sv->size, sv->buffer, sv->size);
+        *siglen = 2 * n;
+        return 1;
+    } else {
+        const TPM2B_PUBLIC_KEY_RSA *rs = &ts->signature.rsassa.sig; /* same layout for PSS */
+
+        if ((ts->sigAlg != TPM2_ALG_RSASSA && ts->sigAlg != TPM2_ALG_RSAPSS) ||
+            rs->size > k->nlen) {
+            KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "tpm: TPM2_Sign returned a malformed signature");
+            return 0;
+        }
+        if (*siglen < k->nlen) {
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: RSA signature buffer too small");
+            return 0;
+        }
+        memset(sig, 0, k->nlen - rs->size);
+        memcpy(sig + k->nlen - rs->size, rs->buffer, rs->size);
+        *siglen = k->nlen;
+        return 1;
+    }
+}
+
+static int sign_once(tpm_dev *d, tpm_key *k, const TPMT_SIG_SCHEME *scheme,
+                     const TPM2B_DIGEST *digest, unsigned char *sig, size_t *siglen)
+{
+    TPMT_SIGNATURE ts;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr;
+    TSS2_RC rc;
+    int r;
+
+    memset(&ts, 0, sizeof(ts));
+    if ((r = tpm_begin(d, &ctx)) != 1)
+        return r;
+    if ((r = tpm_obj_ready(d, &k->obj, &tr)) != 1) {
+        tpm_end(d);
+        return r;
+    }
+    TPM_CALL(d, &k->obj, rc, tpm_sign(d, &k->obj, tr, digest, scheme, &ts));
+    if (rc != TSS2_RC_SUCCESS) {
+        if ((rc & TSS2_RC_LAYER_MASK) == TSS2_TPM_RC_LAYER &&
+            (tpm_rc_is(rc, TPM2_RC_SCHEME) || tpm_rc_is(rc, TPM2_RC_HASH) ||
+             tpm_rc_is(rc, TPM2_RC_KEY) || tpm_rc_is(rc, TPM2_RC_ATTRIBUTES) ||
+             tpm_rc_is(rc, TPM2_RC_SIZE) || tpm_rc_is(rc, TPM2_RC_VALUE))) {
+            KEYX_ERR(tpm_dev_prov(d), KEYX_R_UNSUPPORTED,
+                     "tpm: the TPM refused to sign with this key under %s: %s",
+                     scheme_name(scheme->scheme), Tss2_RC_Decode(rc));
+            r = 0;
+        } else {
+            r = tpm_fail(d, rc, "signing (Sign)");
+        }
+        tpm_end(d);
+        return r;
+    }
+    tpm_end(d);
+    return sig_out(tpm_dev_prov(d), k, &ts, sig, siglen);
+}
+
+static int tpm2_sign(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
+                     size_t dlen, unsigned char *sig, size_t *siglen)
+{
+    tpm_dev *d = state;
+    tpm_key *k = handle;
+    TPMT_SIG_SCHEME scheme;
+    TPM2B_DIGEST digest = {0};
+    int r;
+
+    if (!sign_scheme(d, k, op, &scheme))
+        return 0;
+    if (dlen != hash_size(scheme.details.any.hashAlg)) {
+        KEYX_ERR(tpm_dev_prov(d), KEYX_R_INVALID_ARGUMENT,
+                 "tpm: the data to sign is not a %s "
+                 "digest (%zu bytes)",
+                 op->md, dlen);
+        return 0;
+    }
+    memcpy(digest.buffer, dgst, dlen);
+    digest.size = (UINT16)dlen;
+    if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+        return r;
+    ERR_set_mark();
+    r = sign_once(d, k, &scheme, &digest, sig, siglen);
+    /* A persistent key survives a TPM restart (found again on a new connection); a TSS2 file
+     * key is loaded again. */
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(d)) {
+        ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+            return r;
+        return sign_once(d, k, &scheme, &digest, sig, siglen);
+    }
+    ERR_clear_last_mark();
+    return r;
+}
+
 /* ---- free -------------------------------------------------------------------------------- */
 
 static void tpm2_free(void *state, void *handle)
@@ -1135,4 +1411,6 @@ const keyx_backend_ops keyx_tpm_backend = {
     .derive = tpm2_derive,
     .free = tpm2_free,
     .rsa_decrypt = tpm2_rsa_decrypt,
+    .sign_check = tpm2_sign_check,
+    .sign = tpm2_sign,
 };

@@ -19,6 +19,7 @@
 #include "provider/provctx.h"
 
 #define MAX_CURVES 16
+#define MAX_ALGS 128
 /* First handles of transient objects and of HMAC sessions (the TSS header's macros shift a
  * signed int into the sign bit). */
 #define TRANSIENT_FIRST ((TPM2_HANDLE)0x80000000u)
@@ -42,6 +43,8 @@ struct tpm_dev {
     int caps_known;
     TPM2_ECC_CURVE curves[MAX_CURVES];
     size_t ncurves;
+    TPM2_ALG_ID algs[MAX_ALGS]; /* TPM2_CAP_ALGS, read with the curves (signature checks) */
+    size_t nalgs;
     unsigned rsa_known, rsa_ok; /* TestParms results, bit i: RSA 2048, 3072, 4096 */
     tpm_obj *head, *tail;       /* loaded transient objects, most recently used first */
     uint64_t clock;
@@ -443,6 +446,17 @@ static TSS2_RC read_curves(tpm_dev *d)
     d->ncurves = 0;
     for (UINT32 i = 0; i < cap->data.eccCurves.count && d->ncurves < MAX_CURVES; i++)
         d->curves[d->ncurves++] = cap->data.eccCurves.eccCurves[i];
+    Esys_Free(cap);
+    cap = NULL;
+    /* The algorithms (hashes, signature schemes): what sign_check decides from, once per
+     * connection, never per signature. */
+    rc = Esys_GetCapability(d->ctx, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, TPM2_CAP_ALGS, 0,
+                            TPM2_MAX_CAP_ALGS, &more, &cap);
+    if (rc != TSS2_RC_SUCCESS)
+        return rc;
+    d->nalgs = 0;
+    for (UINT32 i = 0; i < cap->data.algorithms.count && d->nalgs < MAX_ALGS; i++)
+        d->algs[d->nalgs++] = cap->data.algorithms.algProperties[i].alg;
     d->caps_known = 1;
     Esys_Free(cap);
     return rc;
@@ -831,6 +845,33 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_
     return rc;
 }
 
+TSS2_RC tpm_sign(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_DIGEST *digest,
+                 const TPMT_SIG_SCHEME *scheme, TPMT_SIGNATURE *out)
+{
+    TPMT_TK_HASHCHECK ticket = {.tag = TPM2_ST_HASHCHECK, .hierarchy = TPM2_RH_NULL};
+    TPMT_SIGNATURE *res = NULL;
+    ESYS_TR sess;
+    TSS2_RC rc;
+
+    if (d->fast.handle != 0) {
+        if ((rc = obj_name(d, o, key)) != TSS2_RC_SUCCESS)
+            return rc;
+        for (int i = 0;; i++)
+            if (!again(rc = tpm_fsess_sign(&d->fast, d->ctx, key, &o->name, digest, scheme, out),
+                       i))
+                return rc;
+    }
+    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
+    if (sess != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION, 0xFF);
+    rc = Esys_Sign(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, digest, scheme, &ticket, &res);
+    if (rc == TSS2_RC_SUCCESS) {
+        *out = *res;
+        Esys_Free(res);
+    }
+    return rc;
+}
+
 TSS2_RC tpm_create_null_primary(tpm_dev *d, const TPM2B_PUBLIC *inpub, ESYS_TR *tr,
                                 TPM2B_PUBLIC *outpub, TPM2B_NAME *name)
 {
@@ -953,6 +994,29 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
     unlock_dev(d);
     if (!known)
         return curve == TPM2_ECC_NIST_P256 || curve == TPM2_ECC_NIST_P384;
+    return found;
+}
+
+int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg)
+{
+    int known, found = 0;
+
+    lock_dev(d);
+    if (!d->caps_known && d->ctx == NULL &&
+        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
+        ERR_set_mark();
+        if (connect_tpm(d) != 1)
+            d->probe_failed = now_seconds();
+        ERR_pop_to_mark();
+    }
+    known = d->caps_known;
+    for (size_t i = 0; i < d->nalgs; i++)
+        found |= d->algs[i] == alg;
+    unlock_dev(d);
+    if (!known) /* unreachable TPM: the signature meets the real error (the TPM's absence) */
+        return alg == TPM2_ALG_SHA1 || alg == TPM2_ALG_SHA256 || alg == TPM2_ALG_SHA384 ||
+               alg == TPM2_ALG_SHA512 || alg == TPM2_ALG_ECDSA || alg == TPM2_ALG_RSASSA ||
+               alg == TPM2_ALG_RSAPSS;
     return found;
 }
 

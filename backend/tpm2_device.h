@@ -41,6 +41,11 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
  * TPM cannot be reached, answers for 2048 only. */
 int tpm_dev_has_rsa(tpm_dev *d, size_t bits);
 
+/* 1 if the TPM lists alg (TPM2_CAP_ALGS, read once per connection): hashes and signature
+ * schemes. When the TPM cannot be reached, answers for SHA1/256/384/512, ECDSA, RSASSA and RSAPSS
+ * so that the operation meets the real error. */
+int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg);
+
 /* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
  * restarted or reset, or went away mid-command), not a failure to connect: an operation that
  * creates its object from scratch may retry once, on a new connection. */
@@ -79,6 +84,11 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT
 TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
                         const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
                         TPM2B_PUBLIC_KEY_RSA *out);
+
+/* Inside begin/end: TPM2_Sign of digest with key (an unrestricted signing key: NULL ticket) under
+ * scheme, authorized by keyx's session (no parameter encryption) unless sessions are off. */
+TSS2_RC tpm_sign(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_DIGEST *digest,
+                 const TPMT_SIG_SCHEME *scheme, TPMT_SIGNATURE *out);
 
 /* Inside begin/end: TPM2_CreatePrimary in the NULL hierarchy from inpub (sent through ESYS's
  * SAPI), the new object registered in ESYS as *tr; *outpub and *name as the TPM returned them. */

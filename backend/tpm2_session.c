@@ -180,15 +180,16 @@ end:
 }
 
 /* The command already prepared in the SAPI context (Tss2_Sys_<command>_Prepare) runs with
- * key (TPM handle, name) authorized by the session and its first response parameter encrypted;
- * on success that parameter is decrypted in place for Tss2_Sys_<command>_Complete. */
+ * key (TPM handle, name) authorized by the session (session attributes attrs); with
+ * TPMA_SESSION_ENCRYPT its first response parameter comes back encrypted and, on success, is
+ * decrypted in place for Tss2_Sys_<command>_Complete. */
 static TSS2_RC run_prepared(tpm_fsess *s, TSS2_SYS_CONTEXT *sys, const TPM2B_NAME *name,
-                            TPM2_CC code)
+                            TPM2_CC code, unsigned char attrs)
 {
     TSS2L_SYS_AUTH_COMMAND cmd = {.count = 1};
     TSS2L_SYS_AUTH_RESPONSE rsp = {0};
     TPM2B_NONCE caller = {.size = DIGEST};
-    unsigned char cc[4], zero[4] = {0}, attrs = ATTRS, cphash[DIGEST], rphash[DIGEST], mac[DIGEST];
+    unsigned char cc[4], zero[4] = {0}, cphash[DIGEST], rphash[DIGEST], mac[DIGEST];
     unsigned char cfb[DIGEST];
     const uint8_t *cp = NULL, *rp = NULL, *enc = NULL;
     size_t cplen = 0, rplen = 0, enclen = 0;
@@ -223,7 +224,8 @@ static TSS2_RC run_prepared(tpm_fsess *s, TSS2_SYS_CONTEXT *sys, const TPM2B_NAM
         goto end;
     if ((rc = Tss2_Sys_GetRspAuths(sys, &rsp)) != TSS2_RC_SUCCESS ||
         (rc = Tss2_Sys_GetRpBuffer(sys, &rplen, &rp)) != TSS2_RC_SUCCESS ||
-        (rc = Tss2_Sys_GetEncryptParam(sys, &enclen, &enc)) != TSS2_RC_SUCCESS)
+        ((attrs & TPMA_SESSION_ENCRYPT) &&
+         (rc = Tss2_Sys_GetEncryptParam(sys, &enclen, &enc)) != TSS2_RC_SUCCESS))
         goto end;
     rc = TSS2_ESYS_RC_RSP_AUTH_FAILED;
     if (rsp.count != 1 || rsp.auths[0].hmac.size != DIGEST)
@@ -242,6 +244,10 @@ static TSS2_RC run_prepared(tpm_fsess *s, TSS2_SYS_CONTEXT *sys, const TPM2B_NAM
             goto end;
     }
     s->nonce_tpm = rsp.auths[0].nonce;
+    if (!(attrs & TPMA_SESSION_ENCRYPT)) {
+        rc = TSS2_RC_SUCCESS;
+        goto end;
+    }
     /* The parameter's contents: AES-128-CFB, key || IV = KDFa(key, "CFB", nonceTPM',
      * nonceCaller) */
     rc = TSS2_ESYS_RC_GENERAL_FAILURE;
@@ -289,7 +295,7 @@ TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2
     if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
         (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
         (rc = Tss2_Sys_ECDH_ZGen_Prepare(sys, handle, in)) == TSS2_RC_SUCCESS &&
-        (rc = run_prepared(s, sys, name, TPM2_CC_ECDH_ZGen)) == TSS2_RC_SUCCESS)
+        (rc = run_prepared(s, sys, name, TPM2_CC_ECDH_ZGen, ATTRS)) == TSS2_RC_SUCCESS)
         rc = Tss2_Sys_ECDH_ZGen_Complete(sys, out);
     return rc;
 }
@@ -305,7 +311,7 @@ TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, con
     if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
         (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
         (rc = Tss2_Sys_RSA_Decrypt_Prepare(sys, handle, in, scheme, label)) == TSS2_RC_SUCCESS &&
-        (rc = run_prepared(s, sys, name, TPM2_CC_RSA_Decrypt)) == TSS2_RC_SUCCESS)
+        (rc = run_prepared(s, sys, name, TPM2_CC_RSA_Decrypt, ATTRS)) == TSS2_RC_SUCCESS)
         rc = Tss2_Sys_RSA_Decrypt_Complete(sys, out);
     return rc;
 }
@@ -329,7 +335,28 @@ TSS2_RC tpm_fsess_create_primary(tpm_fsess *s, ESYS_CONTEXT *ectx, TPM2_HANDLE h
     if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
         (rc = Tss2_Sys_CreatePrimary_Prepare(sys, hierarchy, &sens, inpub, &outside, &pcrs)) ==
             TSS2_RC_SUCCESS &&
-        (rc = run_prepared(s, sys, &hname, TPM2_CC_CreatePrimary)) == TSS2_RC_SUCCESS)
+        (rc = run_prepared(s, sys, &hname, TPM2_CC_CreatePrimary, ATTRS)) == TSS2_RC_SUCCESS)
         rc = Tss2_Sys_CreatePrimary_Complete(sys, handle, outpub, &cdata, &chash, &ticket, name);
+    return rc;
+}
+
+TSS2_RC tpm_fsess_sign(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_DIGEST *digest, const TPMT_SIG_SCHEME *scheme,
+                       TPMT_SIGNATURE *out)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2_HANDLE handle = 0;
+    /* An unrestricted key signs any digest: the NULL ticket (TPM 2.0 Part 3, TPM2_Sign). */
+    TPMT_TK_HASHCHECK ticket = {.tag = TPM2_ST_HASHCHECK, .hierarchy = TPM2_RH_NULL};
+    TSS2_RC rc;
+
+    /* The signature is no secret (and no sized buffer to encrypt): the session authorizes the
+     * key and binds the digest to the command (cpHash), nothing more. */
+    if ((rc = Esys_GetSysContext(ectx, &sys)) == TSS2_RC_SUCCESS &&
+        (rc = Esys_TR_GetTpmHandle(ectx, key, &handle)) == TSS2_RC_SUCCESS &&
+        (rc = Tss2_Sys_Sign_Prepare(sys, handle, digest, scheme, &ticket)) == TSS2_RC_SUCCESS &&
+        (rc = run_prepared(s, sys, name, TPM2_CC_Sign, TPMA_SESSION_CONTINUESESSION)) ==
+            TSS2_RC_SUCCESS)
+        rc = Tss2_Sys_Sign_Complete(sys, out);
     return rc;
 }

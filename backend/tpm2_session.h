@@ -1,10 +1,10 @@
-/* keyx's own salted HMAC session for TPM2_ECDH_ZGen and TPM2_RSA_Decrypt. ESYS (tpm2-tss 3.2)
- * computes session HMACs and parameter encryption by creating a new OpenSSL library context for
- * every hash, which costs milliseconds per command; keyx computes the same values (TPM 2.0 Part
- * 1, 19.6 and 21) in its own library context with algorithms fetched once, and sends the command
- * through the ESYS context's SAPI. The session is salted with the storage parent (ECC), so only
- * this TPM knows the session key, and the Z point comes back encrypted (AES-128-CFB) with an HMAC
- * that keyx verifies before using it. */
+/* keyx's own salted HMAC session for TPM2_ECDH_ZGen, TPM2_RSA_Decrypt and TPM2_Sign. ESYS
+ * (tpm2-tss 3.2) computes session HMACs and parameter encryption by creating a new OpenSSL library
+ * context for every hash, which costs milliseconds per command; keyx computes the same values
+ * (TPM 2.0 Part 1, 19.6 and 21) in its own library context with algorithms fetched once, and sends
+ * the command through the ESYS context's SAPI. The session is salted with the storage parent (ECC),
+ * so only this TPM knows the session key, and the Z point comes back encrypted (AES-128-CFB) with
+ * an HMAC that keyx verifies before using it. */
 #ifndef KEYX_BACKEND_TPM2_SESSION_H
 #define KEYX_BACKEND_TPM2_SESSION_H
 
@@ -47,6 +47,12 @@ TSS2_RC tpm_fsess_zgen(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2
 TSS2_RC tpm_fsess_rsa_decrypt(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
                               const TPM2B_PUBLIC_KEY_RSA *in, const TPMT_RSA_DECRYPT *scheme,
                               const TPM2B_DATA *label, TPM2B_PUBLIC_KEY_RSA *out);
+
+/* TPM2_Sign of digest with key under scheme, validation ticket TPM2_ST_HASHCHECK/TPM2_RH_NULL,
+ * authorized by the session (no parameter encryption: the signature is no secret). */
+TSS2_RC tpm_fsess_sign(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR key, const TPM2B_NAME *name,
+                       const TPM2B_DIGEST *digest, const TPMT_SIG_SCHEME *scheme,
+                       TPMT_SIGNATURE *out);
 
 /* TPM2_CreatePrimary in hierarchy (empty authorization), authorized by the session: a TPM that
  * was reset since the session started refuses it (the session is gone) instead of making a key

@@ -99,8 +99,9 @@ static void *sig_dup(void *vctx)
 /* ---- the signing parameters, as the shadow holds them ---------------------------------------- */
 
 /* The digest, padding, MGF1 digest and salt length now set, resolved into a keyx_sign_op. md and
- * mgf1 are the op's string storage. 0 + error when a hardware key cannot be asked to sign so. */
-static int current_op(keyx_sig *c, keyx_sign_op *op, char md[64], char mgf1[64])
+ * mgf1 are the op's string storage. checking: for sign_check, while parameters may still change.
+ * 0 + error when a hardware key cannot be asked to sign so. */
+static int current_op(keyx_sig *c, keyx_sign_op *op, char md[64], char mgf1[64], int checking)
 {
     OSSL_PARAM q[2] = {OSSL_PARAM_construct_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, md, 64),
                        OSSL_PARAM_construct_end()};
@@ -147,8 +148,9 @@ static int current_op(keyx_sig *c, keyx_sign_op *op, char md[64], char mgf1[64])
     max = (EVP_PKEY_get_bits(c->key->pub) - 1 + 7) / 8 - hlen - 2;
     /* As the default provider signs: "digest" the hash length, "max" and "auto" the most that
      * fits, "auto-digestmax" (OpenSSL 3.1) the hash length or less. */
-    if (salt == RSA_PSS_SALTLEN_DIGEST)
-        salt = hlen;
+    if (salt == RSA_PSS_SALTLEN_DIGEST || (checking && salt == RSA_PSS_SALTLEN_AUTO))
+        salt = hlen; /* "auto" is PSS's default, which libssl replaces right after choosing PSS:
+                        decided at the signature */
     else if (salt == RSA_PSS_SALTLEN_MAX || salt == RSA_PSS_SALTLEN_AUTO)
         salt = max;
     else if (salt == -4)
@@ -169,7 +171,7 @@ static int check_backend(keyx_sig *c)
 
     if (!c->hardware || !c->signing)
         return 1;
-    return current_op(c, &op, md, mgf1) && keyx_key_sign_check(c->key, &op);
+    return current_op(c, &op, md, mgf1, 1) && keyx_key_sign_check(c->key, &op);
 }
 
 static int sig_set_ctx_params(void *vctx, const OSSL_PARAM params[])
@@ -343,7 +345,7 @@ static int sign_digest(keyx_sig *c, unsigned char *sig, size_t *siglen, size_t s
         keyx_key_event(c->key, "sign", ok, ok ? NULL : "signing failed");
         return ok;
     }
-    if (!current_op(c, &op, md, mgf1))
+    if (!current_op(c, &op, md, mgf1, 0))
         return 0;
     if (c->md != NULL ? (size_t)EVP_MD_CTX_get_size(c->md) != dlen : dlen > EVP_MAX_MD_SIZE) {
         KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT, "the data to sign is not a %s digest", md);
