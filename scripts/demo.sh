@@ -4,9 +4,11 @@
 #   1. software: an ECDH P-256 exchange and a TLS 1.3 handshake (s_server/s_client on 127.0.0.1);
 #   2. PKCS#11: a SoftHSM2 token made here; `genpkey` makes a token key written as a KEYX KEY
 #      reference file, pkcs11-tool lists it, its ECDH secret equals the peer's, and a TLS 1.3
-#      server's ECDHE key shares are made and used on the token;
+#      server whose certificate key is that token key makes and uses its ECDHE key share on the
+#      token;
 #   3. TPM: a swtpm started here on 127.0.0.1; `genpkey` makes a persistent TPM key, its secret
-#      equals the peer's, and a TLS 1.3 server's ECDHE key shares live in the TPM;
+#      equals the peer's, and a TLS 1.3 server with that certificate key has its ECDHE key share
+#      in the TPM;
 #   after each step, the audit trail keyx wrote for it (event, backend, algorithm, group, result).
 # The peer side (other party's key and derive, TLS client, test CA) is OpenSSL's default provider
 # alone. Everything (token, TPM state, keys, logs) lives in a temporary directory that is removed,
@@ -148,6 +150,8 @@ exec 3<>server.in
 tls() {
     local what=$1 cert=$2 key=$3 port
     port=$(free_port)
+    # A fresh log: the last step's one says ACCEPT until this server's redirection truncates it.
+    rm -f server.log client.log
     echo "    \$ openssl s_server -tls1_3 -cert $cert -key $key   (client: s_client, default provider only)"
     openssl s_server -accept "127.0.0.1:$port" -naccept 1 -tls1_3 -cert "$cert" -key "$key" \
         <server.in >server.log 2>&1 &
@@ -185,29 +189,21 @@ hardware_cert() {
         -set_serial "0x$(peer rand -hex 8)" -days 1 -out "$1.crt"
 }
 
-# server_cert NAME KEY WHERE [fallback]: the TLS server's certificate is NAME.crt, for KEY itself:
-# keyx signs with KEY (`dgst -sign`, verified by the default provider), and the CA certifies its
-# public key. With `fallback`, a key keyx cannot sign with yet gets a software certificate key
-# instead; without it, that fails the demo.
+# server_cert NAME KEY WHERE: the TLS server's certificate is NAME.crt, for KEY itself: keyx signs
+# with KEY (`dgst -sign`, verified by the default provider), and the CA certifies its public key.
 server_cert() {
-    local name=$1 key=$2 where=$3 fallback=${4:-}
+    local name=$1 key=$2 where=$3
     echo "keyx demo" >msg
-    if openssl dgst -sha256 -sign "$key" -out msg.sig msg 2>sign.err &&
-        openssl pkey -in "$key" -pubout -out "$name.sign.pub" &&
-        peer dgst -sha256 -verify "$name.sign.pub" -signature msg.sig msg >/dev/null; then
-        echo "    dgst -sha256 -sign $key: signed with $where, verified by the default provider"
-        hardware_cert "$name" "$key"
-        cert_key=$key
-        echo "    certificate key: $key, $where (certificate from a throwaway default-provider CA)"
-    elif [ "$fallback" = fallback ]; then
-        software_cert "$name"
-        cert_key=$name.key
-        echo "    certificate key: a software key (keyx cannot sign with $where yet: $(tail -n 1 sign.err | sed 's/.*:\([^:]*\)$/\1/'))"
-    else
-        cat sign.err >&2
+    if ! openssl dgst -sha256 -sign "$key" -out msg.sig msg; then
         keyx_die "keyx cannot sign with $where ($key)"
     fi
-    rm -f msg msg.sig sign.err
+    openssl pkey -in "$key" -pubout -out "$name.sign.pub"
+    peer dgst -sha256 -verify "$name.sign.pub" -signature msg.sig msg >/dev/null ||
+        keyx_die "the default provider does not verify the signature made with $where"
+    echo "    dgst -sha256 -sign $key: signed with $where, verified by the default provider"
+    hardware_cert "$name" "$key"
+    echo "    certificate key: $key, $where (certificate from a throwaway default-provider CA)"
+    rm -f msg msg.sig
 }
 
 # audit NAME: the audit events of NAME.jsonl, one line per process, backend, algorithm and group
@@ -271,7 +267,7 @@ tool pkcs11-tool --module "$softhsm_module" --token-label keyx-demo --login --pi
     --list-objects 2>/dev/null | grep -E '^[A-Z]|^ *(label|Usage|Access):' | indent
 derive_with_peer "token key (ECDH on the token)" srv.pem
 server_cert p11 srv.pem "the token key"
-tls "ECDHE key share made and used on the token" p11.crt "$cert_key"
+tls "ECDHE key share made and used on the token" p11.crt srv.pem
 audit pkcs11
 
 # ---------------------------------------------------------------------------------------------
@@ -321,10 +317,8 @@ handles=$(tool env TPM2TOOLS_TCTI="$tcti" tpm2_getcap handles-persistent | tr -d
 echo "    persistent handles (tpm2_getcap): $handles"
 case " $handles " in *" 0x81000010 "*) ;; *) keyx_die "tpm2_getcap does not list 0x81000010" ;; esac
 derive_with_peer "TPM key (TPM2_ECDH_ZGen)" tpm-srv.pem
-# TODO(signatures): TPM signing is being added (branch tpm-sign); once it is on main, drop
-# `fallback` here so that the demo fails when the TPM key cannot sign.
-server_cert tpm tpm-srv.pem "the TPM key" fallback
-tls "ECDHE key share made and used in the TPM" tpm.crt "$cert_key"
+server_cert tpm tpm-srv.pem "the TPM key"
+tls "ECDHE key share made and used in the TPM" tpm.crt tpm-srv.pem
 audit tpm
 
 echo

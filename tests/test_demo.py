@@ -84,19 +84,15 @@ def check_step(text, backend, what):
     return rows
 
 
-def check_certificate(text, backend, key_file, noun, required=True):
+def check_certificate(text, backend, key_file, noun):
     """The server's certificate key is the hardware key: keyx signed with it (the default
-    provider verified the signature) and the TLS server signed in `backend`. Not required: TPM
-    signing is being added to main; until then a software key with the reason shown."""
+    provider verified the signature) and the TLS server signed in `backend`, never in software."""
     rows = audit_rows(text)
-    if required or f"certificate key: {key_file}, {noun}" in text:
-        assert f"dgst -sha256 -sign {key_file}: signed with {noun}, verified by the default provider" in text, text
-        assert f"certificate key: {key_file}, {noun}" in text, text
-        assert rows.get(("s_server", backend), {}).get("sign") == 1, f"the TLS server did not sign in {backend}:\n{text}"
-        assert "sign" not in rows.get(("s_server", "software"), {}), text
-    else:
-        assert f"certificate key: a software key (keyx cannot sign with {noun} yet: " in text, text
-        assert rows.get(("s_server", "software"), {}).get("sign") == 1, text
+    assert f"dgst -sha256 -sign {key_file}: signed with {noun}, verified by the default provider" in text, text
+    assert f"certificate key: {key_file}, {noun}" in text, text
+    assert re.search(rf"^ +\$ openssl s_server -tls1_3 -cert \S+ -key {re.escape(key_file)} ", text, re.M), text
+    assert rows.get(("s_server", backend), {}).get("sign") == 1, f"the TLS server did not sign in {backend}:\n{text}"
+    assert ("s_server", "software") not in rows, f"the TLS server used a software key with backends = {backend}:\n{text}"
 
 
 def test_demo_shows_every_backend(build, tmp):
@@ -123,8 +119,7 @@ def test_demo_shows_every_backend(build, tmp):
     assert re.search(r"^ +private key: in the tpm backend, handle=0x81000010$", tpm, re.M), tpm
     assert re.search(r"^ +persistent handles \(tpm2_getcap\): .*0x81000010", tpm, re.M), tpm
     assert audit_rows(tpm)[("commands", "tpm")].get("keygen") == 1, tpm
-    # TODO(signatures): required=True once TPM signing is on main (scripts/demo.sh's fallback goes too)
-    check_certificate(tpm, "tpm", "tpm-srv.pem", "the TPM key", required=False)
+    check_certificate(tpm, "tpm", "tpm-srv.pem", "the TPM key")
 
     assert "PRIVATE KEY" not in r.out, "the demo printed a private key"
     assert r.seconds < 120, f"the demo took {r.seconds:.0f}s, not a two-minute demo"
