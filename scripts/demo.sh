@@ -300,12 +300,16 @@ env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS OPENSSL_CONF="$work/peer.cnf"
     --flags not-need-init,startup-clear --log "file=$work/tpm/swtpm.log" </dev/null &
 swtpm_pid=$!
 tcti=swtpm:host=127.0.0.1,port=$tpm_port
-for _ in $(seq 100); do
+swtpm_up() { # its control port accepts (the TPM port is left alone: swtpm serves one connection)
     tool python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), 1).close()' \
-        "$((tpm_port + 1))" 2>/dev/null && break
-    kill -0 "$swtpm_pid" 2>/dev/null || { cat tpm/swtpm.log; keyx_die "swtpm did not start"; }
+        "$((tpm_port + 1))" 2>/dev/null
+}
+for _ in $(seq 100); do
+    swtpm_up && break
+    kill -0 "$swtpm_pid" 2>/dev/null || { cat tpm/swtpm.log 2>/dev/null; keyx_die "swtpm did not start"; }
     sleep 0.1
 done
+swtpm_up || keyx_die "swtpm not listening on 127.0.0.1:$((tpm_port + 1)) after 10 s"
 echo "    swtpm pid $swtpm_pid, tpm-tcti = $tcti"
 keyx_cnf tpm "backends = tpm" "tpm-tcti = $tcti"
 export OPENSSL_CONF=$work/tpm.cnf
