@@ -118,6 +118,27 @@ static int rsa_exponent(keyx_provctx *p, const OSSL_PARAM *params, uint32_t *e)
 
 /* ---- generate ---------------------------------------------------------------------------- */
 
+/* The decrypt template of an RSA key of spec's size and exponent, when the TPM makes such keys;
+ * 0 + error otherwise. */
+static int rsa_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *area)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    size_t bits = spec->bits != 0 ? spec->bits : 2048;
+    uint32_t e = 65537;
+
+    if (!rsa_exponent(p, spec->params, &e))
+        return 0;
+    if (!tpm_dev_has_rsa(d, bits)) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM does not make %zu-bit RSA keys (TPM2_TestParms refused them; "
+                 "swtpm and most TPMs do 2048, some 3072)",
+                 bits);
+        return 0;
+    }
+    tpm_rsa_template(bits, e, 1, area);
+    return 1;
+}
+
 static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     tpm_dev *d = state;
@@ -138,19 +159,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     *handle = NULL;
     *pub = NULL;
     if (spec->alg == KEYX_ALG_RSA) {
-        size_t bits = spec->bits != 0 ? spec->bits : 2048;
-        uint32_t e = 65537;
-
-        if (!rsa_exponent(p, spec->params, &e))
+        if (!rsa_area(d, spec, &area))
             return 0;
-        if (!tpm_dev_has_rsa(d, bits)) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                     "tpm: this TPM does not make %zu-bit RSA keys (TPM2_TestParms refused "
-                     "them; swtpm and most TPMs do 2048, some 3072)",
-                     bits);
-            return 0;
-        }
-        tpm_rsa_template(bits, e, 1, &area);
     } else if (spec->alg != KEYX_ALG_EC || c == NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                  "tpm: only EC P-256, P-384 and P-521 and RSA keys are made in the TPM");
@@ -654,19 +664,8 @@ static int persistent_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *ar
     const tpm_curve *c = tpm_curve_by_group(spec->group);
 
     if (spec->alg == KEYX_ALG_RSA) {
-        size_t bits = spec->bits != 0 ? spec->bits : 2048;
-        uint32_t e = 65537;
-
-        if (!rsa_exponent(p, spec->params, &e))
+        if (!rsa_area(d, spec, area))
             return 0;
-        if (!tpm_dev_has_rsa(d, bits)) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                     "tpm: this TPM does not make %zu-bit RSA keys (TPM2_TestParms refused "
-                     "them; swtpm and most TPMs do 2048, some 3072)",
-                     bits);
-            return 0;
-        }
-        tpm_rsa_template(bits, e, 1, area);
     } else if (spec->alg == KEYX_ALG_EC && c != NULL && tpm_dev_has_curve(d, c->id)) {
         tpm_ecdh_template(c, 1, area);
     } else {

@@ -974,13 +974,11 @@ int tpm_dev_take_reset(tpm_dev *d)
     return r;
 }
 
-int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
+/* Capabilities are read at connect time. A query (TLS-GROUP lists every group, a signature
+ * init asks for its scheme) connects if need be; an unreachable TPM is probed at most every two
+ * seconds, and its error comes with the operation that needs the TPM. Under the device lock. */
+static void probe_caps(tpm_dev *d)
 {
-    int known, found = 0;
-
-    lock_dev(d);
-    /* A query (TLS-GROUP lists every group): an unreachable TPM is probed at most every two
-     * seconds, and its error comes with the operation that needs the TPM. */
     if (!d->caps_known && d->ctx == NULL &&
         (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
         ERR_set_mark();
@@ -988,6 +986,14 @@ int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
             d->probe_failed = now_seconds();
         ERR_pop_to_mark();
     }
+}
+
+int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve)
+{
+    int known, found = 0;
+
+    lock_dev(d);
+    probe_caps(d);
     known = d->caps_known;
     for (size_t i = 0; i < d->ncurves; i++)
         found |= d->curves[i] == curve;
@@ -1002,13 +1008,7 @@ int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg)
     int known, found = 0;
 
     lock_dev(d);
-    if (!d->caps_known && d->ctx == NULL &&
-        (d->probe_failed == 0 || now_seconds() - d->probe_failed >= 2)) {
-        ERR_set_mark();
-        if (connect_tpm(d) != 1)
-            d->probe_failed = now_seconds();
-        ERR_pop_to_mark();
-    }
+    probe_caps(d);
     known = d->caps_known;
     for (size_t i = 0; i < d->nalgs; i++)
         found |= d->algs[i] == alg;
