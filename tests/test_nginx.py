@@ -87,7 +87,13 @@ def curl(port, ca, n, tls, timeout=max(TIMEOUT, 300)):
     url = f"https://localhost:{port}/"
     cmd = ["curl", "-sS", "--no-sessionid", "--cacert", ca, "--resolve", f"localhost:{port}:127.0.0.1",
            *ver, "-w", "%{http_code} %{num_connects}\\n", "-o", "/dev/null", *([url] * n)]
-    return kxutil.run(cmd, env=base_env(), timeout=timeout)
+    return kxutil.run(cmd, env=curl_env(), timeout=timeout)
+
+
+def curl_env():
+    """curl is the independent client (default provider, neutral openssl.cnf): no sanitizer
+    runtime preloaded, under which it hangs in the ASan stage (as tpm2-tools do)."""
+    return base_env(LD_PRELOAD=None, ASAN_OPTIONS=None, UBSAN_OPTIONS=None)
 
 
 def check_curl(r, n, srv=None):
@@ -221,7 +227,7 @@ def parallel_curls(srv, ca, n, procs=4):
         cmds.append(["curl", "-sS", "--no-sessionid", "--cacert", str(ca), "--resolve",
                      f"localhost:{srv.port}:127.0.0.1", *ver, "-w", "%{http_code} %{num_connects}\\n",
                      "-o", "/dev/null", *([url] * n)])
-    procs_ = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(),
+    procs_ = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=curl_env(),
                                start_new_session=True) for c in cmds]
     results = []
     try:
