@@ -424,3 +424,31 @@ def protocol(client_output):
 def cipher(client_output):
     m = re.search(r"^New, (TLSv1\.\d), Cipher is (\S+)", client_output, re.M)
     return m.group(2) if m else ""
+
+
+# ---- TLS in one Python process ----------------------------------------------------------------
+
+# Source for test scripts run by python3: memory_handshake(srv, cli) makes one TLS handshake
+# between two ssl.SSLContexts through memory BIOs (no sockets) and returns the version.
+MEMORY_HANDSHAKE = r"""
+import ssl
+
+
+def memory_handshake(srv, cli):
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    s = srv.wrap_bio(bios[0], bios[1], server_side=True)
+    c = cli.wrap_bio(bios[2], bios[3], server_hostname="localhost")
+    done = [False, False]
+    for _ in range(20):
+        for i, (obj, outb, peer_in) in enumerate(((c, bios[3], bios[0]), (s, bios[1], bios[2]))):
+            if not done[i]:
+                try:
+                    obj.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(outb.read())
+        if all(done):
+            return c.version()
+    raise SystemExit("handshake did not finish")
+"""

@@ -17,7 +17,7 @@ import re
 import kxutil
 from fixture_softhsm import SPY
 
-HANDSHAKE = r"""
+HANDSHAKE = kxutil.MEMORY_HANDSHAKE + r"""
 import os, ssl, sys, threading
 
 crt, key = sys.argv[1], sys.argv[2]
@@ -29,23 +29,7 @@ def handshake():
     cli = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     cli.check_hostname, cli.verify_mode = False, ssl.CERT_NONE
     cli.set_ecdh_curve("prime256v1")
-    bios = [ssl.MemoryBIO() for _ in range(4)]
-    s = srv.wrap_bio(bios[0], bios[1], server_side=True)
-    c = cli.wrap_bio(bios[2], bios[3], server_hostname="localhost")
-    done = [False, False]
-    for _ in range(20):
-        for i, (obj, inb, outb) in enumerate(((c, bios[2], bios[3]), (s, bios[0], bios[1]))):
-            if not done[i]:
-                try:
-                    obj.do_handshake()
-                    done[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            data = outb.read()
-            (bios[0] if obj is c else bios[2]).write(data)
-        if all(done):
-            return c.version()
-    raise SystemExit("handshake did not finish")
+    return memory_handshake(srv, cli)
 """
 
 FORK = HANDSHAKE + r"""

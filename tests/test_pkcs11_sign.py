@@ -434,7 +434,7 @@ def test_tls_server_signs_with_the_token_key(keys, ca, s_server, s_client, name,
 # A server application that loads its certificate key once and forks workers (as nginx does):
 # each process signs handshakes with the key its parent loaded. Python's ssl module (the system
 # OpenSSL, keyx from OPENSSL_CONF), client and server in memory; the client verifies the chain.
-FORK_APP = r"""
+FORK_APP = kxutil.MEMORY_HANDSHAKE + r"""
 import os, ssl, sys
 
 crt, key, cafile = sys.argv[1:4]
@@ -446,22 +446,7 @@ cli.load_verify_locations(cafile)
 cli.set_ecdh_curve("prime256v1")
 
 def handshake():
-    bios = [ssl.MemoryBIO() for _ in range(4)]
-    s = srv.wrap_bio(bios[0], bios[1], server_side=True)
-    c = cli.wrap_bio(bios[2], bios[3], server_hostname="localhost")
-    done = [False, False]
-    for _ in range(20):
-        for i, (obj, outb, peer_in) in enumerate(((c, bios[3], bios[0]), (s, bios[1], bios[2]))):
-            if not done[i]:
-                try:
-                    obj.do_handshake()
-                    done[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            peer_in.write(outb.read())
-        if all(done):
-            return c.version()
-    raise SystemExit("handshake did not finish")
+    return memory_handshake(srv, cli)
 
 if len(sys.argv) > 4:  # N handshakes in this process, no fork
     print(" ".join(handshake() for _ in range(int(sys.argv[4]))), flush=True)
