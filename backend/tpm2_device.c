@@ -788,6 +788,15 @@ static TSS2_RC obj_name(tpm_dev *d, tpm_obj *o, ESYS_TR key)
     return rc;
 }
 
+/* Without keyx's session: ESYS's (a non-ECC tpm-parent) with attrs, or the password. */
+static ESYS_TR esys_session(tpm_dev *d, TPMA_SESSION attrs)
+{
+    if (d->session == ESYS_TR_NONE)
+        return ESYS_TR_PASSWORD;
+    Esys_TRSess_SetAttributes(d->ctx, d->session, attrs, 0xFF);
+    return d->session;
+}
+
 TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
                       TPM2B_ECC_POINT *out)
 {
@@ -802,11 +811,7 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT
             if (!again(rc = tpm_fsess_zgen(&d->fast, d->ctx, key, &o->name, in, out), i))
                 return rc;
     }
-    /* Without keyx's session: ESYS's (a non-ECC tpm-parent), or none. */
-    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
-    if (sess != ESYS_TR_PASSWORD)
-        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
-                                  0xFF);
+    sess = esys_session(d, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT);
     rc = Esys_ECDH_ZGen(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, &res);
     if (rc == TSS2_RC_SUCCESS) {
         *out = *res;
@@ -833,10 +838,7 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_
                        i))
                 return rc;
     }
-    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
-    if (sess != ESYS_TR_PASSWORD)
-        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT,
-                                  0xFF);
+    sess = esys_session(d, TPMA_SESSION_CONTINUESESSION | TPMA_SESSION_ENCRYPT);
     rc = Esys_RSA_Decrypt(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, in, scheme, label, &res);
     if (rc == TSS2_RC_SUCCESS) {
         *out = *res;
@@ -862,9 +864,7 @@ TSS2_RC tpm_sign(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_DIGEST *digest
                        i))
                 return rc;
     }
-    sess = d->session != ESYS_TR_NONE ? d->session : ESYS_TR_PASSWORD;
-    if (sess != ESYS_TR_PASSWORD)
-        Esys_TRSess_SetAttributes(d->ctx, sess, TPMA_SESSION_CONTINUESESSION, 0xFF);
+    sess = esys_session(d, TPMA_SESSION_CONTINUESESSION);
     rc = Esys_Sign(d->ctx, key, sess, ESYS_TR_NONE, ESYS_TR_NONE, digest, scheme, &ticket, &res);
     if (rc == TSS2_RC_SUCCESS) {
         *out = *res;

@@ -452,3 +452,21 @@ def memory_handshake(srv, cli):
             return c.version()
     raise SystemExit("handshake did not finish")
 """
+
+
+# Source for test scripts that call libcrypto through ctypes: fn(name, restype, *argtypes), a
+# library context loaded from an openssl.cnf (LIB_new, LIB_load, LIB_free), file BIOs and
+# PEM_read_bio_PrivateKey_ex (read_pem).
+LIBCRYPTO_CTYPES = r"""
+import ctypes, sys
+from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
+L = ctypes.CDLL("libcrypto.so.3")
+def fn(name, res, *args):
+    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
+LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
+LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
+LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
+bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
+bio_free = fn("BIO_free", c_int, c_void_p)
+read_pem = fn("PEM_read_bio_PrivateKey_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+"""

@@ -126,18 +126,7 @@ def readpublic(tpm, tmp, handle):
 # An application reading a private key file with PEM_read_bio_PrivateKey_ex (PEM) or
 # d2i_PrivateKey_ex_bio (DER) in its own library context (openssl.cnf argv[1]), then deriving with
 # a peer's public key or decrypting RSA-OAEP-SHA256; the result goes to a file, never to output.
-APP = r"""
-import ctypes, sys
-from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
-L = ctypes.CDLL("libcrypto.so.3")
-def fn(name, res, *args):
-    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
-LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
-LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
-LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
-bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
-bio_free = fn("BIO_free", c_int, c_void_p)
-read_pem = fn("PEM_read_bio_PrivateKey_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+APP = kxutil.LIBCRYPTO_CTYPES + r"""
 read_der = fn("d2i_PrivateKey_ex_bio", c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
 read_pub = fn("PEM_read_bio_PUBKEY_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
 CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)

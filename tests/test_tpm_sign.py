@@ -424,18 +424,7 @@ def test_one_tpm2_sign_per_signature_authorized_as_configured(tpm, keys, tmp, mo
 
 # One process (its own library context from openssl.cnf) that loads a key file and signs sha256
 # digests of stdin lines, one signature per line: "sig <hex>" or "err <errors>".
-SIGNER = r"""
-import ctypes, sys
-from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
-L = ctypes.CDLL("libcrypto.so.3")
-def fn(name, res, *args):
-    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
-LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
-LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
-LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
-bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
-bio_free = fn("BIO_free", c_int, c_void_p)
-read_pem = fn("PEM_read_bio_PrivateKey_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+SIGNER = kxutil.LIBCRYPTO_CTYPES + r"""
 md_new = fn("EVP_MD_CTX_new", c_void_p)
 md_free = fn("EVP_MD_CTX_free", None, c_void_p)
 ds_init = fn("EVP_DigestSignInit_ex", c_int, c_void_p, c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p)
