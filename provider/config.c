@@ -35,6 +35,7 @@ typedef enum key_kind {
     KIND_BOOL,     /* int, 0 or 1 */
     KIND_POOL,     /* unsigned int, 0..1024 */
     KIND_COUNT,    /* uint64_t, 0..2^63-1 */
+    KIND_MSEC,     /* unsigned int, 100..600000 (milliseconds) */
 } key_kind;
 
 typedef struct key_def {
@@ -47,6 +48,8 @@ typedef struct key_def {
 
 #define CFG_OFF(field) offsetof(keyx_config, field)
 #define POOL_MAX 1024u
+#define MSEC_MIN 100u
+#define MSEC_MAX 600000u
 
 static const key_def keys[] = {
     {"backends", "KEYX_BACKENDS", KIND_BACKENDS, CFG_OFF(backends),
@@ -65,6 +68,8 @@ static const key_def keys[] = {
      "0, 1, yes, no, true, false, on or off"},
     {"tpm-encrypt-sessions", "KEYX_TPM_ENCRYPT_SESSIONS", KIND_BOOL, CFG_OFF(tpm_encrypt_sessions),
      "0, 1, yes, no, true, false, on or off"},
+    {"tpm-timeout", "KEYX_TPM_TIMEOUT", KIND_MSEC, CFG_OFF(tpm_timeout_ms),
+     "a decimal number of milliseconds from 100 to 600000"},
     {"tpm-pool", "KEYX_TPM_POOL", KIND_POOL, CFG_OFF(tpm_pool), "a decimal integer from 0 to 1024"},
     {"pkcs11-pool", "KEYX_PKCS11_POOL", KIND_POOL, CFG_OFF(pkcs11_pool),
      "a decimal integer from 0 to 1024"},
@@ -443,6 +448,14 @@ static int apply(keyx_config *cfg, const keyx_provctx *p, const key_def *k, cons
         *(unsigned int *)field = (unsigned int)x;
         return 1;
     }
+    case KIND_MSEC: {
+        uint64_t x;
+
+        if (!parse_dec(v, MSEC_MAX, &x) || x < MSEC_MIN)
+            return config_invalid(p, k, src, v, k->accepted);
+        *(unsigned int *)field = (unsigned int)x;
+        return 1;
+    }
     case KIND_COUNT: {
         uint64_t x;
 
@@ -576,6 +589,7 @@ int keyx_config_load(keyx_config *cfg, struct keyx_provctx *p,
     cfg->backends[0] = KEYX_BACKEND_SOFTWARE;
     cfg->nbackends = 1;
     cfg->tpm_encrypt_sessions = 1;
+    cfg->tpm_timeout_ms = 5000;
 
     if (p != NULL && core_get_params != NULL) {
         for (i = 0; i < NKEYS; i++)

@@ -28,6 +28,7 @@ typedef struct keyx_config {
     char *pkcs11_pin;    /* `pkcs11-pin`: "file:PATH", "env:NAME" or a literal; never printed */
     int pkcs11_raw_rsa;  /* `pkcs11-raw-rsa`: 0 or 1 */
     int tpm_encrypt_sessions;    /* `tpm-encrypt-sessions`: 0 or 1, default 1 */
+    unsigned int tpm_timeout_ms; /* `tpm-timeout`: bound on a TPM answer, 100..600000, 5000 */
     unsigned int tpm_pool;       /* `tpm-pool`: pre-generated keys per group, 0 = off */
     unsigned int pkcs11_pool;    /* `pkcs11-pool` */
     char *audit_log;             /* `audit-log`; NULL: off */

@@ -55,6 +55,7 @@ CONFIG_KEYS = {
     "pkcs11-pin": "KEYX_PKCS11_PIN",
     "pkcs11-raw-rsa": "KEYX_PKCS11_RAW_RSA",
     "tpm-encrypt-sessions": "KEYX_TPM_ENCRYPT_SESSIONS",
+    "tpm-timeout": "KEYX_TPM_TIMEOUT",
     "tpm-pool": "KEYX_TPM_POOL",
     "pkcs11-pool": "KEYX_PKCS11_POOL",
     "audit-log": "KEYX_AUDIT_LOG",
