@@ -1,9 +1,14 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
 #include <dlfcn.h>
 #include <errno.h>
+#include <netdb.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -74,6 +79,7 @@ struct tpm_dev {
     struct stall_mark *stall; /* commands given up on (bounded TCTI below) */
     unsigned timed_out;       /* ms: the bound the last command missed, until reported; 0: none */
     int flush_stale;          /* a command was given up on: clear the TPM on the next connect */
+    int stale_fd; /* swtpm: the connection of a command given up on, until it answers; -1 */
 };
 
 /* ---- fork ------------------------------------------------------------------------------ */
@@ -111,6 +117,9 @@ static void fork_child(void)
         /* The parent's workers (and the answers they wait for) are not in the child. */
         d->stall->waiting = 0;
         d->stall->refs = 1;
+        if (d->stale_fd >= 0) /* the parent's: it closes its own copy when the TPM answers */
+            close(d->stale_fd);
+        d->stale_fd = -1;
         if (d->ctx != NULL) {
             /* Not Esys_Finalize: a TCTI may say goodbye on the shared connection and end the
              * parent's. The parent's ESYS and TCTI state is left alone in the child (one small
@@ -214,12 +223,21 @@ typedef struct guard_io {
 
 typedef struct guard_tcti {
     TSS2_TCTI_CONTEXT_COMMON_V1 v1;
-    guard_io *io; /* NULL once given up */
+    guard_io *io; /* worker mode; NULL once given up */
     pthread_t thread;
     tpm_dev *d;
     int pending;       /* a command was sent, its answer not yet handed out */
-    int have_rsp;      /* the answer is in io->rsp */
+    int have_rsp;      /* the answer is in io->rsp (socket mode: in rsp) */
     unsigned bound_ms; /* for the pending command */
+    /* Socket mode (swtpm): no thread, keyx's own socket with a deadline. */
+    int sock;
+    int dead; /* a command was given up on: the connection serves no more */
+    int fd;   /* the pending command's connection; -1 */
+    struct timespec dl;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    size_t rsplen;
+    uint8_t rsp[TPM2_MAX_RESPONSE_SIZE];
 } guard_tcti;
 
 static void stall_unref(stall_mark *m)
@@ -303,32 +321,11 @@ static int cmd_is_rsa_create(const uint8_t *c, size_t n)
     return ((unsigned)c[off] << 8 | c[off + 1]) == TPM2_ALG_RSA;
 }
 
-static TSS2_RC guard_transmit(TSS2_TCTI_CONTEXT *c, size_t size, const uint8_t *cmd)
-{
-    guard_tcti *g = guard_cast(c);
-    guard_io *io;
+/* ---- socket mode: swtpm's TPM port (TCP or a unix socket) -------------------------------- */
 
-    if (g == NULL)
-        return TSS2_TCTI_RC_BAD_CONTEXT;
-    if ((io = g->io) == NULL)
-        return TSS2_TCTI_RC_IO_ERROR;
-    if (g->pending)
-        return TSS2_TCTI_RC_BAD_SEQUENCE;
-    if (cmd == NULL || size < 10 || size > sizeof(io->cmd))
-        return TSS2_TCTI_RC_BAD_VALUE;
-    g->bound_ms = g->d->p->cfg.tpm_timeout_ms;
-    if (cmd_is_rsa_create(cmd, size))
-        g->bound_ms *= RSA_BOUND_FACTOR;
-    pthread_mutex_lock(&io->m);
-    memcpy(io->cmd, cmd, size);
-    io->cmdlen = size;
-    io->state = G_JOB;
-    pthread_cond_broadcast(&io->cv);
-    pthread_mutex_unlock(&io->m);
-    g->pending = 1;
-    g->have_rsp = 0;
-    return TSS2_RC_SUCCESS;
-}
+/* swtpm speaks plain TPM commands on its server socket. The swtpm TCTI opens a connection per
+ * command and has no poll handle, so keyx does the same on its own non-blocking socket, every
+ * step bounded by the command's deadline: no thread, no hand-over per command. */
 
 static void deadline_in(struct timespec *ts, unsigned ms)
 {
@@ -339,6 +336,249 @@ static void deadline_in(struct timespec *ts, unsigned ms)
         ts->tv_sec++;
         ts->tv_nsec -= 1000000000L;
     }
+}
+
+static int remaining_ms(const struct timespec *dl)
+{
+    struct timespec now;
+    long ms;
+
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    ms = (long)(dl->tv_sec - now.tv_sec) * 1000 + (dl->tv_nsec - now.tv_nsec) / 1000000;
+    return ms < 0 ? 0 : ms > 0x7fffffff ? 0x7fffffff : (int)ms;
+}
+
+/* 1: fd is ready for events; 0: the deadline passed; -1: error. */
+static int wait_fd(int fd, short events, const struct timespec *dl)
+{
+    for (;;) {
+        struct pollfd p = {.fd = fd, .events = events};
+        int n = poll(&p, 1, remaining_ms(dl));
+
+        if (n > 0)
+            return 1;
+        if (n == 0)
+            return remaining_ms(dl) > 0 ? 1 : 0; /* rounding: try once more */
+        if (errno != EINTR)
+            return -1;
+    }
+}
+
+/* The command timed out: its connection is kept (d->stale_fd) until the TPM answers it, so that
+ * keyx knows when the TPM is back (stalled()), and the guard serves no more. */
+static TSS2_RC sock_give_up(guard_tcti *g)
+{
+    tpm_dev *d = g->d;
+
+    if (d->stale_fd >= 0)
+        close(d->stale_fd);
+    d->stale_fd = g->fd;
+    g->fd = -1;
+    g->dead = 1;
+    g->pending = 0;
+    d->timed_out = g->bound_ms;
+    d->flush_stale = 1;
+    return TSS2_TCTI_RC_IO_ERROR;
+}
+
+static TSS2_RC sock_fail(guard_tcti *g)
+{
+    if (g->fd >= 0)
+        close(g->fd);
+    g->fd = -1;
+    g->pending = 0;
+    return TSS2_TCTI_RC_IO_ERROR;
+}
+
+static TSS2_RC sock_transmit(guard_tcti *g, size_t size, const uint8_t *cmd)
+{
+    size_t off = 0;
+    int err = 0, r;
+    socklen_t len = sizeof(err);
+
+    deadline_in(&g->dl, g->bound_ms);
+    g->fd = socket(g->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (g->fd < 0)
+        return TSS2_TCTI_RC_IO_ERROR;
+    if (connect(g->fd, (struct sockaddr *)&g->addr, g->addrlen) != 0) {
+        if (errno != EINPROGRESS && errno != EAGAIN)
+            return sock_fail(g);
+        if ((r = wait_fd(g->fd, POLLOUT, &g->dl)) == 0)
+            return sock_give_up(g);
+        if (r < 0 || getsockopt(g->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
+            return sock_fail(g);
+    }
+    while (off < size) {
+        ssize_t n = send(g->fd, cmd + off, size - off, MSG_NOSIGNAL);
+
+        if (n > 0) {
+            off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if ((r = wait_fd(g->fd, POLLOUT, &g->dl)) == 0)
+                return sock_give_up(g);
+            if (r > 0)
+                continue;
+        }
+        return sock_fail(g);
+    }
+    g->pending = 1;
+    g->have_rsp = 0;
+    return TSS2_RC_SUCCESS;
+}
+
+/* Reads exactly n bytes before the deadline: 1, 0 (deadline), -1 (error or connection closed). */
+static int read_full(guard_tcti *g, uint8_t *buf, size_t n)
+{
+    size_t off = 0;
+    int r;
+
+    while (off < n) {
+        ssize_t got = recv(g->fd, buf + off, n - off, 0);
+
+        if (got > 0) {
+            off += (size_t)got;
+            continue;
+        }
+        if (got == 0)
+            return -1;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -1;
+        if ((r = wait_fd(g->fd, POLLIN, &g->dl)) <= 0)
+            return r;
+    }
+    return 1;
+}
+
+static TSS2_RC sock_receive(guard_tcti *g, size_t *size, uint8_t *rsp)
+{
+    if (!g->have_rsp) {
+        uint32_t len;
+        int r = read_full(g, g->rsp, 10);
+
+        if (r == 0)
+            return sock_give_up(g);
+        if (r < 0)
+            return sock_fail(g);
+        len = (uint32_t)g->rsp[2] << 24 | (uint32_t)g->rsp[3] << 16 | (uint32_t)g->rsp[4] << 8 |
+              g->rsp[5];
+        if (len < 10 || len > sizeof(g->rsp))
+            return sock_fail(g);
+        if ((r = read_full(g, g->rsp + 10, len - 10)) == 0)
+            return sock_give_up(g);
+        if (r < 0)
+            return sock_fail(g);
+        close(g->fd);
+        g->fd = -1;
+        g->rsplen = len;
+        g->have_rsp = 1;
+    }
+    if (rsp == NULL) {
+        *size = g->rsplen;
+        return TSS2_RC_SUCCESS;
+    }
+    if (*size < g->rsplen) {
+        *size = g->rsplen;
+        return TSS2_TCTI_RC_INSUFFICIENT_BUFFER;
+    }
+    memcpy(rsp, g->rsp, g->rsplen);
+    *size = g->rsplen;
+    g->pending = g->have_rsp = 0;
+    return TSS2_RC_SUCCESS;
+}
+
+/* The swtpm TCTI's configuration ("swtpm", "swtpm:host=H,port=P", "swtpm:path=SOCKET") as an
+ * address: 1, or 0 for anything else (other TCTIs, a module path, an unknown key). */
+static int swtpm_address(const char *conf, struct sockaddr_storage *addr, socklen_t *addrlen)
+{
+    char host[256] = "localhost", port[8] = "2321",
+         path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    const char *p;
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai = NULL;
+    int ok;
+
+    path[0] = '\0';
+    if (conf == NULL || strncmp(conf, "swtpm", 5) != 0 || (conf[5] != '\0' && conf[5] != ':'))
+        return 0;
+    for (p = conf[5] == ':' ? conf + 6 : conf + 5; *p != '\0';) {
+        const char *eq = strchr(p, '='), *end = strchr(p, ',');
+        size_t klen, vlen;
+        char *dst;
+        size_t cap;
+
+        if (end == NULL)
+            end = p + strlen(p);
+        if (eq == NULL || eq > end)
+            return 0;
+        klen = (size_t)(eq - p);
+        vlen = (size_t)(end - eq - 1);
+        if (klen == 4 && strncmp(p, "host", 4) == 0)
+            dst = host, cap = sizeof(host);
+        else if (klen == 4 && strncmp(p, "port", 4) == 0)
+            dst = port, cap = sizeof(port);
+        else if (klen == 4 && strncmp(p, "path", 4) == 0)
+            dst = path, cap = sizeof(path);
+        else
+            return 0;
+        if (vlen == 0 || vlen >= cap)
+            return 0;
+        memcpy(dst, eq + 1, vlen);
+        dst[vlen] = '\0';
+        p = *end == ',' ? end + 1 : end;
+    }
+    memset(addr, 0, sizeof(*addr));
+    if (path[0] != '\0') {
+        struct sockaddr_un *un = (struct sockaddr_un *)addr;
+
+        un->sun_family = AF_UNIX;
+        memcpy(un->sun_path, path, strlen(path) + 1);
+        *addrlen = (socklen_t)sizeof(*un);
+        return 1;
+    }
+    if (getaddrinfo(host, port, &hints, &ai) != 0 || ai == NULL)
+        return 0;
+    ok = ai->ai_addrlen <= sizeof(*addr);
+    if (ok) {
+        memcpy(addr, ai->ai_addr, ai->ai_addrlen);
+        *addrlen = ai->ai_addrlen;
+    }
+    freeaddrinfo(ai);
+    return ok;
+}
+
+static TSS2_RC guard_transmit(TSS2_TCTI_CONTEXT *c, size_t size, const uint8_t *cmd)
+{
+    guard_tcti *g = guard_cast(c);
+    guard_io *io;
+
+    if (g == NULL)
+        return TSS2_TCTI_RC_BAD_CONTEXT;
+    if (g->sock ? g->dead : g->io == NULL)
+        return TSS2_TCTI_RC_IO_ERROR;
+    if (g->pending)
+        return TSS2_TCTI_RC_BAD_SEQUENCE;
+    if (cmd == NULL || size < 10 || size > TPM2_MAX_COMMAND_SIZE)
+        return TSS2_TCTI_RC_BAD_VALUE;
+    g->bound_ms = g->d->p->cfg.tpm_timeout_ms;
+    if (cmd_is_rsa_create(cmd, size))
+        g->bound_ms *= RSA_BOUND_FACTOR;
+    if (g->sock)
+        return sock_transmit(g, size, cmd);
+    io = g->io;
+    pthread_mutex_lock(&io->m);
+    memcpy(io->cmd, cmd, size);
+    io->cmdlen = size;
+    io->state = G_JOB;
+    pthread_cond_broadcast(&io->cv);
+    pthread_mutex_unlock(&io->m);
+    g->pending = 1;
+    g->have_rsp = 0;
+    return TSS2_RC_SUCCESS;
 }
 
 /* Gives the connection up to its worker (lock held by nobody; the worker may be mid-command). */
@@ -366,17 +606,20 @@ static void guard_abandon(guard_tcti *g, int stalled)
 static TSS2_RC guard_receive(TSS2_TCTI_CONTEXT *c, size_t *size, uint8_t *rsp, int32_t timeout)
 {
     guard_tcti *g = guard_cast(c);
-    guard_io *io;
+    guard_io *io = NULL;
     struct timespec dl;
     TSS2_RC rc;
 
     (void)timeout; /* keyx's bound, whatever the caller asks (ESYS and SAPI: block) */
     if (g == NULL || size == NULL)
         return g == NULL ? TSS2_TCTI_RC_BAD_CONTEXT : TSS2_TCTI_RC_BAD_REFERENCE;
-    if ((io = g->io) == NULL)
+    if (g->sock ? g->dead : g->io == NULL)
         return TSS2_TCTI_RC_IO_ERROR;
     if (!g->pending)
         return TSS2_TCTI_RC_BAD_SEQUENCE;
+    if (g->sock)
+        return sock_receive(g, size, rsp);
+    io = g->io;
     if (!g->have_rsp) {
         deadline_in(&dl, g->bound_ms);
         pthread_mutex_lock(&io->m);
@@ -421,7 +664,9 @@ static void guard_finalize(TSS2_TCTI_CONTEXT *c)
 
     if (g == NULL)
         return;
-    if ((io = g->io) != NULL) {
+    if (g->sock && g->fd >= 0)
+        close(g->fd);
+    if (!g->sock && (io = g->io) != NULL) {
         pthread_mutex_lock(&io->m);
         busy = io->state == G_JOB;
         if (!busy) {
@@ -481,6 +726,15 @@ static TSS2_RC guard_new(tpm_dev *d, TSS2_TCTI_CONTEXT *inner, TSS2_TCTI_CONTEXT
     int ok;
 
     *out = NULL;
+    if (g != NULL && swtpm_address(d->tcti, &g->addr, &g->addrlen)) {
+        /* swtpm: keyx's socket; the loader's context only checked the configuration. */
+        OPENSSL_free(io);
+        Tss2_TctiLdr_Finalize(&inner);
+        g->sock = 1;
+        g->fd = -1;
+        io = NULL;
+        goto fill;
+    }
     if (g == NULL || io == NULL) {
         OPENSSL_free(g);
         OPENSSL_free(io);
@@ -507,6 +761,7 @@ static TSS2_RC guard_new(tpm_dev *d, TSS2_TCTI_CONTEXT *inner, TSS2_TCTI_CONTEXT
         Tss2_TctiLdr_Finalize(&inner);
         return TSS2_TCTI_RC_GENERAL_FAILURE;
     }
+fill:
     g->io = io;
     g->d = d;
     g->v1.magic = GUARD_MAGIC;
@@ -538,6 +793,14 @@ static int stalled(tpm_dev *d)
     pthread_mutex_lock(&stall_lock);
     w = d->stall != NULL && d->stall->waiting > 0;
     pthread_mutex_unlock(&stall_lock);
+    if (!w && d->stale_fd >= 0) {
+        struct pollfd p = {.fd = d->stale_fd, .events = POLLIN};
+
+        if (poll(&p, 1, 0) == 0)
+            return 1;       /* still no answer */
+        close(d->stale_fd); /* answered, or the connection broke: the TPM is back or gone */
+        d->stale_fd = -1;
+    }
     return w;
 }
 
@@ -1581,6 +1844,7 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
         return 0;
     }
     d->stall->refs = 1;
+    d->stale_fd = -1;
     pthread_mutex_init(&d->lock, NULL);
     d->fast_ok = tpm_fsess_init(&d->fast, p->libctx);
     pthread_once(&atfork_once, register_atfork);
@@ -1616,6 +1880,8 @@ void tpm_dev_free(tpm_dev *d)
     }
     if (d->ctx != NULL && d->pid == getpid())
         disconnect(d); /* a stalled TPM: nothing is flushed, no command waits for an answer */
+    if (d->stale_fd >= 0)
+        close(d->stale_fd);
     unlock_dev(d);
     stall_unref(d->stall);
     pthread_mutex_destroy(&d->lock);
