@@ -20,6 +20,7 @@ import threading
 import time
 
 import kxutil
+from fixture_abrmd import abrmd  # noqa: F401  (fixture)
 from fixture_swtpm import tpm_cnf
 from kxutil import base_env
 from test_tpm_persistent import make_persistent
@@ -143,13 +144,13 @@ print("bye", flush=True)
 class App:
     """The application process; ask() sends one command and returns (answer dict, seconds)."""
 
-    def __init__(self, tmp, cnf, uri="keyx:tpm:handle=0x81000002"):
+    def __init__(self, tmp, cnf, uri="keyx:tpm:handle=0x81000002", env=None):
         script = tmp / "stall_app.py"
         script.write_text(APP)
         self.err = open(tmp / "stall_app.err", "w")
         self.proc = subprocess.Popen(["/usr/bin/python3", str(script), str(cnf), uri],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
-                                     env=base_env(), text=True, start_new_session=True)
+                                     env=env or base_env(), text=True, start_new_session=True)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -348,3 +349,34 @@ def test_rsa_key_creation_not_cut_by_the_bound(build, swtpm_factory, tmp):
     r = kxutil.openssl("dgst", "-sha256", "-verify", tmp / "pub.pem", "-signature", tmp / "sig",
                        tmp / "msg", env=base_env())
     assert r.rc == 0 and "Verified OK" in r.out, r
+
+
+def test_stalled_tpm_behind_tpm2_abrmd(build, abrmd, tmp):
+    """Through tpm2-abrmd (its TCTI has no timeout either; keyx carries each command on a worker
+    thread there): swtpm stopped behind abrmd, each keygen fails within the bound naming the
+    TCTI, the process recovers after SIGCONT; abrmd drops the given-up connection's objects."""
+    cnf = tpm_cnf(tmp / "openssl.cnf", None, keyx={"tpm-tcti": abrmd.tcti})
+    app = App(tmp, cnf, env=abrmd.env())
+    try:
+        r, _ = app.ask("gen")
+        assert r["ok"], r
+        stop(abrmd.tpm)
+        try:
+            for i in range(3):
+                r, took = app.ask("gen", timeout=BOUND * 4)
+                assert not r["ok"] and took < BOUND + MARGIN, (i, r, took)
+                text = " | ".join(r["errors"])
+                assert abrmd.tcti in text and "did not answer within 5000 ms" in text, text
+        finally:
+            cont(abrmd.tpm)
+        r = wait_recovered(app)
+        assert r["ok"], f"no recovery after SIGCONT: {r}"
+        for _ in range(3):
+            r, _ = app.ask("gen")
+            assert r["ok"], r
+        rc, _ = app.quit()
+        assert rc == 0, app.stderr()
+    finally:
+        app.close()
+    r = kxutil.run(["tpm2_getcap", "handles-transient"], env=abrmd.tools_env())
+    assert r.rc == 0 and not r.out.strip(), r
