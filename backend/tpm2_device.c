@@ -357,8 +357,10 @@ static int wait_fd(int fd, short events, const struct timespec *dl)
 
         if (n > 0)
             return 1;
-        if (n == 0)
-            return remaining_ms(dl) > 0 ? 1 : 0; /* rounding: try once more */
+        if (n == 0 && remaining_ms(dl) == 0)
+            return 0;
+        if (n == 0) /* woke a little early (millisecond rounding) */
+            continue;
         if (errno != EINTR)
             return -1;
     }
