@@ -59,9 +59,14 @@ int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg);
 int tpm_dev_take_reset(tpm_dev *d);
 
 /* Locks the device and connects if needed. 1: *ctx usable until tpm_end(); 0 or
- * KEYX_BACKEND_DOWN with an error raised and the lock released. */
+ * KEYX_BACKEND_DOWN with an error raised and the lock released. Every TPM command sent through
+ * *ctx (ESYS or its SAPI) gets its answer within tpm-timeout (RSA key creation: ten times as
+ * long) or fails with a TCTI I/O error that tpm_fail reports as the TPM not answering, closing
+ * the connection; until the TPM answers the command given up on, connecting fails at once. The
+ * wait for the lock is bounded by tpm-timeout too (KEYX_BACKEND_DOWN: "busy"). */
 int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx);
-/* Locks the device without connecting: 1 if connected (for freeing objects). Always tpm_end(). */
+/* Locks the device without connecting: 1 if connected (for freeing objects). Always tpm_end().
+ * The wait is not bounded by a clock, but whoever holds the lock is: its commands are. */
 int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx);
 void tpm_end(tpm_dev *d);
 
