@@ -114,6 +114,17 @@ def op_pers():
             return {"ok": False, "errors": errs()}
     ok = checked(persistent, peer)
     return {"ok": ok, "errors": [] if ok else errs()}
+set_bits = fn("EVP_PKEY_CTX_set_rsa_keygen_bits", c_int, c_void_p, c_int)
+def op_rsa():
+    c = CTX_name(ctx, b"RSA", None)
+    k = c_void_p()
+    ok = c and kg_init(c) == 1 and set_bits(c, 2048) == 1 and generate(c, byref(k)) == 1
+    CTX_free(c)
+    if not ok:
+        return {"ok": False, "errors": errs()}
+    where = prov_name(get_prov(k.value)).decode()
+    pkey_free(k.value)
+    return {"ok": True, "provider": where}
 def op_threads(n):
     res = []
     def work():
@@ -130,6 +141,7 @@ for line in sys.stdin:
     t0 = time.monotonic()
     if cmd[0] == "gen": r = op_gen()
     elif cmd[0] == "pers": r = op_pers()
+    elif cmd[0] == "rsa": r = op_rsa()
     elif cmd[0] == "threads": r = op_threads(int(cmd[1]))
     else: break
     r["took"] = time.monotonic() - t0
@@ -159,10 +171,13 @@ class App:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def ask(self, command, timeout=kxutil.TIMEOUT):
-        start = time.monotonic()
+    def send(self, command):
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
+
+    def ask(self, command, timeout=kxutil.TIMEOUT):
+        start = time.monotonic()
+        self.send(command)
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
@@ -380,3 +395,41 @@ def test_stalled_tpm_behind_tpm2_abrmd(build, abrmd, tmp):
         app.close()
     r = kxutil.run(["tpm2_getcap", "handles-transient"], env=abrmd.tools_env())
     assert r.rc == 0 and not r.out.strip(), r
+
+
+def test_rsa_key_creation_gets_ten_times_the_bound(build, swtpm_factory, tmp):
+    """tpm-timeout = 1000: an RSA key creation the TPM answers after 3 s (swtpm stopped that
+    long) succeeds, as RSA creation waits ten times the bound; an EC keygen on the stopped TPM
+    fails after 1 s, naming the configured bound."""
+    tpm = swtpm_factory()
+    cnf = tpm_cnf(tmp / "openssl.cnf", tpm, keyx={"tpm-timeout": "1000"})
+    app = App(tmp, cnf)
+    try:
+        r, _ = app.ask("rsa")  # connects, asks TPM2_TestParms, makes the storage parent
+        assert r["ok"] and r["provider"] == "keyx", r
+        r, _ = app.ask("gen")
+        assert r["ok"], r
+        stop(tpm)
+        try:
+            start = time.monotonic()
+            app.send("rsa")
+            time.sleep(3)
+        finally:
+            cont(tpm)
+        line = app.lines.get(timeout=kxutil.TIMEOUT)
+        took = time.monotonic() - start
+        r = json.loads(line)
+        assert r["ok"] and took >= 3, f"RSA key creation cut short after {took:.1f}s: {r}"
+        stop(tpm)
+        try:
+            r, took = app.ask("gen", timeout=BOUND * 4)
+        finally:
+            cont(tpm)
+        text = " | ".join(r["errors"])
+        assert not r["ok"] and took < 1 + MARGIN and "did not answer within 1000 ms" in text, (took, r)
+        r = wait_recovered(app)
+        assert r["ok"], r
+        rc, _ = app.quit()
+        assert rc == 0, app.stderr()
+    finally:
+        app.close()
