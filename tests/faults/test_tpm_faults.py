@@ -26,10 +26,11 @@ EC_HANDLE, RSA_HANDLE = 0x81000070, 0x81000071
 
 
 class App:
-    def __init__(self, cnf, env, errfile):
+    """mixed_app.py holding the EC and RSA keys at ec_uri, rsa_uri; ask(op) -> (answer, seconds)."""
+
+    def __init__(self, cnf, env, errfile, ec_uri, rsa_uri):
         self.err = open(errfile, "w")
-        self.proc = subprocess.Popen(["/usr/bin/python3", str(APP), str(cnf), f"keyx:tpm:handle=0x{EC_HANDLE:08x}",
-                                      f"keyx:tpm:handle=0x{RSA_HANDLE:08x}"],
+        self.proc = subprocess.Popen(["/usr/bin/python3", str(APP), str(cnf), ec_uri, rsa_uri],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env,
                                      text=True, start_new_session=True)
         self.lines = queue.Queue()
@@ -76,7 +77,8 @@ def test_every_operation_across_a_tpm_kill_and_restart(swtpm_factory, tmp):
     handles = persistent(tpm)
     assert handles == {f"0x{EC_HANDLE:x}", f"0x{RSA_HANDLE:x}"}, handles
 
-    app = App(cnf, kxutil.base_env(), tmp / "app.err")
+    app = App(cnf, kxutil.base_env(), tmp / "app.err", f"keyx:tpm:handle=0x{EC_HANDLE:08x}",
+              f"keyx:tpm:handle=0x{RSA_HANDLE:08x}")
     try:
         for _ in range(3):
             for op in OPS:
