@@ -92,6 +92,15 @@ def mutations(der, name, seed):
     for i, pos in enumerate(sorted(rng.sample(range(len(der)), min(40, len(der))))):
         bit = rng.randrange(8)
         out[f"bitflip-{pos}.{bit}"] = pem_of(der[:pos] + bytes([der[pos] ^ (1 << bit)]) + der[pos + 1:], name)
+    if name == "KEYX KEY":
+        # SEQUENCE { INTEGER 1, UTF8String backend, UTF8String locator, SubjectPublicKeyInfo }
+        assert b"\x02\x01\x01" in der[:8], der[:8].hex()
+        out["version-2"] = pem_of(der.replace(b"\x02\x01\x01", b"\x02\x01\x02", 1), name)
+        out["version-0"] = pem_of(der.replace(b"\x02\x01\x01", b"\x02\x01\x00", 1), name)
+        for be, other in ((b"pkcs11", b"pkcs12"), (b"tpm", b"tpx")):
+            tag = b"\x0c" + bytes([len(be)]) + be
+            if tag in der:
+                out["unknown-backend"] = pem_of(der.replace(tag, b"\x0c" + bytes([len(other)]) + other, 1), name)
     out["extra-bytes"] = pem_of(der + b"\x00\x01", name)
     out["doubled"] = pem_of(der + der, name)
     good = pem_of(der, name)
@@ -130,6 +139,10 @@ def check(got, genuine):
             loaded.append(case)
         elif "no error recorded" in res:
             problems.append(f"  {case}: refused without an error: {res}")
+        if case.split("-", 1)[-1] in ("version-2", "version-0", "unknown-backend") and not res.startswith("refused "):
+            problems.append(f"  {case}: must be refused when read: {res}")
+        if "unknown-backend" in case and "backend" not in res:
+            problems.append(f"  {case}: the error does not name the backend: {res}")
     assert not problems, "malformed key files:\n" + "\n".join(problems)
     return loaded
 
