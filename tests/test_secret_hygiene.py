@@ -277,8 +277,24 @@ def read(path, propq):
 # The PEM keys are decoded by the default provider, as the openssl tool does; the derive runs
 # in keyx (the key is exported into keyx's software backend) or, for comparison, in default.
 propq = b"provider=default" if mode == "default" else b"provider=keyx"
+i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(POINTER(ctypes.c_ubyte)))
+tohex = fn("OPENSSL_buf2hexstr", c_void_p, c_void_p, ctypes.c_long)
+ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
+keygen = fn("EVP_PKEY_Q_keygen", c_void_p, c_void_p, c_char_p, c_char_p, c_char_p)
 for _ in range(3):
-    key = read(keyfile, b"provider=default")
+    if mode == "device":
+        # a key made in the configured hardware backend: its public key is printed, the test
+        # computes the secret from the peer's side
+        key = keygen(ctx, b"provider=keyx", b"EC", b"P-256")
+        assert key
+        der = POINTER(ctypes.c_ubyte)()
+        n = i2d(key, byref(der))
+        h = tohex(der, n)
+        print("pub", ctypes.string_at(h).decode().replace(":", ""), flush=True)
+        ossl_free(h, None, 0)
+        ossl_free(der, None, 0)
+    else:
+        key = read(keyfile, b"provider=default")
     peer = read(peerfile, b"provider=default")
     assert key and peer
     c = CTX_pkey(ctx, key, propq)
@@ -324,16 +340,20 @@ def scan(pid, needles):
     return {k: v for k, v in found.items() if v}
 
 
-def run_memapp(tmp, cnf, key, peer, mode):
+def run_memapp(tmp, cnf, key, peer, mode, **extra_env):
     script = tmp / "memapp.py"
     script.write_text(MEMAPP)
-    env = kxutil.base_env(OPENSSL_CONF=cnf)
+    env = kxutil.base_env(OPENSSL_CONF=cnf, **extra_env)
     p = subprocess.Popen(["/usr/bin/python3", str(script), str(cnf), str(key), str(peer), mode],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                          text=True, start_new_session=True)
     try:
-        line = p.stdout.readline().split()
+        pubs = []
+        while (line := p.stdout.readline().split()) and line[0] == "pub":
+            pubs.append(line[1])
         assert line and line[0] == "done", p.stderr.read() if p.poll() is not None else "no answer"
+        if mode == "device":
+            return p, line[1], pubs
         return p, line[1]
     except BaseException:
         kxutil.kill_group(p)
@@ -391,3 +411,35 @@ def test_freed_memory_reference(build, cnf, tmp, mem_keys):
     assert owner == "default"
     assert "secret" not in found, f"the default provider leaves the secret: {found}"
     print(f"default provider alone leaves: {sorted(found) or 'nothing'}")
+
+
+@pytest.mark.parametrize("device", ["tpm", "tpm-no-sessions", "pkcs11"])
+def test_freed_memory_holds_no_device_secret(build, tmp, tmp_path_factory, mem_keys, swtpm, device):
+    """Keys made in the TPM (the secret comes back through keyx's session decryption, or in the
+    clear without sessions) and on the token (C_GetAttributeValue of the derived object): after
+    three derives and freeing everything, no part of the secrets is in the application. The
+    secrets are computed here from the peer's side with the public keys the application printed."""
+    _, peer, _ = mem_keys
+    if device == "pkcs11":
+        hsm = SoftHSM(tmp_path_factory.mktemp("mem-hsm")).setup()
+        conf = kxutil.write_cnf(tmp / "dev.cnf", keyx={**hsm.keyx_settings(), "audit-log": tmp / "audit.jsonl"})
+        env_extra = {"SOFTHSM2_CONF": hsm.conf}
+    else:
+        more = {"tpm-encrypt-sessions": 0} if device == "tpm-no-sessions" else {}
+        conf = tpm_cnf(tmp / "dev.cnf", swtpm, keyx={"audit-log": tmp / "audit.jsonl", **more})
+        env_extra = {}
+    p, owner, pubs = run_memapp(tmp, conf, peer, peer, "device", **env_extra)
+    try:
+        peer_priv = components(peer, kxutil.base_env())[0].rjust(64, "0")
+        want, _ = kxutil.derive([(i, "EC", "P-256", peer_priv, "spki", pub) for i, pub in enumerate(pubs)],
+                                provider="default")
+        secrets = {f"secret{i}": bytes.fromhex(o.secret)[16:] for i, o in want.items()}
+        assert len(secrets) == 3 and all(o.ok for o in want.values()), want
+        found = scan(p.pid, secrets)
+    finally:
+        p.stdin.close()
+        p.wait(kxutil.TIMEOUT)
+    derives = [e for e in kxutil.read_audit(tmp / "audit.jsonl") if e["event"] == "derive" and e["ok"]]
+    backend = "pkcs11" if device == "pkcs11" else "tpm"
+    assert len(derives) == 3 and {e["backend"] for e in derives} == {backend}, derives
+    assert not found, f"after everything was freed the application still holds: {found}"
