@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-import kxutil
 from kxutil import CONFIG_KEYS, base_env, openssl
 
 BAD = {
