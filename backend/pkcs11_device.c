@@ -62,7 +62,7 @@ struct p11_dev {
     CK_FUNCTION_LIST *f;     /* NULL until first use */
     int we_initialized;      /* we called C_Initialize: we may finalize */
     CK_RV load_failed;       /* the module could not be loaded: not retried */
-    char load_error[200];    /* why, repeated on every later use */
+    char load_error[512];    /* why, repeated on every later use */
     uint64_t gen;            /* bumps when the module is re-initialized (fork, token lost) */
     unsigned int forks_seen;
     int busy;             /* sessions of this generation handed out and not yet given back */
@@ -451,7 +451,8 @@ static int module_ready(p11_dev *d)
         const char *msg = p11_kit_message();
 
         d->load_failed = CKR_GENERAL_ERROR;
-        snprintf(d->load_error, sizeof(d->load_error), "%s: check pkcs11-module",
+        /* The hint first: p11-kit's message names the path twice and could push it out. */
+        snprintf(d->load_error, sizeof(d->load_error), "check pkcs11-module: %s",
                  msg != NULL ? msg : "not found or not a PKCS#11 module");
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);

@@ -163,6 +163,17 @@ static int is_down(keyx_router *r, const keyx_backend *be)
 static void failover_event(keyx_router *r, const keyx_backend *from, const keyx_backend *to,
                            const keyx_keyspec *spec)
 {
+    /* The failed backend's own reason (e.g. the TCTI it could not open) is still on the error
+     * stack, above the mark: the log says why, not only that. */
+    const char *data = NULL;
+    int flags = 0;
+    char why[400];
+
+    if (ERR_peek_last_error_data(&data, &flags) == 0 || !(flags & ERR_TXT_STRING) || data == NULL)
+        data = "";
+    snprintf(why, sizeof(why),
+             "device unreachable or failing: passed over for new keys for a few seconds%s%s",
+             *data ? ": " : "", data);
     keyx_event ev = {
         .event = "failover",
         .backend = from->ops->name,
@@ -170,7 +181,7 @@ static void failover_event(keyx_router *r, const keyx_backend *from, const keyx_
         .group = spec->group,
         .ephemeral = -1,
         .ok = 0,
-        .error = "device unreachable or failing: passed over for new keys for a few seconds",
+        .error = why,
         .next = to->ops->name,
     };
 

@@ -1541,8 +1541,8 @@ static ESYS_TR esys_session(tpm_dev *d, TPMA_SESSION attrs)
     return d->session;
 }
 
-TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
-                      TPM2B_ECC_POINT *out)
+static TSS2_RC ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                         TPM2B_ECC_POINT *out)
 {
     TPM2B_ECC_POINT *res = NULL;
     ESYS_TR sess;
@@ -1565,9 +1565,9 @@ TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT
     return rc;
 }
 
-TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
-                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
-                        TPM2B_PUBLIC_KEY_RSA *out)
+static TSS2_RC rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                           const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                           TPM2B_PUBLIC_KEY_RSA *out)
 {
     TPM2B_PUBLIC_KEY_RSA *res = NULL;
     ESYS_TR sess;
@@ -1589,6 +1589,40 @@ TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_
         OPENSSL_cleanse(res, sizeof(*res));
         Esys_Free(res);
     }
+    return rc;
+}
+
+/* The TSS keeps the last response in its SYS context's buffer, decrypted in place (or in the
+ * clear without sessions), until the next command overwrites it or the context is freed
+ * without wiping: the Z point of a ZGen, the plaintext of an RSA_Decrypt. Wiped as soon as the
+ * result is copied out. */
+static void wipe_response(tpm_dev *d)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    const uint8_t *rp = NULL;
+    size_t n = 0;
+
+    if (Esys_GetSysContext(d->ctx, &sys) == TSS2_RC_SUCCESS && sys != NULL &&
+        Tss2_Sys_GetRpBuffer(sys, &n, &rp) == TSS2_RC_SUCCESS && rp != NULL && n > 0)
+        OPENSSL_cleanse((void *)rp, n);
+}
+
+TSS2_RC tpm_ecdh_zgen(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_ECC_POINT *in,
+                      TPM2B_ECC_POINT *out)
+{
+    TSS2_RC rc = ecdh_zgen(d, o, key, in, out);
+
+    wipe_response(d);
+    return rc;
+}
+
+TSS2_RC tpm_rsa_decrypt(tpm_dev *d, tpm_obj *o, ESYS_TR key, const TPM2B_PUBLIC_KEY_RSA *in,
+                        const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                        TPM2B_PUBLIC_KEY_RSA *out)
+{
+    TSS2_RC rc = rsa_decrypt(d, o, key, in, scheme, label, out);
+
+    wipe_response(d);
     return rc;
 }
 

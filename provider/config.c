@@ -61,7 +61,8 @@ static const key_def keys[] = {
     {"pkcs11-module", "KEYX_PKCS11_MODULE", KIND_STRING, CFG_OFF(pkcs11_module),
      "a non-empty path of a PKCS#11 module"},
     {"pkcs11-token", "KEYX_PKCS11_TOKEN", KIND_TOKEN, CFG_OFF(pkcs11_token),
-     "one or more space-separated PKCS#11 URIs, each starting with pkcs11:"},
+     "one or more space-separated PKCS#11 URIs, each starting with pkcs11: (with valid %XX "
+     "escapes)"},
     {"pkcs11-pin", "KEYX_PKCS11_PIN", KIND_PIN, CFG_OFF(pkcs11_pin),
      "file:PATH or env:NAME with a non-empty PATH or NAME, or a non-empty literal PIN"},
     {"pkcs11-raw-rsa", "KEYX_PKCS11_RAW_RSA", KIND_BOOL, CFG_OFF(pkcs11_raw_rsa),
@@ -311,6 +312,21 @@ static int parse_parent(const char *v, uint32_t *out)
     return 1;
 }
 
+static int is_hex(char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+/* Every '%' of a URI starts a two-digit hex escape (RFC 7512): a broken one is refused at load,
+ * not at the first operation. */
+static int percent_escapes_ok(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '%' && (i + 2 >= n || !is_hex(s[i + 1]) || !is_hex(s[i + 2])))
+            return 0;
+    return 1;
+}
+
 /* Checks every whitespace-separated item starts with "pkcs11:" and returns them joined by single
  * spaces (so that consumers can split on ' '). 0: invalid; 1: *out set (NULL on no memory). */
 static int parse_token(const char *v, char **out)
@@ -331,7 +347,8 @@ static int parse_token(const char *v, char **out)
         start = v;
         while (*v != '\0' && !is_space(*v))
             v++;
-        if ((size_t)(v - start) < 7 || strncmp(start, "pkcs11:", 7) != 0) {
+        if ((size_t)(v - start) < 7 || strncmp(start, "pkcs11:", 7) != 0 ||
+            !percent_escapes_ok(start, (size_t)(v - start))) {
             OPENSSL_free(norm);
             return 0;
         }
