@@ -21,6 +21,7 @@
 #include <tss2/tss2_rc.h>
 
 #include "backend/backend.h"
+#include "backend/pool.h"
 #include "backend/tpm2_device.h"
 #include "backend/tpm2_keyfile.h"
 #include "backend/tpm2_pubkey.h"
@@ -60,13 +61,28 @@ static void key_sign_attrs(tpm_key *k, const TPMT_PUBLIC *area)
 
 /* ---- open / close / supports ------------------------------------------------------------ */
 
+static const keyx_pool_ops tpm_pool_ops;
+
 static int tpm2_open(keyx_provctx *p, void **state)
 {
-    return tpm_dev_new(p, (tpm_dev **)state);
+    int r = tpm_dev_new(p, (tpm_dev **)state);
+
+    /* `tpm-pool`: the pool exists from now on, its refill thread only from the first ephemeral
+     * key generated inline (pool.h). */
+    if (r == 1 && p->cfg.tpm_pool > 0 &&
+        keyx_pool_new(p, "tpm", p->cfg.tpm_pool, &tpm_pool_ops, *state) == NULL) {
+        tpm_dev_free(*state);
+        *state = NULL;
+        KEYX_ERR(p, KEYX_R_INTERNAL, "tpm: out of memory for the key pool (tpm-pool)");
+        return 0;
+    }
+    return r;
 }
 
 static void tpm2_close(void *state)
 {
+    /* The refill thread stops first, then the pooled keys are flushed, then the device goes. */
+    keyx_pool_free(keyx_pool_of(state));
     tpm_dev_free(state);
 }
 
@@ -242,13 +258,10 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
  * tpm_dev_take_reset): a new key can be made at once on a new connection. */
 static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
 
-static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+static int generate_ephemeral(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     int r;
 
-    /* Never retried: after a reset the handle may hold the key made by the first attempt. */
-    if (spec->persist != NULL)
-        return generate_persistent(state, spec, handle, pub);
     ERR_set_mark();
     r = generate_once(state, spec, handle, pub);
     if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
@@ -258,6 +271,50 @@ static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, E
     ERR_clear_last_mark();
     return r;
 }
+
+static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    keyx_pool *pl;
+    int r;
+
+    /* Never retried: after a reset the handle may hold the key made by the first attempt. */
+    if (spec->persist != NULL)
+        return generate_persistent(state, spec, handle, pub);
+    /* `tpm-pool`: an ephemeral EC key made ahead by the refill thread, if one is ready. */
+    pl = spec->alg == KEYX_ALG_EC ? keyx_pool_of(state) : NULL;
+    if (pl != NULL && keyx_pool_take(pl, spec, handle, pub))
+        return 1;
+    r = generate_ephemeral(state, spec, handle, pub);
+    if (r == 1 && pl != NULL)
+        keyx_pool_kick(pl);
+    return r;
+}
+
+/* ---- key pool (`tpm-pool`) ---------------------------------------------------------------- */
+
+/* A pooled key is a NULL-hierarchy primary like any ephemeral key: while idle it may be
+ * context-saved out of the TPM to free a slot (tpm_make_room, least recently used first: the
+ * pooled keys), and loaded back by the derive that uses it. */
+static int pool_usable(void *state, void *handle)
+{
+    tpm_dev *d = state;
+    tpm_key *k = handle;
+    ESYS_CONTEXT *ctx;
+    int ok;
+
+    /* the connection it was made on is still the device's (no TPM restart, reset or fork) */
+    ok = tpm_begin_quiet(d, &ctx) == 1 && tpm_obj_current(d, &k->obj);
+    tpm_end(d);
+    return ok;
+}
+
+static void tpm2_free(void *state, void *handle);
+
+static const keyx_pool_ops tpm_pool_ops = {
+    .make = generate_ephemeral,
+    .usable = pool_usable,
+    .destroy = tpm2_free,
+};
 
 /* ---- import: TPM2_LoadExternal in the NULL hierarchy (tests, keys moved into the TPM) ----- */
 
