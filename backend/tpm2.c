@@ -7,6 +7,7 @@
  * handles (keyx:tpm:handle=0x81000002), used by reference. Imported keys (tests) are loaded with
  * TPM2_LoadExternal in the NULL hierarchy. backend/tpm2_device.c owns the connection, parent,
  * session and slots. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -42,7 +43,17 @@ typedef struct tpm_key {
     TPMI_ALG_HASH scheme_hash;  /* and its hash */
     EVP_PKEY *expect;           /* from a key reference file: the recorded public key */
     int unsettled;              /* 1 until key_settle found and checked the key (atomic) */
+    int pool_loaded;            /* a pooled key left loaded in the TPM (pool_loaded_keys) */
 } tpm_key;
+
+/* Pooled keys left loaded in the TPM, at most POOL_LOADED_MAX; the others wait saved out of the
+ * TPM (ContextSave) and hold no slot, and the derive that uses one loads it back. 0: a TPM with
+ * three transient slots (swtpm, no resource manager) holds the storage parent, the key of the
+ * handshake in progress and the key the refill thread is making; with 1, swtpm answered 0x902
+ * (object memory full, recovered by saving an object out) under a TLS loop. Raise it only for
+ * TPMs with more slots. */
+#define POOL_LOADED_MAX 0
+static atomic_int pool_loaded_keys;
 
 /* What a key's public area says about signing (persistent and TSS2 keys). */
 static void key_sign_attrs(tpm_key *k, const TPMT_PUBLIC *area)
@@ -162,7 +173,11 @@ static int rsa_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *area)
     return 1;
 }
 
-static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+/* pooled: a key for the pool (`tpm-pool`), saved out of the TPM (ContextSave, FlushContext) in
+ * the same lock acquisition, so that keys waiting in the pool hold no object slot; the derive
+ * that uses it loads it back (ContextLoad), which also proves the TPM still holds it. */
+static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub,
+                         int pooled)
 {
     tpm_dev *d = state;
     keyx_provctx *p = tpm_dev_prov(d);
@@ -249,6 +264,23 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
                  c != NULL ? c->group : "RSA");
         return 0;
     }
+    if (pooled && atomic_fetch_add(&pool_loaded_keys, 1) < POOL_LOADED_MAX) {
+        k->pool_loaded = 1;
+    } else if (pooled) {
+        TPMS_CONTEXT *saved = NULL;
+
+        atomic_fetch_sub(&pool_loaded_keys, 1);
+
+        /* Not fatal: a key that cannot be saved out stays loaded (tpm_make_room may still). */
+        if (Esys_ContextSave(ctx, tr, &saved) == TSS2_RC_SUCCESS) {
+            if (Esys_FlushContext(ctx, tr) == TSS2_RC_SUCCESS) {
+                k->obj.saved = saved;
+                k->obj.tr = ESYS_TR_NONE; /* stays listed: tpm_make_room skips saved objects */
+            } else {
+                Esys_Free(saved);
+            }
+        }
+    }
     tpm_end(d);
     *handle = k;
     return 1;
@@ -258,15 +290,16 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
  * tpm_dev_take_reset): a new key can be made at once on a new connection. */
 static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
 
-static int generate_ephemeral(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+static int generate_ephemeral(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub,
+                              int pooled)
 {
     int r;
 
     ERR_set_mark();
-    r = generate_once(state, spec, handle, pub);
+    r = generate_once(state, spec, handle, pub, pooled);
     if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
         ERR_pop_to_mark();
-        return generate_once(state, spec, handle, pub);
+        return generate_once(state, spec, handle, pub, pooled);
     }
     ERR_clear_last_mark();
     return r;
@@ -284,13 +317,21 @@ static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, E
     pl = spec->alg == KEYX_ALG_EC ? keyx_pool_of(state) : NULL;
     if (pl != NULL && keyx_pool_take(pl, spec, handle, pub))
         return 1;
-    r = generate_ephemeral(state, spec, handle, pub);
+    r = generate_ephemeral(state, spec, handle, pub, 0);
     if (r == 1 && pl != NULL)
         keyx_pool_kick(pl);
     return r;
 }
 
 /* ---- key pool (`tpm-pool`) ---------------------------------------------------------------- */
+
+static void pool_unload(tpm_key *k)
+{
+    if (k->pool_loaded) {
+        k->pool_loaded = 0;
+        atomic_fetch_sub(&pool_loaded_keys, 1);
+    }
+}
 
 /* A pooled key is a NULL-hierarchy primary like any ephemeral key: while idle it may be
  * context-saved out of the TPM to free a slot (tpm_make_room, least recently used first: the
@@ -305,13 +346,19 @@ static int pool_usable(void *state, void *handle)
     /* the connection it was made on is still the device's (no TPM restart, reset or fork) */
     ok = tpm_begin_quiet(d, &ctx) == 1 && tpm_obj_current(d, &k->obj);
     tpm_end(d);
+    pool_unload(k); /* leaves the pool: handed out or destroyed */
     return ok;
+}
+
+static int pool_make(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    return generate_ephemeral(state, spec, handle, pub, 1);
 }
 
 static void tpm2_free(void *state, void *handle);
 
 static const keyx_pool_ops tpm_pool_ops = {
-    .make = generate_ephemeral,
+    .make = pool_make,
     .usable = pool_usable,
     .destroy = tpm2_free,
 };
@@ -1601,6 +1648,7 @@ static void tpm2_free(void *state, void *handle)
 
     if (k == NULL)
         return;
+    pool_unload(k);
     /* Transient objects are flushed now; persistent keys stay. A lost connection (or a fork)
      * already took the transient object with it: nothing to reconnect for. */
     ERR_set_mark();
