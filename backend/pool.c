@@ -358,8 +358,8 @@ keyx_pool *keyx_pool_new(keyx_provctx *p, const char *name, unsigned int size,
 
 int keyx_pool_take(keyx_pool *pl, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
-    pool_entry got = {0}, *stale = NULL, *orphans = NULL;
-    size_t nstale = 0, norphans = 0;
+    pool_entry *orphans = NULL;
+    size_t norphans = 0, nstale = 0;
     pool_group *g;
 
     if (pl == NULL || spec->persist != NULL || spec->group == NULL ||
@@ -371,38 +371,43 @@ int keyx_pool_take(keyx_pool *pl, const keyx_keyspec *spec, void **handle, EVP_P
         drain(pl, &orphans, &norphans);
         pl->orphaned = 0;
     }
-    if ((g = find_group(pl, spec)) != NULL) {
-        while (g->count > 0) {
-            pool_entry e = pop(g, pl->size);
-
-            if (pl->ops->usable(pl->state, e.handle)) {
-                got = e;
-                break;
-            }
-            /* made before a TPM restart, a token removal or a re-initialization */
-            if (stale == NULL && (stale = OPENSSL_malloc(sizeof(*stale) * pl->size)) == NULL) {
-                destroy_entry(pl, &e); /* no memory: destroyed under the lock, rare */
-                continue;
-            }
-            stale[nstale++] = e;
-        }
-        if (got.handle != NULL)
-            pthread_cond_signal(&pl->wake);
-    }
+    g = find_group(pl, spec);
     pthread_mutex_unlock(&pl->lock);
-
-    if (norphans > 0 || nstale > 0)
-        keyx_debug(pl->p,
-                   "%s pool: dropped %zu keys made before a fork and %zu made before a "
-                   "reconnect; none handed out",
-                   pl->name, norphans, nstale);
+    if (norphans > 0)
+        keyx_debug(pl->p, "%s pool: dropped %zu keys made before fork(), none handed out", pl->name,
+                   norphans);
     destroy_all(pl, orphans, norphans);
-    destroy_all(pl, stale, nstale);
-    if (got.handle == NULL)
+    if (g == NULL)
         return 0;
-    *handle = got.handle;
-    *pub = got.pub;
-    return 1;
+
+    for (;;) {
+        pool_entry e;
+
+        /* Removed under the lock: no other caller can get this key. Checked outside it (the
+         * check may reach the device). */
+        pthread_mutex_lock(&pl->lock);
+        if (g->count == 0) {
+            pthread_mutex_unlock(&pl->lock);
+            break;
+        }
+        e = pop(g, pl->size);
+        pthread_cond_signal(&pl->wake);
+        pthread_mutex_unlock(&pl->lock);
+        if (pl->ops->usable(pl->state, e.handle)) {
+            if (nstale > 0)
+                keyx_debug(pl->p, "%s pool: dropped %zu keys the device no longer holds", pl->name,
+                           nstale);
+            *handle = e.handle;
+            *pub = e.pub;
+            return 1;
+        }
+        /* made before a TPM restart, a token removal or a re-initialization */
+        destroy_entry(pl, &e);
+        nstale++;
+    }
+    if (nstale > 0)
+        keyx_debug(pl->p, "%s pool: dropped %zu keys the device no longer holds", pl->name, nstale);
+    return 0;
 }
 
 keyx_pool *keyx_pool_of(const void *state)

@@ -341,11 +341,18 @@ static int pool_usable(void *state, void *handle)
     tpm_dev *d = state;
     tpm_key *k = handle;
     ESYS_CONTEXT *ctx;
-    int ok;
+    ESYS_TR tr;
+    int ok = 0;
 
-    /* the connection it was made on is still the device's (no TPM restart, reset or fork) */
-    ok = tpm_begin_quiet(d, &ctx) == 1 && tpm_obj_current(d, &k->obj);
-    tpm_end(d);
+    /* Made on the device's current connection (no reconnect or fork since), and loaded back
+     * into the TPM now (ContextLoad, which the derive would do anyway): a TPM that restarted
+     * unnoticed refuses the saved context here, and the key is never handed out. */
+    ERR_set_mark();
+    if (tpm_begin(d, &ctx) == 1) {
+        ok = tpm_obj_current(d, &k->obj) && tpm_obj_ready(d, &k->obj, &tr) == 1;
+        tpm_end(d);
+    }
+    ERR_pop_to_mark();
     pool_unload(k); /* leaves the pool: handed out or destroyed */
     return ok;
 }
