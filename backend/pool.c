@@ -397,6 +397,7 @@ int keyx_pool_take(keyx_pool *pl, const keyx_keyspec *spec, void **handle, EVP_P
             if (nstale > 0)
                 keyx_debug(pl->p, "%s pool: dropped %zu keys the device no longer holds", pl->name,
                            nstale);
+            keyx_debug(pl->p, "%s pool: handed out a pooled %s key", pl->name, g->group);
             *handle = e.handle;
             *pub = e.pub;
             return 1;

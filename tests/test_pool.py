@@ -126,9 +126,15 @@ print("done", flush=True)
 def drive(tmp, env, script, timeout=max(kxutil.TIMEOUT, 300)):
     drv = tmp / "pool_driver.py"
     drv.write_text(DRIVER)
-    r = run(["/usr/bin/python3", drv], env=env, input=script, timeout=timeout)
+    r = run(["/usr/bin/python3", drv], env={**env, "KEYX_DEBUG": "1"}, input=script, timeout=timeout)
     assert r.rc == 0 and "done" in r.out, f"driver failed:\n{r!r}"
     return [json.loads(l) for l in r.out.splitlines() if l.startswith("{")], r
+
+
+def pooled(r, backend):
+    """How many keys the pool handed out (KEYX_DEBUG trace; the audit log has one keygen per
+    key handed out, pooled or not)."""
+    return len(re.findall(rf"^keyx: {backend} pool: handed out", r.err, re.M))
 
 
 def check_batches(batches, r):
@@ -169,6 +175,7 @@ def test_tpm_pooled_keys_derive_the_default_providers_secret(swtpm, tmp, group):
     made = keygens(log, batches[0]["pid"], group)
     assert len(made) == 16 and all(e["backend"] == "tpm" and e["ephemeral"] for e in made), made
     assert {e["key"] for e in made} == {kxutil.key_id(p) for p in pubs}, "keygen events are not the keys handed out"
+    assert pooled(r, "tpm") >= 8, f"the pool handed out too few keys:\n{r.err}"
     assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip(), "TPM objects left behind"
 
 
@@ -183,6 +190,7 @@ def test_pkcs11_pooled_keys_derive_the_default_providers_secret(softhsm, cnf, tm
     made = keygens(log, batches[0]["pid"], group)
     assert len(made) == 32 and all(e["backend"] == "pkcs11" and e["ephemeral"] for e in made), made
     assert {e["key"] for e in made} == {kxutil.key_id(p) for p in pubs}
+    assert pooled(r, "pkcs11") >= 16, f"the pool handed out too few keys:\n{r.err}"
     assert softhsm.token_objects("keyx-a") == before, "pooled keys left on the token"
 
 
@@ -195,6 +203,7 @@ def test_500_keygens_500_distinct_keys(swtpm, softhsm, cnf, tmp, backend):
     pubs = batches[0]["pubs"]
     assert len(pubs) == 500 and len(set(pubs)) == 500, f"{500 - len(set(pubs))} keys handed out twice"
     assert len(keygens(log, batches[0]["pid"])) == 500
+    assert pooled(r, backend) >= 1, "no pooled key handed out"
     if backend == "tpm":
         assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip()
 
@@ -230,6 +239,7 @@ def test_200_handshakes_with_a_pool(swtpm, softhsm, s_server, certs, cnf, tmp, b
     log = tmp / "audit.jsonl"
     env = tpm_env(tmp, swtpm, log, pool) if backend == "tpm" else pkcs11_env(softhsm, cnf, log, pool)
     crt, key = certs["rsa"]
+    env["KEYX_DEBUG"] = "1"  # traces each key the pool hands out
     srv = s_server(["-naccept", str(n), "-groups", "P-256", "-cert", crt, "-key", key], env)
     script = tmp / "client.py"
     script.write_text(CLIENT)
@@ -245,6 +255,8 @@ def test_200_handshakes_with_a_pool(swtpm, softhsm, s_server, certs, cnf, tmp, b
         assert len(hits) == n, f"{len(hits)} {ev} events for {n} handshakes"
         assert all(e["backend"] == backend and e["group"] == "P-256" for e in hits), hits[:3]
     assert len({e["key"] for e in events if e["event"] == "keygen"}) == n, "a key share was reused"
+    handed = len(re.findall(rf"keyx: {backend} pool: handed out", server_out))
+    assert handed >= n // 2, f"only {handed} of {n} key shares came from the pool"
     if backend == "tpm":
         assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip(), "TPM objects left behind"
 
@@ -268,6 +280,7 @@ def test_fork_child_never_gets_the_parents_pooled_keys(swtpm, softhsm, cnf, tmp,
     assert len(pubs_child) == 8 and len(pubs_parent) == 18, batches
     assert not pubs_child & pubs_parent, "the child was handed a key of its parent's pool"
     assert len(keygens(log, child[0]["pid"])) == 8 and len(keygens(log, parent_pid)) == 18
+    assert pooled(r, backend) >= 8, f"the pool handed out too few keys:\n{r.err}"
     if backend == "tpm":
         assert not swtpm.tools("tpm2_getcap", "handles-transient").out.strip()
 
