@@ -7,7 +7,6 @@
  * handles (keyx:tpm:handle=0x81000002), used by reference. Imported keys (tests) are loaded with
  * TPM2_LoadExternal in the NULL hierarchy. backend/tpm2_device.c owns the connection, parent,
  * session and slots. */
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -43,17 +42,7 @@ typedef struct tpm_key {
     TPMI_ALG_HASH scheme_hash;  /* and its hash */
     EVP_PKEY *expect;           /* from a key reference file: the recorded public key */
     int unsettled;              /* 1 until key_settle found and checked the key (atomic) */
-    int pool_loaded;            /* a pooled key left loaded in the TPM (pool_loaded_keys) */
 } tpm_key;
-
-/* Pooled keys left loaded in the TPM, at most POOL_LOADED_MAX; the others wait saved out of the
- * TPM (ContextSave) and hold no slot, and the derive that uses one loads it back. 0: a TPM with
- * three transient slots (swtpm, no resource manager) holds the storage parent, the key of the
- * handshake in progress and the key the refill thread is making; with 1, swtpm answered 0x902
- * (object memory full, recovered by saving an object out) under a TLS loop. Raise it only for
- * TPMs with more slots. */
-#define POOL_LOADED_MAX 0
-static atomic_int pool_loaded_keys;
 
 /* What a key's public area says about signing (persistent and TSS2 keys). */
 static void key_sign_attrs(tpm_key *k, const TPMT_PUBLIC *area)
@@ -174,8 +163,12 @@ static int rsa_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *area)
 }
 
 /* pooled: a key for the pool (`tpm-pool`), saved out of the TPM (ContextSave, FlushContext) in
- * the same lock acquisition, so that keys waiting in the pool hold no object slot; the derive
- * that uses it loads it back (ContextLoad), which also proves the TPM still holds it. */
+ * the same lock acquisition, so that keys waiting in the pool hold no object slot whatever the
+ * pool's size; pool_usable loads it back (ContextLoad) when it is handed out. Keeping one pooled
+ * key loaded was measured too: a TPM with three transient slots (swtpm, no resource manager)
+ * holding the storage parent, the key of the handshake in progress and that key then answered
+ * the refill's CreatePrimary with 0x902 (object memory full; recovered by tpm_make_room, but
+ * not clean), for no measurable gain. */
 static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub,
                          int pooled)
 {
@@ -264,12 +257,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
                  c != NULL ? c->group : "RSA");
         return 0;
     }
-    if (pooled && atomic_fetch_add(&pool_loaded_keys, 1) < POOL_LOADED_MAX) {
-        k->pool_loaded = 1;
-    } else if (pooled) {
+    if (pooled) {
         TPMS_CONTEXT *saved = NULL;
-
-        atomic_fetch_sub(&pool_loaded_keys, 1);
 
         /* Not fatal: a key that cannot be saved out stays loaded (tpm_make_room may still). */
         if (Esys_ContextSave(ctx, tr, &saved) == TSS2_RC_SUCCESS) {
@@ -325,17 +314,8 @@ static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, E
 
 /* ---- key pool (`tpm-pool`) ---------------------------------------------------------------- */
 
-static void pool_unload(tpm_key *k)
-{
-    if (k->pool_loaded) {
-        k->pool_loaded = 0;
-        atomic_fetch_sub(&pool_loaded_keys, 1);
-    }
-}
-
-/* A pooled key is a NULL-hierarchy primary like any ephemeral key: while idle it may be
- * context-saved out of the TPM to free a slot (tpm_make_room, least recently used first: the
- * pooled keys), and loaded back by the derive that uses it. */
+/* A pooled key is a NULL-hierarchy primary like any ephemeral key, saved out of the TPM while
+ * it waits in the pool (generate_once). */
 static int pool_usable(void *state, void *handle)
 {
     tpm_dev *d = state;
@@ -353,7 +333,6 @@ static int pool_usable(void *state, void *handle)
         tpm_end(d);
     }
     ERR_pop_to_mark();
-    pool_unload(k); /* leaves the pool: handed out or destroyed */
     return ok;
 }
 
@@ -1655,7 +1634,6 @@ static void tpm2_free(void *state, void *handle)
 
     if (k == NULL)
         return;
-    pool_unload(k);
     /* Transient objects are flushed now; persistent keys stay. A lost connection (or a fork)
      * already took the transient object with it: nothing to reconnect for. */
     ERR_set_mark();
