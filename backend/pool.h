@@ -17,7 +17,9 @@ typedef struct keyx_pool_ops {
      * acquisition per call: a handshake waits behind one key at most. */
     int (*make)(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
     /* 1 if a pooled key may still be handed out: made on the device's current connection or
-     * module generation (not before a TPM restart, token removal or re-initialization). */
+     * module generation (not before a TPM restart, token removal or re-initialization). Called
+     * once per key leaving the pool, without the pool's lock held: it may reach the device (tpm
+     * loads the key back into the TPM here). */
     int (*usable)(void *state, void *handle);
     /* Destroys a key that is never handed out (backend free(): flush, C_DestroyObject). */
     void (*destroy)(void *state, void *handle);
