@@ -13,6 +13,7 @@
 #include <openssl/rand.h>
 
 #include "backend/backend.h"
+#include "backend/pool.h"
 #include "backend/pkcs11_attr.h"
 #include "backend/pkcs11_device.h"
 #include "backend/pkcs11_pubkey.h"
@@ -48,13 +49,29 @@ static int printable_len(const char *uri)
 
 /* ---- open / close / supports ------------------------------------------------------------ */
 
+static const keyx_pool_ops p11_pool_ops;
+
 static int p11_open(keyx_provctx *p, void **state)
 {
-    return p11_dev_new(p, (p11_dev **)state);
+    int r = p11_dev_new(p, (p11_dev **)state);
+
+    /* `pkcs11-pool`: the pool exists from now on, its refill thread only from the first
+     * ephemeral key generated inline (pool.h). */
+    if (r == 1 && p->cfg.pkcs11_pool > 0 &&
+        keyx_pool_new(p, "pkcs11", p->cfg.pkcs11_pool, &p11_pool_ops, *state) == NULL) {
+        p11_dev_free(*state);
+        *state = NULL;
+        KEYX_ERR(p, KEYX_R_INTERNAL, "pkcs11: out of memory for the key pool (pkcs11-pool)");
+        return 0;
+    }
+    return r;
 }
 
 static void p11_close(void *state)
 {
+    /* The refill thread stops first, then the pooled session objects are destroyed, then the
+     * device goes. */
+    keyx_pool_free(keyx_pool_of(state));
     p11_dev_free(state);
 }
 
@@ -389,7 +406,7 @@ static void drop_new_pair(p11_dev *d, int tok, CK_OBJECT_HANDLE priv, const p11_
     ERR_pop_to_mark();
 }
 
-static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
     p11_dev *d = state;
     keyx_provctx *p = p11_dev_prov(d);
@@ -461,6 +478,40 @@ static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EV
     *handle = k;
     return 1;
 }
+
+static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    keyx_pool *pl = spec->persist == NULL && spec->alg != KEYX_ALG_RSA ? keyx_pool_of(state) : NULL;
+    int r;
+
+    /* `pkcs11-pool`: an ephemeral key made ahead by the refill thread, if one is ready. */
+    if (pl != NULL && keyx_pool_take(pl, spec, handle, pub))
+        return 1;
+    r = generate_once(state, spec, handle, pub);
+    if (r == 1 && pl != NULL && spec->group != NULL)
+        keyx_pool_kick(pl);
+    return r;
+}
+
+/* ---- key pool (`pkcs11-pool`) ------------------------------------------------------------- */
+
+/* A pooled key is a session object like any ephemeral key; it may be handed out while the
+ * module generation it was made under is current (no re-initialization after a token loss,
+ * no fork). */
+static int pool_usable(void *state, void *handle)
+{
+    const p11_key *k = handle;
+
+    return p11_dev_current(state, k->gen);
+}
+
+static void p11_free(void *state, void *handle);
+
+static const keyx_pool_ops p11_pool_ops = {
+    .make = generate_once,
+    .usable = pool_usable,
+    .destroy = p11_free,
+};
 
 /* ---- import (tests, and private keys the application moves into the token) ---------------- */
 

@@ -21,6 +21,7 @@
 #include <tss2/tss2_rc.h>
 
 #include "backend/backend.h"
+#include "backend/pool.h"
 #include "backend/tpm2_device.h"
 #include "backend/tpm2_keyfile.h"
 #include "backend/tpm2_pubkey.h"
@@ -60,13 +61,28 @@ static void key_sign_attrs(tpm_key *k, const TPMT_PUBLIC *area)
 
 /* ---- open / close / supports ------------------------------------------------------------ */
 
+static const keyx_pool_ops tpm_pool_ops;
+
 static int tpm2_open(keyx_provctx *p, void **state)
 {
-    return tpm_dev_new(p, (tpm_dev **)state);
+    int r = tpm_dev_new(p, (tpm_dev **)state);
+
+    /* `tpm-pool`: the pool exists from now on, its refill thread only from the first ephemeral
+     * key generated inline (pool.h). */
+    if (r == 1 && p->cfg.tpm_pool > 0 &&
+        keyx_pool_new(p, "tpm", p->cfg.tpm_pool, &tpm_pool_ops, *state) == NULL) {
+        tpm_dev_free(*state);
+        *state = NULL;
+        KEYX_ERR(p, KEYX_R_INTERNAL, "tpm: out of memory for the key pool (tpm-pool)");
+        return 0;
+    }
+    return r;
 }
 
 static void tpm2_close(void *state)
 {
+    /* The refill thread stops first, then the pooled keys are flushed, then the device goes. */
+    keyx_pool_free(keyx_pool_of(state));
     tpm_dev_free(state);
 }
 
@@ -146,7 +162,15 @@ static int rsa_area(tpm_dev *d, const keyx_keyspec *spec, TPMT_PUBLIC *area)
     return 1;
 }
 
-static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+/* pooled: a key for the pool (`tpm-pool`), saved out of the TPM (ContextSave, FlushContext) in
+ * the same lock acquisition, so that keys waiting in the pool hold no object slot whatever the
+ * pool's size; pool_usable loads it back (ContextLoad) when it is handed out. Keeping one pooled
+ * key loaded was measured too: a TPM with three transient slots (swtpm, no resource manager)
+ * holding the storage parent, the key of the handshake in progress and that key then answered
+ * the refill's CreatePrimary with 0x902 (object memory full; recovered by tpm_make_room, but
+ * not clean), for no measurable gain. */
+static int generate_once(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub,
+                         int pooled)
 {
     tpm_dev *d = state;
     keyx_provctx *p = tpm_dev_prov(d);
@@ -233,6 +257,19 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
                  c != NULL ? c->group : "RSA");
         return 0;
     }
+    if (pooled) {
+        TPMS_CONTEXT *saved = NULL;
+
+        /* Not fatal: a key that cannot be saved out stays loaded (tpm_make_room may still). */
+        if (Esys_ContextSave(ctx, tr, &saved) == TSS2_RC_SUCCESS) {
+            if (Esys_FlushContext(ctx, tr) == TSS2_RC_SUCCESS) {
+                k->obj.saved = saved;
+                k->obj.tr = ESYS_TR_NONE; /* stays listed: tpm_make_room skips saved objects */
+            } else {
+                Esys_Free(saved);
+            }
+        }
+    }
     tpm_end(d);
     *handle = k;
     return 1;
@@ -242,22 +279,75 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
  * tpm_dev_take_reset): a new key can be made at once on a new connection. */
 static int generate_persistent(tpm_dev *d, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
 
+static int generate_ephemeral(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub,
+                              int pooled)
+{
+    int r;
+
+    ERR_set_mark();
+    r = generate_once(state, spec, handle, pub, pooled);
+    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
+        ERR_pop_to_mark();
+        return generate_once(state, spec, handle, pub, pooled);
+    }
+    ERR_clear_last_mark();
+    return r;
+}
+
 static int tpm2_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
+    keyx_pool *pl;
     int r;
 
     /* Never retried: after a reset the handle may hold the key made by the first attempt. */
     if (spec->persist != NULL)
         return generate_persistent(state, spec, handle, pub);
-    ERR_set_mark();
-    r = generate_once(state, spec, handle, pub);
-    if (r == KEYX_BACKEND_DOWN && tpm_dev_take_reset(state)) {
-        ERR_pop_to_mark();
-        return generate_once(state, spec, handle, pub);
-    }
-    ERR_clear_last_mark();
+    /* `tpm-pool`: an ephemeral EC key made ahead by the refill thread, if one is ready. */
+    pl = spec->alg == KEYX_ALG_EC ? keyx_pool_of(state) : NULL;
+    if (pl != NULL && keyx_pool_take(pl, spec, handle, pub))
+        return 1;
+    r = generate_ephemeral(state, spec, handle, pub, 0);
+    if (r == 1 && pl != NULL)
+        keyx_pool_kick(pl);
     return r;
 }
+
+/* ---- key pool (`tpm-pool`) ---------------------------------------------------------------- */
+
+/* A pooled key is a NULL-hierarchy primary like any ephemeral key, saved out of the TPM while
+ * it waits in the pool (generate_once). */
+static int pool_usable(void *state, void *handle)
+{
+    tpm_dev *d = state;
+    tpm_key *k = handle;
+    ESYS_CONTEXT *ctx;
+    ESYS_TR tr;
+    int ok = 0;
+
+    /* Made on the device's current connection (no reconnect or fork since), and loaded back
+     * into the TPM now (ContextLoad, which the derive would do anyway): a TPM that restarted
+     * unnoticed refuses the saved context here, and the key is never handed out. */
+    ERR_set_mark();
+    if (tpm_begin(d, &ctx) == 1) {
+        ok = tpm_obj_current(d, &k->obj) && tpm_obj_ready(d, &k->obj, &tr) == 1;
+        tpm_end(d);
+    }
+    ERR_pop_to_mark();
+    return ok;
+}
+
+static int pool_make(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
+{
+    return generate_ephemeral(state, spec, handle, pub, 1);
+}
+
+static void tpm2_free(void *state, void *handle);
+
+static const keyx_pool_ops tpm_pool_ops = {
+    .make = pool_make,
+    .usable = pool_usable,
+    .destroy = tpm2_free,
+};
 
 /* ---- import: TPM2_LoadExternal in the NULL hierarchy (tests, keys moved into the TPM) ----- */
 
