@@ -282,6 +282,9 @@ typedef struct cell {
     size_t next; /* peer index of single-threaded runs */
     /* with --threads N > 1: the same cell run by N threads at once, in the same rounds */
     double mt_ops[MAX_ROUNDS], mt_median;
+    /* CPU time the threads got, as a share of their wall time (1.0: each thread always ran);
+     * with a lock held by the other thread or a busy machine it drops */
+    double mt_busy[MAX_ROUNDS], mt_busy_median;
 } cell;
 
 static struct {
@@ -704,20 +707,21 @@ typedef struct worker {
     pthread_barrier_t *start;
     size_t next;
     long n;
-    double seconds;
+    double seconds, cpu;
     int ok;
 } worker;
 
 static void *worker_main(void *arg)
 {
     worker *w = arg;
-    double t0, t = 0;
+    double t0, t = 0, c0;
 
     w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
     pthread_barrier_wait(w->start);
     if (!w->ok)
         return NULL;
     t0 = clock_s(CLOCK_MONOTONIC);
+    c0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     do {
         if (!run_once(w->c, &w->next)) {
             w->ok = 0;
@@ -727,6 +731,7 @@ static void *worker_main(void *arg)
         t = clock_s(CLOCK_MONOTONIC);
     } while (t - t0 < opt.seconds);
     w->seconds = t - t0;
+    w->cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
     if (w->c->impl == IMPL_RAW_PKCS11)
         raw_p11_thread_end(raw);
     return NULL;
@@ -738,7 +743,7 @@ static void measure_threads(cell *c, int round)
     pthread_t tid[64];
     worker w[64];
     pthread_barrier_t start;
-    double rate = 0;
+    double rate = 0, cpu = 0, wall = 0;
     int nt = opt.threads, ok = 1;
 
     pthread_barrier_init(&start, NULL, (unsigned)nt);
@@ -752,13 +757,17 @@ static void measure_threads(cell *c, int round)
     for (int i = 0; i < nt; i++) {
         pthread_join(tid[i], NULL);
         ok &= w[i].ok;
-        if (w[i].ok)
+        if (w[i].ok) {
             rate += (double)w[i].n / w[i].seconds;
+            cpu += w[i].cpu;
+            wall += w[i].seconds;
+        }
     }
     pthread_barrier_destroy(&start);
     if (!ok)
         die(c->name);
     c->mt_ops[round] = rate;
+    c->mt_busy[round] = wall > 0 ? cpu / wall : 0;
 }
 
 /* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
@@ -831,8 +840,10 @@ static void summarize(cell *c)
 {
     c->median = median_of(c->ops, c->nrounds);
     c->cpu_median = median_of(c->cpu_us, c->nrounds);
-    if (opt.threads > 1)
+    if (opt.threads > 1) {
         c->mt_median = median_of(c->mt_ops, c->nrounds);
+        c->mt_busy_median = median_of(c->mt_busy, c->nrounds);
+    }
     c->min = c->max = c->ops[0];
     for (int i = 1; i < c->nrounds; i++) {
         if (c->ops[i] < c->min)
@@ -914,13 +925,14 @@ static void print_table(void)
     if (opt.threads > 1) {
         printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
                raw != NULL ? ", raw rows their own sessions" : "");
-        printf("%-14s %-10s %-20s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
-               "scaling");
+        printf("%-14s %-10s %-20s %10s %10s %8s %9s\n", "impl", "alg", "op", "1 thread", "threads",
+               "scaling", "cpu/wall");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
-            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
-                   op_names[c->op], c->median, c->mt_median, c->mt_median / c->median);
+            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f %9.2f\n", impl_names[c->impl],
+                   c->alg->name, op_names[c->op], c->median, c->mt_median, c->mt_median / c->median,
+                   c->mt_busy_median);
         }
     }
     if (raw != NULL && opt.count_ops > 0) {
@@ -974,8 +986,9 @@ static void print_json(void)
             printf("%s%.4f", r ? ", " : "", c->ops[r]);
         printf("]");
         if (opt.threads > 1) {
-            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_rounds\": [",
-                   c->mt_median, c->mt_median / c->median);
+            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_cpu_per_wall\": "
+                   "%.4f, \"threads_rounds\": [",
+                   c->mt_median, c->mt_median / c->median, c->mt_busy_median);
             for (int r = 0; r < c->nrounds; r++)
                 printf("%s%.4f", r ? ", " : "", c->mt_ops[r]);
             printf("]");
