@@ -69,6 +69,14 @@ void bench_print_errors(const char *what);
 
 /* RSA-OAEP (evp.c). md names both the OAEP and the MGF1 digest; no label. */
 EVP_PKEY *bench_rsa_keygen(OSSL_LIB_CTX *L, unsigned int bits);
+/* One signature of a SHA-256 digest as an application makes it: new EVP_PKEY_CTX from the key,
+ * EVP_PKEY_sign_init, digest SHA-256 (and for pss: PSS padding, salt = digest length), sign. */
+int bench_sign(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, const unsigned char *dgst, size_t dlen,
+               unsigned char *sig, size_t *siglen);
+/* The default provider's verdict on sig (DER for ECDSA); rs_len > 0: sig is r || s of rs_len
+ * bytes (raw Cryptoki's ECDSA) and is converted to DER first. */
+int bench_verify(OSSL_LIB_CTX *deflt, EVP_PKEY *pub, int pss, const unsigned char *dgst,
+                 size_t dlen, const unsigned char *sig, size_t siglen, int raw_rs);
 /* Public key in the default provider from big-endian n and e. */
 EVP_PKEY *bench_rsa_pub(OSSL_LIB_CTX *deflt, const unsigned char *n, size_t nlen,
                         const unsigned char *e, size_t elen);
@@ -124,7 +132,15 @@ int raw_p11_oaep_decrypt(raw_p11 *r, const EVP_MD *md, const unsigned char *ct, 
 
 /* Call counting: swaps the entries of the module's function list (shared with keyx in this
  * process) for counting wrappers until raw_p11_count_end. 1 ok, 0 not possible. */
-#define RAW_P11_NCOUNTED 20
+/* Signature keys: the private key labelled label (*obj) and its public part for verification:
+ * rsa: modulus into a, exponent into b; EC: the uncompressed point into a (b unused). */
+int raw_p11_sign_key(raw_p11 *r, const char *label, int rsa, unsigned long *obj, unsigned char *a,
+                     size_t *alen, unsigned char *b, size_t *blen);
+/* C_SignInit + C_Sign of a SHA-256 digest: CKM_ECDSA (r || s) or CKM_RSA_PKCS_PSS (SHA-256,
+ * MGF1-SHA-256, 32-byte salt). */
+int raw_p11_sign(raw_p11 *r, unsigned long obj, int pss, const unsigned char *dgst, size_t dlen,
+                 unsigned char *sig, size_t *siglen);
+#define RAW_P11_NCOUNTED 22
 int raw_p11_count_begin(raw_p11 *r);
 void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
 const char *raw_p11_count_name(int i);

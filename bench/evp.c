@@ -7,6 +7,7 @@
 
 #include <openssl/core_names.h>
 #include <openssl/dh.h>
+#include <openssl/ec.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/param_build.h>
@@ -296,4 +297,72 @@ void bench_ct_pool_free(bench_ct_pool *p)
         OPENSSL_free(p->ct[i]);
     OPENSSL_free(p->ct);
     OPENSSL_cleanse(p, sizeof(*p));
+}
+
+/* ---- signatures ------------------------------------------------------------------------------ */
+
+static EVP_PKEY_CTX *sign_ctx(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, int sign)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(L, k, NULL);
+    int saltlen = RSA_PSS_SALTLEN_DIGEST;
+    OSSL_PARAM params[4], *p = params;
+
+    *p++ = OSSL_PARAM_construct_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, (char *)"SHA256", 0);
+    if (pss) {
+        *p++ = OSSL_PARAM_construct_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE,
+                                                (char *)OSSL_PKEY_RSA_PAD_MODE_PSS, 0);
+        *p++ = OSSL_PARAM_construct_int(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, &saltlen);
+    }
+    *p = OSSL_PARAM_construct_end();
+    if (pctx == NULL || (sign ? EVP_PKEY_sign_init(pctx) : EVP_PKEY_verify_init(pctx)) <= 0 ||
+        EVP_PKEY_CTX_set_params(pctx, params) <= 0) {
+        EVP_PKEY_CTX_free(pctx);
+        return NULL;
+    }
+    return pctx;
+}
+
+int bench_sign(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, const unsigned char *dgst, size_t dlen,
+               unsigned char *sig, size_t *siglen)
+{
+    EVP_PKEY_CTX *pctx = sign_ctx(L, k, pss, 1);
+    int ok = pctx != NULL && EVP_PKEY_sign(pctx, sig, siglen, dgst, dlen) > 0;
+
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+int bench_verify(OSSL_LIB_CTX *deflt, EVP_PKEY *pub, int pss, const unsigned char *dgst,
+                 size_t dlen, const unsigned char *sig, size_t siglen, int raw_rs)
+{
+    EVP_PKEY_CTX *pctx = sign_ctx(deflt, pub, pss, 0);
+    unsigned char *der = NULL;
+    ECDSA_SIG *es = NULL;
+    int ok, derlen;
+
+    if (raw_rs) {
+        BIGNUM *r = BN_bin2bn(sig, (int)(siglen / 2), NULL);
+        BIGNUM *s = BN_bin2bn(sig + siglen / 2, (int)(siglen / 2), NULL);
+
+        if (siglen % 2 != 0 || r == NULL || s == NULL || (es = ECDSA_SIG_new()) == NULL ||
+            !ECDSA_SIG_set0(es, r, s)) {
+            BN_free(r);
+            BN_free(s);
+            ECDSA_SIG_free(es);
+            EVP_PKEY_CTX_free(pctx);
+            return 0;
+        }
+        if ((derlen = i2d_ECDSA_SIG(es, &der)) <= 0) {
+            ECDSA_SIG_free(es);
+            EVP_PKEY_CTX_free(pctx);
+            return 0;
+        }
+        sig = der;
+        siglen = (size_t)derlen;
+    }
+    ok = pctx != NULL && EVP_PKEY_verify(pctx, sig, siglen, dgst, dlen) == 1;
+    OPENSSL_free(der);
+    ECDSA_SIG_free(es);
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
 }

@@ -83,6 +83,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/provider.h>
+#include <openssl/rand.h>
 #include <openssl/store.h>
 
 #include "bench.h"
@@ -122,12 +123,20 @@ typedef enum {
     OP_STATIC_DERIVE_READY,
     OP_OAEP_DECRYPT,      /* RSA-OAEP SHA-256 decrypt */
     OP_OAEP_SHA1_DECRYPT, /* the same with SHA-1: what SoftHSM does natively */
+    OP_ECDSA_SIGN,        /* ECDSA P-256 of a SHA-256 digest (a certificate key's work) */
+    OP_PSS_SIGN,          /* RSA-PSS, SHA-256, MGF1-SHA-256, salt 32 */
     N_OP
 } op_id;
 static const char *const op_names[N_OP] = {
     "derive",        "keygen+derive",        "static-derive",
     "derive(ready)", "keygen+derive(ready)", "static-derive(ready)",
-    "oaep-decrypt",  "oaep-sha1-decrypt"};
+    "oaep-decrypt",  "oaep-sha1-decrypt",    "ecdsa-sign",
+    "pss-sign"};
+
+static int is_sign(op_id op)
+{
+    return op == OP_ECDSA_SIGN || op == OP_PSS_SIGN;
+}
 
 /* The "(ready)" operations: the same with the peer's key already imported (the pool's keys made
  * once in the cell's libctx), the comparison with raw Cryptoki, which takes the peer's bytes. */
@@ -202,6 +211,16 @@ static const struct {
     {IMPL_TPM, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_RAW_ESYS_SESS, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_RAW_ESYS, ALG_RSA2048, OP_OAEP_DECRYPT},
+    /* signatures with a certificate key (pkcs11 rows with --pkcs11-sign-key and
+     * --pkcs11-sign-rsa-key) */
+    {IMPL_DEFAULT, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_SOFTWARE, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_PKCS11, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_PKCS11, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_DEFAULT, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_SOFTWARE, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_RAW_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
 };
 
 /* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
@@ -245,6 +264,13 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
     {IMPL_TPM, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
+    /* signatures: no targets stated */
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_ECDSA_SIGN, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_PSS_SIGN, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_PSS_SIGN, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_PSS_SIGN, 0},
 };
 
 /* Absolute targets (ops/s), stated against an anchor measured on this machine. */
@@ -266,11 +292,12 @@ typedef struct cell {
     char name[64];
     OSSL_LIB_CTX *L;
     bench_peers *peers;
-    EVP_PKEY *own;        /* derive, static-derive */
-    EVP_PKEY **ready;     /* "(ready)" operations: the pool's peers imported into L */
-    unsigned long rawkey; /* raw derive: the session private key */
-    bench_ct_pool pool;   /* RSA-OAEP: the ciphertexts */
-    const char *md;       /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
+    EVP_PKEY *own;         /* derive, static-derive */
+    EVP_PKEY **ready;      /* "(ready)" operations: the pool's peers imported into L */
+    unsigned long rawkey;  /* raw derive: the session private key */
+    unsigned long signkey; /* raw sign: the token's private key (not destroyed) */
+    bench_ct_pool pool;    /* RSA-OAEP: the ciphertexts */
+    const char *md;        /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
     int nrounds;
     double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
     double median, min, max, cpu_median;
@@ -302,6 +329,7 @@ static struct {
     const char *tpm_config, *tpm_tcti, *tpm_handle;
     unsigned long tpm_handle_num;
     const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
+    const char *p11_sign_key, *p11_sign_uri, *p11_sign_rsa_key, *p11_sign_rsa_uri;
     unsigned long tpm_rsa_handle_num;
     long tpm_mem_ops;
 } opt = {
@@ -324,6 +352,7 @@ static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: 
 static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
 static char tpm_uri[64], tpm_rsa_uri[64];
 static EVP_MD *sha256; /* the raw Cryptoki rows' OAEP decoding digest (default provider) */
+static unsigned char sign_dgst[32]; /* what the signature cells sign: a random "SHA-256 digest" */
 
 static raw_esys *esys_of(impl_id i)
 {
@@ -421,7 +450,7 @@ static void expect_token(cell *c)
     unsigned long n[RAW_P11_NCOUNTED];
     size_t next = 0;
     int ok, derives = -1;
-    const char *call = is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
+    const char *call = is_sign(c->op) ? "C_Sign" : is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
 
     if (!raw_p11_count_begin(raw))
         return;
@@ -510,6 +539,74 @@ static void setup_rsa(cell *c)
     ERR_clear_error();
 }
 
+/* One signature of sign_dgst by the cell's key into sig. */
+static int sign_once(cell *c, unsigned char *sig, size_t *siglen)
+{
+    int pss = c->op == OP_PSS_SIGN;
+
+    if (c->impl == IMPL_RAW_PKCS11)
+        return raw_p11_sign(raw, c->signkey, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
+    return bench_sign(c->L, c->own, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
+}
+
+/* Signature cell: its key (generated, or the token key by URI / by label), its public key in the
+ * default provider, and one signature verified by the default provider before timing. */
+static void setup_sign(cell *c)
+{
+    OSSL_LIB_CTX *deflt = libctx[IMPL_DEFAULT];
+    int rsa = c->op == OP_PSS_SIGN;
+    unsigned char a[1024], b[16], sig[1024], *enc = NULL;
+    size_t alen = sizeof(a), blen = sizeof(b), siglen = sizeof(sig), enclen;
+    EVP_PKEY *pub = NULL;
+    int ok;
+
+    c->L = libctx[c->impl];
+    if (c->impl == IMPL_RAW_PKCS11) {
+        if (!raw_p11_sign_key(raw, rsa ? opt.p11_sign_rsa_key : opt.p11_sign_key, rsa, &c->signkey,
+                              a, &alen, b, &blen))
+            die(c->name);
+        pub = rsa ? bench_rsa_pub(deflt, a, alen, b, blen)
+                  : bench_pub_import(deflt, &algs[ALG_P256], a, alen);
+    } else {
+        const char *uri = c->impl != IMPL_PKCS11 ? NULL
+                          : rsa                  ? opt.p11_sign_rsa_uri
+                                                 : opt.p11_sign_uri;
+
+        c->own = uri != NULL ? store_load(c->L, uri)
+                 : rsa       ? bench_rsa_keygen(c->L, 2048)
+                             : bench_keygen(c->L, &algs[ALG_P256]);
+        if (c->own == NULL) {
+            fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
+                    uri != NULL ? "cannot load the signature key by URI" : "key generation failed");
+            die(c->name);
+        }
+        expect_provider(c, c->own);
+        if (rsa)
+            pub = bench_rsa_pub_of(deflt, c->own);
+        else if ((enclen = EVP_PKEY_get1_encoded_public_key(c->own, &enc)) > 0)
+            pub = bench_pub_import(deflt, &algs[ALG_P256], enc, enclen);
+        OPENSSL_free(enc);
+    }
+    if (pub == NULL) {
+        fprintf(stderr, "keyx-bench: %s: cannot read the public key\n", c->name);
+        die(c->name);
+    }
+    ok =
+        sign_once(c, sig, &siglen) && bench_verify(deflt, pub, rsa, sign_dgst, sizeof(sign_dgst),
+                                                   sig, siglen, c->impl == IMPL_RAW_PKCS11 && !rsa);
+    EVP_PKEY_free(pub);
+    if (!ok) {
+        fprintf(stderr,
+                "keyx-bench: %s: the signature does not verify with the default provider (or "
+                "signing failed)\n",
+                c->name);
+        die(c->name);
+    }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
+    ERR_clear_error();
+}
+
 /* Prepares a cell and cross-checks one secret against the default provider. */
 static void setup(cell *c)
 {
@@ -519,6 +616,10 @@ static void setup(cell *c)
     size_t publen = 0;
     int ok = 0;
 
+    if (is_sign(c->op)) {
+        setup_sign(c);
+        return;
+    }
     if (is_rsa(c->alg)) {
         setup_rsa(c);
         return;
@@ -630,6 +731,13 @@ static int derive_ready(cell *c, EVP_PKEY *own, size_t i)
 /* One operation; *next picks the peer (each thread has its own counter). */
 static int run_once(cell *c, size_t *next)
 {
+    if (is_sign(c->op)) {
+        unsigned char sig[1024];
+        size_t len = sizeof(sig);
+
+        (*next)++;
+        return sign_once(c, sig, &len);
+    }
     if (is_rsa(c->alg)) {
         unsigned char pt[1024];
         size_t len = sizeof(pt);
@@ -1065,6 +1173,10 @@ static void usage(FILE *fp)
         "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
         "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
         "(none: no TPM RSA rows)\n"
+        "  --pkcs11-sign-key LABEL token P-256 sign key for the ecdsa-sign rows (none: no pkcs11 "
+        "ECDSA rows)\n"
+        "  --pkcs11-sign-rsa-key LABEL  token RSA-2048 sign key for the pss-sign rows (none: no "
+        "pkcs11 PSS rows)\n"
         "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
         "  --rounds N              interleaved rounds (default %d)\n"
         "  --seconds S             seconds per cell per round (default %.1f)\n"
@@ -1101,6 +1213,8 @@ static void parse_args(int argc, char **argv)
         {"tpm-mem-ops", required_argument, NULL, 'Z'},
         {"pkcs11-rsa-key", required_argument, NULL, 'R'},
         {"tpm-rsa-handle", required_argument, NULL, 'W'},
+        {"pkcs11-sign-key", required_argument, NULL, 'g'},
+        {"pkcs11-sign-rsa-key", required_argument, NULL, 'G'},
         {"rounds", required_argument, NULL, 'r'},
         {"seconds", required_argument, NULL, 's'},
         {"peers", required_argument, NULL, 'n'},
@@ -1154,6 +1268,12 @@ static void parse_args(int argc, char **argv)
             break;
         case 'R':
             opt.p11_rsa_key = optarg;
+            break;
+        case 'g':
+            opt.p11_sign_key = optarg;
+            break;
+        case 'G':
+            opt.p11_sign_rsa_key = optarg;
             break;
         case 'W':
             opt.tpm_rsa_handle = optarg;
@@ -1234,6 +1354,11 @@ static void parse_args(int argc, char **argv)
         fprintf(stderr, "keyx-bench: --tpm-rsa-handle needs --tpm-config\n");
         exit(2);
     }
+    if ((opt.p11_sign_key != NULL || opt.p11_sign_rsa_key != NULL) && opt.p11_config == NULL) {
+        fprintf(stderr, "keyx-bench: --pkcs11-sign-key and --pkcs11-sign-rsa-key need "
+                        "--pkcs11-config\n");
+        exit(2);
+    }
     if (opt.p11_rsa_key != NULL && opt.p11_config == NULL) {
         fprintf(stderr, "keyx-bench: --pkcs11-rsa-key needs --pkcs11-config\n");
         exit(2);
@@ -1247,7 +1372,7 @@ bad:
 int main(int argc, char **argv)
 {
     regex_t only;
-    char uri[512], rsa_uri[512];
+    char uri[512], rsa_uri[512], sign_uri[512], sign_rsa_uri[512];
     int need[N_IMPL] = {0}, rc = 0;
 
     parse_args(argc, argv);
@@ -1271,6 +1396,19 @@ int main(int argc, char **argv)
         opt.p11_rsa_uri = rsa_uri;
     }
 
+    if (opt.p11_sign_key != NULL && opt.p11_token != NULL) {
+        snprintf(sign_uri, sizeof(sign_uri), "pkcs11:token=%s;object=%s;type=private",
+                 opt.p11_token, opt.p11_sign_key);
+        opt.p11_sign_uri = sign_uri;
+    }
+    if (opt.p11_sign_rsa_key != NULL && opt.p11_token != NULL) {
+        snprintf(sign_rsa_uri, sizeof(sign_rsa_uri), "pkcs11:token=%s;object=%s;type=private",
+                 opt.p11_token, opt.p11_sign_rsa_key);
+        opt.p11_sign_rsa_uri = sign_rsa_uri;
+    }
+    if (RAND_bytes(sign_dgst, sizeof(sign_dgst)) != 1)
+        die("RAND_bytes");
+
     /* The cells: the plan, less what is not configured or not selected. */
     cells = calloc(sizeof(PLAN) / sizeof(PLAN[0]), sizeof(*cells));
     if (cells == NULL)
@@ -1282,7 +1420,10 @@ int main(int argc, char **argv)
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              opt.p11_config == NULL) ||
             (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL) ||
-            (PLAN[i].alg == ALG_RSA2048 &&
+            (is_sign(PLAN[i].op) &&
+             (PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
+             (PLAN[i].op == OP_ECDSA_SIGN ? opt.p11_sign_key : opt.p11_sign_rsa_key) == NULL) ||
+            (PLAN[i].alg == ALG_RSA2048 && !is_sign(PLAN[i].op) &&
              (((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
                opt.p11_rsa_key == NULL) ||
               (is_tpm(PLAN[i].impl) && opt.tpm_rsa_handle == NULL))))
