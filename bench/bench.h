@@ -43,6 +43,9 @@ int bench_peers_make(bench_peers *pp, OSSL_LIB_CTX *deflt, const bench_alg *alg,
 void bench_peers_free(bench_peers *pp);
 /* Key with the group's parameters and the given encoded public key, made in libctx L the way
  * libssl makes a peer's key share (paramgen with the group, then the encoded public key). */
+/* Peers imported into this library context are made by its default provider (tpm2-openssl's
+ * EC paramgen would make a TPM object per peer: out of object slots at once). */
+extern OSSL_LIB_CTX *bench_peer_in_default;
 EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned char *pub,
                            size_t publen);
 /* EVP_PKEY_keygen in L for the group (libssl's ssl_generate_pkey_group). */
@@ -65,6 +68,9 @@ int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char
                        size_t publen, const unsigned char *secret, size_t secretlen);
 /* The name of the provider serving key k ("keyx", "default", ...). */
 const char *bench_provider_of(const EVP_PKEY *k);
+/* EVP_PKEY_get1_encoded_public_key (what libssl sends), with a fallback for providers that answer
+ * only with a buffer (tpm2-openssl). 0 on failure. */
+size_t bench_encoded_pub(EVP_PKEY *k, unsigned char **pub);
 void bench_print_errors(const char *what);
 
 /* RSA-OAEP (evp.c). md names both the OAEP and the MGF1 digest; no label. */

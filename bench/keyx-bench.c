@@ -98,11 +98,12 @@ typedef enum {
     IMPL_TPM,
     IMPL_RAW_ESYS_SESS,
     IMPL_RAW_ESYS,
+    IMPL_TPM2_OPENSSL, /* tpm2-openssl's provider in its own libctx (--tpm2-openssl-config) */
     N_IMPL
 } impl_id;
 static const char *const impl_names[N_IMPL] = {"default",    "keyx-software", "keyx-pkcs11",
                                                "raw-pkcs11", "keyx-tpm",      "raw-esys-sess",
-                                               "raw-esys"};
+                                               "raw-esys",   "tpm2-openssl"};
 
 static int is_raw_esys(impl_id i)
 {
@@ -111,7 +112,7 @@ static int is_raw_esys(impl_id i)
 
 static int is_tpm(impl_id i)
 {
-    return i == IMPL_TPM || is_raw_esys(i);
+    return i == IMPL_TPM || is_raw_esys(i) || i == IMPL_TPM2_OPENSSL;
 }
 
 typedef enum {
@@ -201,6 +202,9 @@ static const struct {
     {IMPL_RAW_ESYS_SESS, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_KEYGEN_DERIVE},
+    /* tpm2-openssl on the same TPM (issue 4's anchor) */
+    {IMPL_TPM2_OPENSSL, ALG_P256, OP_DERIVE},
+    {IMPL_TPM2_OPENSSL, ALG_P256, OP_KEYGEN_DERIVE},
     /* RSA-OAEP decrypt (pkcs11 rows with --pkcs11-rsa-key, TPM rows with --tpm-rsa-handle) */
     {IMPL_DEFAULT, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_SOFTWARE, ALG_RSA2048, OP_OAEP_DECRYPT},
@@ -255,6 +259,10 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE_READY, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_DERIVE, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
+    /* issue 4: ephemeral keygen+derive at least 2x tpm2-openssl's, same run */
+    {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_KEYGEN_DERIVE, 2.0},
+    {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_DERIVE, 0},
+    {IMPL_TPM2_OPENSSL, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
     /* RSA-OAEP decrypt: issue 5 states no targets */
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_DECRYPT, 0},
@@ -326,7 +334,7 @@ static struct {
     int npeers;
     const char *sw_config, *p11_config;
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
-    const char *tpm_config, *tpm_tcti, *tpm_handle;
+    const char *tpm_config, *tpm_tcti, *tpm_handle, *tpm2_openssl_config;
     unsigned long tpm_handle_num;
     const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
     const char *p11_sign_key, *p11_sign_uri, *p11_sign_rsa_key, *p11_sign_rsa_uri;
@@ -392,7 +400,7 @@ static void die(const char *what)
 
 /* ---- setup ---------------------------------------------------------------------------- */
 
-static OSSL_LIB_CTX *keyx_libctx(const char *config)
+static OSSL_LIB_CTX *provider_libctx(const char *config, const char *provider)
 {
     OSSL_LIB_CTX *L = OSSL_LIB_CTX_new();
 
@@ -400,11 +408,16 @@ static OSSL_LIB_CTX *keyx_libctx(const char *config)
         fprintf(stderr, "keyx-bench: cannot load %s into a library context\n", config);
         die("OSSL_LIB_CTX_load_config");
     }
-    if (!OSSL_PROVIDER_available(L, "keyx")) {
-        fprintf(stderr, "keyx-bench: %s does not load and activate keyx\n", config);
+    if (!OSSL_PROVIDER_available(L, provider)) {
+        fprintf(stderr, "keyx-bench: %s does not load and activate %s\n", config, provider);
         exit(1);
     }
     return L;
+}
+
+static OSSL_LIB_CTX *keyx_libctx(const char *config)
+{
+    return provider_libctx(config, "keyx");
 }
 
 static EVP_PKEY *store_load(OSSL_LIB_CTX *L, const char *uri)
@@ -429,7 +442,9 @@ static EVP_PKEY *store_load(OSSL_LIB_CTX *L, const char *uri)
 
 static void expect_provider(const cell *c, const EVP_PKEY *k)
 {
-    const char *want = c->impl == IMPL_DEFAULT ? "default" : "keyx";
+    const char *want = c->impl == IMPL_DEFAULT        ? "default"
+                       : c->impl == IMPL_TPM2_OPENSSL ? "tpm2"
+                                                      : "keyx";
     const char *got = bench_provider_of(k);
 
     if (strcmp(got, want) != 0) {
@@ -781,7 +796,9 @@ static int run_once(cell *c, size_t *next)
     if (base_op(c->op) == OP_KEYGEN_DERIVE) {
         EVP_PKEY *k = bench_keygen(c->L, c->alg);
         unsigned char *pub = NULL;
-        int ok = k != NULL && EVP_PKEY_get1_encoded_public_key(k, &pub) != 0 &&
+        int ok = k != NULL &&
+                 (c->impl == IMPL_TPM2_OPENSSL ? bench_encoded_pub(k, &pub)
+                                               : EVP_PKEY_get1_encoded_public_key(k, &pub)) != 0 &&
                  (c->ready != NULL ? derive_ready(c, k, (*next)++)
                                    : bench_derive_fresh_peer(c->L, k, c->peers, (*next)++));
 
@@ -1173,6 +1190,8 @@ static void usage(FILE *fp)
         "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
         "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
         "(none: no TPM RSA rows)\n"
+        "  --tpm2-openssl-config FILE  openssl.cnf loading tpm2-openssl's provider (\"tpm2\") "
+        "preferred, on the TPM of --tpm-tcti (its TCTI: TPM2OPENSSL_TCTI): the tpm2-openssl rows\n"
         "  --pkcs11-sign-key LABEL token P-256 sign key for the ecdsa-sign rows (none: no pkcs11 "
         "ECDSA rows)\n"
         "  --pkcs11-sign-rsa-key LABEL  token RSA-2048 sign key for the pss-sign rows (none: no "
@@ -1213,6 +1232,7 @@ static void parse_args(int argc, char **argv)
         {"tpm-mem-ops", required_argument, NULL, 'Z'},
         {"pkcs11-rsa-key", required_argument, NULL, 'R'},
         {"tpm-rsa-handle", required_argument, NULL, 'W'},
+        {"tpm2-openssl-config", required_argument, NULL, 'O'},
         {"pkcs11-sign-key", required_argument, NULL, 'g'},
         {"pkcs11-sign-rsa-key", required_argument, NULL, 'G'},
         {"rounds", required_argument, NULL, 'r'},
@@ -1271,6 +1291,9 @@ static void parse_args(int argc, char **argv)
             break;
         case 'g':
             opt.p11_sign_key = optarg;
+            break;
+        case 'O':
+            opt.tpm2_openssl_config = optarg;
             break;
         case 'G':
             opt.p11_sign_rsa_key = optarg;
@@ -1419,7 +1442,8 @@ int main(int argc, char **argv)
         if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              opt.p11_config == NULL) ||
-            (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL) ||
+            (is_tpm(PLAN[i].impl) && PLAN[i].impl != IMPL_TPM2_OPENSSL && opt.tpm_config == NULL) ||
+            (PLAN[i].impl == IMPL_TPM2_OPENSSL && opt.tpm2_openssl_config == NULL) ||
             (is_sign(PLAN[i].op) &&
              (PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              (PLAN[i].op == OP_ECDSA_SIGN ? opt.p11_sign_key : opt.p11_sign_rsa_key) == NULL) ||
@@ -1459,6 +1483,9 @@ int main(int argc, char **argv)
         return 1;
     if (need[IMPL_TPM])
         libctx[IMPL_TPM] = keyx_libctx(opt.tpm_config);
+    if (need[IMPL_TPM2_OPENSSL])
+        bench_peer_in_default = libctx[IMPL_TPM2_OPENSSL] =
+            provider_libctx(opt.tpm2_openssl_config, "tpm2");
     for (int i = 0; i < 2; i++)
         if (need[i ? IMPL_RAW_ESYS : IMPL_RAW_ESYS_SESS] &&
             (esys[i] = raw_esys_open(opt.tpm_tcti, opt.tpm_handle_num, !i)) == NULL)

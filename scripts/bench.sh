@@ -33,6 +33,8 @@ set -euo pipefail
 
 tls_seconds=${BENCH_TLS_SECONDS:-10}
 module=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+# tpm2-openssl's provider (Debian package tpm2-openssl), in OpenSSL's module directory
+TPM2_OPENSSL_MODULE=${TPM2_OPENSSL_MODULE:-$(openssl version -m | sed 's/^MODULESDIR: "\(.*\)"$/\1/')/tpm2.so}
 json=0
 for a in "$@"; do
     [ "$a" = --json ] && json=1
@@ -126,6 +128,7 @@ POOL_ARGS=(--pkcs11-config "$work/pkcs11-pool.cnf" --pkcs11-module "$module"
     --pkcs11-token "$token" --pkcs11-pin-file "$work/pin" --pkcs11-key bench-ecdh)
 # TLS servers: "name cnf [cert key]"; without cert and key the default provider's ECDSA P-256
 # certificate key (ec.key) signs, with them a certificate key in the hardware (made below).
+TPM2O_ARGS=()
 TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
     "keyx-pkcs11 $work/pkcs11.cnf" "keyx-pkcs11-pool $work/pkcs11-pool.cnf")
 
@@ -193,6 +196,24 @@ bench_tpm_setup() {
     BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
         --tpm-rsa-handle 0x81000004)
     POOL_ARGS+=(--tpm-config "$work/tpm-pool.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
+    # tpm2-openssl (issue 4's anchor) on the same swtpm, its provider ("tpm2") preferred in its
+    # own library context; its TCTI from TPM2OPENSSL_TCTI (it ignores a TCTI in its config
+    # section). It cannot share one process with keyx-tpm: keyx holds its parent and a key (two of
+    # swtpm's three transient slots) and tpm2-openssl's key generation needs two (a primary and the
+    # key): Esys_Create fails with 0x902. So a third keyx-bench run: tpm2-openssl beside raw ESYS.
+    if [ -f "$TPM2_OPENSSL_MODULE" ]; then
+        printf '%s\n' "openssl_conf = openssl_init" "" "[openssl_init]" "providers = provider_sect" \
+            "alg_section = algorithm_sect" "" "[algorithm_sect]" "default_properties = ?provider=tpm2" \
+            "" "[provider_sect]" "tpm2 = tpm2_sect" "default = default_sect" "" "[tpm2_sect]" \
+            "module = $TPM2_OPENSSL_MODULE" "activate = 1" "" "[default_sect]" "activate = 1" \
+            >"$work/tpm2-openssl.cnf"
+        export TPM2OPENSSL_TCTI=$TPM_TCTI
+        TPM2O_ARGS=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
+            --tpm2-openssl-config "$work/tpm2-openssl.cnf")
+        TLS_CONFIGS+=("tpm2-openssl $work/tpm2-openssl.cnf")
+    else
+        say "tpm2-openssl not installed ($TPM2_OPENSSL_MODULE): no tpm2-openssl rows"
+    fi
     TLS_CONFIGS+=("keyx-tpm $work/tpm.cnf" "keyx-tpm-pool $work/tpm-pool.cnf")
 }
 bench_tpm_setup
@@ -202,7 +223,7 @@ say "keyx-bench ${BENCH_ARGS[*]} $*"
 bench_out=$("$bench_bin" "${BENCH_ARGS[@]}" "$@") || keyx_die "keyx-bench failed"
 [ "$json" = 1 ] || printf '%s\n' "$bench_out"
 
-# ---- pools: keygen+derive with tpm-pool = 4 and pkcs11-pool = 8 (a second process) ------------
+# ---- pools: keygen+derive with tpm-pool = 4 and pkcs11-pool = 8 (a separate process) ---------
 # The user's --only does not apply here (the pool cells are fixed); rounds, seconds and --json do.
 pool_extra=()
 skip=0
@@ -213,12 +234,26 @@ for a in "$@"; do
     *) pool_extra+=("$a") ;;
     esac
 done
+# ---- tpm2-openssl: derive and keygen+derive beside raw ESYS (a separate process) --------------
+tpm2o_out=null
+if [ ${#TPM2O_ARGS[@]} -gt 0 ]; then
+    say "tpm2-openssl: keyx-bench ${TPM2O_ARGS[*]}"
+    tpm2o_out=$("$bench_bin" "${TPM2O_ARGS[@]}" --mem-ops 0 --count-ops 0 "${pool_extra[@]}" \
+        --only '^(tpm2-openssl|raw-esys)/P-256/(keygen\+)?derive$') ||
+        keyx_die "keyx-bench (tpm2-openssl) failed"
+    if [ "$json" != 1 ]; then
+        printf '\ntpm2-openssl (a separate run, same swtpm: it and keyx-tpm do not fit its three transient\n'
+        printf 'slots in one process), beside raw ESYS of that run\n'
+        printf '%s\n' "$tpm2o_out" | sed 1d
+    fi
+fi
+
 say "pools: keyx-bench ${POOL_ARGS[*]} (keygen+derive)"
 pool_out=$("$bench_bin" "${POOL_ARGS[@]}" --mem-ops 0 --count-ops 0 "${pool_extra[@]}" \
     --only '^(keyx-pkcs11|raw-pkcs11|keyx-tpm|raw-esys-sess|raw-esys)/P-256/keygen\+derive$') ||
     keyx_die "keyx-bench (pools) failed"
 if [ "$json" != 1 ]; then
-    printf '\nPools (a second run: tpm-pool = 4, pkcs11-pool = 8; keyx-pkcs11 and keyx-tpm below are\n'
+    printf '\nPools (a separate run: tpm-pool = 4, pkcs11-pool = 8; keyx-pkcs11 and keyx-tpm below are\n'
     printf 'keyx-pkcs11-pool and keyx-tpm-pool, beside the raw rows of the same run)\n'
     printf '%s\n' "$pool_out" | sed 1d
 fi
@@ -337,7 +372,8 @@ tls_target() {
 }
 
 if [ "$json" = 1 ]; then
-    printf '{"bench": %s,\n "pools": %s,\n "tls": [' "$bench_out" "$pool_out"
+    printf '{"bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tls": [' "$bench_out" "$pool_out" \
+        "$tpm2o_out"
     sep=
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086 # "name n seconds rate"
