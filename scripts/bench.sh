@@ -270,25 +270,39 @@ tls_rate() {
     local name=$1 cnf=$2 cert=${3:-$work/ec.crt} key=${4:-$work/ec.key} port pid='' n t0 t1 out
     trap '[ -z "$pid" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }' EXIT
     port=$(free_port)
+    # tpm2-openssl's context refuses "-groups P-256" (SSL_CONF_cmd fails); the client offers
+    # P-256 alone, so the server picks it anyway
+    local groups=(-groups P-256)
+    [ "$name" != tpm2-openssl ] || groups=()
     OPENSSL_CONF=$cnf openssl s_server -accept "127.0.0.1:$port" -cert "$cert" \
-        -key "$key" -groups P-256 -quiet </dev/null >"$work/s_server-$name.log" 2>&1 &
+        -key "$key" "${groups[@]}" -quiet </dev/null >"$work/s_server-$name.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-        kill -0 "$pid" 2>/dev/null || keyx_die "s_server ($name) exited: $(cat "$work/s_server-$name.log")"
+        if ! kill -0 "$pid" 2>/dev/null; then
+            [ "$name" = tpm2-openssl ] || keyx_die "s_server ($name) exited: $(cat "$work/s_server-$name.log")"
+            say "  tpm2-openssl's s_server did not start: $(head -3 "$work/s_server-$name.log" | tr '\n' ' ')"
+            pid=
+            echo "$name 0 0.00 0.0"
+            return 0
+        fi
         sleep 0.1
     done
     t0=$(date +%s.%N)
     out=$(OPENSSL_CONF=$work/client.cnf timeout $((tls_seconds + 60)) openssl s_time \
         -connect "127.0.0.1:$port" -new -time "$tls_seconds" 2>&1) || true
     t1=$(date +%s.%N)
-    kill -0 "$pid" 2>/dev/null || keyx_die "s_server ($name) died: $(cat "$work/s_server-$name.log")"
+    kill -0 "$pid" 2>/dev/null || [ "$name" = tpm2-openssl ] ||
+        keyx_die "s_server ($name) died: $(cat "$work/s_server-$name.log")"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     pid=
     n=$(printf '%s\n' "$out" | sed -n 's/^\([0-9][0-9]*\) connections in [0-9]* real seconds.*/\1/p')
     if [ -z "$n" ] || [ "$n" -eq 0 ]; then
-        keyx_die "s_time against $name made no connection: $out"
+        # tpm2-openssl is the anchor, not the subject: its failure is a figure (0), with the cause
+        [ "$name" = tpm2-openssl ] || keyx_die "s_time against $name made no connection: $out"
+        say "  tpm2-openssl: no handshake completed: $(tail -3 "$work/s_server-$name.log" | tr '\n' ' ')"
+        n=0
     fi
     awk -v name="$name" -v n="$n" -v t0="$t0" -v t1="$t1" \
         'BEGIN { printf "%s %d %.2f %.1f\n", name, n, t1 - t0, n / (t1 - t0) }'
