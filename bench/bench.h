@@ -173,6 +173,10 @@ int raw_esys_rsa_key(raw_esys *r, unsigned long handle, unsigned char *n, size_t
                      unsigned char *e, size_t *elen);
 /* One Esys_RSA_Decrypt with the OAEP scheme, SHA-256, empty label; authorized by the salted
  * session (response encrypted) when the context has one, else by password. */
+/* The persistent P-256 sign key at handle: its public point (65 bytes) into pub. */
+int raw_esys_sign_key(raw_esys *r, unsigned long handle, unsigned char *pub);
+/* One Esys_Sign (ECDSA, SHA-256) of a 32-byte digest; sig = r || s (64 bytes). */
+int raw_esys_sign(raw_esys *r, const unsigned char *dgst, unsigned char *sig);
 int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, unsigned char *out,
                           size_t *outlen);
 

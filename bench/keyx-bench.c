@@ -221,6 +221,9 @@ static const struct {
     {IMPL_SOFTWARE, ALG_P256, OP_ECDSA_SIGN},
     {IMPL_PKCS11, ALG_P256, OP_ECDSA_SIGN},
     {IMPL_RAW_PKCS11, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_TPM, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_ESYS_SESS, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_ESYS, ALG_P256, OP_ECDSA_SIGN},
     {IMPL_DEFAULT, ALG_RSA2048, OP_PSS_SIGN},
     {IMPL_SOFTWARE, ALG_RSA2048, OP_PSS_SIGN},
     {IMPL_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
@@ -276,6 +279,8 @@ static const struct {
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_ECDSA_SIGN, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_ECDSA_SIGN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_ECDSA_SIGN, 0},
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_PSS_SIGN, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_PSS_SIGN, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_PSS_SIGN, 0},
@@ -338,6 +343,8 @@ static struct {
     unsigned long tpm_handle_num;
     const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
     const char *p11_sign_key, *p11_sign_uri, *p11_sign_rsa_key, *p11_sign_rsa_uri;
+    const char *tpm_sign_handle;
+    unsigned long tpm_sign_handle_num;
     unsigned long tpm_rsa_handle_num;
     long tpm_mem_ops;
 } opt = {
@@ -358,7 +365,7 @@ static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
 static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: without */
 static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
-static char tpm_uri[64], tpm_rsa_uri[64];
+static char tpm_uri[64], tpm_rsa_uri[64], tpm_sign_uri[64];
 static EVP_MD *sha256; /* the raw Cryptoki rows' OAEP decoding digest (default provider) */
 static unsigned char sign_dgst[32]; /* what the signature cells sign: a random "SHA-256 digest" */
 
@@ -559,6 +566,10 @@ static int sign_once(cell *c, unsigned char *sig, size_t *siglen)
 {
     int pss = c->op == OP_PSS_SIGN;
 
+    if (is_raw_esys(c->impl)) {
+        *siglen = 64;
+        return raw_esys_sign(esys_of(c->impl), sign_dgst, sig);
+    }
     if (c->impl == IMPL_RAW_PKCS11)
         return raw_p11_sign(raw, c->signkey, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
     return bench_sign(c->L, c->own, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
@@ -582,10 +593,15 @@ static void setup_sign(cell *c)
             die(c->name);
         pub = rsa ? bench_rsa_pub(deflt, a, alen, b, blen)
                   : bench_pub_import(deflt, &algs[ALG_P256], a, alen);
+    } else if (is_raw_esys(c->impl)) {
+        if (!raw_esys_sign_key(esys_of(c->impl), opt.tpm_sign_handle_num, a))
+            die(c->name);
+        pub = bench_pub_import(deflt, &algs[ALG_P256], a, 65);
     } else {
-        const char *uri = c->impl != IMPL_PKCS11 ? NULL
-                          : rsa                  ? opt.p11_sign_rsa_uri
-                                                 : opt.p11_sign_uri;
+        const char *uri = c->impl == IMPL_TPM      ? tpm_sign_uri
+                          : c->impl != IMPL_PKCS11 ? NULL
+                          : rsa                    ? opt.p11_sign_rsa_uri
+                                                   : opt.p11_sign_uri;
 
         c->own = uri != NULL ? store_load(c->L, uri)
                  : rsa       ? bench_rsa_keygen(c->L, 2048)
@@ -606,9 +622,9 @@ static void setup_sign(cell *c)
         fprintf(stderr, "keyx-bench: %s: cannot read the public key\n", c->name);
         die(c->name);
     }
-    ok =
-        sign_once(c, sig, &siglen) && bench_verify(deflt, pub, rsa, sign_dgst, sizeof(sign_dgst),
-                                                   sig, siglen, c->impl == IMPL_RAW_PKCS11 && !rsa);
+    ok = sign_once(c, sig, &siglen) &&
+         bench_verify(deflt, pub, rsa, sign_dgst, sizeof(sign_dgst), sig, siglen,
+                      (c->impl == IMPL_RAW_PKCS11 || is_raw_esys(c->impl)) && !rsa);
     EVP_PKEY_free(pub);
     if (!ok) {
         fprintf(stderr,
@@ -1192,6 +1208,8 @@ static void usage(FILE *fp)
         "(none: no TPM RSA rows)\n"
         "  --tpm2-openssl-config FILE  openssl.cnf loading tpm2-openssl's provider (\"tpm2\") "
         "preferred, on the TPM of --tpm-tcti (its TCTI: TPM2OPENSSL_TCTI): the tpm2-openssl rows\n"
+        "  --tpm-sign-handle 0x81.. persistent P-256 sign key for the TPM ecdsa-sign rows (none: "
+        "no TPM sign rows)\n"
         "  --pkcs11-sign-key LABEL token P-256 sign key for the ecdsa-sign rows (none: no pkcs11 "
         "ECDSA rows)\n"
         "  --pkcs11-sign-rsa-key LABEL  token RSA-2048 sign key for the pss-sign rows (none: no "
@@ -1233,6 +1251,7 @@ static void parse_args(int argc, char **argv)
         {"pkcs11-rsa-key", required_argument, NULL, 'R'},
         {"tpm-rsa-handle", required_argument, NULL, 'W'},
         {"tpm2-openssl-config", required_argument, NULL, 'O'},
+        {"tpm-sign-handle", required_argument, NULL, 'K'},
         {"pkcs11-sign-key", required_argument, NULL, 'g'},
         {"pkcs11-sign-rsa-key", required_argument, NULL, 'G'},
         {"rounds", required_argument, NULL, 'r'},
@@ -1294,6 +1313,12 @@ static void parse_args(int argc, char **argv)
             break;
         case 'O':
             opt.tpm2_openssl_config = optarg;
+            break;
+        case 'K':
+            opt.tpm_sign_handle = optarg;
+            opt.tpm_sign_handle_num = strtoul(optarg, &end, 0);
+            if (*end != '\0' || (opt.tpm_sign_handle_num >> 24) != 0x81)
+                goto bad;
             break;
         case 'G':
             opt.p11_sign_rsa_key = optarg;
@@ -1373,6 +1398,10 @@ static void parse_args(int argc, char **argv)
                         "rows use the same TPM and its persistent key)\n");
         exit(2);
     }
+    if (opt.tpm_sign_handle != NULL && opt.tpm_config == NULL) {
+        fprintf(stderr, "keyx-bench: --tpm-sign-handle needs --tpm-config\n");
+        exit(2);
+    }
     if (opt.tpm_rsa_handle != NULL && opt.tpm_config == NULL) {
         fprintf(stderr, "keyx-bench: --tpm-rsa-handle needs --tpm-config\n");
         exit(2);
@@ -1410,6 +1439,9 @@ int main(int argc, char **argv)
                  opt.p11_key);
         opt.p11_uri = uri;
     }
+    if (opt.tpm_sign_handle != NULL)
+        snprintf(tpm_sign_uri, sizeof(tpm_sign_uri), "keyx:tpm:handle=0x%08lX",
+                 opt.tpm_sign_handle_num);
     if (opt.tpm_rsa_handle != NULL)
         snprintf(tpm_rsa_uri, sizeof(tpm_rsa_uri), "keyx:tpm:handle=0x%08lX",
                  opt.tpm_rsa_handle_num);
@@ -1447,6 +1479,7 @@ int main(int argc, char **argv)
             (is_sign(PLAN[i].op) &&
              (PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              (PLAN[i].op == OP_ECDSA_SIGN ? opt.p11_sign_key : opt.p11_sign_rsa_key) == NULL) ||
+            (is_sign(PLAN[i].op) && is_tpm(PLAN[i].impl) && opt.tpm_sign_handle == NULL) ||
             (PLAN[i].alg == ALG_RSA2048 && !is_sign(PLAN[i].op) &&
              (((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
                opt.p11_rsa_key == NULL) ||

@@ -169,7 +169,7 @@ bench_tpm_setup() {
         sleep 0.1
     done
     TPM_TCTI=swtpm:host=127.0.0.1,port=$port
-    say "swtpm on 127.0.0.1:$port (state $work/tpm), persistent P-256 key 0x81000002, RSA-2048 0x81000004"
+    say "swtpm on 127.0.0.1:$port (state $work/tpm), persistent P-256 key 0x81000002, RSA-2048 0x81000004, P-256 sign key 0x81000003"
     tools() { TPM2TOOLS_TCTI=$TPM_TCTI "$@" >/dev/null 2>"$work/tpm2-tools.log" ||
         keyx_die "$1 failed: $(cat "$work/tpm2-tools.log")"; }
     tools tpm2_createprimary -C o -G ecc256 -c "$work/srk.ctx"
@@ -189,12 +189,20 @@ bench_tpm_setup() {
     tools tpm2_load -C "$work/srk.ctx" -u "$work/r.pub" -r "$work/r.priv" -c "$work/r.ctx"
     tools tpm2_evictcontrol -C o -c "$work/r.ctx" 0x81000004
     tools tpm2_flushcontext -t
+    # P-256 sign key, scheme NULL (ECDSA-SHA256 chosen per call), for the ecdsa-sign rows
+    tools tpm2_create -C "$work/srk.ctx" -G ecc256:null \
+        -a 'sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda' \
+        -u "$work/s.pub" -r "$work/s.priv"
+    tools tpm2_flushcontext -t
+    tools tpm2_load -C "$work/srk.ctx" -u "$work/s.pub" -r "$work/s.priv" -c "$work/s.ctx"
+    tools tpm2_evictcontrol -C o -c "$work/s.ctx" 0x81000003
+    tools tpm2_flushcontext -t
     tools tpm2_flushcontext -l
     tools tpm2_flushcontext -s
     write_cnf "$work/tpm.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI"
     write_cnf "$work/tpm-pool.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI" "tpm-pool = 4"
     BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
-        --tpm-rsa-handle 0x81000004)
+        --tpm-rsa-handle 0x81000004 --tpm-sign-handle 0x81000003)
     POOL_ARGS+=(--tpm-config "$work/tpm-pool.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
     # tpm2-openssl (issue 4's anchor) on the same swtpm, its provider ("tpm2") preferred in its
     # own library context; its TCTI from TPM2OPENSSL_TCTI (it ignores a TCTI in its config

@@ -332,7 +332,7 @@ def test_bench_tpm_rows_ratios_and_cross_check(tpm_bench):
     r = run(tpm_args(tpm_bench, "--json"), timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm)")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
-    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS}, r
+    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS + ("ecdsa-sign",)}, r
     for key, c in cells.items():
         assert c["secret_check"] is True and c["ops_per_s"] > 0, key
         assert c["memory"]["ops"] == 50, key
@@ -407,7 +407,7 @@ def test_bench_tpm_rsa_rows(tpm_rsa_bench):
     decrypts one ciphertext of its pool to the key the default provider encrypted; the audit
     log shows the decrypts in the TPM."""
     args = tpm_args(tpm_rsa_bench, "--json", "--tpm-rsa-handle", f"0x{TPM_RSA_HANDLE:08x}")
-    args[args.index("--only") + 1] = "RSA"
+    args[args.index("--only") + 1] = "RSA-2048/oaep"
     r = run(args, timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm rsa)")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
@@ -469,3 +469,42 @@ def test_bench_sign_refuses_software_pkcs11(cnf, token):
     wrong = cnf(keyx={"backends": "software"}, name="not-pkcs11-sign.cnf")
     r = run_bench(bench_args(cnf, token, "--only", "keyx-pkcs11/P-256/ecdsa", pkcs11=wrong), token)
     assert r.rc == 1 and "keyx-pkcs11/P-256/ecdsa-sign" in r.err, r
+
+
+TPM_SIGN_HANDLE = 0x81000003
+
+
+def test_bench_tpm_sign_rows(tpm_bench, tmp):
+    """keyx-tpm ECDSA P-256 with a persistent sign key loaded by URI beside one Esys_Sign of the
+    same key (with the salted session and with a password) and the default provider; each
+    signature verified by the default provider with the key's public point (ReadPublic for the
+    raw rows); the audit log shows the signatures made in the TPM."""
+    tpm = tpm_bench["tpm"]
+    tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "ecc256", "-c", tmp / "srk3.ctx")
+    tpm.flush_transient()
+    tpm.tools("tpm2_create", "-Q", "-C", tmp / "srk3.ctx", "-G", "ecc256:null", "-a",
+              "sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+              "-u", tmp / "s.pub", "-r", tmp / "s.priv")
+    tpm.flush_transient()
+    tpm.tools("tpm2_load", "-Q", "-C", tmp / "srk3.ctx", "-u", tmp / "s.pub", "-r", tmp / "s.priv",
+              "-c", tmp / "s.ctx")
+    tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "s.ctx", f"0x{TPM_SIGN_HANDLE:x}")
+    tpm.flush_transient()
+    args = tpm_args(tpm_bench, "--json", "--tpm-sign-handle", f"0x{TPM_SIGN_HANDLE:08x}")
+    args[args.index("--only") + 1] = "ecdsa"
+    r = run(args, timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm sign)")
+    doc = json.loads(r.out)
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert set(cells) == {(i, "P-256", "ecdsa-sign") for i in
+                          ("default", "keyx-tpm", "raw-esys-sess", "raw-esys")}, r
+    for key, c in cells.items():
+        assert c["secret_check"] is True and c["ops_per_s"] > 0, key
+    ratios = {(x["num"], x["den"]): x for x in doc["ratios"]}
+    assert set(ratios) == {("keyx-tpm", "raw-esys-sess"), ("keyx-tpm", "raw-esys")}, doc["ratios"]
+    events = kxutil.read_audit(tpm_bench["log"])
+    assert any(e.get("event") == "sign" and e.get("backend") == "tpm" and e.get("ok")
+               for e in events), "no signature in the TPM in the audit log"
+    left = tpm.tools("tpm2_getcap", "handles-transient").out
+    assert "0x80" not in left, left
+    r = run(tpm_args(tpm_bench, "--tpm-sign-handle", "0x01000003"), timeout=TIMEOUT)
+    assert r.rc == 2 and "bad value" in r.err, r
