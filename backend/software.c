@@ -11,15 +11,68 @@
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
+/* Key generation contexts kept for reuse, per algorithm, for the requests that need nothing but
+ * the algorithm (X25519 and X448: no domain, no parameters). A new EVP_PKEY_CTX costs a method
+ * fetch and a scan of the name map, a large share of an X25519 key pair. A thread takes a context
+ * out of a slot (atomic exchange), generates, and puts it back; when the slots are empty it makes
+ * a new one, so threads never share a context and never wait. */
+#define GEN_SLOTS 4
+
+typedef struct sw_state {
+    keyx_provctx *p;
+    EVP_PKEY_CTX *gen[KEYX_ALG_COUNT][GEN_SLOTS];
+} sw_state;
+
 static int sw_open(keyx_provctx *p, void **state)
 {
-    *state = p;
+    sw_state *s = OPENSSL_zalloc(sizeof(*s));
+
+    if (s == NULL)
+        return 0;
+    s->p = p;
+    *state = s;
     return 1;
 }
 
 static void sw_close(void *state)
 {
-    (void)state;
+    sw_state *s = state;
+
+    if (s == NULL)
+        return;
+    for (int a = 0; a < KEYX_ALG_COUNT; a++)
+        for (int i = 0; i < GEN_SLOTS; i++)
+            EVP_PKEY_CTX_free(s->gen[a][i]);
+    OPENSSL_free(s);
+}
+
+static int reusable(const keyx_keyspec *spec)
+{
+    return (spec->alg == KEYX_ALG_X25519 || spec->alg == KEYX_ALG_X448) && spec->domain == NULL &&
+           (spec->params == NULL || spec->params[0].key == NULL);
+}
+
+static EVP_PKEY_CTX *gen_take(sw_state *s, keyx_alg alg)
+{
+    for (int i = 0; i < GEN_SLOTS; i++) {
+        EVP_PKEY_CTX *ctx = __atomic_exchange_n(&s->gen[alg][i], NULL, __ATOMIC_ACQ_REL);
+
+        if (ctx != NULL)
+            return ctx;
+    }
+    return NULL;
+}
+
+static void gen_put(sw_state *s, keyx_alg alg, EVP_PKEY_CTX *ctx)
+{
+    for (int i = 0; i < GEN_SLOTS; i++) {
+        EVP_PKEY_CTX *none = NULL;
+
+        if (__atomic_compare_exchange_n(&s->gen[alg][i], &none, ctx, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return;
+    }
+    EVP_PKEY_CTX_free(ctx);
 }
 
 static int sw_supports(void *state, const keyx_keyspec *spec)
@@ -30,14 +83,22 @@ static int sw_supports(void *state, const keyx_keyspec *spec)
 
 static int sw_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
-    keyx_provctx *p = state;
+    sw_state *s = state;
+    keyx_provctx *p = s->p;
     EVP_PKEY *key = NULL;
-    EVP_PKEY_CTX *ctx = spec->domain != NULL
-                            ? EVP_PKEY_CTX_new_from_pkey(p->libctx, spec->domain, NULL)
-                            : EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(spec->alg), NULL);
+    int reuse = reusable(spec);
+    EVP_PKEY_CTX *ctx = reuse ? gen_take(s, spec->alg) : NULL;
 
-    if (ctx == NULL || EVP_PKEY_keygen_init(ctx) != 1 ||
-        (spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
+    if (ctx == NULL) {
+        ctx = spec->domain != NULL
+                  ? EVP_PKEY_CTX_new_from_pkey(p->libctx, spec->domain, NULL)
+                  : EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(spec->alg), NULL);
+        if (ctx != NULL && EVP_PKEY_keygen_init(ctx) != 1) {
+            EVP_PKEY_CTX_free(ctx);
+            ctx = NULL;
+        }
+    }
+    if (ctx == NULL || (spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
         EVP_PKEY_generate(ctx, &key) != 1 || !EVP_PKEY_up_ref(key)) {
         EVP_PKEY_CTX_free(ctx);
         EVP_PKEY_free(key);
@@ -45,7 +106,10 @@ static int sw_generate(void *state, const keyx_keyspec *spec, void **handle, EVP
                  keyx_alg_name(spec->alg));
         return 0;
     }
-    EVP_PKEY_CTX_free(ctx);
+    if (reuse)
+        gen_put(s, spec->alg, ctx);
+    else
+        EVP_PKEY_CTX_free(ctx);
     *handle = key;
     *pub = key; /* the same object: software keys carry their private part in the public view */
     return 1;
@@ -68,12 +132,12 @@ static int sw_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 static int sw_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
                      size_t secretlen)
 {
-    keyx_provctx *p = state;
+    keyx_provctx *p = ((sw_state *)state)->p;
     EVP_PKEY *key = handle;
     size_t len = secretlen;
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
     int ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
-             (!EVP_PKEY_is_a(key, "DH") || EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
+             (EVP_PKEY_get_base_id(key) != EVP_PKEY_DH || EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
              /* keyx validated the peer already (keyx_key_check_peer) */
              EVP_PKEY_derive_set_peer_ex(ctx, peer, 0) == 1 &&
              EVP_PKEY_derive(ctx, secret, &len) == 1 && len == secretlen;
@@ -92,7 +156,7 @@ static int sw_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *s
 static int sw_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
                           size_t inlen, unsigned char *out, size_t *outlen)
 {
-    keyx_provctx *p = state;
+    keyx_provctx *p = ((sw_state *)state)->p;
     EVP_PKEY *key = handle;
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
     OSSL_PARAM params[6], *q = params;

@@ -43,6 +43,9 @@ int bench_peers_make(bench_peers *pp, OSSL_LIB_CTX *deflt, const bench_alg *alg,
 void bench_peers_free(bench_peers *pp);
 /* Key with the group's parameters and the given encoded public key, made in libctx L the way
  * libssl makes a peer's key share (paramgen with the group, then the encoded public key). */
+/* Peers imported into this library context are made by its default provider (tpm2-openssl's
+ * EC paramgen would make a TPM object per peer: out of object slots at once). */
+extern OSSL_LIB_CTX *bench_peer_in_default;
 EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned char *pub,
                            size_t publen);
 /* EVP_PKEY_keygen in L for the group (libssl's ssl_generate_pkey_group). */
@@ -65,10 +68,21 @@ int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char
                        size_t publen, const unsigned char *secret, size_t secretlen);
 /* The name of the provider serving key k ("keyx", "default", ...). */
 const char *bench_provider_of(const EVP_PKEY *k);
+/* EVP_PKEY_get1_encoded_public_key (what libssl sends), with a fallback for providers that answer
+ * only with a buffer (tpm2-openssl). 0 on failure. */
+size_t bench_encoded_pub(EVP_PKEY *k, unsigned char **pub);
 void bench_print_errors(const char *what);
 
 /* RSA-OAEP (evp.c). md names both the OAEP and the MGF1 digest; no label. */
 EVP_PKEY *bench_rsa_keygen(OSSL_LIB_CTX *L, unsigned int bits);
+/* One signature of a SHA-256 digest as an application makes it: new EVP_PKEY_CTX from the key,
+ * EVP_PKEY_sign_init, digest SHA-256 (and for pss: PSS padding, salt = digest length), sign. */
+int bench_sign(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, const unsigned char *dgst, size_t dlen,
+               unsigned char *sig, size_t *siglen);
+/* The default provider's verdict on sig (DER for ECDSA); rs_len > 0: sig is r || s of rs_len
+ * bytes (raw Cryptoki's ECDSA) and is converted to DER first. */
+int bench_verify(OSSL_LIB_CTX *deflt, EVP_PKEY *pub, int pss, const unsigned char *dgst,
+                 size_t dlen, const unsigned char *sig, size_t siglen, int raw_rs);
 /* Public key in the default provider from big-endian n and e. */
 EVP_PKEY *bench_rsa_pub(OSSL_LIB_CTX *deflt, const unsigned char *n, size_t nlen,
                         const unsigned char *e, size_t elen);
@@ -124,7 +138,15 @@ int raw_p11_oaep_decrypt(raw_p11 *r, const EVP_MD *md, const unsigned char *ct, 
 
 /* Call counting: swaps the entries of the module's function list (shared with keyx in this
  * process) for counting wrappers until raw_p11_count_end. 1 ok, 0 not possible. */
-#define RAW_P11_NCOUNTED 20
+/* Signature keys: the private key labelled label (*obj) and its public part for verification:
+ * rsa: modulus into a, exponent into b; EC: the uncompressed point into a (b unused). */
+int raw_p11_sign_key(raw_p11 *r, const char *label, int rsa, unsigned long *obj, unsigned char *a,
+                     size_t *alen, unsigned char *b, size_t *blen);
+/* C_SignInit + C_Sign of a SHA-256 digest: CKM_ECDSA (r || s) or CKM_RSA_PKCS_PSS (SHA-256,
+ * MGF1-SHA-256, 32-byte salt). */
+int raw_p11_sign(raw_p11 *r, unsigned long obj, int pss, const unsigned char *dgst, size_t dlen,
+                 unsigned char *sig, size_t *siglen);
+#define RAW_P11_NCOUNTED 22
 int raw_p11_count_begin(raw_p11 *r);
 void raw_p11_count_end(raw_p11 *r, unsigned long out[RAW_P11_NCOUNTED]);
 const char *raw_p11_count_name(int i);
@@ -151,6 +173,10 @@ int raw_esys_rsa_key(raw_esys *r, unsigned long handle, unsigned char *n, size_t
                      unsigned char *e, size_t *elen);
 /* One Esys_RSA_Decrypt with the OAEP scheme, SHA-256, empty label; authorized by the salted
  * session (response encrypted) when the context has one, else by password. */
+/* The persistent P-256 sign key at handle: its public point (65 bytes) into pub. */
+int raw_esys_sign_key(raw_esys *r, unsigned long handle, unsigned char *pub);
+/* One Esys_Sign (ECDSA, SHA-256) of a 32-byte digest; sig = r || s (64 bytes). */
+int raw_esys_sign(raw_esys *r, const unsigned char *dgst, unsigned char *sig);
 int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, unsigned char *out,
                           size_t *outlen);
 

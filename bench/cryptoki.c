@@ -460,6 +460,55 @@ int raw_p11_oaep_decrypt(raw_p11 *r, const EVP_MD *md, const unsigned char *ct, 
     return 1;
 }
 
+/* ---- signatures (certificate keys) ------------------------------------------------------------
+ */
+
+int raw_p11_sign_key(raw_p11 *r, const char *label, int rsa, unsigned long *obj, unsigned char *a,
+                     size_t *alen, unsigned char *b, size_t *blen)
+{
+    CK_OBJECT_HANDLE priv = find_key(r, CKO_PRIVATE_KEY, label), pub;
+    CK_RV rv;
+
+    if (priv == CK_INVALID_HANDLE)
+        return 0;
+    *obj = priv;
+    if (rsa) {
+        CK_ATTRIBUTE t[] = {ATTR(CKA_MODULUS, a, *alen), ATTR(CKA_PUBLIC_EXPONENT, b, *blen)};
+
+        if ((rv = r->f->C_GetAttributeValue(r->h, priv, t, NATTR(t))) != CKR_OK)
+            return fail("C_GetAttributeValue(CKA_MODULUS, CKA_PUBLIC_EXPONENT)", rv);
+        *alen = t[0].ulValueLen;
+        *blen = t[1].ulValueLen;
+        return 1;
+    } else {
+        unsigned char der[200];
+        CK_ATTRIBUTE t[] = {ATTR(CKA_EC_POINT, der, sizeof(der))};
+
+        if ((pub = find_key(r, CKO_PUBLIC_KEY, label)) == CK_INVALID_HANDLE)
+            return 0;
+        if ((rv = r->f->C_GetAttributeValue(r->h, pub, t, NATTR(t))) != CKR_OK)
+            return fail("C_GetAttributeValue(CKA_EC_POINT)", rv);
+        return unwrap_point(der, t[0].ulValueLen, a, alen);
+    }
+}
+
+int raw_p11_sign(raw_p11 *r, unsigned long obj, int pss, const unsigned char *dgst, size_t dlen,
+                 unsigned char *sig, size_t *siglen)
+{
+    CK_RSA_PKCS_PSS_PARAMS pp = {CKM_SHA256, CKG_MGF1_SHA256, 32};
+    CK_MECHANISM mech = pss ? (CK_MECHANISM){CKM_RSA_PKCS_PSS, &pp, sizeof(pp)}
+                            : (CK_MECHANISM){CKM_ECDSA, NULL, 0};
+    CK_ULONG len = *siglen;
+    CK_RV rv;
+
+    if ((rv = r->f->C_SignInit(SESS(r), &mech, obj)) != CKR_OK)
+        return fail("C_SignInit", rv);
+    if ((rv = r->f->C_Sign(SESS(r), (CK_BYTE_PTR)dgst, dlen, sig, &len)) != CKR_OK)
+        return fail("C_Sign", rv);
+    *siglen = len;
+    return 1;
+}
+
 int raw_p11_keygen_derive(raw_p11 *r, const bench_alg *alg, const EVP_PKEY *dom,
                           const unsigned char *peer, size_t peerlen, unsigned char *out)
 {
@@ -521,13 +570,22 @@ WRAP(17, C_GetSlotInfo, (CK_SLOT_ID a, CK_SLOT_INFO_PTR b), (a, b))
 WRAP(18, C_DecryptInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c), (a, b, c))
 WRAP(19, C_Decrypt, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e),
      (a, b, c, d, e))
+WRAP(20, C_SignInit, (CK_SESSION_HANDLE a, CK_MECHANISM_PTR b, CK_OBJECT_HANDLE c), (a, b, c))
+WRAP(21, C_Sign, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e),
+     (a, b, c, d, e))
 
 static const char *const count_names[RAW_P11_NCOUNTED] = {
-    "C_GetSlotList",    "C_GetTokenInfo",     "C_GetMechanismList",  "C_GetMechanismInfo",
-    "C_OpenSession",    "C_CloseSession",     "C_GetSessionInfo",    "C_Login",
-    "C_CreateObject",   "C_DestroyObject",    "C_GetAttributeValue", "C_FindObjectsInit",
-    "C_FindObjects",    "C_FindObjectsFinal", "C_GenerateKeyPair",   "C_DeriveKey",
-    "C_GenerateRandom", "C_GetSlotInfo",      "C_DecryptInit",       "C_Decrypt",
+    "C_GetSlotList",       "C_GetTokenInfo",
+    "C_GetMechanismList",  "C_GetMechanismInfo",
+    "C_OpenSession",       "C_CloseSession",
+    "C_GetSessionInfo",    "C_Login",
+    "C_CreateObject",      "C_DestroyObject",
+    "C_GetAttributeValue", "C_FindObjectsInit",
+    "C_FindObjects",       "C_FindObjectsFinal",
+    "C_GenerateKeyPair",   "C_DeriveKey",
+    "C_GenerateRandom",    "C_GetSlotInfo",
+    "C_DecryptInit",       "C_Decrypt",
+    "C_SignInit",          "C_Sign",
 };
 
 const char *raw_p11_count_name(int i)
@@ -576,6 +634,8 @@ int raw_p11_count_begin(raw_p11 *r)
     f->C_GetSlotInfo = count_C_GetSlotInfo;
     f->C_DecryptInit = count_C_DecryptInit;
     f->C_Decrypt = count_C_Decrypt;
+    f->C_SignInit = count_C_SignInit;
+    f->C_Sign = count_C_Sign;
     return 1;
 }
 

@@ -34,6 +34,7 @@ struct raw_esys {
     ESYS_CONTEXT *ctx;
     ESYS_TR key;     /* the persistent key */
     ESYS_TR rsakey;  /* the persistent RSA key (raw_esys_rsa_key), ESYS_TR_NONE before */
+    ESYS_TR signkey; /* the persistent P-256 sign key (raw_esys_sign_key), ESYS_TR_NONE before */
     ESYS_TR session; /* ESYS_TR_PASSWORD when none */
     unsigned char pub[65];
     pthread_mutex_t lock;
@@ -54,6 +55,7 @@ raw_esys *raw_esys_open(const char *tcti, unsigned long handle, int session)
         return NULL;
     r->session = ESYS_TR_PASSWORD;
     r->rsakey = ESYS_TR_NONE;
+    r->signkey = ESYS_TR_NONE;
     pthread_mutex_init(&r->lock, NULL);
     if ((rc = Tss2_TctiLdr_Initialize(tcti, &r->tcti)) != TSS2_RC_SUCCESS) {
         fprintf(stderr, "keyx-bench: raw ESYS: cannot open TCTI '%s': %s\n", tcti,
@@ -302,5 +304,81 @@ int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, un
     }
     OPENSSL_cleanse(msg, sizeof(*msg));
     Esys_Free(msg);
+    return ok;
+}
+
+/* ---- signatures ------------------------------------------------------------------------------ */
+
+int raw_esys_sign_key(raw_esys *r, unsigned long handle, unsigned char *pub)
+{
+    TPM2B_PUBLIC *p = NULL;
+    TSS2_RC rc;
+    int ok = 0;
+
+    pthread_mutex_lock(&r->lock);
+    if ((rc = Esys_TR_FromTPMPublic(r->ctx, (TPM2_HANDLE)handle, ESYS_TR_NONE, ESYS_TR_NONE,
+                                    ESYS_TR_NONE, &r->signkey)) != TSS2_RC_SUCCESS) {
+        fprintf(stderr, "keyx-bench: raw ESYS: no key at persistent handle 0x%08lX: %s\n", handle,
+                Tss2_RC_Decode(rc));
+        r->signkey = ESYS_TR_NONE;
+        goto end;
+    }
+    if ((rc = Esys_ReadPublic(r->ctx, r->signkey, ESYS_TR_NONE, ESYS_TR_NONE, ESYS_TR_NONE, &p,
+                              NULL, NULL)) != TSS2_RC_SUCCESS) {
+        esys_err("ReadPublic of the persistent sign key", rc);
+        goto end;
+    }
+    if (p->publicArea.type != TPM2_ALG_ECC || p->publicArea.unique.ecc.x.size != 32 ||
+        p->publicArea.unique.ecc.y.size != 32) {
+        fprintf(stderr, "keyx-bench: raw ESYS: 0x%08lX is not a P-256 key\n", handle);
+        goto end;
+    }
+    pub[0] = 0x04;
+    memcpy(pub + 1, p->publicArea.unique.ecc.x.buffer, 32);
+    memcpy(pub + 33, p->publicArea.unique.ecc.y.buffer, 32);
+    ok = 1;
+end:
+    pthread_mutex_unlock(&r->lock);
+    Esys_Free(p);
+    return ok;
+}
+
+int raw_esys_sign(raw_esys *r, const unsigned char *dgst, unsigned char *sig)
+{
+    TPM2B_DIGEST d = {.size = 32};
+    TPMT_SIG_SCHEME scheme = {.scheme = TPM2_ALG_ECDSA, .details.ecdsa.hashAlg = TPM2_ALG_SHA256};
+    TPMT_TK_HASHCHECK ticket = {.tag = TPM2_ST_HASHCHECK, .hierarchy = TPM2_RH_NULL};
+    TPMT_SIGNATURE *s = NULL;
+    TSS2_RC rc;
+    int ok = 0;
+
+    if (r->signkey == ESYS_TR_NONE)
+        return 0;
+    memcpy(d.buffer, dgst, 32);
+    pthread_mutex_lock(&r->lock);
+    /* A signature has no secret to hide and no TPM2B first response parameter: the session
+     * authorizes (HMAC) without response encryption, as keyx does for Sign. */
+    if (r->session != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(r->ctx, r->session, 0, TPMA_SESSION_ENCRYPT);
+    rc = Esys_Sign(r->ctx, r->signkey, r->session, ESYS_TR_NONE, ESYS_TR_NONE, &d, &scheme, &ticket,
+                   &s);
+    if (r->session != ESYS_TR_PASSWORD)
+        Esys_TRSess_SetAttributes(r->ctx, r->session, TPMA_SESSION_ENCRYPT, TPMA_SESSION_ENCRYPT);
+    pthread_mutex_unlock(&r->lock);
+    if (rc != TSS2_RC_SUCCESS) {
+        esys_err("Sign", rc);
+        return 0;
+    }
+    if (s->sigAlg == TPM2_ALG_ECDSA && s->signature.ecdsa.signatureR.size <= 32 &&
+        s->signature.ecdsa.signatureS.size <= 32) {
+        const TPM2B_ECC_PARAMETER *rr = &s->signature.ecdsa.signatureR,
+                                  *ss = &s->signature.ecdsa.signatureS;
+
+        memset(sig, 0, 64);
+        memcpy(sig + 32 - rr->size, rr->buffer, rr->size);
+        memcpy(sig + 64 - ss->size, ss->buffer, ss->size);
+        ok = 1;
+    }
+    Esys_Free(s);
     return ok;
 }

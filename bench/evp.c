@@ -7,6 +7,7 @@
 
 #include <openssl/core_names.h>
 #include <openssl/dh.h>
+#include <openssl/ec.h>
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/param_build.h>
@@ -38,10 +39,13 @@ const char *bench_provider_of(const EVP_PKEY *k)
     return p != NULL ? OSSL_PROVIDER_get0_name(p) : "(legacy)";
 }
 
+OSSL_LIB_CTX *bench_peer_in_default;
+
 EVP_PKEY *bench_pub_import(OSSL_LIB_CTX *L, const bench_alg *alg, const unsigned char *pub,
                            size_t publen)
 {
-    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(L, alg->keytype, NULL);
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_name(
+        L, alg->keytype, L != NULL && L == bench_peer_in_default ? "provider=default" : NULL);
     EVP_PKEY *k = NULL;
 
     if (pctx == NULL || EVP_PKEY_paramgen_init(pctx) <= 0 ||
@@ -159,11 +163,31 @@ int bench_check_secret(OSSL_LIB_CTX *deflt, bench_peers *pp, const unsigned char
     return ok;
 }
 
+size_t bench_encoded_pub(EVP_PKEY *k, unsigned char **pub)
+{
+    unsigned char buf[1024];
+    size_t len = 0;
+    size_t n = EVP_PKEY_get1_encoded_public_key(k, pub);
+
+    if (n != 0)
+        return n;
+    /* tpm2-openssl 1.1 answers no size query for it: ask with a buffer, then for the point */
+    ERR_set_mark();
+    if (EVP_PKEY_get_octet_string_param(k, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, buf, sizeof(buf),
+                                        &len) != 1 &&
+        EVP_PKEY_get_octet_string_param(k, OSSL_PKEY_PARAM_PUB_KEY, buf, sizeof(buf), &len) != 1)
+        len = 0;
+    ERR_pop_to_mark();
+    if (len == 0 || (*pub = OPENSSL_memdup(buf, len)) == NULL)
+        return 0;
+    return len;
+}
+
 int bench_check_against_default(OSSL_LIB_CTX *L, OSSL_LIB_CTX *deflt, EVP_PKEY *own,
                                 bench_peers *pp)
 {
     unsigned char got[1024], *pub = NULL;
-    size_t gotlen = sizeof(got), publen = EVP_PKEY_get1_encoded_public_key(own, &pub);
+    size_t gotlen = sizeof(got), publen = bench_encoded_pub(own, &pub);
     EVP_PKEY *peer = bench_pub_import(L, pp->alg, pp->pub[0], pp->publen[0]);
     int ok = publen != 0 && peer != NULL && bench_derive(L, own, peer, got, &gotlen) &&
              bench_check_secret(deflt, pp, pub, publen, got, gotlen);
@@ -296,4 +320,72 @@ void bench_ct_pool_free(bench_ct_pool *p)
         OPENSSL_free(p->ct[i]);
     OPENSSL_free(p->ct);
     OPENSSL_cleanse(p, sizeof(*p));
+}
+
+/* ---- signatures ------------------------------------------------------------------------------ */
+
+static EVP_PKEY_CTX *sign_ctx(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, int sign)
+{
+    EVP_PKEY_CTX *pctx = EVP_PKEY_CTX_new_from_pkey(L, k, NULL);
+    int saltlen = RSA_PSS_SALTLEN_DIGEST;
+    OSSL_PARAM params[4], *p = params;
+
+    *p++ = OSSL_PARAM_construct_utf8_string(OSSL_SIGNATURE_PARAM_DIGEST, (char *)"SHA256", 0);
+    if (pss) {
+        *p++ = OSSL_PARAM_construct_utf8_string(OSSL_SIGNATURE_PARAM_PAD_MODE,
+                                                (char *)OSSL_PKEY_RSA_PAD_MODE_PSS, 0);
+        *p++ = OSSL_PARAM_construct_int(OSSL_SIGNATURE_PARAM_PSS_SALTLEN, &saltlen);
+    }
+    *p = OSSL_PARAM_construct_end();
+    if (pctx == NULL || (sign ? EVP_PKEY_sign_init(pctx) : EVP_PKEY_verify_init(pctx)) <= 0 ||
+        EVP_PKEY_CTX_set_params(pctx, params) <= 0) {
+        EVP_PKEY_CTX_free(pctx);
+        return NULL;
+    }
+    return pctx;
+}
+
+int bench_sign(OSSL_LIB_CTX *L, EVP_PKEY *k, int pss, const unsigned char *dgst, size_t dlen,
+               unsigned char *sig, size_t *siglen)
+{
+    EVP_PKEY_CTX *pctx = sign_ctx(L, k, pss, 1);
+    int ok = pctx != NULL && EVP_PKEY_sign(pctx, sig, siglen, dgst, dlen) > 0;
+
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
+}
+
+int bench_verify(OSSL_LIB_CTX *deflt, EVP_PKEY *pub, int pss, const unsigned char *dgst,
+                 size_t dlen, const unsigned char *sig, size_t siglen, int raw_rs)
+{
+    EVP_PKEY_CTX *pctx = sign_ctx(deflt, pub, pss, 0);
+    unsigned char *der = NULL;
+    ECDSA_SIG *es = NULL;
+    int ok, derlen;
+
+    if (raw_rs) {
+        BIGNUM *r = BN_bin2bn(sig, (int)(siglen / 2), NULL);
+        BIGNUM *s = BN_bin2bn(sig + siglen / 2, (int)(siglen / 2), NULL);
+
+        if (siglen % 2 != 0 || r == NULL || s == NULL || (es = ECDSA_SIG_new()) == NULL ||
+            !ECDSA_SIG_set0(es, r, s)) {
+            BN_free(r);
+            BN_free(s);
+            ECDSA_SIG_free(es);
+            EVP_PKEY_CTX_free(pctx);
+            return 0;
+        }
+        if ((derlen = i2d_ECDSA_SIG(es, &der)) <= 0) {
+            ECDSA_SIG_free(es);
+            EVP_PKEY_CTX_free(pctx);
+            return 0;
+        }
+        sig = der;
+        siglen = (size_t)derlen;
+    }
+    ok = pctx != NULL && EVP_PKEY_verify(pctx, sig, siglen, dgst, dlen) == 1;
+    OPENSSL_free(der);
+    ECDSA_SIG_free(es);
+    EVP_PKEY_CTX_free(pctx);
+    return ok;
 }

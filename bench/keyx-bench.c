@@ -83,6 +83,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/provider.h>
+#include <openssl/rand.h>
 #include <openssl/store.h>
 
 #include "bench.h"
@@ -97,11 +98,12 @@ typedef enum {
     IMPL_TPM,
     IMPL_RAW_ESYS_SESS,
     IMPL_RAW_ESYS,
+    IMPL_TPM2_OPENSSL, /* tpm2-openssl's provider in its own libctx (--tpm2-openssl-config) */
     N_IMPL
 } impl_id;
 static const char *const impl_names[N_IMPL] = {"default",    "keyx-software", "keyx-pkcs11",
                                                "raw-pkcs11", "keyx-tpm",      "raw-esys-sess",
-                                               "raw-esys"};
+                                               "raw-esys",   "tpm2-openssl"};
 
 static int is_raw_esys(impl_id i)
 {
@@ -110,7 +112,7 @@ static int is_raw_esys(impl_id i)
 
 static int is_tpm(impl_id i)
 {
-    return i == IMPL_TPM || is_raw_esys(i);
+    return i == IMPL_TPM || is_raw_esys(i) || i == IMPL_TPM2_OPENSSL;
 }
 
 typedef enum {
@@ -122,12 +124,20 @@ typedef enum {
     OP_STATIC_DERIVE_READY,
     OP_OAEP_DECRYPT,      /* RSA-OAEP SHA-256 decrypt */
     OP_OAEP_SHA1_DECRYPT, /* the same with SHA-1: what SoftHSM does natively */
+    OP_ECDSA_SIGN,        /* ECDSA P-256 of a SHA-256 digest (a certificate key's work) */
+    OP_PSS_SIGN,          /* RSA-PSS, SHA-256, MGF1-SHA-256, salt 32 */
     N_OP
 } op_id;
 static const char *const op_names[N_OP] = {
     "derive",        "keygen+derive",        "static-derive",
     "derive(ready)", "keygen+derive(ready)", "static-derive(ready)",
-    "oaep-decrypt",  "oaep-sha1-decrypt"};
+    "oaep-decrypt",  "oaep-sha1-decrypt",    "ecdsa-sign",
+    "pss-sign"};
+
+static int is_sign(op_id op)
+{
+    return op == OP_ECDSA_SIGN || op == OP_PSS_SIGN;
+}
 
 /* The "(ready)" operations: the same with the peer's key already imported (the pool's keys made
  * once in the cell's libctx), the comparison with raw Cryptoki, which takes the peer's bytes. */
@@ -192,6 +202,9 @@ static const struct {
     {IMPL_RAW_ESYS_SESS, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_KEYGEN_DERIVE},
+    /* tpm2-openssl on the same TPM (issue 4's anchor) */
+    {IMPL_TPM2_OPENSSL, ALG_P256, OP_DERIVE},
+    {IMPL_TPM2_OPENSSL, ALG_P256, OP_KEYGEN_DERIVE},
     /* RSA-OAEP decrypt (pkcs11 rows with --pkcs11-rsa-key, TPM rows with --tpm-rsa-handle) */
     {IMPL_DEFAULT, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_SOFTWARE, ALG_RSA2048, OP_OAEP_DECRYPT},
@@ -202,6 +215,19 @@ static const struct {
     {IMPL_TPM, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_RAW_ESYS_SESS, ALG_RSA2048, OP_OAEP_DECRYPT},
     {IMPL_RAW_ESYS, ALG_RSA2048, OP_OAEP_DECRYPT},
+    /* signatures with a certificate key (pkcs11 rows with --pkcs11-sign-key and
+     * --pkcs11-sign-rsa-key) */
+    {IMPL_DEFAULT, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_SOFTWARE, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_PKCS11, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_PKCS11, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_TPM, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_ESYS_SESS, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_RAW_ESYS, ALG_P256, OP_ECDSA_SIGN},
+    {IMPL_DEFAULT, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_SOFTWARE, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
+    {IMPL_RAW_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
 };
 
 /* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
@@ -236,6 +262,10 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE_READY, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_DERIVE, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
+    /* issue 4: ephemeral keygen+derive at least 2x tpm2-openssl's, same run */
+    {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_KEYGEN_DERIVE, 2.0},
+    {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_DERIVE, 0},
+    {IMPL_TPM2_OPENSSL, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
     /* RSA-OAEP decrypt: issue 5 states no targets */
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_DECRYPT, 0},
@@ -245,6 +275,15 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
     {IMPL_TPM, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_OAEP_DECRYPT, 0},
+    /* signatures: no targets stated */
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_ECDSA_SIGN, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_ECDSA_SIGN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_ECDSA_SIGN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_ECDSA_SIGN, 0},
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_PSS_SIGN, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_PSS_SIGN, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_PSS_SIGN, 0},
 };
 
 /* Absolute targets (ops/s), stated against an anchor measured on this machine. */
@@ -266,11 +305,12 @@ typedef struct cell {
     char name[64];
     OSSL_LIB_CTX *L;
     bench_peers *peers;
-    EVP_PKEY *own;        /* derive, static-derive */
-    EVP_PKEY **ready;     /* "(ready)" operations: the pool's peers imported into L */
-    unsigned long rawkey; /* raw derive: the session private key */
-    bench_ct_pool pool;   /* RSA-OAEP: the ciphertexts */
-    const char *md;       /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
+    EVP_PKEY *own;         /* derive, static-derive */
+    EVP_PKEY **ready;      /* "(ready)" operations: the pool's peers imported into L */
+    unsigned long rawkey;  /* raw derive: the session private key */
+    unsigned long signkey; /* raw sign: the token's private key (not destroyed) */
+    bench_ct_pool pool;    /* RSA-OAEP: the ciphertexts */
+    const char *md;        /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
     int nrounds;
     double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
     double median, min, max, cpu_median;
@@ -282,6 +322,9 @@ typedef struct cell {
     size_t next; /* peer index of single-threaded runs */
     /* with --threads N > 1: the same cell run by N threads at once, in the same rounds */
     double mt_ops[MAX_ROUNDS], mt_median;
+    /* CPU time the threads got, as a share of their wall time (1.0: each thread always ran);
+     * with a lock held by the other thread or a busy machine it drops */
+    double mt_busy[MAX_ROUNDS], mt_busy_median;
 } cell;
 
 static struct {
@@ -296,9 +339,12 @@ static struct {
     int npeers;
     const char *sw_config, *p11_config;
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
-    const char *tpm_config, *tpm_tcti, *tpm_handle;
+    const char *tpm_config, *tpm_tcti, *tpm_handle, *tpm2_openssl_config;
     unsigned long tpm_handle_num;
     const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
+    const char *p11_sign_key, *p11_sign_uri, *p11_sign_rsa_key, *p11_sign_rsa_uri;
+    const char *tpm_sign_handle;
+    unsigned long tpm_sign_handle_num;
     unsigned long tpm_rsa_handle_num;
     long tpm_mem_ops;
 } opt = {
@@ -319,8 +365,9 @@ static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
 static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: without */
 static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
-static char tpm_uri[64], tpm_rsa_uri[64];
+static char tpm_uri[64], tpm_rsa_uri[64], tpm_sign_uri[64];
 static EVP_MD *sha256; /* the raw Cryptoki rows' OAEP decoding digest (default provider) */
+static unsigned char sign_dgst[32]; /* what the signature cells sign: a random "SHA-256 digest" */
 
 static raw_esys *esys_of(impl_id i)
 {
@@ -360,7 +407,7 @@ static void die(const char *what)
 
 /* ---- setup ---------------------------------------------------------------------------- */
 
-static OSSL_LIB_CTX *keyx_libctx(const char *config)
+static OSSL_LIB_CTX *provider_libctx(const char *config, const char *provider)
 {
     OSSL_LIB_CTX *L = OSSL_LIB_CTX_new();
 
@@ -368,11 +415,16 @@ static OSSL_LIB_CTX *keyx_libctx(const char *config)
         fprintf(stderr, "keyx-bench: cannot load %s into a library context\n", config);
         die("OSSL_LIB_CTX_load_config");
     }
-    if (!OSSL_PROVIDER_available(L, "keyx")) {
-        fprintf(stderr, "keyx-bench: %s does not load and activate keyx\n", config);
+    if (!OSSL_PROVIDER_available(L, provider)) {
+        fprintf(stderr, "keyx-bench: %s does not load and activate %s\n", config, provider);
         exit(1);
     }
     return L;
+}
+
+static OSSL_LIB_CTX *keyx_libctx(const char *config)
+{
+    return provider_libctx(config, "keyx");
 }
 
 static EVP_PKEY *store_load(OSSL_LIB_CTX *L, const char *uri)
@@ -397,7 +449,9 @@ static EVP_PKEY *store_load(OSSL_LIB_CTX *L, const char *uri)
 
 static void expect_provider(const cell *c, const EVP_PKEY *k)
 {
-    const char *want = c->impl == IMPL_DEFAULT ? "default" : "keyx";
+    const char *want = c->impl == IMPL_DEFAULT        ? "default"
+                       : c->impl == IMPL_TPM2_OPENSSL ? "tpm2"
+                                                      : "keyx";
     const char *got = bench_provider_of(k);
 
     if (strcmp(got, want) != 0) {
@@ -418,7 +472,7 @@ static void expect_token(cell *c)
     unsigned long n[RAW_P11_NCOUNTED];
     size_t next = 0;
     int ok, derives = -1;
-    const char *call = is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
+    const char *call = is_sign(c->op) ? "C_Sign" : is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
 
     if (!raw_p11_count_begin(raw))
         return;
@@ -507,6 +561,83 @@ static void setup_rsa(cell *c)
     ERR_clear_error();
 }
 
+/* One signature of sign_dgst by the cell's key into sig. */
+static int sign_once(cell *c, unsigned char *sig, size_t *siglen)
+{
+    int pss = c->op == OP_PSS_SIGN;
+
+    if (is_raw_esys(c->impl)) {
+        *siglen = 64;
+        return raw_esys_sign(esys_of(c->impl), sign_dgst, sig);
+    }
+    if (c->impl == IMPL_RAW_PKCS11)
+        return raw_p11_sign(raw, c->signkey, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
+    return bench_sign(c->L, c->own, pss, sign_dgst, sizeof(sign_dgst), sig, siglen);
+}
+
+/* Signature cell: its key (generated, or the token key by URI / by label), its public key in the
+ * default provider, and one signature verified by the default provider before timing. */
+static void setup_sign(cell *c)
+{
+    OSSL_LIB_CTX *deflt = libctx[IMPL_DEFAULT];
+    int rsa = c->op == OP_PSS_SIGN;
+    unsigned char a[1024], b[16], sig[1024], *enc = NULL;
+    size_t alen = sizeof(a), blen = sizeof(b), siglen = sizeof(sig), enclen;
+    EVP_PKEY *pub = NULL;
+    int ok;
+
+    c->L = libctx[c->impl];
+    if (c->impl == IMPL_RAW_PKCS11) {
+        if (!raw_p11_sign_key(raw, rsa ? opt.p11_sign_rsa_key : opt.p11_sign_key, rsa, &c->signkey,
+                              a, &alen, b, &blen))
+            die(c->name);
+        pub = rsa ? bench_rsa_pub(deflt, a, alen, b, blen)
+                  : bench_pub_import(deflt, &algs[ALG_P256], a, alen);
+    } else if (is_raw_esys(c->impl)) {
+        if (!raw_esys_sign_key(esys_of(c->impl), opt.tpm_sign_handle_num, a))
+            die(c->name);
+        pub = bench_pub_import(deflt, &algs[ALG_P256], a, 65);
+    } else {
+        const char *uri = c->impl == IMPL_TPM      ? tpm_sign_uri
+                          : c->impl != IMPL_PKCS11 ? NULL
+                          : rsa                    ? opt.p11_sign_rsa_uri
+                                                   : opt.p11_sign_uri;
+
+        c->own = uri != NULL ? store_load(c->L, uri)
+                 : rsa       ? bench_rsa_keygen(c->L, 2048)
+                             : bench_keygen(c->L, &algs[ALG_P256]);
+        if (c->own == NULL) {
+            fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
+                    uri != NULL ? "cannot load the signature key by URI" : "key generation failed");
+            die(c->name);
+        }
+        expect_provider(c, c->own);
+        if (rsa)
+            pub = bench_rsa_pub_of(deflt, c->own);
+        else if ((enclen = EVP_PKEY_get1_encoded_public_key(c->own, &enc)) > 0)
+            pub = bench_pub_import(deflt, &algs[ALG_P256], enc, enclen);
+        OPENSSL_free(enc);
+    }
+    if (pub == NULL) {
+        fprintf(stderr, "keyx-bench: %s: cannot read the public key\n", c->name);
+        die(c->name);
+    }
+    ok = sign_once(c, sig, &siglen) &&
+         bench_verify(deflt, pub, rsa, sign_dgst, sizeof(sign_dgst), sig, siglen,
+                      (c->impl == IMPL_RAW_PKCS11 || is_raw_esys(c->impl)) && !rsa);
+    EVP_PKEY_free(pub);
+    if (!ok) {
+        fprintf(stderr,
+                "keyx-bench: %s: the signature does not verify with the default provider (or "
+                "signing failed)\n",
+                c->name);
+        die(c->name);
+    }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
+    ERR_clear_error();
+}
+
 /* Prepares a cell and cross-checks one secret against the default provider. */
 static void setup(cell *c)
 {
@@ -516,6 +647,10 @@ static void setup(cell *c)
     size_t publen = 0;
     int ok = 0;
 
+    if (is_sign(c->op)) {
+        setup_sign(c);
+        return;
+    }
     if (is_rsa(c->alg)) {
         setup_rsa(c);
         return;
@@ -627,6 +762,13 @@ static int derive_ready(cell *c, EVP_PKEY *own, size_t i)
 /* One operation; *next picks the peer (each thread has its own counter). */
 static int run_once(cell *c, size_t *next)
 {
+    if (is_sign(c->op)) {
+        unsigned char sig[1024];
+        size_t len = sizeof(sig);
+
+        (*next)++;
+        return sign_once(c, sig, &len);
+    }
     if (is_rsa(c->alg)) {
         unsigned char pt[1024];
         size_t len = sizeof(pt);
@@ -670,7 +812,9 @@ static int run_once(cell *c, size_t *next)
     if (base_op(c->op) == OP_KEYGEN_DERIVE) {
         EVP_PKEY *k = bench_keygen(c->L, c->alg);
         unsigned char *pub = NULL;
-        int ok = k != NULL && EVP_PKEY_get1_encoded_public_key(k, &pub) != 0 &&
+        int ok = k != NULL &&
+                 (c->impl == IMPL_TPM2_OPENSSL ? bench_encoded_pub(k, &pub)
+                                               : EVP_PKEY_get1_encoded_public_key(k, &pub)) != 0 &&
                  (c->ready != NULL ? derive_ready(c, k, (*next)++)
                                    : bench_derive_fresh_peer(c->L, k, c->peers, (*next)++));
 
@@ -704,20 +848,21 @@ typedef struct worker {
     pthread_barrier_t *start;
     size_t next;
     long n;
-    double seconds;
+    double seconds, cpu;
     int ok;
 } worker;
 
 static void *worker_main(void *arg)
 {
     worker *w = arg;
-    double t0, t = 0;
+    double t0, t = 0, c0;
 
     w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
     pthread_barrier_wait(w->start);
     if (!w->ok)
         return NULL;
     t0 = clock_s(CLOCK_MONOTONIC);
+    c0 = clock_s(CLOCK_THREAD_CPUTIME_ID);
     do {
         if (!run_once(w->c, &w->next)) {
             w->ok = 0;
@@ -727,6 +872,7 @@ static void *worker_main(void *arg)
         t = clock_s(CLOCK_MONOTONIC);
     } while (t - t0 < opt.seconds);
     w->seconds = t - t0;
+    w->cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
     if (w->c->impl == IMPL_RAW_PKCS11)
         raw_p11_thread_end(raw);
     return NULL;
@@ -738,7 +884,7 @@ static void measure_threads(cell *c, int round)
     pthread_t tid[64];
     worker w[64];
     pthread_barrier_t start;
-    double rate = 0;
+    double rate = 0, cpu = 0, wall = 0;
     int nt = opt.threads, ok = 1;
 
     pthread_barrier_init(&start, NULL, (unsigned)nt);
@@ -752,13 +898,17 @@ static void measure_threads(cell *c, int round)
     for (int i = 0; i < nt; i++) {
         pthread_join(tid[i], NULL);
         ok &= w[i].ok;
-        if (w[i].ok)
+        if (w[i].ok) {
             rate += (double)w[i].n / w[i].seconds;
+            cpu += w[i].cpu;
+            wall += w[i].seconds;
+        }
     }
     pthread_barrier_destroy(&start);
     if (!ok)
         die(c->name);
     c->mt_ops[round] = rate;
+    c->mt_busy[round] = wall > 0 ? cpu / wall : 0;
 }
 
 /* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
@@ -831,8 +981,10 @@ static void summarize(cell *c)
 {
     c->median = median_of(c->ops, c->nrounds);
     c->cpu_median = median_of(c->cpu_us, c->nrounds);
-    if (opt.threads > 1)
+    if (opt.threads > 1) {
         c->mt_median = median_of(c->mt_ops, c->nrounds);
+        c->mt_busy_median = median_of(c->mt_busy, c->nrounds);
+    }
     c->min = c->max = c->ops[0];
     for (int i = 1; i < c->nrounds; i++) {
         if (c->ops[i] < c->min)
@@ -914,13 +1066,14 @@ static void print_table(void)
     if (opt.threads > 1) {
         printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
                raw != NULL ? ", raw rows their own sessions" : "");
-        printf("%-14s %-10s %-20s %10s %10s %8s\n", "impl", "alg", "op", "1 thread", "threads",
-               "scaling");
+        printf("%-14s %-10s %-20s %10s %10s %8s %9s\n", "impl", "alg", "op", "1 thread", "threads",
+               "scaling", "cpu/wall");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
-            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f\n", impl_names[c->impl], c->alg->name,
-                   op_names[c->op], c->median, c->mt_median, c->mt_median / c->median);
+            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f %9.2f\n", impl_names[c->impl],
+                   c->alg->name, op_names[c->op], c->median, c->mt_median, c->mt_median / c->median,
+                   c->mt_busy_median);
         }
     }
     if (raw != NULL && opt.count_ops > 0) {
@@ -974,8 +1127,9 @@ static void print_json(void)
             printf("%s%.4f", r ? ", " : "", c->ops[r]);
         printf("]");
         if (opt.threads > 1) {
-            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_rounds\": [",
-                   c->mt_median, c->mt_median / c->median);
+            printf(", \"threads_ops_per_s\": %.4f, \"scaling\": %.6f, \"threads_cpu_per_wall\": "
+                   "%.4f, \"threads_rounds\": [",
+                   c->mt_median, c->mt_median / c->median, c->mt_busy_median);
             for (int r = 0; r < c->nrounds; r++)
                 printf("%s%.4f", r ? ", " : "", c->mt_ops[r]);
             printf("]");
@@ -1052,6 +1206,14 @@ static void usage(FILE *fp)
         "pkcs11 RSA rows; keyx loads it by pkcs11:token=..;object=LABEL;type=private)\n"
         "  --tpm-rsa-handle 0x81.. persistent RSA-2048 decrypt key for the oaep-decrypt rows "
         "(none: no TPM RSA rows)\n"
+        "  --tpm2-openssl-config FILE  openssl.cnf loading tpm2-openssl's provider (\"tpm2\") "
+        "preferred, on the TPM of --tpm-tcti (its TCTI: TPM2OPENSSL_TCTI): the tpm2-openssl rows\n"
+        "  --tpm-sign-handle 0x81.. persistent P-256 sign key for the TPM ecdsa-sign rows (none: "
+        "no TPM sign rows)\n"
+        "  --pkcs11-sign-key LABEL token P-256 sign key for the ecdsa-sign rows (none: no pkcs11 "
+        "ECDSA rows)\n"
+        "  --pkcs11-sign-rsa-key LABEL  token RSA-2048 sign key for the pss-sign rows (none: no "
+        "pkcs11 PSS rows)\n"
         "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
         "  --rounds N              interleaved rounds (default %d)\n"
         "  --seconds S             seconds per cell per round (default %.1f)\n"
@@ -1088,6 +1250,10 @@ static void parse_args(int argc, char **argv)
         {"tpm-mem-ops", required_argument, NULL, 'Z'},
         {"pkcs11-rsa-key", required_argument, NULL, 'R'},
         {"tpm-rsa-handle", required_argument, NULL, 'W'},
+        {"tpm2-openssl-config", required_argument, NULL, 'O'},
+        {"tpm-sign-handle", required_argument, NULL, 'K'},
+        {"pkcs11-sign-key", required_argument, NULL, 'g'},
+        {"pkcs11-sign-rsa-key", required_argument, NULL, 'G'},
         {"rounds", required_argument, NULL, 'r'},
         {"seconds", required_argument, NULL, 's'},
         {"peers", required_argument, NULL, 'n'},
@@ -1141,6 +1307,21 @@ static void parse_args(int argc, char **argv)
             break;
         case 'R':
             opt.p11_rsa_key = optarg;
+            break;
+        case 'g':
+            opt.p11_sign_key = optarg;
+            break;
+        case 'O':
+            opt.tpm2_openssl_config = optarg;
+            break;
+        case 'K':
+            opt.tpm_sign_handle = optarg;
+            opt.tpm_sign_handle_num = strtoul(optarg, &end, 0);
+            if (*end != '\0' || (opt.tpm_sign_handle_num >> 24) != 0x81)
+                goto bad;
+            break;
+        case 'G':
+            opt.p11_sign_rsa_key = optarg;
             break;
         case 'W':
             opt.tpm_rsa_handle = optarg;
@@ -1217,8 +1398,17 @@ static void parse_args(int argc, char **argv)
                         "rows use the same TPM and its persistent key)\n");
         exit(2);
     }
+    if (opt.tpm_sign_handle != NULL && opt.tpm_config == NULL) {
+        fprintf(stderr, "keyx-bench: --tpm-sign-handle needs --tpm-config\n");
+        exit(2);
+    }
     if (opt.tpm_rsa_handle != NULL && opt.tpm_config == NULL) {
         fprintf(stderr, "keyx-bench: --tpm-rsa-handle needs --tpm-config\n");
+        exit(2);
+    }
+    if ((opt.p11_sign_key != NULL || opt.p11_sign_rsa_key != NULL) && opt.p11_config == NULL) {
+        fprintf(stderr, "keyx-bench: --pkcs11-sign-key and --pkcs11-sign-rsa-key need "
+                        "--pkcs11-config\n");
         exit(2);
     }
     if (opt.p11_rsa_key != NULL && opt.p11_config == NULL) {
@@ -1234,7 +1424,7 @@ bad:
 int main(int argc, char **argv)
 {
     regex_t only;
-    char uri[512], rsa_uri[512];
+    char uri[512], rsa_uri[512], sign_uri[512], sign_rsa_uri[512];
     int need[N_IMPL] = {0}, rc = 0;
 
     parse_args(argc, argv);
@@ -1249,6 +1439,9 @@ int main(int argc, char **argv)
                  opt.p11_key);
         opt.p11_uri = uri;
     }
+    if (opt.tpm_sign_handle != NULL)
+        snprintf(tpm_sign_uri, sizeof(tpm_sign_uri), "keyx:tpm:handle=0x%08lX",
+                 opt.tpm_sign_handle_num);
     if (opt.tpm_rsa_handle != NULL)
         snprintf(tpm_rsa_uri, sizeof(tpm_rsa_uri), "keyx:tpm:handle=0x%08lX",
                  opt.tpm_rsa_handle_num);
@@ -1257,6 +1450,19 @@ int main(int argc, char **argv)
                  opt.p11_rsa_key);
         opt.p11_rsa_uri = rsa_uri;
     }
+
+    if (opt.p11_sign_key != NULL && opt.p11_token != NULL) {
+        snprintf(sign_uri, sizeof(sign_uri), "pkcs11:token=%s;object=%s;type=private",
+                 opt.p11_token, opt.p11_sign_key);
+        opt.p11_sign_uri = sign_uri;
+    }
+    if (opt.p11_sign_rsa_key != NULL && opt.p11_token != NULL) {
+        snprintf(sign_rsa_uri, sizeof(sign_rsa_uri), "pkcs11:token=%s;object=%s;type=private",
+                 opt.p11_token, opt.p11_sign_rsa_key);
+        opt.p11_sign_rsa_uri = sign_rsa_uri;
+    }
+    if (RAND_bytes(sign_dgst, sizeof(sign_dgst)) != 1)
+        die("RAND_bytes");
 
     /* The cells: the plan, less what is not configured or not selected. */
     cells = calloc(sizeof(PLAN) / sizeof(PLAN[0]), sizeof(*cells));
@@ -1268,8 +1474,13 @@ int main(int argc, char **argv)
         if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              opt.p11_config == NULL) ||
-            (is_tpm(PLAN[i].impl) && opt.tpm_config == NULL) ||
-            (PLAN[i].alg == ALG_RSA2048 &&
+            (is_tpm(PLAN[i].impl) && PLAN[i].impl != IMPL_TPM2_OPENSSL && opt.tpm_config == NULL) ||
+            (PLAN[i].impl == IMPL_TPM2_OPENSSL && opt.tpm2_openssl_config == NULL) ||
+            (is_sign(PLAN[i].op) &&
+             (PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
+             (PLAN[i].op == OP_ECDSA_SIGN ? opt.p11_sign_key : opt.p11_sign_rsa_key) == NULL) ||
+            (is_sign(PLAN[i].op) && is_tpm(PLAN[i].impl) && opt.tpm_sign_handle == NULL) ||
+            (PLAN[i].alg == ALG_RSA2048 && !is_sign(PLAN[i].op) &&
              (((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
                opt.p11_rsa_key == NULL) ||
               (is_tpm(PLAN[i].impl) && opt.tpm_rsa_handle == NULL))))
@@ -1305,6 +1516,9 @@ int main(int argc, char **argv)
         return 1;
     if (need[IMPL_TPM])
         libctx[IMPL_TPM] = keyx_libctx(opt.tpm_config);
+    if (need[IMPL_TPM2_OPENSSL])
+        bench_peer_in_default = libctx[IMPL_TPM2_OPENSSL] =
+            provider_libctx(opt.tpm2_openssl_config, "tpm2");
     for (int i = 0; i < 2; i++)
         if (need[i ? IMPL_RAW_ESYS : IMPL_RAW_ESYS_SESS] &&
             (esys[i] = raw_esys_open(opt.tpm_tcti, opt.tpm_handle_num, !i)) == NULL)

@@ -26,6 +26,13 @@ int keyx_algtab_new(keyx_provctx *p)
             OSSL_PARAM_merge(EVP_KEYMGMT_gen_settable_params(t->km[a]), keyx_gen_target_settable());
         if (t->gen_settable[a] == NULL)
             return 0;
+        if (a == KEYX_ALG_X25519 || a == KEYX_ALG_X448) {
+            t->fromdata[a] = EVP_PKEY_CTX_new_from_name(p->libctx, name, NULL);
+            if (t->fromdata[a] == NULL || EVP_PKEY_fromdata_init(t->fromdata[a]) != 1) {
+                KEYX_ERR(p, KEYX_R_INTERNAL, "%s key import unavailable in keyx's context", name);
+                return 0;
+            }
+        }
     }
     t->sha256 = EVP_MD_fetch(p->libctx, "SHA256", NULL);
     t->ecdsa = EVP_SIGNATURE_fetch(p->libctx, "ECDSA", NULL);
@@ -44,6 +51,7 @@ void keyx_algtab_free(keyx_algtab *t)
     for (int a = 0; a < KEYX_ALG_COUNT; a++) {
         EVP_KEYMGMT_free(t->km[a]);
         OPENSSL_free(t->gen_settable[a]); /* OSSL_PARAM_merge copies only the array */
+        EVP_PKEY_CTX_free(t->fromdata[a]);
     }
     EVP_MD_free(t->sha256);
     EVP_SIGNATURE_free(t->ecdsa);

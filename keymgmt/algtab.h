@@ -13,6 +13,9 @@ typedef struct keyx_algtab {
     EVP_KEYMGMT *km[KEYX_ALG_COUNT];
     /* The default provider's generation parameters plus keyx's own (keymgmt/gen_target.h) */
     OSSL_PARAM *gen_settable[KEYX_ALG_COUNT];
+    /* X25519/X448: contexts ready for EVP_PKEY_fromdata, shared by all threads (fromdata only
+     * reads the context), so that a peer's public key costs no method fetch */
+    EVP_PKEY_CTX *fromdata[KEYX_ALG_COUNT];
     EVP_MD *sha256; /* audit key ids */
     /* The default provider's signatures: keyx answers their parameter tables (signature/) */
     EVP_SIGNATURE *ecdsa, *rsa_sig;

@@ -58,13 +58,14 @@ static const unsigned char x448_small[][56] = {
      0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff},
 };
 
-int keyx_ecx_public_ok(keyx_alg alg, const EVP_PKEY *pub)
+int keyx_ecx_raw_ok(keyx_alg alg, const unsigned char *pub, size_t len)
 {
     unsigned char raw[56];
-    size_t len = sizeof(raw), want = alg == KEYX_ALG_X448 ? 56 : 32, n;
+    size_t want = alg == KEYX_ALG_X448 ? 56 : 32, n;
 
-    if (EVP_PKEY_get_raw_public_key(pub, raw, &len) != 1 || len != want)
+    if (len != want)
         return 0;
+    memcpy(raw, pub, len);
     if (alg == KEYX_ALG_X25519) {
         raw[31] &= 0x7f;
         for (n = 0; n < sizeof(x25519_small) / sizeof(x25519_small[0]); n++)

@@ -156,6 +156,7 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     k->public_checked = 0;
     k->has_params = 0;
     k->has_public = 0;
+    k->ecx_publen = 0;
     if (pub == NULL)
         return 1;
     /* Probing for parts the key may lack must not leave errors behind. */
@@ -164,8 +165,10 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     case KEYX_ALG_X25519:
     case KEYX_ALG_X448:
         snprintf(k->group, sizeof(k->group), "%s", keyx_alg_name(k->alg));
-        k->has_public =
-            EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_PUB_KEY, NULL, 0, &len) == 1;
+        k->has_public = EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_PUB_KEY, k->ecx_pub,
+                                                        sizeof(k->ecx_pub), &len) == 1 &&
+                        len == (k->alg == KEYX_ALG_X448 ? 56 : 32);
+        k->ecx_publen = k->has_public ? len : 0;
         break;
     case KEYX_ALG_RSA:
         k->has_public = EVP_PKEY_get_bits(pub) > 0;
@@ -414,7 +417,7 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
         return 0;
     }
     if ((k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
-        !keyx_ecx_public_ok(k->alg, peer->pub)) {
+        !keyx_ecx_raw_ok(k->alg, peer->ecx_pub, peer->ecx_publen)) {
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
                  "peer %s key is a small-order point: the shared secret would be zero",
                  keyx_alg_name(k->alg));

@@ -24,7 +24,11 @@ typedef struct keyx_key {
     int has_public;
     int public_checked; /* a full public-key check has passed: set_peer need not repeat it */
     char group[64];     /* canonical group name, "" when none or explicit */
-    char id[17];        /* audit key id, set with the private part when audit or debug is on */
+    /* X25519/X448: the raw public key as the view holds it (has_public), kept so that the peer
+     * check needs no parameter export */
+    unsigned char ecx_pub[56];
+    size_t ecx_publen;
+    char id[17]; /* audit key id, set with the private part when audit or debug is on */
 } keyx_key;
 
 keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg);

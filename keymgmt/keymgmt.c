@@ -58,6 +58,15 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
     if ((selection & OSSL_KEYMGMT_SELECT_ALL) == OSSL_KEYMGMT_SELECT_PUBLIC_KEY &&
         __atomic_load_n(&k->public_checked, __ATOMIC_ACQUIRE))
         return 1; /* libssl checks each peer key once per derive context */
+    if ((k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
+        (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) == 0) {
+        /* The default provider's verdict on an X25519/X448 public key is that it has one of the
+         * right length (any 32 or 56 bytes are a u-coordinate): the view says so without a
+         * context. Small-order points are refused when the key meets a peer. */
+        failed = "public key is missing";
+        ok = (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || k->has_public;
+        goto end;
+    }
     if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(k->alg)) {
@@ -250,10 +259,17 @@ static EVP_PKEY *raw_public(keyx_key *k, const OSSL_PARAM *enc)
 {
     const void *data = NULL;
     size_t len = 0;
+    EVP_PKEY *pub = NULL;
+    OSSL_PARAM one[2];
 
     if (!OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
         return NULL;
-    return EVP_PKEY_new_raw_public_key_ex(k->prov->libctx, keyx_alg_name(k->alg), NULL, data, len);
+    one[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *)data, len);
+    one[1] = OSSL_PARAM_construct_end();
+    if (k->prov->algs->fromdata[k->alg] == NULL ||
+        EVP_PKEY_fromdata(k->prov->algs->fromdata[k->alg], &pub, EVP_PKEY_PUBLIC_KEY, one) != 1)
+        return NULL;
+    return pub;
 }
 
 int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])

@@ -29,6 +29,10 @@ RSA = "RSA-2048"
 RSA_P11_CELLS = {(impl, RSA, op) for impl in ("keyx-pkcs11", "raw-pkcs11")
                  for op in ("oaep-decrypt", "oaep-sha1-decrypt")}
 RSA_CELLS = {("default", RSA, "oaep-decrypt"), ("keyx-software", RSA, "oaep-decrypt")} | RSA_P11_CELLS
+# signatures with a certificate key (issue 7): ECDSA P-256 and RSA-2048 PSS, SHA-256
+SIGN = {("P-256", "ecdsa-sign"), (RSA, "pss-sign")}
+SIGN_CELLS = {(impl, alg, op) for impl in ("default", "keyx-software", "keyx-pkcs11", "raw-pkcs11")
+              for alg, op in SIGN}
 
 
 def expected_cells():
@@ -40,7 +44,7 @@ def expected_cells():
         cells.add((impl, "P-256", "static-derive"))
     # the same with the peer imported beforehand: keyx's side of the comparison with raw Cryptoki
     cells |= {("keyx-pkcs11", "P-256", op + "(ready)") for op in READY}
-    return cells | RSA_CELLS
+    return cells | RSA_CELLS | SIGN_CELLS
 
 
 def bench_bin():
@@ -67,6 +71,10 @@ def token(tmp, build):
     run(["pkcs11-tool", "--module", MODULE, "--token-label", TOKEN, "--login", "--pin", PIN,
          "--keypairgen", "--key-type", "rsa:2048", "--label", "bench-rsa", "--id", "02",
          "--usage-decrypt"], env=env).ok("pkcs11-tool --keypairgen rsa:2048")
+    for kt, label, kid in (("EC:prime256v1", "bench-sign-ec", "03"), ("rsa:2048", "bench-sign-rsa", "04")):
+        run(["pkcs11-tool", "--module", MODULE, "--token-label", TOKEN, "--login", "--pin", PIN,
+             "--keypairgen", "--key-type", kt, "--label", label, "--id", kid, "--usage-sign"],
+            env=env).ok(f"pkcs11-tool --keypairgen {label}")
     pin = tmp / "pin"
     pin.write_text(PIN)
     return {"env": env, "pin": pin}
@@ -82,6 +90,7 @@ def bench_args(cnf, token, *extra, software=None, pkcs11=None):
     return [bench_bin(), "--software-config", sw, "--pkcs11-config", p11,
             "--pkcs11-module", MODULE, "--pkcs11-token", TOKEN, "--pkcs11-pin-file", token["pin"],
             "--pkcs11-rsa-key", "bench-rsa",
+            "--pkcs11-sign-key", "bench-sign-ec", "--pkcs11-sign-rsa-key", "bench-sign-rsa",
             "--rounds", "1", "--seconds", "0.1", "--peers", "4", "--mem-ops", "50", *extra]
 
 
@@ -93,7 +102,7 @@ def test_bench_table_has_every_row(cnf, token):
     r = run_bench(bench_args(cnf, token), token).ok("keyx-bench")
     rows = {}
     for line in r.out.splitlines():
-        m = re.match(r"^(\S+)\s+(\S+)\s+((?:derive|keygen\+derive|static-derive)(?:\(ready\))?|oaep-(?:sha1-)?decrypt)\s+(\d+)\s+(\d+)-(\d+)"
+        m = re.match(r"^(\S+)\s+(\S+)\s+((?:derive|keygen\+derive|static-derive)(?:\(ready\))?|oaep-(?:sha1-)?decrypt|ecdsa-sign|pss-sign)\s+(\d+)\s+(\d+)-(\d+)"
                      r"\s+([\d.]+)\s+ok$", line)
         if m:
             rows[m.group(1, 2, 3)] = [float(x) for x in m.group(4, 5, 6, 7)]
@@ -201,11 +210,14 @@ def test_bench_threads(cnf, token):
         assert len(c["threads_rounds"]) == 1 and c["threads_rounds"][0] > 0, c
         assert c["threads_ops_per_s"] == pytest.approx(c["threads_rounds"][0], abs=1e-3), c
         assert c["scaling"] == pytest.approx(c["threads_ops_per_s"] / c["ops_per_s"], rel=1e-4), c
+        assert 0 < c["threads_cpu_per_wall"] <= 1.05, c
         assert "cryptoki_calls_per_op" in c or c["impl"] in ("default", "keyx-software")
     r = run_bench(bench_args(cnf, token, "--only", "keyx-software/P-256/derive", "--threads", "2",
                              "--mem-ops", "0"), token).ok()
     assert re.search(r"^2 threads", r.out, re.M), r
-    assert re.search(r"^keyx-software\s+P-256\s+derive\s+\d+\s+\d+\s+[\d.]+$", r.out, re.M), r
+    # scaling, then the threads' CPU time as a share of their wall time (below 1: lock waits or
+    # a busy machine)
+    assert re.search(r"^keyx-software\s+P-256\s+derive\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+$", r.out, re.M), r
 
 
 def test_bench_refuses_pkcs11_rows_that_do_not_reach_the_token(cnf, token):
@@ -230,7 +242,7 @@ def test_bench_rsa_rows_and_ratios(cnf, token):
     its pool (made by the default provider with the cell's public key) decrypted to the key that
     was encrypted; ratios are the quotients of the medians with no target (issue 5 states none);
     the keyx-pkcs11 rows make their C_Decrypt on the token (one per operation)."""
-    r = run_bench(bench_args(cnf, token, "--json", "--only", "RSA", "--rounds", "2",
+    r = run_bench(bench_args(cnf, token, "--json", "--only", "RSA-2048/oaep", "--rounds", "2",
                              "--count-ops", "10"), token).ok("keyx-bench --only RSA")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
@@ -249,7 +261,7 @@ def test_bench_rsa_rows_and_ratios(cnf, token):
             calls = cells[(impl, RSA, op)]["cryptoki_calls_per_op"]
             assert calls["C_Decrypt"] == pytest.approx(1.0), (impl, op, calls)
     # the table: every row, and the ratios with "-" for the target
-    r = run_bench(bench_args(cnf, token, "--only", "RSA", "--mem-ops", "0"), token).ok()
+    r = run_bench(bench_args(cnf, token, "--only", "RSA-2048/oaep", "--mem-ops", "0"), token).ok()
     for impl, alg, op in RSA_CELLS:
         assert re.search(rf"^{re.escape(impl)}\s+{alg}\s+{op}\s+\d+\s+\d+-\d+\s+[\d.]+\s+ok$",
                          r.out, re.M), f"row {impl} {op} missing:\n{r!r}"
@@ -320,7 +332,7 @@ def test_bench_tpm_rows_ratios_and_cross_check(tpm_bench):
     r = run(tpm_args(tpm_bench, "--json"), timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm)")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
-    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS}, r
+    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS + ("ecdsa-sign",)}, r
     for key, c in cells.items():
         assert c["secret_check"] is True and c["ops_per_s"] > 0, key
         assert c["memory"]["ops"] == 50, key
@@ -395,7 +407,7 @@ def test_bench_tpm_rsa_rows(tpm_rsa_bench):
     decrypts one ciphertext of its pool to the key the default provider encrypted; the audit
     log shows the decrypts in the TPM."""
     args = tpm_args(tpm_rsa_bench, "--json", "--tpm-rsa-handle", f"0x{TPM_RSA_HANDLE:08x}")
-    args[args.index("--only") + 1] = "RSA"
+    args[args.index("--only") + 1] = "RSA-2048/oaep"
     r = run(args, timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm rsa)")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
@@ -419,4 +431,80 @@ def test_bench_tpm_rsa_rows(tpm_rsa_bench):
     assert "0x80" not in left, left
     # the handle option is checked
     r = run(tpm_args(tpm_rsa_bench, "--tpm-rsa-handle", "0x01000004"), timeout=TIMEOUT)
+    assert r.rc == 2 and "bad value" in r.err, r
+
+
+# ---- signatures (issue 7's certificate keys) ------------------------------------------------------
+
+SIGN_RATIOS = {(num, den, op) for _, op in SIGN for num, den in
+               (("keyx-software", "default"), ("keyx-pkcs11", "raw-pkcs11"),
+                ("keyx-pkcs11", "default"))}
+
+
+def test_bench_sign_rows(cnf, token):
+    """ECDSA P-256 and RSA-PSS sign rows for every implementation, each after one signature
+    verified by the default provider with the cell's public key (read from the token for the raw
+    rows); the keyx-pkcs11 rows sign on the token (one C_Sign per operation, as raw)."""
+    r = run_bench(bench_args(cnf, token, "--json", "--only", "sign", "--rounds", "2",
+                             "--count-ops", "10", "--mem-ops", "0"), token).ok("keyx-bench --only sign")
+    doc = json.loads(r.out)
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert set(cells) == SIGN_CELLS, r
+    for key, c in cells.items():
+        assert c["secret_check"] is True and c["ops_per_s"] > 0, key
+    ratios = {(x["num"], x["den"], x["op"]): x for x in doc["ratios"]}
+    assert set(ratios) == SIGN_RATIOS, doc["ratios"]
+    for (num, den, op), x in ratios.items():
+        want = cells[(num, x["alg"], op)]["ops_per_s"] / cells[(den, x["alg"], op)]["ops_per_s"]
+        assert x["ratio"] == pytest.approx(want, rel=1e-4) and "target" not in x, x
+    for impl in ("keyx-pkcs11", "raw-pkcs11"):
+        for alg, op in SIGN:
+            calls = cells[(impl, alg, op)]["cryptoki_calls_per_op"]
+            assert calls["C_Sign"] == pytest.approx(1.0), (impl, op, calls)
+
+
+def test_bench_sign_refuses_software_pkcs11(cnf, token):
+    """A 'pkcs11' configuration whose keys are not on the token cannot give pkcs11 sign figures:
+    the program stops on that cell."""
+    wrong = cnf(keyx={"backends": "software"}, name="not-pkcs11-sign.cnf")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-pkcs11/P-256/ecdsa", pkcs11=wrong), token)
+    assert r.rc == 1 and "keyx-pkcs11/P-256/ecdsa-sign" in r.err, r
+
+
+TPM_SIGN_HANDLE = 0x81000003
+
+
+def test_bench_tpm_sign_rows(tpm_bench, tmp):
+    """keyx-tpm ECDSA P-256 with a persistent sign key loaded by URI beside one Esys_Sign of the
+    same key (with the salted session and with a password) and the default provider; each
+    signature verified by the default provider with the key's public point (ReadPublic for the
+    raw rows); the audit log shows the signatures made in the TPM."""
+    tpm = tpm_bench["tpm"]
+    tpm.tools("tpm2_createprimary", "-Q", "-C", "o", "-G", "ecc256", "-c", tmp / "srk3.ctx")
+    tpm.flush_transient()
+    tpm.tools("tpm2_create", "-Q", "-C", tmp / "srk3.ctx", "-G", "ecc256:null", "-a",
+              "sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+              "-u", tmp / "s.pub", "-r", tmp / "s.priv")
+    tpm.flush_transient()
+    tpm.tools("tpm2_load", "-Q", "-C", tmp / "srk3.ctx", "-u", tmp / "s.pub", "-r", tmp / "s.priv",
+              "-c", tmp / "s.ctx")
+    tpm.tools("tpm2_evictcontrol", "-Q", "-C", "o", "-c", tmp / "s.ctx", f"0x{TPM_SIGN_HANDLE:x}")
+    tpm.flush_transient()
+    args = tpm_args(tpm_bench, "--json", "--tpm-sign-handle", f"0x{TPM_SIGN_HANDLE:08x}")
+    args[args.index("--only") + 1] = "ecdsa"
+    r = run(args, timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm sign)")
+    doc = json.loads(r.out)
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert set(cells) == {(i, "P-256", "ecdsa-sign") for i in
+                          ("default", "keyx-tpm", "raw-esys-sess", "raw-esys")}, r
+    for key, c in cells.items():
+        assert c["secret_check"] is True and c["ops_per_s"] > 0, key
+    ratios = {(x["num"], x["den"]): x for x in doc["ratios"]}
+    assert set(ratios) == {("keyx-tpm", "raw-esys-sess"), ("keyx-tpm", "raw-esys")}, doc["ratios"]
+    events = kxutil.read_audit(tpm_bench["log"])
+    assert any(e.get("event") == "sign" and e.get("backend") == "tpm" and e.get("ok")
+               for e in events), "no signature in the TPM in the audit log"
+    left = tpm.tools("tpm2_getcap", "handles-transient").out
+    assert "0x80" not in left, left
+    r = run(tpm_args(tpm_bench, "--tpm-sign-handle", "0x01000003"), timeout=TIMEOUT)
     assert r.rc == 2 and "bad value" in r.err, r
