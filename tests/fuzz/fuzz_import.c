@@ -161,6 +161,19 @@ static OSSL_PARAM *build(const uint8_t *d, size_t n)
     return params;
 }
 
+/* Some but not all of the CRT parameters of a two-prime RSA key. */
+static int partial_crt(const OSSL_PARAM *params)
+{
+    static const char *const crt[] = {OSSL_PKEY_PARAM_RSA_FACTOR1,   OSSL_PKEY_PARAM_RSA_FACTOR2,
+                                      OSSL_PKEY_PARAM_RSA_EXPONENT1, OSSL_PKEY_PARAM_RSA_EXPONENT2,
+                                      OSSL_PKEY_PARAM_RSA_COEFFICIENT1};
+    int n = 0;
+
+    for (size_t i = 0; i < sizeof(crt) / sizeof(crt[0]); i++)
+        n += OSSL_PARAM_locate_const(params, crt[i]) != NULL;
+    return n > 0 && n < (int)(sizeof(crt) / sizeof(crt[0]));
+}
+
 static EVP_PKEY *import(const char *alg, const char *propq, int selection, OSSL_PARAM *params)
 {
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(fuzz_keyx_libctx(), alg, propq);
@@ -242,6 +255,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     selection = selections[data[1] % 4];
     if ((params = build(data + 2, size - 2)) == NULL)
         return 0;
+    if (strcmp(alg, "RSA") == 0 && partial_crt(params)) {
+        /* OpenSSL 3.0's RSA import (ossl_rsa_fromdata, default provider) leaks the CRT numbers
+         * it was given when some are missing: not keyx's leak, and it would stop every run. */
+        OSSL_PARAM_free(params);
+        return 0;
+    }
     kx = import(alg, "provider=keyx", selection, params);
     df = import(alg, "provider=default", selection, params);
     if (kx != NULL && df == NULL)
