@@ -6,11 +6,13 @@ KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # What building keyx and running its tests needs on Debian bookworm (nothing more): the TPM and
 # PKCS#11 libraries keyx links, and the real swtpm, SoftHSM2 and peer tools the tests drive;
-# for the TLS server tests nginx, curl, and tpm2-abrmd (its TCTI, a private dbus-daemon).
+# for the TLS server tests nginx, curl, and tpm2-abrmd (its TCTI, a private dbus-daemon); clang
+# and its libFuzzer runtime for the fuzz targets (tests/fuzz/).
 KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest
     libtss2-dev libp11-kit-dev p11-kit-modules
     swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl
-    nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon)
+    nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon
+    clang libclang-rt-14-dev)
 
 keyx_say() {
     printf '\n==> %s\n' "$*"
@@ -52,6 +54,21 @@ keyx_build() {
         -DKEYX_SANITIZE="${KEYX_SANITIZE:-}" >/dev/null
     cmake --build "$dir" -j "$(nproc 2>/dev/null || echo 2)"
     [ -f "$dir/keyx.so" ] || keyx_die "the build left no $dir/keyx.so"
+}
+
+# keyx_build_fuzz: the libFuzzer targets of tests/fuzz/ in build-fuzz/ (a fixed path: CI's
+# stages share it), with clang. Without clang it says so and builds nothing: tests/test_fuzz.py
+# then fails, naming what is missing.
+keyx_build_fuzz() {
+    local dir=$KEYX_ROOT/build-fuzz
+    if ! command -v clang >/dev/null; then
+        printf 'warning: no clang: the fuzz targets are not built (tests/test_fuzz.py will fail)\n' >&2
+        return 0
+    fi
+    keyx_say "building the fuzz targets in $dir (clang, libFuzzer, ASan+UBSan)"
+    cmake -S "$KEYX_ROOT" -B "$dir" -DCMAKE_C_COMPILER=clang -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DKEYX_FUZZ=ON -DKEYX_SANITIZE= -DKEYX_BUILD_TESTS=OFF -DKEYX_BUILD_EXAMPLES=OFF >/dev/null
+    cmake --build "$dir" --target keyx-fuzzers -j "$(nproc 2>/dev/null || echo 2)"
 }
 
 # keyx_abs PATH: PATH made absolute against the repo root.

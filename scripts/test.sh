@@ -9,6 +9,7 @@ set -euo pipefail
 keyx_install_deps "${KEYX_PACKAGES[@]}"
 build=$(keyx_abs "${BUILD_DIR:-build}")
 keyx_build "$build"
+keyx_build_fuzz
 
 keyx_say "running the test suite against $build"
 cd "$KEYX_ROOT"
