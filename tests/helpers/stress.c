@@ -19,6 +19,10 @@
  *                         [--groups G1,G2,...] [--check-every K] [--fork N]
  *   --fork N   the parent loads the keys and works (one pass of OPS), forks N children that each
  *              do OPS operations in one thread, waits for them, and works again
+ *   --serial 1 children one after the other (a TPM without resource manager: one process at a
+ *              time), else all at once
+ *   --child-shared refused   the parent's shared ephemeral key is hardware: children must get
+ *              a clean "missing key" for it (counted as "childN PID refused N")
  * prints "<op> ok <n> fail <n>" per operation and "total ok <n> fail <n>"; exit 0 only when
  * every operation succeeded and was checked right.
  */
@@ -63,6 +67,11 @@ static long ops_per_worker = 100;
 
 static atomic_long ok_count[OP_COUNT], fail_count[OP_COUNT];
 static atomic_int reports;
+/* --child-shared refused: in a forked child, a hardware ephemeral key of the parent (a session
+ * object of the parent's PKCS#11 session, a TPM object of the parent's connection) is gone; its
+ * use must then fail cleanly with keyx's "missing key", counted here. */
+static int in_child, child_shared_refused;
+static atomic_long refused_count;
 
 /* The first few failures are printed (stage and OpenSSL's errors), never any key material. */
 static void fail(int op, const char *what)
@@ -73,9 +82,13 @@ static void fail(int op, const char *what)
         char buf[256];
 
         fprintf(stderr, "stress: %s failed (%s) in pid %ld:", op_names[op], what, (long)getpid());
-        while ((e = ERR_get_error()) != 0) {
+        const char *data = NULL;
+        int flags = 0;
+
+        while ((e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags)) != 0) {
             ERR_error_string_n(e, buf, sizeof(buf));
-            fprintf(stderr, " %s", buf);
+            fprintf(stderr, " %s%s%s", buf, (flags & ERR_TXT_STRING) ? ": " : "",
+                    (flags & ERR_TXT_STRING) ? data : "");
         }
         fprintf(stderr, "\n");
     }
@@ -163,7 +176,19 @@ static void derive_checked(int op, EVP_PKEY *key, EVP_PKEY *key_pub, const char 
         fail(op, "default-provider peer");
         return;
     }
-    if ((mine = derive(key, peer, NULL, &mlen)) == NULL) {
+    if ((mine = derive(key, peer, NULL, &mlen)) == NULL && op == OP_SHARED && in_child &&
+        child_shared_refused) {
+        unsigned long e = ERR_peek_last_error();
+
+        if (ERR_GET_REASON(e) != 0 && ERR_reason_error_string(e) != NULL &&
+            strcmp(ERR_reason_error_string(e), "missing key") == 0) {
+            atomic_fetch_add(&refused_count, 1);
+            atomic_fetch_add(&ok_count[op], 1);
+            ERR_clear_error();
+        } else {
+            fail(op, "inherited ephemeral key: not refused with 'missing key'");
+        }
+    } else if (mine == NULL) {
         fail(op, "derive");
     } else if (check && (theirs = derive(peer, key_pub, DEFAULT_PQ, &tlen)) == NULL) {
         fail(op, "default-provider derive");
@@ -354,8 +379,19 @@ static void reset_counts(void)
     }
 }
 
+static int wait_child(int c, pid_t pid)
+{
+    int status = 0;
+
+    if (waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "stress: child %d (pid %ld) failed, status %d\n", c, (long)pid, status);
+        return 0;
+    }
+    return 1;
+}
+
 /* Parent works, forks nchildren that each work in one thread, works again. */
-static int run_fork(int nchildren)
+static int run_fork(int nchildren, int serial)
 {
     pid_t pids[64];
     int rc = 0;
@@ -374,21 +410,19 @@ static int run_fork(int nchildren)
         if (pids[c] == 0) {
             char who[32];
 
+            in_child = 1;
             worker((void *)(intptr_t)(c + 1));
+            printf("child%d %ld refused %ld\n", c, (long)getpid(), atomic_load(&refused_count));
             snprintf(who, sizeof(who), "child%d %ld ", c, (long)getpid());
             print_counts(who);
             _exit(total(fail_count) == 0 && total(ok_count) == ops_per_worker ? 0 : 1);
         }
-    }
-    for (int c = 0; c < nchildren; c++) {
-        int status = 0;
-
-        if (waitpid(pids[c], &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-            fprintf(stderr, "stress: child %d (pid %ld) failed, status %d\n", c, (long)pids[c],
-                    status);
+        if (serial && !wait_child(c, pids[c]))
             rc = 1;
-        }
     }
+    for (int c = 0; c < nchildren && !serial; c++)
+        if (!wait_child(c, pids[c]))
+            rc = 1;
     worker((void *)0);
     print_counts("parent-after ");
     if (total(fail_count) != 0 || total(ok_count) != ops_per_worker)
@@ -399,7 +433,8 @@ static int run_fork(int nchildren)
 static int usage(void)
 {
     fprintf(stderr, "usage: keyx-test-stress --config FILE --ec-key URI [--rsa-key URI] "
-                    "[--threads N] [--ops M] [--groups G,...] [--check-every K] [--fork N]\n");
+                    "[--threads N] [--ops M] [--groups G,...] [--check-every K] [--fork N] "
+                    "[--serial 0|1] [--child-shared use|refused]\n");
     return 2;
 }
 
@@ -407,7 +442,7 @@ int main(int argc, char **argv)
 {
     const char *config = NULL, *ec_uri = NULL, *rsa_uri = NULL;
     char *grouplist = NULL, *save = NULL;
-    int nthreads = 8, nfork = 0, rc = 1;
+    int nthreads = 8, nfork = 0, serial = 0, rc = 1;
 
     for (int i = 1; i < argc; i += 2) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -430,6 +465,10 @@ int main(int argc, char **argv)
             check_every = atoi(v);
         else if (strcmp(argv[i], "--fork") == 0)
             nfork = atoi(v);
+        else if (strcmp(argv[i], "--serial") == 0)
+            serial = atoi(v);
+        else if (strcmp(argv[i], "--child-shared") == 0)
+            child_shared_refused = strcmp(v, "refused") == 0;
         else
             return usage();
     }
@@ -462,7 +501,7 @@ int main(int argc, char **argv)
     }
 
     if (nfork > 0) {
-        rc = run_fork(nfork);
+        rc = run_fork(nfork, serial);
     } else {
         rc = run_threads(nthreads) ? 0 : 1;
         print_counts("");
