@@ -88,7 +88,8 @@ def test_tpm_parent_after_children(request, tmp):
     check_counts(r, OPS, prefix="parent-after ")
 
 
-@pytest.mark.xfail(strict=True, reason="keyx bug (issue 9 report): 4 children re-initializing "
+# Timing-dependent (seen in most plain-build runs, rarely under TSan): not strict.
+@pytest.mark.xfail(strict=False, reason="keyx bug (issue 9 report): 4 children re-initializing "
                    "SoftHSM at once: a child's C_Initialize misses the token while another child's "
                    "C_Login rewrites its file, and the re-initialization waits 1 s (REINIT_MS)")
 def test_pkcs11_children_at_once(request, tmp):
