@@ -100,14 +100,22 @@ static void register_atfork(void)
 static atomic_int exiting;
 static pthread_once_t atexit_once = PTHREAD_ONCE_INIT;
 
-static void note_exit(void)
+static void note_exit(void *unused)
 {
+    (void)unused;
     atomic_store(&exiting, 1);
 }
 
+/* What atexit() does in a shared object, spelled out: the handler belongs to keyx.so
+ * (__dso_handle), so a dlclose of keyx runs and removes it. A plain atexit() call can bind to a
+ * sanitizer's interceptor (ThreadSanitizer exports one), which registers it for the main program:
+ * after OSSL_LIB_CTX_free unloads keyx, exit() then jumps into unmapped code. */
+extern void *__dso_handle;
+extern int __cxa_atexit(void (*fn)(void *), void *arg, void *dso);
+
 static void register_atexit(void)
 {
-    atexit(note_exit);
+    __cxa_atexit(note_exit, NULL, &__dso_handle);
 }
 
 /* ---- small helpers --------------------------------------------------------------------- */

@@ -22,6 +22,12 @@ from kxutil import TIMEOUT, base_env, kill_group, openssl, run
 pytest_plugins = ["fixture_swtpm", "fixture_softhsm"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "valgrind: runs openssl under valgrind memcheck (plain build only; CI's ASan "
+        "stage deselects it with -m 'not valgrind')")
+
+
 def pytest_report_header(config):
     pre = kxutil.sanitizer_preload()
     return [

@@ -26,6 +26,8 @@ SANITIZER_MARKERS = (
     "ERROR: LeakSanitizer",
     "runtime error:",
     "UndefinedBehaviorSanitizer",
+    "WARNING: ThreadSanitizer",
+    "ERROR: ThreadSanitizer",
 )
 
 # Reason strings of keyx's errors (provider/errors.c), as tests may match them.
@@ -107,7 +109,7 @@ def sanitizer_preload():
         return ""
     out = subprocess.run(["ldd", str(so)], capture_output=True, text=True, timeout=30).stdout
     libs = []
-    for name in ("libasan.so", "libubsan.so"):
+    for name in ("libasan.so", "libubsan.so", "libtsan.so"):
         m = re.search(r"^\s*(" + re.escape(name) + r"\S*)\s+=>\s+(\S+)", out, re.M)
         if m:
             libs.append(m.group(2))
@@ -119,7 +121,7 @@ def base_env(**extra):
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("KEYX_", "OPENSSL_", "SSL_CERT", "LD_PRELOAD", "ASAN_", "UBSAN_"))
+        if not k.startswith(("KEYX_", "OPENSSL_", "SSL_CERT", "LD_PRELOAD", "ASAN_", "UBSAN_", "TSAN_"))
     }
     env["OPENSSL_CONF"] = str(neutral_cnf())
     preload = sanitizer_preload()
@@ -132,6 +134,8 @@ def base_env(**extra):
         # stops the process with exit code 99 and fails the test.
         env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=0:halt_on_error=1:exitcode=99"
         env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1:exitcode=99"
+        # ThreadSanitizer build (CI's TSan stage): a report stops the process, exit code 66.
+        env["TSAN_OPTIONS"] = f"halt_on_error=1:exitcode=66:suppressions={REPO / 'tests' / 'tsan.supp'}"
     for k, v in extra.items():
         if v is None:
             env.pop(k, None)

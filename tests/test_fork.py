@@ -1,0 +1,100 @@
+"""fork() with keys loaded (issue 9): a parent loads a static EC key and an RSA key (software
+key file, token keys by pkcs11: URI, TPM persistent keys by keyx:tpm:handle=) and makes a shared
+ephemeral key, does 100 operations, forks 4 children that each do 100 operations (ephemeral
+keygen + derive, static derive, shared-key derive, OAEP decrypt, ECDSA sign, every result checked
+by the default provider) with the keys it inherited, waits for them, and does 100 more
+(keyx-test-stress --fork 4). On the token, OpenSC's pkcs11-spy logs the calls: every child calls
+C_Initialize itself (it never uses its parent's PKCS#11 sessions), the parent once. The audit log
+shows each child's operations in its own pid, on the backend under test.
+"""
+
+import re
+
+import pytest
+
+import kxutil
+from test_stress import backend_setup, check_counts, sanitizer_env, stress_bin
+from test_stress import sw_keys, stress_token, stress_tpm  # noqa: F401
+
+CHILDREN, OPS = 4, 100
+GROUPS = {"software": "P-256,X25519,ffdhe2048", "pkcs11": "P-256", "tpm": "P-256"}
+
+
+def fork_run(backend, request, tmp, serial, log, spy_log=None, extra=None):
+    kw = {"software": {"sw_keys": "sw_keys"}, "pkcs11": {"token": "stress_token"},
+          "tpm": {"tpm": "stress_tpm"}}[backend]
+    kw = {k: request.getfixturevalue(v) for k, v in kw.items()}
+    cnf, env, ec, rsa = backend_setup(backend, tmp, log=log, spy_log=spy_log, **kw)
+    args = ["--serial", int(serial)]
+    if backend != "software":
+        args += ["--child-shared", "refused"]
+    return kxutil.run([stress_bin(), "--config", cnf, "--ec-key", ec, "--rsa-key", rsa,
+                       "--groups", GROUPS[backend], "--ops", OPS, "--fork", CHILDREN, *args],
+                      env=sanitizer_env(env), timeout=600)
+
+
+def children_of(r):
+    """{pid: 'childN'} of the children that reported counts."""
+    return {int(m.group(2)): m.group(1)
+            for m in re.finditer(r"^(child\d+) (\d+) total ok \d+ fail \d+$", r.out, re.M)}
+
+
+# Children run at once where the device allows several processes; one after the other on the
+# TPM (a bare swtpm has no resource manager: see test_tpm_parent_after_children below) and on
+# SoftHSM (see test_pkcs11_children_at_once below).
+@pytest.mark.parametrize("backend,serial", [("software", 0), ("pkcs11", 1), ("tpm", 1)])
+def test_fork_children_use_the_parents_keys(backend, serial, request, tmp):
+    log, spy_log = tmp / "audit.jsonl", tmp / "spy.log"
+    r = fork_run(backend, request, tmp, serial, log, spy_log if backend == "pkcs11" else None)
+    assert "ThreadSanitizer" not in r.err, f"ThreadSanitizer report:\n{r!r}"
+    children = children_of(r)
+    assert len(children) == CHILDREN, f"expected {CHILDREN} children:\n{r!r}"
+    check_counts(r, OPS, prefix="parent-before ")
+    for pid, name in children.items():
+        check_counts(r, OPS, prefix=f"{name} {pid} ")
+        if backend != "software":  # the parent's ephemeral hardware key is gone in a child
+            assert f"{name} {pid} refused {OPS // 5}" in r.out, r
+    if backend == "tpm":
+        return  # the parent afterwards: test_tpm_parent_after_children
+    check_counts(r, OPS, prefix="parent-after ")
+    assert r.rc == 0, r
+
+    events = kxutil.read_audit(log)
+    kxutil.check_audit_schema(events)
+    for pid in [r.pid, *children]:
+        mine = [e for e in events if e["pid"] == pid and e["ok"]]
+        done = {e["event"] for e in mine if e["event"] in ("keygen", "derive", "decrypt", "sign")}
+        assert done == {"keygen", "derive", "decrypt", "sign"}, f"pid {pid}: {sorted(done)}"
+        assert {e.get("backend") for e in mine if e["event"] in done} == {backend}, f"pid {pid}"
+    # the only failures: children's uses of the parent's ephemeral hardware key (refused)
+    failed = [e for e in events if not e["ok"] and not (
+        backend != "software" and e["pid"] in children and e["event"] == "derive" and e.get("ephemeral"))]
+    assert not failed, failed[:3]
+
+    if backend == "pkcs11":
+        # spy numbers calls per process from 0: one C_Initialize in the parent, one per child
+        inits = re.findall(r"^\d+: C_Initialize$", spy_log.read_text(), re.M)
+        assert len(inits) == 1 + CHILDREN, f"{len(inits)} C_Initialize calls for 1 parent + {CHILDREN} children"
+
+
+@pytest.mark.xfail(strict=True, reason="keyx bug (issue 9 report): on a TPM without resource "
+                   "manager a child reclaims the parent's transient objects and sessions "
+                   "(reclaim_foreign), and the parent keeps using the stale handles")
+def test_tpm_parent_after_children(request, tmp):
+    """After 4 children used a bare swtpm one after the other, the parent's own operations must
+    still succeed (its session and its ephemeral key)."""
+    r = fork_run("tpm", request, tmp, 1, tmp / "audit.jsonl")
+    assert len(children_of(r)) == CHILDREN, r
+    check_counts(r, OPS, prefix="parent-after ")
+
+
+# Timing-dependent (seen in most plain-build runs, rarely under TSan): not strict.
+@pytest.mark.xfail(strict=False, reason="keyx bug (issue 9 report): 4 children re-initializing "
+                   "SoftHSM at once: a child's C_Initialize misses the token while another child's "
+                   "C_Login rewrites its file, and the re-initialization waits 1 s (REINIT_MS)")
+def test_pkcs11_children_at_once(request, tmp):
+    r = fork_run("pkcs11", request, tmp, 0, tmp / "audit.jsonl")
+    children = children_of(r)
+    assert len(children) == CHILDREN, r
+    for pid, name in children.items():
+        check_counts(r, OPS, prefix=f"{name} {pid} ")
