@@ -247,12 +247,7 @@ def test_assert_no_secrets_catches_a_leak():
 
 MEMAPP = kxutil.LIBCRYPTO_CTYPES + r"""
 import os
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
 d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_void_p, POINTER(c_size_t))
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
 prov = fn("EVP_PKEY_CTX_get0_provider", c_void_p, c_void_p)
 pname = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
 cleanse = fn("OPENSSL_cleanse", None, c_void_p, c_size_t)
@@ -274,7 +269,6 @@ def read(path, propq):
 propq = b"provider=default" if mode == "default" else b"provider=keyx"
 i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(POINTER(ctypes.c_ubyte)))
 tohex = fn("OPENSSL_buf2hexstr", c_void_p, c_void_p, ctypes.c_long)
-ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
 keygen = fn("EVP_PKEY_Q_keygen", c_void_p, c_void_p, c_char_p, c_char_p, c_char_p)
 for _ in range(3):
     if mode == "device":

@@ -129,19 +129,11 @@ def readpublic(tpm, tmp, handle):
 APP = kxutil.LIBCRYPTO_CTYPES + r"""
 read_der = fn("d2i_PrivateKey_ex_bio", c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
 read_pub = fn("PEM_read_bio_PUBKEY_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
-d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
 dec_init = fn("EVP_PKEY_decrypt_init", c_int, c_void_p)
 set_pad = fn("EVP_PKEY_CTX_set_rsa_padding", c_int, c_void_p, c_int)
 set_md = fn("EVP_PKEY_CTX_set_rsa_oaep_md_name", c_int, c_void_p, c_char_p, c_char_p)
 decrypt = fn("EVP_PKEY_decrypt", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
 write_pem = fn("PEM_write_bio_PrivateKey", c_int, c_void_p, c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_void_p)
-get_prov = fn("EVP_PKEY_get0_provider", c_void_p, c_void_p)
-prov_name = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
 get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
 def fail(stage):
     msgs = []

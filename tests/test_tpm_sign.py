@@ -429,7 +429,6 @@ md_new = fn("EVP_MD_CTX_new", c_void_p)
 md_free = fn("EVP_MD_CTX_free", None, c_void_p)
 ds_init = fn("EVP_DigestSignInit_ex", c_int, c_void_p, c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p)
 ds = fn("EVP_DigestSign", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
 get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
 def errors():
     msgs = []

@@ -15,30 +15,9 @@ import kxutil
 from fixture_swtpm import tpm_cnf
 from kxutil import base_env, run
 
-APP = r'''
-import ctypes, sys, threading
-from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
-L = ctypes.CDLL("libcrypto.so.3")
-def fn(name, res, *args):
-    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
-LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
-LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
-CTX_name = fn("EVP_PKEY_CTX_new_from_name", c_void_p, c_void_p, c_char_p, c_char_p)
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-kg_init = fn("EVP_PKEY_keygen_init", c_int, c_void_p)
-set_group = fn("EVP_PKEY_CTX_set_group_name", c_int, c_void_p, c_char_p)
-generate = fn("EVP_PKEY_generate", c_int, c_void_p, POINTER(c_void_p))
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
-d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
-get_prov = fn("EVP_PKEY_get0_provider", c_void_p, c_void_p)
-prov_name = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
+APP = kxutil.LIBCRYPTO_CTYPES + r'''
+import threading
 err_print = fn("ERR_print_errors_fp", None, c_void_p)
-i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)))
-d2i = fn("d2i_PUBKEY_ex", c_void_p, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)), ctypes.c_long, c_void_p, c_char_p)
-ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
 def public_copy(key):
     """The public half of key as a default-provider key (keyx exports public parts only)."""
     buf = ctypes.POINTER(ctypes.c_ubyte)()

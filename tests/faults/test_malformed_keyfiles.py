@@ -22,12 +22,6 @@ from test_tpm_keyfiles import make_tools_key, tss2_der, tss2_pem
 
 READER = kxutil.LIBCRYPTO_CTYPES + r"""
 import time
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
-d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
 get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p),
              POINTER(c_char_p), POINTER(c_int))
 reason = fn("ERR_reason_error_string", c_char_p, ctypes.c_ulong)

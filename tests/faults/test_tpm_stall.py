@@ -31,21 +31,6 @@ HANDLE = 0x81000002
 
 APP = kxutil.LIBCRYPTO_CTYPES + r'''
 import json, threading, time
-CTX_name = fn("EVP_PKEY_CTX_new_from_name", c_void_p, c_void_p, c_char_p, c_char_p)
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-kg_init = fn("EVP_PKEY_keygen_init", c_int, c_void_p)
-set_group = fn("EVP_PKEY_CTX_set_group_name", c_int, c_void_p, c_char_p)
-generate = fn("EVP_PKEY_generate", c_int, c_void_p, POINTER(c_void_p))
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
-d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
-get_prov = fn("EVP_PKEY_get0_provider", c_void_p, c_void_p)
-prov_name = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
-i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)))
-d2i = fn("d2i_PUBKEY_ex", c_void_p, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)), ctypes.c_long, c_void_p, c_char_p)
-ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
 get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
 st_open = fn("OSSL_STORE_open_ex", c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p)
 st_load = fn("OSSL_STORE_load", c_void_p, c_void_p)
