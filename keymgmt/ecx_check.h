@@ -6,7 +6,6 @@
 
 #include "backend/backend.h"
 
-/* 1 if the public key of pub (an X25519 or X448 key) is not a small-order point. */
 /* 1 when the raw public key (32 bytes for X25519, 56 for X448) is none of the small-order
  * encodings. */
 int keyx_ecx_raw_ok(keyx_alg alg, const unsigned char *raw, size_t len);
