@@ -10,7 +10,8 @@
  * given up: the caller gets TSS2_TCTI_RC_IO_ERROR (the connection is closed and reopened like a
  * lost one), and the worker, left alone with the connection, closes it once the TPM answers or
  * the connection breaks. Until then the device is "stalled": operations fail at once instead of
- * stacking one more unanswered command (and one more thread) per call. */
+ * stacking one more unanswered command (and one more thread) per call. For swtpm the same bound
+ * holds without a thread (socket mode below). */
 
 #include <dlfcn.h>
 #include <errno.h>

@@ -42,7 +42,8 @@ void tpm_tcti_watch_forked(tpm_tcti_watch *w);
  * on makes the TCTI return TSS2_TCTI_RC_IO_ERROR from then on and is reported in w. */
 TSS2_RC tpm_tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_ms,
                      tpm_tcti_watch *w, TSS2_TCTI_CONTEXT **out);
-/* Finalizes and frees *c (NULL is fine) and sets it to NULL. Never waits for the TPM. */
+/* Finalizes and frees *c (NULL is fine) and sets it to NULL. Never waits for the answer to a
+ * command still out: its worker is left to close the connection. */
 void tpm_tcti_free(TSS2_TCTI_CONTEXT **c);
 
 /* *ts = now + ms on CLOCK_MONOTONIC. */
