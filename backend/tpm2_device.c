@@ -1,14 +1,7 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
-#include <dlfcn.h>
-#include <errno.h>
-#include <netdb.h>
-#include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -23,6 +16,7 @@
 #include "backend/tpm2_device.h"
 #include "backend/tpm2_pubkey.h"
 #include "backend/tpm2_session.h"
+#include "backend/tpm2_tcti.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -34,12 +28,6 @@
 #define HMAC_SESSION_FIRST ((TPM2_HANDLE)0x02000000u)
 
 #define MAX_PERSISTENT 32 /* persistent-key ESYS_TRs tracked; more are never closed (bounded) */
-
-/* Shared by a device and the connections it gave up on (refs), under stall_lock. */
-typedef struct stall_mark {
-    int refs;
-    int waiting; /* given-up commands still without an answer */
-} stall_mark;
 
 struct tpm_dev {
     keyx_provctx *p;
@@ -76,10 +64,7 @@ struct tpm_dev {
         int refs;
     } pers[MAX_PERSISTENT];
     tpm_dev *reg_next;
-    struct stall_mark *stall; /* commands given up on (bounded TCTI below) */
-    unsigned timed_out;       /* ms: the bound the last command missed, until reported; 0: none */
-    int flush_stale;          /* a command was given up on: clear the TPM on the next connect */
-    int stale_fd; /* swtpm: the connection of a command given up on, until it answers; -1 */
+    tpm_tcti_watch watch; /* commands the bounded TCTI gave up on (tpm2_tcti.h) */
 };
 
 /* ---- fork ------------------------------------------------------------------------------ */
@@ -88,8 +73,6 @@ struct tpm_dev {
  * the parent, the child opens its own on first use. The prepare handler takes every device
  * lock, so no thread is inside an ESYS call at the moment of the fork. */
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
-/* Guards the stall marks (see the bounded TCTI below). */
-static pthread_mutex_t stall_lock = PTHREAD_MUTEX_INITIALIZER;
 static tpm_dev *registry;
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
@@ -98,12 +81,12 @@ static void fork_prepare(void)
     pthread_mutex_lock(&registry_lock);
     for (tpm_dev *d = registry; d != NULL; d = d->reg_next)
         pthread_mutex_lock(&d->lock);
-    pthread_mutex_lock(&stall_lock);
+    tpm_tcti_fork_lock();
 }
 
 static void fork_parent(void)
 {
-    pthread_mutex_unlock(&stall_lock);
+    tpm_tcti_fork_unlock();
     for (tpm_dev *d = registry; d != NULL; d = d->reg_next)
         pthread_mutex_unlock(&d->lock);
     pthread_mutex_unlock(&registry_lock);
@@ -111,15 +94,11 @@ static void fork_parent(void)
 
 static void fork_child(void)
 {
-    pthread_mutex_unlock(&stall_lock);
+    tpm_tcti_fork_unlock();
     for (tpm_dev *d = registry; d != NULL; d = d->reg_next) {
         pthread_mutex_unlock(&d->lock);
         /* The parent's workers (and the answers they wait for) are not in the child. */
-        d->stall->waiting = 0;
-        d->stall->refs = 1;
-        if (d->stale_fd >= 0) /* the parent's: it closes its own copy when the TPM answers */
-            close(d->stale_fd);
-        d->stale_fd = -1;
+        tpm_tcti_watch_forked(&d->watch);
         if (d->ctx != NULL) {
             /* Not Esys_Finalize: a TCTI may say goodbye on the shared connection and end the
              * parent's. The parent's ESYS and TCTI state is left alone in the child (one small
@@ -191,626 +170,17 @@ static int rc_is_reset(TSS2_RC rc)
            !(rc & TPM2_RC_S) && (rc & 0x700);
 }
 
-/* ---- bounded TCTI ------------------------------------------------------------------------ */
-
-/* tpm2-tss 3.2 cannot bound a command's answer: the synchronous ESYS calls resubmit while the
- * TCTI says TRY_AGAIN (so Esys_SetTimeout bounds nothing there), the swtpm TCTI ignores its
- * timeout argument and has no poll handles, and SAPI's Tss2_Sys_Execute (keyx's session) always
- * blocks. So keyx puts its own TCTI in front of the loader's: each command is carried to the
- * TPM by a worker thread of the connection, and the caller waits for the answer at most
- * tpm-timeout (RSA key creation ten times as long). A command that gets no answer in time is
- * given up: the caller gets TSS2_TCTI_RC_IO_ERROR (the connection is closed and reopened like a
- * lost one), and the worker, left alone with the connection, closes it once the TPM answers or
- * the connection breaks. Until then the device is "stalled": operations fail at once instead of
- * stacking one more unanswered command (and one more thread) per call. */
-
-#define GUARD_MAGIC 0x6b6579782d746d70ull /* "keyx-tmp" */
-#define RSA_BOUND_FACTOR 10
-
-enum { G_IDLE, G_JOB, G_DONE };
-
-typedef struct guard_io {
-    pthread_mutex_t m;
-    pthread_cond_t cv; /* CLOCK_MONOTONIC; job posted, job done, quit */
-    TSS2_TCTI_CONTEXT *inner;
-    int state, quit, abandoned;
-    stall_mark *mark; /* set when abandoned */
-    TSS2_RC rc;
-    size_t cmdlen, rsplen;
-    uint8_t cmd[TPM2_MAX_COMMAND_SIZE];
-    uint8_t rsp[TPM2_MAX_RESPONSE_SIZE];
-} guard_io;
-
-typedef struct guard_tcti {
-    TSS2_TCTI_CONTEXT_COMMON_V1 v1;
-    guard_io *io; /* worker mode; NULL once given up */
-    pthread_t thread;
-    tpm_dev *d;
-    int pending;       /* a command was sent, its answer not yet handed out */
-    int have_rsp;      /* the answer is in io->rsp (socket mode: in rsp) */
-    unsigned bound_ms; /* for the pending command */
-    /* Socket mode (swtpm): no thread, keyx's own socket with a deadline. */
-    int sock;
-    int dead; /* a command was given up on: the connection serves no more */
-    int fd;   /* the pending command's connection; -1 */
-    struct timespec dl;
-    struct sockaddr_storage addr;
-    socklen_t addrlen;
-    size_t rsplen;
-    uint8_t rsp[TPM2_MAX_RESPONSE_SIZE];
-} guard_tcti;
-
-static void stall_unref(stall_mark *m)
-{
-    int last;
-
-    pthread_mutex_lock(&stall_lock);
-    last = --m->refs == 0;
-    pthread_mutex_unlock(&stall_lock);
-    if (last)
-        OPENSSL_free(m);
-}
-
-static void *guard_main(void *arg)
-{
-    guard_io *io = arg;
-
-    pthread_mutex_lock(&io->m);
-    for (;;) {
-        while (io->state != G_JOB && !io->quit && !io->abandoned)
-            pthread_cond_wait(&io->cv, &io->m);
-        if (io->state != G_JOB)
-            break;
-        pthread_mutex_unlock(&io->m);
-        TSS2_RC rc = Tss2_Tcti_Transmit(io->inner, io->cmdlen, io->cmd);
-        size_t len = sizeof(io->rsp);
-
-        if (rc == TSS2_RC_SUCCESS)
-            rc = Tss2_Tcti_Receive(io->inner, &len, io->rsp, TSS2_TCTI_TIMEOUT_BLOCK);
-        pthread_mutex_lock(&io->m);
-        io->rc = rc;
-        io->rsplen = rc == TSS2_RC_SUCCESS ? len : 0;
-        io->state = G_DONE;
-        pthread_cond_broadcast(&io->cv);
-        if (io->abandoned)
-            break;
-    }
-    pthread_mutex_unlock(&io->m);
-    /* Quit or given up: the connection is the worker's to close (a late answer is dropped). */
-    Tss2_TctiLdr_Finalize(&io->inner);
-    if (io->mark != NULL) {
-        pthread_mutex_lock(&stall_lock);
-        io->mark->waiting--;
-        pthread_mutex_unlock(&stall_lock);
-        stall_unref(io->mark);
-    }
-    pthread_cond_destroy(&io->cv);
-    pthread_mutex_destroy(&io->m);
-    OPENSSL_cleanse(io->rsp, sizeof(io->rsp)); /* may hold a session's encrypted secret */
-    OPENSSL_free(io);
-    return NULL;
-}
-
-static guard_tcti *guard_cast(TSS2_TCTI_CONTEXT *c)
-{
-    guard_tcti *g = (guard_tcti *)c;
-
-    return g != NULL && g->v1.magic == GUARD_MAGIC ? g : NULL;
-}
-
-/* TPM2_CreatePrimary, TPM2_Create and TPM2_CreateLoaded of an RSA key (one handle, then the
- * authorization area, inSensitive and the public template, whose first field is the type). */
-static int cmd_is_rsa_create(const uint8_t *c, size_t n)
-{
-    uint32_t cc, auth;
-    size_t off;
-
-    if (n < 18 || c[0] != 0x80 || c[1] != 0x02) /* TPM2_ST_SESSIONS */
-        return 0;
-    cc = (uint32_t)c[6] << 24 | (uint32_t)c[7] << 16 | (uint32_t)c[8] << 8 | c[9];
-    if (cc != TPM2_CC_CreatePrimary && cc != TPM2_CC_Create && cc != TPM2_CC_CreateLoaded)
-        return 0;
-    auth = (uint32_t)c[14] << 24 | (uint32_t)c[15] << 16 | (uint32_t)c[16] << 8 | c[17];
-    off = 18 + (size_t)auth;
-    if (off + 2 > n)
-        return 0;
-    off += 2 + ((size_t)c[off] << 8 | c[off + 1]); /* inSensitive */
-    if (off + 4 > n)
-        return 0;
-    off += 2; /* the public template's size */
-    return ((unsigned)c[off] << 8 | c[off + 1]) == TPM2_ALG_RSA;
-}
-
-/* ---- socket mode: swtpm's TPM port (TCP or a unix socket) -------------------------------- */
-
-/* swtpm speaks plain TPM commands on its server socket. The swtpm TCTI opens a connection per
- * command and has no poll handle, so keyx does the same on its own non-blocking socket, every
- * step bounded by the command's deadline: no thread, no hand-over per command. */
-
-static void deadline_in(struct timespec *ts, unsigned ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
-static int remaining_ms(const struct timespec *dl)
-{
-    struct timespec now;
-    long ms;
-
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    ms = (long)(dl->tv_sec - now.tv_sec) * 1000 + (dl->tv_nsec - now.tv_nsec) / 1000000;
-    return ms < 0 ? 0 : ms > 0x7fffffff ? 0x7fffffff : (int)ms;
-}
-
-/* 1: fd is ready for events; 0: the deadline passed; -1: error. */
-static int wait_fd(int fd, short events, const struct timespec *dl)
-{
-    for (;;) {
-        struct pollfd p = {.fd = fd, .events = events};
-        int n = poll(&p, 1, remaining_ms(dl));
-
-        if (n > 0)
-            return 1;
-        if (n == 0 && remaining_ms(dl) == 0)
-            return 0;
-        if (n == 0) /* woke a little early (millisecond rounding) */
-            continue;
-        if (errno != EINTR)
-            return -1;
-    }
-}
-
-/* The command timed out: its connection is kept (d->stale_fd) until the TPM answers it, so that
- * keyx knows when the TPM is back (stalled()), and the guard serves no more. */
-static TSS2_RC sock_give_up(guard_tcti *g)
-{
-    tpm_dev *d = g->d;
-
-    if (d->stale_fd >= 0)
-        close(d->stale_fd);
-    d->stale_fd = g->fd;
-    g->fd = -1;
-    g->dead = 1;
-    g->pending = 0;
-    d->timed_out = g->bound_ms;
-    d->flush_stale = 1;
-    return TSS2_TCTI_RC_IO_ERROR;
-}
-
-static TSS2_RC sock_fail(guard_tcti *g)
-{
-    if (g->fd >= 0)
-        close(g->fd);
-    g->fd = -1;
-    g->pending = 0;
-    return TSS2_TCTI_RC_IO_ERROR;
-}
-
-static TSS2_RC sock_transmit(guard_tcti *g, size_t size, const uint8_t *cmd)
-{
-    size_t off = 0;
-    int err = 0, r;
-    socklen_t len = sizeof(err);
-
-    deadline_in(&g->dl, g->bound_ms);
-    g->fd = socket(g->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (g->fd < 0)
-        return TSS2_TCTI_RC_IO_ERROR;
-    if (connect(g->fd, (struct sockaddr *)&g->addr, g->addrlen) != 0) {
-        if (errno != EINPROGRESS && errno != EAGAIN)
-            return sock_fail(g);
-        if ((r = wait_fd(g->fd, POLLOUT, &g->dl)) == 0)
-            return sock_give_up(g);
-        if (r < 0 || getsockopt(g->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
-            return sock_fail(g);
-    }
-    while (off < size) {
-        ssize_t n = send(g->fd, cmd + off, size - off, MSG_NOSIGNAL);
-
-        if (n > 0) {
-            off += (size_t)n;
-            continue;
-        }
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            if ((r = wait_fd(g->fd, POLLOUT, &g->dl)) == 0)
-                return sock_give_up(g);
-            if (r > 0)
-                continue;
-        }
-        return sock_fail(g);
-    }
-    g->pending = 1;
-    g->have_rsp = 0;
-    return TSS2_RC_SUCCESS;
-}
-
-/* Reads exactly n bytes before the deadline: 1, 0 (deadline), -1 (error or connection closed). */
-static int read_full(guard_tcti *g, uint8_t *buf, size_t n)
-{
-    size_t off = 0;
-    int r;
-
-    while (off < n) {
-        ssize_t got = recv(g->fd, buf + off, n - off, 0);
-
-        if (got > 0) {
-            off += (size_t)got;
-            continue;
-        }
-        if (got == 0)
-            return -1;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return -1;
-        if ((r = wait_fd(g->fd, POLLIN, &g->dl)) <= 0)
-            return r;
-    }
-    return 1;
-}
-
-static TSS2_RC sock_receive(guard_tcti *g, size_t *size, uint8_t *rsp)
-{
-    if (!g->have_rsp) {
-        uint32_t len;
-        int r = read_full(g, g->rsp, 10);
-
-        if (r == 0)
-            return sock_give_up(g);
-        if (r < 0)
-            return sock_fail(g);
-        len = (uint32_t)g->rsp[2] << 24 | (uint32_t)g->rsp[3] << 16 | (uint32_t)g->rsp[4] << 8 |
-              g->rsp[5];
-        if (len < 10 || len > sizeof(g->rsp))
-            return sock_fail(g);
-        if ((r = read_full(g, g->rsp + 10, len - 10)) == 0)
-            return sock_give_up(g);
-        if (r < 0)
-            return sock_fail(g);
-        close(g->fd);
-        g->fd = -1;
-        g->rsplen = len;
-        g->have_rsp = 1;
-    }
-    if (rsp == NULL) {
-        *size = g->rsplen;
-        return TSS2_RC_SUCCESS;
-    }
-    if (*size < g->rsplen) {
-        *size = g->rsplen;
-        return TSS2_TCTI_RC_INSUFFICIENT_BUFFER;
-    }
-    memcpy(rsp, g->rsp, g->rsplen);
-    *size = g->rsplen;
-    g->pending = g->have_rsp = 0;
-    return TSS2_RC_SUCCESS;
-}
-
-/* The swtpm TCTI's configuration ("swtpm", "swtpm:host=H,port=P", "swtpm:path=SOCKET") as an
- * address: 1, or 0 for anything else (other TCTIs, a module path, an unknown key). */
-static int swtpm_address(const char *conf, struct sockaddr_storage *addr, socklen_t *addrlen)
-{
-    char host[256] = "localhost", port[8] = "2321",
-         path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-    const char *p;
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai = NULL;
-    int ok;
-
-    path[0] = '\0';
-    if (conf == NULL || strncmp(conf, "swtpm", 5) != 0 || (conf[5] != '\0' && conf[5] != ':'))
-        return 0;
-    for (p = conf[5] == ':' ? conf + 6 : conf + 5; *p != '\0';) {
-        const char *eq = strchr(p, '='), *end = strchr(p, ',');
-        size_t klen, vlen;
-        char *dst;
-        size_t cap;
-
-        if (end == NULL)
-            end = p + strlen(p);
-        if (eq == NULL || eq > end)
-            return 0;
-        klen = (size_t)(eq - p);
-        vlen = (size_t)(end - eq - 1);
-        if (klen == 4 && strncmp(p, "host", 4) == 0)
-            dst = host, cap = sizeof(host);
-        else if (klen == 4 && strncmp(p, "port", 4) == 0)
-            dst = port, cap = sizeof(port);
-        else if (klen == 4 && strncmp(p, "path", 4) == 0)
-            dst = path, cap = sizeof(path);
-        else
-            return 0;
-        if (vlen == 0 || vlen >= cap)
-            return 0;
-        memcpy(dst, eq + 1, vlen);
-        dst[vlen] = '\0';
-        p = *end == ',' ? end + 1 : end;
-    }
-    memset(addr, 0, sizeof(*addr));
-    if (path[0] != '\0') {
-        struct sockaddr_un *un = (struct sockaddr_un *)addr;
-
-        un->sun_family = AF_UNIX;
-        memcpy(un->sun_path, path, strlen(path) + 1);
-        *addrlen = (socklen_t)sizeof(*un);
-        return 1;
-    }
-    if (getaddrinfo(host, port, &hints, &ai) != 0 || ai == NULL)
-        return 0;
-    ok = ai->ai_addrlen <= sizeof(*addr);
-    if (ok) {
-        memcpy(addr, ai->ai_addr, ai->ai_addrlen);
-        *addrlen = ai->ai_addrlen;
-    }
-    freeaddrinfo(ai);
-    return ok;
-}
-
-static TSS2_RC guard_transmit(TSS2_TCTI_CONTEXT *c, size_t size, const uint8_t *cmd)
-{
-    guard_tcti *g = guard_cast(c);
-    guard_io *io;
-
-    if (g == NULL)
-        return TSS2_TCTI_RC_BAD_CONTEXT;
-    if (g->sock ? g->dead : g->io == NULL)
-        return TSS2_TCTI_RC_IO_ERROR;
-    if (g->pending)
-        return TSS2_TCTI_RC_BAD_SEQUENCE;
-    if (cmd == NULL || size < 10 || size > TPM2_MAX_COMMAND_SIZE)
-        return TSS2_TCTI_RC_BAD_VALUE;
-    g->bound_ms = g->d->p->cfg.tpm_timeout_ms;
-    if (cmd_is_rsa_create(cmd, size))
-        g->bound_ms *= RSA_BOUND_FACTOR;
-    if (g->sock)
-        return sock_transmit(g, size, cmd);
-    io = g->io;
-    pthread_mutex_lock(&io->m);
-    memcpy(io->cmd, cmd, size);
-    io->cmdlen = size;
-    io->state = G_JOB;
-    pthread_cond_broadcast(&io->cv);
-    pthread_mutex_unlock(&io->m);
-    g->pending = 1;
-    g->have_rsp = 0;
-    return TSS2_RC_SUCCESS;
-}
-
-/* Gives the connection up to its worker (lock held by nobody; the worker may be mid-command). */
-static void guard_abandon(guard_tcti *g, int stalled)
-{
-    guard_io *io = g->io;
-    tpm_dev *d = g->d;
-
-    g->io = NULL;
-    g->pending = g->have_rsp = 0;
-    pthread_mutex_lock(&io->m);
-    if (stalled) {
-        pthread_mutex_lock(&stall_lock);
-        d->stall->refs++;
-        d->stall->waiting++;
-        pthread_mutex_unlock(&stall_lock);
-        io->mark = d->stall;
-    }
-    io->abandoned = 1;
-    pthread_cond_broadcast(&io->cv);
-    pthread_mutex_unlock(&io->m);
-    pthread_detach(g->thread);
-}
-
-static TSS2_RC guard_receive(TSS2_TCTI_CONTEXT *c, size_t *size, uint8_t *rsp, int32_t timeout)
-{
-    guard_tcti *g = guard_cast(c);
-    guard_io *io = NULL;
-    struct timespec dl;
-    TSS2_RC rc;
-
-    (void)timeout; /* keyx's bound, whatever the caller asks (ESYS and SAPI: block) */
-    if (g == NULL || size == NULL)
-        return g == NULL ? TSS2_TCTI_RC_BAD_CONTEXT : TSS2_TCTI_RC_BAD_REFERENCE;
-    if (g->sock ? g->dead : g->io == NULL)
-        return TSS2_TCTI_RC_IO_ERROR;
-    if (!g->pending)
-        return TSS2_TCTI_RC_BAD_SEQUENCE;
-    if (g->sock)
-        return sock_receive(g, size, rsp);
-    io = g->io;
-    if (!g->have_rsp) {
-        deadline_in(&dl, g->bound_ms);
-        pthread_mutex_lock(&io->m);
-        while (io->state != G_DONE)
-            if (pthread_cond_timedwait(&io->cv, &io->m, &dl) == ETIMEDOUT)
-                break;
-        if (io->state != G_DONE) {
-            pthread_mutex_unlock(&io->m);
-            g->d->timed_out = g->bound_ms;
-            g->d->flush_stale = 1;
-            guard_abandon(g, 1);
-            return TSS2_TCTI_RC_IO_ERROR;
-        }
-        io->state = G_IDLE;
-        rc = io->rc;
-        pthread_mutex_unlock(&io->m);
-        if (rc != TSS2_RC_SUCCESS) {
-            g->pending = 0;
-            return rc;
-        }
-        g->have_rsp = 1;
-    }
-    if (rsp == NULL) {
-        *size = io->rsplen;
-        return TSS2_RC_SUCCESS;
-    }
-    if (*size < io->rsplen) {
-        *size = io->rsplen;
-        return TSS2_TCTI_RC_INSUFFICIENT_BUFFER;
-    }
-    memcpy(rsp, io->rsp, io->rsplen);
-    *size = io->rsplen;
-    g->pending = g->have_rsp = 0;
-    return TSS2_RC_SUCCESS;
-}
-
-static void guard_finalize(TSS2_TCTI_CONTEXT *c)
-{
-    guard_tcti *g = guard_cast(c);
-    guard_io *io;
-    int busy;
-
-    if (g == NULL)
-        return;
-    if (g->sock && g->fd >= 0)
-        close(g->fd);
-    if (!g->sock && (io = g->io) != NULL) {
-        pthread_mutex_lock(&io->m);
-        busy = io->state == G_JOB;
-        if (!busy) {
-            io->quit = 1;
-            pthread_cond_broadcast(&io->cv);
-        }
-        pthread_mutex_unlock(&io->m);
-        if (busy) /* a command still out (an error path left it): never wait for it */
-            guard_abandon(g, 1);
-        else
-            pthread_join(g->thread, NULL); /* idle: it closes the connection and ends now */
-    }
-    g->v1.magic = 0;
-}
-
-static TSS2_RC guard_cancel(TSS2_TCTI_CONTEXT *c)
-{
-    (void)c;
-    return TSS2_TCTI_RC_NOT_IMPLEMENTED;
-}
-
-static TSS2_RC guard_poll_handles(TSS2_TCTI_CONTEXT *c, TSS2_TCTI_POLL_HANDLE *h, size_t *n)
-{
-    (void)c;
-    (void)h;
-    (void)n;
-    return TSS2_TCTI_RC_NOT_IMPLEMENTED;
-}
-
-static TSS2_RC guard_set_locality(TSS2_TCTI_CONTEXT *c, uint8_t locality)
-{
-    (void)c;
-    (void)locality;
-    return TSS2_TCTI_RC_NOT_IMPLEMENTED;
-}
-
-/* keyx.so must stay mapped while a worker it gave up on may still run its code (an application
- * that unloads the provider while the TPM is stalled). */
-static void pin_module(void)
-{
-    Dl_info info;
-
-    if (dladdr((void *)guard_main, &info) != 0 && info.dli_fname != NULL)
-        (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-}
-
-static pthread_once_t pin_once = PTHREAD_ONCE_INIT;
-
-/* Puts a worker in front of inner (a TCTI loader context; owned by the result from now on, also
- * on failure). */
-static TSS2_RC guard_new(tpm_dev *d, TSS2_TCTI_CONTEXT *inner, TSS2_TCTI_CONTEXT **out)
-{
-    guard_tcti *g = OPENSSL_zalloc(sizeof(*g));
-    guard_io *io = OPENSSL_zalloc(sizeof(*io));
-    pthread_condattr_t ca;
-    sigset_t all, old;
-    int ok;
-
-    *out = NULL;
-    if (g != NULL && swtpm_address(d->tcti, &g->addr, &g->addrlen)) {
-        /* swtpm: keyx's socket; the loader's context only checked the configuration. */
-        OPENSSL_free(io);
-        Tss2_TctiLdr_Finalize(&inner);
-        g->sock = 1;
-        g->fd = -1;
-        io = NULL;
-        goto fill;
-    }
-    if (g == NULL || io == NULL) {
-        OPENSSL_free(g);
-        OPENSSL_free(io);
-        Tss2_TctiLdr_Finalize(&inner);
-        return TSS2_TCTI_RC_MEMORY;
-    }
-    pthread_once(&pin_once, pin_module);
-    io->inner = inner;
-    pthread_mutex_init(&io->m, NULL);
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&io->cv, &ca);
-    pthread_condattr_destroy(&ca);
-    /* The worker takes no signals: they stay with the application's threads. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    ok = pthread_create(&g->thread, NULL, guard_main, io) == 0;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (!ok) {
-        pthread_cond_destroy(&io->cv);
-        pthread_mutex_destroy(&io->m);
-        OPENSSL_free(io);
-        OPENSSL_free(g);
-        Tss2_TctiLdr_Finalize(&inner);
-        return TSS2_TCTI_RC_GENERAL_FAILURE;
-    }
-fill:
-    g->io = io;
-    g->d = d;
-    g->v1.magic = GUARD_MAGIC;
-    g->v1.version = 1;
-    g->v1.transmit = guard_transmit;
-    g->v1.receive = guard_receive;
-    g->v1.finalize = guard_finalize;
-    g->v1.cancel = guard_cancel;
-    g->v1.getPollHandles = guard_poll_handles;
-    g->v1.setLocality = guard_set_locality;
-    *out = (TSS2_TCTI_CONTEXT *)g;
-    return TSS2_RC_SUCCESS;
-}
-
-static void guard_free(TSS2_TCTI_CONTEXT **c)
-{
-    if (*c != NULL) {
-        guard_finalize(*c);
-        OPENSSL_free(*c);
-        *c = NULL;
-    }
-}
-
 /* 1 while a command given up on still has no answer. */
 static int stalled(tpm_dev *d)
 {
-    int w;
-
-    pthread_mutex_lock(&stall_lock);
-    w = d->stall != NULL && d->stall->waiting > 0;
-    pthread_mutex_unlock(&stall_lock);
-    if (!w && d->stale_fd >= 0) {
-        struct pollfd p = {.fd = d->stale_fd, .events = POLLIN};
-
-        if (poll(&p, 1, 0) == 0)
-            return 1;       /* still no answer */
-        close(d->stale_fd); /* answered, or the connection broke: the TPM is back or gone */
-        d->stale_fd = -1;
-    }
-    return w;
+    return tpm_tcti_unanswered(&d->watch);
 }
 
 static void disconnect(tpm_dev *d)
 {
     if (d->ctx != NULL)
         Esys_Finalize(&d->ctx);
-    guard_free(&d->tcti_ctx);
+    tpm_tcti_free(&d->tcti_ctx);
     d->ctx = NULL;
     d->tcti_ctx = NULL;
     d->head = d->tail = NULL;
@@ -825,13 +195,13 @@ int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
 {
     const char *txt = Tss2_RC_Decode(rc);
 
-    if (d->timed_out != 0) {
+    if (d->watch.timed_out != 0) {
         /* The bounded TCTI gave the command up: the TPM is stalled, not reset (no retry). */
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: %s failed: the TPM at TCTI '%s' did not answer within %u ms (keyx "
                  "reconnects once it answers again; set tpm-timeout to wait longer)",
-                 what, tcti_name(d), d->timed_out);
-        d->timed_out = 0;
+                 what, tcti_name(d), d->watch.timed_out);
+        d->watch.timed_out = 0;
         d->was_reset = 0;
         disconnect(d);
         return KEYX_BACKEND_DOWN;
@@ -1225,7 +595,7 @@ static void flush_stale(tpm_dev *d)
                                          (TPM2_HANDLE)0x03000000u /* policy sessions */};
     TSS2_SYS_CONTEXT *sys = NULL;
 
-    d->flush_stale = 0;
+    d->watch.flush_stale = 0;
     if (!no_resource_manager(d) || Esys_GetSysContext(d->ctx, &sys) != TSS2_RC_SUCCESS)
         return;
     for (size_t r = 0; r < sizeof(ranges) / sizeof(ranges[0]); r++) {
@@ -1256,7 +626,7 @@ static int connect_tpm(tpm_dev *d)
         return KEYX_BACKEND_DOWN;
     }
     if ((rc = Tss2_TctiLdr_Initialize(d->tcti, &inner)) == TSS2_RC_SUCCESS)
-        rc = guard_new(d, inner, &d->tcti_ctx);
+        rc = tpm_tcti_new(inner, d->tcti, d->p->cfg.tpm_timeout_ms, &d->watch, &d->tcti_ctx);
     if (rc != TSS2_RC_SUCCESS) {
         d->tcti_ctx = NULL;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
@@ -1267,7 +637,7 @@ static int connect_tpm(tpm_dev *d)
     }
     if ((rc = Esys_Initialize(&d->ctx, d->tcti_ctx, NULL)) != TSS2_RC_SUCCESS) {
         d->ctx = NULL;
-        guard_free(&d->tcti_ctx);
+        tpm_tcti_free(&d->tcti_ctx);
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "tpm: ESYS initialization on TCTI '%s': %s",
                  tcti_name(d), Tss2_RC_Decode(rc));
         return KEYX_BACKEND_DOWN;
@@ -1283,12 +653,12 @@ static int connect_tpm(tpm_dev *d)
         if ((rc = Esys_Startup(d->ctx, TPM2_SU_CLEAR)) == TSS2_RC_SUCCESS)
             rc = read_curves(d);
     }
-    if (rc != TSS2_RC_SUCCESS && d->timed_out != 0) {
+    if (rc != TSS2_RC_SUCCESS && d->watch.timed_out != 0) {
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: the TPM at TCTI '%s' did not answer within %u ms (keyx reconnects once it "
                  "answers again; set tpm-timeout to wait longer)",
-                 tcti_name(d), d->timed_out);
-        d->timed_out = 0;
+                 tcti_name(d), d->watch.timed_out);
+        d->watch.timed_out = 0;
         disconnect(d);
         return KEYX_BACKEND_DOWN;
     }
@@ -1301,7 +671,7 @@ static int connect_tpm(tpm_dev *d)
         disconnect(d);
         return KEYX_BACKEND_DOWN;
     }
-    if (d->flush_stale)
+    if (d->watch.flush_stale)
         flush_stale(d);
     if ((r = make_parent(d)) != 1 || (r = start_session(d)) != 1) {
         if (d->ctx != NULL) {
@@ -1336,7 +706,7 @@ static int lock_dev_bounded(tpm_dev *d)
 {
     struct timespec dl;
 
-    deadline_in(&dl, d->p->cfg.tpm_timeout_ms);
+    tpm_deadline_in(&dl, d->p->cfg.tpm_timeout_ms);
     if (pthread_mutex_clocklock(&d->lock, CLOCK_MONOTONIC, &dl) != 0)
         return 0;
     locked(d);
@@ -1873,14 +1243,12 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
     d->no_probe = d->tcti == NULL || d->tcti[0] == '\0' || strncmp(d->tcti, "tabrmd", 6) == 0 ||
                   strstr(d->tcti, "tcti-tabrmd") != NULL;
     d->parent = d->session = ESYS_TR_NONE;
-    if ((d->stall = OPENSSL_zalloc(sizeof(*d->stall))) == NULL) {
+    if (!tpm_tcti_watch_init(&d->watch)) {
         OPENSSL_free(d);
         *out = NULL;
         KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
         return 0;
     }
-    d->stall->refs = 1;
-    d->stale_fd = -1;
     pthread_mutex_init(&d->lock, NULL);
     d->fast_ok = tpm_fsess_init(&d->fast, p->libctx);
     pthread_once(&atfork_once, register_atfork);
@@ -1916,10 +1284,8 @@ void tpm_dev_free(tpm_dev *d)
     }
     if (d->ctx != NULL && d->pid == getpid())
         disconnect(d); /* a stalled TPM: nothing is flushed, no command waits for an answer */
-    if (d->stale_fd >= 0)
-        close(d->stale_fd);
     unlock_dev(d);
-    stall_unref(d->stall);
+    tpm_tcti_watch_cleanup(&d->watch);
     pthread_mutex_destroy(&d->lock);
     tpm_fsess_cleanup(&d->fast);
     OPENSSL_free(d);
