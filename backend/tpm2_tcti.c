@@ -326,6 +326,8 @@ static TSS2_RC sock_receive(guard_tcti *g, size_t *size, uint8_t *rsp)
         return TSS2_TCTI_RC_INSUFFICIENT_BUFFER;
     }
     memcpy(rsp, g->rsp, g->rsplen);
+    OPENSSL_cleanse(g->rsp,
+                    g->rsplen); /* a ZGen point or RSA plaintext in clear without sessions */
     *size = g->rsplen;
     g->pending = g->have_rsp = 0;
     return TSS2_RC_SUCCESS;
@@ -490,6 +492,7 @@ static TSS2_RC guard_receive(TSS2_TCTI_CONTEXT *c, size_t *size, uint8_t *rsp, i
         return TSS2_TCTI_RC_INSUFFICIENT_BUFFER;
     }
     memcpy(rsp, io->rsp, io->rsplen);
+    OPENSSL_cleanse(io->rsp, io->rsplen); /* as in sock_receive */
     *size = io->rsplen;
     g->pending = g->have_rsp = 0;
     return TSS2_RC_SUCCESS;
