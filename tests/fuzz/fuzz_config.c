@@ -3,6 +3,7 @@
  * values. Every value is also judged by an independent validator written from DESIGN.md's
  * table (strtoull, strcasecmp, strtok_r): keyx must accept exactly the configurations it
  * accepts, and store what they say. */
+#include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -17,7 +18,7 @@
 #include "provider/config.h"
 #include "tests/fuzz/harness.h"
 
-enum kind { BACKENDS, STRING, PARENT, TOKEN, PIN, BOOL, POOL, COUNT };
+enum kind { BACKENDS, STRING, PARENT, TOKEN, PIN, BOOL, POOL, COUNT, MSEC };
 
 static const struct {
     const char *name;
@@ -27,7 +28,7 @@ static const struct {
     {"pkcs11-module", STRING}, {"pkcs11-token", TOKEN},        {"pkcs11-pin", PIN},
     {"pkcs11-raw-rsa", BOOL},  {"tpm-encrypt-sessions", BOOL}, {"tpm-pool", POOL},
     {"pkcs11-pool", POOL},     {"audit-log", STRING},          {"ephemeral-max-uses", COUNT},
-    {"debug", BOOL},
+    {"debug", BOOL},           {"tpm-timeout", MSEC},
 };
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
@@ -143,6 +144,9 @@ static int token_ok(const char *v, char *norm)
          tok = strtok_r(NULL, " \t\n\r\v\f", &save)) {
         if (strncmp(tok, "pkcs11:", 7) != 0)
             ok = 0;
+        for (const char *c = tok; ok && (c = strchr(c, '%')) != NULL; c++)
+            if (!isxdigit((unsigned char)c[1]) || !isxdigit((unsigned char)c[2]))
+                ok = 0; /* every '%' starts a two-digit hex escape (RFC 7512) */
         if (items++ > 0)
             strcat(norm, " ");
         strcat(norm, tok);
@@ -195,6 +199,8 @@ static int valid(size_t i, const char *v)
         return dec_ok(v, 1024, &x);
     case COUNT:
         return dec_ok(v, INT64_MAX, &x);
+    case MSEC:
+        return dec_ok(v, 600000, &x) && x >= 100;
     }
     return 0;
 }
@@ -257,6 +263,11 @@ static void check_stored(const keyx_config *cfg, size_t i, const char *v)
         dec_ok(v, INT64_MAX, &x);
         if (cfg->ephemeral_max_uses != x)
             fuzz_fail("ephemeral-max-uses stored differs");
+        return;
+    case 13:
+        dec_ok(v, 600000, &x);
+        if (cfg->tpm_timeout_ms != x)
+            fuzz_fail("tpm-timeout stored differs");
         return;
     }
 }
