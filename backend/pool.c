@@ -126,8 +126,9 @@ static void stop_thread(keyx_pool *pl);
 /* At exit(), before the destructors of modules loaded before the thread started (SoftHSM's C++
  * statics): no refill thread may still be inside one. The keys stay until the provider's own
  * teardown. */
-static void at_exit(void)
+static void at_exit(void *unused)
 {
+    (void)unused;
     pthread_mutex_lock(&reg_lock);
     exiting = 1;
     for (keyx_pool *pl = registry; pl != NULL; pl = pl->reg_next)
@@ -135,10 +136,15 @@ static void at_exit(void)
     pthread_mutex_unlock(&reg_lock);
 }
 
+/* As in pkcs11_device.c: the exit handler belongs to keyx.so, even where a sanitizer's atexit
+ * interceptor would register it for the main program (and run it after keyx.so is unloaded). */
+extern void *__dso_handle;
+extern int __cxa_atexit(void (*fn)(void *), void *arg, void *dso);
+
 static void install_hooks(void)
 {
     pthread_atfork(fork_prepare, fork_parent, fork_child);
-    atexit(at_exit);
+    __cxa_atexit(at_exit, NULL, &__dso_handle);
 }
 
 /* ---- queues ------------------------------------------------------------------------------ */
