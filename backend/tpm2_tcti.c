@@ -164,9 +164,9 @@ static int cmd_is_rsa_create(const uint8_t *c, size_t n)
  * command and has no poll handle, so keyx does the same on its own non-blocking socket, every
  * step bounded by the command's deadline: no thread, no hand-over per command. */
 
-void tpm_deadline_in(struct timespec *ts, unsigned ms)
+void tpm_deadline_in(clockid_t clock, struct timespec *ts, unsigned ms)
 {
-    clock_gettime(CLOCK_MONOTONIC, ts);
+    clock_gettime(clock, ts);
     ts->tv_sec += ms / 1000;
     ts->tv_nsec += (long)(ms % 1000) * 1000000L;
     if (ts->tv_nsec >= 1000000000L) {
@@ -235,7 +235,7 @@ static TSS2_RC sock_transmit(guard_tcti *g, size_t size, const uint8_t *cmd)
     int err = 0, r;
     socklen_t len = sizeof(err);
 
-    tpm_deadline_in(&g->dl, g->bound_ms);
+    tpm_deadline_in(CLOCK_MONOTONIC, &g->dl, g->bound_ms);
     g->fd = socket(g->addr.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (g->fd < 0)
         return TSS2_TCTI_RC_IO_ERROR;
@@ -462,7 +462,7 @@ static TSS2_RC guard_receive(TSS2_TCTI_CONTEXT *c, size_t *size, uint8_t *rsp, i
         return sock_receive(g, size, rsp);
     io = g->io;
     if (!g->have_rsp) {
-        tpm_deadline_in(&dl, g->bound_ms);
+        tpm_deadline_in(CLOCK_MONOTONIC, &dl, g->bound_ms);
         pthread_mutex_lock(&io->m);
         while (io->state != G_DONE)
             if (pthread_cond_timedwait(&io->cv, &io->m, &dl) == ETIMEDOUT)

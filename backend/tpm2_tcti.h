@@ -46,7 +46,7 @@ TSS2_RC tpm_tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_
  * command still out: its worker is left to close the connection. */
 void tpm_tcti_free(TSS2_TCTI_CONTEXT **c);
 
-/* *ts = now + ms on CLOCK_MONOTONIC. */
-void tpm_deadline_in(struct timespec *ts, unsigned ms);
+/* *ts = now + ms on clock. */
+void tpm_deadline_in(clockid_t clock, struct timespec *ts, unsigned ms);
 
 #endif
