@@ -489,4 +489,14 @@ prov_name = fn("OSSL_PROVIDER_get0_name", c_char_p, c_void_p)
 i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)))
 d2i = fn("d2i_PUBKEY_ex", c_void_p, c_void_p, POINTER(ctypes.POINTER(ctypes.c_ubyte)), ctypes.c_long, c_void_p, c_char_p)
 ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
+# The public half of key as a default-provider key in ctx (the script's library context; keyx
+# exports public parts only).
+def public_copy(key):
+    buf = ctypes.POINTER(ctypes.c_ubyte)()
+    n = i2d(key, byref(buf))
+    if n <= 0: return None
+    p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte))
+    out = d2i(None, byref(p), n, ctx, b"provider=default")
+    ossl_free(buf, None, 0)
+    return out
 """

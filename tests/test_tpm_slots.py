@@ -18,15 +18,6 @@ from kxutil import base_env, run
 APP = kxutil.LIBCRYPTO_CTYPES + r'''
 import threading
 err_print = fn("ERR_print_errors_fp", None, c_void_p)
-def public_copy(key):
-    """The public half of key as a default-provider key (keyx exports public parts only)."""
-    buf = ctypes.POINTER(ctypes.c_ubyte)()
-    n = i2d(key, byref(buf))
-    if n <= 0: return None
-    p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte))
-    out = d2i(None, byref(p), n, ctx, b"provider=default")
-    ossl_free(buf, None, 0)
-    return out
 ctx = LIB_new()
 assert LIB_load(ctx, sys.argv[1].encode()) == 1
 def gen(group, propq=None):

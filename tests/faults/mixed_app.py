@@ -11,32 +11,15 @@ the default provider). Every result is cross-checked by the default provider; th
 "ok" or "err <keyx's error texts>" (or "bad ..." for a wrong result). Secrets are never printed.
 """
 
-import ctypes
 import sys
-from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_void_p
+from pathlib import Path
 
-L = ctypes.CDLL("libcrypto.so.3")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kxutil  # noqa: E402
 
+# the bindings every test script shares (ctypes, fn, L, LIB_*, EVP keygen/derive, public_copy)
+exec(kxutil.LIBCRYPTO_CTYPES)
 
-def fn(name, res, *args):
-    f = getattr(L, name)
-    f.restype = res
-    f.argtypes = list(args)
-    return f
-
-
-LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
-LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
-LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)
-CTX_name = fn("EVP_PKEY_CTX_new_from_name", c_void_p, c_void_p, c_char_p, c_char_p)
-CTX_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-CTX_free = fn("EVP_PKEY_CTX_free", None, c_void_p)
-kg_init = fn("EVP_PKEY_keygen_init", c_int, c_void_p)
-set_group = fn("EVP_PKEY_CTX_set_group_name", c_int, c_void_p, c_char_p)
-generate = fn("EVP_PKEY_generate", c_int, c_void_p, POINTER(c_void_p))
-d_init = fn("EVP_PKEY_derive_init", c_int, c_void_p)
-d_peer = fn("EVP_PKEY_derive_set_peer", c_int, c_void_p, c_void_p)
-d_derive = fn("EVP_PKEY_derive", c_int, c_void_p, c_char_p, POINTER(c_size_t))
 enc_init = fn("EVP_PKEY_encrypt_init", c_int, c_void_p)
 enc = fn("EVP_PKEY_encrypt", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
 dec_init = fn("EVP_PKEY_decrypt_init", c_int, c_void_p)
@@ -51,11 +34,6 @@ sign = fn("EVP_DigestSign", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char
 verify_init = fn("EVP_DigestVerifyInit_ex", c_int, c_void_p, c_void_p, c_char_p, c_void_p, c_char_p,
                  c_void_p, c_void_p)
 verify = fn("EVP_DigestVerify", c_int, c_void_p, c_char_p, c_size_t, c_char_p, c_size_t)
-pkey_free = fn("EVP_PKEY_free", None, c_void_p)
-i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(POINTER(ctypes.c_ubyte)))
-d2i = fn("d2i_PUBKEY_ex", c_void_p, c_void_p, POINTER(POINTER(ctypes.c_ubyte)), ctypes.c_long, c_void_p,
-         c_char_p)
-ossl_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
 rand = fn("RAND_bytes", c_int, c_char_p, c_int)
 st_open = fn("OSSL_STORE_open_ex", c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p, c_void_p,
              c_void_p, c_void_p)
@@ -85,16 +63,6 @@ def errs():
 ctx = LIB_new()
 assert LIB_load(ctx, sys.argv[1].encode()) == 1, errs()
 
-
-def public_copy(key):
-    buf = POINTER(ctypes.c_ubyte)()
-    n = i2d(key, byref(buf))
-    if n <= 0:
-        return None
-    p = ctypes.cast(buf, POINTER(ctypes.c_ubyte))
-    out = d2i(None, byref(p), n, ctx, DEFAULT)
-    ossl_free(buf, None, 0)
-    return out
 
 
 def load(uri):

@@ -48,14 +48,6 @@ def errs():
             return out
         if data.value:
             out.append(data.value.decode("utf-8", "replace"))
-def public_copy(key):
-    buf = ctypes.POINTER(ctypes.c_ubyte)()
-    n = i2d(key, byref(buf))
-    if n <= 0: return None
-    p = ctypes.cast(buf, ctypes.POINTER(ctypes.c_ubyte))
-    out = d2i(None, byref(p), n, ctx, b"provider=default")
-    ossl_free(buf, None, 0)
-    return out
 def gen(propq=None):
     c = CTX_name(ctx, b"EC", propq)
     k = c_void_p()
