@@ -180,4 +180,17 @@ int raw_esys_sign(raw_esys *r, const unsigned char *dgst, unsigned char *sig);
 int raw_esys_oaep_decrypt(raw_esys *r, const unsigned char *ct, size_t ctlen, unsigned char *out,
                           size_t *outlen);
 
+/* ---- tpm_count.c ---- */
+/* TPM commands counted on the wire: a loopback proxy in front of swtpm (tcti: swtpm:host=H,port=P)
+ * that every TPM user of the process is pointed at (its TCTI into proxied). 1 ok; 0 (cannot
+ * start) or -1 (tcti is not swtpm's) with a message on stderr. */
+int tpm_count_start(const char *tcti, char *proxied, size_t n);
+/* Commands seen since the last reset, by slot (tpm_count_cc: the command code; 0: codes outside
+ * the table); reset: start again from zero. */
+#define TPM_COUNT_SLOTS 257
+void tpm_count_read(unsigned long out[TPM_COUNT_SLOTS], int reset);
+unsigned tpm_count_cc(unsigned slot);
+/* "CreatePrimary", or "0x1NN" in buf for a code without a name here. */
+const char *tpm_count_name(unsigned cc, char *buf, size_t n);
+
 #endif

@@ -32,6 +32,10 @@
  * counted by wrappers swapped into the module's function list (shared by keyx and the raw rows)
  * for --count-ops untimed operations, then removed.
  *
+ * TPM commands (--count-tpm, tpm_count.c): a run that times nothing and counts, for every TPM
+ * cell, the TPM commands per operation on the wire, through a loopback proxy in front of swtpm
+ * that keyx, tpm2-openssl and the raw ESYS contexts of the process are all pointed at.
+ *
  * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
  * again on N threads at once (each thread its own peer sequence; the raw Cryptoki rows each
  * thread its own session; the raw ESYS rows share their one ESYS context, calls serialized, as
@@ -298,6 +302,8 @@ static const struct {
     {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE_READY, 518, "2x tpm2-openssl's 259/s"},
 };
 
+#define TPM_CC_KINDS 8 /* distinct command codes kept per cell */
+
 typedef struct cell {
     impl_id impl;
     const bench_alg *alg;
@@ -319,6 +325,11 @@ typedef struct cell {
     int mem_done;
     double calls[RAW_P11_NCOUNTED]; /* Cryptoki calls per operation */
     long calls_ops;
+    /* --count-tpm: TPM commands per operation, by command code (tpm_count.c) */
+    unsigned tpm_cc[TPM_CC_KINDS];
+    double tpm_per_op[TPM_CC_KINDS], tpm_total;
+    int tpm_kinds;
+    long tpm_ops;
     size_t next; /* peer index of single-threaded runs */
     /* with --threads N > 1: the same cell run by N threads at once, in the same rounds */
     double mt_ops[MAX_ROUNDS], mt_median;
@@ -334,6 +345,7 @@ static struct {
     const char *only;
     long mem_ops;
     long count_ops;
+    int count_tpm;
     int threads;
     const char *mem_alg;
     int npeers;
@@ -929,6 +941,74 @@ static void count_calls(cell *c)
     c->calls_ops = opt.count_ops;
 }
 
+/* --count-tpm: the TPM commands of a TPM cell per operation, counted by the proxy over
+ * opt.count_ops untimed operations after one that is not counted (a first use may connect,
+ * load a key or start a session). */
+static void count_tpm(cell *c)
+{
+    unsigned long n[TPM_COUNT_SLOTS];
+    long ops = opt.count_ops > 0 ? opt.count_ops : 1;
+
+    if (!run_once(c, &c->next))
+        die(c->name);
+    tpm_count_read(n, 1);
+    for (long i = 0; i < ops; i++)
+        if (!run_once(c, &c->next))
+            die(c->name);
+    tpm_count_read(n, 1);
+    c->tpm_ops = ops;
+    for (unsigned k = 0; k < TPM_COUNT_SLOTS; k++) {
+        if (n[k] == 0)
+            continue;
+        c->tpm_total += (double)n[k] / (double)ops;
+        if (c->tpm_kinds < TPM_CC_KINDS) {
+            c->tpm_cc[c->tpm_kinds] = tpm_count_cc(k);
+            c->tpm_per_op[c->tpm_kinds++] = (double)n[k] / (double)ops;
+        }
+    }
+}
+
+static void print_tpm_counts(void)
+{
+    char buf[16];
+
+    if (!opt.json) {
+        printf("TPM commands per operation (counted on the wire between this process and swtpm, "
+               "over %ld untimed operations per cell)\n",
+               opt.count_ops > 0 ? opt.count_ops : 1);
+        printf("%-14s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "commands");
+    } else {
+        printf("{\"tpm_commands\": [");
+    }
+    for (size_t i = 0, first = 1; i < ncells; i++) {
+        const cell *c = &cells[i];
+
+        if (c->tpm_ops == 0)
+            continue;
+        if (opt.json)
+            printf("%s\n  {\"impl\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", \"ops\": %ld, "
+                   "\"total\": %.4f, \"commands\": {",
+                   first ? "" : ",", impl_names[c->impl], c->alg->name, op_names[c->op], c->tpm_ops,
+                   c->tpm_total);
+        else
+            printf("%-14s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+                   c->tpm_total);
+        for (int k = 0; k < c->tpm_kinds; k++) {
+            const char *name =
+                c->tpm_cc[k] != 0 ? tpm_count_name(c->tpm_cc[k], buf, sizeof(buf)) : "other";
+
+            if (opt.json)
+                printf("%s\"%s\": %.4f", k ? ", " : "", name, c->tpm_per_op[k]);
+            else
+                printf(" %s %.2f", name, c->tpm_per_op[k]);
+        }
+        printf(opt.json ? "}}" : "\n");
+        first = 0;
+    }
+    if (opt.json)
+        printf("\n]}\n");
+}
+
 static double calls_total(const cell *c)
 {
     double t = 0;
@@ -1224,6 +1304,9 @@ static void usage(FILE *fp)
         "off)\n"
         "  --count-ops N           operations over which Cryptoki calls are counted, 0 = off "
         "(default %ld)\n"
+        "  --count-tpm             count the TPM commands of every TPM cell on the wire, through "
+        "a loopback proxy in front of swtpm, over --count-ops untimed operations each; nothing is "
+        "timed in such a run (the proxy adds a hop per command)\n"
         "  --only REGEX            cells whose impl/alg/op matches (POSIX extended)\n"
         "  --json                  JSON on stdout instead of the table\n"
         "  --no-peer-validation    diagnostic: set the peer without EVP's public-key check "
@@ -1260,6 +1343,7 @@ static void parse_args(int argc, char **argv)
         {"mem-ops", required_argument, NULL, 'M'},
         {"mem-alg", required_argument, NULL, 'A'},
         {"count-ops", required_argument, NULL, 'C'},
+        {"count-tpm", no_argument, NULL, 'c'},
         {"threads", required_argument, NULL, 'T'},
         {"only", required_argument, NULL, 'o'},
         {"json", no_argument, NULL, 'j'},
@@ -1367,6 +1451,9 @@ static void parse_args(int argc, char **argv)
             if (*end != '\0' || opt.count_ops < 0)
                 goto bad;
             break;
+        case 'c':
+            opt.count_tpm = 1;
+            break;
         case 'o':
             opt.only = optarg;
             break;
@@ -1406,6 +1493,10 @@ static void parse_args(int argc, char **argv)
         fprintf(stderr, "keyx-bench: --tpm-rsa-handle needs --tpm-config\n");
         exit(2);
     }
+    if (opt.count_tpm && opt.tpm_config == NULL && opt.tpm2_openssl_config == NULL) {
+        fprintf(stderr, "keyx-bench: --count-tpm needs --tpm-config or --tpm2-openssl-config\n");
+        exit(2);
+    }
     if ((opt.p11_sign_key != NULL || opt.p11_sign_rsa_key != NULL) && opt.p11_config == NULL) {
         fprintf(stderr, "keyx-bench: --pkcs11-sign-key and --pkcs11-sign-rsa-key need "
                         "--pkcs11-config\n");
@@ -1424,8 +1515,8 @@ bad:
 int main(int argc, char **argv)
 {
     regex_t only;
-    char uri[512], rsa_uri[512], sign_uri[512], sign_rsa_uri[512];
-    int need[N_IMPL] = {0}, rc = 0;
+    char uri[512], rsa_uri[512], sign_uri[512], sign_rsa_uri[512], proxied[128];
+    int need[N_IMPL] = {0}, rc = 0, started;
 
     parse_args(argc, argv);
     if (opt.only != NULL && regcomp(&only, opt.only, REG_EXTENDED | REG_NOSUB) != 0) {
@@ -1514,6 +1605,20 @@ int main(int argc, char **argv)
     if ((need[IMPL_PKCS11] || need[IMPL_RAW_PKCS11]) &&
         (raw = raw_p11_open(opt.p11_module, opt.p11_token, opt.p11_pin_file, opt.p11_key)) == NULL)
         return 1;
+    if (opt.count_tpm) {
+        /* Every TPM user of this process goes through the counting proxy: keyx (its TCTI from
+         * KEYX_TPM_TCTI, which overrides the configuration file), tpm2-openssl (its TCTI is
+         * TPM2OPENSSL_TCTI) and the raw ESYS contexts. */
+        if (opt.tpm_tcti == NULL) {
+            fprintf(stderr, "keyx-bench: --count-tpm needs --tpm-tcti (swtpm's address)\n");
+            return 2;
+        }
+        if ((started = tpm_count_start(opt.tpm_tcti, proxied, sizeof(proxied))) != 1)
+            return started < 0 ? 2 : 1;
+        setenv("KEYX_TPM_TCTI", proxied, 1);
+        setenv("TPM2OPENSSL_TCTI", proxied, 1);
+        opt.tpm_tcti = proxied;
+    }
     if (need[IMPL_TPM])
         libctx[IMPL_TPM] = keyx_libctx(opt.tpm_config);
     if (need[IMPL_TPM2_OPENSSL])
@@ -1541,6 +1646,13 @@ int main(int argc, char **argv)
 
     for (size_t i = 0; i < ncells; i++)
         setup(&cells[i]);
+    if (opt.count_tpm) {
+        for (size_t i = 0; i < ncells; i++)
+            if (is_tpm(cells[i].impl))
+                count_tpm(&cells[i]);
+        print_tpm_counts();
+        goto teardown;
+    }
     for (int r = 0; r < opt.rounds; r++)
         for (size_t i = 0; i < ncells; i++) {
             measure(&cells[i]);
@@ -1562,6 +1674,7 @@ int main(int argc, char **argv)
         print_json();
     else
         print_table();
+teardown:
     if (fflush(stdout) != 0)
         rc = 1;
 

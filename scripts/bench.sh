@@ -19,7 +19,9 @@
 # Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json).
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "pools": <keyx-bench JSON of
 # the pool run>, "tls": [...]}.
-#   BENCH_TLS_SECONDS=10   seconds per s_time run (0: no TLS figures)
+#   BENCH_TLS_SECONDS=5    seconds per s_time run (0: no TLS figures)
+#   BENCH_TLS_ROUNDS=3     interleaved TLS rounds (every server once per round); the figure is the
+#                          median of a server's rounds, with their min-max
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
 #
@@ -31,7 +33,9 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-tls_seconds=${BENCH_TLS_SECONDS:-10}
+tls_seconds=${BENCH_TLS_SECONDS:-5}
+tls_rounds=${BENCH_TLS_ROUNDS:-3}
+case $tls_rounds in '' | *[!0-9]* | 0) keyx_die "BENCH_TLS_ROUNDS must be a positive integer" ;; esac
 module=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 # tpm2-openssl's provider (Debian package tpm2-openssl), in OpenSSL's module directory
 TPM2_OPENSSL_MODULE=${TPM2_OPENSSL_MODULE:-$(openssl version -m | sed 's/^MODULESDIR: "\(.*\)"$/\1/')/tpm2.so}
@@ -201,8 +205,9 @@ bench_tpm_setup() {
     tools tpm2_flushcontext -s
     write_cnf "$work/tpm.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI"
     write_cnf "$work/tpm-pool.cnf" "backends = tpm" "tpm-tcti = $TPM_TCTI" "tpm-pool = 4"
-    BENCH_ARGS+=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
+    TPM_ARGS=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
         --tpm-rsa-handle 0x81000004 --tpm-sign-handle 0x81000003)
+    BENCH_ARGS+=("${TPM_ARGS[@]}")
     POOL_ARGS+=(--tpm-config "$work/tpm-pool.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
     # tpm2-openssl (issue 4's anchor) on the same swtpm, its provider ("tpm2") preferred in its
     # own library context; its TCTI from TPM2OPENSSL_TCTI (it ignores a TCTI in its config
@@ -264,6 +269,25 @@ if [ "$json" != 1 ]; then
     printf '\nPools (a separate run: tpm-pool = 4, pkcs11-pool = 8; keyx-pkcs11 and keyx-tpm below are\n'
     printf 'keyx-pkcs11-pool and keyx-tpm-pool, beside the raw rows of the same run)\n'
     printf '%s\n' "$pool_out" | sed 1d
+fi
+
+# ---- TPM commands per operation: untimed runs through keyx-bench's counting proxy -------------
+# keyx-tpm and raw ESYS in one run, tpm2-openssl beside raw ESYS in another (slots, as above).
+say "TPM commands per operation: keyx-bench --count-tpm"
+json_flag=()
+[ "$json" != 1 ] || json_flag=(--json)
+count_args=(--count-tpm --count-ops 50 --peers 8 "${json_flag[@]}")
+tpm_count_out=$("$bench_bin" "${TPM_ARGS[@]}" "${count_args[@]}" --only '^(keyx-tpm|raw-esys)') ||
+    keyx_die "keyx-bench --count-tpm failed"
+tpm2o_count_out=null
+if [ ${#TPM2O_ARGS[@]} -gt 0 ]; then
+    tpm2o_count_out=$("$bench_bin" "${TPM2O_ARGS[@]}" "${count_args[@]}" \
+        --only '^tpm2-openssl/P-256/(keygen\+)?derive$') ||
+        keyx_die "keyx-bench --count-tpm (tpm2-openssl) failed"
+fi
+if [ "$json" != 1 ]; then
+    printf '\n%s\n' "$tpm_count_out"
+    [ "$tpm2o_count_out" = null ] || printf '%s\n' "$tpm2o_count_out" | sed 1,2d
 fi
 
 # ---- TLS handshakes per second ---------------------------------------------------------------
@@ -376,11 +400,28 @@ if [ "$tls_seconds" -gt 0 ]; then
         keyx_die "keyx-tpm TLS did not run ECDHE in the TPM ($gens keygens for $conns handshakes)"
     fi
 
+    # Interleaved rounds, as keyx-bench's: every server once per round, so that a slow phase of
+    # the machine hits them alike; a server's figure is the median of its rounds.
+    declare -A tls_runs=()
+    for round in $(seq "$tls_rounds"); do
+        for entry in "${TLS_CONFIGS[@]}"; do
+            say "TLS 1.3 handshakes/s, round $round/$tls_rounds, server: ${entry%% *} (${tls_seconds}s)"
+            # shellcheck disable=SC2086 # "name cnf"
+            row=$(tls_rate $entry)
+            tls_runs[${entry%% *}]+="${row#* };"
+        done
+    done
+    # tls_rows: "NAME CONNECTIONS SECONDS MEDIAN MIN MAX RATES" (connections and seconds summed
+    # over the rounds; RATES: the rounds' rates joined by commas)
     for entry in "${TLS_CONFIGS[@]}"; do
-        say "TLS 1.3 handshakes/s, server: ${entry%% *} (${tls_seconds}s)"
-        # shellcheck disable=SC2086 # "name cnf"
-        row=$(tls_rate $entry)
-        tls_rows+=("$row")
+        name=${entry%% *}
+        tls_rows+=("$name $(printf '%s' "${tls_runs[$name]}" | tr ';' '\n' | awk 'NF == 3 {
+                n += $1; t += $2; r[++k] = $3 }
+            END {
+                for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (r[j] < r[i]) { x = r[i]; r[i] = r[j]; r[j] = x }
+                med = k % 2 ? r[(k + 1) / 2] : (r[k / 2] + r[k / 2 + 1]) / 2
+                list = r[1]; for (i = 2; i <= k; i++) list = list "," r[i]
+                printf "%d %.2f %.1f %.1f %.1f %s\n", n, t, med, r[1], r[k], list }')")
     done
 fi
 
@@ -394,11 +435,11 @@ tls_target() {
 }
 
 if [ "$json" = 1 ]; then
-    printf '{"bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tls": [' "$bench_out" "$pool_out" \
-        "$tpm2o_out"
+    printf '{"bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
+        "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
     sep=
     for row in "${tls_rows[@]}"; do
-        # shellcheck disable=SC2086 # "name n seconds rate"
+        # shellcheck disable=SC2086 # "name n seconds median min max rates"
         set -- $row
         target=
         t=$(tls_target "$1")
@@ -406,23 +447,24 @@ if [ "$json" = 1 ]; then
             target=$(awk -v r="$4" -v t="${t%% *}" -v a="${t#* }" \
                 'BEGIN { printf ", \"target\": %d, \"anchor\": \"%s\", \"meets_target\": %s", t, a, (r >= t ? "true" : "false") }')
         fi
-        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s%s}' \
-            "$sep" "$1" "$2" "$3" "$4" "$target"
+        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s, "min": %s, "max": %s, "rounds": [%s]%s}' \
+            "$sep" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$target"
         sep=,
     done
     printf '\n]}\n'
 elif [ ${#tls_rows[@]} -gt 0 ]; then
     printf '\nTLS 1.3 handshakes per second (openssl s_time -new, P-256 ECDHE; certificate key ECDSA P-256\n'
     printf 'in the default provider, or in the hardware for +certkey; client: default provider)\n'
-    printf '%-24s %12s %9s %13s %9s  %s\n' server connections seconds handshakes/s "/default" target
+    printf 'median of %d rounds of %d s, interleaved\n' "$tls_rounds" "$tls_seconds"
+    printf '%-24s %12s %13s %15s %9s  %s\n' server connections handshakes/s min-max "/default" target
     base=
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086
         set -- $row
         [ -n "$base" ] || base=$4
         t=$(tls_target "$1")
-        awk -v s="$1" -v n="$2" -v t="$3" -v r="$4" -v b="$base" -v g="${t%% *}" -v a="${t#* }" \
-            'BEGIN { printf "%-24s %12d %9.2f %13.1f %9.3f  %s\n", s, n, t, r, r / b,
+        awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" -v g="${t%% *}" -v a="${t#* }" \
+            'BEGIN { printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
                      g == "" ? "-" : sprintf(">= %d (%s): %s", g, a, r >= g ? "met" : "BELOW TARGET") }'
     done
 fi

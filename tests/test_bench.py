@@ -381,6 +381,37 @@ def test_bench_tpm_options_checked(tpm_bench):
     assert r.rc == 1 and "no key at persistent handle 0x81000009" in r.err, r
 
 
+def test_bench_counts_tpm_commands_on_the_wire(tpm_bench):
+    """--count-tpm relays every TPM command of the process through a loopback proxy and counts
+    them per operation. The raw ESYS rows, whose calls are known from their code (CreateLoaded +
+    ECDH_ZGen + FlushContext; one ECDH_ZGen), show that the proxy counts what crosses the wire;
+    keyx-tpm must make no more commands than raw ESYS for the same operation (one CreatePrimary,
+    one ECDH_ZGen, one FlushContext per ephemeral exchange; one ECDH_ZGen per derive with a key it
+    holds or a persistent one: names and the public key are cached, nothing is read back)."""
+    args = tpm_args(tpm_bench, "--count-tpm", "--count-ops", "20", "--json")
+    args[args.index("--only") + 1] = "^(keyx-tpm|raw-esys)"
+    r = run(args, timeout=max(TIMEOUT, 300)).ok("keyx-bench --count-tpm")
+    rows = {(c["impl"], c["op"]): c for c in json.loads(r.out)["tpm_commands"]}
+    assert set(rows) == {(i, op) for i, _, op in TPM_CELLS}, r
+    for key, c in rows.items():
+        assert c["ops"] == 20 and c["total"] == pytest.approx(sum(c["commands"].values())), c
+    for raw in ("raw-esys", "raw-esys-sess"):
+        assert rows[(raw, "keygen+derive")]["commands"] == {
+            "CreateLoaded": 1, "ECDH_ZGen": 1, "FlushContext": 1}, rows[(raw, "keygen+derive")]
+        assert rows[(raw, "derive")]["commands"] == {"ECDH_ZGen": 1}, rows[(raw, "derive")]
+    for op in ("keygen+derive", "keygen+derive(ready)"):
+        assert rows[("keyx-tpm", op)]["commands"] == {
+            "CreatePrimary": 1, "ECDH_ZGen": 1, "FlushContext": 1}, rows[("keyx-tpm", op)]
+    for op in ("derive", "derive(ready)", "static-derive", "static-derive(ready)"):
+        assert rows[("keyx-tpm", op)]["commands"] == {"ECDH_ZGen": 1}, rows[("keyx-tpm", op)]
+    # the counting run times nothing: no cells, ratios or memory figures are printed
+    assert "cells" not in json.loads(r.out)
+    # the proxy speaks to swtpm only
+    args[args.index("--tpm-tcti") + 1] = "device:/dev/tpmrm0"
+    r = run(args, timeout=TIMEOUT)
+    assert r.rc == 2 and "--tpm-tcti must be swtpm:host=H,port=P" in r.err, r
+
+
 TPM_RSA_HANDLE = 0x81000004
 
 
