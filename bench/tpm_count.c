@@ -37,12 +37,13 @@ static const struct {
     unsigned cc;
     const char *name;
 } NAMES[] = {
-    {0x131, "CreatePrimary"}, {0x153, "Create"},           {0x154, "ECDH_ZGen"},
-    {0x157, "Load"},          {0x159, "RSA_Decrypt"},      {0x15D, "Sign"},
-    {0x161, "ContextLoad"},   {0x162, "ContextSave"},      {0x165, "FlushContext"},
-    {0x173, "ReadPublic"},    {0x176, "StartAuthSession"}, {0x17A, "GetCapability"},
-    {0x17B, "GetRandom"},     {0x18A, "TestParms"},        {0x191, "CreateLoaded"},
-    {0x163, "ECDH_KeyGen"},   {0x177, "VerifySignature"},  {0x144, "Startup"},
+    {0x131, "CreatePrimary"},  {0x153, "Create"},           {0x154, "ECDH_ZGen"},
+    {0x157, "Load"},           {0x159, "RSA_Decrypt"},      {0x15D, "Sign"},
+    {0x161, "ContextLoad"},    {0x162, "ContextSave"},      {0x165, "FlushContext"},
+    {0x173, "ReadPublic"},     {0x176, "StartAuthSession"}, {0x17A, "GetCapability"},
+    {0x17B, "GetRandom"},      {0x18A, "TestParms"},        {0x191, "CreateLoaded"},
+    {0x163, "ECDH_KeyGen"},    {0x177, "VerifySignature"},  {0x144, "Startup"},
+    {0x178, "ECC_Parameters"},
 };
 
 const char *tpm_count_name(unsigned cc, char *buf, size_t n)
