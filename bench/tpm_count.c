@@ -195,10 +195,16 @@ static unsigned listen_pair(int fd[2])
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
         socklen_t len = sizeof(a);
         unsigned port = 0;
+        int one = 1;
 
         fd[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        if (fd[0] >= 0 && fd[1] >= 0 && bind(fd[0], (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        /* After a benchmark run most ephemeral ports are in TIME_WAIT (every TPM command is a
+         * connection): without SO_REUSEADDR the second port is almost never free. */
+        if (fd[0] >= 0 && fd[1] >= 0 &&
+            setsockopt(fd[0], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
+            setsockopt(fd[1], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
+            bind(fd[0], (struct sockaddr *)&a, sizeof(a)) == 0 &&
             getsockname(fd[0], (struct sockaddr *)&a, &len) == 0 &&
             (port = ntohs(a.sin_port)) < 65535) {
             a.sin_port = htons((uint16_t)(port + 1));
