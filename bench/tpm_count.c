@@ -188,34 +188,32 @@ static int parse_swtpm(const char *tcti, char *host, size_t hn, char *port, size
     return 1;
 }
 
-/* Two listening sockets on consecutive loopback ports (TPM, control) into fd; the first port. */
+/* Two listening sockets on consecutive loopback ports (TPM, control) into fd; the first port.
+ * The ports are picked below the ephemeral range (as scripts/bench.sh picks swtpm's): after a
+ * benchmark run most ephemeral ports are in TIME_WAIT (every TPM command is a connection, closed
+ * by the client), and a port in TIME_WAIT cannot be bound even with SO_REUSEADDR. */
 static unsigned listen_pair(int fd[2])
 {
-    for (int attempt = 0; attempt < 64; attempt++) {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        socklen_t len = sizeof(a);
-        unsigned port = 0;
-        int one = 1;
+    unsigned seed = (unsigned)getpid();
 
-        fd[0] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        fd[1] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        /* After a benchmark run most ephemeral ports are in TIME_WAIT (every TPM command is a
-         * connection): without SO_REUSEADDR the second port is almost never free. */
-        if (fd[0] >= 0 && fd[1] >= 0 &&
-            setsockopt(fd[0], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
-            setsockopt(fd[1], SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0 &&
-            bind(fd[0], (struct sockaddr *)&a, sizeof(a)) == 0 &&
-            getsockname(fd[0], (struct sockaddr *)&a, &len) == 0 &&
-            (port = ntohs(a.sin_port)) < 65535) {
-            a.sin_port = htons((uint16_t)(port + 1));
-            if (bind(fd[1], (struct sockaddr *)&a, sizeof(a)) == 0 && listen(fd[0], 8) == 0 &&
-                listen(fd[1], 8) == 0)
-                return port;
+    for (int attempt = 0; attempt < 200; attempt++) {
+        unsigned port = 10000 + (unsigned)(rand_r(&seed) % 22000);
+        int ok = 1;
+
+        for (int i = 0; i < 2; i++) {
+            struct sockaddr_in a = {.sin_family = AF_INET,
+                                    .sin_port = htons((uint16_t)(port + (unsigned)i)),
+                                    .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+
+            fd[i] = ok ? socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0) : -1;
+            ok = fd[i] >= 0 && bind(fd[i], (struct sockaddr *)&a, sizeof(a)) == 0 &&
+                 listen(fd[i], 8) == 0;
         }
-        if (fd[0] >= 0)
-            close(fd[0]);
-        if (fd[1] >= 0)
-            close(fd[1]);
+        if (ok)
+            return port;
+        for (int i = 0; i < 2; i++)
+            if (fd[i] >= 0)
+                close(fd[i]);
     }
     return 0;
 }
