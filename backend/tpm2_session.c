@@ -27,6 +27,7 @@ int tpm_fsess_init(tpm_fsess *s, OSSL_LIB_CTX *libctx)
 
 void tpm_fsess_cleanup(tpm_fsess *s)
 {
+    EVP_MAC_CTX_free(s->keyed);
     EVP_MD_free(s->sha256);
     EVP_MAC_free(s->hmac);
     EVP_CIPHER_free(s->aes);
@@ -37,6 +38,8 @@ void tpm_fsess_forget(tpm_fsess *s)
 {
     s->handle = 0;
     OPENSSL_cleanse(s->key, sizeof(s->key));
+    EVP_MAC_CTX_free(s->keyed); /* its provider context is wiped as it is freed */
+    s->keyed = NULL;
 }
 
 void tpm_fsess_flush(tpm_fsess *s, ESYS_CONTEXT *ectx)
@@ -48,17 +51,30 @@ void tpm_fsess_flush(tpm_fsess *s, ESYS_CONTEXT *ectx)
     tpm_fsess_forget(s);
 }
 
-/* HMAC-SHA256 over up to 6 pieces. */
-static int hmac(tpm_fsess *s, const unsigned char *key, size_t keylen, const void *const *parts,
-                const size_t *lens, size_t n, unsigned char out[DIGEST])
+/* A new HMAC-SHA256 context keyed with key. */
+static EVP_MAC_CTX *hmac_keyed(tpm_fsess *s, const unsigned char *key, size_t keylen)
 {
     EVP_MAC_CTX *m = EVP_MAC_CTX_new(s->hmac);
     OSSL_PARAM params[] = {
         OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, "SHA256", 0),
         OSSL_PARAM_END,
     };
+
+    if (m != NULL && EVP_MAC_init(m, key, keylen, params) != 1) {
+        EVP_MAC_CTX_free(m);
+        m = NULL;
+    }
+    return m;
+}
+
+/* HMAC-SHA256 over up to 6 pieces; key == s->key takes the session's keyed context. */
+static int hmac(tpm_fsess *s, const unsigned char *key, size_t keylen, const void *const *parts,
+                const size_t *lens, size_t n, unsigned char out[DIGEST])
+{
+    EVP_MAC_CTX *m =
+        key == s->key && s->keyed != NULL ? EVP_MAC_CTX_dup(s->keyed) : hmac_keyed(s, key, keylen);
     size_t outl = 0;
-    int ok = m != NULL && EVP_MAC_init(m, key, keylen, params) == 1;
+    int ok = m != NULL;
 
     for (size_t i = 0; ok && i < n; i++)
         ok = lens[i] == 0 || EVP_MAC_update(m, parts[i], lens[i]) == 1;
@@ -164,10 +180,11 @@ int tpm_fsess_start(tpm_fsess *s, ESYS_CONTEXT *ectx, ESYS_TR parent, TSS2_RC *r
         goto end;
     }
     /* sessionKey = KDFa(SHA-256, bind auth (none) || salt, "ATH", nonceTPM, nonceCaller) */
-    ok = kdfa(s, salt, DIGEST, "ATH", &s->nonce_tpm, &caller, s->key);
+    ok = kdfa(s, salt, DIGEST, "ATH", &s->nonce_tpm, &caller, s->key) &&
+         (s->keyed = hmac_keyed(s, s->key, DIGEST)) != NULL;
     if (!ok) {
         Tss2_Sys_FlushContext(sys, s->handle);
-        s->handle = 0;
+        tpm_fsess_forget(s);
     }
 end:
     OPENSSL_cleanse(z, sizeof(z));

@@ -19,6 +19,9 @@ typedef struct tpm_fsess {
     EVP_MD *sha256;
     EVP_MAC *hmac;
     EVP_CIPHER *aes;
+    /* HMAC-SHA256 keyed with key, made when the session starts and duplicated for each of a
+     * command's HMACs: no digest fetch and no key schedule per HMAC. NULL: no session. */
+    EVP_MAC_CTX *keyed;
 } tpm_fsess;
 
 /* Fetches the algorithms (once). 0 if libctx lacks them. */
