@@ -103,6 +103,17 @@ typedef struct keyx_sign_op {
     int saltlen;         /* PSS: salt bytes (resolved by the caller, >= 0) */
 } keyx_sign_op;
 
+/* The peer of a derive: its public view (keyx libctx), and for an EC peer whose public key the
+ * application set as an uncompressed point (libssl's key shares), that encoding, as the view
+ * holds it (point: NULL when not known). Exporting it from the view costs an affine conversion
+ * per derive (tens of thousands of instructions), which hardware backends that take the point's
+ * bytes need not pay. */
+typedef struct keyx_peer {
+    EVP_PKEY *view;
+    const unsigned char *point;
+    size_t pointlen;
+} keyx_peer;
+
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
     /* 1: private parts may be exported (they already live in process memory). */
@@ -132,7 +143,7 @@ typedef struct keyx_backend_ops {
     /* Shared secret with peer (already validated, keyx libctx). secretlen is the full size of
      * the secret for the group (DH: length of p); the backend fills exactly that many bytes,
      * left-padded with zeros. An all-zero X25519/X448 result must be refused. */
-    int (*derive)(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+    int (*derive)(void *state, void *handle, const keyx_peer *peer, unsigned char *secret,
                   size_t secretlen);
     /* The locator of a loaded or persistent key, as load() takes it back and as a key
      * reference file records it: tpm "handle=0x81000010"; pkcs11 a URI naming the token (its

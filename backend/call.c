@@ -55,8 +55,8 @@ int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *
     return ok;
 }
 
-int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
-                        size_t secretlen)
+int keyx_backend_derive(keyx_backend *be, void *handle, const keyx_peer *peer,
+                        unsigned char *secret, size_t secretlen)
 {
     int ok;
 

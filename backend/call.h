@@ -14,8 +14,8 @@ int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_
 /* be->ops->load_deferred (the caller checks it is there). */
 int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *recorded,
                                void **handle, EVP_PKEY **pub);
-int keyx_backend_derive(keyx_backend *be, void *handle, EVP_PKEY *peer, unsigned char *secret,
-                        size_t secretlen);
+int keyx_backend_derive(keyx_backend *be, void *handle, const keyx_peer *peer,
+                        unsigned char *secret, size_t secretlen);
 /* 1, 0, KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN; 0 with an error when the backend has no
  * rsa_decrypt. */
 int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *op,

@@ -665,9 +665,10 @@ static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
     return p11_session_get(d, k->tok, s);
 }
 
-static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
                       size_t secretlen)
 {
+    EVP_PKEY *peer = from->view;
     p11_dev *d = state;
     p11_key *k = handle;
     unsigned char *peerdata = NULL, point[1 + 2 * 66]; /* P-521, uncompressed */
@@ -697,10 +698,15 @@ static int p11_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *
         return 0;
     }
     if (k->alg == KEYX_ALG_EC) {
-        /* the uncompressed point, straight into a stack buffer: one call, no allocation */
-        if (EVP_PKEY_get_octet_string_param(peer, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point,
-                                            sizeof(point), &peerlen) != 1)
+        /* the uncompressed point as the application set it, or else from the view, straight
+         * into a stack buffer: one call, no allocation */
+        if (from->point != NULL && from->pointlen <= sizeof(point)) {
+            memcpy(point, from->point, from->pointlen);
+            peerlen = from->pointlen;
+        } else if (EVP_PKEY_get_octet_string_param(peer, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, point,
+                                                   sizeof(point), &peerlen) != 1) {
             goto bad_peer;
+        }
         memset(&ecdh, 0, sizeof(ecdh));
         ecdh.kdf = CKD_NULL;
         ecdh.pPublicData = point;

@@ -129,9 +129,10 @@ static int sw_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
     return 1;
 }
 
-static int sw_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
                      size_t secretlen)
 {
+    EVP_PKEY *peer = from->view;
     keyx_provctx *p = ((sw_state *)state)->p;
     EVP_PKEY *key = handle;
     size_t len = secretlen;

@@ -518,7 +518,7 @@ static int tpm2_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub
 
 /* ---- derive ------------------------------------------------------------------------------ */
 
-static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+static int derive_once(void *state, void *handle, const keyx_peer *peer, unsigned char *secret,
                        size_t secretlen)
 {
     tpm_dev *d = state;
@@ -541,7 +541,10 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
                  "no unrestricted decrypt key (a signing-only or storage key)");
         return 0;
     }
-    if (secretlen != k->curve->field || !tpm_ec_point(peer, k->curve, &in.point)) {
+    if (secretlen != k->curve->field ||
+        !(peer->point != NULL
+              ? tpm_ec_point_decode(peer->point, peer->pointlen, k->curve, &in.point)
+              : tpm_ec_point(peer->view, k->curve, &in.point))) {
         KEYX_ERR(p, KEYX_R_INVALID_PEER_KEY, "tpm: the peer key is not a %s public point",
                  k->curve->group);
         return 0;
@@ -584,7 +587,7 @@ static int derive_once(void *state, void *handle, EVP_PKEY *peer, unsigned char 
 static int file_key_refresh(tpm_dev *d, tpm_key *k);
 static int key_settle(tpm_dev *d, tpm_key *k);
 
-static int tpm2_derive(void *state, void *handle, EVP_PKEY *peer, unsigned char *secret,
+static int tpm2_derive(void *state, void *handle, const keyx_peer *peer, unsigned char *secret,
                        size_t secretlen)
 {
     tpm_key *k = handle;

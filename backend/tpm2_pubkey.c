@@ -129,8 +129,29 @@ static int get_coord(const EVP_PKEY *pk, const char *name, size_t field, TPM2B_E
     return ok;
 }
 
+/* The point from the key's encoding (one parameter read) when it is uncompressed, as every TLS
+ * peer's is; else from its coordinates. The encoding is much the cheaper: each coordinate read
+ * is a conversion to affine and a BIGNUM padded into OpenSSL's 2048-byte parameter buffer, about
+ * 100,000 instructions each, which was most of keyx's own work per TPM derive. */
+int tpm_ec_point_decode(const unsigned char *enc, size_t len, const tpm_curve *c,
+                        TPMS_ECC_POINT *pt)
+{
+    if (c->field > sizeof(pt->x.buffer) || len != 1 + 2 * c->field || enc[0] != 0x04)
+        return 0;
+    memcpy(pt->x.buffer, enc + 1, c->field);
+    memcpy(pt->y.buffer, enc + 1 + c->field, c->field);
+    pt->x.size = pt->y.size = (UINT16)c->field;
+    return 1;
+}
+
 int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt)
 {
+    unsigned char enc[1 + 2 * 66];
+    size_t len = 0;
+
+    if (EVP_PKEY_get_octet_string_param(pk, OSSL_PKEY_PARAM_PUB_KEY, enc, sizeof(enc), &len) == 1 &&
+        tpm_ec_point_decode(enc, len, c, pt))
+        return 1;
     return get_coord(pk, OSSL_PKEY_PARAM_EC_PUB_X, c->field, &pt->x) &&
            get_coord(pk, OSSL_PKEY_PARAM_EC_PUB_Y, c->field, &pt->y);
 }

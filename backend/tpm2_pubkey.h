@@ -33,6 +33,9 @@ void tpm_storage_template(TPMT_PUBLIC *out);
 EVP_PKEY *tpm_ec_public(OSSL_LIB_CTX *libctx, const tpm_curve *c, const TPMS_ECC_POINT *pt);
 /* x and y of pk into pt, each left-padded to the field size of c. 0 if they do not fit. */
 int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt);
+/* x and y from an uncompressed point encoding (0x04 || x || y) of c's size; 0 otherwise. */
+int tpm_ec_point_decode(const unsigned char *enc, size_t len, const tpm_curve *c,
+                        TPMS_ECC_POINT *pt);
 
 /* The public area of an RSA decrypt key of bits with public exponent (65537 written as 0), no
  * scheme (chosen per TPM2_RSA_Decrypt) and the attributes of tpm_ecdh_template. */

@@ -157,6 +157,7 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     k->has_params = 0;
     k->has_public = 0;
     k->ecx_publen = 0;
+    k->ec_pointlen = 0;
     if (pub == NULL)
         return 1;
     /* Probing for parts the key may lack must not leave errors behind. */
@@ -349,6 +350,10 @@ keyx_key *keyx_key_dup(const keyx_key *k, int selection)
         memcpy(d->id, k->id, sizeof(d->id));
     }
     d->public_checked = k->public_checked;
+    if (pub != NULL && d->has_public && k->ec_pointlen != 0) {
+        memcpy(d->ec_point, k->ec_point, k->ec_pointlen);
+        d->ec_pointlen = k->ec_pointlen;
+    }
     return d;
 }
 
@@ -492,7 +497,7 @@ used_up:
 }
 
 typedef struct derive_args {
-    EVP_PKEY *peer;
+    keyx_peer peer;
     unsigned char *out;
     size_t outlen;
 } derive_args;
@@ -501,12 +506,14 @@ static int derive_op(keyx_priv *pv, void *arg)
 {
     derive_args *a = arg;
 
-    return keyx_backend_derive(pv->be, pv->handle, a->peer, a->out, a->outlen);
+    return keyx_backend_derive(pv->be, pv->handle, &a->peer, a->out, a->outlen);
 }
 
 int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
 {
-    derive_args a = {peer->pub, out, outlen};
+    derive_args a = {{peer->pub, peer->ec_pointlen != 0 ? peer->ec_point : NULL, peer->ec_pointlen},
+                     out,
+                     outlen};
     int done, ok = key_use(k, "derive", derive_op, &a, &done);
 
     if (done)

@@ -28,6 +28,11 @@ typedef struct keyx_key {
      * check needs no parameter export */
     unsigned char ecx_pub[56];
     size_t ecx_publen;
+    /* EC: the uncompressed point the application set (keyx_km_set_params: libssl's peer key
+     * shares), which backends that take the point's bytes use instead of exporting it from the
+     * view; 0: not known */
+    unsigned char ec_point[1 + 2 * 66];
+    size_t ec_pointlen;
     char id[17]; /* audit key id, set with the private part when audit or debug is on */
 } keyx_key;
 

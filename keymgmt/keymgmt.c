@@ -277,6 +277,8 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
     keyx_key *k = keydata;
     const OSSL_PARAM *enc = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
     EVP_PKEY *pub;
+    const void *data = NULL;
+    size_t len = 0;
 
     if (enc == NULL) {
         /* Views are shared (duplicates, the named-group cache): a changed one is a copy. */
@@ -308,7 +310,15 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
                  keyx_alg_name(k->alg));
         return 0;
     }
-    return keyx_key_set_pub(k, pub);
+    if (!keyx_key_set_pub(k, pub))
+        return 0;
+    /* The view accepted the encoding, so it is the view's point: kept for the backends. */
+    if (k->alg == KEYX_ALG_EC && OSSL_PARAM_get_octet_string_ptr(enc, &data, &len) && len > 1 &&
+        len <= sizeof(k->ec_point) && ((const unsigned char *)data)[0] == 0x04) {
+        memcpy(k->ec_point, data, len);
+        k->ec_pointlen = len;
+    }
+    return 1;
 }
 
 void *keyx_km_dup(const void *keydata, int selection)
