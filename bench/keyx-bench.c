@@ -411,6 +411,28 @@ static long rss_kb(void)
     return resident < 0 ? -1 : resident * (sysconf(_SC_PAGESIZE) / 1024);
 }
 
+/* The machine's CPU time so far (/proc/stat, all CPUs, clock ticks) and the part of it the
+ * hypervisor gave to other guests ("steal"): on a shared VM host that part slows every cell of a
+ * run at once, so absolute rates drop while the ratios of interleaved cells hold. */
+static int cpu_ticks(unsigned long long *total, unsigned long long *steal)
+{
+    unsigned long long v[8] = {0};
+    FILE *fp = fopen("/proc/stat", "r");
+    int n = fp != NULL ? fscanf(fp, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1],
+                                &v[2], &v[3], &v[4], &v[5], &v[6], &v[7])
+                       : 0;
+
+    if (fp != NULL)
+        fclose(fp);
+    *total = *steal = 0;
+    for (int i = 0; i < n; i++)
+        *total += v[i];
+    *steal = n == 8 ? v[7] : 0;
+    return n == 8;
+}
+
+static double steal_pct = -1; /* share of the machine's CPU time stolen during the rounds */
+
 static void die(const char *what)
 {
     bench_print_errors(what);
@@ -1093,6 +1115,10 @@ static void print_table(void)
     printf("keyx-bench: %d rounds x %.2f s per cell, interleaved; ops/s = median of rounds "
            "(wall clock), min-max over rounds; cpu = median CPU us per op\n",
            opt.rounds, opt.seconds);
+    if (steal_pct >= 0)
+        printf("host steal during the rounds: %.1f %% of this VM's CPU time went to other guests "
+               "(it lowers every rate of the run alike; ratios hold)\n",
+               steal_pct);
     if (!bench_validate_peer)
         printf("DIAGNOSTIC RUN: peers set without validation (--no-peer-validation); libssl "
                "validates\n");
@@ -1193,8 +1219,8 @@ static void print_json(void)
     int first = 1;
 
     printf("{\"rounds\": %d, \"seconds\": %g, \"peer_validation\": %s, \"threads\": %d, "
-           "\"cells\": [",
-           opt.rounds, opt.seconds, bench_validate_peer ? "true" : "false", opt.threads);
+           "\"steal_pct\": %.2f, \"cells\": [",
+           opt.rounds, opt.seconds, bench_validate_peer ? "true" : "false", opt.threads, steal_pct);
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
 
@@ -1653,12 +1679,17 @@ int main(int argc, char **argv)
         print_tpm_counts();
         goto teardown;
     }
+    unsigned long long total0, steal0, total1, steal1;
+    int have_ticks = cpu_ticks(&total0, &steal0);
+
     for (int r = 0; r < opt.rounds; r++)
         for (size_t i = 0; i < ncells; i++) {
             measure(&cells[i]);
             if (opt.threads > 1)
                 measure_threads(&cells[i], r);
         }
+    if (have_ticks && cpu_ticks(&total1, &steal1) && total1 > total0)
+        steal_pct = 100.0 * (double)(steal1 - steal0) / (double)(total1 - total0);
     for (size_t i = 0; i < ncells; i++)
         summarize(&cells[i]);
     if (raw != NULL && opt.count_ops > 0)

@@ -403,6 +403,9 @@ if [ "$tls_seconds" -gt 0 ]; then
     # Interleaved rounds, as keyx-bench's: every server once per round, so that a slow phase of
     # the machine hits them alike; a server's figure is the median of its rounds.
     declare -A tls_runs=()
+    # /proc/stat's cpu line: the ticks of all CPUs, the 8th field the hypervisor's "steal"
+    read -r _ a b c d e f g h _ </proc/stat
+    ticks0=$((a + b + c + d + e + f + g + h)) steal0=$h
     for round in $(seq "$tls_rounds"); do
         for entry in "${TLS_CONFIGS[@]}"; do
             say "TLS 1.3 handshakes/s, round $round/$tls_rounds, server: ${entry%% *} (${tls_seconds}s)"
@@ -411,6 +414,9 @@ if [ "$tls_seconds" -gt 0 ]; then
             tls_runs[${entry%% *}]+="${row#* };"
         done
     done
+    read -r _ a b c d e f g h _ </proc/stat
+    tls_steal=$(awk -v t=$((a + b + c + d + e + f + g + h - ticks0)) -v s=$((h - steal0)) \
+        'BEGIN { printf "%.1f", t > 0 ? 100 * s / t : 0 }')
     # tls_rows: "NAME CONNECTIONS SECONDS MEDIAN MIN MAX RATES" (connections and seconds summed
     # over the rounds; RATES: the rounds' rates joined by commas)
     for entry in "${TLS_CONFIGS[@]}"; do
@@ -435,8 +441,8 @@ tls_target() {
 }
 
 if [ "$json" = 1 ]; then
-    printf '{"bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
-        "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
+    printf '{"tls_steal_pct": %s,\n "bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
+        "${tls_steal:-null}" "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
     sep=
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086 # "name n seconds median min max rates"
@@ -455,7 +461,8 @@ if [ "$json" = 1 ]; then
 elif [ ${#tls_rows[@]} -gt 0 ]; then
     printf '\nTLS 1.3 handshakes per second (openssl s_time -new, P-256 ECDHE; certificate key ECDSA P-256\n'
     printf 'in the default provider, or in the hardware for +certkey; client: default provider)\n'
-    printf 'median of %d rounds of %d s, interleaved\n' "$tls_rounds" "$tls_seconds"
+    printf 'median of %d rounds of %d s, interleaved; host steal during them: %s %% of the CPU time\n' \
+        "$tls_rounds" "$tls_seconds" "$tls_steal"
     printf '%-24s %12s %13s %15s %9s  %s\n' server connections handshakes/s min-max "/default" target
     base=
     for row in "${tls_rows[@]}"; do
