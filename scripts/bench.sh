@@ -416,7 +416,7 @@ if [ "$tls_seconds" -gt 0 ]; then
     done
     read -r _ a b c d e f g h _ </proc/stat
     tls_steal=$(awk -v t=$((a + b + c + d + e + f + g + h - ticks0)) -v s=$((h - steal0)) \
-        'BEGIN { printf "%.1f", t > 0 ? 100 * s / t : 0 }')
+        'BEGIN { printf "%.1f", (t > 0 ? 100 * s / t : 0) }')
     # tls_rows: "NAME CONNECTIONS SECONDS MEDIAN MIN MAX RATES" (connections and seconds summed
     # over the rounds; RATES: the rounds' rates joined by commas)
     for entry in "${TLS_CONFIGS[@]}"; do
