@@ -242,7 +242,7 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     Esys_Free(outpriv);
     tpm_obj_loaded(d, &k->obj, tr);
     if (c != NULL) {
-        *pub = tpm_ec_public(p->libctx, c, &prim_pub.publicArea.unique.ecc);
+        *pub = tpm_ec_public_from(spec->domain, p->libctx, c, &prim_pub.publicArea.unique.ecc);
     } else {
         tpm_obj_public(d, &k->obj, &outpub->publicArea);
         *pub = tpm_rsa_public(p->libctx, &outpub->publicArea);

@@ -118,6 +118,25 @@ EVP_PKEY *tpm_ec_public(OSSL_LIB_CTX *libctx, const tpm_curve *c, const TPMS_ECC
     return pk;
 }
 
+EVP_PKEY *tpm_ec_public_from(const EVP_PKEY *domain, OSSL_LIB_CTX *libctx, const tpm_curve *c,
+                             const TPMS_ECC_POINT *pt)
+{
+    unsigned char enc[1 + 2 * 66];
+    EVP_PKEY *pk;
+
+    if (domain == NULL)
+        return tpm_ec_public(libctx, c, pt);
+    enc[0] = 0x04;
+    if (!put_coord(enc + 1, c->field, &pt->x) || !put_coord(enc + 1 + c->field, c->field, &pt->y))
+        return NULL;
+    if ((pk = EVP_PKEY_dup((EVP_PKEY *)domain)) != NULL &&
+        EVP_PKEY_set1_encoded_public_key(pk, enc, 1 + 2 * c->field) != 1) {
+        EVP_PKEY_free(pk);
+        pk = NULL;
+    }
+    return pk;
+}
+
 static int get_coord(const EVP_PKEY *pk, const char *name, size_t field, TPM2B_ECC_PARAMETER *v)
 {
     BIGNUM *bn = NULL;

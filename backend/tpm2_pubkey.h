@@ -31,6 +31,11 @@ void tpm_storage_template(TPMT_PUBLIC *out);
 
 /* EVP_PKEY (keyx libctx) holding the public point of a TPM ECC public area; NULL on error. */
 EVP_PKEY *tpm_ec_public(OSSL_LIB_CTX *libctx, const tpm_curve *c, const TPMS_ECC_POINT *pt);
+/* The same as a copy of domain (c's named-group parameters from keyx's domain cache, NULL: none)
+ * with the point set: no EC_GROUP built from the curve's name, which costs more instructions than
+ * the rest of a TPM key generation on the client side. */
+EVP_PKEY *tpm_ec_public_from(const EVP_PKEY *domain, OSSL_LIB_CTX *libctx, const tpm_curve *c,
+                             const TPMS_ECC_POINT *pt);
 /* x and y of pk into pt, each left-padded to the field size of c. 0 if they do not fit. */
 int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt);
 /* x and y from an uncompressed point encoding (0x04 || x || y) of c's size; 0 otherwise. */
