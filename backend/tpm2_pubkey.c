@@ -148,10 +148,6 @@ static int get_coord(const EVP_PKEY *pk, const char *name, size_t field, TPM2B_E
     return ok;
 }
 
-/* The point from the key's encoding (one parameter read) when it is uncompressed, as every TLS
- * peer's is; else from its coordinates. The encoding is much the cheaper: each coordinate read
- * is a conversion to affine and a BIGNUM padded into OpenSSL's 2048-byte parameter buffer, about
- * 100,000 instructions each, which was most of keyx's own work per TPM derive. */
 int tpm_ec_point_decode(const unsigned char *enc, size_t len, const tpm_curve *c,
                         TPMS_ECC_POINT *pt)
 {
@@ -163,6 +159,10 @@ int tpm_ec_point_decode(const unsigned char *enc, size_t len, const tpm_curve *c
     return 1;
 }
 
+/* The point from the key's encoding (one parameter read) when it is uncompressed, as every TLS
+ * peer's is; else from its coordinates. The encoding is much the cheaper: each coordinate read
+ * is a conversion to affine and a BIGNUM padded into OpenSSL's 2048-byte parameter buffer, about
+ * 100,000 instructions each, which was most of keyx's own work per TPM derive. */
 int tpm_ec_point(const EVP_PKEY *pk, const tpm_curve *c, TPMS_ECC_POINT *pt)
 {
     unsigned char enc[1 + 2 * 66];
