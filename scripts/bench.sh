@@ -20,7 +20,7 @@
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "pools": <keyx-bench JSON of
 # the pool run>, "tls": [...]}.
 #   BENCH_TLS_SECONDS=5    seconds per s_time run (0: no TLS figures)
-#   BENCH_TLS_ROUNDS=3     interleaved TLS rounds (every server once per round); the figure is the
+#   BENCH_TLS_ROUNDS=5     interleaved TLS rounds (every server once per round); the figure is the
 #                          median of a server's rounds, with their min-max
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
@@ -34,7 +34,7 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 tls_seconds=${BENCH_TLS_SECONDS:-5}
-tls_rounds=${BENCH_TLS_ROUNDS:-3}
+tls_rounds=${BENCH_TLS_ROUNDS:-5}
 case $tls_rounds in '' | *[!0-9]* | 0) keyx_die "BENCH_TLS_ROUNDS must be a positive integer" ;; esac
 module=${SOFTHSM2_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 # tpm2-openssl's provider (Debian package tpm2-openssl), in OpenSSL's module directory
