@@ -92,17 +92,26 @@ static int put_coord(unsigned char *dst, size_t field, const TPM2B_ECC_PARAMETER
     return 1;
 }
 
+/* The uncompressed encoding 0x04 || x || y of pt into enc (1 + 2 * 66 bytes); its length, 0 if
+ * a coordinate does not fit c. */
+static size_t encode_point(const tpm_curve *c, const TPMS_ECC_POINT *pt, unsigned char *enc)
+{
+    enc[0] = 0x04;
+    return put_coord(enc + 1, c->field, &pt->x) && put_coord(enc + 1 + c->field, c->field, &pt->y)
+               ? 1 + 2 * c->field
+               : 0;
+}
+
 EVP_PKEY *tpm_ec_public(OSSL_LIB_CTX *libctx, const tpm_curve *c, const TPMS_ECC_POINT *pt)
 {
     unsigned char enc[1 + 2 * 66];
-    size_t len = 1 + 2 * c->field;
+    size_t len = encode_point(c, pt, enc);
     OSSL_PARAM_BLD *bld = NULL;
     OSSL_PARAM *params = NULL;
     EVP_PKEY_CTX *ctx = NULL;
     EVP_PKEY *pk = NULL;
 
-    enc[0] = 0x04;
-    if (!put_coord(enc + 1, c->field, &pt->x) || !put_coord(enc + 1 + c->field, c->field, &pt->y))
+    if (len == 0)
         return NULL;
     if ((bld = OSSL_PARAM_BLD_new()) != NULL &&
         OSSL_PARAM_BLD_push_utf8_string(bld, OSSL_PKEY_PARAM_GROUP_NAME, c->openssl, 0) &&
@@ -122,15 +131,15 @@ EVP_PKEY *tpm_ec_public_from(const EVP_PKEY *domain, OSSL_LIB_CTX *libctx, const
                              const TPMS_ECC_POINT *pt)
 {
     unsigned char enc[1 + 2 * 66];
+    size_t len;
     EVP_PKEY *pk;
 
     if (domain == NULL)
         return tpm_ec_public(libctx, c, pt);
-    enc[0] = 0x04;
-    if (!put_coord(enc + 1, c->field, &pt->x) || !put_coord(enc + 1 + c->field, c->field, &pt->y))
+    if ((len = encode_point(c, pt, enc)) == 0)
         return NULL;
     if ((pk = EVP_PKEY_dup((EVP_PKEY *)domain)) != NULL &&
-        EVP_PKEY_set1_encoded_public_key(pk, enc, 1 + 2 * c->field) != 1) {
+        EVP_PKEY_set1_encoded_public_key(pk, enc, len) != 1) {
         EVP_PKEY_free(pk);
         pk = NULL;
     }

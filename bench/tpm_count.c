@@ -55,25 +55,11 @@ const char *tpm_count_name(unsigned cc, char *buf, size_t n)
     return buf;
 }
 
-static int read_full(int fd, uint8_t *p, size_t n)
+/* All n bytes read into p (writing: 0) or written from p (1); 0 on EOF or error. */
+static int io_full(int fd, uint8_t *p, size_t n, int writing)
 {
     while (n > 0) {
-        ssize_t r = read(fd, p, n);
-
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            return 0;
-        p += r;
-        n -= (size_t)r;
-    }
-    return 1;
-}
-
-static int write_full(int fd, const uint8_t *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t r = write(fd, p, n);
+        ssize_t r = writing ? write(fd, p, n) : read(fd, p, n);
 
         if (r < 0 && errno == EINTR)
             continue;
@@ -91,15 +77,15 @@ static int relay(int in, int out, uint32_t *cc)
     uint8_t msg[TPM_MAX_MSG];
     uint32_t size;
 
-    if (!read_full(in, msg, TPM_HEADER))
+    if (!io_full(in, msg, TPM_HEADER, 0))
         return 0;
     size = (uint32_t)msg[2] << 24 | (uint32_t)msg[3] << 16 | (uint32_t)msg[4] << 8 | msg[5];
     if (size < TPM_HEADER || size > sizeof(msg) ||
-        !read_full(in, msg + TPM_HEADER, size - TPM_HEADER))
+        !io_full(in, msg + TPM_HEADER, size - TPM_HEADER, 0))
         return 0;
     if (cc != NULL)
         *cc = (uint32_t)msg[6] << 24 | (uint32_t)msg[7] << 16 | (uint32_t)msg[8] << 8 | msg[9];
-    return write_full(out, msg, size);
+    return io_full(out, msg, size, 1);
 }
 
 /* A control connection: bytes copied both ways, uncounted, until either side closes. */
@@ -113,7 +99,7 @@ static void pipe_both(int a, int b)
             if (fds[i].revents != 0) {
                 ssize_t r = read(fds[i].fd, buf, sizeof(buf));
 
-                if (r <= 0 || !write_full(fds[1 - i].fd, buf, (size_t)r))
+                if (r <= 0 || !io_full(fds[1 - i].fd, buf, (size_t)r, 1))
                     return;
             }
 }
