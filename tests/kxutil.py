@@ -468,6 +468,11 @@ from ctypes import c_void_p, c_char_p, c_int, c_size_t, byref, POINTER
 L = ctypes.CDLL("libcrypto.so.3")
 def fn(name, res, *args):
     f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
+# libcrypto's error queue to the process's stderr (ERR_print_errors_fp takes a FILE *, never NULL)
+_stderr = c_void_p.in_dll(ctypes.CDLL(None), "stderr")
+_print_errors_fp = fn("ERR_print_errors_fp", None, c_void_p)
+def print_errors():
+    sys.stderr.flush(); _print_errors_fp(_stderr)
 LIB_new = fn("OSSL_LIB_CTX_new", c_void_p)
 LIB_load = fn("OSSL_LIB_CTX_load_config", c_int, c_void_p, c_char_p)
 LIB_free = fn("OSSL_LIB_CTX_free", None, c_void_p)

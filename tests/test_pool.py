@@ -41,7 +41,6 @@ enc_pub = fn("EVP_PKEY_get1_encoded_public_key", c_size_t, c_void_p, POINTER(POI
 crypto_free = fn("CRYPTO_free", None, c_void_p, c_char_p, c_int)
 pkey_dup = fn("EVP_PKEY_dup", c_void_p, c_void_p)
 set_enc_pub = fn("EVP_PKEY_set1_encoded_public_key", c_int, c_void_p, c_char_p, c_size_t)
-err_print = fn("ERR_print_errors_fp", None, c_void_p)
 ALG = lambda g: "DH" if g.startswith("ffdhe") else ("EC" if g.startswith("P-") else g)
 
 def keygen(group, propq):
@@ -77,7 +76,7 @@ def keys(n, group):
         peer = keygen(group, b"provider=default")
         if not k or not peer:
             failed += 1
-            err_print(None)
+            print_errors()
             continue
         s1 = secret(k, peer, None)               # keyx: its key, the peer's public key
         # default provider: the peer's private key and keyx's public key, copied into a key of

@@ -189,15 +189,12 @@ def pin_paths(rig, tmp):
 PIN_URI = r"""
 open_ = fn("OSSL_STORE_open_ex", c_void_p, c_char_p, c_void_p, c_char_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p)
 load = fn("OSSL_STORE_load", c_void_p, c_void_p)
-err_print = fn("ERR_print_errors_fp", None, c_void_p)
-libc = ctypes.CDLL(None)
-libc.fdopen.restype = c_void_p
 ctx = LIB_new()
 assert LIB_load(ctx, sys.argv[1].encode()) == 1
 st = open_(sys.argv[2].encode(), ctx, None, None, None, None, None, None)
 info = load(st) if st else None
 print("loaded" if info else "refused", flush=True)
-err_print(libc.fdopen(2, b"w"))
+print_errors()
 """
 
 

@@ -17,7 +17,6 @@ from kxutil import base_env, run
 
 APP = kxutil.LIBCRYPTO_CTYPES + r'''
 import threading
-err_print = fn("ERR_print_errors_fp", None, c_void_p)
 ctx = LIB_new()
 assert LIB_load(ctx, sys.argv[1].encode()) == 1
 def gen(group, propq=None):
@@ -77,6 +76,25 @@ if sys.argv[2] == "persist":
     sys.stdin.readline()
     got = derive(k, p)
     print("after", "ok" if got == want else f"bad {errs()}", flush=True)
+    sys.exit(0)
+if sys.argv[2] == "restart-threads":
+    # One round per stdin line: 4 threads each make a key and derive with it, all starting at
+    # the same moment (the test restarts swtpm between rounds: the first command of every thread
+    # meets the lost session).
+    thread_stop = fn("OPENSSL_thread_stop", None)
+    for line in sys.stdin:
+        start, bad = threading.Barrier(4), []
+        def one():
+            start.wait()
+            k, p = gen("P-256"), gen("P-256", b"provider=default")
+            if not k or not p or derive(k, p) != derive(p, public_copy(k), b"provider=default"):
+                bad.append(errs())
+            pkey_free(k); pkey_free(p)
+            thread_stop()
+        ts = [threading.Thread(target=one) for _ in range(4)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+        print("round", "ok" if not bad else f"bad {bad}", flush=True)
+    fn("OSSL_LIB_CTX_free", None, c_void_p)(ctx)
     sys.exit(0)
 if sys.argv[2] == "hold":
     held = [gen("P-256") for _ in range(2)]
