@@ -51,10 +51,9 @@ struct tpm_dev {
     unsigned rsa_known, rsa_ok; /* TestParms results, bit i: RSA 2048, 3072, 4096 */
     tpm_obj *head, *tail;       /* loaded transient objects, most recently used first */
     uint64_t clock;
-    int reclaimed;     /* foreign objects flushed during the current operation */
-    int ready;         /* connected with parent and session: tpm_begin() has succeeded */
-    int was_reset;     /* the last disconnect broke a working connection (see tpm_dev_take_reset) */
-    long probe_failed; /* monotonic second of the last failed capability probe; 0: none */
+    int reclaimed;            /* foreign objects flushed during the current operation */
+    int ready;                /* connected with parent and session: tpm_begin() has succeeded */
+    long probe_failed;        /* monotonic second of the last failed capability probe; 0: none */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     /* ESYS hands out one ESYS_TR per persistent handle: keys loaded twice by the same handle
      * share it, so it is closed only when the last of them is freed. */
@@ -106,7 +105,7 @@ static void fork_child(void)
             d->ctx = NULL;
             d->tcti_ctx = NULL;
             d->head = d->tail = NULL;
-            d->ready = d->was_reset = 0;
+            d->ready = 0;
             tpm_fsess_forget(&d->fast);
             d->gen++;
         }
@@ -120,6 +119,11 @@ static void register_atfork(void)
 }
 
 /* ---- errors ------------------------------------------------------------------------------ */
+
+/* The device whose working connection this thread's last failed command found broken (see
+ * tpm_dev_take_reset). Per thread, not per device: another thread (the pool's refill) that
+ * reconnects between this thread's failure and its retry check must not take its retry away. */
+static _Thread_local const tpm_dev *reset_seen;
 
 static const char *tcti_name(const tpm_dev *d)
 {
@@ -202,13 +206,13 @@ int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
                  "reconnects once it answers again; set tpm-timeout to wait longer)",
                  what, tcti_name(d), d->watch.timed_out);
         d->watch.timed_out = 0;
-        d->was_reset = 0;
+        reset_seen = NULL;
         disconnect(d);
         return KEYX_BACKEND_DOWN;
     }
     if (rc_is_down(rc) || rc_is_reset(rc)) {
         /* A connection that worked until now: retrying on a new one may succeed at once. */
-        d->was_reset = d->ready;
+        reset_seen = d->ready ? d : NULL;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: %s failed: %s: the TPM at TCTI '%s' is unreachable or was reset (keyx "
                  "reconnects on the next operation; keys it generated before are gone)",
@@ -644,7 +648,6 @@ static int connect_tpm(tpm_dev *d)
     }
     d->pid = getpid();
     d->gen++;
-    d->was_reset = 0;
     d->parent = d->session = ESYS_TR_NONE;
     d->parent_owned = 0;
     d->reclaimed = 0;
@@ -727,6 +730,7 @@ int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
 {
     int r;
 
+    reset_seen = NULL; /* a retry answers a failure of this operation only */
     if (!lock_dev_bounded(d)) {
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: the TPM at TCTI '%s' is busy: another thread's command has had no answer "
@@ -1117,12 +1121,9 @@ static long now_seconds(void)
 
 int tpm_dev_take_reset(tpm_dev *d)
 {
-    int r;
+    int r = reset_seen == d;
 
-    pthread_mutex_lock(&d->lock);
-    r = d->was_reset;
-    d->was_reset = 0;
-    pthread_mutex_unlock(&d->lock);
+    reset_seen = NULL;
     return r;
 }
 

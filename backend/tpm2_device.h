@@ -53,9 +53,10 @@ int tpm_dev_has_rsa(tpm_dev *d, size_t bits);
  * so that the operation meets the real error. */
 int tpm_dev_has_alg(tpm_dev *d, TPM2_ALG_ID alg);
 
-/* 1 (once) if the last KEYX_BACKEND_DOWN broke a connection that had been working (the TPM was
- * restarted or reset, or went away mid-command), not a failure to connect: an operation that
- * creates its object from scratch may retry once, on a new connection. */
+/* 1 (once) if this thread's last KEYX_BACKEND_DOWN from d, in its current operation, broke a
+ * connection that had been working (the TPM was restarted or reset, or went away mid-command),
+ * not a failure to connect: an operation that creates its object from scratch may retry once,
+ * on a new connection (which another thread may have opened meanwhile). */
 int tpm_dev_take_reset(tpm_dev *d);
 
 /* Locks the device and connects if needed. 1: *ctx usable until tpm_end(); 0 or

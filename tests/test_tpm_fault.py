@@ -3,7 +3,8 @@
 One keyx-test-derive process derives in a loop (each line: a private key moved into the TPM,
 one ECDH_ZGen). swtpm is killed with SIGKILL in the middle: every operation then fails with a
 clear error naming the TCTI within 5 seconds (no hang). swtpm is restarted on the same port:
-the same process reconnects and succeeds again, without a restart of the application.
+the same process reconnects and succeeds again, without a restart of the application. Threads
+that meet a restarted TPM at the same moment each retry their own operation once.
 """
 
 import queue
@@ -176,6 +177,32 @@ def test_tls_server_handshake_right_after_silent_tpm_restart(swtpm_factory, s_se
         r = s_client(srv.port, args, base_env())
         assert r.rc == 0 and kxutil.protocol(r.out) == "TLSv1.3", f"handshake {i}: {r!r}"
     srv.wait()
+
+
+def test_threads_right_after_silent_tpm_restart(swtpm_factory, tmp):
+    """4 threads make and use a key at the same moment right after swtpm restarted, no command
+    failing in between: each thread's first command meets the lost session, one thread
+    reconnects first, and every other one must still retry its own key generation on the new
+    connection (a retry once failed when another thread's reconnect came between a thread's
+    failure and its retry check)."""
+    tpm = swtpm_factory()
+    cnf = tpm_cnf(tmp / "openssl.cnf", tpm)
+    p = subprocess.Popen(["/usr/bin/python3", str(app(tmp)), str(cnf), "restart-threads"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         env=base_env(), text=True, start_new_session=True)
+    try:
+        for i in range(6):
+            if i:
+                tpm.restart()
+            p.stdin.write("go\n")
+            p.stdin.flush()
+            line = p.stdout.readline().strip()
+            assert line == "round ok", f"round {i} (after {i} restarts): {line}"
+        p.stdin.close()
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            kxutil.kill_group(p)
 
 
 def test_persistent_key_survives_tpm_restart(build, swtpm_factory, tmp):
