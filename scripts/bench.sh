@@ -431,12 +431,17 @@ if [ "$tls_seconds" -gt 0 ]; then
     done
 fi
 
-# tls_target NAME: the issue's handshakes/s target for that server and its anchor, or nothing:
+# tls_target NAME: the issue's target for that server, or nothing: "ABSOLUTE RATIO ANCHOR...".
 # ECDHE in the TPM 5x tpm2-openssl's 63/s, on the token 5x pkcs11-provider's 55/s (issues 4, 8).
+# Neither anchor is measured here (tpm2-openssl completes no handshake without a resource
+# manager; pkcs11-provider is not installed): shared/research took them on another day, when the
+# default provider's server made 757/s and 530/s. RATIO is five times the anchor's share of that
+# (63/757, 55/530), set against keyx's share of this run's default server: the absolute rate
+# moves with the host's load, the share does not.
 tls_target() {
     case $1 in
-    keyx-tpm*) echo "315 5x tpm2-openssl 63/s" ;;
-    keyx-pkcs11*) echo "275 5x pkcs11-provider 55/s" ;;
+    keyx-tpm*) echo "315 0.416 5x tpm2-openssl 63/s (default 757/s)" ;;
+    keyx-pkcs11*) echo "275 0.519 5x pkcs11-provider 55/s (default 530/s)" ;;
     esac
 }
 
@@ -444,14 +449,19 @@ if [ "$json" = 1 ]; then
     printf '{"tls_steal_pct": %s,\n "bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
         "${tls_steal:-null}" "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
     sep=
+    base=
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086 # "name n seconds median min max rates"
         set -- $row
+        [ -n "$base" ] || base=$4
         target=
         t=$(tls_target "$1")
         if [ -n "$t" ]; then
-            target=$(awk -v r="$4" -v t="${t%% *}" -v a="${t#* }" \
-                'BEGIN { printf ", \"target\": %d, \"anchor\": \"%s\", \"meets_target\": %s", t, a, (r >= t ? "true" : "false") }')
+            target=$(echo "$t" | awk -v r="$4" -v b="$base" '{
+                a = $3; for (i = 4; i <= NF; i++) a = a " " $i
+                q = b > 0 ? r / b : 0
+                printf ", \"target\": %d, \"meets_target\": %s, \"target_share_of_default\": %s, \"share_of_default\": %.3f, \"meets_target_share\": %s, \"anchor\": \"%s\"",
+                    $1, (r >= $1 ? "true" : "false"), $2, q, (q >= $2 ? "true" : "false"), a }')
         fi
         printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s, "min": %s, "max": %s, "rounds": [%s]%s}' \
             "$sep" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$target"
@@ -470,8 +480,12 @@ elif [ ${#tls_rows[@]} -gt 0 ]; then
         set -- $row
         [ -n "$base" ] || base=$4
         t=$(tls_target "$1")
-        awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" -v g="${t%% *}" -v a="${t#* }" \
-            'BEGIN { printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
-                     g == "" ? "-" : sprintf(">= %d (%s): %s", g, a, r >= g ? "met" : "BELOW TARGET") }'
+        echo "${t:--}" | awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" '{
+            a = $3; for (i = 4; i <= NF; i++) a = a " " $i
+            printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
+                $1 == "-" ? "-" : sprintf("%s: /default >= %.3f %s; >= %d/s %s", a, $2,
+                    r / b >= $2 ? "met" : "BELOW TARGET", $1, r >= $1 ? "met" : "below") }'
     done
+    printf '(target: five times the anchor'\''s share of the default server'\''s rate in its own run, from\n'
+    printf 'shared/research; the absolute rate beside it moves with the host'\''s load)\n'
 fi
