@@ -8,6 +8,7 @@ that meet a restarted TPM at the same moment each retry their own operation once
 """
 
 import queue
+import select
 import subprocess
 import threading
 import time
@@ -196,6 +197,8 @@ def test_threads_right_after_silent_tpm_restart(swtpm_factory, tmp):
                 tpm.restart()
             p.stdin.write("go\n")
             p.stdin.flush()
+            # one line per round: nothing else is buffered, so select() sees what readline reads
+            assert select.select([p.stdout], [], [], 60)[0], f"round {i}: no answer in 60 s"
             line = p.stdout.readline().strip()
             assert line == "round ok", f"round {i} (after {i} restarts): {line}"
         p.stdin.close()
