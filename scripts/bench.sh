@@ -431,12 +431,12 @@ if [ "$tls_seconds" -gt 0 ]; then
     done
 fi
 
-# tls_target NAME: the issue's target for that server, or nothing: "ABSOLUTE RATIO ANCHOR...".
+# tls_target NAME: the issue's target for that server, or nothing: "ABSOLUTE SHARE ANCHOR...".
 # ECDHE in the TPM 5x tpm2-openssl's 63/s, on the token 5x pkcs11-provider's 55/s (issues 4, 8).
 # Neither anchor is measured here (tpm2-openssl completes no handshake without a resource
 # manager; pkcs11-provider is not installed): shared/research took them on another day, when the
-# default provider's server made 757/s and 530/s. RATIO is five times the anchor's share of that
-# (63/757, 55/530), set against keyx's share of this run's default server: the absolute rate
+# default provider's server made 757/s and 530/s. SHARE is five times the anchor's share of that
+# (63/757, 55/530), the target for keyx's share of this run's default server: the absolute rate
 # moves with the host's load, the share does not.
 tls_target() {
     case $1 in
@@ -455,13 +455,11 @@ if [ "$json" = 1 ]; then
         set -- $row
         [ -n "$base" ] || base=$4
         target=
-        t=$(tls_target "$1")
-        if [ -n "$t" ]; then
-            target=$(echo "$t" | awk -v r="$4" -v b="$base" '{
-                a = $3; for (i = 4; i <= NF; i++) a = a " " $i
-                q = b > 0 ? r / b : 0
+        read -r g q a <<<"$(tls_target "$1")"
+        if [ -n "$g" ]; then
+            target=$(awk -v r="$4" -v b="$base" -v g="$g" -v q="$q" -v a="$a" 'BEGIN { s = b > 0 ? r / b : 0
                 printf ", \"target\": %d, \"meets_target\": %s, \"target_share_of_default\": %s, \"share_of_default\": %.3f, \"meets_target_share\": %s, \"anchor\": \"%s\"",
-                    $1, (r >= $1 ? "true" : "false"), $2, q, (q >= $2 ? "true" : "false"), a }')
+                    g, (r >= g ? "true" : "false"), q, s, (s >= q ? "true" : "false"), a }')
         fi
         printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s, "min": %s, "max": %s, "rounds": [%s]%s}' \
             "$sep" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$target"
@@ -479,12 +477,11 @@ elif [ ${#tls_rows[@]} -gt 0 ]; then
         # shellcheck disable=SC2086
         set -- $row
         [ -n "$base" ] || base=$4
-        t=$(tls_target "$1")
-        echo "${t:--}" | awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" '{
-            a = $3; for (i = 4; i <= NF; i++) a = a " " $i
-            printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
-                $1 == "-" ? "-" : sprintf("%s: /default >= %.3f %s; >= %d/s %s", a, $2,
-                    r / b >= $2 ? "met" : "BELOW TARGET", $1, r >= $1 ? "met" : "below") }'
+        read -r g q a <<<"$(tls_target "$1")"
+        awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" -v g="$g" -v q="$q" -v a="$a" \
+            'BEGIN { printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
+                         g == "" ? "-" : sprintf("%s: /default >= %.3f %s; >= %d/s %s", a, q,
+                             r / b >= q ? "met" : "BELOW TARGET", g, r >= g ? "met" : "below") }'
     done
     printf '(target: five times the anchor'\''s share of the default server'\''s rate in its own run, from\n'
     printf 'shared/research; the absolute rate beside it moves with the host'\''s load)\n'

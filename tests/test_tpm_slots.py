@@ -41,6 +41,13 @@ def derive(key, peer, propq=None):
     ok = ok and d_derive(c, buf, byref(n)) == 1
     CTX_free(c)
     return buf.raw[: n.value] if ok else None
+thread_stop = fn("OPENSSL_thread_stop", None)
+def exchange_ok():
+    # one ephemeral keyx key and a default-provider peer: keyx's secret equals the default's
+    k, p = gen("P-256"), gen("P-256", b"provider=default")
+    ok = bool(k and p and derive(k, p) == derive(p, public_copy(k), b"provider=default"))
+    pkey_free(k); pkey_free(p)
+    return ok
 if sys.argv[2] == "fork":
     import os
     k, p = gen("P-256"), gen("P-256", b"provider=default")
@@ -81,15 +88,12 @@ if sys.argv[2] == "restart-threads":
     # One round per stdin line: 4 threads each make a key and derive with it, all starting at
     # the same moment (the test restarts swtpm between rounds: the first command of every thread
     # meets the lost session).
-    thread_stop = fn("OPENSSL_thread_stop", None)
     for line in sys.stdin:
         start, bad = threading.Barrier(4), []
         def one():
             start.wait()
-            k, p = gen("P-256"), gen("P-256", b"provider=default")
-            if not k or not p or derive(k, p) != derive(p, public_copy(k), b"provider=default"):
+            if not exchange_ok():
                 bad.append(errs())
-            pkey_free(k); pkey_free(p)
             thread_stop()
         ts = [threading.Thread(target=one) for _ in range(4)]
         [t.start() for t in ts]; [t.join() for t in ts]
@@ -118,13 +122,10 @@ print("held", len(mine), "bad", bad)
 for k in mine + peers: pkey_free(k)
 # threads
 errors = []
-thread_stop = fn("OPENSSL_thread_stop", None)
 def work(n):
     for _ in range(n):
-        k, p = gen("P-256"), gen("P-256", b"provider=default")
-        if not k or not p or derive(k, p) != derive(p, public_copy(k), b"provider=default"):
+        if not exchange_ok():
             errors.append(1)
-        pkey_free(k); pkey_free(p)
     # Release this thread's OpenSSL state now: join() returns before the OS thread has run its
     # exit handlers, which could otherwise meet library contexts freed below.
     thread_stop()
