@@ -213,6 +213,6 @@ def s_client(build):
 @pytest.fixture
 def vectors_dir():
     d = kxutil.VECTORS
-    assert d.is_dir(), f"Wycheproof vectors not found at {d} (expected ../shared/vectors beside the repo)"
+    assert d.is_dir(), f"Wycheproof vectors not found at {d} (they are part of the repository: tests/vectors/)"
     return d
 

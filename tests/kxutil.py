@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-VECTORS = REPO.parent / "shared" / "vectors" / "wycheproof"
+# The Wycheproof files the tests use travel with the repository (tests/vectors/README.md).
+VECTORS = REPO / "tests" / "vectors" / "wycheproof"
 
 # Generous: ASan builds and a loaded 2-core CI machine are slow, a hang is still caught.
 TIMEOUT = float(os.environ.get("KEYX_TEST_TIMEOUT", "60"))
