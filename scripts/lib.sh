@@ -4,7 +4,7 @@
 
 KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# What building keyx and running its tests needs on Debian bookworm (nothing more): the TPM and
+# What building keyx and running its tests needs on Debian bookworm and trixie (nothing more): the TPM and
 # PKCS#11 libraries keyx links, and the real swtpm, SoftHSM2 and peer tools the tests drive;
 # for the TLS server tests nginx, curl, and tpm2-abrmd (its TCTI, a private dbus-daemon); clang
 # and its libFuzzer runtime for the fuzz targets (tests/fuzz/); valgrind for tests/test_valgrind.py.
@@ -12,7 +12,7 @@ KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pyte
     libtss2-dev libp11-kit-dev p11-kit-modules
     swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl
     nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon
-    clang libclang-rt-14-dev valgrind)
+    clang libclang-rt-dev valgrind)
 
 keyx_say() {
     printf '\n==> %s\n' "$*"
@@ -34,7 +34,7 @@ keyx_install_deps() {
         keyx_installed "$pkg" || missing+=("$pkg")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    command -v apt-get >/dev/null || keyx_die "missing packages ${missing[*]} and no apt-get (Debian bookworm expected)"
+    command -v apt-get >/dev/null || keyx_die "missing packages ${missing[*]} and no apt-get (Debian bookworm or trixie expected)"
     if [ "$(id -u)" -ne 0 ]; then
         command -v sudo >/dev/null || keyx_die "missing packages ${missing[*]}: run as root or install sudo"
         sudo=(sudo)
@@ -56,11 +56,12 @@ keyx_build() {
     [ -f "$dir/keyx.so" ] || keyx_die "the build left no $dir/keyx.so"
 }
 
-# keyx_build_fuzz: the libFuzzer targets of tests/fuzz/ in build-fuzz/ (a fixed path: CI's
-# stages share it), with clang. Without clang it says so and builds nothing: tests/test_fuzz.py
+# keyx_build_fuzz: the libFuzzer targets of tests/fuzz/ in $KEYX_FUZZ_DIR (default build-fuzz/,
+# shared by CI's stages on one OpenSSL version), with clang. Without clang it says so and builds nothing: tests/test_fuzz.py
 # then fails, naming what is missing.
 keyx_build_fuzz() {
-    local dir=$KEYX_ROOT/build-fuzz
+    local dir
+    dir=$(keyx_abs "${KEYX_FUZZ_DIR:-build-fuzz}")
     if ! command -v clang >/dev/null; then
         printf 'warning: no clang: the fuzz targets are not built (tests/test_fuzz.py will fail)\n' >&2
         return 0
@@ -71,6 +72,23 @@ keyx_build_fuzz() {
     cmake --build "$dir" --target keyx-fuzzers -j "$(nproc 2>/dev/null || echo 2)"
 }
 
+# keyx_tls_groups BACKENDS: the openssl.cnf `Groups` line (system_default section) for one of the
+# backend sets of docs/tls-servers.md ("tpm", "pkcs11", "software"), for the installed OpenSSL:
+# 3.5 pairs each group with its hybrid ML-KEM group in a '/' tuple, 3.0 knows neither.
+keyx_tls_groups() {
+    local v35=0
+    case $(openssl version) in "OpenSSL 3."[0-4]"."*) ;; *) v35=1 ;; esac
+    case $v35,$1 in
+    1,tpm) echo "SecP256r1MLKEM768:P-256 / SecP384r1MLKEM1024:P-384 / P-521" ;;
+    1,pkcs11) echo "SecP256r1MLKEM768:P-256 / SecP384r1MLKEM1024:P-384 / P-521 / ffdhe2048:ffdhe3072" ;;
+    1,software) echo "X25519MLKEM768:X25519 / SecP256r1MLKEM768:P-256 / SecP384r1MLKEM1024:P-384 / P-521 / X448 / ffdhe2048:ffdhe3072" ;;
+    0,tpm) echo "P-256:P-384:P-521" ;;
+    0,pkcs11) echo "P-256:P-384:P-521:ffdhe2048:ffdhe3072" ;;
+    0,software) echo "X25519:P-256:P-384:P-521:X448:ffdhe2048:ffdhe3072" ;;
+    *) keyx_die "keyx_tls_groups: no Groups line for backends '$1'" ;;
+    esac
+}
+
 # keyx_abs PATH: PATH made absolute against the repo root.
 keyx_abs() {
     case $1 in
@@ -78,3 +96,6 @@ keyx_abs() {
     *) printf '%s\n' "$KEYX_ROOT/$1" ;;
     esac
 }
+
+# shellcheck source=scripts/debian_root.sh
+. "$KEYX_ROOT/scripts/debian_root.sh"

@@ -2,9 +2,22 @@
 # Installs missing Debian packages, builds keyx and its test helpers, runs the whole test suite.
 # Exits non-zero on any failure. Extra arguments go to pytest (e.g. -k tls).
 #   BUILD_DIR=build-asan KEYX_SANITIZE=address,undefined scripts/test.sh   # sanitizer build
+#   scripts/test.sh --debian trixie [pytest args]   # the same inside a Debian 13 root (OpenSSL 3.5)
+# With --debian, the build goes to $BUILD_DIR-SUITE (build-trixie/) and the fuzz targets to
+# build-fuzz-SUITE/, beside this machine's own builds (scripts/debian_root.sh makes the root).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+if [ "${1:-}" = --debian ]; then
+    [ $# -ge 2 ] || keyx_die "usage: scripts/test.sh --debian SUITE [pytest args]"
+    suite=$2
+    shift 2
+    case ${BUILD_DIR:-build} in /*) keyx_die "with --debian, BUILD_DIR must be inside the repository" ;; esac
+    BUILD_DIR=${BUILD_DIR:-build}-$suite KEYX_FUZZ_DIR=build-fuzz-$suite \
+        keyx_debian_run "$suite" scripts/test.sh "$@"
+    exit
+fi
 
 keyx_install_deps "${KEYX_PACKAGES[@]}"
 build=$(keyx_abs "${BUILD_DIR:-build}")

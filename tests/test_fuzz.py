@@ -1,7 +1,7 @@
 """libFuzzer targets (issue 9, tests/fuzz/README.md): URI parsing, configuration values, key import
 parameters, encoded public keys and key reference files.
 
-scripts/test.sh builds them with clang into build-fuzz/ (fixed path at the repo root, shared by
+scripts/test.sh builds them with clang into $KEYX_FUZZ_DIR (default build-fuzz/ at the repo root, shared by
 CI's two stages). Each target runs twice here: once over its committed seed corpus only
 (regression mode: every input there, including the reproducers of fixed bugs, must pass), and
 once fuzzing for a bounded time over a copy of that corpus. A crash, leak, timeout, out-of-memory,
@@ -20,7 +20,7 @@ import pytest
 
 import kxutil
 
-FUZZ_BUILD = kxutil.REPO / "build-fuzz"
+FUZZ_BUILD = kxutil.REPO / os.environ.get("KEYX_FUZZ_DIR", "build-fuzz")
 CORPUS = kxutil.REPO / "tests" / "fuzz" / "corpus"
 # Seconds of fuzzing per target (5 targets: about 75 s per CI stage with the default).
 SECONDS = int(os.environ.get("KEYX_FUZZ_SECONDS", "15"))
