@@ -10,6 +10,7 @@
 #include "backend/call.h"
 #include "backend/router.h"
 #include "provider/audit.h"
+#include "provider/dispatch.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -138,12 +139,17 @@ void keyx_router_free(keyx_router *r)
     OPENSSL_free(r);
 }
 
-int keyx_router_offers(keyx_router *r, const keyx_keyspec *spec)
+int keyx_router_first_for(keyx_router *r, const keyx_keyspec *spec)
 {
     for (size_t i = 0; i < r->n; i++)
         if (r->backends[i].ops->supports(r->backends[i].state, spec))
-            return 1;
-    return 0;
+            return (int)kind_of(&r->backends[i]);
+    return -1;
+}
+
+int keyx_router_offers(keyx_router *r, const keyx_keyspec *spec)
+{
+    return keyx_router_first_for(r, spec) >= 0;
 }
 
 static long now_seconds(void)
@@ -201,6 +207,30 @@ static int try_generate(keyx_router *r, keyx_backend *be, const keyx_keyspec *sp
     return rc;
 }
 
+/* Names what cannot be made and what to do. A TLS server or client whose group list offers a group
+ * no backend serves lands here at its first handshake (OpenSSL 3.5 negotiates every provider's
+ * groups): the message gives the `Groups` line for these backends, so the server's own log says
+ * how to fix it. */
+static void unsupported_error(keyx_router *r, const keyx_keyspec *spec)
+{
+    char groups[256];
+    int tls = spec->alg != KEYX_ALG_RSA && keyx_tls_groups_line(r, groups, sizeof(groups));
+    /* "X25519", not "X25519 X25519" */
+    const char *group = spec->group != NULL && strcmp(spec->group, keyx_alg_name(spec->alg)) != 0
+                            ? spec->group
+                            : NULL;
+
+    KEYX_ERR(r->software->prov, KEYX_R_UNSUPPORTED,
+             "%s%s%s: no backend in 'backends = %s' can generate it; add one that can "
+             "(e.g. software) or use another group%s%s%s",
+             keyx_alg_name(spec->alg), group ? " " : "", group ? group : "", r->names,
+             tls ? ". For TLS, offer only the groups these backends serve: 'Groups = " : "",
+             tls ? groups : "",
+             tls ? "' in openssl.cnf's system_default section (docs/tls-servers.md, "
+                   "\"Choosing the TLS groups\")"
+                 : "");
+}
+
 int keyx_router_generate(keyx_router *r, const keyx_keyspec *spec, keyx_backend **used,
                          void **handle, EVP_PKEY **pub)
 {
@@ -217,11 +247,7 @@ int keyx_router_generate(keyx_router *r, const keyx_keyspec *spec, keyx_backend 
                 cand[n++] = &r->backends[i];
     *used = NULL;
     if (n == 0) {
-        KEYX_ERR(r->software->prov, KEYX_R_UNSUPPORTED,
-                 "%s%s%s: no backend in 'backends = %s' can generate it; add one that can "
-                 "(e.g. software) or use another group",
-                 keyx_alg_name(spec->alg), spec->group ? " " : "", spec->group ? spec->group : "",
-                 r->names);
+        unsupported_error(r, spec);
         return 0;
     }
     ERR_set_mark();

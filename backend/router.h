@@ -22,6 +22,9 @@ int keyx_router_generate(keyx_router *r, const keyx_keyspec *spec, keyx_backend 
 keyx_backend *keyx_router_backend(keyx_router *r, keyx_backend_kind kind);
 /* 1 if some configured backend supports spec (no error raised): drives TLS-GROUP. */
 int keyx_router_offers(keyx_router *r, const keyx_keyspec *spec);
+/* The keyx_backend_kind of the first configured backend that supports spec, where its new keys go
+ * while every backend answers; -1 if none (no error raised). */
+int keyx_router_first_for(keyx_router *r, const keyx_keyspec *spec);
 /* Holder of keys whose private part the application handed over in memory (imports):
  * that material is already in software, so keeping it there is no fallback. */
 keyx_backend *keyx_router_software(keyx_router *r);

@@ -1,10 +1,14 @@
 /* TLS-GROUP capabilities. OpenSSL 3.0 keeps a group only if the keymgmt fetched for it comes from
  * the provider that advertised it, so once keyx is preferred it must list its own groups, and
- * only those a configured backend can serve. Constants as the default provider's. */
+ * only those a configured backend can serve. Constants as the default provider's.
+ * OpenSSL 3.5 keeps every provider's groups (docs/tls-servers.md): there openssl.cnf's `Groups`
+ * decides, and keyx_tls_groups_line() says what it should be for the configured backends. */
+#include <stdio.h>
 #include <string.h>
 #include <strings.h>
 
 #include <openssl/core_names.h>
+#include <openssl/crypto.h>
 #include <openssl/params.h>
 #include <openssl/prov_ssl.h>
 
@@ -91,4 +95,66 @@ int keyx_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *
             return 0;
     }
     return 1;
+}
+
+/* The recommended `Groups` value. Groups whose keys a hardware backend makes come first, so that a
+ * client that supports them (every common client supports P-256) gets its key share in hardware,
+ * through a HelloRetryRequest if it guessed another; groups only software serves follow. On 3.5
+ * each group pairs with its hybrid ML-KEM group (the default provider's hybrid makes the
+ * classical half through keyx) in one '/' tuple, so a client offering either one gets it. 3.0
+ * knows neither hybrids nor tuples. Within a part, OpenSSL 3.5's default order. */
+typedef struct groups_entry {
+    const char *hybrid; /* 3.5 only; NULL: none */
+    const char *name, *name2;
+    keyx_alg alg;
+} groups_entry;
+
+static const groups_entry groups_order[] = {
+    {"X25519MLKEM768", "X25519", NULL, KEYX_ALG_X25519},
+    {"SecP256r1MLKEM768", "P-256", NULL, KEYX_ALG_EC},
+    {"SecP384r1MLKEM1024", "P-384", NULL, KEYX_ALG_EC},
+    {NULL, "P-521", NULL, KEYX_ALG_EC},
+    {NULL, "X448", NULL, KEYX_ALG_X448},
+    {NULL, "ffdhe2048", "ffdhe3072", KEYX_ALG_DH},
+};
+
+static int append(char *buf, size_t len, size_t *used, const char *sep, const char *name)
+{
+    int n;
+
+    if (name == NULL)
+        return 1;
+    n = snprintf(buf + *used, len - *used, "%s%s", *used == 0 ? "" : sep, name);
+    if (n < 0 || (size_t)n >= len - *used)
+        return 0;
+    *used += (size_t)n;
+    return 1;
+}
+
+int keyx_tls_groups_line(struct keyx_router *router, char *buf, size_t len)
+{
+    int v35 = OpenSSL_version_num() >= 0x30500000L;
+    size_t used = 0;
+
+    if (len == 0)
+        return 0;
+    buf[0] = '\0';
+    for (int hardware = 1; hardware >= 0; hardware--) {
+        for (size_t i = 0; i < sizeof(groups_order) / sizeof(groups_order[0]); i++) {
+            const groups_entry *e = &groups_order[i];
+            keyx_keyspec spec = {.alg = e->alg, .group = e->name};
+            int kind = keyx_router_first_for(router, &spec);
+            char tuple[64];
+            size_t n = 0;
+
+            if (kind < 0 || (kind != KEYX_BACKEND_SOFTWARE) != hardware)
+                continue;
+            if (!append(tuple, sizeof(tuple), &n, ":", v35 ? e->hybrid : NULL) ||
+                !append(tuple, sizeof(tuple), &n, ":", e->name) ||
+                !append(tuple, sizeof(tuple), &n, ":", e->name2) ||
+                !append(buf, len, &used, v35 ? " / " : ":", tuple))
+                return 0;
+        }
+    }
+    return used > 0;
 }

@@ -61,5 +61,9 @@ extern const OSSL_DISPATCH keyx_tss2_der_to_ec_decoder[];
 extern const OSSL_DISPATCH keyx_tss2_der_to_rsa_decoder[];
 
 int keyx_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *cb, void *arg);
+/* The openssl.cnf `Groups` value (system_default section) that lists exactly the TLS groups the
+ * configured backends serve, for the running OpenSSL version; 0 if none or buf is too small. */
+struct keyx_router;
+int keyx_tls_groups_line(struct keyx_router *router, char *buf, size_t len);
 
 #endif
