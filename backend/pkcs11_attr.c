@@ -27,9 +27,11 @@ void p11_tmpl_pair(p11_tmpl *pub, p11_tmpl *priv, const p11_name *name, CK_ATTRI
         return;
     }
     /* Every usage is set, the unwanted ones false: tokens default them differently (SoftHSM
-     * allows decrypt and unwrap on an EC key unless told otherwise). */
-    static const CK_ATTRIBUTE_TYPE priv_usages[] = {CKA_DECRYPT, CKA_SIGN, CKA_UNWRAP, CKA_DERIVE};
-    static const CK_ATTRIBUTE_TYPE pub_usages[] = {CKA_ENCRYPT, CKA_VERIFY, CKA_WRAP, CKA_DERIVE};
+     * allows decrypt, unwrap and sign-recover on an EC key unless told otherwise). */
+    static const CK_ATTRIBUTE_TYPE priv_usages[] = {CKA_DECRYPT, CKA_SIGN, CKA_UNWRAP, CKA_DERIVE,
+                                                    CKA_SIGN_RECOVER};
+    static const CK_ATTRIBUTE_TYPE pub_usages[] = {CKA_ENCRYPT, CKA_VERIFY, CKA_WRAP, CKA_DERIVE,
+                                                   CKA_VERIFY_RECOVER};
 
     p11_tmpl_add(pub, CKA_TOKEN, &p11_yes, sizeof(CK_BBOOL));
     p11_tmpl_add(pub, CKA_PRIVATE, &p11_no, sizeof(CK_BBOOL));
@@ -37,7 +39,7 @@ void p11_tmpl_pair(p11_tmpl *pub, p11_tmpl *priv, const p11_name *name, CK_ATTRI
     p11_tmpl_add(priv, CKA_PRIVATE, &p11_yes, sizeof(CK_BBOOL));
     p11_tmpl_add(priv, CKA_SENSITIVE, &p11_yes, sizeof(CK_BBOOL));
     p11_tmpl_add(priv, CKA_EXTRACTABLE, &p11_no, sizeof(CK_BBOOL));
-    for (size_t i = 0; i < 4; i++) {
+    for (size_t i = 0; i < sizeof(priv_usages) / sizeof(priv_usages[0]); i++) {
         int on = priv_usages[i] == priv_usage || (sign && priv_usages[i] == CKA_SIGN);
 
         p11_tmpl_add(priv, priv_usages[i], on ? &p11_yes : &p11_no, sizeof(CK_BBOOL));
