@@ -73,10 +73,13 @@ peer() {
 }
 
 # keyx_cnf NAME SETTINGS...: NAME.cnf, an openssl.cnf preferring keyx with these keyx settings
-# and the audit log NAME.jsonl.
+# (the first one "backends = ..."), the audit log NAME.jsonl, and the TLS groups those backends
+# serve (docs/tls-servers.md, "Choosing the TLS groups").
 keyx_cnf() {
-    local name=$1 setting
+    local name=$1 setting groups
     shift
+    groups=$(keyx_tls_groups "${1#backends = }")
+    echo "    TLS groups for these backends: Groups = $groups"
     {
         cat <<EOF
 openssl_conf = openssl_init
@@ -84,6 +87,14 @@ openssl_conf = openssl_init
 [openssl_init]
 providers = provider_sect
 alg_section = algorithm_sect
+ssl_conf = ssl_sect
+
+[ssl_sect]
+system_default = tls_sect
+
+[tls_sect]
+# only groups the backends serve: OpenSSL 3.5 negotiates every provider's groups
+Groups = $groups
 
 [algorithm_sect]
 # keyx wins wherever it implements the algorithm; the default provider does the rest
@@ -168,14 +179,14 @@ tls() {
     timeout 30 tail --pid="$server_pid" -f /dev/null || true
     tls_pid=$server_pid
     server_pid=
-    grep -E '^(New, |Server Temp Key|Peer signature type|Verify return code)' client.log | indent
+    grep -E '^(New, |Server Temp Key|Peer Temp Key|Peer signature type|Verify return code)' client.log | indent
     grep -q '^Verify return code: 0 (ok)' client.log || keyx_die "$what: certificate not verified"
     echo "    TLS 1.3 handshake completed: $what"
 }
 
 # A throwaway CA of the default provider; certificates for localhost.
 peer req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.crt \
-    -subj "/CN=keyx demo CA" -days 1 2>/dev/null
+    -subj "/CN=keyx demo CA" -days 1 -addext basicConstraints=critical,CA:TRUE 2>/dev/null
 software_cert() { # software_cert NAME: NAME.key and NAME.crt, a software key
     peer genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key"
     peer req -new -key "$1.key" -subj /CN=localhost |

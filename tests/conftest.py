@@ -100,10 +100,11 @@ def certs(tmp_path_factory, build):
     d = tmp_path_factory.mktemp("certs")
     env = base_env()
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", d / "rsa.key",
-            "-out", d / "rsa.crt", "-subj", "/CN=localhost", "-days", "2", env=env).ok("RSA cert")
+            "-out", d / "rsa.crt", "-subj", "/CN=localhost", "-days", "2", *kxutil.CA_EXTENSIONS,
+            env=env).ok("RSA cert")
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", d / "ec.key", "-out", d / "ec.crt", "-subj", "/CN=localhost", "-days", "2",
-            env=env).ok("EC cert")
+            *kxutil.CA_EXTENSIONS, env=env).ok("EC cert")
     openssl("genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048",
             "-out", d / "ffdhe2048.pem", env=env).ok("ffdhe2048 params")
     return {

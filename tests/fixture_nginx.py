@@ -182,7 +182,7 @@ class Pki:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.crt, self.key = self.dir / "ca.crt", self.dir / "ca.key"
         openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-keyout", self.key, "-out", self.crt, "-subj", "/CN=keyx test CA", "-days", "2",
+                "-keyout", self.key, "-out", self.crt, "-subj", "/CN=keyx test CA", "-days", "2", *kxutil.CA_EXTENSIONS,
                 env=kxutil.base_env()).ok("CA")
 
     def certify(self, pub_pem, name):

@@ -118,7 +118,9 @@ class Swtpm:
 
 def tpm_cnf(path, tpm, keyx=None, **kw):
     """openssl.cnf with keyx preferred and backends = tpm on the given swtpm (keyx options
-    override or add to these; a value None drops the key)."""
+    override or add to these; a value None drops the key), with the TLS `Groups` line for those
+    backends as docs/tls-servers.md has operators write it (groups=None: without)."""
+    kw.setdefault("groups", "auto")
     opts = {"backends": "tpm"}
     if tpm is not None:
         opts["tpm-tcti"] = tpm.tcti

@@ -80,6 +80,21 @@ EXPLICIT_DH_G = "02"
 EXPLICIT_DH = f"explicit:{EXPLICIT_DH_P}:{EXPLICIT_DH_G}"
 
 
+# A test CA must say it is one: since OpenSSL 3.2 `req -x509` writes X.509 v3 certificates, and
+# a v3 issuer without basicConstraints CA:TRUE fails verification ("invalid CA certificate").
+CA_EXTENSIONS = ("-addext", "basicConstraints=critical,CA:TRUE")
+
+
+@functools.lru_cache(maxsize=None)
+def openssl_version():
+    """(major, minor, patch) of the openssl binary and libcrypto under test: for the few
+    behaviours that differ between OpenSSL 3.0 and 3.5 by design (each caller says which)."""
+    out = subprocess.run(["openssl", "version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.match(r"OpenSSL (\d+)\.(\d+)\.(\d+)", out)
+    assert m, f"cannot read the OpenSSL version from {out!r}"
+    return tuple(int(x) for x in m.groups())
+
+
 def build_dir():
     """The build directory under test: $KEYX_BUILD_DIR (relative to the repo) or build/."""
     d = Path(os.environ.get("KEYX_BUILD_DIR", "build"))
@@ -230,14 +245,50 @@ def openssl(*args, **kw):
 # ---- openssl.cnf ----------------------------------------------------------------------------
 
 
+# What each backend serves for TLS (swtpm: the NIST curves; SoftHSM: those and finite-field DH;
+# software: every group), in the order docs/tls-servers.md recommends: OpenSSL 3.5's default
+# order, groups made in hardware first. (hybrid, group) pairs: 3.5 pairs a group with its ML-KEM
+# hybrid in one '/' tuple; 3.0 knows neither hybrids nor tuples.
+TLS_GROUP_ORDER = (("X25519MLKEM768", "X25519"), ("SecP256r1MLKEM768", "P-256"),
+                   ("SecP384r1MLKEM1024", "P-384"), (None, "P-521"), (None, "X448"),
+                   (None, "ffdhe2048:ffdhe3072"))
+BACKEND_GROUPS = {
+    "tpm": {"P-256", "P-384", "P-521"},
+    "pkcs11": {"P-256", "P-384", "P-521", "ffdhe2048:ffdhe3072"},
+    "software": {g for _, g in TLS_GROUP_ORDER},
+}
+
+
+def tls_groups(backends, version=None):
+    """The openssl.cnf `Groups` line (system_default section) for these backends ("tpm,
+    software") on this OpenSSL version: what docs/tls-servers.md tells operators to write, and
+    what keyx's refusal of an unserved group suggests."""
+    v35 = (version or openssl_version()) >= (3, 5)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    hardware, software = [], []
+    for hybrid, group in TLS_GROUP_ORDER:
+        first = next((b for b in names if group in BACKEND_GROUPS[b]), None)
+        if first is None:
+            continue
+        entry = f"{hybrid}:{group}" if v35 and hybrid else group
+        (software if first == "software" else hardware).append(entry)
+    return (" / " if v35 else ":").join(hardware + software)
+
+
 def write_cnf(path, keyx=None, prefer=True, activate_keyx=True, default=True, diagnostics=True,
-              module=None):
+              module=None, groups=None):
     """Writes an openssl.cnf loading keyx (section keyx_sect with the given options) and the
-    default provider; prefer: default_properties = ?provider=keyx."""
+    default provider; prefer: default_properties = ?provider=keyx. groups: the TLS `Groups` line
+    of the system_default section, as docs/tls-servers.md has operators write it ("auto": the
+    one for keyx["backends"], see tls_groups)."""
     lines = []
     if diagnostics:
         lines.append("config_diagnostics = 1")
     lines += ["openssl_conf = openssl_init", "", "[openssl_init]", "providers = provider_sect"]
+    if groups == "auto":
+        groups = tls_groups((keyx or {}).get("backends", "software"))
+    if groups:
+        lines.append("ssl_conf = ssl_sect")
     if prefer:
         lines.append("alg_section = algorithm_sect")
         lines += ["", "[algorithm_sect]", "default_properties = ?provider=keyx"]
@@ -251,6 +302,8 @@ def write_cnf(path, keyx=None, prefer=True, activate_keyx=True, default=True, di
         lines.append(f"{k} = {v}")
     if default:
         lines += ["", "[default_sect]", "activate = 1"]
+    if groups:
+        lines += ["", "[ssl_sect]", "system_default = tls_sect", "", "[tls_sect]", f"Groups = {groups}"]
     Path(path).write_text("\n".join(lines) + "\n")
     return Path(path)
 
@@ -416,9 +469,39 @@ def dh_params(group):
 
 
 def temp_key(client_output):
-    """The 'Server Temp Key:' line s_client prints (group / key exchange), or ''."""
-    m = re.search(r"^Server Temp Key: (.*)$", client_output, re.M)
+    """The peer's key share s_client describes (group / key exchange), or ''. OpenSSL 3.0 prints
+    'Server Temp Key: ECDH, prime256v1, 256 bits', 3.5 'Peer Temp Key: ...', and for a KEM group,
+    which has no peer key, only 'Negotiated TLS1.3 group: X25519MLKEM768' (see negotiated_group)."""
+    m = re.search(r"^(?:Server|Peer) Temp Key: (.*)$", client_output, re.M)
     return m.group(1).strip() if m else ""
+
+
+def negotiated_group(client_output):
+    """The TLS 1.3 group s_client names on OpenSSL >= 3.2 ('Negotiated TLS1.3 group: ...'), or ''."""
+    m = re.search(r"^Negotiated TLS1\.3 group: (.*)$", client_output, re.M)
+    return m.group(1).strip() if m else ""
+
+
+def peer_signature(client_output):
+    """The kind of the server's handshake signature s_client reports: 'ECDSA', 'RSA-PSS' or 'RSA'
+    (PKCS#1 v1.5), or ''. OpenSSL 3.0 prints those words, 3.5 the TLS scheme's name
+    (ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256, rsa_pkcs1_sha256)."""
+    m = re.search(r"^Peer signature type: (\S+)$", client_output, re.M)
+    if not m:
+        return ""
+    t = m.group(1)
+    for prefix, kind in (("ecdsa_", "ECDSA"), ("rsa_pss_", "RSA-PSS"), ("rsa_pkcs1_", "RSA")):
+        if t.startswith(prefix):
+            return kind
+    return t
+
+
+def server_errors(server_output):
+    """s_server's error lines, less those of a client that closed without close_notify, as
+    s_time does: 'unexpected eof' (3.0 and 3.5), and on 3.5 also the failed write of the
+    session ticket to the closed socket ('Broken pipe', tls_retry_write_records)."""
+    return [l for l in server_output.splitlines()
+            if ":error:" in l and "unexpected eof" not in l and "tls_retry_write_records" not in l]
 
 
 def protocol(client_output):

@@ -110,7 +110,7 @@ def token_public_keys(hsm, root, names):
         name = m.group(1)
         if "; EC" in block.split("\n")[0]:
             point = re.search(r"^\s+EC_POINT:\s+([0-9a-f]+)$", block, re.M).group(1)
-            params = re.search(r"^\s+EC_PARAMS:\s+([0-9a-f]+)$", block, re.M).group(1)
+            params = re.search(r"^\s+EC_PARAMS:\s+([0-9a-f]+)\b", block, re.M).group(1)  # OpenSC 0.26 adds " (OID ...)"
             (root / f"{name}.pub.pem").write_text(ec_spki_pem(bytes.fromhex(point), bytes.fromhex(params)))
         else:
             key_id = re.search(r"^\s+ID:\s+([0-9a-f]+)$", block, re.M).group(1)
@@ -391,6 +391,7 @@ def ca(keys):
     env = plain()
     kxutil.openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
                    "-keyout", d / "ca.key", "-out", d / "ca.crt", "-subj", "/CN=keyx test CA", "-days", "2",
+                   *kxutil.CA_EXTENSIONS,
                    env=env).ok("CA")
     certs = {}
     for name in ("ec256", "ec384", "rsa"):
@@ -421,7 +422,7 @@ def test_tls_server_signs_with_the_token_key(keys, ca, s_server, s_client, name,
     assert cli.rc == 0, f"handshake failed:\n{cli!r}\n--- server ---\n{out}"
     assert "Verify return code: 0 (ok)" in cli.out, cli
     assert kxutil.protocol(cli.out) == ("TLSv1.3" if version == "-tls1_3" else "TLSv1.2"), cli
-    assert re.search(rf"^Peer signature type: {re.escape(sigtype)}$", cli.out, re.M), text
+    assert kxutil.peer_signature(cli.out) == sigtype, text
     # the server's certificate signature was made on the token
     events = sign_events(keys.log, srv.pid)
     assert events and all(e["ok"] and e["backend"] == "pkcs11" and e["ephemeral"] is False for e in events), \

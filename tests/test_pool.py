@@ -242,7 +242,7 @@ def test_200_handshakes_with_a_pool(swtpm, softhsm, s_server, certs, cnf, tmp, b
     r = run(["/usr/bin/python3", script, srv.port, n], env=base_env(), timeout=max(kxutil.TIMEOUT, 300))
     server_out = srv.wait(timeout=60)
     assert r.rc == 0 and f"ok {n}" in r.out, f"handshakes failed:\n{r!r}\n--- s_server ---\n{server_out}"
-    errors = [l for l in server_out.splitlines() if ":error:" in l and "unexpected eof" not in l]
+    errors = kxutil.server_errors(server_out)
     assert "0x902" not in server_out and not errors, server_out
     events = [e for e in kxutil.read_audit(log) if e["pid"] == srv.pid]
     assert not [e for e in events if not e["ok"]], [e for e in events if not e["ok"]][:5]

@@ -107,7 +107,7 @@ def keyx_events(audit, pid):
 
 def test_python_ssl_server_does_ecdhe_on_the_token(softhsm, cnf, tmp, certs, py_server):
     audit = tmp / "audit.jsonl"
-    env = softhsm.env(OPENSSL_CONF=cnf(keyx=softhsm.keyx_settings(**{"audit-log": audit})))
+    env = softhsm.env(OPENSSL_CONF=cnf(keyx=softhsm.keyx_settings(**{"audit-log": audit}), groups="auto"))
     crt, key = certs["ec"]
     srv = py_server(crt, key, env)
     assert srv.version.startswith("OpenSSL 3."), srv.version

@@ -395,8 +395,12 @@ def test_freed_memory_reference(build, cnf, tmp, mem_keys):
     """For the record: what the default provider alone leaves (libcrypto, not keyx)."""
     found, owner = freed_memory(cnf, tmp, mem_keys, "default")
     assert owner == "default"
-    assert "secret" not in found, f"the default provider leaves the secret: {found}"
-    print(f"default provider alone leaves: {sorted(found) or 'nothing'}")
+    # OpenSSL 3.5's key agreement leaves part of the secret in stack memory it does not clear
+    # (3.0 does not): keyx's software backend wipes it (test_freed_memory_holds_no_software_secret)
+    stack_ok = kxutil.openssl_version() >= (3, 5)
+    assert "secret" not in found or (stack_ok and found["secret"] == ["[stack]"]), (
+        f"the default provider leaves the secret: {found}")
+    print(f"default provider alone leaves: {sorted(found.items()) or 'nothing'}")
 
 
 @pytest.mark.parametrize("device", ["tpm", "tpm-no-sessions", "pkcs11"])

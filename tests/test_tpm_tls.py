@@ -96,7 +96,7 @@ def test_200_handshakes_do_not_exhaust_slots(swtpm, s_server, certs, tmp, versio
     assert r.rc == 0 and f"ok {n}" in r.out, f"handshakes failed:\n{r!r}\n--- s_server ---\n{server_out}"
     # The client closes without close_notify (s_server logs "unexpected eof"): any other error
     # fails the test.
-    errors = [l for l in server_out.splitlines() if ":error:" in l and "unexpected eof" not in l]
+    errors = kxutil.server_errors(server_out)
     assert "0x902" not in server_out and not errors, server_out
 
     mine = tpm_events(log, srv.pid)
@@ -121,6 +121,8 @@ def test_x25519_and_dh_not_served_by_tpm(swtpm, s_server, s_client, certs, tmp):
         r = kxutil.openssl("genpkey", *args, env=env)
         assert r.rc != 0, f"{args} generated without a backend that serves it:\n{r!r}"
         assert "backends = tpm" in r.err, f"error does not name the configured backends:\n{r!r}"
+        # and the TLS fix: the Groups line for these backends
+        assert f"'Groups = {kxutil.tls_groups('tpm')}'" in r.err and "docs/tls-servers.md" in r.err, r
     r = kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", env=env)
     # made in the TPM and ephemeral, so genpkey can write neither the key nor a reference to it
     assert r.rc != 0 and "BEGIN" not in r.out and "its private part stays in the tpm backend" in r.err, f"{r!r}"
