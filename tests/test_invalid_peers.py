@@ -99,9 +99,15 @@ def bad_vectors(build):
     return vectors
 
 
+# Measured: OpenSSL 3.5's default provider derives with a DH peer outside the q-order subgroup
+# (3.0 refuses it); keyx refuses it on both (test_invalid_peer_rejected_by_keyx).
+DEFAULT_ACCEPTS_ON_35 = {"DH/ffdhe2048/outside-q-subgroup"}
+
+
 def test_bad_inputs_are_bad_for_the_default_provider_too(bad_vectors):
     got, _ = kxutil.derive(bad_vectors, provider="default")
-    accepted = [f"  {vid}: {o}" for vid, o in got.items() if o.ok]
+    known = DEFAULT_ACCEPTS_ON_35 if kxutil.openssl_version() >= (3, 5) else set()
+    accepted = [f"  {vid}: {o}" for vid, o in got.items() if o.ok and vid not in known]
     assert not accepted, "the default provider accepts these 'invalid' peers (test data wrong):\n" + "\n".join(accepted)
 
 
@@ -110,11 +116,19 @@ def test_invalid_peer_rejected_by_keyx(bad_vectors, tmp, peer_provider):
     log = tmp / "audit.jsonl"
     got, res = kxutil.derive(bad_vectors, provider="keyx", peer_provider=peer_provider,
                              env=kxutil.base_env(KEYX_AUDIT_LOG=log))
+    # OpenSSL's own peer check runs in the peer's provider before keyx is called; in 3.5 the
+    # default provider's DH check refuses without an error: allowed where it does so alone too
+    ref, _ = kxutil.derive(bad_vectors, provider="default") if peer_provider == "default" else ({}, None)
     problems = []
     for vid, o in got.items():
+        silent = not o.error or "no error recorded" in o.error
+        r = ref.get(vid)
         if o.ok:
             problems.append(f"  {vid}: ACCEPTED, secret {o.secret}")
-        elif not o.error or "no error recorded" in o.error:
+        elif silent and o.stage == "peer" and r is not None and r.stage == "peer" and (
+                not r.error or "no error recorded" in r.error):
+            continue
+        elif silent:
             problems.append(f"  {vid}: rejected at {o.stage} without an error")
         elif peer_provider == "keyx" and not o.by_keyx:
             # keyx built the peer: keyx itself must refuse it, whatever OpenSSL checks later
