@@ -129,16 +129,6 @@ static int sw_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
     return 1;
 }
 
-/* OpenSSL 3.5's key agreement leaves pieces of the shared secret in stack memory it does not clear
- * (measured by tests/test_secret_hygiene.py, for the default provider alone too): once a derive
- * has returned, the frames it used below this one are overwritten. */
-static __attribute__((noinline)) void wipe_stack_below(void)
-{
-    unsigned char scratch[16384];
-
-    OPENSSL_cleanse(scratch, sizeof(scratch));
-}
-
 static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
                      size_t secretlen)
 {
@@ -154,7 +144,6 @@ static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned 
              EVP_PKEY_derive(ctx, secret, &len) == 1 && len == secretlen;
 
     EVP_PKEY_CTX_free(ctx);
-    wipe_stack_below();
     if (!ok) {
         OPENSSL_cleanse(secret, secretlen);
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE,
