@@ -74,7 +74,10 @@ keyx_debian_run() {
     flock -w 3600 9 || keyx_die "another run holds the $suite root ($dir.lock)"
     cp /etc/resolv.conf "$dir/etc/resolv.conf" 2>/dev/null || true
     mkdir -p "$dir$KEYX_ROOT"
+    keyx_debian_unmount "$dir" # what a killed run left mounted
     trap 'keyx_debian_unmount "$dir"' EXIT
+    trap 'exit 143' TERM
+    trap 'exit 130' INT
     mount -t proc proc "$dir/proc"
     mount --rbind /dev "$dir/dev"
     mount --make-rslave "$dir/dev"
@@ -84,6 +87,6 @@ keyx_debian_run() {
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         /bin/bash -c 'cd "$1" && shift && exec "$@"' keyx "$KEYX_ROOT" "$@" || rc=$?
     keyx_debian_unmount "$dir"
-    trap - EXIT
+    trap - EXIT TERM INT
     return "$rc"
 }
