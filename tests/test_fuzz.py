@@ -47,6 +47,7 @@ def fuzz_env():
         LD_PRELOAD=None,
         ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1:allocator_may_return_null=1",
         UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+        LSAN_OPTIONS=f"suppressions={kxutil.REPO / 'tests' / 'fuzz' / 'lsan.supp'}:print_suppressions=0",
     )
 
 
