@@ -7,12 +7,13 @@ KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # What building keyx and running its tests needs on Debian bookworm and trixie (nothing more): the TPM and
 # PKCS#11 libraries keyx links, and the real swtpm, SoftHSM2 and peer tools the tests drive;
 # for the TLS server tests nginx, curl, and tpm2-abrmd (its TCTI, a private dbus-daemon); clang
-# and its libFuzzer runtime for the fuzz targets (tests/fuzz/); valgrind for tests/test_valgrind.py.
+# and its libFuzzer runtime for the fuzz targets (tests/fuzz/); valgrind for tests/test_valgrind.py;
+# Go for a crypto/tls client (tests/test_tls_groups.py).
 KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest
     libtss2-dev libp11-kit-dev p11-kit-modules
     swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl
     nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon
-    clang libclang-rt-dev valgrind)
+    clang libclang-rt-dev valgrind golang-go)
 
 keyx_say() {
     printf '\n==> %s\n' "$*"

@@ -6,6 +6,7 @@ Nothing here skips: a missing build, helper or vector file fails the tests that 
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import threading
@@ -217,3 +218,17 @@ def vectors_dir():
     assert d.is_dir(), f"Wycheproof vectors not found at {d} (they are part of the repository: tests/vectors/)"
     return d
 
+
+@pytest.fixture(scope="session")
+def go_client(build):
+    """tests/helpers/tls_client.go (crypto/tls in its default settings), built with Debian's Go
+    (golang-go) into the build directory; fails when go is missing."""
+    src = kxutil.REPO / "tests" / "helpers" / "tls_client.go"
+    go = shutil.which("go")
+    assert go, "go not found: install golang-go (scripts/test.sh does)"
+    out = build / "tests" / "keyx-go-tls-client"
+    if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
+        env = dict(base_env(), GOCACHE=str(build / "go-cache"), GOPATH=str(build / "go-path"),
+                   GOTOOLCHAIN="local", GOPROXY="off", GOFLAGS="-mod=mod", CGO_ENABLED="0")
+        run([go, "build", "-o", out, src], env=env, timeout=600).ok("go build")
+    return out

@@ -81,8 +81,11 @@ EXPLICIT_DH = f"explicit:{EXPLICIT_DH_P}:{EXPLICIT_DH_G}"
 
 
 # A test CA must say it is one: since OpenSSL 3.2 `req -x509` writes X.509 v3 certificates, and
-# a v3 issuer without basicConstraints CA:TRUE fails verification ("invalid CA certificate").
-CA_EXTENSIONS = ("-addext", "basicConstraints=critical,CA:TRUE")
+# a v3 issuer without basicConstraints CA:TRUE fails verification ("invalid CA certificate");
+# Python 3.13's default (strict) verification also wants its key usage. digitalSignature: some
+# tests' CAs are their servers' certificates too.
+CA_EXTENSIONS = ("-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature")
 
 
 @functools.lru_cache(maxsize=None)
