@@ -130,7 +130,10 @@ def keys(tmp_path_factory, build):
     root = tmp_path_factory.mktemp("softhsm-sig")
     hsm = SigToken(root).setup()
     log = root / "audit.jsonl"
-    cnf = kxutil.write_cnf(root / "openssl.cnf", keyx=hsm.keyx_settings(tokens=(TOKEN,), **{"audit-log": log}))
+    # with the Groups line for the token (docs/tls-servers.md): its TLS servers' key shares are
+    # made there, also for a default OpenSSL 3.5 client
+    cnf = kxutil.write_cnf(root / "openssl.cnf", keyx=hsm.keyx_settings(tokens=(TOKEN,), **{"audit-log": log}),
+                           groups="auto")
     env = hsm.env(OPENSSL_CONF=cnf)
     for name, (alg, opt, key_id) in KEYS.items():
         kxutil.openssl("genpkey", "-algorithm", alg, "-pkeyopt", opt, "-pkeyopt", f"keyx-label:sig-{name}",
