@@ -16,7 +16,11 @@
 #      and with the certificate key in the hardware (+certkey: keyx reference file, certificate
 #      issued by the default provider);
 #   6. removes the token, swtpm, configs and servers it made.
+#   7. on OpenSSL 3.5, the hybrid ML-KEM groups too: SecP256r1MLKEM768 with its EC half in the TPM
+#      and on the token beside keyx's P-256 rows, keyx-software's X25519MLKEM768 beside the
+#      default provider's, and the TPM's own ceiling in the same run (raw ESYS keygen+ECDH_ZGen).
 # Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json).
+#   scripts/bench.sh --debian trixie [args]   # the same on OpenSSL 3.5, in the Debian 13 root
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "pools": <keyx-bench JSON of
 # the pool run>, "tls": [...]}.
 #   BENCH_TLS_SECONDS=5    seconds per s_time run (0: no TLS figures)
@@ -32,6 +36,15 @@
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+if [ "${1:-}" = --debian ]; then
+    [ $# -ge 2 ] || keyx_die "usage: scripts/bench.sh --debian SUITE [keyx-bench args]"
+    suite=$2
+    shift 2
+    case ${BUILD_DIR:-build} in /*) keyx_die "with --debian, BUILD_DIR must be inside the repository" ;; esac
+    BUILD_DIR=${BUILD_DIR:-build}-$suite keyx_debian_run "$suite" scripts/bench.sh "$@"
+    exit
+fi
 
 tls_seconds=${BENCH_TLS_SECONDS:-5}
 tls_rounds=${BENCH_TLS_ROUNDS:-5}
@@ -130,11 +143,35 @@ BENCH_ARGS=(--software-config "$work/software.cnf" --pkcs11-config "$work/pkcs11
 # resource manager would not fit its three transient slots).
 POOL_ARGS=(--pkcs11-config "$work/pkcs11-pool.cnf" --pkcs11-module "$module"
     --pkcs11-token "$token" --pkcs11-pin-file "$work/pin" --pkcs11-key bench-ecdh)
-# TLS servers: "name cnf [cert key]"; without cert and key the default provider's ECDSA P-256
-# certificate key (ec.key) signs, with them a certificate key in the hardware (made below).
+# TLS servers: "name group cnf [cert key]"; without cert and key the default provider's ECDSA
+# P-256 certificate key (ec.key) signs, with them a certificate key in the hardware (made below).
+# The server and the client offer only that group.
 TPM2O_ARGS=()
-TLS_CONFIGS=("default $work/default.cnf" "keyx-software $work/software.cnf"
-    "keyx-pkcs11 $work/pkcs11.cnf" "keyx-pkcs11-pool $work/pkcs11-pool.cnf")
+TLS_CONFIGS=("default P-256 $work/default.cnf" "keyx-software P-256 $work/software.cnf"
+    "keyx-pkcs11 P-256 $work/pkcs11.cnf" "keyx-pkcs11-pool P-256 $work/pkcs11-pool.cnf")
+
+# pkcs11-provider, the token's anchor (Debian 13's package; Debian 12 has none): its provider
+# preferred, the same PIN, on a token of its own in a SoftHSM directory of its own, because it
+# makes every handshake's key pair on the token and leaves it there (a pair per handshake).
+P11PROV_MODULE=$(openssl version -m | sed 's/^MODULESDIR: "\(.*\)"$/\1/')/pkcs11.so
+if ! keyx_installed pkcs11-provider && apt-cache show pkcs11-provider >/dev/null 2>&1; then
+    keyx_install_deps pkcs11-provider >&2
+fi
+if [ -f "$P11PROV_MODULE" ]; then
+    mkdir "$work/anchor-tokens"
+    printf '%s\n' "directories.tokendir = $work/anchor-tokens" "objectstore.backend = file" "log.level = ERROR" \
+        >"$work/anchor-softhsm2.conf"
+    SOFTHSM2_CONF=$work/anchor-softhsm2.conf softhsm2-util --init-token --free --label keyx-bench-anchor \
+        --so-pin "$(openssl rand -hex 8)" --pin "$(cat "$work/pin")" >/dev/null
+    printf '%s\n' "openssl_conf = openssl_init" "" "[openssl_init]" "providers = provider_sect" \
+        "alg_section = algorithm_sect" "" "[algorithm_sect]" "default_properties = ?provider=pkcs11" \
+        "" "[provider_sect]" "pkcs11 = pkcs11_sect" "default = default_sect" "" "[pkcs11_sect]" \
+        "module = $P11PROV_MODULE" "pkcs11-module-path = $module" "pkcs11-module-token-pin = file:$work/pin" \
+        "activate = 1" "" "[default_sect]" "activate = 1" >"$work/pkcs11-provider.cnf"
+    TLS_CONFIGS+=("pkcs11-provider P-256 $work/pkcs11-provider.cnf")
+else
+    say "pkcs11-provider not installed ($P11PROV_MODULE): no pkcs11-provider row"
+fi
 
 # ---- TPM: swtpm with a persistent P-256 key -----------------------------------------------------
 # swtpm serves one connection and has 3 transient slots, no resource manager: keyx and the raw
@@ -223,11 +260,11 @@ bench_tpm_setup() {
         export TPM2OPENSSL_TCTI=$TPM_TCTI
         TPM2O_ARGS=(--tpm-config "$work/tpm.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002
             --tpm2-openssl-config "$work/tpm2-openssl.cnf")
-        TLS_CONFIGS+=("tpm2-openssl $work/tpm2-openssl.cnf")
+        TLS_CONFIGS+=("tpm2-openssl P-256 $work/tpm2-openssl.cnf")
     else
         say "tpm2-openssl not installed ($TPM2_OPENSSL_MODULE): no tpm2-openssl rows"
     fi
-    TLS_CONFIGS+=("keyx-tpm $work/tpm.cnf" "keyx-tpm-pool $work/tpm-pool.cnf")
+    TLS_CONFIGS+=("keyx-tpm P-256 $work/tpm.cnf" "keyx-tpm-pool P-256 $work/tpm-pool.cnf")
 }
 bench_tpm_setup
 
@@ -295,25 +332,33 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# tls_rate NAME CNF: handshakes/s of s_time -new against an s_server configured by CNF; prints
-# "NAME CONNECTIONS SECONDS RATE". The client always runs with the default provider alone.
-# Runs in a command substitution (a subshell): it stops its own server on every path.
+# is_anchor NAME: the other projects' servers, measured beside keyx's (their failure is a figure)
+is_anchor() {
+    [ "$1" = tpm2-openssl ] || [ "$1" = pkcs11-provider ]
+}
+
+# tls_rate NAME GROUP CNF [CERT KEY]: handshakes/s of s_time -new against an s_server configured
+# by CNF, both offering only GROUP; prints "NAME CONNECTIONS SECONDS RATE". The client always runs
+# with the default provider alone. Runs in a command substitution (a subshell): it stops its own
+# server on every path.
 tls_rate() {
-    local name=$1 cnf=$2 cert=${3:-$work/ec.crt} key=${4:-$work/ec.key} port pid='' n t0 t1 out
+    local name=$1 group=$2 cnf=$3 cert=${4:-$work/ec.crt} key=${5:-$work/ec.key} port pid='' n t0 t1 out
     trap '[ -z "$pid" ] || { kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; }' EXIT
     port=$(free_port)
     # tpm2-openssl's context refuses "-groups P-256" (SSL_CONF_cmd fails); the client offers
     # P-256 alone, so the server picks it anyway
-    local groups=(-groups P-256)
+    local groups=(-groups "$group")
     [ "$name" != tpm2-openssl ] || groups=()
-    OPENSSL_CONF=$cnf openssl s_server -accept "127.0.0.1:$port" -cert "$cert" \
+    local envs=()
+    [ "$name" != pkcs11-provider ] || envs=(SOFTHSM2_CONF="$work/anchor-softhsm2.conf")
+    env "${envs[@]}" OPENSSL_CONF="$cnf" openssl s_server -accept "127.0.0.1:$port" -cert "$cert" \
         -key "$key" "${groups[@]}" -quiet </dev/null >"$work/s_server-$name.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         if ! kill -0 "$pid" 2>/dev/null; then
-            [ "$name" = tpm2-openssl ] || keyx_die "s_server ($name) exited: $(cat "$work/s_server-$name.log")"
-            say "  tpm2-openssl's s_server did not start: $(head -3 "$work/s_server-$name.log" | tr '\n' ' ')"
+            is_anchor "$name" || keyx_die "s_server ($name) exited: $(cat "$work/s_server-$name.log")"
+            say "  $name's s_server did not start: $(head -3 "$work/s_server-$name.log" | tr '\n' ' ')"
             pid=
             echo "$name 0 0.00 0.0"
             return 0
@@ -321,19 +366,19 @@ tls_rate() {
         sleep 0.1
     done
     t0=$(date +%s.%N)
-    out=$(OPENSSL_CONF=$work/client.cnf timeout $((tls_seconds + 60)) openssl s_time \
+    out=$(OPENSSL_CONF=$work/client-$group.cnf timeout $((tls_seconds + 60)) openssl s_time \
         -connect "127.0.0.1:$port" -new -time "$tls_seconds" 2>&1) || true
     t1=$(date +%s.%N)
-    kill -0 "$pid" 2>/dev/null || [ "$name" = tpm2-openssl ] ||
+    kill -0 "$pid" 2>/dev/null || is_anchor "$name" ||
         keyx_die "s_server ($name) died: $(cat "$work/s_server-$name.log")"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     pid=
     n=$(printf '%s\n' "$out" | sed -n 's/^\([0-9][0-9]*\) connections in [0-9]* real seconds.*/\1/p')
     if [ -z "$n" ] || [ "$n" -eq 0 ]; then
-        # tpm2-openssl is the anchor, not the subject: its failure is a figure (0), with the cause
-        [ "$name" = tpm2-openssl ] || keyx_die "s_time against $name made no connection: $out"
-        say "  tpm2-openssl: no handshake completed: $(tail -3 "$work/s_server-$name.log" | tr '\n' ' ')"
+        # an anchor is not the subject: its failure is a figure (0), with the cause
+        is_anchor "$name" || keyx_die "s_time against $name made no connection: $out"
+        say "  $name: no handshake completed: $(tail -3 "$work/s_server-$name.log" | tr '\n' ' ')"
         n=0
     fi
     awk -v name="$name" -v n="$n" -v t0="$t0" -v t1="$t1" \
@@ -344,9 +389,14 @@ tls_rows=()
 if [ "$tls_seconds" -gt 0 ]; then
     OPENSSL_CONF=$work/default.cnf openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
         -nodes -keyout "$work/ec.key" -out "$work/ec.crt" -subj /CN=localhost -days 2 2>/dev/null
-    # The client offers P-256 only, so the server never needs a HelloRetryRequest.
-    printf '%s\n' "openssl_conf = openssl_init" "[openssl_init]" "ssl_conf = ssl_sect" \
-        "[ssl_sect]" "system_default = tls_sect" "[tls_sect]" "Groups = P-256" >"$work/client.cnf"
+    # On OpenSSL 3.5 the hybrid ML-KEM groups beside their classical rows: the default
+    # provider's hybrid, its classical half in keyx's backend (docs/tls-servers.md)
+    if [ "$(openssl version | awk '{ split($2, v, "."); print (v[1] > 3 || (v[1] == 3 && v[2] >= 5)) }')" = 1 ]; then
+        TLS_CONFIGS+=("default-x25519mlkem X25519MLKEM768 $work/default.cnf"
+            "keyx-software-x25519mlkem X25519MLKEM768 $work/software.cnf"
+            "keyx-pkcs11-p256mlkem SecP256r1MLKEM768 $work/pkcs11.cnf")
+        [ -z "${TPM_TCTI:-}" ] || TLS_CONFIGS+=("keyx-tpm-p256mlkem SecP256r1MLKEM768 $work/tpm.cnf")
+    fi
 
     # Certificate keys in the hardware: a P-256 key made by keyx on the token / as a persistent
     # TPM key (keyx reference files), its certificate issued by the default provider's ec.key
@@ -367,37 +417,45 @@ if [ "$tls_seconds" -gt 0 ]; then
             -out "$work/$name.crt" 2>/dev/null || keyx_die "cannot issue the $name certificate"
     }
     hw_cert p11-certkey "$work/pkcs11.cnf" -pkeyopt keyx-backend:pkcs11 -pkeyopt keyx-label:bench-tls
-    TLS_CONFIGS+=("keyx-pkcs11+certkey $work/pkcs11.cnf $work/p11-certkey.crt $work/p11-certkey.key"
-        "keyx-pkcs11-pool+certkey $work/pkcs11-pool.cnf $work/p11-certkey.crt $work/p11-certkey.key")
+    TLS_CONFIGS+=("keyx-pkcs11+certkey P-256 $work/pkcs11.cnf $work/p11-certkey.crt $work/p11-certkey.key"
+        "keyx-pkcs11-pool+certkey P-256 $work/pkcs11-pool.cnf $work/p11-certkey.crt $work/p11-certkey.key")
     if [ -n "${TPM_TCTI:-}" ]; then
         hw_cert tpm-certkey "$work/tpm.cnf" -pkeyopt keyx-backend:tpm -pkeyopt keyx-persist:0x81000006
-        TLS_CONFIGS+=("keyx-tpm+certkey $work/tpm.cnf $work/tpm-certkey.crt $work/tpm-certkey.key"
-            "keyx-tpm-pool+certkey $work/tpm-pool.cnf $work/tpm-certkey.crt $work/tpm-certkey.key")
+        TLS_CONFIGS+=("keyx-tpm+certkey P-256 $work/tpm.cnf $work/tpm-certkey.crt $work/tpm-certkey.key"
+            "keyx-tpm-pool+certkey P-256 $work/tpm-pool.cnf $work/tpm-certkey.crt $work/tpm-certkey.key")
     fi
 
-    # Proof that the pkcs11 server does ECDHE on the token: one short run with the audit log.
-    say "checking with the audit log that keyx-pkcs11 handshakes generate and derive in pkcs11"
-    saved=$tls_seconds
-    tls_seconds=1
-    check=$(KEYX_AUDIT_LOG=$work/audit.jsonl tls_rate keyx-pkcs11 "$work/pkcs11.cnf")
-    tls_seconds=$saved
-    conns=$(printf '%s' "$check" | awk '{print $2}')
-    gens=$(grep -c '"event":"keygen","backend":"pkcs11"' "$work/audit.jsonl" || true)
-    derives=$(grep -c '"event":"derive","backend":"pkcs11"' "$work/audit.jsonl" || true)
-    say "  $conns handshakes: $gens keygens and $derives derives in pkcs11"
-    if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
-        keyx_die "keyx-pkcs11 TLS did not run ECDHE on the token ($gens keygens for $conns handshakes)"
-    fi
-    say "checking with the audit log that keyx-tpm handshakes generate and derive in the TPM"
-    tls_seconds=1
-    check=$(KEYX_AUDIT_LOG=$work/audit-tpm.jsonl tls_rate keyx-tpm "$work/tpm.cnf")
-    tls_seconds=$saved
-    conns=$(printf '%s' "$check" | awk '{print $2}')
-    gens=$(grep -c '"event":"keygen","backend":"tpm"' "$work/audit-tpm.jsonl" || true)
-    derives=$(grep -c '"event":"derive","backend":"tpm"' "$work/audit-tpm.jsonl" || true)
-    say "  $conns handshakes: $gens keygens and $derives derives in the TPM"
-    if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
-        keyx_die "keyx-tpm TLS did not run ECDHE in the TPM ($gens keygens for $conns handshakes)"
+    # Each client offers its server's group only, so the server never needs a HelloRetryRequest.
+    declare -A tls_group=()
+    for entry in "${TLS_CONFIGS[@]}"; do
+        read -r name group _ <<<"$entry"
+        tls_group[$name]=$group
+        printf '%s\n' "openssl_conf = openssl_init" "[openssl_init]" "ssl_conf = ssl_sect" \
+            "[ssl_sect]" "system_default = tls_sect" "[tls_sect]" "Groups = $group" >"$work/client-$group.cnf"
+    done
+
+    # Proof that the hardware servers make and use their key shares there (the classical half of
+    # a hybrid too): one short run of each with the audit log.
+    # check_shares NAME GROUP CNF BACKEND
+    check_shares() {
+        local name=$1 group=$2 cnf=$3 backend=$4 log=$work/audit-$1.jsonl check conns gens derives saved=$tls_seconds
+        say "checking with the audit log that $name handshakes generate and derive in $backend"
+        tls_seconds=1
+        check=$(KEYX_AUDIT_LOG=$log tls_rate "$name" "$group" "$cnf")
+        tls_seconds=$saved
+        conns=$(printf '%s' "$check" | awk '{print $2}')
+        gens=$(grep -c "\"event\":\"keygen\",\"backend\":\"$backend\"" "$log" || true)
+        derives=$(grep -c "\"event\":\"derive\",\"backend\":\"$backend\"" "$log" || true)
+        say "  $conns handshakes: $gens keygens and $derives derives in $backend"
+        if [ "$gens" -lt "$conns" ] || [ "$derives" -lt "$conns" ]; then
+            keyx_die "$name TLS did not make its key shares in $backend ($gens keygens for $conns handshakes)"
+        fi
+    }
+    check_shares keyx-pkcs11 P-256 "$work/pkcs11.cnf" pkcs11
+    [ -z "${TPM_TCTI:-}" ] || check_shares keyx-tpm P-256 "$work/tpm.cnf" tpm
+    if [ -n "${tls_group[keyx-pkcs11-p256mlkem]:-}" ]; then
+        check_shares keyx-pkcs11-p256mlkem SecP256r1MLKEM768 "$work/pkcs11.cnf" pkcs11
+        [ -z "${TPM_TCTI:-}" ] || check_shares keyx-tpm-p256mlkem SecP256r1MLKEM768 "$work/tpm.cnf" tpm
     fi
 
     # Interleaved rounds, as keyx-bench's: every server once per round, so that a slow phase of
@@ -429,7 +487,34 @@ if [ "$tls_seconds" -gt 0 ]; then
                 list = r[1]; for (i = 2; i <= k; i++) list = list "," r[i]
                 printf "%d %.2f %.1f %.1f %.1f %s\n", n, t, med, r[1], r[k], list }')")
     done
+    # The TPM's own ceiling in this run: raw ESYS keygen + TPM2_ECDH_ZGen per second, what a TLS
+    # server's key share costs the TPM at the least (keyx-tpm's handshakes beside it)
+    if [ -n "${TPM_TCTI:-}" ]; then
+        say "the TPM's ceiling: raw ESYS keygen+derive"
+        tpm_ceiling=$("$bench_bin" "${TPM_ARGS[@]}" --only '^raw-esys/P-256/keygen\+derive$' --json \
+            --rounds 3 --seconds 1 --mem-ops 0 --count-ops 0 --threads 1 |
+            python3 -c 'import json, sys; print("%.1f" % json.load(sys.stdin)["cells"][0]["ops_per_s"])') ||
+            keyx_die "keyx-bench (the TPM's ceiling) failed"
+    fi
 fi
+tpm_ceiling=${tpm_ceiling:-}
+
+# tls_ref NAME: "REFERENCE GOAL" for a hybrid row: the row it is compared with in this run and the
+# least ratio to it that is the goal (the hybrid adds ML-KEM in software to the same hardware ECDH).
+tls_ref() {
+    case $1 in
+    keyx-tpm-p256mlkem) echo "keyx-tpm 0.9" ;;
+    keyx-pkcs11-p256mlkem) echo "keyx-pkcs11 0.9" ;;
+    keyx-software-x25519mlkem) echo "default-x25519mlkem 0.95" ;;
+    esac
+}
+# tls_median NAME: that row's median handshakes/s
+tls_median() {
+    local row
+    for row in "${tls_rows[@]}"; do
+        [ "${row%% *}" != "$1" ] || { awk '{ print $4 }' <<<"$row"; return; }
+    done
+}
 
 # tls_target NAME: the issue's target for that server, or nothing: "ABSOLUTE SHARE ANCHOR...".
 # ECDHE in the TPM 5x tpm2-openssl's 63/s, on the token 5x pkcs11-provider's 55/s (issues 4, 8).
@@ -446,8 +531,8 @@ tls_target() {
 }
 
 if [ "$json" = 1 ]; then
-    printf '{"tls_steal_pct": %s,\n "bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
-        "${tls_steal:-null}" "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
+    printf '{"tls_steal_pct": %s,\n "tpm_ceiling_keygen_derive_per_s": %s,\n "bench": %s,\n "pools": %s,\n "tpm2_openssl": %s,\n "tpm_commands": %s,\n "tpm2_openssl_commands": %s,\n "tls": [' \
+        "${tls_steal:-null}" "${tpm_ceiling:-null}" "$bench_out" "$pool_out" "$tpm2o_out" "$tpm_count_out" "$tpm2o_count_out"
     sep=
     base=
     for row in "${tls_rows[@]}"; do
@@ -461,28 +546,66 @@ if [ "$json" = 1 ]; then
                 printf ", \"target\": %d, \"meets_target\": %s, \"target_share_of_default\": %s, \"share_of_default\": %.3f, \"meets_target_share\": %s, \"anchor\": \"%s\"",
                     g, (r >= g ? "true" : "false"), q, s, (s >= q ? "true" : "false"), a }')
         fi
-        printf '%s\n  {"server": "%s", "group": "P-256", "connections": %s, "seconds": %s, "handshakes_per_s": %s, "min": %s, "max": %s, "rounds": [%s]%s}' \
-            "$sep" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$target"
+        read -r ref goal <<<"$(tls_ref "$1")"
+        if [ -n "$ref" ]; then
+            target+=$(awk -v r="$4" -v b="$(tls_median "$ref")" -v ref="$ref" -v g="$goal" 'BEGIN {
+                printf ", \"reference\": \"%s\", \"ratio_to_reference\": %.3f, \"goal_ratio\": %s, \"meets_goal\": %s",
+                    ref, (b > 0 ? r / b : 0), g, ((b > 0 && r / b >= g) ? "true" : "false") }')
+        fi
+        case $1 in keyx-tpm | keyx-tpm-p256mlkem)
+            [ -z "$tpm_ceiling" ] || target+=$(awk -v r="$4" -v c="$tpm_ceiling" 'BEGIN {
+                printf ", \"share_of_tpm_ceiling\": %.3f, \"meets_tpm_ceiling_goal\": %s", r / c, (r / c >= 0.85 ? "true" : "false") }') ;;
+        esac
+        printf '%s\n  {"server": "%s", "group": "%s", "connections": %s, "seconds": %s, "handshakes_per_s": %s, "min": %s, "max": %s, "rounds": [%s]%s}' \
+            "$sep" "$1" "${tls_group[$1]}" "$2" "$3" "$4" "$5" "$6" "$7" "$target"
         sep=,
     done
     printf '\n]}\n'
 elif [ ${#tls_rows[@]} -gt 0 ]; then
-    printf '\nTLS 1.3 handshakes per second (openssl s_time -new, P-256 ECDHE; certificate key ECDSA P-256\n'
+    printf '\nTLS 1.3 handshakes per second (openssl s_time -new, the group shown; certificate key ECDSA P-256\n'
     printf 'in the default provider, or in the hardware for +certkey; client: default provider)\n'
     printf 'median of %d rounds of %d s, interleaved; host steal during them: %s %% of the CPU time\n' \
         "$tls_rounds" "$tls_seconds" "$tls_steal"
-    printf '%-24s %12s %13s %15s %9s  %s\n' server connections handshakes/s min-max "/default" target
+    printf '%-26s %-18s %11s %13s %15s %9s  %s\n' server group connections handshakes/s min-max "/default" target
     base=
     for row in "${tls_rows[@]}"; do
         # shellcheck disable=SC2086
         set -- $row
         [ -n "$base" ] || base=$4
         read -r g q a <<<"$(tls_target "$1")"
-        awk -v s="$1" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" -v g="$g" -v q="$q" -v a="$a" \
-            'BEGIN { printf "%-24s %12d %13.1f %15s %9.3f  %s\n", s, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
+        awk -v s="$1" -v grp="${tls_group[$1]}" -v n="$2" -v r="$4" -v lo="$5" -v hi="$6" -v b="$base" -v g="$g" -v q="$q" -v a="$a" \
+            'BEGIN { printf "%-26s %-18s %11d %13.1f %15s %9.3f  %s\n", s, grp, n, r, sprintf("%.1f-%.1f", lo, hi), r / b,
                          g == "" ? "-" : sprintf("%s: /default >= %.3f %s; >= %d/s %s", a, q,
                              r / b >= q ? "met" : "BELOW TARGET", g, r >= g ? "met" : "below") }'
     done
     printf '(target: five times the anchor'\''s share of the default server'\''s rate in its own run, from\n'
     printf 'shared/research; the absolute rate beside it moves with the host'\''s load)\n'
+    hybrid=0
+    for row in "${tls_rows[@]}"; do
+        read -r ref goal <<<"$(tls_ref "${row%% *}")"
+        [ -n "$ref" ] || continue
+        [ "$hybrid" = 1 ] || printf '\nHybrid ML-KEM groups (OpenSSL 3.5) beside their classical rows of this run\n'
+        hybrid=1
+        awk -v s="${row%% *}" -v r="$(awk '{ print $4 }' <<<"$row")" -v b="$(tls_median "$ref")" -v ref="$ref" -v g="$goal" \
+            'BEGIN { printf "%-26s %9.3f of %-20s goal >= %.2f: %s\n", s, (b > 0 ? r / b : 0), ref, g, ((b > 0 && r / b >= g) ? "met" : "BELOW GOAL") }'
+    done
+    for pair in "keyx-pkcs11 pkcs11-provider" "keyx-tpm tpm2-openssl"; do
+        read -r mine anchor <<<"$pair"
+        a=$(tls_median "$anchor")
+        [ -n "$a" ] || continue
+        [ "${anchor_header:-0}" = 1 ] || printf '\nThe anchors measured in this run (handshakes/s)\n'
+        anchor_header=1
+        awk -v s="$mine" -v r="$(tls_median "$mine")" -v an="$anchor" -v a="$a" \
+            'BEGIN { if (a > 0) printf "%-26s %9.1fx %s (%.1f/s)\n", s, r / a, an, a
+                     else printf "%-26s %s completed no handshake\n", s, an }'
+    done
+    if [ -n "$tpm_ceiling" ]; then
+        printf '\nThe TPM'\''s ceiling in this run: raw ESYS keygen + ECDH_ZGen %.1f/s\n' "$tpm_ceiling"
+        for name in keyx-tpm keyx-tpm-p256mlkem; do
+            r=$(tls_median "$name")
+            [ -n "$r" ] || continue
+            awk -v s="$name" -v r="$r" -v c="$tpm_ceiling" \
+                'BEGIN { printf "%-26s %9.3f of the ceiling, goal >= 0.85: %s\n", s, r / c, ((r / c >= 0.85) ? "met" : "BELOW GOAL") }'
+        done
+    fi
 fi
