@@ -6,6 +6,7 @@
  * the same secret and pass or fail the same public-key check. */
 #include <string.h>
 
+#include <openssl/bn.h>
 #include <openssl/core_names.h>
 #include <openssl/dh.h>
 #include <openssl/err.h>
@@ -164,7 +165,7 @@ static OSSL_PARAM *build(const uint8_t *d, size_t n)
 /* Some but not all of the CRT parameters of a two-prime RSA key. */
 static int partial_crt(const OSSL_PARAM *params)
 {
-    static const char *const crt[] = {OSSL_PKEY_PARAM_RSA_FACTOR1,   OSSL_PKEY_PARAM_RSA_FACTOR2,
+    static const char *const crt[] = {OSSL_PKEY_PARAM_RSA_FACTOR1, OSSL_PKEY_PARAM_RSA_FACTOR2,
                                       OSSL_PKEY_PARAM_RSA_EXPONENT1, OSSL_PKEY_PARAM_RSA_EXPONENT2,
                                       OSSL_PKEY_PARAM_RSA_COEFFICIENT1};
     int n = 0;
@@ -214,6 +215,30 @@ static int public_check(EVP_PKEY *key, const char *propq)
 
     EVP_PKEY_CTX_free(ctx);
     return ok;
+}
+
+/* 1 if df is a DH key whose public value lies outside the order-q subgroup (y^q mod p != 1).
+ * keyx's DH public check includes that test; OpenSSL 3.5's default provider no longer makes it
+ * for a named safe-prime group (3.0 did), so there the two checks may differ on exactly these. */
+static int dh_outside_subgroup(EVP_PKEY *df)
+{
+    BIGNUM *p = NULL, *q = NULL, *y = NULL, *r = BN_new();
+    BN_CTX *bn = BN_CTX_new();
+    int out = 0;
+
+    ERR_set_mark();
+    if (r != NULL && bn != NULL && EVP_PKEY_get_bn_param(df, OSSL_PKEY_PARAM_FFC_P, &p) == 1 &&
+        EVP_PKEY_get_bn_param(df, OSSL_PKEY_PARAM_FFC_Q, &q) == 1 &&
+        EVP_PKEY_get_bn_param(df, OSSL_PKEY_PARAM_PUB_KEY, &y) == 1 &&
+        BN_mod_exp(r, y, q, p, bn) == 1)
+        out = !BN_is_one(r);
+    ERR_pop_to_mark();
+    BN_free(p);
+    BN_free(q);
+    BN_free(y);
+    BN_free(r);
+    BN_CTX_free(bn);
+    return out;
 }
 
 /* RSA: OAEP encryption to the key by the default provider, decryption through keyx. */
@@ -278,9 +303,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ERR_pop_to_mark();
         /* A named group's public check must agree (keyx's DH check is its own, cheaper one:
          * for made-up parameters whose p is no prime the two may differ, as both say). */
-        if (group[0] != '\0' && (selection & EVP_PKEY_PUBLIC_KEY) &&
-            public_check(kx, "provider=keyx") != public_check(df, "provider=default"))
-            fuzz_fail("keyx's public-key check disagrees with the default provider's");
+        if (group[0] != '\0' && (selection & EVP_PKEY_PUBLIC_KEY)) {
+            int kc = public_check(kx, "provider=keyx"), dc = public_check(df, "provider=default");
+
+            /* keyx may refuse what the default provider accepts only for a DH value outside
+             * the subgroup (see dh_outside_subgroup); it never accepts what that refuses */
+            if (kc != dc && !(kc == 0 && strcmp(alg, "DH") == 0 && dh_outside_subgroup(df)))
+                fuzz_fail("keyx's public-key check disagrees with the default provider's");
+        }
         if (strcmp(alg, "RSA") == 0) {
             if (has_priv && (selection & EVP_PKEY_PRIVATE_KEY))
                 rsa_round_trip(kx, df);
