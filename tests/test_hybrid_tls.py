@@ -53,8 +53,12 @@ def classical_events(log, pid):
 
 
 def check_classical_half(log, pid, backend, group):
-    """One classical key made and used in backend by pid, and no other key exchange there."""
+    """One classical key made and used in backend by pid, no other key exchange there and no
+    failed operation. (A hardware key's private part cannot be exported at all: keyx refuses,
+    and the hybrid would fail. A completed handshake shows the hybrid needed its public key only.)"""
     _, alg, cgroup, *_ = HYBRIDS[group]
+    failed = [e for e in kxutil.read_audit(log) if e["pid"] == pid and not e["ok"]]
+    assert not failed, failed
     events = classical_events(log, pid)
     assert events and all(e["ok"] for e in events), events
     assert {(e["event"], e["backend"], e["alg"], e.get("group")) for e in events} == {
