@@ -228,7 +228,7 @@ def go_client(build):
     assert go, "go not found: install golang-go (scripts/test.sh does)"
     out = build / "tests" / "keyx-go-tls-client"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-        env = dict(base_env(), GOCACHE=str(build / "go-cache"), GOPATH=str(build / "go-path"),
-                   GOTOOLCHAIN="local", GOPROXY="off", GOFLAGS="-mod=mod", CGO_ENABLED="0")
+        env = kxutil.plain_client_env(GOCACHE=build / "go-cache", GOPATH=build / "go-path", GOTOOLCHAIN="local",
+                                      GOPROXY="off", GOFLAGS="-mod=mod", CGO_ENABLED="0")
         run([go, "build", "-o", out, src], env=env, timeout=600).ok("go build")
     return out

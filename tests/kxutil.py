@@ -163,6 +163,12 @@ def base_env(**extra):
     return env
 
 
+def plain_client_env(**extra):
+    """base_env for a program that does not load keyx (a TLS client, Go's toolchain): without the
+    sanitizer runtimes a sanitized keyx.so needs in the processes that load it."""
+    return base_env(LD_PRELOAD=None, ASAN_OPTIONS=None, UBSAN_OPTIONS=None, TSAN_OPTIONS=None, **extra)
+
+
 @functools.lru_cache(maxsize=None)
 def neutral_cnf():
     """An empty openssl.cnf: only the default provider, whatever /etc/ssl/openssl.cnf says."""

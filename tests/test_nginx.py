@@ -93,7 +93,7 @@ def curl(port, ca, n, tls, timeout=max(TIMEOUT, 300)):
 def curl_env():
     """curl is the independent client (default provider, neutral openssl.cnf): no sanitizer
     runtime preloaded, under which it hangs in the ASan stage (as tpm2-tools do)."""
-    return base_env(LD_PRELOAD=None, ASAN_OPTIONS=None, UBSAN_OPTIONS=None)
+    return kxutil.plain_client_env()
 
 
 def check_curl(r, n, srv=None):
