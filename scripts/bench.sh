@@ -37,14 +37,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [ "${1:-}" = --debian ]; then
-    [ $# -ge 2 ] || keyx_die "usage: scripts/bench.sh --debian SUITE [keyx-bench args]"
-    suite=$2
-    shift 2
-    case ${BUILD_DIR:-build} in /*) keyx_die "with --debian, BUILD_DIR must be inside the repository" ;; esac
-    BUILD_DIR=${BUILD_DIR:-build}-$suite keyx_debian_run "$suite" scripts/bench.sh "$@"
-    exit
-fi
+keyx_debian_rerun scripts/bench.sh "$@"
 
 tls_seconds=${BENCH_TLS_SECONDS:-5}
 tls_rounds=${BENCH_TLS_ROUNDS:-5}

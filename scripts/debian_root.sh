@@ -90,3 +90,19 @@ keyx_debian_run() {
     trap - EXIT TERM INT
     return "$rc"
 }
+
+# keyx_debian_rerun SCRIPT ARGS...: when ARGS start with "--debian SUITE", runs SCRIPT with the
+# other arguments inside that root, its builds in $BUILD_DIR-SUITE (build-trixie/) and
+# build-fuzz-SUITE/ beside this machine's own, and exits with its status; otherwise returns.
+keyx_debian_rerun() {
+    local script=$1 suite
+    shift
+    [ "${1:-}" = --debian ] || return 0
+    [ $# -ge 2 ] || keyx_die "usage: $script --debian SUITE [args]"
+    suite=$2
+    shift 2
+    case ${BUILD_DIR:-build} in /*) keyx_die "with --debian, BUILD_DIR must be inside the repository" ;; esac
+    BUILD_DIR=${BUILD_DIR:-build}-$suite KEYX_FUZZ_DIR=build-fuzz-$suite \
+        keyx_debian_run "$suite" "$script" "$@"
+    exit
+}

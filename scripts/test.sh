@@ -9,15 +9,7 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-if [ "${1:-}" = --debian ]; then
-    [ $# -ge 2 ] || keyx_die "usage: scripts/test.sh --debian SUITE [pytest args]"
-    suite=$2
-    shift 2
-    case ${BUILD_DIR:-build} in /*) keyx_die "with --debian, BUILD_DIR must be inside the repository" ;; esac
-    BUILD_DIR=${BUILD_DIR:-build}-$suite KEYX_FUZZ_DIR=build-fuzz-$suite \
-        keyx_debian_run "$suite" scripts/test.sh "$@"
-    exit
-fi
+keyx_debian_rerun scripts/test.sh "$@"
 
 keyx_install_deps "${KEYX_PACKAGES[@]}"
 build=$(keyx_abs "${BUILD_DIR:-build}")
