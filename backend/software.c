@@ -1,5 +1,8 @@
 /* The software backend: keys live in process memory, crypto runs in keyx's own library context
  * on the default provider. The default provider wipes private keys when they are freed. */
+#include <string.h>
+#include <strings.h>
+
 #include <openssl/core_names.h>
 #include <openssl/dh.h>
 #include <openssl/err.h>
@@ -46,10 +49,25 @@ static void sw_close(void *state)
     OPENSSL_free(s);
 }
 
+/* X25519 and X448 with no parameters but their own name as the group, which libssl and
+ * EVP_PKEY_CTX_set_group_name always send: the same key generation as none at all. */
 static int reusable(const keyx_keyspec *spec)
 {
-    return (spec->alg == KEYX_ALG_X25519 || spec->alg == KEYX_ALG_X448) && spec->domain == NULL &&
-           (spec->params == NULL || spec->params[0].key == NULL);
+    const char *name = keyx_alg_name(spec->alg);
+    size_t len = strlen(name);
+
+    if ((spec->alg != KEYX_ALG_X25519 && spec->alg != KEYX_ALG_X448) || spec->domain != NULL)
+        return 0;
+    for (const OSSL_PARAM *q = spec->params; q != NULL && q->key != NULL; q++) {
+        const char *v = q->data;
+
+        /* data_size counts the terminating zero byte or not, depending on who built it */
+        if (strcmp(q->key, OSSL_PKEY_PARAM_GROUP_NAME) != 0 ||
+            q->data_type != OSSL_PARAM_UTF8_STRING || v == NULL || q->data_size < len ||
+            strncasecmp(v, name, len) != 0 || (q->data_size > len && v[len] != '\0'))
+            return 0;
+    }
+    return 1;
 }
 
 static EVP_PKEY_CTX *gen_take(sw_state *s, keyx_alg alg)
@@ -98,7 +116,8 @@ static int sw_generate(void *state, const keyx_keyspec *spec, void **handle, EVP
             ctx = NULL;
         }
     }
-    if (ctx == NULL || (spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
+    if (ctx == NULL ||
+        (!reuse && spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
         EVP_PKEY_generate(ctx, &key) != 1 || !EVP_PKEY_up_ref(key)) {
         EVP_PKEY_CTX_free(ctx);
         EVP_PKEY_free(key);
