@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <openssl/crypto.h>
 #include <openssl/err.h>
@@ -166,6 +167,8 @@ static int is_down(keyx_router *r, const keyx_backend *be)
     return until != 0 && now_seconds() < until;
 }
 
+static atomic_int warned_software; /* the failover-to-software warning, once per process */
+
 static void failover_event(keyx_router *r, const keyx_backend *from, const keyx_backend *to,
                            const keyx_keyspec *spec)
 {
@@ -192,6 +195,20 @@ static void failover_event(keyx_router *r, const keyx_backend *from, const keyx_
     };
 
     keyx_event_emit(r->software->prov, &ev);
+    if (kind_of(to) == KEYX_BACKEND_SOFTWARE && !atomic_exchange(&warned_software, 1)) {
+        /* A failover to software that the operator configured, but never a silent one: once per
+         * process on stderr (every one is in the audit log). */
+        char line[600];
+        int n = snprintf(line, sizeof(line),
+                         "keyx: warning: the %s backend failed (%s); new %s keys are made in "
+                         "software, as 'backends = %s' allows\n",
+                         from->ops->name, *data ? data : "no detail", keyx_alg_name(spec->alg),
+                         r->names);
+
+        if (n > 0 &&
+            write(STDERR_FILENO, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line) - 1) < 0)
+            return;
+    }
 }
 
 /* Tries be; on KEYX_BACKEND_DOWN marks it down. Returns the backend's result. */

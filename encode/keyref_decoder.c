@@ -19,6 +19,7 @@
 #include "keymgmt/key.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 /* The reference in the input: 1 found, 0 not a reference file (passed over). */
 static int read_reference(keyx_codec *c, OSSL_CORE_BIO *in, keyx_keyref *r)
@@ -130,6 +131,11 @@ int keyx_keyref_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
         return 0;
     if ((found = read_reference(c, in, &r)) <= 0)
         return found == 0; /* not ours: the next decoder tries */
+    /* Refused only now: other key files still load in software while keyx refuses to serve. */
+    if (keyx_refused(c->p)) {
+        keyx_keyref_clear(&r);
+        return 0;
+    }
     p = r.spki;
     recorded = d2i_PUBKEY_ex(NULL, &p, (long)r.spkilen, c->p->libctx, NULL);
     if (recorded == NULL || p != r.spki + r.spkilen) {

@@ -18,6 +18,7 @@
 #include "provider/audit.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 #define TSS2_PEM_NAME "TSS2 PRIVATE KEY"
 
@@ -114,8 +115,9 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
         return 1; /* not a SEQUENCE: passed over */
     len = BIO_get_mem_data(mem, &der);
     if (len > 0 && claims(c, tpm_type_of(der, (size_t)len))) {
-        /* Ours: from here on a failure is the user's error. */
-        if ((be = keyx_router_backend(c->p->router, KEYX_BACKEND_TPM)) == NULL ||
+        /* Ours: from here on a failure is the user's error (or keyx's refusal to serve). */
+        if (keyx_refused(c->p) ||
+            (be = keyx_router_backend(c->p->router, KEYX_BACKEND_TPM)) == NULL ||
             keyx_backend_load_encoded(be, TSS2_PEM_NAME, der, (size_t)len, &handle, &pub) != 1) {
             load_failed(c);
             ok = 0;

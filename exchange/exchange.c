@@ -11,6 +11,7 @@
 #include "keymgmt/key.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 /* Largest secret: ffdhe8192. */
 #define MAX_SECRET 1024
@@ -28,7 +29,7 @@ static void *exch_new(keyx_provctx *p, keyx_alg alg)
 {
     keyx_exch *x;
 
-    if (!keyx_check_not_reentered(p, "a key exchange"))
+    if (keyx_refused(p) || !keyx_check_not_reentered(p, "a key exchange"))
         return NULL;
     if ((x = OPENSSL_zalloc(sizeof(*x))) == NULL)
         return NULL;

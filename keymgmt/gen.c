@@ -16,6 +16,7 @@
 #include "keymgmt/keymgmt.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 #define MAX_PARAM_SETS 16
 
@@ -33,7 +34,7 @@ void *keyx_km_gen_init(keyx_provctx *p, keyx_alg alg, int selection, const OSSL_
 {
     keyx_genctx *g;
 
-    if (!keyx_check_not_reentered(p, "key generation"))
+    if (keyx_refused(p) || !keyx_check_not_reentered(p, "key generation"))
         return NULL;
     if ((g = OPENSSL_zalloc(sizeof(*g))) == NULL)
         return NULL;

@@ -13,10 +13,11 @@
 #include "keymgmt/key.h"
 #include "keymgmt/keymgmt.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 void *keyx_km_new(keyx_provctx *p, keyx_alg alg)
 {
-    if (!keyx_check_not_reentered(p, "a key object"))
+    if (keyx_refused(p) || !keyx_check_not_reentered(p, "a key object"))
         return NULL;
     return keyx_key_new(p, alg);
 }

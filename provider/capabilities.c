@@ -88,8 +88,10 @@ int keyx_get_capabilities(void *provctx, const char *capability, OSSL_CALLBACK *
     for (size_t i = 0; i < sizeof(tls_groups) / sizeof(tls_groups[0]); i++) {
         keyx_keyspec spec = {.alg = tls_groups[i].alg, .group = tls_groups[i].group};
 
-        /* A group no configured backend can serve is not offered: TLS then never picks it. */
-        if (!keyx_router_offers(p->router, &spec))
+        /* A group no configured backend can serve is not offered: TLS then never picks it. While
+         * keyx refuses to serve (no router), every group is: a handshake then fails with keyx's
+         * reason instead of running on the default provider's groups. */
+        if (p->router != NULL && !keyx_router_offers(p->router, &spec))
             continue;
         if (!tls_group_report(&tls_groups[i], cb, arg))
             return 0;

@@ -551,45 +551,85 @@ static const char *provider_section(CONF *conf, const char *provname)
     return NULL;
 }
 
-static void warn_unknown_keys(const keyx_provctx *p, const char *provname)
+/* Every key in keyx's section must be one keyx or OpenSSL knows, with a value keyx sees: a typo
+ * (`backedns = tpm`) would otherwise leave keyx running on its defaults, in software. The core
+ * passes keyx only the keys it asks for, so the section is read from the file here: OPENSSL_CONF
+ * or OpenSSL's default file, when its keyx section matches what the core passed (a program that
+ * loads a configuration by path is not checked). 0 with a KEYX_R_CONFIG_INVALID error naming the
+ * first bad key. */
+/* 1 when the section holds exactly the keyx keys and values the core gave keyx: the file read
+ * here is the one the application loaded (it may have loaded another by path). */
+static int same_section(CONF *conf, const char *section, char *const core_values[NKEYS])
 {
-    const char *env, *section;
-    char *file = NULL;
+    for (size_t i = 0; i < NKEYS; i++) {
+        const char *v = NCONF_get_string(conf, section, keys[i].name);
+
+        if (v != NULL && NCONF_get_section(conf, v) != NULL)
+            v = NULL; /* OpenSSL reads that section instead: the core has no value for the key */
+        if ((v == NULL) != (core_values[i] == NULL) ||
+            (v != NULL && strcmp(v, core_values[i]) != 0))
+            return 0;
+    }
+    return 1;
+}
+
+static int check_section_keys(const keyx_provctx *p, const char *provname,
+                              char *const core_values[NKEYS])
+{
+    const char *env, *section = NULL;
+    char *file = NULL, why[400] = "";
     CONF *conf = NULL;
     STACK_OF(CONF_VALUE) * sect;
     long eline = 0;
     int i;
 
     if (p == NULL || provname == NULL)
-        return;
+        return 1;
     ERR_set_mark(); /* nothing from this walk may reach the application's error queue */
     env = secure_getenv("OPENSSL_CONF");
     file = (env != NULL && env[0] != '\0') ? OPENSSL_strdup(env) : CONF_get1_default_config_file();
     if (file == NULL || (conf = NCONF_new_ex(p->libctx, NULL)) == NULL ||
         NCONF_load(conf, file, &eline) <= 0 ||
         (section = provider_section(conf, provname)) == NULL ||
-        (sect = NCONF_get_section(conf, section)) == NULL)
+        (sect = NCONF_get_section(conf, section)) == NULL ||
+        !same_section(conf, section, core_values))
         goto end;
-    for (i = 0; i < sk_CONF_VALUE_num(sect); i++) {
+    for (i = 0; i < sk_CONF_VALUE_num(sect) && why[0] == '\0'; i++) {
         CONF_VALUE *kv = sk_CONF_VALUE_value(sect, i);
-
         const key_def *k;
+        char shown[64];
 
         if (kv == NULL || kv->name == NULL || kv->value == NULL)
             continue;
-        if (!known_key(kv->name))
-            warn("unknown configuration key \"%s\" in [%s] ignored", kv->name, section);
-        else if ((k = keyx_key(kv->name)) != NULL && NCONF_get_section(conf, kv->value) != NULL)
+        if (!known_key(kv->name)) {
+            size_t used;
+
+            show(shown, sizeof(shown), kv->name);
+            snprintf(why, sizeof(why),
+                     "unknown configuration key \"%s\" in [%s] (a typo?); keyx knows", shown,
+                     section);
+            for (size_t j = 0; j < NKEYS; j++) {
+                used = strlen(why);
+                snprintf(why + used, sizeof(why) - used, "%s %s", j ? "," : "", keys[j].name);
+            }
+        } else if ((k = keyx_key(kv->name)) != NULL && NCONF_get_section(conf, kv->value) != NULL) {
             /* OpenSSL turns such a value into the sub-section's keys: keyx never sees it. */
-            warn("%s in [%s] ignored: its value is also the name of a section%s%s%s, which OpenSSL "
-                 "reads instead; rename that section",
-                 k->name, section, k->kind == KIND_PIN ? "" : " [",
-                 k->kind == KIND_PIN ? "" : kv->value, k->kind == KIND_PIN ? "" : "]");
+            show(shown, sizeof(shown), kv->value);
+            snprintf(why, sizeof(why),
+                     "%s in [%s] cannot be read: its value is also the name of a section%s%s%s, "
+                     "which OpenSSL reads instead; rename that section",
+                     k->name, section, k->kind == KIND_PIN ? "" : " [",
+                     k->kind == KIND_PIN ? "" : shown, k->kind == KIND_PIN ? "" : "]");
+        }
     }
 end:
     NCONF_free(conf);
     OPENSSL_free(file);
     ERR_pop_to_mark();
+    if (why[0] == '\0')
+        return 1;
+    KEYX_ERR(p, KEYX_R_CONFIG_INVALID, "%s", why);
+    return 0;
 }
 
 /* ---- entry points ------------------------------------------------------------------------- */
@@ -617,7 +657,8 @@ int keyx_config_load(keyx_config *cfg, struct keyx_provctx *p,
             KEYX_ERR(p, KEYX_R_INTERNAL, "cannot read keyx's configuration from the core");
             return 0;
         }
-        warn_unknown_keys(p, provname);
+        if (!check_section_keys(p, provname, values))
+            return 0;
     }
 
     for (i = 0; i < NKEYS; i++) {

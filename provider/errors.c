@@ -1,6 +1,5 @@
 /* keyx's reason strings and the one function every error path goes through. */
 #include <stdarg.h>
-
 #include <stdio.h>
 
 #include <openssl/err.h>
@@ -23,6 +22,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_RECURSION, "re-entry into keyx from a backend refused"},
     {KEYX_R_INTERNAL, "internal error"},
     {KEYX_R_AUDIT, "audit log error"},
+    {KEYX_R_NOT_CONFIGURED, "keyx is not configured correctly and refuses to serve"},
     {0, NULL},
 };
 
@@ -72,9 +72,7 @@ void keyx_raise(const keyx_provctx *p, const char *file, int line, const char *f
             if ((int)it->id == reason)
                 what = it->ptr;
         vsnprintf(detail, sizeof(detail), fmt, ap);
-        /* OpenSSL 3.0 drops a provider whose init fails from openssl.cnf and clears the error
-         * queue: without this line the application would run on without keyx, silently. */
-        fprintf(stderr, "keyx: not loaded: %s: %s\n", what, detail);
+        /* Init keeps this detail as the reason it refuses every operation (fail_closed.h). */
         ERR_new();
         ERR_set_debug(file, line, func);
         ERR_set_error(ERR_LIB_PROV,

@@ -3,6 +3,7 @@
 
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/params.h>
 #include <openssl/provider.h>
 
@@ -13,6 +14,7 @@
 #include "provider/audit.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 #include "provider/provctx.h"
 
 #define KEYX_PROPS "provider=keyx"
@@ -163,7 +165,6 @@ static int keyx_get_params(void *provctx, OSSL_PARAM params[])
 {
     OSSL_PARAM *p;
 
-    (void)provctx;
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_NAME);
     if (p != NULL && !OSSL_PARAM_set_utf8_ptr(p, "keyx: hardware-backed key exchange"))
         return 0;
@@ -174,8 +175,10 @@ static int keyx_get_params(void *provctx, OSSL_PARAM params[])
     if (p != NULL &&
         !OSSL_PARAM_set_utf8_ptr(p, "keyx " KEYX_VERSION ", built for " OPENSSL_VERSION_TEXT))
         return 0;
+    /* 0 while keyx refuses to serve (fail_closed.h): `openssl list -providers -verbose` shows
+     * "inactive" then. */
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_STATUS);
-    if (p != NULL && !OSSL_PARAM_set_int(p, 1))
+    if (p != NULL && !OSSL_PARAM_set_int(p, ((keyx_provctx *)provctx)->refusal[0] == '\0'))
         return 0;
     return 1;
 }
@@ -243,13 +246,22 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
         KEYX_ERR(p, KEYX_R_INTERNAL, "cannot load the default provider into keyx's context");
         goto err;
     }
-    if (!keyx_config_load(&p->cfg, p, core_get_params))
+    if (!keyx_algtab_new(p) || (p->domains = keyx_domain_cache_new()) == NULL)
         goto err;
-    if (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL)
-        goto err;
-    if (!keyx_algtab_new(p) || !keyx_router_new(p, &p->router) ||
-        (p->domains = keyx_domain_cache_new()) == NULL)
-        goto err;
+    /* From here on a failure is the configuration's or a device's: keyx loads and refuses every
+     * operation, never leaving the application to the default provider in its place. */
+    ERR_set_mark();
+    if (!keyx_config_load(&p->cfg, p, core_get_params) ||
+        (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL) ||
+        !keyx_router_new(p, &p->router)) {
+        keyx_router_free(p->router);
+        p->router = NULL;
+        keyx_audit_close(p->audit);
+        p->audit = NULL;
+        keyx_fail_closed_enter(p);
+    } else {
+        ERR_clear_last_mark();
+    }
 
     p->initialized = 1;
     *out = keyx_dispatch;

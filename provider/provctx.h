@@ -25,6 +25,9 @@ typedef struct keyx_provctx {
     struct keyx_router *router;        /* the configured backends, in order */
     struct keyx_algtab *algs;          /* default provider's keymgmt tables, fetched once */
     struct keyx_domain_cache *domains; /* named groups' parameters, made once */
+    /* Non-empty when keyx cannot serve as configured: why, and every operation is refused with
+     * it (fail_closed.h); the router is NULL then. */
+    char refusal[400];
     /* Core error functions: keyx errors carry keyx's own library code and reason strings. */
     OSSL_FUNC_core_new_error_fn *core_new_error;
     OSSL_FUNC_core_set_error_debug_fn *core_set_error_debug;

@@ -21,6 +21,7 @@
 #include "keymgmt/key.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 /* r || s of P-521 */
 #define MAX_RAW_SIG (2 * 66)
@@ -40,7 +41,7 @@ static void *sig_new(keyx_provctx *p, keyx_alg alg)
 {
     keyx_sig *c;
 
-    if (!keyx_check_not_reentered(p, "a signature"))
+    if (keyx_refused(p) || !keyx_check_not_reentered(p, "a signature"))
         return NULL;
     if ((c = OPENSSL_zalloc(sizeof(*c))) == NULL)
         return NULL;

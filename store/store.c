@@ -18,6 +18,7 @@
 #include "provider/dispatch.h"
 #include "provider/errors.h"
 #include "store/uri.h"
+#include "provider/fail_closed.h"
 
 typedef struct keyx_store {
     keyx_provctx *p;
@@ -39,7 +40,7 @@ static void *store_open(void *provctx, const char *uri)
     keyx_provctx *p = provctx;
     keyx_store *s;
 
-    if (!keyx_check_not_reentered(p, "a keyx URI") || uri == NULL)
+    if (keyx_refused(p) || !keyx_check_not_reentered(p, "a keyx URI") || uri == NULL)
         return NULL;
     if ((s = OPENSSL_zalloc(sizeof(*s))) == NULL) {
         KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
@@ -118,9 +119,9 @@ static void free_items(keyx_store *s)
 /* First load(): parses the URI and, when it names no object (a token: "pkcs11:token=keyx") and
  * the backend lists keys, asks which keys it names. Several: they are returned one per call. A
  * URI that names an object (object=, id=) and matches several keys stays an error: a key chosen
- * by the order of a listing could be the wrong one. None, on a URI naming no object (an empty token):
- * nothing, no error. One, or none on a URI naming an object, or a listing that failed: the URI
- * is loaded as one key, with the errors that has always given (unknown token or key). 1 or 0
+ * by the order of a listing could be the wrong one. None, on a URI naming no object (an empty
+ * token): nothing, no error. One, or none on a URI naming an object, or a listing that failed: the
+ * URI is loaded as one key, with the errors that has always given (unknown token or key). 1 or 0
  * with an error raised. */
 static int start(keyx_store *s)
 {

@@ -1,5 +1,6 @@
 """The audit log itself: JSON lines, one write per line, mode 0600, append, never a secret."""
 
+import re
 import stat
 import subprocess
 
@@ -59,9 +60,11 @@ def test_concurrent_writers_never_interleave_lines(build, tmp):
         assert len(derives) == 200, f"pid {p.pid}: {len(derives)} derive events for 200 derives"
 
 
-def test_unwritable_audit_log_stops_loading(module_dir, tmp):
+def test_unwritable_audit_log_refuses_to_serve(module_dir, tmp):
+    """An audit log keyx cannot open: keyx loads and refuses (test_fail_closed.py: every operation)."""
     bad = tmp / "no-such-dir" / "audit.jsonl"
-    r = openssl("list", "-providers", "-provider-path", module_dir, "-provider", "keyx",
+    r = openssl("list", "-providers", "-verbose", "-provider-path", module_dir, "-provider", "keyx",
                 env=base_env(KEYX_AUDIT_LOG=bad))
-    assert r.rc != 0, f"keyx loaded although its audit log cannot be opened:\n{r!r}"
-    assert "audit" in r.err, f"the error does not say the audit log is the problem:\n{r!r}"
+    r.ok("list")
+    assert re.search(r"^  keyx\n(    .*\n)*    status: inactive$", r.out, re.M), f"keyx not inactive:\n{r!r}"
+    assert "audit" in r.err and "refuses every operation" in r.err, f"the error does not say the audit log is the problem:\n{r!r}"

@@ -22,6 +22,7 @@
 #include "provider/dispatch.h"
 #include "provider/errors.h"
 #include "wrap/rsa_params.h"
+#include "provider/fail_closed.h"
 
 typedef struct keyx_rsa_ctx {
     keyx_provctx *p;
@@ -34,7 +35,8 @@ static void *rsa_newctx(void *provctx)
 {
     keyx_rsa_ctx *c;
 
-    if (!keyx_check_not_reentered(provctx, "an RSA encryption or decryption"))
+    if (keyx_refused(provctx) ||
+        !keyx_check_not_reentered(provctx, "an RSA encryption or decryption"))
         return NULL;
     if ((c = OPENSSL_zalloc(sizeof(*c))) == NULL)
         return NULL;

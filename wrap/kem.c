@@ -14,6 +14,7 @@
 #include "keymgmt/key.h"
 #include "provider/dispatch.h"
 #include "provider/errors.h"
+#include "provider/fail_closed.h"
 
 typedef struct keyx_kem_ctx {
     keyx_provctx *p;
@@ -26,7 +27,7 @@ static void *kem_newctx(void *provctx)
 {
     keyx_kem_ctx *c;
 
-    if (!keyx_check_not_reentered(provctx, "an RSA KEM operation"))
+    if (keyx_refused(provctx) || !keyx_check_not_reentered(provctx, "an RSA KEM operation"))
         return NULL;
     if ((c = OPENSSL_zalloc(sizeof(*c))) != NULL)
         c->p = provctx;
