@@ -617,9 +617,8 @@ static void flush_stale(tpm_dev *d)
 
 static int connect_tpm(tpm_dev *d)
 {
-    TSS2_TCTI_CONTEXT *inner = NULL;
     TSS2_RC rc;
-    int r;
+    int r, timed_out = 0;
 
     if (stalled(d)) {
         /* A command given up on has had no answer yet: one more would only queue behind it. */
@@ -629,8 +628,16 @@ static int connect_tpm(tpm_dev *d)
                  tcti_name(d), d->p->cfg.tpm_timeout_ms);
         return KEYX_BACKEND_DOWN;
     }
-    if ((rc = Tss2_TctiLdr_Initialize(d->tcti, &inner)) == TSS2_RC_SUCCESS)
-        rc = tpm_tcti_new(inner, d->tcti, d->p->cfg.tpm_timeout_ms, &d->watch, &d->tcti_ctx);
+    rc = tpm_tcti_open(d->tcti, d->p->cfg.tpm_timeout_ms, &d->watch, &d->tcti_ctx, &timed_out);
+    if (rc != TSS2_RC_SUCCESS && timed_out) {
+        d->tcti_ctx = NULL;
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "tpm: the TPM at TCTI '%s' did not answer within %u ms while keyx connected to "
+                 "it: check that the TPM or its resource manager is running and not stopped (set "
+                 "tpm-timeout to wait longer)",
+                 tcti_name(d), d->p->cfg.tpm_timeout_ms);
+        return KEYX_BACKEND_DOWN;
+    }
     if (rc != TSS2_RC_SUCCESS) {
         d->tcti_ctx = NULL;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,

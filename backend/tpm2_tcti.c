@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -557,8 +558,10 @@ static void pin_module(void)
 
 static pthread_once_t pin_once = PTHREAD_ONCE_INIT;
 
-TSS2_RC tpm_tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_ms,
-                     tpm_tcti_watch *w, TSS2_TCTI_CONTEXT **out)
+/* The bounded TCTI in front of inner (a loader context; NULL for swtpm, which keyx reaches
+ * through its own socket). inner is owned by the result from now on, also on failure. */
+static TSS2_RC tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_ms,
+                        tpm_tcti_watch *w, TSS2_TCTI_CONTEXT **out)
 {
     guard_tcti *g = OPENSSL_zalloc(sizeof(*g));
     guard_io *io = OPENSSL_zalloc(sizeof(*io));
@@ -570,17 +573,19 @@ TSS2_RC tpm_tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_
     if (g != NULL && swtpm_address(conf, &g->addr, &g->addrlen)) {
         /* swtpm: keyx's socket; the loader's context only checked the configuration. */
         OPENSSL_free(io);
-        Tss2_TctiLdr_Finalize(&inner);
+        if (inner != NULL)
+            Tss2_TctiLdr_Finalize(&inner);
         g->sock = 1;
         g->fd = -1;
         io = NULL;
         goto fill;
     }
-    if (g == NULL || io == NULL) {
+    if (g == NULL || io == NULL || inner == NULL) {
         OPENSSL_free(g);
         OPENSSL_free(io);
-        Tss2_TctiLdr_Finalize(&inner);
-        return TSS2_TCTI_RC_MEMORY;
+        if (inner != NULL)
+            Tss2_TctiLdr_Finalize(&inner);
+        return inner == NULL ? TSS2_TCTI_RC_BAD_CONTEXT : TSS2_TCTI_RC_MEMORY;
     }
     pthread_once(&pin_once, pin_module);
     io->inner = inner;
@@ -616,6 +621,130 @@ fill:
     g->v1.setLocality = guard_set_locality;
     *out = (TSS2_TCTI_CONTEXT *)g;
     return TSS2_RC_SUCCESS;
+}
+
+/* ---- bounded opening ----------------------------------------------------------------------
+ * A TCTI's initialization may talk to the TPM (the swtpm and mssim TCTIs do, over sockets with no
+ * timeout): a stopped TPM would hang a new process in it for as long as the TPM stays stopped.
+ * The loader runs in a thread of its own; the caller waits bound_ms. A thread given up on is
+ * left to finish: it finalizes what it opened and frees the job (refs). */
+
+typedef struct open_job {
+    pthread_mutex_t m;
+    pthread_cond_t cv; /* CLOCK_MONOTONIC: done */
+    int refs, done, abandoned, has_conf;
+    TSS2_RC rc;
+    TSS2_TCTI_CONTEXT *ctx;
+    char conf[];
+} open_job;
+
+static void open_job_unref(open_job *j)
+{
+    int last;
+
+    pthread_mutex_lock(&j->m);
+    last = --j->refs == 0;
+    pthread_mutex_unlock(&j->m);
+    if (last) {
+        pthread_cond_destroy(&j->cv);
+        pthread_mutex_destroy(&j->m);
+        free(j); /* plain malloc: the thread may outlive the provider's use of libcrypto */
+    }
+}
+
+static void *open_main(void *arg)
+{
+    open_job *j = arg;
+    TSS2_TCTI_CONTEXT *ctx = NULL;
+    TSS2_RC rc = Tss2_TctiLdr_Initialize(j->has_conf ? j->conf : NULL, &ctx);
+
+    pthread_mutex_lock(&j->m);
+    j->done = 1;
+    j->rc = rc;
+    if (j->abandoned) {
+        if (rc == TSS2_RC_SUCCESS)
+            Tss2_TctiLdr_Finalize(&ctx);
+    } else {
+        j->ctx = ctx;
+    }
+    pthread_cond_signal(&j->cv);
+    pthread_mutex_unlock(&j->m);
+    open_job_unref(j);
+    return NULL;
+}
+
+static TSS2_RC loader_open(const char *conf, unsigned bound_ms, TSS2_TCTI_CONTEXT **out,
+                           int *timed_out)
+{
+    size_t len = conf != NULL ? strlen(conf) : 0;
+    open_job *j = calloc(1, sizeof(*j) + len + 1);
+    pthread_condattr_t ca;
+    pthread_attr_t ta;
+    pthread_t t;
+    sigset_t all, old;
+    struct timespec dl;
+    TSS2_RC rc;
+    int ok, err = 0;
+
+    *out = NULL;
+    if (j == NULL)
+        return TSS2_TCTI_RC_MEMORY;
+    pthread_once(&pin_once, pin_module);
+    j->refs = 2;
+    j->has_conf = conf != NULL;
+    if (conf != NULL)
+        memcpy(j->conf, conf, len + 1);
+    pthread_mutex_init(&j->m, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&j->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_attr_init(&ta);
+    pthread_attr_setdetachstate(&ta, PTHREAD_CREATE_DETACHED);
+    /* The thread takes no signals: they stay with the application's threads. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    ok = pthread_create(&t, &ta, open_main, j) == 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&ta);
+    if (!ok) {
+        j->refs = 1;
+        open_job_unref(j);
+        return TSS2_TCTI_RC_GENERAL_FAILURE;
+    }
+    tpm_deadline_in(CLOCK_MONOTONIC, &dl, bound_ms);
+    pthread_mutex_lock(&j->m);
+    while (!j->done && err != ETIMEDOUT)
+        err = pthread_cond_timedwait(&j->cv, &j->m, &dl);
+    if (j->done) {
+        rc = j->rc;
+        *out = j->ctx;
+    } else {
+        j->abandoned = 1;
+        *timed_out = 1;
+        rc = TSS2_TCTI_RC_IO_ERROR;
+    }
+    pthread_mutex_unlock(&j->m);
+    open_job_unref(j);
+    return rc;
+}
+
+TSS2_RC tpm_tcti_open(const char *conf, unsigned bound_ms, tpm_tcti_watch *w,
+                      TSS2_TCTI_CONTEXT **out, int *timed_out)
+{
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    TSS2_TCTI_CONTEXT *inner = NULL;
+    TSS2_RC rc;
+
+    *out = NULL;
+    *timed_out = 0;
+    /* swtpm: keyx's own socket, which connects within the bound at each command. */
+    if (swtpm_address(conf, &addr, &addrlen))
+        return tcti_new(NULL, conf, bound_ms, w, out);
+    if ((rc = loader_open(conf, bound_ms, &inner, timed_out)) != TSS2_RC_SUCCESS)
+        return rc;
+    return tcti_new(inner, conf, bound_ms, w, out);
 }
 
 void tpm_tcti_free(TSS2_TCTI_CONTEXT **c)

@@ -36,12 +36,14 @@ void tpm_tcti_fork_lock(void);
 void tpm_tcti_fork_unlock(void);
 void tpm_tcti_watch_forked(tpm_tcti_watch *w);
 
-/* Puts the bounded TCTI in front of inner (a TCTI loader context opened with the configuration
- * conf, NULL: the loader's default; owned by the result from now on, also on failure). Each
- * command gets bound_ms to be answered (RSA key creation ten times as long); a command given up
- * on makes the TCTI return TSS2_TCTI_RC_IO_ERROR from then on and is reported in w. */
-TSS2_RC tpm_tcti_new(TSS2_TCTI_CONTEXT *inner, const char *conf, unsigned bound_ms,
-                     tpm_tcti_watch *w, TSS2_TCTI_CONTEXT **out);
+/* Opens the TPM at the TCTI configuration conf (NULL: the loader's default) behind the bounded
+ * TCTI. Opening is bounded too: swtpm through keyx's own socket (no loader), any other TCTI
+ * through the loader in a thread that keyx stops waiting for after bound_ms (*timed_out = 1 then,
+ * and the thread closes what it opens once the TPM answers). Each command gets bound_ms to be
+ * answered (RSA key creation ten times as long); a command given up on makes the TCTI return
+ * TSS2_TCTI_RC_IO_ERROR from then on and is reported in w. */
+TSS2_RC tpm_tcti_open(const char *conf, unsigned bound_ms, tpm_tcti_watch *w,
+                      TSS2_TCTI_CONTEXT **out, int *timed_out);
 /* Finalizes and frees *c (NULL is fine) and sets it to NULL. Never waits for the answer to a
  * command still out: its worker is left to close the connection. */
 void tpm_tcti_free(TSS2_TCTI_CONTEXT **c);

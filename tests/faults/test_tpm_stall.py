@@ -19,6 +19,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 import kxutil
 from fixture_abrmd import abrmd  # noqa: F401  (fixture)
 from fixture_swtpm import tpm_cnf
@@ -410,3 +412,31 @@ def test_rsa_key_creation_gets_ten_times_the_bound(build, swtpm_factory, tmp):
         assert rc == 0, app.stderr()
     finally:
         app.close()
+
+
+@pytest.mark.parametrize("tcti", ["swtpm", "mssim"])
+def test_new_process_with_a_stopped_tpm_fails_within_bound(build, swtpm_factory, tmp, tcti):
+    """A process that starts while the TPM is stopped: opening the TPM is bounded too. swtpm's
+    TCTI is keyx's own socket; any other TCTI (mssim here, whose initialization talks to the
+    simulator without a timeout) is opened by the loader in a thread keyx stops waiting for."""
+    tpm = swtpm_factory()
+    conf = f"{tcti}:host=127.0.0.1,port={tpm.port}"
+    cnf = tpm_cnf(tmp / "openssl.cnf", tpm, keyx={"tpm-tcti": conf, "tpm-timeout": "1000"})
+    env = base_env(OPENSSL_CONF=cnf)
+    stop(tpm)
+    try:
+        start = time.monotonic()
+        r = kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", env=env,
+                           timeout=60)
+        took = time.monotonic() - start
+    finally:
+        cont(tpm)
+    assert r.rc != 0 and "PRIVATE KEY" not in r.out, r
+    # one connect, and at most one reconnect after it (a TPM reset looks the same at first)
+    assert took < 2 * 1.0 + MARGIN, f"genpkey took {took:.1f}s with the TPM stopped (tpm-timeout 1000 ms)"
+    assert conf in r.err and "did not answer within 1000 ms" in r.err, f"the error does not say why:\n{r!r}"
+    if tcti == "swtpm":
+        # once the TPM runs again, a new process is served
+        r = kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                           "-pkeyopt", "keyx-persist:0x81000003", env=env)
+        assert r.rc == 0 and "KEYX KEY" in r.out, r
