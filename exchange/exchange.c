@@ -157,9 +157,9 @@ static int derive_kdf(keyx_exch *x, unsigned char *secret, size_t *secretlen, si
     /* Before the backend is asked: a derive event stands for a secret that was used. */
     if (!keyx_kdf_check(x->p, &x->kdf))
         return 0;
-    if (!keyx_key_derive(x->key, x->peer, z, size))
-        return 0;
-    ok = keyx_kdf_derive(x->p, &x->kdf, z, size, secret);
+    ok = keyx_key_derive(x->key, x->peer, z, size) &&
+         keyx_kdf_derive(x->p, &x->kdf, z, size, secret);
+    /* Also after a failed derive: a backend may have written part of Z. */
     OPENSSL_cleanse(z, size);
     if (ok)
         *secretlen = x->kdf.outlen;
