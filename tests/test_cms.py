@@ -122,12 +122,14 @@ def message(tmp):
     return m
 
 
-def encrypt(env, tmp, crt, msg, form="DER", kdf_md=None):
+def encrypt(env, tmp, crt, msg, form="DER", kdf_md=None, keyopts=()):
     out = tmp / f"enc.{form.lower()}"
     args = ["cms", "-encrypt", "-binary", "-in", msg, "-out", out, "-outform", form, "-aes-256-cbc",
             "-recip", crt]
     if kdf_md:
         args += ["-keyopt", f"ecdh_kdf_md:{kdf_md}"]
+    for o in keyopts:
+        args += ["-keyopt", o]
     r = openssl(*args, env=env)
     assert r.rc == 0, f"cms -encrypt failed:\n{r!r}"
     return out
@@ -204,6 +206,20 @@ def test_keyx_sender_to_default_recipient(tmp, sw_recipients, curve):
     enc = encrypt(keyx_env(tmp, log), tmp, crt, msg, kdf_md="sha256")
     check_sender(log)
     assert decrypt(base_env(), tmp, enc, crt, key) == msg.read_bytes()
+
+
+@pytest.mark.parametrize("sender", ("default", "keyx"))
+def test_cofactor_dh_scheme(tmp, sw_recipients, sender):
+    """`ecdh_cofactor_mode:1` makes CMS name the cofactorDH scheme; the recipient sets the mode
+    from the message. On the NIST curves (cofactor 1) Z is the same."""
+    key, crt = sw_recipients["P-384"]
+    msg, log = message(tmp), tmp / "audit.jsonl"
+    kenv = keyx_env(tmp, log)
+    enc = encrypt(kenv if sender == "keyx" else base_env(), tmp, crt, msg, kdf_md="sha256",
+                  keyopts=("ecdh_cofactor_mode:1",))
+    assert kdf_scheme(tmp, enc) == "dhSinglePass-cofactorDH-sha256kdf-scheme"
+    assert decrypt(base_env() if sender == "keyx" else kenv, tmp, enc, crt, key) == msg.read_bytes()
+    check_derives(log, "software")
 
 
 @pytest.mark.parametrize("sender", ("default", "keyx"))
