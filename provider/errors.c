@@ -23,6 +23,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_INTERNAL, "internal error"},
     {KEYX_R_AUDIT, "audit log error"},
     {KEYX_R_NOT_CONFIGURED, "keyx is not configured correctly and refuses to serve"},
+    {KEYX_R_KDF, "key exchange KDF error"},
     {0, NULL},
 };
 

@@ -46,6 +46,7 @@ KEYX_REASONS = (
     "re-entry into keyx from a backend refused",
     "internal error",
     "audit log error",
+    "key exchange KDF error",
 )
 
 # Every configuration key of DESIGN.md with its environment variable.

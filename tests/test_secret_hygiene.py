@@ -266,7 +266,12 @@ def read(path, propq):
     return k
 # The PEM keys are decoded by the default provider, as the openssl tool does; the derive runs
 # in keyx (the key is exported into keyx's software backend) or, for comparison, in default.
-propq = b"provider=default" if mode == "default" else b"provider=keyx"
+propq = b"provider=default" if mode in ("default", "kdf-default") else b"provider=keyx"
+kdf_type = fn("EVP_PKEY_CTX_set_ecdh_kdf_type", c_int, c_void_p, c_int)
+kdf_md = fn("EVP_PKEY_CTX_set_ecdh_kdf_md", c_int, c_void_p, c_void_p)
+kdf_outlen = fn("EVP_PKEY_CTX_set_ecdh_kdf_outlen", c_int, c_void_p, c_int)
+md_fetch = fn("EVP_MD_fetch", c_void_p, c_void_p, c_char_p, c_char_p)
+md_free = fn("EVP_MD_free", None, c_void_p)
 i2d = fn("i2d_PUBKEY", c_int, c_void_p, POINTER(POINTER(ctypes.c_ubyte)))
 tohex = fn("OPENSSL_buf2hexstr", c_void_p, c_void_p, ctypes.c_long)
 keygen = fn("EVP_PKEY_Q_keygen", c_void_p, c_void_p, c_char_p, c_char_p, c_char_p)
@@ -289,6 +294,11 @@ for _ in range(3):
     c = CTX_pkey(ctx, key, propq)
     assert d_init(c) == 1
     owner = pname(prov(c)).decode()
+    if mode.startswith("kdf"):
+        # CMS's ECDH: the application gets X9.63 KDF output, never Z (EVP_PKEY_ECDH_KDF_X9_63)
+        md = md_fetch(ctx, b"SHA256", None)
+        assert md and kdf_type(c, 2) == 1 and kdf_md(c, md) == 1 and kdf_outlen(c, 32) == 1
+        md_free(md)
     n = c_size_t(0)
     assert d_peer(c, peer) == 1 and d_derive(c, None, byref(n)) == 1
     buf = libc.malloc(n.value)
@@ -390,6 +400,23 @@ def test_freed_memory_holds_no_software_secret(build, cnf, tmp, mem_keys):
     openssl_stack = kxutil.openssl_version() >= (3, 5) and ref.get("secret") == ["[stack]"]
     assert "secret" not in found or (openssl_stack and found["secret"] == ["[stack]"]), (
         f"after everything was freed the process still holds the secret: {found}")
+    assert set(found) <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
+
+
+def test_kdf_leaves_no_z(build, cnf, tmp, mem_keys):
+    """With the X9.63 KDF (as CMS asks for it) the application receives only KDF output, and
+    after three derives and freeing everything Z is nowhere in the process (on 3.5: nowhere but
+    where the default provider alone leaves it, the stack). A copy of Z freed without cleansing
+    is found (tried by hand: an OPENSSL_memdup+free in keyx's KDF derive); keyx's own stack
+    buffer for Z is overwritten by later calls before the scan, so its OPENSSL_cleanse is not
+    what this test shows."""
+    found, owner = freed_memory(cnf, tmp, mem_keys, "kdf")
+    assert owner == "keyx", f"the derive did not run in keyx ({owner}): nothing tested"
+    ref, ref_owner = freed_memory(cnf, tmp, mem_keys, "kdf-default")
+    assert ref_owner == "default"
+    openssl_stack = kxutil.openssl_version() >= (3, 5) and ref.get("secret") == ["[stack]"]
+    assert "secret" not in found or (openssl_stack and found["secret"] == ["[stack]"]), (
+        f"after a KDF derive the process still holds Z: {found}")
     assert set(found) <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
 
 

@@ -29,6 +29,14 @@
  *                        derive N times with a default-provider peer: "i ok <hex>" / "i err ..."
  *   twice URI GROUP      load the EC key at URI twice (OSSL_STORE), free the first, derive with
  *                        the second: "pub <hex>", "peer <peer scalar hex>", "1 ok <secret>"
+ *   kdf KEY PEER TYPE DIGEST OUTLEN UKM [CEKALG [PROPS]]
+ *                        KEY (private) and PEER (public) loaded by URI or file name (OSSL_STORE,
+ *                        no property query); the exchange through --provider with kdf-type TYPE,
+ *                        kdf-digest DIGEST (kdf-digest-props PROPS), kdf-outlen OUTLEN, kdf-ukm
+ *                        UKM (hex, "-": not set) and cekalg CEKALG ("-": not set). Prints
+ *                        "provider <who derives>", "get <kdf-type> <kdf-digest> <kdf-outlen>
+ *                        <ukm hex> <cekalg>" (read back; "-" when empty), "size <query answer>",
+ *                        "1 ok <secret>" / "1 err <stage>: <errors>"
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -674,6 +682,117 @@ end:
     return rc;
 }
 
+/* kdf: the exchange's KDF parameters set as EVP_PKEY_CTX params, read back, then derive. */
+static EVP_PKEY *load_any(const char *uri)
+{
+    OSSL_STORE_CTX *st = OSSL_STORE_open_ex(uri, libctx, NULL, NULL, NULL, NULL, NULL, NULL);
+    EVP_PKEY *pk = NULL;
+
+    while (st != NULL && pk == NULL && !OSSL_STORE_eof(st)) {
+        OSSL_STORE_INFO *info = OSSL_STORE_load(st);
+        int t = info != NULL ? OSSL_STORE_INFO_get_type(info) : 0;
+
+        if (t == OSSL_STORE_INFO_PKEY)
+            pk = OSSL_STORE_INFO_get1_PKEY(info);
+        else if (t == OSSL_STORE_INFO_PUBKEY)
+            pk = OSSL_STORE_INFO_get1_PUBKEY(info);
+        OSSL_STORE_INFO_free(info);
+    }
+    OSSL_STORE_close(st);
+    return pk;
+}
+
+static void print_or_dash(const char *s)
+{
+    printf("%s", s != NULL && s[0] != '\0' ? s : "-");
+}
+
+static int mode_kdf(char **a, int n)
+{
+    EVP_PKEY *key = load_any(a[0]), *peer = load_any(a[1]);
+    EVP_PKEY_CTX *ctx = NULL;
+    OSSL_PARAM set[8], get[6], *q = set;
+    unsigned char *ukm = NULL, *secret = NULL, *gukm = NULL;
+    char gtype[64] = "", gdigest[64] = "", gcek[64] = "";
+    size_t outlen = strtoul(a[4], NULL, 10), ukmlen = 0, goutlen = 0, len = 0;
+    const char *stage = "load";
+    const OSSL_PROVIDER *prov;
+    int rc = 1;
+
+    if (key == NULL || peer == NULL)
+        goto end;
+    stage = "init";
+    if ((ctx = EVP_PKEY_CTX_new_from_pkey(libctx, key, propq)) == NULL ||
+        EVP_PKEY_derive_init(ctx) <= 0 || EVP_PKEY_derive_set_peer(ctx, peer) <= 0)
+        goto end;
+    prov = EVP_PKEY_CTX_get0_provider(ctx);
+    printf("provider %s\n", prov != NULL ? OSSL_PROVIDER_get0_name(prov) : "(none)");
+    stage = "set_params";
+    *q++ = OSSL_PARAM_construct_utf8_string(OSSL_EXCHANGE_PARAM_KDF_TYPE, a[2], 0);
+    *q++ = OSSL_PARAM_construct_utf8_string(OSSL_EXCHANGE_PARAM_KDF_DIGEST, a[3], 0);
+    if (n > 7)
+        *q++ = OSSL_PARAM_construct_utf8_string(OSSL_EXCHANGE_PARAM_KDF_DIGEST_PROPS, a[7], 0);
+    *q++ = OSSL_PARAM_construct_size_t(OSSL_EXCHANGE_PARAM_KDF_OUTLEN, &outlen);
+    if (strcmp(a[5], "-") != 0) {
+        if ((ukm = unhex(a[5], &ukmlen)) == NULL)
+            goto end;
+        *q++ = OSSL_PARAM_construct_octet_string(OSSL_EXCHANGE_PARAM_KDF_UKM, ukm, ukmlen);
+    }
+    if (n > 6 && strcmp(a[6], "-") != 0)
+        *q++ = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_CEK_ALG, a[6], 0);
+    *q = OSSL_PARAM_construct_end();
+    if (EVP_PKEY_CTX_set_params(ctx, set) <= 0)
+        goto end;
+    /* The UKM is the context's own copy from here on. */
+    OPENSSL_free(ukm);
+    ukm = NULL;
+    stage = "get_params";
+    q = get;
+    *q++ = OSSL_PARAM_construct_utf8_string(OSSL_EXCHANGE_PARAM_KDF_TYPE, gtype, sizeof(gtype));
+    *q++ =
+        OSSL_PARAM_construct_utf8_string(OSSL_EXCHANGE_PARAM_KDF_DIGEST, gdigest, sizeof(gdigest));
+    *q++ = OSSL_PARAM_construct_size_t(OSSL_EXCHANGE_PARAM_KDF_OUTLEN, &goutlen);
+    *q++ = OSSL_PARAM_construct_octet_ptr(OSSL_EXCHANGE_PARAM_KDF_UKM, (void **)&gukm, 0);
+    if (EVP_PKEY_get_base_id(key) == EVP_PKEY_DH || EVP_PKEY_is_a(key, "DHX"))
+        *q++ = OSSL_PARAM_construct_utf8_string(OSSL_KDF_PARAM_CEK_ALG, gcek, sizeof(gcek));
+    *q = OSSL_PARAM_construct_end();
+    if (EVP_PKEY_CTX_get_params(ctx, get) <= 0)
+        goto end;
+    printf("get ");
+    print_or_dash(gtype);
+    printf(" ");
+    print_or_dash(gdigest);
+    printf(" %zu ", goutlen);
+    print_hex(gukm, gukm != NULL ? get[3].return_size : 0);
+    printf(" ");
+    print_or_dash(gcek);
+    printf("\n");
+    stage = "size";
+    if (EVP_PKEY_derive(ctx, NULL, &len) <= 0)
+        goto end;
+    printf("size %zu\n", len);
+    stage = "derive";
+    if (len == 0 || len > 4096 || (secret = OPENSSL_malloc(len)) == NULL ||
+        EVP_PKEY_derive(ctx, secret, &len) <= 0)
+        goto end;
+    printf("1 ok ");
+    print_hex(secret, len);
+    printf("\n");
+    rc = 0;
+end:
+    if (rc != 0) {
+        printf("1 ");
+        print_errors(stage);
+        printf("\n");
+    }
+    OPENSSL_free(ukm);
+    OPENSSL_clear_free(secret, len);
+    EVP_PKEY_CTX_free(ctx);
+    EVP_PKEY_free(key);
+    EVP_PKEY_free(peer);
+    return rc;
+}
+
 /* ---- main ------------------------------------------------------------------------------ */
 
 static int usage(void)
@@ -682,7 +801,8 @@ static int usage(void)
             "usage: keyx-test-derive [--module DIR] [--config FILE] "
             "[--provider keyx|default] [--peer-provider same|keyx|default] "
             "[--dh-pad 0|1] [--backend NAME] [derive | pair ALG GROUP [zero] | params GROUP | "
-            "uses ALG GROUP N | twice URI GROUP]\n");
+            "uses ALG GROUP N | twice URI GROUP | "
+            "kdf KEY PEER TYPE DIGEST OUTLEN UKM [CEKALG [PROPS]]]\n");
     return 2;
 }
 
@@ -752,6 +872,8 @@ int main(int argc, char **argv)
         rc = mode_uses(argv[i + 1], argv[i + 2], atoi(argv[i + 3]));
     else if (strcmp(argv[i], "twice") == 0 && argc - i == 3)
         rc = mode_twice(argv[i + 1], argv[i + 2]);
+    else if (strcmp(argv[i], "kdf") == 0 && argc - i >= 7 && argc - i <= 9)
+        rc = mode_kdf(argv + i + 1, argc - i - 1);
     else
         rc = usage();
 end:
