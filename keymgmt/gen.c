@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include <openssl/core_names.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/params.h>
 
@@ -177,8 +178,16 @@ static const char *named_curve(keyx_genctx *g, const OSSL_PARAM *params)
     return name;
 }
 
+/* The failure event carries the cause the backend raised (wrong PIN, module missing, TPM
+ * down), still on the error queue, not only that generation failed. */
 static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend *be, int ephemeral)
 {
+    const char *data = NULL;
+    int flags = 0;
+
+    if (ERR_peek_last_error_data(&data, &flags) == 0 || !(flags & ERR_TXT_STRING) || data == NULL ||
+        data[0] == '\0')
+        data = NULL;
     keyx_event ev = {
         .event = "keygen",
         .backend = be != NULL ? be->ops->name : NULL,
@@ -186,8 +195,9 @@ static void keygen_failed(keyx_genctx *g, const keyx_key *k, const keyx_backend 
         .group = k->group[0] ? k->group : NULL,
         .ephemeral = ephemeral,
         .ok = 0,
-        .error = be != NULL ? "backend failed to generate the key"
-                            : "no configured backend supports this algorithm or group",
+        .error = data != NULL ? data
+                 : be != NULL ? "backend failed to generate the key"
+                              : "no configured backend supports this algorithm or group",
     };
 
     keyx_event_emit(g->p, &ev);

@@ -94,7 +94,11 @@ static void priv_destroy(keyx_key *k)
         return;
     keyx_backend_free(pv->be, pv->handle);
     pv->handle = NULL;
-    keyx_key_event(k, "free", 1, NULL);
+    /* "free": the private part is gone (an ephemeral key, or software memory wiped); "release":
+     * keyx let go of a key that stays in its device (persistent, loaded by URI or file). */
+    keyx_key_event(k,
+                   pv->ephemeral || strcmp(pv->be->ops->name, "software") == 0 ? "free" : "release",
+                   1, NULL);
 }
 
 static void priv_release(keyx_key *k)

@@ -18,12 +18,12 @@
 #include <openssl/crypto.h>
 
 #include "provider/audit.h"
+#include "provider/audit_sink.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
 struct keyx_audit {
-    int fd;
-    char *path; /* for the write-failure warning */
+    keyx_audit_sink *sink; /* a file or syslog (audit_sink.h) */
 };
 
 #define LINE_BYTES 1024 /* one audit line or trace line, newline included */
@@ -200,27 +200,16 @@ static void put_text_field(outbuf *o, const char *name, const char *value)
 keyx_audit *keyx_audit_open(struct keyx_provctx *p, const char *path)
 {
     keyx_audit *a;
-    char ebuf[128];
-    int fd, err;
+    keyx_audit_sink *sink = keyx_audit_sink_open(p, path);
 
-    if (path == NULL || path[0] == '\0') {
-        KEYX_ERR(p, KEYX_R_AUDIT, "no audit log path given (audit-log)");
+    if (sink == NULL)
         return NULL;
-    }
-    fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        err = errno;
-        KEYX_ERR(p, KEYX_R_AUDIT, "cannot open audit log \"%s\": %s", path,
-                 errstr(err, ebuf, sizeof(ebuf)));
-        return NULL;
-    }
-    if ((a = OPENSSL_zalloc(sizeof(*a))) == NULL || (a->path = OPENSSL_strdup(path)) == NULL) {
-        OPENSSL_free(a);
-        close(fd);
+    if ((a = OPENSSL_zalloc(sizeof(*a))) == NULL) {
+        keyx_audit_sink_close(sink);
         KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory opening audit log \"%s\"", path);
         return NULL;
     }
-    a->fd = fd;
+    a->sink = sink;
     return a;
 }
 
@@ -228,9 +217,7 @@ void keyx_audit_close(keyx_audit *a)
 {
     if (a == NULL)
         return;
-    if (a->fd >= 0)
-        close(a->fd);
-    OPENSSL_free(a->path);
+    keyx_audit_sink_close(a->sink);
     OPENSSL_free(a);
 }
 
@@ -273,14 +260,15 @@ static void audit_write(const keyx_audit *a, const keyx_event *ev)
     }
     puts_(&o, "}\n");
 
-    if (!write_line(a->fd, o.b, o.len) && !atomic_exchange(&write_warned, 1)) {
+    if (!keyx_audit_sink_write(a->sink, o.b, o.len, ev->ok) && !atomic_exchange(&write_warned, 1)) {
         char line[LINE_BYTES], ebuf[128];
         int err = errno;
 
         n = snprintf(line, sizeof(line),
                      "keyx: warning: cannot write audit log \"%s\": %s (further audit write "
                      "failures are not reported)\n",
-                     a->path, err != 0 ? errstr(err, ebuf, sizeof(ebuf)) : "short write");
+                     keyx_audit_sink_name(a->sink),
+                     err != 0 ? errstr(err, ebuf, sizeof(ebuf)) : "short write");
         if (n > 0)
             write_line(STDERR_FILENO, line, (size_t)n < sizeof(line) ? (size_t)n : sizeof(line));
     }

@@ -337,7 +337,7 @@ def read_audit(path):
 
 
 AUDIT_FIELDS = {"ts", "pid", "event", "ok"}
-AUDIT_EVENTS = {"keygen", "load", "derive", "free", "error", "decrypt", "sign", "encrypt",
+AUDIT_EVENTS = {"keygen", "load", "derive", "free", "release", "error", "decrypt", "sign", "encrypt",
                 "encapsulate", "decapsulate", "failover"}
 
 
