@@ -62,7 +62,7 @@ def load(vectors_dir, name):
     for g in data["testGroups"]:
         assert g["mgf"] == "MGF1", g["mgf"]
         for t in g["tests"]:
-            tests.append(dict(t, key=g["privateKeyPkcs8"], md=g["sha"], mgf1=g["mgfSha"]))
+            tests.append(dict(t, key=g["privateKeyPkcs8"], md=g["sha"], mgf1=g["mgfSha"], bits=g["keySize"]))
     assert len(tests) == data["numberOfTests"], f"{name}: {len(tests)} tests"
     assert len({t["tcId"] for t in tests}) == len(tests), f"{name}: duplicate tcIds"
     return tests
