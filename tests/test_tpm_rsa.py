@@ -234,7 +234,7 @@ def test_pkeyutl_oaep_persistent_key(swtpm, tmp, request, which):
         assert [(e["ok"], e["backend"]) for e in dec] == [(True, "tpm")], dec
     # the label is part of the ciphertext: another one does not decrypt, with the same error
     # on the TPM's OAEP (zero-terminated label) and on keyx's decoding (any label)
-    env = kxutil.base_env(OPENSSL_CONF=cnf)
+    env = kxutil.base_env(OPENSSL_CONF=cnf, TCTI_PCAP_FILE=tmp / "rest.pcap")  # not into the cwd
     errors = []
     for name, other in (("zero-label", "6f7468657200"), ("label", "6f74686572"), ("plain", "6f74686572")):
         r = kxutil.openssl("pkeyutl", "-decrypt", "-inkey", uri, *oaep_opts("sha256", "sha256", other),
