@@ -18,8 +18,9 @@
   other digests, MGF1 digests, labels without the zero and RSASVE are refused with their
   reasons, whatever the ciphertext; a sign-only RSA key refuses to decrypt;
 - RSASVE KEM round trips (TPM keygen and the persistent key), a reused decrypt context;
-- the pcap TCTI: with encrypted sessions (default) the plaintext never crosses the bus, with
-  `tpm-encrypt-sessions = 0` it does; exactly one RSA_Decrypt command per decryption.
+- the pcap TCTI: with encrypted sessions (default) the plaintext never crosses the bus, nor
+  the raw OAEP encoding of keyx's path (computed independently by the default provider), with
+  `tpm-encrypt-sessions = 0` both do; exactly one RSA_Decrypt command per decryption.
 """
 
 import os
@@ -374,12 +375,28 @@ def rsa_parent(tpm, d):
     return f"0x{RSA_PARENT:x}"
 
 
+def raw_encoding(tmp, t):
+    """c^d mod n of vector t, computed by the default provider alone from the vector's private
+    key (no padding): what TPM2_RSA_Decrypt with the null scheme returns."""
+    key, ct, em = tmp / f"k{t['tcId']}.der", tmp / f"c{t['tcId']}.bin", tmp / f"em{t['tcId']}.bin"
+    key.write_bytes(bytes.fromhex(t["key"]))
+    ct.write_bytes(bytes.fromhex(t["ct"]))
+    kxutil.openssl("pkeyutl", "-decrypt", "-inkey", key, "-keyform", "DER", "-pkeyopt", "rsa_padding_mode:none",
+                   "-in", ct, "-out", em, env=kxutil.base_env()).ok("raw RSA (default provider)")
+    return em.read_bytes()
+
+
 @pytest.mark.parametrize("encrypt,parent", [("1", None), ("0", None), ("1", "rsa")])
 def test_plaintext_on_the_bus(swtpm, vectors_dir, tmp, encrypt, parent):
+    """Both paths: the TPM's OAEP returns the message, the null scheme the OAEP encoding (which
+    gives the message to anyone, without a key); neither crosses the bus in clear with sessions."""
     pcap = tmp / "tpm.pcap"
-    tests = [t for t in load(vectors_dir, "rsa_oaep_2048_sha256_mgf1sha256_test.json")
-             if t["result"] == "valid" and not t["label"] and len(t["msg"]) >= 32][:3]
-    assert len(tests) == 3
+    tpm_path = [t for t in load(vectors_dir, "rsa_oaep_2048_sha256_mgf1sha256_test.json")
+                if t["result"] == "valid" and not t["label"] and len(t["msg"]) >= 32][:3]
+    raw_path = [dict(t, tcId=1000 + t["tcId"]) for t in load(vectors_dir, "rsa_oaep_2048_sha256_mgf1sha1_test.json")
+                if t["result"] == "valid" and len(t["msg"]) >= 32][:3]  # tcIds of their own
+    tests = tpm_path + raw_path
+    assert len(tests) == 6
     env = tpm_env(swtpm, TCTI_PCAP_FILE=pcap, KEYX_TPM_ENCRYPT_SESSIONS=encrypt)
     if parent:
         env["KEYX_TPM_PARENT"] = rsa_parent(swtpm, tmp)
@@ -391,11 +408,14 @@ def test_plaintext_on_the_bus(swtpm, vectors_dir, tmp, encrypt, parent):
     assert len(data) > 500, "the pcap TCTI recorded nothing"
     calls = re.findall(rb"\x80[\x01\x02].{4}" + RSA_DECRYPT_CC, data, re.S)
     assert len(calls) == len(tests), f"{len(calls)} RSA_Decrypt commands for {len(tests)} decryptions"
-    seen = [bytes.fromhex(t["msg"]) in data for t in tests]
+    assert decrypt_schemes(data) == ["sha256"] * 3 + ["null"] * 3
+    secrets = [bytes.fromhex(t["msg"]) for t in tpm_path] + [raw_encoding(tmp, t) for t in raw_path]
+    assert all(len(x) == 256 for x in secrets[3:])
+    seen = [x in data for x in secrets]
     if encrypt == "1":
-        assert not any(seen), "an RSA plaintext crossed the TPM bus in clear"
+        assert not any(seen), f"an RSA plaintext crossed the TPM bus in clear: {seen}"
     else:
-        assert all(seen), "capture without encryption should show the plaintexts"
+        assert all(seen), f"capture without encryption should show the plaintexts: {seen}"
 
 
 def test_restricted_rsa_key_is_refused(swtpm, tmp):
