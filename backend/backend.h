@@ -180,8 +180,9 @@ typedef struct keyx_backend_ops {
      * error raised), KEYX_RSA_DECRYPT_ERROR or KEYX_BACKEND_DOWN. NULL: the backend holds no
      * RSA keys (and its supports() says no for RSA). Parameter checks come before anything
      * that depends on the ciphertext. A TPM maps OAEP to TPM2_RSA_Decrypt with TPM2_ALG_OAEP,
-     * the hash and the label (MGF1 always uses the OAEP hash there: mgf1_md != md is a
-     * parameter refusal), RAW to TPM2_ALG_NULL. */
+     * the hash and the label where it can (MGF1 with the OAEP hash, a label ending in a zero
+     * byte), otherwise, for keys without a scheme of their own, to TPM2_ALG_NULL and OAEP
+     * decoding in keyx (keys with an OAEP scheme: a parameter refusal); RAW to TPM2_ALG_NULL. */
     int (*rsa_decrypt)(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
                        size_t inlen, unsigned char *out, size_t *outlen);
 } keyx_backend_ops;

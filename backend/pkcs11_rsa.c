@@ -10,7 +10,7 @@
 #include "backend/pkcs11_rsa.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
-#include "wrap/oaep_decode.h"
+#include "backend/rsa_oaep_decode.h"
 
 int p11_rsa_supports(const p11_caps *caps, size_t bits)
 {

@@ -22,6 +22,7 @@
 
 #include "backend/backend.h"
 #include "backend/pool.h"
+#include "backend/rsa_oaep_decode.h"
 #include "backend/tpm2_device.h"
 #include "backend/tpm2_keyfile.h"
 #include "backend/tpm2_pubkey.h"
@@ -1223,16 +1224,46 @@ static TPMI_ALG_HASH tpm_hash(const char *md)
     return TPM2_ALG_NULL;
 }
 
-/* The request's parameters as TPM2_RSA_Decrypt takes them; 0 (error raised) when the TPM
- * cannot take them, whatever the ciphertext. */
-static int rsa_params(keyx_provctx *p, const keyx_rsa_op *op, TPMT_RSA_DECRYPT *scheme,
-                      TPM2B_DATA *label)
+static const char *hash_name(TPMI_ALG_HASH h)
 {
+    return h == TPM2_ALG_SHA1     ? "SHA1"
+           : h == TPM2_ALG_SHA256 ? "SHA256"
+           : h == TPM2_ALG_SHA384 ? "SHA384"
+           : h == TPM2_ALG_SHA512 ? "SHA512"
+                                  : "another hash";
+}
+
+/* The request's parameters as TPM2_RSA_Decrypt takes them; 0 (error raised) when the TPM
+ * cannot take them, whatever the ciphertext. *decode = 1: OAEP runs as TPM2_RSA_Decrypt with
+ * the null scheme (raw RSA) and keyx removes the padding (backend/rsa_oaep_decode.c).
+ *
+ * Keys without a scheme of their own (TPM2_ALG_NULL) take every OAEP request: the TPM's own
+ * OAEP when it can do it (a hash it lists, MGF1 with that hash, no label or one ending with a
+ * zero byte), raw RSA and keyx's decoding otherwise. The TPM's own OAEP stays first although
+ * raw decoding would serve every request: with it the padded plaintext (seed and padding
+ * block) never leaves the TPM and only the message travels, in the encrypted session. Which
+ * path runs depends on the parameters alone, never on the ciphertext, and a failure on either
+ * path is the same KEYX_RSA_DECRYPT_ERROR, so the choice tells an attacker nothing. The
+ * TPM's sign attribute does not matter: TPM2_RSA_Decrypt asks for decrypt and not restricted
+ * (checked when the key is loaded), and the raw result never reaches the application.
+ *
+ * Keys with a scheme of their own (TPM2_ALG_OAEP with a hash) cannot decrypt raw (the TPM
+ * applies their scheme to a null-scheme request), so whatever the TPM cannot do for them is
+ * refused with its reason. */
+static int rsa_params(tpm_dev *d, const tpm_key *k, const keyx_rsa_op *op, TPMT_RSA_DECRYPT *scheme,
+                      TPM2B_DATA *label, int *decode)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
     const char *md = op->md != NULL ? op->md : "SHA1";
     const char *mgf1 = op->mgf1_md != NULL ? op->mgf1_md : md;
+    TPMI_ALG_HASH h = tpm_hash(md);
+    int zero_label = op->labellen == 0 ||
+                     (op->label[op->labellen - 1] == 0 && op->labellen <= sizeof(label->buffer));
+    int fixed = k->scheme != TPM2_ALG_NULL;
 
     memset(scheme, 0, sizeof(*scheme));
     memset(label, 0, sizeof(*label));
+    *decode = 0;
     if (op->pad == KEYX_RSA_PAD_TLS) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                  "tpm: TLS RSA key exchange padding (PKCS#1 v1.5 with implicit rejection) is "
@@ -1240,33 +1271,57 @@ static int rsa_params(keyx_provctx *p, const keyx_rsa_op *op, TPMT_RSA_DECRYPT *
         return 0;
     }
     if (op->pad == KEYX_RSA_PAD_RAW) {
+        if (fixed) {
+            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                     "tpm: this TPM key is bound to RSA-OAEP with %s (its own scheme), so it has "
+                     "no raw RSA decryption (RSASVE); use RSA-OAEP with %s, or a key made "
+                     "without a scheme (tpm2_create -G rsa2048:null:null)",
+                     hash_name(k->scheme_hash), hash_name(k->scheme_hash));
+            return 0;
+        }
         scheme->scheme = TPM2_ALG_NULL;
         return 1;
     }
+    if (!fixed &&
+        (h == TPM2_ALG_NULL || !tpm_dev_has_alg(d, h) || tpm_hash(mgf1) != h || !zero_label)) {
+        scheme->scheme = TPM2_ALG_NULL;
+        *decode = 1;
+        return 1;
+    }
     scheme->scheme = TPM2_ALG_OAEP;
-    scheme->details.oaep.hashAlg = tpm_hash(md);
-    if (scheme->details.oaep.hashAlg == TPM2_ALG_NULL) {
+    scheme->details.oaep.hashAlg = h;
+    if (h == TPM2_ALG_NULL) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "tpm: RSA-OAEP with %s is not offered: a TPM does OAEP with SHA1, SHA256, "
-                 "SHA384 or SHA512",
-                 md);
+                 "tpm: RSA-OAEP with %s is not offered by this TPM key: it is bound to "
+                 "RSA-OAEP with %s (its own scheme)",
+                 md, hash_name(k->scheme_hash));
         return 0;
     }
-    if (tpm_hash(mgf1) != scheme->details.oaep.hashAlg) {
+    if (fixed && h != k->scheme_hash) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "tpm: this TPM key is bound to RSA-OAEP with %s (its own scheme); it cannot "
+                 "decrypt RSA-OAEP with %s (set rsa_oaep_md to %s, or use a key made without a "
+                 "scheme: tpm2_create -G rsa2048:null:null)",
+                 hash_name(k->scheme_hash), md, hash_name(k->scheme_hash));
+        return 0;
+    }
+    if (tpm_hash(mgf1) != h) {
         KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                  "tpm: RSA-OAEP with %s and MGF1-%s cannot run in a TPM: TPM2_RSA_Decrypt "
-                 "always uses the OAEP digest for MGF1 (set rsa_mgf1_md to %s)",
+                 "always uses the OAEP digest for MGF1 (set rsa_mgf1_md to %s; a key made "
+                 "without a scheme of its own takes any MGF1 digest)",
                  md, mgf1, md);
         return 0;
     }
     if (op->labellen > 0) {
         /* TPM 2.0 Part 3, TPM2_RSA_Decrypt: a label must end with a zero byte, which is part of
          * the label OAEP hashes (TPM_RC_VALUE otherwise); nothing is appended. */
-        if (op->label[op->labellen - 1] != 0 || op->labellen > sizeof(label->buffer)) {
+        if (!zero_label) {
             KEYX_ERR(p, KEYX_R_UNSUPPORTED,
                      "tpm: this RSA-OAEP label (%zu bytes) cannot be given to a TPM: "
                      "TPM2_RSA_Decrypt takes only labels that end with a zero byte (a C string "
-                     "with its terminator), at most %zu bytes",
+                     "with its terminator), at most %zu bytes (a key made without a scheme of "
+                     "its own takes any label)",
                      op->labellen, sizeof(label->buffer));
             return 0;
         }
@@ -1324,6 +1379,61 @@ static int rsa_decrypt_once(tpm_dev *d, tpm_key *k, const TPMT_RSA_DECRYPT *sche
     return r;
 }
 
+/* rsa_decrypt_once, once more on a new connection when the TPM restarted meanwhile. */
+static int rsa_decrypt_retry(tpm_dev *d, tpm_key *k, const TPMT_RSA_DECRYPT *scheme,
+                             const TPM2B_DATA *label, const TPM2B_PUBLIC_KEY_RSA *ct,
+                             unsigned char *out, size_t *outlen, int fixed)
+{
+    size_t cap = *outlen;
+    int r;
+
+    if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+        return r;
+    ERR_set_mark();
+    r = rsa_decrypt_once(d, k, scheme, label, ct, out, outlen, fixed);
+    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
+        tpm_dev_take_reset(d)) {
+        ERR_pop_to_mark();
+        if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
+            return r;
+        *outlen = cap;
+        return rsa_decrypt_once(d, k, scheme, label, ct, out, outlen, fixed);
+    }
+    ERR_clear_last_mark();
+    return r;
+}
+
+/* OAEP the TPM cannot do for a key without a scheme: TPM2_RSA_Decrypt with the null scheme,
+ * then OpenSSL's constant-time OAEP decoding in keyx's library context. The raw value exists
+ * only in em, wiped before it is freed; every decoding failure is the same
+ * KEYX_RSA_DECRYPT_ERROR. */
+static int rsa_decrypt_decode(tpm_dev *d, tpm_key *k, const keyx_rsa_op *op,
+                              const TPMT_RSA_DECRYPT *scheme, const TPM2B_DATA *label,
+                              const TPM2B_PUBLIC_KEY_RSA *ct, unsigned char *out, size_t *outlen)
+{
+    keyx_provctx *p = tpm_dev_prov(d);
+    const char *md = op->md != NULL ? op->md : "SHA1";
+    const char *mgf1 = op->mgf1_md != NULL ? op->mgf1_md : md;
+    size_t emlen = k->nlen;
+    unsigned char *em = OPENSSL_malloc(k->nlen);
+    int r;
+
+    if (em == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    r = rsa_decrypt_retry(d, k, scheme, label, ct, em, &emlen, 1);
+    if (r == 1) {
+        r = keyx_oaep_decode(p->libctx, em, k->nlen, md, mgf1, op->label, op->labellen, out,
+                             outlen);
+        if (r == -1)
+            KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: unknown OAEP digest %s or %s", md, mgf1);
+        r = r == 1 ? 1 : r == 0 ? KEYX_RSA_DECRYPT_ERROR : 0;
+    }
+    OPENSSL_clear_free(em, k->nlen);
+    return r;
+}
+
 static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
                             const unsigned char *in, size_t inlen, unsigned char *out,
                             size_t *outlen)
@@ -1334,7 +1444,7 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
     TPMT_RSA_DECRYPT scheme;
     TPM2B_DATA label;
     TPM2B_PUBLIC_KEY_RSA ct = {0};
-    int r;
+    int r, decode;
 
     if ((r = key_settle(d, k)) != 1)
         return r;
@@ -1350,7 +1460,7 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
         return 0;
     }
     /* Parameters first: the same answer for every ciphertext. */
-    if (!rsa_params(p, op, &scheme, &label))
+    if (!rsa_params(d, k, op, &scheme, &label, &decode))
         return 0;
     if (*outlen < k->nlen) {
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT, "tpm: RSA output buffer smaller than the modulus");
@@ -1362,20 +1472,9 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
      * without its leading zeros. */
     memcpy(ct.buffer + k->nlen - inlen, in, inlen);
     ct.size = (UINT16)k->nlen;
-    if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
-        return r;
-    ERR_set_mark();
-    r = rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen, op->pad == KEYX_RSA_PAD_RAW);
-    if (r == KEYX_BACKEND_DOWN && (k->obj.persistent != 0 || k->file != NULL) &&
-        tpm_dev_take_reset(state)) {
-        ERR_pop_to_mark();
-        if (k->file != NULL && (r = file_key_refresh(d, k)) != 1)
-            return r;
-        return rsa_decrypt_once(d, k, &scheme, &label, &ct, out, outlen,
-                                op->pad == KEYX_RSA_PAD_RAW);
-    }
-    ERR_clear_last_mark();
-    return r;
+    if (decode)
+        return rsa_decrypt_decode(d, k, op, &scheme, &label, &ct, out, outlen);
+    return rsa_decrypt_retry(d, k, &scheme, &label, &ct, out, outlen, op->pad == KEYX_RSA_PAD_RAW);
 }
 
 /* ---- signatures: one TPM2_Sign -------------------------------------------------------------- */

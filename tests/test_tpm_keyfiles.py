@@ -125,7 +125,8 @@ def readpublic(tpm, tmp, handle):
 
 # An application reading a private key file with PEM_read_bio_PrivateKey_ex (PEM) or
 # d2i_PrivateKey_ex_bio (DER) in its own library context (openssl.cnf argv[1]), then deriving with
-# a peer's public key or decrypting RSA-OAEP-SHA256; the result goes to a file, never to output.
+# a peer's public key, decrypting RSA-OAEP-SHA256 or decapsulating RSASVE; the result goes to a
+# file, never to output.
 APP = kxutil.LIBCRYPTO_CTYPES + r"""
 read_der = fn("d2i_PrivateKey_ex_bio", c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
 read_pub = fn("PEM_read_bio_PUBKEY_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
@@ -133,6 +134,9 @@ dec_init = fn("EVP_PKEY_decrypt_init", c_int, c_void_p)
 set_pad = fn("EVP_PKEY_CTX_set_rsa_padding", c_int, c_void_p, c_int)
 set_md = fn("EVP_PKEY_CTX_set_rsa_oaep_md_name", c_int, c_void_p, c_char_p, c_char_p)
 decrypt = fn("EVP_PKEY_decrypt", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
+decap_init = fn("EVP_PKEY_decapsulate_init", c_int, c_void_p, c_void_p)
+kem_op = fn("EVP_PKEY_CTX_set_kem_op", c_int, c_void_p, c_char_p)
+decap = fn("EVP_PKEY_decapsulate", c_int, c_void_p, c_char_p, POINTER(c_size_t), c_char_p, c_size_t)
 write_pem = fn("PEM_write_bio_PrivateKey", c_int, c_void_p, c_void_p, c_void_p, c_char_p, c_int, c_void_p, c_void_p)
 get_err = fn("ERR_get_error_all", ctypes.c_ulong, POINTER(c_char_p), POINTER(c_int), POINTER(c_char_p), POINTER(c_char_p), POINTER(c_int))
 def fail(stage):
@@ -182,6 +186,11 @@ elif mode == "write":
     if write_pem(b, key, None, None, 0, None, None) != 1: fail("write key")
     bio_free(b)
     sys.exit(0)
+elif mode == "decap":
+    ct = open(arg, "rb").read()
+    if (decap_init(c, None) != 1 or kem_op(c, b"RSASVE") != 1
+            or decap(c, buf, byref(n), ct, len(ct)) != 1):
+        fail("decapsulate")
 else:
     ct = open(arg, "rb").read()
     if (dec_init(c) != 1 or set_pad(c, 4) != 1 or set_md(c, b"SHA256", None) != 1
@@ -196,8 +205,8 @@ LIB_free(ctx)
 
 
 def app(env, tmp, mode, keyfile, arg):
-    """(result bytes, Result) of APP: mode derive (arg: peer public PEM) or decrypt (arg: the
-    ciphertext file); the openssl.cnf is env's."""
+    """(result bytes, Result) of APP: mode derive (arg: peer public PEM), decrypt or decap (arg:
+    the ciphertext file); the openssl.cnf is env's."""
     script = tmp / "app.py"
     script.write_text(APP)
     out = tmp / "app.out"

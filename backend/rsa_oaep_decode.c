@@ -1,8 +1,9 @@
 /* OpenSSL 3.0's constant-time OAEP decoder, RSA_padding_check_PKCS1_OAEP_mgf1, is deprecated
  * (the low-level RSA API) but has no replacement for a plaintext obtained elsewhere: the
- * provider-side decoder is not exported. It is used here only, and only for the pkcs11 backend's
- * raw fallback (`pkcs11-raw-rsa = 1`); keyx writes no OAEP decoding of its own, since a home-made
- * one risks exactly the timing oracle (Manger's attack) this path must not have. */
+ * provider-side decoder is not exported. It is used here only, for the backends' raw paths (the
+ * pkcs11 backend with `pkcs11-raw-rsa = 1`, the tpm backend for keys without a scheme); keyx
+ * writes no OAEP decoding of its own, since a home-made one risks exactly the timing oracle
+ * (Manger's attack) this path must not have. */
 #define OPENSSL_SUPPRESS_DEPRECATED
 
 #include <limits.h>
@@ -10,7 +11,7 @@
 #include <openssl/evp.h>
 #include <openssl/rsa.h>
 
-#include "wrap/oaep_decode.h"
+#include "backend/rsa_oaep_decode.h"
 
 int keyx_oaep_decode(OSSL_LIB_CTX *libctx, const unsigned char *em, size_t nlen, const char *md,
                      const char *mgf1_md, const unsigned char *label, size_t labellen,

@@ -1,7 +1,8 @@
-/* OAEP decoding in keyx, for tokens that decrypt RSA only raw (CKM_RSA_X_509) but refuse the
- * OAEP parameters the application asked for (`pkcs11-raw-rsa = 1`). */
-#ifndef KEYX_WRAP_OAEP_DECODE_H
-#define KEYX_WRAP_OAEP_DECODE_H
+/* OAEP decoding in keyx, for devices that decrypt RSA raw but refuse the OAEP parameters the
+ * application asked for: a PKCS#11 token's CKM_RSA_X_509 (`pkcs11-raw-rsa = 1`), a TPM's
+ * TPM2_RSA_Decrypt with the null scheme (keys without a scheme of their own). */
+#ifndef KEYX_BACKEND_RSA_OAEP_DECODE_H
+#define KEYX_BACKEND_RSA_OAEP_DECODE_H
 
 #include <stddef.h>
 
