@@ -1135,7 +1135,8 @@ static int push_object(keyx_object **list, size_t *n, size_t *cap, const keyx_ob
 
 /* obj (of class cls) as a STORE object into o. *skip when keyx passes it over: a private key
  * keyx cannot use or no locator can name (neither CKA_ID nor CKA_LABEL), a public key of a type
- * or curve keyx does not read, a certificate that is not X.509. */
+ * or curve keyx does not read, a certificate that is not X.509, an object whose attributes
+ * cannot be read (one odd object does not hide the token's others). */
 static CK_RV read_object(p11_sess *s, CK_OBJECT_HANDLE obj, CK_OBJECT_CLASS cls, keyx_object *o,
                          int *skip)
 {
@@ -1147,10 +1148,12 @@ static CK_RV read_object(p11_sess *s, CK_OBJECT_HANDLE obj, CK_OBJECT_CLASS cls,
     *skip = 0;
     if (cls == CKO_PRIVATE_KEY) {
         o->kind = KEYX_OBJ_PRIVATE;
-        if (!loadable(s, obj))
+        if (!loadable(s, obj)) {
             *skip = 1;
-        else if ((o->locator = object_locator(s, obj, &nameless)) == NULL)
-            *skip = nameless, rv = nameless ? CKR_OK : CKR_HOST_MEMORY;
+        } else if ((o->locator = object_locator(s, obj, &nameless)) == NULL) {
+            *skip = nameless;
+            rv = nameless ? CKR_OK : CKR_HOST_MEMORY;
+        }
         return rv;
     }
     if (cls == CKO_PUBLIC_KEY) {
@@ -1160,7 +1163,7 @@ static CK_RV read_object(p11_sess *s, CK_OBJECT_HANDLE obj, CK_OBJECT_CLASS cls,
         o->kind = KEYX_OBJ_CERT;
         rv = p11_cert_read(s, obj, &o->der, &o->derlen, &o->subject, &o->subjectlen);
     }
-    if (rv == CKR_KEY_TYPE_INCONSISTENT) {
+    if (rv != CKR_OK && rv != CKR_HOST_MEMORY && !p11_rv_is_down(rv)) {
         *skip = 1;
         rv = CKR_OK;
     }
