@@ -30,6 +30,7 @@ from fixture_swtpm import tpm_cnf
 
 TOKEN = "keyx-so"
 EMPTY_TOKEN = "keyx-so-empty"
+ODD_TOKEN = "keyx-so-odd"  # a key pair on a curve keyx does not serve, and a certificate
 TPM_HANDLE = 0x81000078  # no other test uses it on the session swtpm
 
 
@@ -43,7 +44,7 @@ class ObjectToken(SoftHSM):
                              "objectstore.backend = file\nlog.level = ERROR\n")
         self.pin_file.write_text(PIN)
         self.pin_file.chmod(0o600)
-        for label in (TOKEN, EMPTY_TOKEN):
+        for label in (TOKEN, EMPTY_TOKEN, ODD_TOKEN):
             r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
                             "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
             m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
@@ -71,12 +72,15 @@ class ObjectToken(SoftHSM):
             self.write_cert(label, key_id, pem)
         self.cert["ca"] = self.ca
         self.write_cert("ca", "03", self.ca)
+        self.tool(ODD_TOKEN, "--keypairgen", "--key-type", "EC:secp256k1", "--label", "odd", "--id", "09",
+                  "--usage-sign").ok("secp256k1 key pair")
+        self.write_cert("ca", "03", self.ca, token=ODD_TOKEN)
         return self
 
-    def write_cert(self, label, key_id, pem):
+    def write_cert(self, label, key_id, pem, token=TOKEN):
         der = pem.with_suffix(".der")
         kxutil.openssl("x509", "-in", pem, "-outform", "DER", "-out", der, env=kxutil.base_env()).ok("DER")
-        self.tool(TOKEN, "--write-object", der, "--type", "cert", "--label", label, "--id", key_id).ok("write cert")
+        self.tool(token, "--write-object", der, "--type", "cert", "--label", label, "--id", key_id).ok("write cert")
 
     def kinds(self, token=TOKEN):
         """pkcs11-tool's count of the token's objects per kind."""
@@ -227,6 +231,15 @@ def test_storeutl_counts_every_kind_on_the_token(hsm, cnf, tmp):
     # an empty token: nothing, and no error
     r = kxutil.openssl("storeutl", uri(token=EMPTY_TOKEN), env=keyx_env_for(hsm, cnf, EMPTY_TOKEN)).ok("empty")
     assert listed(r) == [] and "error" not in r.err.lower(), r
+
+
+def test_objects_keyx_cannot_read_are_passed_over(hsm, cnf, tmp):
+    """A key pair on secp256k1 (keyx serves P-256/384/521) beside a certificate: the listing
+    gives the certificate, without an error for the key pair pkcs11-tool lists."""
+    assert hsm.kinds(ODD_TOKEN) == {"Private Key": 1, "Public Key": 1, "Certificate": 1}
+    r = kxutil.openssl("storeutl", uri(token=ODD_TOKEN), env=keyx_env_for(hsm, cnf, ODD_TOKEN)).ok("storeutl")
+    assert listed(r) == ["Certificate"] and "error" not in r.err.lower(), r
+    assert der_of(r.out, "CERTIFICATE", tmp) == [file_der(hsm.ca)]
 
 
 def keyx_env_for(hsm, cnf, token):
