@@ -114,6 +114,25 @@ typedef struct keyx_peer {
     size_t pointlen;
 } keyx_peer;
 
+/* Objects a URI names (OSSL_STORE: openssl storeutl, pkey -pubin, x509 -in), as kinds in a
+ * mask. */
+#define KEYX_OBJ_PRIVATE 1 /* a private key, by reference: its locator */
+#define KEYX_OBJ_PUBLIC 2  /* a public key: its DER SubjectPublicKeyInfo */
+#define KEYX_OBJ_CERT 4    /* an X.509 certificate: its DER, and its subject name's DER */
+#define KEYX_OBJ_ALL (KEYX_OBJ_PRIVATE | KEYX_OBJ_PUBLIC | KEYX_OBJ_CERT)
+
+typedef struct keyx_object {
+    int kind;           /* one KEYX_OBJ_* */
+    char *locator;      /* KEYX_OBJ_PRIVATE */
+    unsigned char *der; /* KEYX_OBJ_PUBLIC, KEYX_OBJ_CERT */
+    size_t derlen;
+    unsigned char *subject; /* KEYX_OBJ_CERT: DER X.509 Name (CKA_SUBJECT); NULL: unknown */
+    size_t subjectlen;
+} keyx_object;
+
+/* Frees the n objects of objs and objs itself (backend/call.c). */
+void keyx_objects_free(keyx_object *objs, size_t n);
+
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
     /* 1: private parts may be exported (they already live in process memory). */
@@ -157,10 +176,17 @@ typedef struct keyx_backend_ops {
      * Same results as load(). NULL: the backend reads no such form. */
     int (*load_encoded)(void *state, const char *format, const unsigned char *der, size_t len,
                         void **handle, EVP_PKEY **pub);
-    /* Locators of every key that locator (a collection: pkcs11 "pkcs11:token=keyx") names,
-     * private keys first, for `openssl storeutl -keys`. *out is an OPENSSL_malloc'ed array of
-     * OPENSSL_malloc'ed strings, *n its length (0 is fine). NULL: no listing. */
-    int (*enumerate)(void *state, const char *locator, char ***out, size_t *n);
+    /* The objects locator names (pkcs11: every object an RFC 7512 URI matches, on every token it
+     * matches; "pkcs11:token=keyx" is a collection), of the kinds in the mask kinds
+     * (KEYX_OBJ_*), private keys first, then public keys, then certificates. Private keys come
+     * as locators that load() takes, and only those keyx can use and a locator can name again;
+     * public keys as their SubjectPublicKeyInfo, certificates as their DER: neither needs the
+     * backend once read. A backend reads public objects and certificates without a login when
+     * none is configured (the private keys are then not seen). *out is an OPENSSL_malloc'ed
+     * array (keyx_objects_free), *n its length (0 is fine). 1, 0 or KEYX_BACKEND_DOWN with an
+     * error raised. NULL: a locator names one key pair (tpm "handle=0x81000002"), whose public
+     * key is the one load() gives. */
+    int (*objects)(void *state, const char *locator, int kinds, keyx_object **out, size_t *n);
     /* 1 if the key can sign under op, decided before any data is seen (TLS and
      * EVP_DigestSignInit fail fast on digests or PSS settings the device cannot use); 0 with an
      * error naming what is refused and what would work. NULL: this backend signs nothing. */

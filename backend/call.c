@@ -121,19 +121,32 @@ int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsign
     return ok;
 }
 
-int keyx_backend_enumerate(keyx_backend *be, const char *locator, char ***out, size_t *n)
+int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_object **out,
+                         size_t *n)
 {
     int ok;
 
-    if (be->ops->enumerate == NULL) {
-        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot list its keys",
+    *out = NULL;
+    *n = 0;
+    if (be->ops->objects == NULL) {
+        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot list its objects",
                  be->ops->name);
         return 0;
     }
     inside_backend++;
-    ok = be->ops->enumerate(be->state, locator, out, n);
+    ok = be->ops->objects(be->state, locator, kinds, out, n);
     inside_backend--;
     return ok;
+}
+
+void keyx_objects_free(keyx_object *objs, size_t n)
+{
+    for (size_t i = 0; objs != NULL && i < n; i++) {
+        OPENSSL_free(objs[i].locator);
+        OPENSSL_free(objs[i].der);
+        OPENSSL_free(objs[i].subject);
+    }
+    OPENSSL_free(objs);
 }
 
 int keyx_backend_sign_check(keyx_backend *be, void *handle, const keyx_sign_op *op)

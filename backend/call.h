@@ -26,7 +26,8 @@ void keyx_backend_free(keyx_backend *be, void *handle);
 int keyx_backend_locator(keyx_backend *be, void *handle, char **out);
 int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsigned char *der,
                               size_t len, void **handle, EVP_PKEY **pub);
-int keyx_backend_enumerate(keyx_backend *be, const char *locator, char ***out, size_t *n);
+int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_object **out,
+                         size_t *n);
 int keyx_backend_sign_check(keyx_backend *be, void *handle, const keyx_sign_op *op);
 int keyx_backend_sign(keyx_backend *be, void *handle, const keyx_sign_op *op,
                       const unsigned char *dgst, size_t dlen, unsigned char *sig, size_t *siglen);

@@ -16,6 +16,7 @@
 #include "backend/pool.h"
 #include "backend/pkcs11_attr.h"
 #include "backend/pkcs11_device.h"
+#include "backend/pkcs11_objects.h"
 #include "backend/pkcs11_pubkey.h"
 #include "backend/pkcs11_rsa.h"
 #include "backend/pkcs11_sign.h"
@@ -831,17 +832,18 @@ static int attr_true(p11_sess *s, CK_OBJECT_HANDLE obj, CK_ATTRIBUTE_TYPE type)
     return s->f->C_GetAttributeValue(s->h, obj, &a, 1) != CKR_OK || v == CK_TRUE;
 }
 
-/* Parses a key URI into u and its object attributes into t (at most 7, the class left out: the
- * caller adds CKO_PRIVATE_KEY). 0 + error for a malformed URI or one naming a non-private
- * object. */
-static int parse_key_uri(keyx_provctx *p, const char *uri, P11KitUri *u, CK_ATTRIBUTE *t,
-                         CK_ULONG *nt)
+/* Parses a URI into u and its object attributes into t (at most 7, the class left out: the
+ * caller adds its own). *cls: the class type= names, CK_UNAVAILABLE_INFORMATION without one. 0 +
+ * error for a malformed URI. */
+static int parse_uri(keyx_provctx *p, const char *uri, P11KitUri *u, CK_ATTRIBUTE *t, CK_ULONG *nt,
+                     CK_OBJECT_CLASS *cls)
 {
     CK_ATTRIBUTE *uattrs;
     CK_ULONG nu = 0;
     int pr;
 
     *nt = 0;
+    *cls = CK_UNAVAILABLE_INFORMATION;
     if ((pr = p11_kit_uri_parse(uri, P11_KIT_URI_FOR_OBJECT_ON_TOKEN_AND_MODULE, u)) !=
         P11_KIT_URI_OK) {
         KEYX_ERR(p, KEYX_R_INVALID_ARGUMENT,
@@ -853,18 +855,31 @@ static int parse_key_uri(keyx_provctx *p, const char *uri, P11KitUri *u, CK_ATTR
     uattrs = p11_kit_uri_get_attributes(u, &nu);
     for (CK_ULONG i = 0; i < nu && *nt < 7; i++) {
         if (uattrs[i].type == CKA_CLASS) {
-            CK_OBJECT_CLASS c = *(CK_OBJECT_CLASS *)uattrs[i].pValue;
-
-            if (c != CKO_PRIVATE_KEY) {
-                KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                         "pkcs11: '%.*s' names a %s object: keyx loads private keys "
-                         "(type=private); openssl pkey -pubout on that URI gives the public key",
-                         printable_len(uri), uri, c == CKO_PUBLIC_KEY ? "public key" : "non-key");
-                return 0;
-            }
+            *cls = *(CK_OBJECT_CLASS *)uattrs[i].pValue;
             continue;
         }
         t[(*nt)++] = uattrs[i];
+    }
+    return 1;
+}
+
+/* parse_uri for a private key: a URI naming another class is refused. */
+static int parse_key_uri(keyx_provctx *p, const char *uri, P11KitUri *u, CK_ATTRIBUTE *t,
+                         CK_ULONG *nt)
+{
+    CK_OBJECT_CLASS c;
+
+    if (!parse_uri(p, uri, u, t, nt, &c))
+        return 0;
+    if (c != CK_UNAVAILABLE_INFORMATION && c != CKO_PRIVATE_KEY) {
+        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                 "pkcs11: '%.*s' names a %s object where a private key is needed: name the "
+                 "private key (type=private)",
+                 printable_len(uri), uri,
+                 c == CKO_PUBLIC_KEY    ? "public key"
+                 : c == CKO_CERTIFICATE ? "certificate"
+                                        : "non-key");
+        return 0;
     }
     return 1;
 }
@@ -1072,21 +1087,6 @@ static int loadable(p11_sess *s, CK_OBJECT_HANDLE obj)
     return ok;
 }
 
-static int push_locator(char ***list, size_t *n, size_t *cap, char *loc)
-{
-    if (*n == *cap) {
-        size_t ncap = *cap ? 2 * *cap : 8;
-        char **grown = OPENSSL_realloc(*list, ncap * sizeof(**list));
-
-        if (grown == NULL)
-            return 0;
-        *list = grown;
-        *cap = ncap;
-    }
-    (*list)[(*n)++] = loc;
-    return 1;
-}
-
 /* Every object matching t on the session's token, into a new array (OPENSSL_free). */
 static CK_RV all_objects(p11_sess *s, CK_ATTRIBUTE *t, CK_ULONG nt, CK_OBJECT_HANDLE **objs,
                          size_t *count)
@@ -1118,14 +1118,75 @@ static CK_RV all_objects(p11_sess *s, CK_ATTRIBUTE *t, CK_ULONG nt, CK_OBJECT_HA
     return rv;
 }
 
-/* Locators of the private keys keyx can load among those the URI matches on every token it
- * matches (keys with neither CKA_ID nor CKA_LABEL left out: nothing could name them again). */
-static int p11_enumerate(void *state, const char *locator, char ***out, size_t *n)
+static int push_object(keyx_object **list, size_t *n, size_t *cap, const keyx_object *o)
 {
+    if (*n == *cap) {
+        size_t ncap = *cap ? 2 * *cap : 8;
+        keyx_object *grown = OPENSSL_realloc(*list, ncap * sizeof(**list));
+
+        if (grown == NULL)
+            return 0;
+        *list = grown;
+        *cap = ncap;
+    }
+    (*list)[(*n)++] = *o;
+    return 1;
+}
+
+/* obj (of class cls) as a STORE object into o. *skip when keyx passes it over: a private key
+ * keyx cannot use or no locator can name (neither CKA_ID nor CKA_LABEL), a public key of a type
+ * or curve keyx does not read, a certificate that is not X.509, an object whose attributes
+ * cannot be read (one odd object does not hide the token's others). */
+static CK_RV read_object(p11_sess *s, CK_OBJECT_HANDLE obj, CK_OBJECT_CLASS cls, keyx_object *o,
+                         int *skip)
+{
+    OSSL_LIB_CTX *libctx = p11_dev_prov(s->dev)->libctx;
+    int nameless = 0;
+    CK_RV rv = CKR_OK;
+
+    memset(o, 0, sizeof(*o));
+    *skip = 0;
+    if (cls == CKO_PRIVATE_KEY) {
+        o->kind = KEYX_OBJ_PRIVATE;
+        if (!loadable(s, obj)) {
+            *skip = 1;
+        } else if ((o->locator = object_locator(s, obj, &nameless)) == NULL) {
+            *skip = nameless;
+            rv = nameless ? CKR_OK : CKR_HOST_MEMORY;
+        }
+        return rv;
+    }
+    if (cls == CKO_PUBLIC_KEY) {
+        o->kind = KEYX_OBJ_PUBLIC;
+        rv = p11_public_spki(s, obj, libctx, &o->der, &o->derlen);
+    } else {
+        o->kind = KEYX_OBJ_CERT;
+        rv = p11_cert_read(s, obj, &o->der, &o->derlen, &o->subject, &o->subjectlen);
+    }
+    if (rv != CKR_OK && rv != CKR_HOST_MEMORY && !p11_rv_is_down(rv)) {
+        *skip = 1;
+        rv = CKR_OK;
+    }
+    return rv;
+}
+
+/* The objects of the kinds asked for among those the URI matches, on every token it matches:
+ * private keys (their locators), then public keys, then certificates. A listing of public
+ * objects only runs without a login when no PIN is configured. */
+static int p11_objects(void *state, const char *locator, int kinds, keyx_object **out, size_t *n)
+{
+    static const struct {
+        int kind;
+        CK_OBJECT_CLASS cls;
+    } order[] = {
+        {KEYX_OBJ_PRIVATE, CKO_PRIVATE_KEY},
+        {KEYX_OBJ_PUBLIC, CKO_PUBLIC_KEY},
+        {KEYX_OBJ_CERT, CKO_CERTIFICATE},
+    };
     p11_dev *d = state;
     keyx_provctx *p = p11_dev_prov(d);
     P11KitUri *u = p11_kit_uri_new();
-    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_OBJECT_CLASS uricls, cls;
     CK_ATTRIBUTE t[8];
     CK_ULONG nt = 0;
     int toks[8], ntoks, rc = 0;
@@ -1133,7 +1194,7 @@ static int p11_enumerate(void *state, const char *locator, char ***out, size_t *
 
     *out = NULL;
     *n = 0;
-    if (u == NULL || !parse_key_uri(p, locator, u, t, &nt))
+    if (u == NULL || !parse_uri(p, locator, u, t, &nt, &uricls))
         goto done;
     t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_CLASS, &cls, sizeof(cls));
     if ((ntoks = p11_dev_find_tokens(d, u, toks, 8)) < 0) {
@@ -1141,32 +1202,41 @@ static int p11_enumerate(void *state, const char *locator, char ***out, size_t *
         goto done;
     }
     for (int i = 0; i < ntoks; i++) {
-        CK_OBJECT_HANDLE *objs = NULL;
-        size_t count = 0;
         p11_sess s;
-        CK_RV rv;
+        CK_RV rv = CKR_OK;
 
-        if ((rc = p11_session_get(d, toks[i], &s)) != 1)
+        /* Private keys need the login. Public objects and certificates do not: listed with
+         * them, private keys are seen when a PIN is configured. */
+        if ((rc = kinds == KEYX_OBJ_PRIVATE ? p11_session_get(d, toks[i], &s)
+                                            : p11_session_get_public(d, toks[i], &s)) != 1)
             goto done;
-        /* all handles first: reading attributes inside a search is not portable */
-        rv = all_objects(&s, t, nt, &objs, &count);
-        for (size_t j = 0; rv == CKR_OK && j < count; j++) {
-            int nameless = 0;
-            char *loc;
+        for (size_t c = 0; c < sizeof(order) / sizeof(order[0]) && rv == CKR_OK; c++) {
+            CK_OBJECT_HANDLE *objs = NULL;
+            size_t count = 0;
 
-            if (!loadable(&s, objs[j]))
+            if (!(kinds & order[c].kind) ||
+                (uricls != CK_UNAVAILABLE_INFORMATION && uricls != order[c].cls))
                 continue;
-            if ((loc = object_locator(&s, objs[j], &nameless)) == NULL && !nameless)
-                rv = CKR_HOST_MEMORY;
-            else if (loc != NULL && !push_locator(out, n, &cap, loc)) {
-                OPENSSL_free(loc);
-                rv = CKR_HOST_MEMORY;
+            cls = order[c].cls;
+            /* all handles first: reading attributes inside a search is not portable */
+            rv = all_objects(&s, t, nt, &objs, &count);
+            for (size_t j = 0; rv == CKR_OK && j < count; j++) {
+                keyx_object o;
+                int skip = 0;
+
+                rv = read_object(&s, objs[j], cls, &o, &skip);
+                if (rv == CKR_OK && !skip && !push_object(out, n, &cap, &o)) {
+                    OPENSSL_free(o.locator);
+                    OPENSSL_free(o.der);
+                    OPENSSL_free(o.subject);
+                    rv = CKR_HOST_MEMORY;
+                }
             }
+            OPENSSL_free(objs);
         }
-        OPENSSL_free(objs);
         p11_session_put(&s, rv);
         if (rv != CKR_OK) {
-            rc = p11_fail(&s, rv, "listing the token's keys (C_FindObjects)");
+            rc = p11_fail(&s, rv, "listing the token's objects (C_FindObjects)");
             goto done;
         }
     }
@@ -1179,9 +1249,7 @@ static int p11_enumerate(void *state, const char *locator, char ***out, size_t *
     rc = 1;
 done:
     if (rc != 1) {
-        for (size_t i = 0; i < *n; i++)
-            OPENSSL_free((*out)[i]);
-        OPENSSL_free(*out);
+        keyx_objects_free(*out, *n);
         *out = NULL;
         *n = 0;
     }
@@ -1316,7 +1384,7 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .import = p11_import,
     .load = p11_load,
     .locator = p11_locator,
-    .enumerate = p11_enumerate,
+    .objects = p11_objects,
     .derive = p11_derive,
     .sign_check = p11_sign_check,
     .sign = p11_sign,

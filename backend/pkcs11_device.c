@@ -761,8 +761,9 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     keyx_debug(d->p, "pkcs11: %s; %s serves", why, next != NULL ? next : "no other token");
 }
 
-/* A session on token idx. Lock held. 1, 0 or KEYX_BACKEND_DOWN (error raised). */
-static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
+/* A session on token idx, logged in unless login is 0 (no login is then attempted; the session
+ * sees the token's public objects). Lock held. 1, 0 or KEYX_BACKEND_DOWN (error raised). */
+static int token_session(p11_dev *d, int idx, int login, CK_SESSION_HANDLE *h)
 {
     p11_tok *t = &d->tok[idx];
     int rc;
@@ -785,6 +786,12 @@ static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
     }
     if (t->nidle > 0) {
         *h = t->idle[--t->nidle];
+        /* a pooled session may come from a request that did not log in; a login covers every
+         * session of the token, and token_login returns at once when there was one */
+        if (login && (rc = token_login(d, idx, *h)) != 1) {
+            d->f->C_CloseSession(*h);
+            return rc;
+        }
         return 1;
     }
     rv = d->f->C_OpenSession(t->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, h);
@@ -798,7 +805,7 @@ static int token_session(p11_dev *d, int idx, CK_SESSION_HANDLE *h)
             token_down(d, idx, rv);
         return rc;
     }
-    if ((rc = token_login(d, idx, *h)) != 1) {
+    if (login && (rc = token_login(d, idx, *h)) != 1) {
         d->f->C_CloseSession(*h);
         return rc;
     }
@@ -840,20 +847,20 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
     return 1;
 }
 
-static int session_get(p11_dev *d, int tok, p11_sess *s);
+static int session_get(p11_dev *d, int tok, int login, p11_sess *s);
 
-int p11_session_get(p11_dev *d, int tok, p11_sess *s)
+static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
 {
     int rc;
 
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
-    rc = session_get(d, tok, s);
+    rc = session_get(d, tok, login, s);
     if (rc == KEYX_BACKEND_DOWN &&
         module_reinit(d, tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
                       tok >= 0)) {
         ERR_pop_to_mark(); /* the first look's error; the second look reports its own */
-        rc = session_get(d, tok, s);
+        rc = session_get(d, tok, login, s);
     } else {
         ERR_clear_last_mark();
     }
@@ -863,8 +870,18 @@ int p11_session_get(p11_dev *d, int tok, p11_sess *s)
     return rc;
 }
 
+int p11_session_get(p11_dev *d, int tok, p11_sess *s)
+{
+    return session_get_locked(d, tok, 1, s);
+}
+
+int p11_session_get_public(p11_dev *d, int tok, p11_sess *s)
+{
+    return session_get_locked(d, tok, d->p->cfg.pkcs11_pin != NULL, s);
+}
+
 /* p11_session_get with the lock held. */
-static int session_get(p11_dev *d, int tok, p11_sess *s)
+static int session_get(p11_dev *d, int tok, int login, p11_sess *s)
 {
     int rc = KEYX_BACKEND_DOWN;
     long now = now_seconds();
@@ -877,7 +894,7 @@ static int session_get(p11_dev *d, int tok, p11_sess *s)
     s->gen = d->gen;
     if (tok >= 0) {
         s->tok = tok;
-        return tok < d->ntok ? token_session(d, tok, &s->h) : 0;
+        return tok < d->ntok ? token_session(d, tok, login, &s->h) : 0;
     }
     /* The failover set: tokens up first, in order; those marked down last (they may be back). */
     {
@@ -890,7 +907,7 @@ static int session_get(p11_dev *d, int tok, p11_sess *s)
         ERR_set_mark();
         for (int k = 0; k < n && rc == KEYX_BACKEND_DOWN; k++) {
             s->tok = order[k];
-            if ((rc = token_session(d, order[k], &s->h)) == KEYX_BACKEND_DOWN)
+            if ((rc = token_session(d, order[k], login, &s->h)) == KEYX_BACKEND_DOWN)
                 token_down(d, order[k], CKR_TOKEN_NOT_PRESENT);
         }
     }

@@ -60,6 +60,10 @@ int p11_dev_caps(p11_dev *d, p11_caps *caps);
  * tok < 0 (failing over, with an audit event, past tokens that are down). Returns 1, 0 (error
  * raised: wrong PIN, unknown token, bad module) or KEYX_BACKEND_DOWN (no token reachable). */
 int p11_session_get(p11_dev *d, int tok, p11_sess *s);
+/* As p11_session_get, for reading public objects (public keys, certificates): logged in when
+ * pkcs11-pin is set, so that private objects are seen too; else not logged in, and no error
+ * for the missing PIN. */
+int p11_session_get_public(p11_dev *d, int tok, p11_sess *s);
 /* Gives the session back. rv: the last Cryptoki result of the operation; a session or device
  * error closes the session instead of pooling it, and marks the token down. */
 void p11_session_put(p11_sess *s, CK_RV rv);

@@ -1,14 +1,65 @@
+#include <ctype.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 #include <openssl/crypto.h>
 
+#include "backend/backend.h"
 #include "provider/errors.h"
 #include "store/uri.h"
 
 static int has_prefix(const char *s, const char *prefix)
 {
     return strncasecmp(s, prefix, strlen(prefix)) == 0;
+}
+
+/* value (len bytes, RFC 3986 percent-encoding decoded) equals word. */
+static int value_is(const char *value, size_t len, const char *word)
+{
+    size_t i = 0;
+
+    for (; len > 0 && *word != '\0'; word++) {
+        int c = (unsigned char)value[i];
+
+        if (c == '%' && len >= 3 && isxdigit((unsigned char)value[i + 1]) &&
+            isxdigit((unsigned char)value[i + 2])) {
+            char hex[3] = {value[i + 1], value[i + 2], '\0'};
+
+            c = (int)strtol(hex, NULL, 16);
+            i += 3;
+            len -= 3;
+        } else {
+            i++;
+            len--;
+        }
+        if (tolower(c) != *word)
+            return 0;
+    }
+    return len == 0 && *word == '\0';
+}
+
+/* KEYX_OBJ_* of a pkcs11 URI's type= (the last one given), all kinds without one. */
+static int uri_kinds(const char *locator)
+{
+    const char *a = locator + strlen("pkcs11:"), *end = a + strcspn(a, "?");
+    int kinds = KEYX_OBJ_ALL;
+
+    while (a < end) {
+        size_t len = strcspn(a, ";?");
+
+        if (len >= 5 && strncmp(a, "type=", 5) == 0)
+            kinds = value_is(a + 5, len - 5, "private")  ? KEYX_OBJ_PRIVATE
+                    : value_is(a + 5, len - 5, "public") ? KEYX_OBJ_PUBLIC
+                    : value_is(a + 5, len - 5, "cert")   ? KEYX_OBJ_CERT
+                                                         : 0;
+        a += len;
+        if (*a == ';')
+            a++;
+        else
+            break;
+    }
+    return kinds;
 }
 
 int keyx_store_uri_parse(struct keyx_provctx *p, const char *uri, keyx_store_uri *out)
@@ -32,6 +83,8 @@ int keyx_store_uri_parse(struct keyx_provctx *p, const char *uri, keyx_store_uri
                  uri);
         return 0;
     }
+    out->kinds = out->backend == KEYX_BACKEND_PKCS11 ? uri_kinds(locator)
+                                                     : KEYX_OBJ_PRIVATE | KEYX_OBJ_PUBLIC;
     if ((out->locator = OPENSSL_strdup(locator)) == NULL) {
         KEYX_ERR(p, KEYX_R_INTERNAL, "out of memory");
         return 0;

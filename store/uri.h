@@ -7,6 +7,10 @@
 typedef struct keyx_store_uri {
     keyx_backend_kind backend;
     char *locator; /* pkcs11: the whole "pkcs11:..." URI; tpm: what follows "keyx:tpm:" */
+    /* The kinds of object (KEYX_OBJ_* of backend/backend.h) the URI can name: pkcs11's type=
+     * (private, public, cert; 0 for secret-key and data), every kind without it; a tpm locator
+     * names a key pair (private and public key). */
+    int kinds;
 } keyx_store_uri;
 
 /* "pkcs11:...", "keyx:pkcs11:...", "keyx:tpm:LOCATOR". 0 with an error naming the accepted

@@ -4,9 +4,10 @@ keyx is loaded through OPENSSL_CONF (keyx preferred, the backend under test conf
 openssl tool runs under valgrind for: genpkey (software key, a token key with its reference file,
 a TPM persistent key), pkey -pubout and -text, pkeyutl -derive, pkeyutl -decrypt (RSA-OAEP
 SHA-256), dgst -sign, storeutl, and one TLS 1.3 handshake with s_server under valgrind (its
-ECDHE key share and certificate key on the backend; s_client is the plain openssl tool). Every
-result is checked as the other tests check it (the default provider derives the same secret,
-verifies the signature, encrypted the message). valgrind writes XML; a test fails on any invalid
+ECDHE key share and certificate key on the backend; s_client is the plain openssl tool). On the
+token, the certificate is read by URI too (x509 -in, storeutl of every kind and by subject,
+s_server -cert). Every result is checked as the other tests check it (the default provider
+derives the same secret, verifies the signature, encrypted the message). valgrind writes XML; a test fails on any invalid
 read/write/free, uninitialised use or bad syscall argument whose stack has a keyx.so frame, and
 on any definitely or indirectly lost block allocated under a keyx.so frame. Suppressions for
 frames outside keyx: tests/valgrind.supp.
@@ -15,6 +16,7 @@ valgrind cannot run an ASan build: these tests carry the `valgrind` marker and C
 deselects them (-m 'not valgrind'); they run in the plain stage.
 """
 
+import re
 import shutil
 import subprocess
 import threading
@@ -197,7 +199,19 @@ def test_valgrind_pkcs11(build, tmp_path_factory, tmp):
     assert "BEGIN KEYX KEY" in ref.read_text()
     check_flows(vg, tmp, ref, "pkcs11:token=keyx-a;object=vg-rsa;type=private",
                 store_uri="pkcs11:token=keyx-a")
-    handshake(vg, tmp, env, ref, self_signed(tmp, env, ref))
+    # the certificate on the token beside its key: read by URI, listed, found by subject, served
+    cert = self_signed(tmp, env, ref)
+    plain("x509", "-in", cert, "-outform", "DER", "-out", tmp / "cert.der", env=kxutil.base_env()).ok("DER")
+    hsm.tool("keyx-a", "--write-object", tmp / "cert.der", "--type", "cert", "--label", "vg-ec",
+             "--id", "e6").ok("certificate on the token")
+    cert_uri = "pkcs11:token=keyx-a;object=vg-ec;type=cert"
+    fp = vg.openssl("x509", "-noout", "-fingerprint", "-sha256", "-in", cert_uri).ok("x509 -in URI").out
+    assert fp == plain("x509", "-noout", "-fingerprint", "-sha256", "-in", cert, env=kxutil.base_env()).out
+    r = vg.openssl("storeutl", "-noout", "pkcs11:token=keyx-a").ok("storeutl, every kind")
+    assert {"Pkey", "Public key", "Certificate"} <= set(re.findall(r"^\d+: (.*)$", r.out, re.M)), r
+    r = vg.openssl("storeutl", "-noout", "-subject", "/CN=localhost", "pkcs11:token=keyx-a").ok("storeutl -subject")
+    assert re.findall(r"^\d+: (.*)$", r.out, re.M) == ["Certificate"], r
+    handshake(vg, tmp, env, ref, cert_uri)
     events = kxutil.read_audit(log)
     assert {e["event"] for e in events if e.get("backend") == "pkcs11" and e["ok"]} >= {
         "keygen", "derive", "sign", "decrypt"}
