@@ -706,6 +706,24 @@ static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
         t->logged_in = 1;
         return 1;
     }
+    /* A wrong PIN is tried once per process, but N workers and each restart would each use up
+     * one of the token's tries (a smart card locks at 3). The token's flags show an earlier
+     * failure of any process: then keyx does not try at all. One successful login resets them. */
+    if (info.flags & (CKF_USER_PIN_LOCKED | CKF_USER_PIN_FINAL_TRY | CKF_USER_PIN_COUNT_LOW)) {
+        KEYX_ERR(d->p, KEYX_R_PIN_LOCKOUT,
+                 "pkcs11: token '%s' %s; keyx does not try its PIN, so that the token does not "
+                 "lock: %s",
+                 t->label,
+                 info.flags & CKF_USER_PIN_LOCKED ? "has its user PIN locked"
+                 : info.flags & CKF_USER_PIN_FINAL_TRY
+                     ? "allows one more user PIN try (CKF_USER_PIN_FINAL_TRY)"
+                     : "reports an earlier failed login (CKF_USER_PIN_COUNT_LOW)",
+                 info.flags & CKF_USER_PIN_LOCKED
+                     ? "unlock it with the SO PIN (pkcs11-tool --init-pin --login --login-type so)"
+                     : "check pkcs11-pin, then log in once with the right PIN (e.g. pkcs11-tool "
+                       "--login --test), which resets the count");
+        return 0;
+    }
     if (!read_pin(d, t, pin, sizeof(pin)))
         return 0;
     rv = d->f->C_Login(h, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin));

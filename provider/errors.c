@@ -24,6 +24,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_AUDIT, "audit log error"},
     {KEYX_R_NOT_CONFIGURED, "keyx is not configured correctly and refuses to serve"},
     {KEYX_R_KDF, "key exchange KDF error"},
+    {KEYX_R_PIN_LOCKOUT, "token login not tried: the token shows failed logins"},
     {0, NULL},
 };
 

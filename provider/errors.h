@@ -24,7 +24,12 @@ enum keyx_reason {
     KEYX_R_INTERNAL,            /* allocation or internal failure */
     KEYX_R_AUDIT,               /* the audit log could not be opened or written */
     KEYX_R_NOT_CONFIGURED,      /* keyx could not start as configured and refuses to serve */
-    KEYX_R_KDF,                 /* a key exchange's KDF parameters are wrong or its KDF failed */
+    KEYX_R_KDF,
+    KEYX_R_PIN_LOCKOUT,
+    /* a token shows failed logins: keyx does not try the PIN (no lockout) */ /* a key exchange's
+                                                                                 KDF parameters are
+                                                                                 wrong or its KDF
+                                                                                 failed */
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

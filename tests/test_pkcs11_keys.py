@@ -110,8 +110,10 @@ def check_error(r, *needles):
 
 
 def test_wrong_pin_is_one_clear_error_and_one_login(softhsm, cnf, tmp, peer):
-    """A wrong PIN: one C_Login (seen through OpenSC's pkcs11-spy), one clear error, the PIN
-    never printed, the token still unlocked afterwards."""
+    """A wrong PIN: one C_Login (seen through OpenSC's pkcs11-spy) in all processes together,
+    one clear error, the PIN never printed, the token still unlocked afterwards. The second
+    process finds the token's failed-login flag and does not try at all: N workers or restarts
+    with a wrong PIN never use up the token's tries."""
     bad = tmp / "bad-pin"
     bad.write_text(WRONG_PIN)
     spy_log = tmp / "spy.log"
@@ -122,10 +124,29 @@ def test_wrong_pin_is_one_clear_error_and_one_login(softhsm, cnf, tmp, peer):
     r = kxutil.openssl("pkeyutl", "-derive", "-inkey", URI, "-peerkey", peer[1], env=env)
     check_error(r, "PIN incorrect", "pkcs11-pin")
     r = kxutil.run([kxutil.derive_bin(), "--config", cnf_path, "uses", "EC", "P-256", "2"], env=env)
-    check_error(r, "PIN incorrect")
+    check_error(r, "reports an earlier failed login", "pkcs11-tool --login")
     logins = re.findall(r"^\d+: C_Login$", spy_log.read_text(), re.M)
-    assert len(logins) == 2, f"{len(logins)} C_Login calls in two processes (expected one each)"
+    assert len(logins) == 1, f"{len(logins)} C_Login calls in two processes (expected one in all)"
     softhsm.tool("keyx-a", "--list-objects").ok("the right PIN still works: token not locked")
+    # that login reset the count: keyx with the right PIN serves again
+    right = cnf(name="right.cnf", keyx=softhsm.keyx_settings())
+    kxutil.run(kxutil.driver_cmd(config=right) + ["uses", "EC", "P-256", "1"],
+               env=softhsm.env(OPENSSL_CONF=right)).ok("a token key after the count was reset")
+
+
+def test_token_showing_a_failed_login_is_not_tried(softhsm, cnf, tmp):
+    """A token whose flags show an earlier failed login (another program's wrong PIN): keyx, even
+    with the right PIN, does not log in and says how to reset the count; after one right login
+    it serves."""
+    r = softhsm.tool("keyx-b", "--login", "--pin", WRONG_PIN, "--list-objects", login=False)
+    assert r.rc != 0, f"the wrong PIN logged in:\n{r!r}"
+    assert "user PIN count low" in softhsm.tool("keyx-b", "-L", login=False).out, "the token shows no failed login"
+    conf = cnf(keyx=softhsm.keyx_settings(tokens=("keyx-b",)))
+    env = softhsm.env(OPENSSL_CONF=conf)
+    r = kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", env=env)
+    check_error(r, "token login not tried", "keyx-b", "CKF_USER_PIN_COUNT_LOW", "pkcs11-tool --login")
+    softhsm.tool("keyx-b", "--list-objects").ok("one login with the right PIN")
+    kxutil.run(kxutil.driver_cmd(config=conf) + ["uses", "EC", "P-256", "1"], env=env).ok("served again")
 
 
 @pytest.mark.parametrize("settings,needles", [

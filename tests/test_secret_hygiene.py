@@ -182,6 +182,9 @@ def pin_paths(rig, tmp):
                        env=rig.hsm.env(OPENSSL_CONF=cnf, KEYX_DEBUG=1))
     assert r.rc != 0 and "PIN incorrect" in r.err, r
     rig.keep("wrong PIN", r.out, r.err)
+    # the token now shows a failed login, which keyx heeds in every process: the right PIN
+    # once resets it for the tests that share this token
+    rig.hsm.tool("keyx-a", "--list-objects").ok("a login with the right PIN")
     # a PIN inside a URI (RFC 7512 pin-value) is never echoed by keyx either
     r = kxutil.run(["/usr/bin/python3", "-c", kxutil.LIBCRYPTO_CTYPES + PIN_URI, cnf,
                     f"pkcs11:token=nothing;object=x;type=private?pin-value={PIN}"], env=rig.hsm.env(KEYX_DEBUG=1))
