@@ -27,7 +27,7 @@ const char *keyx_alg_name(keyx_alg alg);
 int keyx_alg_has_domain(keyx_alg alg);
 
 /* Where a generated key must live on after the process (openssl genpkey -pkeyopt keyx-persist:,
- * keyx-label:, keyx-id:). Such keys are made for signing too (issue 7: certificate keys): EC keys
+ * keyx-label:, keyx-id:). Such keys are made for signing too (TLS certificate keys): EC keys
  * sign and derive, RSA keys sign and decrypt, DH keys derive. They are sensitive and never
  * extractable, like every hardware key. */
 typedef struct keyx_persist {
@@ -156,7 +156,7 @@ typedef struct keyx_backend_ops {
      * libctx): the backend may make the key without reaching the device, *pub being recorded
      * (up-referenced), and then finds the key and checks its public key against recorded at its
      * first use, refusing every use of a key that differs (tpm: nginx's master loads its
-     * certificate key before forking, issue 7). NULL: load() then a comparison by the caller. */
+     * certificate key before forking). NULL: load() then a comparison by the caller. */
     int (*load_deferred)(void *state, const char *locator, EVP_PKEY *recorded, void **handle,
                          EVP_PKEY **pub);
     /* Shared secret with peer (already validated, keyx libctx). secretlen is the full size of

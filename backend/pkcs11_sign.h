@@ -1,7 +1,7 @@
-/* Signatures in the pkcs11 backend (issue 7): keyx computes the digest in software and the token
- * signs it: CKM_ECDSA (r || s), CKM_RSA_PKCS over DigestInfo || digest, CKM_RSA_PKCS_PSS with
- * CK_RSA_PKCS_PSS_PARAMS. backend/pkcs11.c calls these for keys that carry CKA_SIGN; sessions
- * come from and go back to backend/pkcs11_device.c. */
+/* Signatures in the pkcs11 backend (certificate keys on a token): keyx computes the digest in
+ * software and the token signs it: CKM_ECDSA (r || s), CKM_RSA_PKCS over DigestInfo || digest,
+ * CKM_RSA_PKCS_PSS with CK_RSA_PKCS_PSS_PARAMS. backend/pkcs11.c calls these for keys that carry
+ * CKA_SIGN; sessions come from and go back to backend/pkcs11_device.c. */
 #ifndef KEYX_BACKEND_PKCS11_SIGN_H
 #define KEYX_BACKEND_PKCS11_SIGN_H
 

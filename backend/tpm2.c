@@ -97,8 +97,8 @@ static int tpm2_supports(void *state, const keyx_keyspec *spec)
     if (spec->alg != KEYX_ALG_EC || (c = tpm_curve_by_group(spec->group)) == NULL)
         return 0;
     /* With domain parameters, a key generation asks (it uses the TPM next): the real list.
-     * Without, a capability query (TLS-GROUP), which may not open a tabrmd TCTI (issue 7: a
-     * forking server's master lists the groups): see tpm_dev_has_curve. */
+     * Without, a capability query (TLS-GROUP), which may not open a tabrmd TCTI (a forking
+     * server's master lists the groups before its workers use the TPM): see tpm_dev_has_curve. */
     if (spec->domain != NULL)
         tpm_dev_probe(state);
     return tpm_dev_has_curve(state, c->id);
@@ -646,7 +646,7 @@ static int persistent_key(tpm_dev *d, TPM2_HANDLE h, const TPMT_PUBLIC *area, tp
 
     *out = NULL;
     *pub = NULL;
-    /* Keys for key agreement or decryption, and keys for signing (certificate keys, issue 7). */
+    /* Keys for key agreement or decryption, and keys for signing (TLS certificate keys). */
     sign_ok = (attrs & TPMA_OBJECT_SIGN_ENCRYPT) && !(attrs & TPMA_OBJECT_RESTRICTED);
     if (area->type == TPM2_ALG_RSA) {
         TPMI_ALG_RSA_SCHEME sch = area->parameters.rsaDetail.scheme.scheme;
@@ -771,7 +771,7 @@ static int tpm2_load(void *state, const char *locator, void **handle, EVP_PKEY *
 
 /* A key reference file records the key's locator and public key, so the key is made without the
  * TPM: nginx's master loads its certificate key before forking the workers, and a tabrmd TCTI
- * opened there cannot be opened again in the workers (issue 7). The key is a persistent object
+ * opened there cannot be opened again in the workers. The key is a persistent object
  * of no connection yet: its first use (key_settle) finds it at its handle exactly as after a
  * reconnect or fork, reads its public area and checks it against the recorded public key. */
 static int tpm2_load_deferred(void *state, const char *locator, EVP_PKEY *recorded, void **handle,
@@ -1158,8 +1158,8 @@ static int load_encoded_once(void *state, const char *format, const unsigned cha
         r = 0;
         goto out;
     }
-    /* Loaded whatever it is for (issue 7 signs with keys like these); derive and decrypt refuse a
-     * key that is not an unrestricted decrypt key without a scheme of its own. */
+    /* Loaded whatever it is for (certificate keys sign with keys like these); derive and decrypt
+     * refuse a key that is not an unrestricted decrypt key without a scheme of its own. */
     k->no_decrypt = !(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED) ||
                     (c == NULL && area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_NULL &&
                      area->parameters.rsaDetail.scheme.scheme != TPM2_ALG_OAEP);

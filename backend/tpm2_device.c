@@ -1139,7 +1139,7 @@ int tpm_dev_take_reset(tpm_dev *d)
  * seconds, and its error comes with the operation that needs the TPM. Under the device lock.
  * Except through tpm2-abrmd (a tabrmd TCTI, or the TCTI loader's default, which may pick it):
  * its TCTI (GLib D-Bus) cannot be opened again in a child forked from a process that opened it
- * (issue 7: nginx's master lists the TLS groups before forking its workers), so a query never
+ * (nginx's master lists the TLS groups before forking its workers), so a query never
  * connects there; until an operation connected (a key generation probes first: tpm_dev_probe),
  * the answers are the defaults below (P-256 and P-384), afterwards the TPM's own lists. */
 static void probe_caps_now(tpm_dev *d)

@@ -36,8 +36,9 @@ struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
 /* 1 if the TPM lists curve (TPM2_CAP_ECC_CURVES). When the TPM cannot be reached, answers for
  * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. These
  * queries connect if need be, except through tpm2-abrmd (a tabrmd TCTI or the loader's default):
- * there they never connect (its TCTI cannot be opened again after a fork, issue 7) and answer
- * the same defaults until an operation connected. */
+ * there they never connect (its TCTI cannot be opened again in a process forked from one that
+ * opened it, such as a forking server's workers) and answer the same defaults until an operation
+ * connected. */
 int tpm_dev_has_curve(tpm_dev *d, TPM2_ECC_CURVE curve);
 /* Connects now if the capabilities are not known yet, whatever the TCTI (an operation is about to
  * use the TPM: a key generation asking which curves it has). Errors are dropped. */

@@ -206,7 +206,7 @@ static const struct {
     {IMPL_RAW_ESYS_SESS, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_DERIVE},
     {IMPL_RAW_ESYS, ALG_P256, OP_KEYGEN_DERIVE},
-    /* tpm2-openssl on the same TPM (issue 4's anchor) */
+    /* tpm2-openssl on the same TPM (the point of comparison for the TPM rows) */
     {IMPL_TPM2_OPENSSL, ALG_P256, OP_DERIVE},
     {IMPL_TPM2_OPENSSL, ALG_P256, OP_KEYGEN_DERIVE},
     /* RSA-OAEP decrypt (pkcs11 rows with --pkcs11-rsa-key, TPM rows with --tpm-rsa-handle) */
@@ -266,11 +266,11 @@ static const struct {
     {IMPL_TPM, IMPL_RAW_ESYS, OP_STATIC_DERIVE_READY, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_DERIVE, 0},
     {IMPL_RAW_ESYS_SESS, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
-    /* issue 4: ephemeral keygen+derive at least 2x tpm2-openssl's, same run */
+    /* target: ephemeral keygen+derive in the TPM at least 2x tpm2-openssl's, same run */
     {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_KEYGEN_DERIVE, 2.0},
     {IMPL_TPM, IMPL_TPM2_OPENSSL, OP_DERIVE, 0},
     {IMPL_TPM2_OPENSSL, IMPL_RAW_ESYS, OP_KEYGEN_DERIVE, 0},
-    /* RSA-OAEP decrypt: issue 5 states no targets */
+    /* RSA-OAEP decrypt: no targets, ratios only */
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_OAEP_DECRYPT, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_DECRYPT, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_OAEP_SHA1_DECRYPT, 0},

@@ -1,4 +1,4 @@
-/* keyx example: RSA key wrapping (issue 5).
+/* keyx example: RSA key wrapping.
  *
  * The sender makes a random AES-256 key, wraps it (RSA-OAEP with SHA-256) to the receiver's
  * public key and encrypts a message under it with AES-256-GCM. The receiver unwraps the AES key

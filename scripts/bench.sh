@@ -91,7 +91,7 @@ pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
     --keypairgen --key-type EC:prime256v1 --label bench-ecdh --id 01 --usage-derive >/dev/null
 pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
     --keypairgen --key-type rsa:2048 --label bench-rsa --id 02 --usage-decrypt >/dev/null
-# certificate keys for the signature rows (issue 7)
+# certificate keys for the signature rows
 pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
     --keypairgen --key-type EC:prime256v1 --label bench-sign-ec --id 03 --usage-sign >/dev/null
 pkcs11-tool --module "$module" --token-label "$token" --login --pin "$pin" \
@@ -239,7 +239,7 @@ bench_tpm_setup() {
         --tpm-rsa-handle 0x81000004 --tpm-sign-handle 0x81000003)
     BENCH_ARGS+=("${TPM_ARGS[@]}")
     POOL_ARGS+=(--tpm-config "$work/tpm-pool.cnf" --tpm-tcti "$TPM_TCTI" --tpm-handle 0x81000002)
-    # tpm2-openssl (issue 4's anchor) on the same swtpm, its provider ("tpm2") preferred in its
+    # tpm2-openssl (the TPM rows' point of comparison) on the same swtpm, its provider ("tpm2") preferred in its
     # own library context; its TCTI from TPM2OPENSSL_TCTI (it ignores a TCTI in its config
     # section). It cannot share one process with keyx-tpm: keyx holds its parent and a key (two of
     # swtpm's three transient slots) and tpm2-openssl's key generation needs two (a primary and the
@@ -509,8 +509,8 @@ tls_median() {
     done
 }
 
-# tls_target NAME: the issue's target for that server, or nothing: "ABSOLUTE SHARE ANCHOR...".
-# ECDHE in the TPM 5x tpm2-openssl's 63/s, on the token 5x pkcs11-provider's 55/s (issues 4, 8).
+# tls_target NAME: the throughput target for that server, or nothing: "ABSOLUTE SHARE ANCHOR...".
+# ECDHE in the TPM 5x tpm2-openssl's 63/s, on the token 5x pkcs11-provider's 55/s.
 # Neither anchor is measured here (tpm2-openssl completes no handshake without a resource
 # manager; pkcs11-provider is not installed): shared/research took them on another day, when the
 # default provider's server made 757/s and 530/s. SHARE is five times the anchor's share of that

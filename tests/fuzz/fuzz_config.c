@@ -1,8 +1,8 @@
 /* Target 2: configuration values. The input is a list of records "key index (one byte), value,
  * NUL"; keyx_config_load (provider/config.c) reads them as the core hands over openssl.cnf
- * values. Every value is also judged by an independent validator written from DESIGN.md's
- * table (strtoull, strcasecmp, strtok_r): keyx must accept exactly the configurations it
- * accepts, and store what they say. */
+ * values. Every value is also judged by an independent validator written from the table of
+ * docs/configuration.md (strtoull, strcasecmp, strtok_r): keyx must accept exactly the
+ * configurations it accepts, and store what they say. */
 #include <ctype.h>
 #include <errno.h>
 #include <inttypes.h>

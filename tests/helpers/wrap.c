@@ -1,4 +1,4 @@
-/* keyx-test-wrap: the RSA key-wrapping driver of the test suite (issue 5).
+/* keyx-test-wrap: the RSA key-wrapping driver of the test suite.
  *
  * Loads keyx and the default provider into a fresh library context (or only the default
  * provider with --provider default, the independent cross-check) and decrypts, encapsulates and
