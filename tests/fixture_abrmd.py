@@ -1,4 +1,4 @@
-"""tpm2-abrmd in front of a private swtpm, on a private D-Bus session bus (issue 7).
+"""tpm2-abrmd in front of a private swtpm, on a private D-Bus session bus.
 
 Several processes (nginx's workers) can share one TPM only through a resource manager: the
 kernel's /dev/tpmrm0 on real hosts, tpm2-abrmd here. `abrmd` (per test) starts its own swtpm, a

@@ -1,4 +1,4 @@
-"""nginx (Debian's package) as a test server, with keyx enabled only through OPENSSL_CONF (issue 7).
+"""nginx (Debian's package) as a test server, with keyx enabled only through OPENSSL_CONF.
 
 `nginx_server(...)` writes a private prefix (conf, pid, logs, temp dirs) in the test's temporary
 directory and starts `nginx -p PREFIX -c nginx.conf` in the foreground (`daemon off;`) with

@@ -1,4 +1,4 @@
-"""SoftHSM2 tokens in a temporary directory, for the PKCS#11 backend tests (issue 3).
+"""SoftHSM2 tokens in a temporary directory, for the PKCS#11 backend tests.
 
 `softhsm` (session scope) initializes two tokens, "keyx-a" and "keyx-b" (user PIN in a file),
 and puts a static P-256 key pair "srv-ecdh" (CKA_ID 01, derive allowed) on keyx-a with

@@ -49,7 +49,7 @@ KEYX_REASONS = (
     "key exchange KDF error",
 )
 
-# Every configuration key of DESIGN.md with its environment variable.
+# Every configuration key (docs/configuration.md) with its environment variable.
 CONFIG_KEYS = {
     "backends": "KEYX_BACKENDS",
     "tpm-tcti": "KEYX_TPM_TCTI",
@@ -342,7 +342,7 @@ AUDIT_EVENTS = {"keygen", "load", "derive", "free", "release", "error", "decrypt
 
 
 def check_audit_schema(events):
-    """Fields and types of DESIGN.md's audit format."""
+    """Fields and types of the audit format (docs/guide.md, "Audit log and debug trace")."""
     for ev in events:
         missing = AUDIT_FIELDS - ev.keys()
         assert not missing, f"audit event lacks {sorted(missing)}: {ev}"

@@ -24,12 +24,12 @@ ALGS_ALL = ("P-256", "X25519", "ffdhe2048")
 ALGS_P11 = ("P-256", "ffdhe2048")
 OPS = ("derive", "keygen+derive")
 READY = ("derive", "keygen+derive", "static-derive")
-# RSA-OAEP decrypt rows (issue 5): SHA-256 everywhere, SHA-1 (SoftHSM's native OAEP) on pkcs11
+# RSA-OAEP decrypt rows: SHA-256 everywhere, SHA-1 (SoftHSM's native OAEP) on pkcs11
 RSA = "RSA-2048"
 RSA_P11_CELLS = {(impl, RSA, op) for impl in ("keyx-pkcs11", "raw-pkcs11")
                  for op in ("oaep-decrypt", "oaep-sha1-decrypt")}
 RSA_CELLS = {("default", RSA, "oaep-decrypt"), ("keyx-software", RSA, "oaep-decrypt")} | RSA_P11_CELLS
-# signatures with a certificate key (issue 7): ECDSA P-256 and RSA-2048 PSS, SHA-256
+# signatures with a certificate key: ECDSA P-256 and RSA-2048 PSS, SHA-256
 SIGN = {("P-256", "ecdsa-sign"), (RSA, "pss-sign")}
 SIGN_CELLS = {(impl, alg, op) for impl in ("default", "keyx-software", "keyx-pkcs11", "raw-pkcs11")
               for alg, op in SIGN}
@@ -229,7 +229,7 @@ def test_bench_refuses_pkcs11_rows_that_do_not_reach_the_token(cnf, token):
     assert "made 0 C_DeriveKey calls on the token" in r.err, r
 
 
-# ---- RSA-OAEP decrypt (issue 5's benchmark) -----------------------------------------------------
+# ---- RSA-OAEP decrypt -----------------------------------------------------------------------------
 
 RSA_RATIOS = {("keyx-software", "default", "oaep-decrypt"),
               ("keyx-pkcs11", "raw-pkcs11", "oaep-decrypt"),
@@ -240,7 +240,7 @@ RSA_RATIOS = {("keyx-software", "default", "oaep-decrypt"),
 def test_bench_rsa_rows_and_ratios(cnf, token):
     """OAEP-SHA256 decrypt rows of every configured implementation, each after one ciphertext of
     its pool (made by the default provider with the cell's public key) decrypted to the key that
-    was encrypted; ratios are the quotients of the medians with no target (issue 5 states none);
+    was encrypted; ratios are the quotients of the medians with no target (none is set);
     the keyx-pkcs11 rows make their C_Decrypt on the token (one per operation)."""
     r = run_bench(bench_args(cnf, token, "--json", "--only", "RSA-2048/oaep", "--rounds", "2",
                              "--count-ops", "10"), token).ok("keyx-bench --only RSA")
@@ -465,7 +465,7 @@ def test_bench_tpm_rsa_rows(tpm_rsa_bench):
     assert r.rc == 2 and "bad value" in r.err, r
 
 
-# ---- signatures (issue 7's certificate keys) ------------------------------------------------------
+# ---- signatures with certificate keys -------------------------------------------------------------
 
 SIGN_RATIOS = {(num, den, op) for _, op in SIGN for num, den in
                (("keyx-software", "default"), ("keyx-pkcs11", "raw-pkcs11"),

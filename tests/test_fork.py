@@ -1,4 +1,4 @@
-"""fork() with keys loaded (issue 9): a parent loads a static EC key and an RSA key (software
+"""fork() with keys loaded: a parent loads a static EC key and an RSA key (software
 key file, token keys by pkcs11: URI, TPM persistent keys by keyx:tpm:handle=) and makes a shared
 ephemeral key, does 100 operations, forks 4 children that each do 100 operations (ephemeral
 keygen + derive, static derive, shared-key derive, OAEP decrypt, ECDSA sign, every result checked
@@ -77,7 +77,7 @@ def test_fork_children_use_the_parents_keys(backend, serial, request, tmp):
         assert len(inits) == 1 + CHILDREN, f"{len(inits)} C_Initialize calls for 1 parent + {CHILDREN} children"
 
 
-@pytest.mark.xfail(strict=True, reason="keyx bug (issue 9 report): on a TPM without resource "
+@pytest.mark.xfail(strict=True, reason="keyx bug: on a TPM without resource "
                    "manager a child reclaims the parent's transient objects and sessions "
                    "(reclaim_foreign), and the parent keeps using the stale handles")
 def test_tpm_parent_after_children(request, tmp):
@@ -89,7 +89,7 @@ def test_tpm_parent_after_children(request, tmp):
 
 
 # Timing-dependent (seen in most plain-build runs, rarely under TSan): not strict.
-@pytest.mark.xfail(strict=False, reason="keyx bug (issue 9 report): 4 children re-initializing "
+@pytest.mark.xfail(strict=False, reason="keyx bug: 4 children re-initializing "
                    "SoftHSM at once: a child's C_Initialize misses the token while another child's "
                    "C_Login rewrites its file, and the re-initialization waits 1 s (REINIT_MS)")
 def test_pkcs11_children_at_once(request, tmp):

@@ -1,4 +1,4 @@
-"""libFuzzer targets (issue 9, tests/fuzz/README.md): URI parsing, configuration values, key import
+"""libFuzzer targets (tests/fuzz/README.md): URI parsing, configuration values, key import
 parameters, encoded public keys and key reference files.
 
 scripts/test.sh builds them with clang into $KEYX_FUZZ_DIR (default build-fuzz/ at the repo root, shared by

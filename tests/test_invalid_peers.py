@@ -1,4 +1,4 @@
-"""Invalid peer public keys are rejected with a clear error (issue 2).
+"""Invalid peer public keys are rejected with a clear error.
 
 Each bad peer is given raw, built once by keyx's own keymgmt and once by the default provider
 (whose import accepts some of them, e.g. X25519 small-order points and DH values, so that the

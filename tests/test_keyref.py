@@ -1,4 +1,4 @@
-"""Key reference files (issue 6): `openssl genpkey -out` of a hardware key writes where the key
+"""Key reference files: `openssl genpkey -out` of a hardware key writes where the key
 lives and its public key (PEM "KEYX KEY"), never private material, and every OpenSSL private-key
 reader turns the file back into the same hardware key by reference.
 
@@ -424,7 +424,7 @@ def test_uri_naming_several_keys_is_refused_a_token_uri_lists(hsm, tmp):
 
 def test_tpm_reference_reads_without_the_tpm(tpm, tmp, free_port):
     """A forking server's master reads its TPM certificate key before the fork and must not open
-    the TPM (issue 7: tpm2-abrmd's TCTI cannot be opened again in the workers): the reference
+    the TPM (tpm2-abrmd's TCTI cannot be opened again in the workers): the reference
     reads with the TPM unreachable, and its first use meets the TPM's absence, naming the TCTI."""
     dev = Device("tpm", tmp, tpm=tpm)
     ref = tmp / "srv.pem"

@@ -1,4 +1,4 @@
-"""nginx picks keyx up unchanged (issue 7): Debian's nginx, 2 workers, keyx enabled only through
+"""nginx picks keyx up unchanged: Debian's nginx, 2 workers, keyx enabled only through
 OPENSSL_CONF (`env OPENSSL_CONF;` in nginx.conf), the certificate key a KEYX KEY reference file.
 
 The key is made in hardware with `openssl genpkey` (SoftHSM2 token: keyx-label; TPM behind
@@ -61,7 +61,8 @@ def hsm(tmp_path_factory, build):
 
 def ec_key_id(pub_pem):
     """The audit key id of an EC public key: SHA-256 of its uncompressed point, computed here
-    from the SPKI the default provider writes (DESIGN.md's definition, not keyx's code)."""
+    from the SPKI the default provider writes (the audit log's documented definition, not
+    keyx's code)."""
     der = openssl("pkey", "-pubin", "-in", pub_pem, "-outform", "DER", env=base_env(), text=False).ok("DER").out
     m = re.search(rb"\x03\x42\x00(\x04.{64})$", der, re.S)
     assert m, "not a P-256 SubjectPublicKeyInfo"

@@ -1,4 +1,4 @@
-"""Threads and fork() on the PKCS#11 backend (issue 3).
+"""Threads and fork() on the PKCS#11 backend.
 
 Threads: Python's ssl module runs handshakes in 4 threads at once (it releases the GIL in
 do_handshake), all with their key shares on the token through the shared session pool.

@@ -1,4 +1,4 @@
-"""Failover between the tokens listed in pkcs11-token (issue 3).
+"""Failover between the tokens listed in pkcs11-token.
 
 Two SoftHSM2 tokens of their own (the session's tokens are left alone); a TLS server with
 pkcs11-token = keyx-a keyx-b. Deleting keyx-a while the server runs (softhsm2-util

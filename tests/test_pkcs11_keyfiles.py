@@ -1,5 +1,5 @@
 """Token keys made by keyx (openssl genpkey -pkeyopt keyx-label:/keyx-id:), their locators and
-the listing of a token's keys (issue 6, PKCS#11 side).
+the listing of a token's keys (PKCS#11 side).
 
 Everything runs on a SoftHSM2 token of this module's own ("keyx-kf", in its own token
 directory), so the session fixture's tokens keyx-a/keyx-b, whose objects other tests count, are

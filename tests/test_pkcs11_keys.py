@@ -1,4 +1,4 @@
-"""Token keys by PKCS#11 URI, and the errors an operator meets (issue 3).
+"""Token keys by PKCS#11 URI, and the errors an operator meets.
 
 A static P-256 key made on the token with pkcs11-tool is loaded by URI through keyx's STORE (by
 reference: the private key stays on the token). The secret keyx derives with it must equal what
@@ -92,7 +92,7 @@ def test_exported_public_key_is_the_tokens(softhsm, cnf, tmp):
 
 def test_private_key_never_leaves_the_token(softhsm, cnf, tmp):
     env, _ = keyx_env(softhsm, cnf, tmp)
-    # what is written is a key reference (issue 6), never the private key
+    # what is written is a key reference, never the private key
     kxutil.openssl("pkey", "-in", URI, "-out", tmp / "priv.pem", env=env).ok("key reference")
     ref = (tmp / "priv.pem").read_text()
     assert ref.startswith("-----BEGIN KEYX KEY-----") and "PRIVATE" not in ref, ref

@@ -1,4 +1,4 @@
-"""Signatures with PKCS#11 token keys (issue 7, PKCS#11 side): certificate keys on a token.
+"""Signatures with PKCS#11 token keys (PKCS#11 side): certificate keys on a token.
 
 Keys are made by keyx itself (openssl genpkey -pkeyopt keyx-label:) on a SoftHSM2 token of this
 module's own ("keyx-sig", in its own token directory: the session tokens keyx-a/keyx-b, whose

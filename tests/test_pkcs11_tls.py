@@ -1,4 +1,4 @@
-"""TLS with the server's (and client's) ephemeral keys on a SoftHSM2 token (issue 3).
+"""TLS with the server's (and client's) ephemeral keys on a SoftHSM2 token.
 
 backends = pkcs11: every handshake's key share is generated and derived on the token, and an
 algorithm the token cannot do (X25519: SoftHSM 2.6 has no CKM_EC_MONTGOMERY_KEY_PAIR_GEN) is not

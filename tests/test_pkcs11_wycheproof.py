@@ -1,4 +1,4 @@
-"""Wycheproof ECDH P-256/384/521 with the private key imported into a SoftHSM2 token (issue 3).
+"""Wycheproof ECDH P-256/384/521 with the private key imported into a SoftHSM2 token.
 
 Each private scalar becomes a session object on the token (C_CreateObject, sensitive, not
 extractable) and the secret comes from CKM_ECDH1_DERIVE there: valid vectors give exactly the

@@ -1,4 +1,4 @@
-"""Pools of pre-generated ephemeral keys, `tpm-pool` and `pkcs11-pool` (issue 8).
+"""Pools of pre-generated ephemeral keys, `tpm-pool` and `pkcs11-pool`.
 
 A pooled key is made by the backend's refill thread and handed out by the next ephemeral key
 generation of its group. Every check drives real swtpm / SoftHSM: the secrets a pooled key

@@ -1,4 +1,4 @@
-"""A TLS server written without keyx in mind picks it up through OPENSSL_CONF (issue 7).
+"""A TLS server written without keyx in mind picks it up through OPENSSL_CONF.
 
 The server is Python's `ssl` module (Debian's /usr/bin/python3 on the system libssl): a plain
 accept loop with a software certificate (PEM from the default provider) and OpenSSL's default

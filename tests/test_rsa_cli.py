@@ -1,4 +1,4 @@
-"""RSA key wrapping from the command line and through the C driver (issue 5).
+"""RSA key wrapping from the command line and through the C driver.
 
 - `openssl pkeyutl -encrypt -pubin` / `-decrypt` with OAEP-SHA256 through keyx, for a software
   PEM key and for a token key (pkcs11-tool --keypairgen on keyx-a) by URI; the other side of

@@ -1,4 +1,4 @@
-"""Project Wycheproof RSA-OAEP decryption vectors through keyx (issue 5).
+"""Project Wycheproof RSA-OAEP decryption vectors through keyx.
 
 valid   -> exactly the expected message
 invalid -> refused, and with one and the same error text whatever the cause (bad padding, wrong

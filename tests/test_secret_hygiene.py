@@ -1,4 +1,4 @@
-"""Secret hygiene (issue 9): with KEYX_DEBUG=1 and the audit log on, every operation runs on
+"""Secret hygiene: with KEYX_DEBUG=1 and the audit log on, every operation runs on
 every backend with secrets the test knows, and none of them appears in any output or log of
 keyx (kxutil.assert_no_secrets: hex both cases, base64; private key components one by one):
 

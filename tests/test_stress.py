@@ -1,4 +1,4 @@
-"""8 threads x 5,000 mixed operations per backend in one process (issue 9).
+"""8 threads x 5,000 mixed operations per backend in one process.
 
 tests/helpers/stress.c (keyx-test-stress) loads keyx from an openssl.cnf, a static EC key and a
 static RSA key by URI (a PEM file for software, a SoftHSM token key by pkcs11: URI, TPM

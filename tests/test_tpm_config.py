@@ -1,4 +1,4 @@
-"""How keyx finds the TPM (issue 4): `tpm-tcti` in openssl.cnf and KEYX_TPM_TCTI are both
+"""How keyx finds the TPM: `tpm-tcti` in openssl.cnf and KEYX_TPM_TCTI are both
 honoured (tpm2-openssl ignores its config key), the variable overriding the file; a TPM that
 cannot be reached fails fast with an error naming the TCTI, or fails over to the next backend.
 """

@@ -1,4 +1,4 @@
-"""The TPM goes away under a running process and comes back (issue 4).
+"""The TPM goes away under a running process and comes back.
 
 One keyx-test-derive process derives in a loop (each line: a private key moved into the TPM,
 one ECDH_ZGen). swtpm is killed with SIGKILL in the middle: every operation then fails with a

@@ -1,4 +1,4 @@
-"""Long-lived TPM keys from the openssl tool (issue 6, TPM side): `genpkey -pkeyopt keyx-persist:`
+"""Long-lived TPM keys from the openssl tool (TPM side): `genpkey -pkeyopt keyx-persist:`
 makes a persistent key (TPM2_Create, Load, EvictControl), used by handle and by key reference
 file; TSS2 PRIVATE KEY files made by Debian's tpm2-openssl load as TPM keys.
 
@@ -545,7 +545,7 @@ def test_tss2_sign_only_key_refused_for_derive(tpm, tmp):
     key.write_text(tss2_pem(tss2_der(pub, priv, 0x40000001)))
     _, peer, _ = peer_point(tmp, "P-256", "peer")
     got, r = app(keyx_env(tmp, tpm), tmp, "derive", key, peer)
-    # it loads (a signing key, for issue 7), and refuses key agreement
+    # it loads (a signing key: certificate keys), and refuses key agreement
     assert "provider keyx" in r.out, r
     assert got is None and "this TPM key cannot do key agreement (ECDH_ZGen)" in r.err, r
 

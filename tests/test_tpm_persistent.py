@@ -1,4 +1,4 @@
-"""Persistent TPM keys made with tpm2-tools, used through STORE by reference (issue 4):
+"""Persistent TPM keys made with tpm2-tools, used through STORE by reference:
 `keyx:tpm:handle=0x81000002`. The secret keyx derives must equal what tpm2_ecdhzgen computes
 with the same key for the same peer point; the public key exports; freeing never evicts.
 """
@@ -71,7 +71,7 @@ def test_persistent_key_matches_tpm2_ecdhzgen(swtpm, tmp, group, alg, handle):
     theirs = tmp / "tpm-pub.pem"
     swtpm.tools("tpm2_readpublic", "-c", f"0x{handle:x}", "-f", "pem", "-o", theirs)
     assert mine.read_text() == theirs.read_text()
-    # "private key out" writes a reference to the key (issue 6), never the private key
+    # "private key out" writes a reference to the key, never the private key
     openssl("pkey", "-in", uri, "-out", tmp / "ref.pem", env=env).ok("key reference")
     ref = (tmp / "ref.pem").read_text()
     assert ref.startswith("-----BEGIN KEYX KEY-----") and "PRIVATE" not in ref, ref

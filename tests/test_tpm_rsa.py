@@ -1,4 +1,4 @@
-"""RSA key wrapping in the TPM (issue 5's TPM part): every decryption is one TPM2_RSA_Decrypt.
+"""RSA key wrapping in the TPM: every decryption is one TPM2_RSA_Decrypt.
 
 - Wycheproof rsa_oaep_* (every single-size file, and the misc file's 2048/3072/4096-bit groups:
   keyx serves those sizes only) with each private key moved into swtpm (TPM2_LoadExternal,

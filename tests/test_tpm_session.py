@@ -1,4 +1,4 @@
-"""The TPM bus is protected (issue 4): ECDH Z points come back from the TPM in a salted HMAC
+"""The TPM bus is protected: ECDH Z points come back from the TPM in a salted HMAC
 session with response parameter encryption, and private keys moved into the TPM travel with
 command parameter encryption. The pcap TCTI records every byte exchanged with swtpm: with
 `tpm-encrypt-sessions` on (the default) neither the secret nor the private key may appear in
@@ -71,7 +71,7 @@ def test_rsa_parent_session_also_encrypts(swtpm, tmp):
 
 
 def test_ephemeral_keys_are_null_hierarchy_primaries(swtpm, tmp):
-    """Issue 4's keygen cost: an ephemeral key is one TPM2_CreatePrimary in the NULL hierarchy
+    """The cost of a TPM keygen: an ephemeral key is one TPM2_CreatePrimary in the NULL hierarchy
     (no CreateLoaded under the storage parent, which is created once per process in the owner
     hierarchy, never per key); it is flushed when freed."""
     pcap = tmp / "tpm.pcap"

@@ -1,4 +1,4 @@
-"""TPM signatures for certificate keys (issue 7, TPM side): keyx hashes, the tpm backend signs the
+"""TPM signatures for certificate keys (TPM side): keyx hashes, the tpm backend signs the
 digest with one TPM2_Sign (ECDSA, RSASSA PKCS#1 v1.5, RSASSA-PSS).
 
 Every signature is checked by the default provider alone with the public key tpm2_readpublic

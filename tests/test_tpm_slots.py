@@ -1,4 +1,4 @@
-"""TPM object slots without a resource manager (issue 4). swtpm holds three transient objects;
+"""TPM object slots without a resource manager. swtpm holds three transient objects;
 keyx keeps its storage parent loaded and shares the other slots out among its keys, saving the
 least recently used idle key out of the TPM (ContextSave) when a slot is needed and loading it
 back when it is used. An application holding more keys than slots, threads generating and

@@ -1,4 +1,4 @@
-"""TLS with `backends = tpm` (issue 4): the server's ECDHE key share is a transient object in
+"""TLS with `backends = tpm`: the server's ECDHE key share is a transient object in
 swtpm, made with CreateLoaded, used by one ECDH_ZGen and flushed, with no resource manager in
 front of swtpm (three object slots). The client runs on the default provider alone: swtpm serves
 one connection at a time, and the client is the independent side of every handshake.

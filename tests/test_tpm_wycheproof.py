@@ -1,4 +1,4 @@
-"""Wycheproof ECDH vectors with the private key inside the TPM (issue 4).
+"""Wycheproof ECDH vectors with the private key inside the TPM.
 
 Each vector's private key is moved into swtpm with TPM2_LoadExternal (NULL hierarchy) through the
 `keyx-backend = tpm` import parameter, and the secret comes from TPM2_ECDH_ZGen. Valid vectors

@@ -1,4 +1,4 @@
-"""valgrind memcheck over the openssl command-line flows, each backend (issue 9).
+"""valgrind memcheck over the openssl command-line flows, each backend.
 
 keyx is loaded through OPENSSL_CONF (keyx preferred, the backend under test configured) and the
 openssl tool runs under valgrind for: genpkey (software key, a token key with its reference file,

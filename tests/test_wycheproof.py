@@ -1,4 +1,4 @@
-"""Project Wycheproof key-agreement vectors, every one of them, through keyx (issue 2).
+"""Project Wycheproof key-agreement vectors, every one of them, through keyx.
 
 valid      -> exactly the expected shared secret
 invalid    -> rejected
@@ -31,7 +31,7 @@ FILES = [
 DOCUMENTED_REJECTS = {
     "InvalidAsn": "the peer SPKI is not DER: the default provider's decoder may refuse it before keyx sees a key",
     "UnnamedCurve": "the peer spells out curve parameters: keyx serves only the named groups P-256/384/521",
-    "LowOrderPublic": "small-order X25519/X448 public points are refused (issue 2)",
+    "LowOrderPublic": "small-order X25519/X448 public points are refused (keyx's low-order point check)",
     "SmallPublicKey": "a public value of small order is refused like any low-order point",
     "ZeroSharedSecret": "an all-zero X25519/X448 secret is refused (RFC 7748 section 6.1 check)",
 }

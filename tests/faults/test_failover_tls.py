@@ -1,5 +1,5 @@
-"""A device dies in the middle of a stream of TLS handshakes with `software` listed after it
-(issue 9): `backends = pkcs11, software` (the SoftHSM2 token's directory moved away and back)
+"""A device dies in the middle of a stream of TLS handshakes with `software` listed after it:
+`backends = pkcs11, software` (the SoftHSM2 token's directory moved away and back)
 and `backends = tpm, software` (swtpm SIGKILLed and restarted). One s_server process serves the
 whole stream; every handshake must succeed, each within 5 s: keyx passes the failed device over
 (audit `failover` naming it, the next backend `software`), serves the key shares in software

@@ -1,4 +1,4 @@
-"""Invalid peer public keys on the hardware backends (issue 9).
+"""Invalid peer public keys on the hardware backends.
 
 test_invalid_peers.py refuses every bad peer with software keys; here the same peers meet
 private keys moved into a SoftHSM2 token (session objects) and into swtpm (TPM2_LoadExternal),

@@ -1,4 +1,4 @@
-"""Malformed key files and URIs (issue 9): a KEYX KEY reference (pkcs11 and tpm) and a TSS2
+"""Malformed key files and URIs: a KEYX KEY reference (pkcs11 and tpm) and a TSS2
 PRIVATE KEY file are truncated at many lengths, bit-flipped at many positions, given another
 version, an unknown backend, junk inside and around the PEM. Each file is read as applications
 read it, PEM_read_bio_PrivateKey_ex in a library context with keyx (Python + ctypes, one process

@@ -1,4 +1,4 @@
-"""PKCS#11 faults an operator or the host causes (issue 9): a module path that is not a PKCS#11
+"""PKCS#11 faults an operator or the host causes: a module path that is not a PKCS#11
 module, a wrong PIN under a long-running server. Each case: a clear keyx error (the reason text
 says what to fix) within 5 s, no crash (no signal, no sanitizer report), nothing added to or lost
 from the token, and no lockout loop.

@@ -1,5 +1,5 @@
 """A SoftHSM2 token removed and restored (its directory moved out of the tokendir and back) under
-one long-lived application doing every kind of operation (issue 9): keygen (ephemeral P-256 on
+one long-lived application doing every kind of operation: keygen (ephemeral P-256 on
 the token), derive and ECDSA sign with a token EC key, RSA OAEP decrypt with a token RSA key, the
 two made by `genpkey -pkeyopt keyx-label:` and loaded once by URI (mixed_app.py; every result
 checked by the default provider). While the token is away each operation fails within 5 s with

@@ -1,5 +1,5 @@
-"""swtpm SIGKILLed and restarted under one long-lived application doing every kind of operation
-(issue 9): keygen (ephemeral P-256 made in the TPM), derive, RSA OAEP decrypt and ECDSA sign with
+"""swtpm SIGKILLed and restarted under one long-lived application doing every kind of operation:
+keygen (ephemeral P-256 made in the TPM), derive, RSA OAEP decrypt and ECDSA sign with
 persistent keys made by `genpkey -pkeyopt keyx-persist:` (mixed_app.py, every result checked by
 the default provider). While the TPM is gone each operation fails within 5 s with keyx's
 'backend unavailable' naming the TCTI; the process survives; after the restart the same process

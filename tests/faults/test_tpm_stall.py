@@ -1,4 +1,4 @@
-"""A TPM that accepts commands but never answers (issue 4): swtpm stopped with SIGSTOP.
+"""A TPM that accepts commands but never answers: swtpm stopped with SIGSTOP.
 
 The TCP connection to a stopped swtpm still opens and the command is still sent: without a bound
 ESYS waits for the answer forever (a hung nginx worker). keyx bounds every answer by tpm-timeout
