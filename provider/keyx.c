@@ -16,6 +16,7 @@
 #include "provider/errors.h"
 #include "provider/fail_closed.h"
 #include "provider/provctx.h"
+#include "provider/state.h"
 
 #define KEYX_PROPS "provider=keyx"
 
@@ -152,6 +153,7 @@ static const OSSL_PARAM keyx_param_types[] = {
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_VERSION, OSSL_PARAM_UTF8_PTR, NULL, 0),
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_BUILDINFO, OSSL_PARAM_UTF8_PTR, NULL, 0),
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_STATUS, OSSL_PARAM_INTEGER, NULL, 0),
+    KEYX_STATE_PARAM_TYPES,
     OSSL_PARAM_END,
 };
 
@@ -180,7 +182,7 @@ static int keyx_get_params(void *provctx, OSSL_PARAM params[])
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_STATUS);
     if (p != NULL && !OSSL_PARAM_set_int(p, ((keyx_provctx *)provctx)->refusal[0] == '\0'))
         return 0;
-    return 1;
+    return keyx_state_get_params(provctx, params);
 }
 
 static const OSSL_ITEM *keyx_get_reason_strings(void *provctx)
