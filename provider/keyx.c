@@ -253,7 +253,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
     /* From here on a failure is the configuration's or a device's: keyx loads and refuses every
      * operation, never leaving the application to the default provider in its place. */
     ERR_set_mark();
-    if (!keyx_config_load(&p->cfg, p, core_get_params) ||
+    if (!(p->config_read = keyx_config_load(&p->cfg, p, core_get_params)) ||
         (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL) ||
         !keyx_router_new(p, &p->router)) {
         keyx_router_free(p->router);

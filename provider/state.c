@@ -51,6 +51,8 @@ static void describe_backend(keyx_provctx *p, keyx_backend_kind kind, char *buf,
 
     if (!built(kind))
         snprintf(buf, len, "not built into this keyx");
+    else if (p->router == NULL && !p->config_read)
+        snprintf(buf, len, "not opened: keyx refuses to serve (see keyx-refusal)");
     else if (p->router == NULL)
         snprintf(buf, len, "%s",
                  n == 0 ? "not opened: keyx refuses to serve (see keyx-refusal)"
@@ -65,6 +67,8 @@ static void describe_audit(const keyx_provctx *p, char *buf, size_t len)
 {
     if (p->audit != NULL)
         snprintf(buf, len, "%s", keyx_audit_name(p->audit));
+    else if (!p->config_read)
+        snprintf(buf, len, "not open: keyx refuses to serve (see keyx-refusal)");
     else if (p->cfg.audit_log != NULL)
         snprintf(buf, len, "not open: keyx refuses to serve (audit-log = %s)", p->cfg.audit_log);
     else
@@ -74,6 +78,10 @@ static void describe_audit(const keyx_provctx *p, char *buf, size_t len)
 static void describe_backends(const keyx_provctx *p, char *buf, size_t len)
 {
     buf[0] = '\0';
+    if (!p->config_read) {
+        snprintf(buf, len, "unknown: keyx could not read its configuration (see keyx-refusal)");
+        return;
+    }
     for (size_t i = 0; i < p->cfg.nbackends; i++) {
         size_t used = strlen(buf);
 

@@ -225,3 +225,25 @@ def test_buffer_too_small_is_an_error(tmp):
     r.ok("state probe")
     assert json.loads(r.out.splitlines()[1]) == {"ok": 0}, r
     assert "pass a UTF-8 string buffer of at least" in r.err, r
+
+
+def test_state_example_program(tmp):
+    """examples/state.c, the probe docs/guide.md shows: the values, and exit status 2 when keyx
+    refuses."""
+    exe = kxutil.build_dir() / "examples" / "keyx-state-example"
+    assert exe.exists(), f"{exe} not built"
+    cnf = kxutil.write_cnf(tmp / "ok.cnf", keyx={"backends": "tpm, software", "tpm-tcti": "device:/dev/null"})
+    r = kxutil.run([exe], env=base_env(OPENSSL_CONF=cnf)).ok("keyx-state-example")
+    lines = dict(l.split(": ", 1) for l in r.out.splitlines())
+    assert lines["status"] == "active" and lines["keyx-backends"] == "tpm, software", r
+    assert "not connected yet" in lines["keyx-backend-tpm"] and "device:/dev/null" in lines["keyx-backend-tpm"], r
+    assert lines["keyx-refusal"] == "none", r
+    bad = kxutil.write_cnf(tmp / "bad.cnf", keyx={"backends": "tmp"})
+    r = kxutil.run([exe], env=base_env(OPENSSL_CONF=bad))
+    assert r.rc == 2, r
+    lines = dict(l.split(": ", 1) for l in r.out.splitlines())
+    assert lines["status"] == "inactive" and 'backends = "tmp"' in lines["keyx-refusal"], r
+    # not the default list in place of the one keyx could not read
+    assert lines["keyx-backends"].startswith("unknown"), r
+    assert all("keyx refuses to serve" in lines[f"keyx-backend-{b}"] for b in ("software", "tpm", "pkcs11")), r
+    assert "keyx refuses to serve" in lines["keyx-audit"], r
