@@ -10,24 +10,28 @@ device yet).
 """
 
 import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import threading
 import time
 
 import kxutil
 from fixture_softhsm import PIN, softhsm  # noqa: F401  (fixture)
-from fixture_swtpm import swtpm  # noqa: F401  (fixture)
+from fixture_swtpm import swtpm, swtpm_factory  # noqa: F401  (fixtures)
 from kxutil import base_env, openssl
 from test_provider import providers
 
 STATE = ("keyx-backends", "keyx-backend-software", "keyx-backend-tpm", "keyx-backend-pkcs11",
          "keyx-audit", "keyx-refusal")
 
-# Prints keyx's parameters as one JSON line ("before"), generates one key per algorithm named on
-# the command line (printing "ok"/"err"), then prints them again ("after"), all in one library
-# context loaded from argv[1].
-PROBE = kxutil.LIBCRYPTO_CTYPES + r"""
-import json, time
+# A program's library context loaded from argv[1], keyx in it, and state(): keyx's parameters
+# named in argv[2] (comma-separated) and its status, read with OSSL_PROVIDER_get_params into
+# UTF8_STRING buffers, with the time the call took.
+PARAMS = kxutil.LIBCRYPTO_CTYPES + r"""
+import json, threading, time
 from ctypes import Structure, c_uint, create_string_buffer
 class PARAM(Structure):
     _fields_ = [("key", c_char_p), ("data_type", c_uint), ("data", c_void_p),
@@ -60,20 +64,26 @@ def state(size=4096):
     out.update(ok=1, status=status.value, seconds=took, now=time.time())
     return out
 
-print(json.dumps(state()), flush=True)
-if "SMALL" in sys.argv[3:]:
-    print(json.dumps(state(size=8)), flush=True)
-for alg in sys.argv[3:]:
-    if alg == "SMALL":
-        continue
+def keygen(alg):
     c = CTX_name(ctx, alg.encode(), None)
     k = c_void_p()
     ok = c and kg_init(c) == 1 and (alg != "EC" or set_group(c, b"P-256") == 1) and generate(c, byref(k)) == 1
     if not ok:
         print_errors()
-    print("ok" if ok else "err", flush=True)
     pkey_free(k)
     CTX_free(c)
+    return "ok" if ok else "err"
+"""
+
+# Prints the state as one JSON line ("before"), generates one key per algorithm named on the
+# command line (printing "ok"/"err"), then prints the state again ("after"), in one process.
+PROBE = PARAMS + r"""
+print(json.dumps(state()), flush=True)
+if "SMALL" in sys.argv[3:]:
+    print(json.dumps(state(size=8)), flush=True)
+for alg in sys.argv[3:]:
+    if alg != "SMALL":
+        print(keygen(alg), flush=True)
 print(json.dumps(state()), flush=True)
 prov_unload(prov)
 LIB_free(ctx)
@@ -172,6 +182,56 @@ def test_tpm_connected_after_use(swtpm, tmp):  # noqa: F811
     tpm1 = fast(after)["keyx-backend-tpm"]
     assert tpm1.startswith("connected") and swtpm.tcti in tpm1, r
     assert "down until" not in tpm1 and "last error" not in tpm1, r
+
+
+# Connects (one key), prints the state, waits for a line on stdin (the test stops the TPM), then
+# reads the state while another thread's key generation waits for the stopped TPM, and once more
+# after that generation gave up.
+STALL = PARAMS + r"""
+print(json.dumps({"gen": keygen("EC"), **state()}), flush=True)
+sys.stdin.readline()
+res = []
+t = threading.Thread(target=lambda: res.append(keygen("EC")))
+t.start()
+time.sleep(0.5)
+print(json.dumps({"waiting": t.is_alive(), **state()}), flush=True)
+t.join()
+print(json.dumps({"gen": res[0], **state()}), flush=True)
+"""
+
+
+def test_tpm_stalled_state_answers_at_once(swtpm_factory, tmp):  # noqa: F811
+    """A TPM that takes commands and never answers (swtpm stopped): while another thread waits
+    for it, holding the device, the state is read at once; after the wait runs out (tpm-timeout)
+    the state says the connection was lost, and why."""
+    tpm = swtpm_factory()
+    cnf = kxutil.write_cnf(tmp / "openssl.cnf", keyx={"backends": "tpm", "tpm-tcti": tpm.tcti,
+                                                      "tpm-timeout": "1500"})
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", STALL, str(cnf), ",".join(STATE)], env=base_env(),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(kxutil.TIMEOUT, proc.kill)  # a hung probe fails the test, not the run
+    watchdog.start()
+    try:
+        first = json.loads(proc.stdout.readline() or "{}")
+        assert first.get("gen") == "ok", proc.stderr.read() if proc.poll() is not None else first
+        assert fast(first)["keyx-backend-tpm"].startswith("connected"), first
+        os.killpg(tpm.proc.pid, signal.SIGSTOP)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        during = json.loads(proc.stdout.readline() or "{}")
+        after = json.loads(proc.stdout.readline() or "{}")
+    finally:
+        if tpm.proc is not None:
+            os.killpg(tpm.proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=kxutil.TIMEOUT)
+        watchdog.cancel()
+    assert proc.returncode == 0, err
+    assert during.get("waiting") is True, f"the generation did not wait for the stopped TPM: {during}\n{err}"
+    assert fast(during)["keyx-backend-tpm"].startswith("connected"), during
+    assert after.get("gen") == "err", after
+    tpm1 = fast(after)["keyx-backend-tpm"]
+    assert "the connection was lost" in tpm1 and "down until" in tpm1, after
+    assert re.search(r"last error at \d\d:\d\d:\d\d UTC: tpm: .*did not answer within 1500 ms", tpm1), after
 
 
 def test_wrong_pkcs11_module_path(tmp):
