@@ -389,7 +389,7 @@ int keyx_router_describe(keyx_router *r, keyx_backend_kind kind, char *buf, size
     if (until != 0 && now < until) {
         utc_time(time(NULL) + (until - now), when, sizeof(when));
         used = strlen(buf);
-        snprintf(buf + used, len - used, "; down until %s: new keys go to the next backend", when);
+        snprintf(buf + used, len - used, "; down until %s (passed over for new keys)", when);
     }
     if (CRYPTO_THREAD_read_lock(r->failure_lock)) {
         if (r->failure[kind].at != 0) {
