@@ -197,6 +197,11 @@ typedef struct keyx_backend_ops {
      * raised) or KEYX_BACKEND_DOWN. Audit and use counting are the caller's. */
     int (*sign)(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
                 size_t dlen, unsigned char *sig, size_t *siglen);
+    /* What the backend knows of its device without asking it, for keyx's provider parameters
+     * (provider/state.h): "not connected yet", "connected", "module failed to load: ...". Called
+     * from OSSL_PROVIDER_get_params, so it never calls the device and never waits for a lock
+     * held across device calls; never a PIN. NULL: the backend has no device (software). */
+    void (*describe)(void *state, char *buf, size_t len);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
     /* RSA private-key decryption of in under op; in is the ciphertext as the application gave

@@ -1,7 +1,17 @@
 #include "backend/call.h"
+#include "backend/router.h"
 #include "provider/errors.h"
+#include "provider/provctx.h"
 
 static _Thread_local int inside_backend;
+
+/* A device failure is remembered for the provider's state parameters (router.h). */
+static int noted(keyx_backend *be, int rc)
+{
+    if (rc == KEYX_BACKEND_DOWN && be->prov != NULL)
+        keyx_router_note_down(be->prov->router, be);
+    return rc;
+}
 
 int keyx_check_not_reentered(const struct keyx_provctx *p, const char *what)
 {
@@ -21,7 +31,7 @@ int keyx_backend_generate(keyx_backend *be, const keyx_keyspec *spec, void **han
     inside_backend++;
     ok = be->ops->generate(be->state, spec, handle, pub);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
@@ -31,7 +41,7 @@ int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY
     inside_backend++;
     ok = be->ops->import(be->state, key, handle, pub);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_PKEY **pub)
@@ -41,7 +51,7 @@ int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_
     inside_backend++;
     ok = be->ops->load(be->state, locator, handle, pub);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *recorded,
@@ -52,7 +62,7 @@ int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *
     inside_backend++;
     ok = be->ops->load_deferred(be->state, locator, recorded, handle, pub);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_derive(keyx_backend *be, void *handle, const keyx_peer *peer,
@@ -63,7 +73,7 @@ int keyx_backend_derive(keyx_backend *be, void *handle, const keyx_peer *peer,
     inside_backend++;
     ok = be->ops->derive(be->state, handle, peer, secret, secretlen);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *op,
@@ -79,7 +89,7 @@ int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *
     inside_backend++;
     ok = be->ops->rsa_decrypt(be->state, handle, op, in, inlen, out, outlen);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 void keyx_backend_free(keyx_backend *be, void *handle)
@@ -102,7 +112,7 @@ int keyx_backend_locator(keyx_backend *be, void *handle, char **out)
     inside_backend++;
     ok = be->ops->locator(be->state, handle, out);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsigned char *der,
@@ -118,7 +128,7 @@ int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsign
     inside_backend++;
     ok = be->ops->load_encoded(be->state, format, der, len, handle, pub);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_object **out,
@@ -136,7 +146,7 @@ int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_
     inside_backend++;
     ok = be->ops->objects(be->state, locator, kinds, out, n);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 void keyx_objects_free(keyx_object *objs, size_t n)
@@ -160,7 +170,7 @@ int keyx_backend_sign_check(keyx_backend *be, void *handle, const keyx_sign_op *
     inside_backend++;
     ok = be->ops->sign_check(be->state, handle, op);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }
 
 int keyx_backend_sign(keyx_backend *be, void *handle, const keyx_sign_op *op,
@@ -175,5 +185,5 @@ int keyx_backend_sign(keyx_backend *be, void *handle, const keyx_sign_op *op,
     inside_backend++;
     ok = be->ops->sign(be->state, handle, op, dgst, dlen, sig, siglen);
     inside_backend--;
-    return ok;
+    return noted(be, ok);
 }

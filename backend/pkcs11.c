@@ -76,6 +76,11 @@ static void p11_close(void *state)
     p11_dev_free(state);
 }
 
+static void p11_describe(void *state, char *buf, size_t len)
+{
+    p11_dev_describe(state, buf, len);
+}
+
 static int p11_supports(void *state, const keyx_keyspec *spec)
 {
     p11_caps caps;
@@ -1390,4 +1395,5 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .sign = p11_sign,
     .free = p11_free,
     .rsa_decrypt = p11_rsa_decrypt_op,
+    .describe = p11_describe,
 };

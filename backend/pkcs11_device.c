@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <p11-kit/p11-kit.h>
 
@@ -72,6 +73,17 @@ struct p11_dev {
     unsigned int reinits; /* re-initializations after a token was missing */
     p11_tok tok[MAX_TOKENS];
     int ntok, nset;
+    /* The module as p11_dev_describe tells it, readable without the lock (which C_Initialize
+     * and C_Login hold for as long as the module takes): one of MOD_*. load_error is final once
+     * this says MOD_FAILED. */
+    atomic_int mod;
+};
+
+enum {
+    MOD_NONE,   /* not loaded yet (keyx loads it at first use) */
+    MOD_READY,  /* loaded and initialized */
+    MOD_FAILED, /* could not be loaded or initialized: load_error says why, never retried */
+    MOD_REINIT  /* a re-initialization failed: retried at most once a second */
 };
 
 /* ---- fork ------------------------------------------------------------------------------ */
@@ -423,6 +435,7 @@ static int module_ready(p11_dev *d)
         rv = CKR_CRYPTOKI_NOT_INITIALIZED;
         if (now_ms() - d->init_ms >= REINIT_MS && (rv = module_initialize(d)) == CKR_OK) {
             d->need_init = 0;
+            atomic_store(&d->mod, MOD_READY);
             return 1;
         }
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
@@ -441,11 +454,13 @@ static int module_ready(p11_dev *d)
         d->objects = 0;
         d->need_init = 0;
         if ((rv = module_initialize(d)) != CKR_OK) {
+            atomic_store(&d->mod, MOD_REINIT);
             KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                      "pkcs11: re-initializing module '%s' after fork failed: %s", d->module_path,
                      p11_rv_name(rv, buf, sizeof(buf)));
             return 0;
         }
+        atomic_store(&d->mod, MOD_READY);
         return 1;
     }
     if (d->load_failed) {
@@ -462,6 +477,7 @@ static int module_ready(p11_dev *d)
         /* The hint first: p11-kit's message names the path twice and could push it out. */
         snprintf(d->load_error, sizeof(d->load_error), "check pkcs11-module: %s",
                  msg != NULL ? msg : "not found or not a PKCS#11 module");
+        atomic_store(&d->mod, MOD_FAILED);
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);
         return 0;
@@ -476,10 +492,12 @@ static int module_ready(p11_dev *d)
                  "C_Initialize failed: %s (for SoftHSM: is SOFTHSM2_CONF set and its tokendir "
                  "readable?)",
                  p11_rv_name(rv, buf, sizeof(buf)));
+        atomic_store(&d->mod, MOD_FAILED);
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);
         return 0;
     }
+    atomic_store(&d->mod, MOD_READY);
     return 1;
 }
 
@@ -860,6 +878,7 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
                d->reinits, p11_rv_name(rv, buf, sizeof(buf)));
     if (rv != CKR_OK) {
         d->need_init = 1; /* module_ready retries, at most once per REINIT_MS */
+        atomic_store(&d->mod, MOD_REINIT);
         return 0;
     }
     return 1;
@@ -1106,4 +1125,72 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     }
     pthread_mutex_unlock(&d->lock);
     return count;
+}
+
+/* One token of the failover set, as keyx last saw it. Lock held. */
+static void describe_token(p11_dev *d, int idx, long now, char *out, size_t len)
+{
+    p11_tok *t = &d->tok[idx];
+    char name[33], buf[24];
+    const char *n = set_token_name(t, name);
+
+    if (t->pin_failed)
+        snprintf(out, len, "token '%s': login refused (%s): fix pkcs11-pin", n,
+                 p11_rv_name(t->pin_failed, buf, sizeof(buf)));
+    else if (t->down_until > now)
+        snprintf(out, len, "token '%s': down, passed over for %ld s more", n, t->down_until - now);
+    else if (t->logged_in)
+        snprintf(out, len, "token '%s': ready (logged in)", n);
+    else if (t->found)
+        snprintf(out, len, "token '%s': found (not logged in yet)", n);
+    else
+        snprintf(out, len, "token '%s': not found yet", n);
+}
+
+void p11_dev_describe(p11_dev *d, char *buf, size_t len)
+{
+    int mod = atomic_load(&d->mod);
+    size_t used;
+
+    switch (mod) {
+    case MOD_FAILED:
+        snprintf(buf, len, "module '%s' could not be loaded: %s", d->module_path, d->load_error);
+        return;
+    case MOD_REINIT:
+        snprintf(buf, len,
+                 "module '%s': re-initializing it failed (keyx retries at most once a second)",
+                 d->module_path);
+        return;
+    case MOD_NONE:
+        /* A path that names no file is worth saying now: the load will fail at first use. A
+         * name without '/' is looked up by p11-kit in its own directory. */
+        if (strchr(d->module_path, '/') != NULL && access(d->module_path, F_OK) != 0)
+            snprintf(buf, len,
+                     "module '%s' not loaded yet, and there is no such file: check pkcs11-module",
+                     d->module_path);
+        else
+            snprintf(buf, len,
+                     "module '%s' not loaded yet (keyx loads it at its first PKCS#11 "
+                     "operation)",
+                     d->module_path);
+        return;
+    default:
+        break;
+    }
+    snprintf(buf, len, "module '%s' loaded", d->module_path);
+    /* The tokens' state is kept under the lock, which a slow C_Login or C_Initialize may hold:
+     * never waited for here. */
+    if (pthread_mutex_trylock(&d->lock) != 0) {
+        used = strlen(buf);
+        snprintf(buf + used, len - used, "; tokens: not shown (a module call is in progress)");
+        return;
+    }
+    for (int i = 0; i < d->nset; i++) {
+        char tok[160];
+
+        describe_token(d, i, now_seconds(), tok, sizeof(tok));
+        used = strlen(buf);
+        snprintf(buf + used, len - used, "; %s", tok);
+    }
+    pthread_mutex_unlock(&d->lock);
 }

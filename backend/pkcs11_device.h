@@ -52,6 +52,10 @@ typedef struct p11_sess {
 int p11_dev_new(struct keyx_provctx *p, p11_dev **out);
 void p11_dev_free(p11_dev *d);
 struct keyx_provctx *p11_dev_prov(const p11_dev *d);
+/* The module and the failover set's tokens as last seen, without a module call and without
+ * waiting for the lock (backend.h's describe): "module '...' not loaded yet", "module '...'
+ * loaded; token 'keyx': ready (logged in)". Never a PIN. */
+void p11_dev_describe(p11_dev *d, char *buf, size_t len);
 
 /* Capabilities of the token that serves new keys. 0 when no token can be reached (no error). */
 int p11_dev_caps(p11_dev *d, p11_caps *caps);

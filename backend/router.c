@@ -29,6 +29,13 @@ struct keyx_router {
     CRYPTO_RWLOCK *extra_lock;
     _Atomic long down_until[KEYX_BACKEND_KINDS]; /* by backend kind; 0: up */
     char names[64];                              /* "tpm, pkcs11, software": for error messages */
+    /* The last device failure of each backend kind, for the provider parameters (state.h);
+     * the lock is held only to copy the text in or out, never across a backend call. */
+    CRYPTO_RWLOCK *failure_lock;
+    struct {
+        time_t at; /* wall clock; 0: none */
+        char text[400];
+    } failure[KEYX_BACKEND_KINDS];
 };
 
 const char *keyx_alg_name(keyx_alg alg)
@@ -94,7 +101,8 @@ int keyx_router_new(keyx_provctx *p, keyx_router **out)
     keyx_router *r = OPENSSL_zalloc(sizeof(*r));
 
     *out = r;
-    if (r == NULL || (r->extra_lock = CRYPTO_THREAD_lock_new()) == NULL)
+    if (r == NULL || (r->extra_lock = CRYPTO_THREAD_lock_new()) == NULL ||
+        (r->failure_lock = CRYPTO_THREAD_lock_new()) == NULL)
         return 0;
     for (size_t i = 0; i < p->cfg.nbackends; i++) {
         keyx_backend_kind kind = p->cfg.backends[i];
@@ -137,6 +145,7 @@ void keyx_router_free(keyx_router *r)
         if (r->extra[i].ops != NULL)
             r->extra[i].ops->close(r->extra[i].state);
     CRYPTO_THREAD_lock_free(r->extra_lock);
+    CRYPTO_THREAD_lock_free(r->failure_lock);
     OPENSSL_free(r);
 }
 
@@ -317,4 +326,78 @@ keyx_backend *keyx_router_backend(keyx_router *r, keyx_backend_kind kind)
 keyx_backend *keyx_router_software(keyx_router *r)
 {
     return r->software;
+}
+
+void keyx_router_note_down(keyx_router *r, const keyx_backend *be)
+{
+    const char *data = NULL;
+    int flags = 0;
+    keyx_backend_kind kind;
+
+    if (r == NULL || !CRYPTO_THREAD_write_lock(r->failure_lock))
+        return;
+    kind = kind_of(be);
+    if (ERR_peek_last_error_data(&data, &flags) == 0 || !(flags & ERR_TXT_STRING) || data == NULL ||
+        data[0] == '\0')
+        data = "the device is unreachable or failing (no detail)";
+    r->failure[kind].at = time(NULL);
+    snprintf(r->failure[kind].text, sizeof(r->failure[kind].text), "%s",
+             strncmp(data, "keyx: ", 6) == 0 ? data + 6 : data);
+    CRYPTO_THREAD_unlock(r->failure_lock);
+}
+
+/* "12:14:05 UTC" */
+static void utc_time(time_t t, char *buf, size_t len)
+{
+    struct tm tm;
+
+    if (gmtime_r(&t, &tm) == NULL || strftime(buf, len, "%H:%M:%S UTC", &tm) == 0)
+        snprintf(buf, len, "?");
+}
+
+int keyx_router_describe(keyx_router *r, keyx_backend_kind kind, char *buf, size_t len)
+{
+    const keyx_backend *be = NULL;
+    long until, now = now_seconds();
+    size_t used;
+    char when[32];
+
+    if ((unsigned)kind >= KEYX_BACKEND_KINDS)
+        return 0;
+    for (size_t i = 0; i < r->n; i++)
+        if (kind_of(&r->backends[i]) == kind)
+            be = &r->backends[i];
+    if (be == NULL) {
+        /* Not listed, perhaps opened for a key loaded by URI: r->extra, set under its lock. */
+        if (!CRYPTO_THREAD_read_lock(r->extra_lock))
+            return 0;
+        if (r->extra[kind].ops != NULL && r->extra[kind].ops->describe != NULL)
+            r->extra[kind].ops->describe(r->extra[kind].state, buf, len);
+        else if (r->extra[kind].ops != NULL)
+            snprintf(buf, len, "ready");
+        else
+            buf[0] = '\0';
+        CRYPTO_THREAD_unlock(r->extra_lock);
+        if (buf[0] == '\0')
+            return 0;
+    } else if (be->ops->describe != NULL) {
+        be->ops->describe(be->state, buf, len);
+    } else {
+        snprintf(buf, len, "ready");
+    }
+    until = atomic_load(&r->down_until[kind]);
+    if (until != 0 && now < until) {
+        utc_time(time(NULL) + (until - now), when, sizeof(when));
+        used = strlen(buf);
+        snprintf(buf + used, len - used, "; down until %s (passed over for new keys)", when);
+    }
+    if (CRYPTO_THREAD_read_lock(r->failure_lock)) {
+        if (r->failure[kind].at != 0) {
+            utc_time(r->failure[kind].at, when, sizeof(when));
+            used = strlen(buf);
+            snprintf(buf + used, len - used, "; last error at %s: %s", when, r->failure[kind].text);
+        }
+        CRYPTO_THREAD_unlock(r->failure_lock);
+    }
+    return 1;
 }

@@ -29,4 +29,13 @@ int keyx_router_first_for(keyx_router *r, const keyx_keyspec *spec);
  * that material is already in software, so keeping it there is no fallback. */
 keyx_backend *keyx_router_software(keyx_router *r);
 
+/* Records the error on top of the queue as be's last device failure (after a backend call
+ * returned KEYX_BACKEND_DOWN). r may be NULL (keyx is still opening its backends). */
+void keyx_router_note_down(keyx_router *r, const keyx_backend *be);
+/* The state of backend kind as keyx knows it without asking the device, for a person to read:
+ * the backend's own description (connected, module loaded, ...), whether routing passes it over
+ * for new keys and until when, its last device failure. 0 when no instance of kind is open
+ * (buf untouched). Never waits for a lock held across a device call. */
+int keyx_router_describe(keyx_router *r, keyx_backend_kind kind, char *buf, size_t len);
+
 #endif

@@ -87,6 +87,11 @@ static void tpm2_close(void *state)
     tpm_dev_free(state);
 }
 
+static void tpm2_describe(void *state, char *buf, size_t len)
+{
+    tpm_dev_describe(state, buf, len);
+}
+
 static int tpm2_supports(void *state, const keyx_keyspec *spec)
 {
     const tpm_curve *c;
@@ -1765,4 +1770,5 @@ const keyx_backend_ops keyx_tpm_backend = {
     .rsa_decrypt = tpm2_rsa_decrypt,
     .sign_check = tpm2_sign_check,
     .sign = tpm2_sign,
+    .describe = tpm2_describe,
 };

@@ -1,5 +1,7 @@
 /* The TPM connection, storage parent, session and object slots (see tpm2_device.h). */
 #include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -64,6 +66,16 @@ struct tpm_dev {
     } pers[MAX_PERSISTENT];
     tpm_dev *reg_next;
     tpm_tcti_watch watch; /* commands the bounded TCTI gave up on (tpm2_tcti.h) */
+    /* The connection as tpm_dev_describe tells it, readable without the lock (which a command
+     * holds for as long as the TPM takes): one of LINK_*. */
+    atomic_int link;
+};
+
+enum {
+    LINK_NONE,   /* no connection yet in this process (keyx connects at first use) */
+    LINK_UP,     /* connected, with storage parent and session */
+    LINK_FAILED, /* the last attempt to connect failed */
+    LINK_LOST    /* a working connection was lost or given up on */
 };
 
 /* ---- fork ------------------------------------------------------------------------------ */
@@ -109,6 +121,7 @@ static void fork_child(void)
             tpm_fsess_forget(&d->fast);
             d->gen++;
         }
+        atomic_store(&d->link, LINK_NONE);
     }
     pthread_mutex_unlock(&registry_lock);
 }
@@ -182,6 +195,9 @@ static int stalled(tpm_dev *d)
 
 static void disconnect(tpm_dev *d)
 {
+    int up = LINK_UP;
+
+    atomic_compare_exchange_strong(&d->link, &up, LINK_LOST);
     if (d->ctx != NULL)
         Esys_Finalize(&d->ctx);
     tpm_tcti_free(&d->tcti_ctx);
@@ -615,7 +631,7 @@ static void flush_stale(tpm_dev *d)
     }
 }
 
-static int connect_tpm(tpm_dev *d)
+static int connect_once(tpm_dev *d)
 {
     TSS2_RC rc;
     int r, timed_out = 0;
@@ -693,6 +709,15 @@ static int connect_tpm(tpm_dev *d)
     }
     d->ready = 1;
     return 1;
+}
+
+/* Connects, and records the outcome for tpm_dev_describe. */
+static int connect_tpm(tpm_dev *d)
+{
+    int r = connect_once(d);
+
+    atomic_store(&d->link, r == 1 ? LINK_UP : LINK_FAILED);
+    return r;
 }
 
 /* While the lock is held, libcrypto calls that the TSS makes on its own (the ECDH that salts
@@ -1305,4 +1330,20 @@ void tpm_dev_free(tpm_dev *d)
 struct keyx_provctx *tpm_dev_prov(const tpm_dev *d)
 {
     return d->p;
+}
+
+void tpm_dev_describe(tpm_dev *d, char *buf, size_t len)
+{
+    static const char *const what[] = {
+        [LINK_NONE] = "not connected yet (keyx connects at its first TPM operation)",
+        [LINK_UP] = "connected",
+        [LINK_FAILED] = "not connected: the last attempt to connect failed (keyx tries again at "
+                        "the next operation)",
+        [LINK_LOST] = "not connected: the connection was lost (keyx reconnects at the next "
+                      "operation)",
+    };
+    int link = atomic_load(&d->link);
+
+    snprintf(buf, len, "%s; TCTI '%s'", what[link >= LINK_NONE && link <= LINK_LOST ? link : 0],
+             tcti_name(d));
 }

@@ -7,6 +7,7 @@
 #ifndef KEYX_BACKEND_TPM2_DEVICE_H
 #define KEYX_BACKEND_TPM2_DEVICE_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include <tss2/tss2_esys.h>
@@ -32,6 +33,9 @@ typedef struct tpm_obj {
 int tpm_dev_new(struct keyx_provctx *p, tpm_dev **out);
 void tpm_dev_free(tpm_dev *d);
 struct keyx_provctx *tpm_dev_prov(const tpm_dev *d);
+/* The connection's state as last seen, without the lock and without the TPM (backend.h's
+ * describe): "connected; TCTI '...'", "not connected yet; ...". */
+void tpm_dev_describe(tpm_dev *d, char *buf, size_t len);
 
 /* 1 if the TPM lists curve (TPM2_CAP_ECC_CURVES). When the TPM cannot be reached, answers for
  * P-256 and P-384 (every PC-client TPM has them) so that generation meets the real error. These

@@ -221,6 +221,11 @@ void keyx_audit_close(keyx_audit *a)
     OPENSSL_free(a);
 }
 
+const char *keyx_audit_name(const keyx_audit *a)
+{
+    return keyx_audit_sink_name(a->sink);
+}
+
 static void audit_write(const keyx_audit *a, const keyx_event *ev)
 {
     outbuf o;

@@ -22,6 +22,8 @@ typedef struct keyx_event {
 /* Opens (creates, appends) the log at path, mode 0600. NULL with an error raised on failure. */
 keyx_audit *keyx_audit_open(struct keyx_provctx *p, const char *path);
 void keyx_audit_close(keyx_audit *a);
+/* The log's path or "syslog at SOCKET" (provider/state.h). */
+const char *keyx_audit_name(const keyx_audit *a);
 
 /* Appends ev to the audit log when it is on, and traces it to stderr when debug is on. */
 void keyx_event_emit(const struct keyx_provctx *p, const keyx_event *ev);

@@ -25,6 +25,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_NOT_CONFIGURED, "keyx is not configured correctly and refuses to serve"},
     {KEYX_R_KDF, "key exchange KDF error"},
     {KEYX_R_PIN_LOCKOUT, "token login not tried: the token shows failed logins"},
+    {KEYX_R_PARAM_BUFFER, "provider parameter buffer too small or of the wrong type"},
     {0, NULL},
 };
 

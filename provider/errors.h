@@ -26,6 +26,7 @@ enum keyx_reason {
     KEYX_R_NOT_CONFIGURED,      /* keyx could not start as configured and refuses to serve */
     KEYX_R_KDF,
     KEYX_R_PIN_LOCKOUT,
+    KEYX_R_PARAM_BUFFER, /* a provider parameter's buffer is not a large enough UTF-8 string */
     /* a token shows failed logins: keyx does not try the PIN (no lockout) */ /* a key exchange's
                                                                                  KDF parameters are
                                                                                  wrong or its KDF

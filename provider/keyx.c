@@ -16,6 +16,7 @@
 #include "provider/errors.h"
 #include "provider/fail_closed.h"
 #include "provider/provctx.h"
+#include "provider/state.h"
 
 #define KEYX_PROPS "provider=keyx"
 
@@ -152,6 +153,7 @@ static const OSSL_PARAM keyx_param_types[] = {
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_VERSION, OSSL_PARAM_UTF8_PTR, NULL, 0),
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_BUILDINFO, OSSL_PARAM_UTF8_PTR, NULL, 0),
     OSSL_PARAM_DEFN(OSSL_PROV_PARAM_STATUS, OSSL_PARAM_INTEGER, NULL, 0),
+    KEYX_STATE_PARAM_TYPES,
     OSSL_PARAM_END,
 };
 
@@ -180,7 +182,7 @@ static int keyx_get_params(void *provctx, OSSL_PARAM params[])
     p = OSSL_PARAM_locate(params, OSSL_PROV_PARAM_STATUS);
     if (p != NULL && !OSSL_PARAM_set_int(p, ((keyx_provctx *)provctx)->refusal[0] == '\0'))
         return 0;
-    return 1;
+    return keyx_state_get_params(provctx, params);
 }
 
 static const OSSL_ITEM *keyx_get_reason_strings(void *provctx)
@@ -251,7 +253,7 @@ int OSSL_provider_init(const OSSL_CORE_HANDLE *handle, const OSSL_DISPATCH *in,
     /* From here on a failure is the configuration's or a device's: keyx loads and refuses every
      * operation, never leaving the application to the default provider in its place. */
     ERR_set_mark();
-    if (!keyx_config_load(&p->cfg, p, core_get_params) ||
+    if (!(p->config_read = keyx_config_load(&p->cfg, p, core_get_params)) ||
         (p->cfg.audit_log != NULL && (p->audit = keyx_audit_open(p, p->cfg.audit_log)) == NULL) ||
         !keyx_router_new(p, &p->router)) {
         keyx_router_free(p->router);

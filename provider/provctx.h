@@ -21,6 +21,7 @@ typedef struct keyx_provctx {
     OSSL_LIB_CTX *libctx;
     OSSL_PROVIDER *dflt;
     keyx_config cfg;
+    int config_read; /* cfg holds the whole configuration (else keyx refuses, cfg is partial) */
     struct keyx_audit *audit;          /* NULL when audit-log is off */
     struct keyx_router *router;        /* the configured backends, in order */
     struct keyx_algtab *algs;          /* default provider's keymgmt tables, fetched once */
