@@ -7,18 +7,21 @@ the softhsm2 package) and point SOFTHSM2_CONF at a token directory of their own;
 written under /usr or /etc. (p11-kit reads user registrations in ~/.config/pkcs11/modules only
 for users other than root, and neither Debian 12's p11-kit 0.24 nor Debian 13's 0.25 is built
 with the P11_*_CONFIG_* environment overrides, so the tests, which run as root, rely on the
-system's registration.) pkcs11-tool, loading the same proxy, is the independent view of what the
-proxy serves; every secret is checked against the default provider, and the TLS client runs on
-the default provider.
+system's registration; the one test of a user's own registration runs its processes as nobody.)
+pkcs11-tool, loading the same proxy, is the independent view of what the proxy serves; every
+secret is checked against the default provider, and the TLS client runs on the default provider.
 """
 
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 import kxutil
-from fixture_softhsm import PIN, SoftHSM
+from fixture_softhsm import PIN, SPY, SoftHSM
 from test_fork import CHILDREN, children_of
 from test_stress import TOKEN_EC, TOKEN_RSA, check_counts, sanitizer_env, stress_bin
 from test_stress import stress_token  # noqa: F401
@@ -237,3 +240,72 @@ def test_broken_proxy_file_is_a_clear_error(hsm, cnf, tmp, what):
     assert r.rc > 0, f"expected a clean failure:\n{r!r}"
     assert f"cannot load PKCS#11 module '{path}': p11-kit proxy: " in text and needle in text, r
     assert "set pkcs11-module" in text, r
+
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+
+
+@pytest.fixture
+def user_dir():
+    """A directory nobody can reach (pytest's own are root's, mode 0700), removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="keyx-p11kit-user-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def chown_tree(root, uid):
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.chown(name, uid, uid)
+
+
+def test_user_registration_and_fork(user_dir):
+    """A module a user registers (~/.config/pkcs11/modules through XDG_CONFIG_HOME, read by
+    p11-kit for users other than root; `user-config: only` leaves the system's modules out): OpenSC's
+    pkcs11-spy in front of SoftHSM, so that every call the proxy makes is logged. A process of
+    that user with no pkcs11-module, holding token keys by URI, forks 4 children through the
+    proxy: every result is checked by the default provider, and the spy shows one C_Initialize
+    in the parent and one in each child (the proxy initializes the module again in the child)."""
+    assert shutil.which("setpriv"), "setpriv not found: install util-linux"
+    assert SPY.exists(), f"{SPY} not found: install opensc"
+    hsm = SoftHSM(user_dir / "softhsm").setup()
+    hsm.tool("keyx-a", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "stress-ec",
+             "--id", "e1", "--usage-derive", "--usage-sign").ok("EC token key")
+    hsm.tool("keyx-a", "--keypairgen", "--key-type", "rsa:2048", "--label", "stress-rsa",
+             "--id", "e2", "--usage-decrypt").ok("RSA token key")
+    conf_dir = user_dir / "config" / "pkcs11"
+    (conf_dir / "modules").mkdir(parents=True)
+    (conf_dir / "pkcs11.conf").write_text("user-config: only\n")
+    (conf_dir / "modules" / "keyx-spy.module").write_text(f"module: {SPY}\n")
+    spy_log, log = user_dir / "spy.log", user_dir / "audit.jsonl"
+    ops = 50
+    conf = kxutil.write_cnf(user_dir / "p11.cnf", keyx=settings(hsm, **{"audit-log": log, "pkcs11-raw-rsa": 1}))
+    chown_tree(user_dir, NOBODY)
+    user = {"HOME": user_dir, "XDG_CONFIG_HOME": user_dir / "config"}
+
+    # pkcs11-tool on the proxy, as that user: the spy's (SoftHSM's) tokens, and only those
+    r = kxutil.run([*AS_NOBODY, "pkcs11-tool", "--module", proxy_path(), "--list-token-slots"],
+                   env=hsm.env(LD_PRELOAD=None, ASAN_OPTIONS=None, UBSAN_OPTIONS=None,
+                               PKCS11SPY=hsm.module, PKCS11SPY_OUTPUT=user_dir / "tool-spy.log", **user))
+    r.ok("proxy slots as nobody")
+    assert sorted(re.findall(r"token label\s*:\s*(\S+)", r.out)) == ["keyx-a", "keyx-b"], r
+    assert "C_GetSlotList" in (user_dir / "tool-spy.log").read_text(), "the proxy did not go through the spy"
+
+    r = kxutil.run([*AS_NOBODY, stress_bin(), "--config", conf, "--ec-key", TOKEN_EC, "--rsa-key", TOKEN_RSA,
+                    "--groups", "P-256", "--ops", ops, "--fork", CHILDREN, "--serial", 1,
+                    "--child-shared", "refused"], env=sanitizer_env(hsm.spy_env(spy_log, **user)), timeout=600)
+    children = children_of(r)
+    assert len(children) == CHILDREN, f"expected {CHILDREN} children:\n{r!r}"
+    for pid, name in children.items():
+        check_counts(r, ops, prefix=f"{name} {pid} ")
+        assert f"{name} {pid} refused {ops // 5}" in r.out, r
+    check_counts(r, ops, prefix="parent-after ")
+    assert r.rc == 0, r
+    inits = re.findall(r"^\d+: C_Initialize$", spy_log.read_text(), re.M)
+    assert len(inits) == 1 + CHILDREN, f"{len(inits)} C_Initialize calls for 1 parent + {CHILDREN} children"
+    events = kxutil.read_audit(log)
+    for pid in [r.pid, *children]:
+        done = {e["event"] for e in events if e["pid"] == pid and e["ok"] and e.get("backend") == "pkcs11"}
+        assert {"keygen", "derive", "decrypt", "sign"} <= done, f"pid {pid}: {sorted(done)}"
