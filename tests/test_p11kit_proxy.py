@@ -204,9 +204,16 @@ def test_forked_children_through_the_proxy(stress_token, cnf, tmp):  # noqa: F81
     log = tmp / "audit.jsonl"
     s = settings(stress_token, **{"audit-log": log, "pkcs11-raw-rsa": 1})
     conf = kxutil.write_cnf(tmp / "p11.cnf", keyx=s)
+    env = sanitizer_env(stress_token.env())
+    if "ASAN_OPTIONS" in env:
+        # Leak checking stays off here: the system's registrations bring in OpenSC, which
+        # dlcloses libpcsclite (a library with TLS) in C_Finalize, and LeakSanitizer's tracer then
+        # crashes on the stale thread-local block at exit ("Tracer caught signal 11"). The same
+        # run through the proxy with leak checking on: test_user_registration_and_fork.
+        env["ASAN_OPTIONS"] = env["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
     r = kxutil.run([stress_bin(), "--config", conf, "--ec-key", TOKEN_EC, "--rsa-key", TOKEN_RSA,
                     "--groups", "P-256", "--ops", ops, "--fork", CHILDREN, "--serial", 1,
-                    "--child-shared", "refused"], env=sanitizer_env(stress_token.env()), timeout=600)
+                    "--child-shared", "refused"], env=env, timeout=600)
     children = children_of(r)
     assert len(children) == CHILDREN, f"expected {CHILDREN} children:\n{r!r}"
     check_counts(r, ops, prefix="parent-before ")
