@@ -1,10 +1,12 @@
 /* The PKCS#11 module, its tokens, login and session pools (see pkcs11_device.h). */
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -60,6 +62,8 @@ struct p11_dev {
     keyx_provctx *p;
     pthread_mutex_t lock;
     const char *module_path; /* configured path, or the p11-kit proxy */
+    int proxy;               /* module_path is p11-kit's proxy: loaded by dlopen (see proxy_load) */
+    void *proxy_dl;          /* the proxy's dlopen handle while d->f is its function list */
     CK_FUNCTION_LIST *f;     /* NULL until first use */
     int we_initialized;      /* we called C_Initialize: we may finalize */
     CK_RV load_failed;       /* the module could not be loaded: not retried */
@@ -300,6 +304,19 @@ int p11_fail(p11_sess *s, CK_RV rv, const char *what)
 
 /* ---- configuration --------------------------------------------------------------------- */
 
+/* 1 if path names p11-kit's proxy module: the default, the same file as the proxy (on Debian
+ * p11-kit-proxy.so is a link to libp11-kit.so.0), or a file of that name elsewhere. */
+static int is_proxy_path(const char *path)
+{
+    const char *base = strrchr(path, '/');
+    struct stat a, b;
+
+    if (strcmp(base != NULL ? base + 1 : path, "p11-kit-proxy.so") == 0)
+        return 1;
+    return stat(path, &a) == 0 && stat(KEYX_P11KIT_PROXY, &b) == 0 && a.st_dev == b.st_dev &&
+           a.st_ino == b.st_ino;
+}
+
 /* Parses one pkcs11-token URI. The text is only printed with pin attributes left out. */
 static int add_set_token(p11_dev *d, const char *text)
 {
@@ -343,6 +360,7 @@ int p11_dev_new(struct keyx_provctx *p, p11_dev **out)
     }
     d->p = p;
     d->module_path = p->cfg.pkcs11_module != NULL ? p->cfg.pkcs11_module : KEYX_P11KIT_PROXY;
+    d->proxy = is_proxy_path(d->module_path);
     if (p->cfg.pkcs11_token != NULL) {
         if ((list = OPENSSL_strdup(p->cfg.pkcs11_token)) == NULL)
             goto err;
@@ -367,6 +385,69 @@ err:
 }
 
 /* ---- module ---------------------------------------------------------------------------- */
+
+/* The p11-kit proxy: one function list whose slots are those of every module p11-kit registers
+ * (pkcs11.conf(5): /etc/pkcs11/modules, /usr/share/p11-kit/modules, and for users other than
+ * root ~/.config/pkcs11/modules), as pkcs11-provider gets it by default. It is dlopen'ed and its
+ * C_GetFunctionList called, as any application uses it: p11_kit_module_load refuses to load the
+ * proxy ("as a registered module"). Loading the registered modules one by one instead
+ * (p11_kit_modules_load_and_initialize) would give several function lists, while the device
+ * layer serves a failover set of tokens behind one. Each C_GetFunctionList call makes a proxy
+ * instance of its own, so keyx initializes and finalizes its own instance: the modules behind
+ * it are p11-kit's managed, reference-counted ones, and another user of them in the process
+ * (pkcs11-provider, libp11 through the proxy) keeps its sessions. In a forked child the proxy's
+ * C_Initialize sees the fork and initializes the modules again in the child (keyx's usual
+ * C_Finalize + C_Initialize, module_ready). 0 with d->load_error set on failure. */
+static int proxy_load(p11_dev *d)
+{
+    CK_C_GetFunctionList get_list = NULL;
+    void *dl;
+    CK_RV rv;
+    char buf[24];
+
+    if ((dl = dlopen(d->module_path, RTLD_NOW | RTLD_LOCAL)) == NULL) {
+        const char *why = dlerror();
+
+        snprintf(d->load_error, sizeof(d->load_error),
+                 "p11-kit proxy: %s: install p11-kit's proxy (Debian: p11-kit-modules) or set "
+                 "pkcs11-module to the path of a PKCS#11 module",
+                 why != NULL ? why : "not found");
+        return 0;
+    }
+    /* POSIX: dlsym's result converts to a function pointer */
+    *(void **)&get_list = dlsym(dl, "C_GetFunctionList");
+    if (get_list == NULL) {
+        dlclose(dl);
+        snprintf(d->load_error, sizeof(d->load_error),
+                 "p11-kit proxy: it has no C_GetFunctionList: set pkcs11-module to the path of a "
+                 "PKCS#11 module");
+        return 0;
+    }
+    if ((rv = get_list(&d->f)) != CKR_OK || d->f == NULL) {
+        d->f = NULL;
+        dlclose(dl);
+        snprintf(d->load_error, sizeof(d->load_error),
+                 "p11-kit proxy: its C_GetFunctionList failed: %s: check the modules registered "
+                 "with p11-kit (p11-kit list-modules)",
+                 p11_rv_name(rv, buf, sizeof(buf)));
+        return 0;
+    }
+    d->proxy_dl = dl;
+    return 1;
+}
+
+/* Gives the module back to whoever loaded it (p11-kit, or the proxy's dlopen). */
+static void module_release(p11_dev *d)
+{
+    if (d->f == NULL)
+        return;
+    if (d->proxy_dl != NULL)
+        dlclose(d->proxy_dl);
+    else
+        p11_kit_module_release(d->f);
+    d->proxy_dl = NULL;
+    d->f = NULL;
+}
 
 static void forget_tokens(p11_dev *d, int close_sessions)
 {
@@ -395,8 +476,7 @@ void p11_dev_free(p11_dev *d)
         if (d->we_initialized)
             d->f->C_Finalize(NULL);
     }
-    if (d->f != NULL)
-        p11_kit_module_release(d->f);
+    module_release(d);
     for (int i = 0; i < d->ntok; i++)
         if (d->tok[i].uri != NULL)
             p11_kit_uri_free(d->tok[i].uri);
@@ -468,8 +548,18 @@ static int module_ready(p11_dev *d)
                  d->module_path, d->load_error);
         return 0;
     }
-    /* Unmanaged: keyx calls the module's own function list, with no p11-kit layer per call. */
-    d->f = p11_kit_module_load(d->module_path, P11_KIT_MODULE_UNMANAGED);
+    if (d->proxy) {
+        if (!proxy_load(d)) {
+            d->load_failed = CKR_GENERAL_ERROR;
+            /* the same text as every later use repeats (above) */
+            KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                     "pkcs11: cannot load PKCS#11 module '%s': %s", d->module_path, d->load_error);
+            return 0;
+        }
+    } else {
+        /* Unmanaged: keyx calls the module's own function list, with no p11-kit layer per call. */
+        d->f = p11_kit_module_load(d->module_path, P11_KIT_MODULE_UNMANAGED);
+    }
     if (d->f == NULL) {
         const char *msg = p11_kit_message();
 
@@ -485,8 +575,7 @@ static int module_ready(p11_dev *d)
     pthread_once(&atexit_once, register_atexit);
     d->forks_seen = f;
     if ((rv = module_initialize(d)) != CKR_OK) {
-        p11_kit_module_release(d->f);
-        d->f = NULL;
+        module_release(d);
         d->load_failed = rv;
         snprintf(d->load_error, sizeof(d->load_error),
                  "C_Initialize failed: %s (for SoftHSM: is SOFTHSM2_CONF set and its tokendir "
@@ -645,11 +734,25 @@ static int token_find(p11_dev *d, int idx)
                      present[0] ? ", " : "", label);
         }
     }
-    if (t->uri == NULL)
+    /* Through the proxy the tokens come from every registered module: say where they would be
+     * registered, since an unregistered module is the likely cause. */
+    if (t->uri == NULL && d->proxy)
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: no initialized token in the modules registered with p11-kit (%s; see "
+                 "p11-kit list-modules): initialize one (softhsm2-util --init-token), register "
+                 "its module (a .module file in /etc/pkcs11/modules/) or set pkcs11-module",
+                 d->module_path);
+    else if (t->uri == NULL)
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "pkcs11: no initialized token in module '%s': initialize one (softhsm2-util "
                  "--init-token) or set pkcs11-token",
                  d->module_path);
+    else if (d->proxy)
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: no token matches pkcs11-token entry %d (%s; tokens present in the "
+                 "modules registered with p11-kit: %s): check pkcs11-token, or register the "
+                 "token's module with p11-kit (p11-kit list-modules) or set pkcs11-module",
+                 idx + 1, set_token_name(t, wanted), present[0] ? present : "none");
     else
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "pkcs11: no token matches pkcs11-token entry %d (%s; tokens present: %s): check "
