@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -109,6 +110,23 @@ def build_dir():
 
 def module_path():
     return build_dir() / "keyx.so"
+
+
+def copies_for_another_user(d, *files):
+    """Copies of keyx.so and the given build files in d, readable by every user, and d's path
+    made traversable: a test that runs a program as another user (nobody) cannot count on the
+    build directory being readable to it (a CI clone may sit in a 0700 directory, and OpenSSL
+    then runs without keyx, silently). Returns the copies' paths, keyx.so first."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o755)
+    out = []
+    for f in (module_path(), *files):
+        dst = d / Path(f).name
+        shutil.copy2(f, dst)
+        os.chmod(dst, 0o755)
+        out.append(dst)
+    return out
 
 
 def derive_bin():

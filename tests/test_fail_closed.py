@@ -103,7 +103,8 @@ def test_audit_log_the_user_cannot_write(build, tmp):
         log = d / "audit.jsonl"
         log.write_text("")
         os.chmod(log, 0o600 if os.geteuid() == 0 else 0o400)
-        cnf = kxutil.write_cnf(d / "openssl.cnf", keyx={"audit-log": log})
+        module, = kxutil.copies_for_another_user(d / "lib")
+        cnf = kxutil.write_cnf(d / "openssl.cnf", keyx={"audit-log": log}, module=module)
         os.chmod(cnf, 0o644)
         cmd = ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]
         if os.geteuid() == 0:

@@ -288,7 +288,9 @@ def test_user_registration_and_fork(user_dir):
     (conf_dir / "modules" / "keyx-spy.module").write_text(f"module: {SPY}\n")
     spy_log, log = user_dir / "spy.log", user_dir / "audit.jsonl"
     ops = 50
-    conf = kxutil.write_cnf(user_dir / "p11.cnf", keyx=settings(hsm, **{"audit-log": log, "pkcs11-raw-rsa": 1}))
+    module, stress = kxutil.copies_for_another_user(user_dir / "lib", stress_bin())
+    conf = kxutil.write_cnf(user_dir / "p11.cnf", keyx=settings(hsm, **{"audit-log": log, "pkcs11-raw-rsa": 1}),
+                            module=module)
     chown_tree(user_dir, NOBODY)
     user = {"HOME": user_dir, "XDG_CONFIG_HOME": user_dir / "config"}
 
@@ -300,7 +302,7 @@ def test_user_registration_and_fork(user_dir):
     assert sorted(re.findall(r"token label\s*:\s*(\S+)", r.out)) == ["keyx-a", "keyx-b"], r
     assert "C_GetSlotList" in (user_dir / "tool-spy.log").read_text(), "the proxy did not go through the spy"
 
-    r = kxutil.run([*AS_NOBODY, stress_bin(), "--config", conf, "--ec-key", TOKEN_EC, "--rsa-key", TOKEN_RSA,
+    r = kxutil.run([*AS_NOBODY, stress, "--config", conf, "--ec-key", TOKEN_EC, "--rsa-key", TOKEN_RSA,
                     "--groups", "P-256", "--ops", ops, "--fork", CHILDREN, "--serial", 1,
                     "--child-shared", "refused"], env=sanitizer_env(hsm.spy_env(spy_log, **user)), timeout=600)
     children = children_of(r)
