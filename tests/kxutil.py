@@ -129,6 +129,17 @@ def copies_for_another_user(d, *files):
     return out
 
 
+def env_for_another_user(env, d):
+    """env with its sanitizer suppressions file (TSan build) copied into d, where another user
+    can read it: the sanitizer runtime stops the process when it cannot read the file."""
+    env = dict(env)
+    m = re.search(r"suppressions=([^:]*)", env.get("TSAN_OPTIONS", ""))
+    if m:
+        supp, = copies_for_another_user(d, m.group(1))[1:]
+        env["TSAN_OPTIONS"] = env["TSAN_OPTIONS"].replace(m.group(0), f"suppressions={supp}")
+    return env
+
+
 def derive_bin():
     return build_dir() / "tests" / "keyx-test-derive"
 

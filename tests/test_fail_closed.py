@@ -110,7 +110,7 @@ def test_audit_log_the_user_cannot_write(build, tmp):
         if os.geteuid() == 0:
             # as the unprivileged user a service runs as (root bypasses the file's mode)
             cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"] + cmd
-        r = kxutil.run(cmd, env=base_env(OPENSSL_CONF=cnf), cwd=d)
+        r = kxutil.run(cmd, env=kxutil.env_for_another_user(base_env(OPENSSL_CONF=cnf), d / "lib"), cwd=d)
         refused(r, "audit", "genpkey as a user who may not write the audit log")
         assert log.read_text() == "", "the audit log was written"
     finally:

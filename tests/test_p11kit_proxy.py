@@ -302,9 +302,10 @@ def test_user_registration_and_fork(user_dir):
     assert sorted(re.findall(r"token label\s*:\s*(\S+)", r.out)) == ["keyx-a", "keyx-b"], r
     assert "C_GetSlotList" in (user_dir / "tool-spy.log").read_text(), "the proxy did not go through the spy"
 
+    env = kxutil.env_for_another_user(sanitizer_env(hsm.spy_env(spy_log, **user)), user_dir / "lib")
     r = kxutil.run([*AS_NOBODY, stress, "--config", conf, "--ec-key", TOKEN_EC, "--rsa-key", TOKEN_RSA,
                     "--groups", "P-256", "--ops", ops, "--fork", CHILDREN, "--serial", 1,
-                    "--child-shared", "refused"], env=sanitizer_env(hsm.spy_env(spy_log, **user)), timeout=600)
+                    "--child-shared", "refused"], env=env, timeout=600)
     children = children_of(r)
     assert len(children) == CHILDREN, f"expected {CHILDREN} children:\n{r!r}"
     for pid, name in children.items():
