@@ -18,13 +18,18 @@ typedef enum keyx_alg {
     KEYX_ALG_X448,
     KEYX_ALG_DH,
     KEYX_ALG_RSA,
+    KEYX_ALG_DHX, /* X9.42 DH (dhpublicnumber: p, q, g), the DH of CMS and certificates */
     KEYX_ALG_COUNT
 } keyx_alg;
 
-/* "EC", "X25519", "X448", "DH", "RSA": also the default provider's name for the algorithm. */
+/* "EC", "X25519", "X448", "DH", "RSA", "DHX": also the default provider's name for the
+ * algorithm. */
 const char *keyx_alg_name(keyx_alg alg);
 /* EC and DH keys carry domain parameters (a curve, p and g); the others have none. */
 int keyx_alg_has_domain(keyx_alg alg);
+/* Finite-field DH, PKCS#3 (DH) or X9.42 (DHX): the same exchange and the same device keys; only
+ * the encoding of the parameters differs. */
+int keyx_alg_is_dh(keyx_alg alg);
 
 /* Where a generated key must live on after the process (openssl genpkey -pkeyopt keyx-persist:,
  * keyx-label:, keyx-id:). Such keys are made for signing too (TLS certificate keys): EC keys

@@ -86,7 +86,7 @@ static int p11_supports(void *state, const keyx_keyspec *spec)
     p11_caps caps;
     size_t bits;
 
-    if (spec->alg != KEYX_ALG_EC && spec->alg != KEYX_ALG_DH && spec->alg != KEYX_ALG_RSA)
+    if (spec->alg != KEYX_ALG_EC && !keyx_alg_is_dh(spec->alg) && spec->alg != KEYX_ALG_RSA)
         return 0; /* X25519/X448: SoftHSM-class tokens lack Montgomery keygen */
     if (!p11_dev_caps(state, &caps))
         /* Unreachable now: claim what keyx can do in a token, so that generation runs into
@@ -467,7 +467,7 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     }
     if (k != NULL) {
         /* token keys are made for signing too (p11_tmpl_pair), except DH keys */
-        k->can_sign = named != NULL && spec->alg != KEYX_ALG_DH;
+        k->can_sign = named != NULL && !keyx_alg_is_dh(spec->alg);
         k->bits = spec->alg == KEYX_ALG_RSA ? (size_t)EVP_PKEY_get_bits(*pub) : 0;
     }
     if (k == NULL) {
@@ -598,8 +598,9 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
         memcpy(value + field - xlen, x, xlen);
         vlen = field;
         t[nt++] = (CK_ATTRIBUTE)ATTR(CKA_EC_PARAMS, params, plen);
-    } else if (EVP_PKEY_is_a(key, "DH")) {
-        alg = KEYX_ALG_DH;
+    } else if (EVP_PKEY_is_a(key, "DH") || EVP_PKEY_is_a(key, "DHX")) {
+        /* An X9.42 key is a PKCS#3 key with q: the token needs p and g only. */
+        alg = EVP_PKEY_is_a(key, "DHX") ? KEYX_ALG_DHX : KEYX_ALG_DH;
         kt = CKK_DH;
         if (!bn_bytes(key, OSSL_PKEY_PARAM_FFC_P, &prime, &plen) ||
             !bn_bytes(key, OSSL_PKEY_PARAM_FFC_G, &base, &glen) ||

@@ -125,7 +125,9 @@ EVP_PKEY *p11_dh_public(OSSL_LIB_CTX *libctx, const EVP_PKEY *dom, const unsigne
 {
     OSSL_PARAM *domain = NULL, *params = NULL, *merged = NULL;
     OSSL_PARAM_BLD *bld = OSSL_PARAM_BLD_new();
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_name(libctx, "DH", NULL);
+    /* X9.42 domains (q known) stay X9.42: the key keeps the type it was asked for. */
+    EVP_PKEY_CTX *ctx =
+        EVP_PKEY_CTX_new_from_name(libctx, EVP_PKEY_is_a(dom, "DHX") ? "DHX" : "DH", NULL);
     BIGNUM *ybn = BN_bin2bn(y, (int)len, NULL);
     EVP_PKEY *pk = NULL;
 

@@ -40,14 +40,19 @@ struct keyx_router {
 
 const char *keyx_alg_name(keyx_alg alg)
 {
-    static const char *const names[KEYX_ALG_COUNT] = {"EC", "X25519", "X448", "DH", "RSA"};
+    static const char *const names[KEYX_ALG_COUNT] = {"EC", "X25519", "X448", "DH", "RSA", "DHX"};
 
     return (unsigned)alg < KEYX_ALG_COUNT ? names[alg] : "?";
 }
 
 int keyx_alg_has_domain(keyx_alg alg)
 {
-    return alg == KEYX_ALG_EC || alg == KEYX_ALG_DH;
+    return alg == KEYX_ALG_EC || keyx_alg_is_dh(alg);
+}
+
+int keyx_alg_is_dh(keyx_alg alg)
+{
+    return alg == KEYX_ALG_DH || alg == KEYX_ALG_DHX;
 }
 
 /* Backends built into this keyx; NULL: not available in this build. */

@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
@@ -76,6 +78,25 @@ static keyx_backend *backend_named(keyx_codec *c, const char *name)
     return NULL;
 }
 
+/* 1 when a token's PKCS#3 DH key (p, g, y: what a token keeps) is the recorded X9.42 key: the
+ * token has no place for q, so the recorded key, q included, becomes the key's view. */
+static int dh_is_recorded_dhx(const EVP_PKEY *pub, const EVP_PKEY *recorded)
+{
+    static const char *const parts[] = {OSSL_PKEY_PARAM_FFC_P, OSSL_PKEY_PARAM_FFC_G,
+                                        OSSL_PKEY_PARAM_PUB_KEY};
+    int same = EVP_PKEY_is_a(pub, "DH") && EVP_PKEY_is_a(recorded, "DHX");
+
+    for (size_t i = 0; same && i < sizeof(parts) / sizeof(parts[0]); i++) {
+        BIGNUM *a = NULL, *b = NULL;
+
+        same = EVP_PKEY_get_bn_param(pub, parts[i], &a) == 1 &&
+               EVP_PKEY_get_bn_param(recorded, parts[i], &b) == 1 && BN_cmp(a, b) == 0;
+        BN_free(a);
+        BN_free(b);
+    }
+    return same;
+}
+
 /* The key the reference names, checked against the recorded public key; NULL + error. */
 static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *recorded)
 {
@@ -102,7 +123,13 @@ static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *r
                     r->backend, r->locator);
         return NULL;
     }
-    if (EVP_PKEY_eq(pub, recorded) != 1) {
+    if (dh_is_recorded_dhx(pub, recorded)) {
+        EVP_PKEY_free(pub);
+        if ((pub = EVP_PKEY_dup(recorded)) == NULL) {
+            keyx_backend_free(be, handle);
+            return NULL;
+        }
+    } else if (EVP_PKEY_eq(pub, recorded) != 1) {
         keyx_backend_free(be, handle);
         EVP_PKEY_free(pub);
         load_failed(c, be->ops->name, KEYX_R_KEY_MISMATCH,

@@ -102,7 +102,8 @@ static int exch_init(void *vctx, void *vkey, const OSSL_PARAM params[])
     keyx_exch *x = vctx;
     keyx_key *k = vkey;
 
-    if (k == NULL || k->alg != x->alg) {
+    /* The DH exchange serves PKCS#3 and X9.42 (CMS) keys alike. */
+    if (k == NULL || (k->alg != x->alg && !(keyx_alg_is_dh(k->alg) && keyx_alg_is_dh(x->alg)))) {
         KEYX_ERR(x->p, KEYX_R_KEY_MISMATCH, "%s key exchange needs a %s key", keyx_alg_name(x->alg),
                  keyx_alg_name(x->alg));
         return 0;

@@ -74,7 +74,7 @@ EVP_PKEY *keyx_domain_cache_get(keyx_domain_cache *c, OSSL_LIB_CTX *libctx, keyx
 {
     EVP_PKEY *dom = NULL;
 
-    if (c == NULL || (alg != KEYX_ALG_EC && alg != KEYX_ALG_DH) || strlen(name) >= 32)
+    if (c == NULL || !keyx_alg_has_domain(alg) || strlen(name) >= 32)
         return NULL;
     if (!CRYPTO_THREAD_read_lock(c->lock))
         return NULL;

@@ -180,6 +180,7 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
         break;
     case KEYX_ALG_EC:
     case KEYX_ALG_DH:
+    case KEYX_ALG_DHX:
         if (EVP_PKEY_get_utf8_string_param(pub, OSSL_PKEY_PARAM_GROUP_NAME, name, sizeof(name),
                                            NULL) == 1)
             snprintf(k->group, sizeof(k->group), "%s", keyx_group_canonical(name));
@@ -371,6 +372,7 @@ size_t keyx_key_secret_size(const keyx_key *k)
     case KEYX_ALG_EC:
         return k->pub != NULL ? ((size_t)EVP_PKEY_get_bits(k->pub) + 7) / 8 : 0;
     case KEYX_ALG_DH:
+    case KEYX_ALG_DHX:
         return k->pub != NULL ? (size_t)EVP_PKEY_get_size(k->pub) : 0;
     default:
         return 0;
@@ -436,7 +438,7 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
         return 1;
     /* EC: on the curve and not at infinity (our curves have cofactor 1). DH: 2 <= y <= p-2
      * and, when q is known, y in the order-q subgroup. */
-    if (k->alg == KEYX_ALG_DH) {
+    if (keyx_alg_is_dh(k->alg)) {
         ok = keyx_dh_public_ok(peer->pub);
     } else if (k->alg == KEYX_ALG_EC) {
         ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->pub, NULL);

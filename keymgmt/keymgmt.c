@@ -79,9 +79,9 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
         !__atomic_load_n(&k->public_checked, __ATOMIC_ACQUIRE)) {
         int prime_order = k->alg == KEYX_ALG_EC && keyx_group_prime_order(k->group);
 
-        failed = k->alg == KEYX_ALG_DH ? "public value is outside [2, p-2] or the subgroup"
-                                       : "public key is malformed or not on the curve";
-        if (k->alg == KEYX_ALG_DH && !quick)
+        failed = keyx_alg_is_dh(k->alg) ? "public value is outside [2, p-2] or the subgroup"
+                                        : "public key is malformed or not on the curve";
+        if (keyx_alg_is_dh(k->alg) && !quick)
             ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
         else if (prime_order)
             /* Every point of a prime-order curve (cofactor 1) has order n: the full check's

@@ -67,6 +67,7 @@ const OSSL_PARAM *keyx_km_imexport_types(keyx_alg alg)
     case KEYX_ALG_X448:
         return ecx_types;
     case KEYX_ALG_DH:
+    case KEYX_ALG_DHX:
         return dh_types;
     case KEYX_ALG_RSA:
         return rsa_types;

@@ -25,6 +25,7 @@
 #define NAME_X25519 "X25519:1.3.101.110"
 #define NAME_X448 "X448:1.3.101.111"
 #define NAME_DH "DH:dhKeyAgreement:1.2.840.113549.1.3.1"
+#define NAME_DHX "DHX:X9.42 DH:dhpublicnumber:1.2.840.10046.2.1"
 #define NAME_RSA "RSA:rsaEncryption:1.2.840.113549.1.1.1"
 
 static const OSSL_ALGORITHM keyx_keymgmt[] = {
@@ -32,6 +33,7 @@ static const OSSL_ALGORITHM keyx_keymgmt[] = {
     {NAME_X25519, KEYX_PROPS, keyx_x25519_keymgmt_functions, "keyx X25519 key management"},
     {NAME_X448, KEYX_PROPS, keyx_x448_keymgmt_functions, "keyx X448 key management"},
     {NAME_DH, KEYX_PROPS, keyx_dh_keymgmt_functions, "keyx DH key management"},
+    {NAME_DHX, KEYX_PROPS, keyx_dhx_keymgmt_functions, "keyx X9.42 DH key management"},
     {NAME_RSA, KEYX_PROPS, keyx_rsa_keymgmt_functions, "keyx RSA key management"},
     {NULL, NULL, NULL, NULL},
 };
@@ -53,8 +55,9 @@ static const OSSL_ALGORITHM keyx_keymgmt[] = {
     }
 
 static const OSSL_ALGORITHM keyx_encoder[] = {
-    ENCODERS(NAME_EC, ec), ENCODERS(NAME_X25519, x25519), ENCODERS(NAME_X448, x448),
-    ENCODERS(NAME_DH, dh), ENCODERS(NAME_RSA, rsa),       {NULL, NULL, NULL, NULL},
+    ENCODERS(NAME_EC, ec),    ENCODERS(NAME_X25519, x25519), ENCODERS(NAME_X448, x448),
+    ENCODERS(NAME_DH, dh),    ENCODERS(NAME_DHX, dhx),       ENCODERS(NAME_RSA, rsa),
+    {NULL, NULL, NULL, NULL},
 };
 
 /* Key reference files back into the hardware keys they name: PEM "KEYX KEY" to DER
@@ -72,6 +75,7 @@ static const OSSL_ALGORITHM keyx_decoder[] = {
     DECODERS(NAME_X25519, x25519),
     DECODERS(NAME_X448, x448),
     DECODERS(NAME_DH, dh),
+    DECODERS(NAME_DHX, dhx),
     DECODERS(NAME_RSA, rsa),
 #ifdef KEYX_HAVE_TPM
     /* TSS2 PRIVATE KEY files (tpm2-openssl, openssl_tpm2_engine), tpm backend: DER from the

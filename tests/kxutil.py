@@ -628,3 +628,41 @@ def public_copy(key):
     ossl_free(buf, None, 0)
     return out
 """
+
+# An application making a key in keyx on the domain parameters of a file, through the API:
+# `openssl genpkey -paramfile` cannot, as it decodes the file into the default provider, whose
+# key generation knows no keyx-label. argv: algorithm (DH, DHX), parameter file, keyx-label, key
+# file out (a key reference for a token key), public key out (PEM). keyx from OPENSSL_CONF.
+KEY_ON_PARAMS_APP = LIBCRYPTO_CTYPES + r"""
+todata = fn("EVP_PKEY_todata", c_int, c_void_p, c_int, POINTER(c_void_p))
+fromdata_init = fn("EVP_PKEY_fromdata_init", c_int, c_void_p)
+fromdata = fn("EVP_PKEY_fromdata", c_int, c_void_p, POINTER(c_void_p), c_int, c_void_p)
+read_params = fn("PEM_read_bio_Parameters_ex", c_void_p, c_void_p, c_void_p, c_void_p, c_char_p)
+bld_new = fn("OSSL_PARAM_BLD_new", c_void_p)
+push_str = fn("OSSL_PARAM_BLD_push_utf8_string", c_int, c_void_p, c_char_p, c_char_p, c_size_t)
+to_param = fn("OSSL_PARAM_BLD_to_param", c_void_p, c_void_p)
+set_params = fn("EVP_PKEY_CTX_set_params", c_int, c_void_p, c_void_p)
+write_key = fn("PEM_write_bio_PrivateKey", c_int, c_void_p, c_void_p, c_void_p, c_void_p, c_int,
+               c_void_p, c_void_p)
+write_pub = fn("PEM_write_bio_PUBKEY", c_int, c_void_p, c_void_p)
+ALL_PARAMETERS = 0x84
+alg, paramfile, label, key_out, pub_out = sys.argv[1:6]
+b = bio_file(paramfile.encode(), b"r")
+params = b and read_params(b, None, None, b"provider=default")
+data, dom, key = c_void_p(), c_void_p(), c_void_p()
+ctx = CTX_name(None, alg.encode(), b"provider=keyx")
+ok = bool(params) and todata(params, ALL_PARAMETERS, byref(data)) == 1 and bool(ctx) and \
+    fromdata_init(ctx) == 1 and fromdata(ctx, byref(dom), ALL_PARAMETERS, data) == 1
+lab = label.encode()  # the builder keeps the pointer until to_param: keep the bytes alive
+bl = bld_new(); push_str(bl, b"keyx-label", lab, 0)
+gctx = ok and CTX_pkey(None, dom, b"provider=keyx")
+ok = ok and bool(gctx) and kg_init(gctx) == 1 and set_params(gctx, to_param(bl)) == 1 and \
+    generate(gctx, byref(key)) == 1
+for path, write in ((key_out, lambda o: write_key(o, key, None, None, 0, None, None)),
+                    (pub_out, lambda o: write_pub(o, key))):
+    if ok:
+        o = bio_file(path.encode(), b"w"); ok = bool(o) and write(o) == 1; bio_free(o)
+if not ok:
+    print_errors(); sys.exit(1)
+print("generated")
+"""

@@ -14,8 +14,8 @@ own library context. Every round trip has the default provider alone on the othe
   provider's exchange on the same keys, read back the same, refused with keyx's own texts.
 
 The certificates are made by a default-provider CA around the recipient's public key. keyx's
-audit log shows where each derive ran. DH: CMS wants X9.42 ("DHX") recipient keys, a key type
-keyx's key management does not serve (see test_dhx_recipient_is_the_default_providers).
+audit log shows where each derive ran. DH: CMS wants X9.42 ("DHX") recipient keys, which keyx
+serves beside PKCS#3 DH keys: in software and on the token (named by its key reference file).
 """
 
 import os
@@ -332,25 +332,114 @@ def test_keyx_sender_with_pkcs11_backend_to_default_recipient(hsm, tmp, sw_recip
 # ---- DH ---------------------------------------------------------------------------------------------
 
 
-def test_dhx_recipient_is_the_default_providers(tmp, ca):
-    """CMS DH needs an X9.42 ("DHX", dhpublicnumber) recipient key. keyx's key management serves
-    PKCS#3 DH only, so with keyx preferred a DHX recipient key stays in the default provider, which
-    decrypts and encrypts as before (keyx does not get in the way; it derives nothing)."""
-    plain = base_env()
-    params, key, pub = tmp / "dhx.param", tmp / "dhx.key", tmp / "dhx.pub"
-    openssl("genpkey", "-genparam", "-algorithm", "DHX", "-pkeyopt", "dh_paramgen_type:2", "-pkeyopt",
-            "group:ffdhe2048", "-out", params, env=plain).ok("DHX parameters")
-    openssl("genpkey", "-paramfile", params, "-out", key, env=plain).ok("DHX key")
-    openssl("pkey", "-in", key, "-pubout", "-out", pub, env=plain).ok("DHX public key")
-    crt = certify(ca, pub, "dhx")
+# CMS DH takes X9.42 ("DHX", dhpublicnumber) keys only: p, q and g. Two kinds of parameters: RFC
+# 7919's ffdhe2048 with its q, and explicit FIPS 186-4 parameters with a 224-bit q.
+DHX_KINDS = ("ffdhe2048", "explicit")
+
+
+def dhx_params(d, kind):
+    params = d / f"dhx-{kind}.param"
+    opts = (("dh_paramgen_type:2", "group:ffdhe2048") if kind == "ffdhe2048"
+            else ("dh_paramgen_prime_len:2048", "dh_paramgen_subprime_len:224"))
+    openssl("genpkey", "-genparam", "-algorithm", "DHX", *[a for o in opts for a in ("-pkeyopt", o)],
+            "-out", params, env=base_env()).ok("DHX parameters")
+    assert params.read_text().startswith("-----BEGIN X9.42 DH PARAMETERS-----")
+    return params
+
+
+@pytest.fixture(scope="module")
+def dhx_recipients(ca, tmp_path_factory):
+    """Per kind: a default-provider DHX key pair (PEM) and its certificate."""
+    d = tmp_path_factory.mktemp("cms-dhx")
+    out = {}
+    for kind in DHX_KINDS:
+        key, pub = d / f"dhx-{kind}.key", d / f"dhx-{kind}.pub"
+        openssl("genpkey", "-paramfile", dhx_params(d, kind), "-out", key, env=base_env()).ok("DHX key")
+        openssl("pkey", "-in", key, "-pubout", "-out", pub, env=base_env()).ok("DHX public key")
+        out[kind] = (key, certify(ca, pub, f"dhx-{kind}"))
+    return out
+
+
+def check_dh_derives(log, backend):
+    (d,) = check_derives(log, backend)
+    assert d["alg"] == "DHX", d
+
+
+@pytest.mark.parametrize("kind", DHX_KINDS)
+@pytest.mark.parametrize("form", ("DER", "SMIME"))
+def test_default_sender_to_keyx_dhx_recipient(tmp, dhx_recipients, kind, form):
+    """keyx serves X9.42 keys as the default provider does: the recipient's PEM key is read into
+    keyx, Z and the X9.42 KDF (id-smime-alg-ESDH) run there."""
+    key, crt = dhx_recipients[kind]
     msg, log = message(tmp), tmp / "audit.jsonl"
-    kenv = keyx_env(tmp, log)
-    enc = encrypt(plain, tmp, crt, msg)
-    assert kdf_scheme(tmp, enc) == "id-smime-alg-ESDH"
-    assert decrypt(kenv, tmp, enc, crt, key) == msg.read_bytes()
-    enc = encrypt(kenv, tmp, crt, msg)
-    assert decrypt(plain, tmp, enc, crt, key) == msg.read_bytes()
-    assert not events(log, "derive")
+    enc = encrypt(base_env(), tmp, crt, msg, form=form)
+    assert kdf_scheme(tmp, enc, form=form) == "id-smime-alg-ESDH"
+    assert decrypt(keyx_env(tmp, log), tmp, enc, crt, key, form=form) == msg.read_bytes()
+    check_dh_derives(log, "software")
+
+
+@pytest.mark.parametrize("kind", DHX_KINDS)
+def test_keyx_sender_to_default_dhx_recipient(tmp, dhx_recipients, kind):
+    key, crt = dhx_recipients[kind]
+    msg, log = message(tmp), tmp / "audit.jsonl"
+    enc = encrypt(keyx_env(tmp, log), tmp, crt, msg)
+    check_sender(log)
+    check_dh_derives(log, "software")
+    assert decrypt(base_env(), tmp, enc, crt, key) == msg.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def token_dhx_recipients(hsm, ca, tmp_path_factory):
+    """Per kind: a DH key pair made on the token by an application (kxutil.KEY_ON_PARAMS_APP:
+    the X9.42 parameters of a file, keyx-label), its key reference file and a certificate for the
+    public key keyx wrote. The token keeps p, g and y (CKK_DH); the reference file records the
+    X9.42 public key, q included, which makes the key a DHX key again when it is read."""
+    d = tmp_path_factory.mktemp("cms-token-dhx")
+    env = keyx_env(d, d / "audit.jsonl", backends="pkcs11", hsm=hsm)
+    out = {}
+    for kind in DHX_KINDS:
+        ref, pub = d / f"tok-dhx-{kind}.pem", d / f"tok-dhx-{kind}.pub"
+        r = kxutil.run(["/usr/bin/python3", "-c", kxutil.KEY_ON_PARAMS_APP, "DHX", dhx_params(d, kind),
+                        f"cms-dhx-{kind}", ref, pub], env=env)
+        assert r.rc == 0 and "generated" in r.out, r
+        assert ref.read_text().startswith("-----BEGIN KEYX KEY-----")
+        out[kind] = (ref, certify(ca, pub, f"tok-dhx-{kind}"))
+    return out
+
+
+@pytest.mark.parametrize("kind", DHX_KINDS)
+@pytest.mark.parametrize("form", ("DER", "SMIME"))
+def test_default_sender_to_token_dhx_recipient(hsm, tmp, token_dhx_recipients, kind, form):
+    """The recipient's DH key never leaves the token: Z from C_DeriveKey (CKM_DH_PKCS_DERIVE), the
+    KDF in keyx."""
+    ref, crt = token_dhx_recipients[kind]
+    msg, log = message(tmp), tmp / "audit.jsonl"
+    enc = encrypt(base_env(), tmp, crt, msg, form=form)
+    env = keyx_env(tmp, log, backends="pkcs11", hsm=hsm)
+    assert decrypt(env, tmp, enc, crt, ref, form=form) == msg.read_bytes()
+    check_dh_derives(log, "pkcs11")
+    # the key read from its reference file has the certificate's X9.42 public key, q included
+    der = openssl("pkey", "-in", ref, "-pubout", "-outform", "DER", env=env, text=False).ok("token DHX key").out
+    cert_der = openssl("x509", "-in", crt, "-noout", "-pubkey", env=base_env()).ok("certificate key").out
+    assert der == openssl("pkey", "-pubin", "-outform", "DER", env=base_env(), input=cert_der.encode(),
+                          text=False).ok("certificate key DER").out
+
+
+def test_token_dh_key_by_uri_is_pkcs3(hsm, tmp, token_dhx_recipients):
+    """By URI the same token key is a PKCS#3 DH key (a token keeps no q), which CMS refuses as
+    the default provider refuses a PKCS#3 key: CMS recipients on the token are named by their key
+    reference file."""
+    ref, crt = token_dhx_recipients["ffdhe2048"]
+    env = keyx_env(tmp, tmp / "audit.jsonl", backends="pkcs11", hsm=hsm)
+    uri = f"pkcs11:token={TOKEN};object=cms-dhx-ffdhe2048;type=private"
+    pub = openssl("pkey", "-in", uri, "-pubout", env=env).ok("token DH key by URI").out
+    r = openssl("pkey", "-pubin", "-text_pub", "-noout", env=base_env(), input=pub).ok("default reads it")
+    assert r.out.startswith("DH Public-Key") and "Q:" not in r.out, r.out[:400]
+    enc = encrypt(base_env(), tmp, crt, message(tmp))
+    r = openssl("cms", "-decrypt", "-binary", "-in", enc, "-inform", "DER", "-recip", crt, "-inkey", uri,
+                "-out", tmp / "dec.bin", env=env)
+    assert r.rc != 0 and "dh_cms_decrypt:peer key error" in r.err, r
+    assert not events(tmp / "audit.jsonl", "derive")
 
 
 # ---- the exchange's KDF parameters through EVP (keyx-test-derive kdf) -------------------------------

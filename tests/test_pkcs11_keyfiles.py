@@ -492,66 +492,15 @@ vv59ozhxIvynsmuwb/qqDhkblZSNDz9tNwIBAg==
 """
 
 
-# An application making a DH token key on explicit p and g through the API (openssl genpkey
-# -paramfile cannot: the parameter file is decoded into the default provider, whose key
-# generation knows no keyx-label). Python + libcrypto through ctypes, keyx from OPENSSL_CONF.
-EXPLICIT_DH_APP = r"""
-import ctypes, sys
-from ctypes import c_void_p, c_char_p, c_int, byref
-L = ctypes.CDLL("libcrypto.so.3")
-def fn(name, res, *args):
-    f = getattr(L, name); f.restype = res; f.argtypes = list(args); return f
-bld_new = fn("OSSL_PARAM_BLD_new", c_void_p)
-push_bn = fn("OSSL_PARAM_BLD_push_BN", c_int, c_void_p, c_char_p, c_void_p)
-push_str = fn("OSSL_PARAM_BLD_push_utf8_string", c_int, c_void_p, c_char_p, c_char_p, ctypes.c_size_t)
-to_param = fn("OSSL_PARAM_BLD_to_param", c_void_p, c_void_p)
-hex2bn = fn("BN_hex2bn", c_int, ctypes.POINTER(c_void_p), c_char_p)
-ctx_name = fn("EVP_PKEY_CTX_new_from_name", c_void_p, c_void_p, c_char_p, c_char_p)
-ctx_pkey = fn("EVP_PKEY_CTX_new_from_pkey", c_void_p, c_void_p, c_void_p, c_char_p)
-fromdata_init = fn("EVP_PKEY_fromdata_init", c_int, c_void_p)
-fromdata = fn("EVP_PKEY_fromdata", c_int, c_void_p, ctypes.POINTER(c_void_p), c_int, c_void_p)
-keygen_init = fn("EVP_PKEY_keygen_init", c_int, c_void_p)
-set_params = fn("EVP_PKEY_CTX_set_params", c_int, c_void_p, c_void_p)
-generate = fn("EVP_PKEY_generate", c_int, c_void_p, ctypes.POINTER(c_void_p))
-bio_file = fn("BIO_new_file", c_void_p, c_char_p, c_char_p)
-write_pub = fn("PEM_write_bio_PUBKEY", c_int, c_void_p, c_void_p)
-bio_free = fn("BIO_free", c_int, c_void_p)
-print_errs = fn("ERR_print_errors_fp", None, c_void_p)
-p, g = c_void_p(), c_void_p()
-hex2bn(byref(p), sys.argv[1].encode()); hex2bn(byref(g), sys.argv[2].encode())
-b = bld_new(); push_bn(b, b"p", p); push_bn(b, b"g", g)
-dom = c_void_p()
-ctx = ctx_name(None, b"DH", b"provider=keyx")
-ok = ctx and fromdata_init(ctx) == 1 and fromdata(ctx, byref(dom), 0x84, to_param(b)) == 1
-b2 = bld_new(); push_str(b2, b"keyx-label", sys.argv[3].encode(), 0)
-gctx = ok and ctx_pkey(None, dom, b"provider=keyx")
-key = c_void_p()
-ok = ok and gctx and keygen_init(gctx) == 1 and set_params(gctx, to_param(b2)) == 1 and generate(gctx, byref(key)) == 1
-if not ok:
-    L.ERR_print_errors_fp.argtypes = [c_void_p]
-    libc = ctypes.CDLL(None); print_errs(c_void_p.in_dll(libc, "stderr")); sys.exit(1)
-out = bio_file(sys.argv[4].encode(), b"w"); write_pub(out, key); bio_free(out)
-print("generated")
-"""
-
-
-def dh_p_g(params_path):
-    """p and g (hex) of a DH parameter file, as the default provider prints them."""
-    text = kxutil.openssl("pkeyparam", "-in", params_path, "-text", "-noout", env=kxutil.base_env()).ok("params").out
-    m = re.search(r"P:\s*\n((?:\s+[0-9a-f:]+\n)+)", text)
-    gm = re.search(r"G:\s+(\d+)", text)
-    assert m and gm, text
-    return re.sub(r"[\s:]", "", m.group(1)), format(int(gm.group(1)), "x")
-
-
 def test_dh_token_key_on_explicit_parameters(hsm, cnf, tmp):
     env, _ = keyx_env(hsm, cnf, tmp)
     params = tmp / "dh.params"
     params.write_text(EXPLICIT_DH)
-    p, g = dh_p_g(params)
     tokpub = tmp / "tok.pub"
-    r = kxutil.run(["/usr/bin/python3", "-c", EXPLICIT_DH_APP, p, g, "kf-dh-explicit", tokpub], env=env)
+    r = kxutil.run(["/usr/bin/python3", "-c", kxutil.KEY_ON_PARAMS_APP, "DH", params, "kf-dh-explicit",
+                    tmp / "tok.ref", tokpub], env=env)
     assert r.rc == 0 and "generated" in r.out, r
+    assert (tmp / "tok.ref").read_text().startswith("-----BEGIN KEYX KEY-----")
     assert by_label(hsm, "kf-dh-explicit")["Private Key"]["type"] == "DH"
     plain = kxutil.base_env()
     key, pub, sec = (tmp / x for x in ("peer.pem", "peer.pub", "peer.bin"))
