@@ -223,6 +223,30 @@ static int generate_in(keyx_genctx *g, const keyx_gen_target *t, const keyx_keys
     return keyx_backend_generate(*be, spec, handle, pub) == 1;
 }
 
+/* OpenSSL >= 3.2's seed for a key derived with RFC 9180 DeriveKeyPair (OSSL_HPKE_keygen with an
+ * ikm, DHKEM's ikmE). */
+#define PARAM_DHKEM_IKM "dhkem-ikm"
+
+/* A key derived from a seed is computed from it by the default provider: only software can make
+ * it, so it goes there or nowhere (a hardware backend would ignore the seed). */
+static int seeded_in_software(keyx_genctx *g, keyx_gen_target *t, const keyx_keyspec *spec)
+{
+    int kind = t->named ? (int)t->kind : keyx_router_first_for(g->p->router, spec);
+
+    if (kind == KEYX_BACKEND_SOFTWARE) {
+        t->named = 1;
+        t->kind = KEYX_BACKEND_SOFTWARE;
+        return 1;
+    }
+    KEYX_ERR(g->p, KEYX_R_SEEDED_KEY,
+             "a %s key derived from a seed (dhkem-ikm, an HPKE ikm or ikmE) is made in software "
+             "only, and %s%s would make this one: leave out the seed, or list software first in "
+             "backends for this group",
+             keyx_alg_name(g->alg), kind < 0 ? "no configured backend" : "the backend ",
+             kind < 0 ? "" : keyx_backend_kind_name((keyx_backend_kind)kind));
+    return 0;
+}
+
 void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
 {
     keyx_genctx *g = genctx;
@@ -272,6 +296,9 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
         OSSL_PARAM_free(owned);
         return k;
     }
+    if (OSSL_PARAM_locate_const(params, PARAM_DHKEM_IKM) != NULL &&
+        !seeded_in_software(g, &target, &spec))
+        goto fail;
     if (target.named ? !generate_in(g, &target, &spec, &be, &handle, &pub)
                      : !keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
         goto fail;

@@ -515,17 +515,22 @@ static int derive_op(keyx_priv *pv, void *arg)
     return keyx_backend_derive(pv->be, pv->handle, &a->peer, a->out, a->outlen);
 }
 
-int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
+int keyx_key_derive_as(keyx_key *k, keyx_key *peer, const char *event, unsigned char *out,
+                       size_t outlen)
 {
     derive_args a = {{peer->pub, peer->ec_pointlen != 0 ? peer->ec_point : NULL, peer->ec_pointlen},
                      out,
                      outlen};
-    int done, ok = key_use(k, "derive", derive_op, &a, &done);
+    int done, ok = key_use(k, event, derive_op, &a, &done);
 
     if (done)
-        keyx_key_event(k, "derive", ok == 1,
-                       ok == 1 ? NULL : "key agreement failed in the backend");
+        keyx_key_event(k, event, ok == 1, ok == 1 ? NULL : "key agreement failed in the backend");
     return ok == 1;
+}
+
+int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen)
+{
+    return keyx_key_derive_as(k, peer, "derive", out, outlen);
 }
 
 typedef struct decrypt_args {

@@ -71,6 +71,10 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer);
 /* Full-size shared secret (outlen == keyx_key_secret_size) computed in k's backend; counts the
  * use against ephemeral-max-uses and writes the derive event. */
 int keyx_key_derive(keyx_key *k, keyx_key *peer, unsigned char *out, size_t outlen);
+/* The same, for a DH that is part of another operation: event names its audit event
+ * (encapsulate, decapsulate). */
+int keyx_key_derive_as(keyx_key *k, keyx_key *peer, const char *event, unsigned char *out,
+                       size_t outlen);
 
 /* RSA private-key operation in k's backend (asym cipher decrypt, KEM decapsulate; event names
  * the audit event). Counts the use against ephemeral-max-uses. 1 done; 0 with an error raised.

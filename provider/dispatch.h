@@ -18,6 +18,10 @@ extern const OSSL_DISPATCH keyx_dh_exchange_functions[];
 
 extern const OSSL_DISPATCH keyx_rsa_asym_cipher_functions[];
 extern const OSSL_DISPATCH keyx_rsa_kem_functions[];
+/* kem/dhkem.c (OpenSSL >= 3.2) */
+extern const OSSL_DISPATCH keyx_ec_dhkem_functions[];
+extern const OSSL_DISPATCH keyx_x25519_dhkem_functions[];
+extern const OSSL_DISPATCH keyx_x448_dhkem_functions[];
 
 extern const OSSL_DISPATCH keyx_store_functions[];
 

@@ -26,6 +26,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_KDF, "key exchange KDF error"},
     {KEYX_R_PIN_LOCKOUT, "token login not tried: the token shows failed logins"},
     {KEYX_R_PARAM_BUFFER, "provider parameter buffer too small or of the wrong type"},
+    {KEYX_R_SEEDED_KEY, "a key derived from a seed is made in software only"},
     {0, NULL},
 };
 

@@ -27,6 +27,7 @@ enum keyx_reason {
     KEYX_R_KDF,
     KEYX_R_PIN_LOCKOUT,
     KEYX_R_PARAM_BUFFER, /* a provider parameter's buffer is not a large enough UTF-8 string */
+    KEYX_R_SEEDED_KEY,   /* a key derived from a seed can only be made in software */
     /* a token shows failed logins: keyx does not try the PIN (no lockout) */ /* a key exchange's
                                                                                  KDF parameters are
                                                                                  wrong or its KDF

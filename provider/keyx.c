@@ -114,6 +114,12 @@ static const OSSL_ALGORITHM keyx_signature[] = {
 
 static const OSSL_ALGORITHM keyx_kem[] = {
     {"RSA", KEYX_PROPS, keyx_rsa_kem_functions, "keyx RSA KEM (RSASVE)"},
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+    /* Named as the key management, as OpenSSL finds a key's KEM (no algorithm is named DHKEM). */
+    {NAME_EC, KEYX_PROPS, keyx_ec_dhkem_functions, "keyx DHKEM (RFC 9180), P-256/384/521"},
+    {NAME_X25519, KEYX_PROPS, keyx_x25519_dhkem_functions, "keyx DHKEM (RFC 9180), X25519"},
+    {NAME_X448, KEYX_PROPS, keyx_x448_dhkem_functions, "keyx DHKEM (RFC 9180), X448"},
+#endif
     {NULL, NULL, NULL, NULL},
 };
 
