@@ -78,9 +78,9 @@ def hx(s):
     return s if s else "-"
 
 
-def run_vector(v, env):
+def run_vector(v, env, ikmr=None):
     enc0, exp0 = v.get("encryption0"), v["export0"]
-    args = [v["mode"], v["kem_id"], v["kdf_id"], v["aead_id"], v["ikmE"], v["ikmR"], hx(v.get("ikmS")),
+    args = [v["mode"], v["kem_id"], v["kdf_id"], v["aead_id"], v["ikmE"], ikmr or v["ikmR"], hx(v.get("ikmS")),
             hx(v["info"]), hx(v.get("psk")), hx(v.get("psk_id")), hx(enc0["aad"] if enc0 else ""),
             hx(enc0["pt"] if enc0 else ""), hx(exp0["exporter_context"]), exp0["L"]]
     r = kxutil.run([hpke_bin(), *args], env=env)
@@ -110,15 +110,22 @@ def test_rfc9180_vector_through_keyx(v, tmp):
 
 
 @needs_hpke
-def test_seeded_keys_are_software_only(tpm, tmp):
-    """A vector's keys come from seeds (OSSL_HPKE_keygen's ikm, ikmE): with backends = tpm keyx
-    refuses them with its own reason instead of making an unrelated random TPM key."""
+@pytest.mark.parametrize("seed", ("ikmR", "ikmE"))
+def test_seeded_keys_are_software_only(tpm, tmp, seed):
+    """A vector's keys come from seeds (OSSL_HPKE_keygen's ikm, the ephemeral key's ikmE): with
+    backends = tpm keyx refuses them with its own reason instead of making an unrelated random
+    TPM key. ikmE: the recipient's key is a random TPM key (no seed), the encapsulation's
+    seeded ephemeral key is refused."""
     v = next(x for x in VECTORS if x["kem_id"] == 0x10 and x["mode"] == 0)
     log = tmp / "audit.jsonl"
-    r, got = run_vector(v, keyx_env(tmp, log, backends="tpm", tpm=tpm))
-    assert r.rc != 0 and "a key derived from a seed is made in software only" in r.out, r
+    r, got = run_vector(v, keyx_env(tmp, log, backends="tpm", tpm=tpm), ikmr="-" if seed == "ikmE" else None)
+    stage = "keygen recipient" if seed == "ikmR" else "encap"
+    assert r.rc != 0 and f"err {stage}:" in r.out, r
+    assert "a key derived from a seed is made in software only" in r.out, r
     assert "the backend tpm would make this one" in r.out, r
-    assert not [e for e in events(log) if e["event"] == "keygen" and e["ok"]]
+    made = [e["backend"] for e in events(log) if e["event"] == "keygen" and e["ok"]]
+    assert made == ([] if seed == "ikmR" else ["tpm"]), made
+    assert not kem_events(log, "encapsulate")
 
 
 # ---- round trips with keyx-hpke-example ------------------------------------------------------------

@@ -4,8 +4,9 @@
  * usage: keyx-test-hpke MODE KEM KDF AEAD IKME IKMR IKMS INFO PSK PSK-ID AAD PT EXP-CONTEXT EXP-LEN
  *   numbers in decimal, byte strings in hex ("-": empty). The recipient's (and in the auth modes
  *   the sender's) key pair comes from OSSL_HPKE_keygen with IKMR (IKMS), the ephemeral key from
- *   IKME (OSSL_HPKE_CTX_set1_ikme). Prints "pkR", "pkS", "enc", "ct", "pt" (opened by the
- *   receiver), "export-sender", "export-receiver" lines, or "err STAGE: ..." and exits 1.
+ *   IKME (OSSL_HPKE_CTX_set1_ikme); an empty IKMR makes a random recipient key. Prints "pkR",
+ * "pkS", "enc", "ct", "pt" (opened by the receiver), "export-sender", "export-receiver" lines, or
+ * "err STAGE: ..." and exits 1.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,7 +100,8 @@ int main(int argc, char **argv)
     if (explen > sizeof(exs) || arglen[A_PT] + 16 > sizeof(ct))
         return 2;
 
-    if (OSSL_HPKE_keygen(suite, pkr, &pkrlen, &skr, arg[A_IKMR], arglen[A_IKMR], NULL, NULL) != 1)
+    if (OSSL_HPKE_keygen(suite, pkr, &pkrlen, &skr, arglen[A_IKMR] ? arg[A_IKMR] : NULL,
+                         arglen[A_IKMR], NULL, NULL) != 1)
         return fail("keygen recipient");
     line("pkR", pkr, pkrlen);
     if (auth) {
