@@ -1,9 +1,58 @@
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <time.h>
+
 #include "backend/call.h"
 #include "backend/router.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
 static _Thread_local int inside_backend;
+
+/* A device behind a socket (p11-kit's RPC client, swtpm) whose peer died makes the call's write
+ * raise SIGPIPE, which kills a process that does not ignore it. keyx changes no process-wide
+ * disposition: around a hardware backend's call it blocks SIGPIPE in the calling thread, and
+ * takes back a SIGPIPE the call raised (directed at this thread, so pending here); the call
+ * itself then fails with the device's error (EPIPE). Threads a call starts (key pool refills)
+ * inherit the blocked mask. The software backend touches no socket and pays nothing. */
+typedef struct call_guard {
+    sigset_t old;
+    int blocked;      /* the mask was changed: restore it */
+    int pending_then; /* a SIGPIPE was pending before the call: not ours to take */
+} call_guard;
+
+static void enter(const keyx_backend *be, call_guard *g)
+{
+    sigset_t pipe, pending;
+
+    inside_backend++;
+    g->blocked = 0;
+    if (be->ops == &keyx_software_backend)
+        return;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    if (pthread_sigmask(SIG_BLOCK, &pipe, &g->old) != 0)
+        return;
+    g->blocked = 1;
+    g->pending_then = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE);
+}
+
+static void leave(call_guard *g)
+{
+    static const struct timespec now = {0, 0};
+    sigset_t pipe, pending;
+
+    inside_backend--;
+    if (!g->blocked)
+        return;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    if (!g->pending_then && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE))
+        while (sigtimedwait(&pipe, NULL, &now) < 0 && errno == EINTR)
+            ;
+    pthread_sigmask(SIG_SETMASK, &g->old, NULL);
+}
 
 /* A device failure is remembered for the provider's state parameters (router.h). */
 static int noted(keyx_backend *be, int rc)
@@ -26,53 +75,58 @@ int keyx_check_not_reentered(const struct keyx_provctx *p, const char *what)
 
 int keyx_backend_generate(keyx_backend *be, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
 {
+    call_guard g;
     int ok;
 
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->generate(be->state, spec, handle, pub);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_import(keyx_backend *be, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 {
+    call_guard g;
     int ok;
 
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->import(be->state, key, handle, pub);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_load(keyx_backend *be, const char *locator, void **handle, EVP_PKEY **pub)
 {
+    call_guard g;
     int ok;
 
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->load(be->state, locator, handle, pub);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_load_deferred(keyx_backend *be, const char *locator, EVP_PKEY *recorded,
                                void **handle, EVP_PKEY **pub)
 {
+    call_guard g;
     int ok;
 
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->load_deferred(be->state, locator, recorded, handle, pub);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_derive(keyx_backend *be, void *handle, const keyx_peer *peer,
                         unsigned char *secret, size_t secretlen)
 {
+    call_guard g;
     int ok;
 
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->derive(be->state, handle, peer, secret, secretlen);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
@@ -80,27 +134,31 @@ int keyx_backend_rsa_decrypt(keyx_backend *be, void *handle, const keyx_rsa_op *
                              const unsigned char *in, size_t inlen, unsigned char *out,
                              size_t *outlen)
 {
+    call_guard g;
     int ok;
 
     if (be->ops->rsa_decrypt == NULL) {
         KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend holds no RSA keys", be->ops->name);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->rsa_decrypt(be->state, handle, op, in, inlen, out, outlen);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 void keyx_backend_free(keyx_backend *be, void *handle)
 {
-    inside_backend++;
+    call_guard g;
+
+    enter(be, &g);
     be->ops->free(be->state, handle);
-    inside_backend--;
+    leave(&g);
 }
 
 int keyx_backend_locator(keyx_backend *be, void *handle, char **out)
 {
+    call_guard g;
     int ok;
 
     if (be->ops->locator == NULL) {
@@ -109,15 +167,16 @@ int keyx_backend_locator(keyx_backend *be, void *handle, char **out)
                  be->ops->name);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->locator(be->state, handle, out);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsigned char *der,
                               size_t len, void **handle, EVP_PKEY **pub)
 {
+    call_guard g;
     int ok;
 
     if (be->ops->load_encoded == NULL) {
@@ -125,15 +184,16 @@ int keyx_backend_load_encoded(keyx_backend *be, const char *format, const unsign
                  format);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->load_encoded(be->state, format, der, len, handle, pub);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_object **out,
                          size_t *n)
 {
+    call_guard g;
     int ok;
 
     *out = NULL;
@@ -143,9 +203,9 @@ int keyx_backend_objects(keyx_backend *be, const char *locator, int kinds, keyx_
                  be->ops->name);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->objects(be->state, locator, kinds, out, n);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
@@ -161,29 +221,31 @@ void keyx_objects_free(keyx_object *objs, size_t n)
 
 int keyx_backend_sign_check(keyx_backend *be, void *handle, const keyx_sign_op *op)
 {
+    call_guard g;
     int ok;
 
     if (be->ops->sign_check == NULL || be->ops->sign == NULL) {
         KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot sign", be->ops->name);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->sign_check(be->state, handle, op);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }
 
 int keyx_backend_sign(keyx_backend *be, void *handle, const keyx_sign_op *op,
                       const unsigned char *dgst, size_t dlen, unsigned char *sig, size_t *siglen)
 {
+    call_guard g;
     int ok;
 
     if (be->ops->sign == NULL) {
         KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED, "the %s backend cannot sign", be->ops->name);
         return 0;
     }
-    inside_backend++;
+    enter(be, &g);
     ok = be->ops->sign(be->state, handle, op, dgst, dlen, sig, siglen);
-    inside_backend--;
+    leave(&g);
     return noted(be, ok);
 }

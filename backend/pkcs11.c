@@ -672,6 +672,27 @@ static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
     return p11_session_get(d, k->tok, s);
 }
 
+/* p11-kit's RPC client (a token reached through `p11-kit server`) before 0.25 cannot carry the
+ * parameters of ECDH and DH derivation and refuses them itself with CKR_MECHANISM_INVALID: say
+ * so, instead of blaming the token. That client reports the manufacturer "PKCS#11 Kit" and
+ * Cryptoki 2.40 (0.25 reports 3.0). 1 when that is the cause (raised). */
+static int rpc_without_derive(const p11_sess *s, CK_RV rv, keyx_provctx *p, keyx_alg alg)
+{
+    CK_INFO info;
+
+    if (rv != CKR_MECHANISM_INVALID || s->f->C_GetInfo(&info) != CKR_OK ||
+        memcmp(info.manufacturerID, "PKCS#11 Kit", 11) != 0 || info.cryptokiVersion.major >= 3)
+        return 0;
+    KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+             "pkcs11: %s on a remote token through p11-kit's RPC client older than 0.25 (it "
+             "reports Cryptoki %u.%u): p11-kit forwards CKM_%s from 0.25 on, on client and "
+             "server; use p11-kit 0.25 or later on both ends (Debian 13), or the HSM's own "
+             "PKCS#11 module",
+             alg == KEYX_ALG_EC ? "ECDH" : "DH", info.cryptokiVersion.major,
+             info.cryptokiVersion.minor, alg == KEYX_ALG_EC ? "ECDH1_DERIVE" : "DH_PKCS_DERIVE");
+    return 1;
+}
+
 static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
                       size_t secretlen)
 {
@@ -737,6 +758,8 @@ static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned
     p11_session_put(&s, rv);
     if (rv != CKR_OK) {
         OPENSSL_cleanse(secret, secretlen);
+        if (rpc_without_derive(&s, rv, p11_dev_prov(d), k->alg))
+            return 0;
         return p11_fail(&s, rv,
                         k->alg == KEYX_ALG_EC ? "ECDH (C_DeriveKey CKM_ECDH1_DERIVE)"
                                               : "DH (C_DeriveKey CKM_DH_PKCS_DERIVE)");

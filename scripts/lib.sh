@@ -10,7 +10,7 @@ KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # and its libFuzzer runtime for the fuzz targets (tests/fuzz/); valgrind for tests/test_valgrind.py;
 # Go for a crypto/tls client (tests/test_tls_groups.py).
 KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest
-    libtss2-dev libp11-kit-dev p11-kit-modules
+    libtss2-dev libp11-kit-dev p11-kit-modules p11-kit
     swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl
     nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon
     clang libclang-rt-dev valgrind golang-go)
