@@ -155,7 +155,7 @@ def test_tls_ecdhe_on_the_remote_token(remote, server, s_server, s_client, certs
     srv = s_server(["-cert", crt, "-key", key], env)
     cli = s_client(srv.port, ["-tls1_3", "-groups", "P-256"], kxutil.plain_client_env())
     out = srv.wait()
-    assert cli.rc == 0 and kxutil.negotiated_group(cli.out) == "P-256", f"{cli!r}\n{out}"
+    assert cli.rc == 0 and "prime256v1" in kxutil.temp_key(cli.out), f"{cli!r}\n{out}"
     for event in ("keygen", "derive"):
         assert [(e["backend"], e["ok"]) for e in events(log, event)] == [("pkcs11", True)], event
 
