@@ -18,13 +18,12 @@ static _Thread_local int inside_backend;
  * inherit the blocked mask. The software backend touches no socket and pays nothing. */
 typedef struct call_guard {
     sigset_t old;
-    int blocked;      /* the mask was changed: restore it */
-    int pending_then; /* a SIGPIPE was pending before the call: not ours to take */
+    int blocked; /* this guard blocked SIGPIPE: take back what the call raised, restore the mask */
 } call_guard;
 
 static void enter(const keyx_backend *be, call_guard *g)
 {
-    sigset_t pipe, pending;
+    sigset_t pipe;
 
     inside_backend++;
     g->blocked = 0;
@@ -32,10 +31,8 @@ static void enter(const keyx_backend *be, call_guard *g)
         return;
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);
-    if (pthread_sigmask(SIG_BLOCK, &pipe, &g->old) != 0)
-        return;
-    g->blocked = 1;
-    g->pending_then = sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE);
+    /* A thread that blocks SIGPIPE itself handles what is pending: keyx leaves it alone. */
+    g->blocked = pthread_sigmask(SIG_BLOCK, &pipe, &g->old) == 0 && !sigismember(&g->old, SIGPIPE);
 }
 
 static void leave(call_guard *g)
@@ -48,7 +45,8 @@ static void leave(call_guard *g)
         return;
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);
-    if (!g->pending_then && sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE))
+    /* Unblocked before the call, so a pending SIGPIPE is the call's. */
+    if (sigpending(&pending) == 0 && sigismember(&pending, SIGPIPE))
         while (sigtimedwait(&pipe, NULL, &now) < 0 && errno == EINTR)
             ;
     pthread_sigmask(SIG_SETMASK, &g->old, NULL);
