@@ -1256,6 +1256,13 @@ static void print_table(void)
                        op_names[d->op]);
             printf("\n");
         }
+    /* --only can leave out the raw rows an open's floor ratio needs: say which to select */
+    if ((find_cell(IMPL_PKCS11, &algs[ALG_P256], OP_HPKE_OPEN) != NULL &&
+         find_cell(IMPL_RAW_PKCS11, &algs[ALG_P256], OP_HPKE_OPEN) == NULL) ||
+        (find_cell(IMPL_TPM, &algs[ALG_P256], OP_HPKE_OPEN) != NULL &&
+         find_cell(IMPL_RAW_ESYS_SESS, &algs[ALG_P256], OP_HPKE_OPEN) == NULL))
+        printf("(hpke-open floors: select the raw rows too, e.g. --only "
+               "'hpke-open|^raw-pkcs11/P-256/static-derive$|^raw-esys(-sess)?/P-256/derive$')\n");
     for (size_t r = 0, head = 0; r < sizeof(ABSOLUTE) / sizeof(ABSOLUTE[0]); r++) {
         const cell *c = find_cell(ABSOLUTE[r].impl, &algs[ABSOLUTE[r].alg], ABSOLUTE[r].op);
         char target[16];
