@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #include <openssl/evp.h>
+#include <openssl/opensslv.h>
 
 /* One key-exchange algorithm as libssl names it (TLS-GROUP internal name). */
 typedef struct bench_alg {
@@ -96,6 +97,19 @@ int bench_ct_pool_make(bench_ct_pool *p, OSSL_LIB_CTX *deflt, EVP_PKEY *pub, con
 /* 1 when pt is the plaintext of the pool's first ciphertext. */
 int bench_ct_pool_check(const bench_ct_pool *p, const unsigned char *pt, size_t ptlen);
 void bench_ct_pool_free(bench_ct_pool *p);
+
+/* HPKE open (OpenSSL >= 3.2): suite DHKEM(P-256, HKDF-SHA256), HKDF-SHA256, AES-128-GCM, base
+ * mode, info "keyx-bench", no AAD. The pool's entries are enc || ciphertext of a random
+ * BENCH_WRAPPED_LEN-byte message, each sealed once by the default provider to the encoded public
+ * key pub (pt0: the first message). */
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+int bench_hpke_pool_make(bench_ct_pool *p, OSSL_LIB_CTX *deflt, const unsigned char *pub,
+                         size_t publen, size_t n);
+/* One open as an application makes it: OSSL_HPKE_CTX_new (receiver, in L), OSSL_HPKE_decap with
+ * the private key k, OSSL_HPKE_open, free. */
+int bench_hpke_open(OSSL_LIB_CTX *L, EVP_PKEY *k, const unsigned char *sealed, size_t len,
+                    unsigned char *out, size_t *outlen);
+#endif
 
 /* ---- cryptoki.c ---- */
 typedef struct raw_p11 raw_p11;

@@ -14,6 +14,9 @@
 #include <openssl/provider.h>
 #include <openssl/rand.h>
 #include <openssl/rsa.h>
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+#include <openssl/hpke.h>
+#endif
 
 #include "bench.h"
 
@@ -321,6 +324,69 @@ void bench_ct_pool_free(bench_ct_pool *p)
     OPENSSL_free(p->ct);
     OPENSSL_cleanse(p, sizeof(*p));
 }
+
+/* ---- HPKE open (OpenSSL >= 3.2) ----------------------------------------------------------------
+ */
+
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+static const OSSL_HPKE_SUITE hpke_suite = {OSSL_HPKE_KEM_ID_P256, OSSL_HPKE_KDF_ID_HKDF_SHA256,
+                                           OSSL_HPKE_AEAD_ID_AES_GCM_128};
+static const unsigned char hpke_info[] = "keyx-bench";
+
+int bench_hpke_pool_make(bench_ct_pool *p, OSSL_LIB_CTX *deflt, const unsigned char *pub,
+                         size_t publen, size_t n)
+{
+    unsigned char msg[BENCH_WRAPPED_LEN];
+    size_t enclen = OSSL_HPKE_get_public_encap_size(hpke_suite);
+    int ok = 0;
+
+    memset(p, 0, sizeof(*p));
+    if (enclen == 0 || (p->ct = OPENSSL_zalloc(n * sizeof(*p->ct))) == NULL)
+        return 0;
+    p->ctlen = enclen + OSSL_HPKE_get_ciphertext_size(hpke_suite, sizeof(msg));
+    for (p->n = 0; p->n < n; p->n++) {
+        /* one sender context per message: a context encapsulates once */
+        OSSL_HPKE_CTX *ctx = NULL;
+        size_t el = enclen, ctlen = p->ctlen - enclen;
+        int sealed =
+            (p->ct[p->n] = OPENSSL_malloc(p->ctlen)) != NULL &&
+            RAND_bytes_ex(deflt, msg, sizeof(msg), 0) > 0 &&
+            (ctx = OSSL_HPKE_CTX_new(OSSL_HPKE_MODE_BASE, hpke_suite, OSSL_HPKE_ROLE_SENDER, deflt,
+                                     NULL)) != NULL &&
+            OSSL_HPKE_encap(ctx, p->ct[p->n], &el, pub, publen, hpke_info, sizeof(hpke_info) - 1) ==
+                1 &&
+            el == enclen &&
+            OSSL_HPKE_seal(ctx, p->ct[p->n] + enclen, &ctlen, NULL, 0, msg, sizeof(msg)) == 1 &&
+            enclen + ctlen == p->ctlen;
+
+        OSSL_HPKE_CTX_free(ctx);
+        if (!sealed) {
+            p->n++;
+            goto end;
+        }
+        if (p->n == 0)
+            memcpy(p->pt0, msg, sizeof(msg));
+    }
+    ok = 1;
+end:
+    OPENSSL_cleanse(msg, sizeof(msg));
+    return ok;
+}
+
+int bench_hpke_open(OSSL_LIB_CTX *L, EVP_PKEY *k, const unsigned char *sealed, size_t len,
+                    unsigned char *out, size_t *outlen)
+{
+    size_t enclen = OSSL_HPKE_get_public_encap_size(hpke_suite);
+    OSSL_HPKE_CTX *ctx =
+        OSSL_HPKE_CTX_new(OSSL_HPKE_MODE_BASE, hpke_suite, OSSL_HPKE_ROLE_RECEIVER, L, NULL);
+    int ok = ctx != NULL && len > enclen &&
+             OSSL_HPKE_decap(ctx, sealed, enclen, k, hpke_info, sizeof(hpke_info) - 1) == 1 &&
+             OSSL_HPKE_open(ctx, out, outlen, NULL, 0, sealed + enclen, len - enclen) == 1;
+
+    OSSL_HPKE_CTX_free(ctx);
+    return ok;
+}
+#endif
 
 /* ---- signatures ------------------------------------------------------------------------------ */
 

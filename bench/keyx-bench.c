@@ -72,6 +72,17 @@
  * reference, beside keyx-pkcs11 doing the same. Raw ESYS: one Esys_RSA_Decrypt (OAEP, SHA-256),
  * with the salted session (response encrypted, like keyx) and with a password.
  *
+ * HPKE open (op hpke-open, alg P-256; OpenSSL >= 3.2 only): suite DHKEM(P-256, HKDF-SHA256),
+ * HKDF-SHA256, AES-128-GCM, base mode. Per operation, what an application does to open one
+ * message: OSSL_HPKE_CTX_new (receiver, the cell's libctx), OSSL_HPKE_decap (enc, the cell's
+ * private key, info), OSSL_HPKE_open of a 48-byte ciphertext (a 32-byte message), free. Keys:
+ * default and keyx-software generate their own P-256 key; keyx-pkcs11 loads the static-derive
+ * token key by URI, keyx-tpm the persistent key of --tpm-handle. Each cell has a pool of --peers
+ * messages sealed once by the default provider to its public key; one is opened and compared
+ * with its plaintext before timing. Ratios: against default's hpke-open, and for keyx-pkcs11 and
+ * keyx-tpm against the raw static derive of the same key (raw-pkcs11 static-derive, raw ESYS
+ * derive: one C_DeriveKey / ECDH_ZGen), the device's DH that an open costs: its floor.
+ *
  * Adding a backend: one impl_id, its libctx or raw state in setup(), its operations in
  * run_once(), its rows in PLAN and its ratios in RATIOS. */
 #include <getopt.h>
@@ -130,13 +141,20 @@ typedef enum {
     OP_OAEP_SHA1_DECRYPT, /* the same with SHA-1: what SoftHSM does natively */
     OP_ECDSA_SIGN,        /* ECDSA P-256 of a SHA-256 digest (a certificate key's work) */
     OP_PSS_SIGN,          /* RSA-PSS, SHA-256, MGF1-SHA-256, salt 32 */
+    OP_HPKE_OPEN,         /* HPKE decap + open of one message (OpenSSL >= 3.2) */
     N_OP
 } op_id;
-static const char *const op_names[N_OP] = {
-    "derive",        "keygen+derive",        "static-derive",
-    "derive(ready)", "keygen+derive(ready)", "static-derive(ready)",
-    "oaep-decrypt",  "oaep-sha1-decrypt",    "ecdsa-sign",
-    "pss-sign"};
+static const char *const op_names[N_OP] = {"derive",
+                                           "keygen+derive",
+                                           "static-derive",
+                                           "derive(ready)",
+                                           "keygen+derive(ready)",
+                                           "static-derive(ready)",
+                                           "oaep-decrypt",
+                                           "oaep-sha1-decrypt",
+                                           "ecdsa-sign",
+                                           "pss-sign",
+                                           "hpke-open"};
 
 static int is_sign(op_id op)
 {
@@ -232,6 +250,13 @@ static const struct {
     {IMPL_SOFTWARE, ALG_RSA2048, OP_PSS_SIGN},
     {IMPL_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
     {IMPL_RAW_PKCS11, ALG_RSA2048, OP_PSS_SIGN},
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+    /* HPKE open; the raw rows of the ratios are the static derives above */
+    {IMPL_DEFAULT, ALG_P256, OP_HPKE_OPEN},
+    {IMPL_SOFTWARE, ALG_P256, OP_HPKE_OPEN},
+    {IMPL_PKCS11, ALG_P256, OP_HPKE_OPEN},
+    {IMPL_TPM, ALG_P256, OP_HPKE_OPEN},
+#endif
 };
 
 /* Ratios reported: num / den for the same algorithm; target 0 = none stated. */
@@ -288,6 +313,14 @@ static const struct {
     {IMPL_SOFTWARE, IMPL_DEFAULT, OP_PSS_SIGN, 0},
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_PSS_SIGN, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_PSS_SIGN, 0},
+    /* HPKE open: against the default provider's open; against raw the denominator is the raw
+     * static derive of the same key (find_cell), the device's DH inside an open */
+    {IMPL_SOFTWARE, IMPL_DEFAULT, OP_HPKE_OPEN, 0},
+    {IMPL_PKCS11, IMPL_DEFAULT, OP_HPKE_OPEN, 0},
+    {IMPL_TPM, IMPL_DEFAULT, OP_HPKE_OPEN, 0},
+    {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_HPKE_OPEN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_HPKE_OPEN, 0},
+    {IMPL_TPM, IMPL_RAW_ESYS, OP_HPKE_OPEN, 0},
 };
 
 /* Absolute targets (ops/s), stated against an anchor measured on this machine. */
@@ -315,7 +348,7 @@ typedef struct cell {
     EVP_PKEY **ready;      /* "(ready)" operations: the pool's peers imported into L */
     unsigned long rawkey;  /* raw derive: the session private key */
     unsigned long signkey; /* raw sign: the token's private key (not destroyed) */
-    bench_ct_pool pool;    /* RSA-OAEP: the ciphertexts */
+    bench_ct_pool pool;    /* RSA-OAEP: the ciphertexts; HPKE: the sealed messages */
     const char *md;        /* RSA-OAEP: "SHA256" or "SHA1" (OAEP and MGF1) */
     int nrounds;
     double ops[MAX_ROUNDS], cpu_us[MAX_ROUNDS];
@@ -672,6 +705,52 @@ static void setup_sign(cell *c)
     ERR_clear_error();
 }
 
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+/* One HPKE open of pool message i into out (*outlen in: size). */
+static int hpke_open(cell *c, size_t i, unsigned char *out, size_t *outlen)
+{
+    return bench_hpke_open(c->L, c->own, c->pool.ct[i % c->pool.n], c->pool.ctlen, out, outlen);
+}
+
+/* HPKE cell: its key (generated, or the static-derive key of the token / TPM by URI), its pool
+ * of messages sealed by the default provider to that key, and one open compared with the
+ * message that was sealed. */
+static void setup_hpke(cell *c)
+{
+    unsigned char *pub = NULL, pt[256];
+    size_t publen, ptlen = sizeof(pt);
+    const char *uri = c->impl == IMPL_PKCS11 ? opt.p11_uri : c->impl == IMPL_TPM ? tpm_uri : NULL;
+    int ok;
+
+    c->L = libctx[c->impl];
+    c->own = uri != NULL ? store_load(c->L, uri) : bench_keygen(c->L, &algs[ALG_P256]);
+    if (c->own == NULL) {
+        fprintf(stderr, "keyx-bench: %s: %s\n", c->name,
+                uri != NULL ? "cannot load the static key by URI" : "key generation failed");
+        die(c->name);
+    }
+    expect_provider(c, c->own);
+    if ((publen = EVP_PKEY_get1_encoded_public_key(c->own, &pub)) == 0)
+        die(c->name);
+    ok = bench_hpke_pool_make(&c->pool, libctx[IMPL_DEFAULT], pub, publen, (size_t)opt.npeers);
+    OPENSSL_free(pub);
+    if (!ok)
+        die("sealing the HPKE message pool");
+    ok = hpke_open(c, 0, pt, &ptlen) && bench_ct_pool_check(&c->pool, pt, ptlen);
+    OPENSSL_cleanse(pt, sizeof(pt));
+    if (!ok) {
+        fprintf(stderr,
+                "keyx-bench: %s: the opened message differs from the one the default provider "
+                "sealed (or the open failed)\n",
+                c->name);
+        die(c->name);
+    }
+    if (c->impl == IMPL_PKCS11 && raw != NULL)
+        expect_token(c);
+    ERR_clear_error();
+}
+#endif
+
 /* Prepares a cell and cross-checks one secret against the default provider. */
 static void setup(cell *c)
 {
@@ -685,6 +764,12 @@ static void setup(cell *c)
         setup_sign(c);
         return;
     }
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+    if (c->op == OP_HPKE_OPEN) {
+        setup_hpke(c);
+        return;
+    }
+#endif
     if (is_rsa(c->alg)) {
         setup_rsa(c);
         return;
@@ -803,6 +888,16 @@ static int run_once(cell *c, size_t *next)
         (*next)++;
         return sign_once(c, sig, &len);
     }
+#if OPENSSL_VERSION_NUMBER >= 0x30200000L
+    if (c->op == OP_HPKE_OPEN) {
+        unsigned char pt[256];
+        size_t len = sizeof(pt);
+        int ok = hpke_open(c, (*next)++, pt, &len);
+
+        OPENSSL_cleanse(pt, sizeof(pt));
+        return ok;
+    }
+#endif
     if (is_rsa(c->alg)) {
         unsigned char pt[1024];
         size_t len = sizeof(pt);
@@ -1101,6 +1196,9 @@ static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
     /* raw Cryptoki and ESYS take the peer's bytes: their "(ready)" figure is their plain one */
     if (impl == IMPL_RAW_PKCS11 || is_raw_esys(impl))
         op = base_op(op);
+    /* raw: an HPKE open's floor is the static derive of the same key (the DH in the device) */
+    if ((impl == IMPL_RAW_PKCS11 || is_raw_esys(impl)) && op == OP_HPKE_OPEN)
+        op = OP_STATIC_DERIVE;
     /* raw ESYS: static-derive is its derive (one ZGen of the persistent key) */
     if (is_raw_esys(impl) && op == OP_STATIC_DERIVE)
         op = OP_DERIVE;
@@ -1147,12 +1245,24 @@ static void print_table(void)
                      impl_names[RATIOS[r].den]);
             if (RATIOS[r].target > 0)
                 snprintf(target, sizeof(target), ">=%.2f", RATIOS[r].target);
-            printf("%-28s %-10s %-20s %7.3f %7s%s\n", name, algs[a].name, op_names[RATIOS[r].op],
+            printf("%-28s %-10s %-20s %7.3f %7s%s", name, algs[a].name, op_names[RATIOS[r].op],
                    n->median / d->median, target,
                    RATIOS[r].target > 0 && n->median / d->median < RATIOS[r].target
                        ? "  BELOW TARGET"
                        : "");
+            /* a denominator of another operation is named (the floor of an HPKE open) */
+            if (RATIOS[r].op == OP_HPKE_OPEN && d->op != OP_HPKE_OPEN)
+                printf("  floor: %s %s (the device's DH of an open)", impl_names[d->impl],
+                       op_names[d->op]);
+            printf("\n");
         }
+    /* --only can leave out the raw rows an open's floor ratio needs: say which to select */
+    if ((find_cell(IMPL_PKCS11, &algs[ALG_P256], OP_HPKE_OPEN) != NULL &&
+         find_cell(IMPL_RAW_PKCS11, &algs[ALG_P256], OP_HPKE_OPEN) == NULL) ||
+        (find_cell(IMPL_TPM, &algs[ALG_P256], OP_HPKE_OPEN) != NULL &&
+         find_cell(IMPL_RAW_ESYS_SESS, &algs[ALG_P256], OP_HPKE_OPEN) == NULL))
+        printf("(hpke-open floors: select the raw rows too, e.g. --only "
+               "'hpke-open|^raw-pkcs11/P-256/static-derive$|^raw-esys(-sess)?/P-256/derive$')\n");
     for (size_t r = 0, head = 0; r < sizeof(ABSOLUTE) / sizeof(ABSOLUTE[0]); r++) {
         const cell *c = find_cell(ABSOLUTE[r].impl, &algs[ABSOLUTE[r].alg], ABSOLUTE[r].op);
         char target[16];
@@ -1262,9 +1372,9 @@ static void print_json(void)
             if (n == NULL || d == NULL)
                 continue;
             printf("%s\n  {\"num\": \"%s\", \"den\": \"%s\", \"alg\": \"%s\", \"op\": \"%s\", "
-                   "\"ratio\": %.6f",
+                   "\"den_op\": \"%s\", \"ratio\": %.6f",
                    first ? "" : ",", impl_names[RATIOS[r].num], impl_names[RATIOS[r].den],
-                   algs[a].name, op_names[RATIOS[r].op], n->median / d->median);
+                   algs[a].name, op_names[RATIOS[r].op], op_names[d->op], n->median / d->median);
             if (RATIOS[r].target > 0)
                 printf(", \"target\": %.2f, \"meets_target\": %s", RATIOS[r].target,
                        n->median / d->median >= RATIOS[r].target ? "true" : "false");
@@ -1323,7 +1433,8 @@ static void usage(FILE *fp)
         "  --tpm-mem-ops N         at most N operations for TPM memory figures (default %ld)\n"
         "  --rounds N              interleaved rounds (default %d)\n"
         "  --seconds S             seconds per cell per round (default %.1f)\n"
-        "  --peers N               peer public keys (and RSA ciphertexts) per pool (default %d)\n"
+        "  --peers N               peer public keys (RSA ciphertexts, HPKE messages) per pool "
+        "(default %d)\n"
         "  --mem-ops N             operations for the memory figure, 0 = off (default %ld)\n"
         "  --mem-alg NAME          algorithm whose cells get a memory figure (default %s)\n"
         "  --threads N             also run every cell with N threads at once (default 1: "
@@ -1612,6 +1723,20 @@ int main(int argc, char **argv)
         need[c->impl] = 1;
         ncells++;
     }
+#if OPENSSL_VERSION_NUMBER < 0x30200000L
+    /* HPKE cells do not exist here: say so when the selection names them */
+    for (int i = 0, said = 0; opt.only != NULL && i <= IMPL_TPM && !said; i++) {
+        char name[64];
+
+        snprintf(name, sizeof(name), "%s/P-256/hpke-open", impl_names[i]);
+        if (!is_raw_esys((impl_id)i) && i != IMPL_RAW_PKCS11 &&
+            regexec(&only, name, 0, NULL, 0) == 0 && (said = 1))
+            fprintf(stderr,
+                    "keyx-bench: no hpke-open cells: HPKE needs OpenSSL >= 3.2 (built "
+                    "with %s)\n",
+                    OPENSSL_VERSION_TEXT);
+    }
+#endif
     if (opt.only != NULL)
         regfree(&only);
     if (ncells == 0) {

@@ -19,7 +19,12 @@
 #   7. on OpenSSL 3.5, the hybrid ML-KEM groups too: SecP256r1MLKEM768 with its EC half in the TPM
 #      and on the token beside keyx's P-256 rows, keyx-software's X25519MLKEM768 beside the
 #      default provider's, and the TPM's own ceiling in the same run (raw ESYS keygen+ECDH_ZGen).
-# Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json).
+#   8. on OpenSSL >= 3.2 (the Debian 13 root), HPKE open (keyx-bench op hpke-open) in the main run:
+#      the default provider's, keyx software's, the token's bench-ecdh and the TPM's 0x81000002 key,
+#      beside the raw static derives of the same keys (its floor); select them with
+#      --only 'hpke-open|^raw-pkcs11/P-256/static-derive$|^raw-esys(-sess)?/P-256/derive$'.
+# Extra arguments go to keyx-bench (e.g. --rounds 3 --seconds 0.5 --only 'pkcs11', --json); --only
+# applies to the main run (the tpm2-openssl, pool and command-count runs keep their own cells).
 #   scripts/bench.sh --debian trixie [args]   # the same on OpenSSL 3.5, in the Debian 13 root
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "pools": <keyx-bench JSON of
 # the pool run>, "tls": [...]}.

@@ -32,7 +32,7 @@ keyx_debian_make_root() {
     local suite=$1 dir=$2 mirror
     mirror=${KEYX_DEBIAN_MIRROR:-$(keyx_debian_mirror)}
     keyx_install_deps debootstrap
-    keyx_say "making a Debian $suite root in $dir (debootstrap from $mirror)"
+    keyx_say "making a Debian $suite root in $dir (debootstrap from $mirror)" >&2
     rm -rf "$dir.tmp"
     mkdir -p "$(dirname "$dir")"
     debootstrap --variant=minbase "$suite" "$dir.tmp" "$mirror" >"$dir.log" 2>&1 ||
@@ -82,7 +82,7 @@ keyx_debian_run() {
     mount --rbind /dev "$dir/dev"
     mount --make-rslave "$dir/dev"
     mount --bind "$KEYX_ROOT" "$dir$KEYX_ROOT"
-    keyx_say "running $* in the Debian $suite root ($dir)"
+    keyx_say "running $* in the Debian $suite root ($dir)" >&2
     chroot "$dir" /usr/bin/env -u TMPDIR HOME=/root \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         /bin/bash -c 'cd "$1" && shift && exec "$@"' keyx "$KEYX_ROOT" "$@" || rc=$?

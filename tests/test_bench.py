@@ -33,6 +33,10 @@ RSA_CELLS = {("default", RSA, "oaep-decrypt"), ("keyx-software", RSA, "oaep-decr
 SIGN = {("P-256", "ecdsa-sign"), (RSA, "pss-sign")}
 SIGN_CELLS = {(impl, alg, op) for impl in ("default", "keyx-software", "keyx-pkcs11", "raw-pkcs11")
               for alg, op in SIGN}
+# HPKE open (P-256 DHKEM): OpenSSL >= 3.2 only; no raw rows (the raw static derive is its floor)
+HPKE = kxutil.openssl_version() >= (3, 2)
+HPKE_CELLS = {(impl, "P-256", "hpke-open") for impl in ("default", "keyx-software", "keyx-pkcs11")
+              } if HPKE else set()
 
 
 def expected_cells():
@@ -44,7 +48,7 @@ def expected_cells():
         cells.add((impl, "P-256", "static-derive"))
     # the same with the peer imported beforehand: keyx's side of the comparison with raw Cryptoki
     cells |= {("keyx-pkcs11", "P-256", op + "(ready)") for op in READY}
-    return cells | RSA_CELLS | SIGN_CELLS
+    return cells | RSA_CELLS | SIGN_CELLS | HPKE_CELLS
 
 
 def bench_bin():
@@ -102,7 +106,7 @@ def test_bench_table_has_every_row(cnf, token):
     r = run_bench(bench_args(cnf, token), token).ok("keyx-bench")
     rows = {}
     for line in r.out.splitlines():
-        m = re.match(r"^(\S+)\s+(\S+)\s+((?:derive|keygen\+derive|static-derive)(?:\(ready\))?|oaep-(?:sha1-)?decrypt|ecdsa-sign|pss-sign)\s+(\d+)\s+(\d+)-(\d+)"
+        m = re.match(r"^(\S+)\s+(\S+)\s+((?:derive|keygen\+derive|static-derive)(?:\(ready\))?|oaep-(?:sha1-)?decrypt|ecdsa-sign|pss-sign|hpke-open)\s+(\d+)\s+(\d+)-(\d+)"
                      r"\s+([\d.]+)\s+ok$", line)
         if m:
             rows[m.group(1, 2, 3)] = [float(x) for x in m.group(4, 5, 6, 7)]
@@ -142,6 +146,9 @@ def test_bench_json(cnf, token):
     for ra in doc["ratios"]:
         num = cells[(ra["num"], ra["alg"], ra["op"])]["ops_per_s"]
         den_op = ra["op"].replace("(ready)", "") if ra["den"] == "raw-pkcs11" else ra["op"]
+        if ra["op"] == "hpke-open" and ra["den"] == "raw-pkcs11":
+            den_op = "static-derive"  # the floor: the token's DH of the same key
+        assert ra["den_op"] == den_op, ra
         den = cells[(ra["den"], ra["alg"], den_op)]["ops_per_s"]
         assert ra["ratio"] == pytest.approx(num / den, rel=1e-4), ra
         if "target" in ra:
@@ -155,6 +162,10 @@ def test_bench_json(cnf, token):
     assert ("keyx-pkcs11", "raw-pkcs11", "P-256", "static-derive") in seen
     for op in READY:  # raw Cryptoki's plain figure is the denominator of the "(ready)" ratios
         assert ("keyx-pkcs11", "raw-pkcs11", "P-256", op + "(ready)") in seen
+    if HPKE:
+        for num, den in (("keyx-software", "default"), ("keyx-pkcs11", "default"),
+                         ("keyx-pkcs11", "raw-pkcs11")):
+            assert (num, den, "P-256", "hpke-open") in seen, (num, den)
 
 
 def test_bench_only_selects(cnf, token):
@@ -291,7 +302,8 @@ def test_bench_rsa_pkcs11_needs_raw_rsa(cnf, token):
 TPM_HANDLE = 0x81000002
 TPM_CELLS = ({("keyx-tpm", "P-256", op) for op in READY} |
              {("keyx-tpm", "P-256", op + "(ready)") for op in READY} |
-             {(raw, "P-256", op) for raw in ("raw-esys-sess", "raw-esys") for op in OPS})
+             {(raw, "P-256", op) for raw in ("raw-esys-sess", "raw-esys") for op in OPS} |
+             ({("keyx-tpm", "P-256", "hpke-open")} if HPKE else set()))
 
 
 @pytest.fixture
@@ -332,7 +344,8 @@ def test_bench_tpm_rows_ratios_and_cross_check(tpm_bench):
     r = run(tpm_args(tpm_bench, "--json"), timeout=max(TIMEOUT, 300)).ok("keyx-bench (tpm)")
     doc = json.loads(r.out)
     cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
-    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS + ("ecdsa-sign",)}, r
+    assert set(cells) == TPM_CELLS | {("default", "P-256", op) for op in OPS + ("ecdsa-sign",)} | \
+        ({("default", "P-256", "hpke-open")} if HPKE else set()), r
     for key, c in cells.items():
         assert c["secret_check"] is True and c["ops_per_s"] > 0, key
         assert c["memory"]["ops"] == 50, key
@@ -345,6 +358,17 @@ def test_bench_tpm_rows_ratios_and_cross_check(tpm_bench):
                     o.replace("(ready)", "")
                 want = cells[("keyx-tpm", "P-256", o)]["ops_per_s"] / cells[(den, "P-256", base)]["ops_per_s"]
                 assert x["ratio"] == pytest.approx(want, rel=1e-4), x
+    if HPKE:  # an open against the default's open and against the raw ZGen of the same key
+        x = ratios[("keyx-tpm", "default", "hpke-open")]
+        assert x["den_op"] == "hpke-open", x
+        for den in ("raw-esys-sess", "raw-esys"):
+            x = ratios[("keyx-tpm", den, "hpke-open")]
+            assert x["den_op"] == "derive", x
+            want = cells[("keyx-tpm", "P-256", "hpke-open")]["ops_per_s"] / \
+                cells[(den, "P-256", "derive")]["ops_per_s"]
+            assert x["ratio"] == pytest.approx(want, rel=1e-4), x
+        assert any(e.get("event") == "decapsulate" and e.get("backend") == "tpm" and e.get("ok")
+                   for e in kxutil.read_audit(tpm_bench["log"])), "no decapsulation in the TPM"
     # the like-for-like derive ratio carries the 0.9 target
     assert ratios[("keyx-tpm", "raw-esys-sess", "derive(ready)")]["target"] == 0.9
     absolute = {(a["impl"], a["op"]): a for a in doc["absolute"]}
@@ -402,7 +426,8 @@ def test_bench_counts_tpm_commands_on_the_wire(tpm_bench):
     for op in ("keygen+derive", "keygen+derive(ready)"):
         assert rows[("keyx-tpm", op)]["commands"] == {
             "CreatePrimary": 1, "ECDH_ZGen": 1, "FlushContext": 1}, rows[("keyx-tpm", op)]
-    for op in ("derive", "derive(ready)", "static-derive", "static-derive(ready)"):
+    for op in ("derive", "derive(ready)", "static-derive", "static-derive(ready)") + \
+            (("hpke-open",) if HPKE else ()):
         assert rows[("keyx-tpm", op)]["commands"] == {"ECDH_ZGen": 1}, rows[("keyx-tpm", op)]
     # the counting run times nothing: no cells, ratios or memory figures are printed
     assert "cells" not in json.loads(r.out)
@@ -539,3 +564,49 @@ def test_bench_tpm_sign_rows(tpm_bench, tmp):
     assert "0x80" not in left, left
     r = run(tpm_args(tpm_bench, "--tpm-sign-handle", "0x01000003"), timeout=TIMEOUT)
     assert r.rc == 2 and "bad value" in r.err, r
+
+
+# ---- HPKE open (OpenSSL >= 3.2) ------------------------------------------------------------------
+
+@pytest.mark.skipif(not HPKE, reason="OSSL_HPKE_* and DHKEM exist from OpenSSL 3.2")
+def test_bench_hpke_rows(cnf, token):
+    """hpke-open of the default provider, keyx software and the token's static key, each after one
+    message of its pool (sealed by the default provider to the cell's public key) opened to the
+    message that was sealed; keyx-pkcs11's open makes one C_DeriveKey on the token, as the raw
+    static derive that is its floor; ratios are the quotients of the medians, and the table names
+    the floor's operation."""
+    r = run_bench(bench_args(cnf, token, "--json", "--only",
+                             "hpke-open|^raw-pkcs11/P-256/static-derive$", "--rounds", "2",
+                             "--count-ops", "10", "--mem-ops", "0"), token).ok("keyx-bench hpke")
+    doc = json.loads(r.out)
+    cells = {(c["impl"], c["alg"], c["op"]): c for c in doc["cells"]}
+    assert set(cells) == HPKE_CELLS | {("raw-pkcs11", "P-256", "static-derive")}, r
+    for key, c in cells.items():
+        assert c["secret_check"] is True and c["ops_per_s"] > 0 and len(c["rounds"]) == 2, key
+    for impl in ("keyx-pkcs11", "raw-pkcs11"):
+        calls = [c for k, c in cells.items() if k[0] == impl][0]["cryptoki_calls_per_op"]
+        assert calls["C_DeriveKey"] == pytest.approx(1.0), (impl, calls)
+    ratios = {(x["num"], x["den"]): x for x in doc["ratios"]}
+    assert set(ratios) == {("keyx-software", "default"), ("keyx-pkcs11", "default"),
+                           ("keyx-pkcs11", "raw-pkcs11")}, doc["ratios"]
+    for (num, den), x in ratios.items():
+        assert x["op"] == "hpke-open" and "target" not in x, x
+        want = cells[(num, "P-256", "hpke-open")]["ops_per_s"] / \
+            cells[(den, "P-256", x["den_op"])]["ops_per_s"]
+        assert x["ratio"] == pytest.approx(want, rel=1e-4), x
+    assert ratios[("keyx-pkcs11", "raw-pkcs11")]["den_op"] == "static-derive"
+    r = run_bench(bench_args(cnf, token, "--only", "hpke-open|^raw-pkcs11/P-256/static-derive$",
+                             "--mem-ops", "0"), token).ok()
+    assert re.search(r"^keyx-pkcs11/raw-pkcs11\s+P-256\s+hpke-open\s+[\d.]+\s+-\s+floor: "
+                     r"raw-pkcs11 static-derive", r.out, re.M), r
+
+
+def test_bench_hpke_refuses_software_pkcs11(cnf, token):
+    """An HPKE open whose key is not on the token gives no pkcs11 figure; on OpenSSL 3.0 the cells
+    do not exist and the program says why."""
+    wrong = cnf(keyx={"backends": "software"}, name="not-pkcs11-hpke.cnf")
+    r = run_bench(bench_args(cnf, token, "--only", "keyx-pkcs11/P-256/hpke", pkcs11=wrong), token)
+    if HPKE:
+        assert r.rc == 1 and "keyx-pkcs11/P-256/hpke-open" in r.err, r
+    else:
+        assert r.rc == 2 and "HPKE needs OpenSSL >= 3.2" in r.err, r
