@@ -9,6 +9,11 @@
 # needs from that release as it does here. Root only (debootstrap, mount, chroot).
 
 KEYX_DEBIAN_ROOTS=${KEYX_DEBIAN_ROOTS:-$KEYX_ROOT/build-debian}
+# Clean roots (tests/test_debian_package.py): one minimal root per release, nothing of keyx's build
+# or tests in it, into a throwaway overlay of which the test installs keyx's .deb. Made once,
+# never changed after. keyx_debian_run mounts this directory into the test root at the same path,
+# so that the trixie stage's clean root is kept here too.
+KEYX_CLEAN_ROOTS=${KEYX_CLEAN_ROOTS:-/var/cache/keyx/clean-roots}
 
 # keyx_debian_mirror: the Debian archive's URI in this machine's apt sources (deb822 or one-line).
 keyx_debian_mirror() {
@@ -26,16 +31,18 @@ keyx_debian_mirror() {
     printf '%s\n' "${uri%/}"
 }
 
-# keyx_debian_make_root SUITE DIR: debootstrap into DIR.tmp, then move it into place, so that an
-# interrupted build is never taken for a finished root.
+# keyx_debian_make_root SUITE DIR [PACKAGES]: debootstrap into DIR.tmp (minbase, and PACKAGES:
+# comma-separated), then move it into place, so that an interrupted build is never taken for a
+# finished root.
 keyx_debian_make_root() {
-    local suite=$1 dir=$2 mirror
+    local suite=$1 dir=$2 include=${3:-} mirror
     mirror=${KEYX_DEBIAN_MIRROR:-$(keyx_debian_mirror)}
     keyx_install_deps debootstrap
     keyx_say "making a Debian $suite root in $dir (debootstrap from $mirror)" >&2
     rm -rf "$dir.tmp"
     mkdir -p "$(dirname "$dir")"
-    debootstrap --variant=minbase "$suite" "$dir.tmp" "$mirror" >"$dir.log" 2>&1 ||
+    debootstrap --variant=minbase ${include:+--include="$include"} "$suite" "$dir.tmp" "$mirror" \
+        >"$dir.log" 2>&1 ||
         keyx_die "debootstrap $suite failed: see $dir.log"
     # The release, its updates and its security fixes, from the same archive.
     {
@@ -55,7 +62,7 @@ keyx_debian_unmount() {
     for p in /proc/[0-9]*; do
         [ "$(readlink "$p/root" 2>/dev/null)" = "$dir" ] && kill -9 "${p#/proc/}" 2>/dev/null
     done
-    for m in "$dir$KEYX_ROOT" "$dir/dev" "$dir/proc"; do
+    for m in "$dir$KEYX_CLEAN_ROOTS" "$dir$KEYX_ROOT" "$dir/dev" "$dir/proc"; do
         mountpoint -q "$m" && { umount -R "$m" 2>/dev/null || umount -R -l "$m"; }
     done
     return 0
@@ -82,6 +89,14 @@ keyx_debian_run() {
     mount --rbind /dev "$dir/dev"
     mount --make-rslave "$dir/dev"
     mount --bind "$KEYX_ROOT" "$dir$KEYX_ROOT"
+    case $KEYX_CLEAN_ROOTS in
+    "$KEYX_ROOT"/*) ;; # in the repository, mounted already
+    /*)
+        mkdir -p "$KEYX_CLEAN_ROOTS" "$dir$KEYX_CLEAN_ROOTS"
+        mount --bind "$KEYX_CLEAN_ROOTS" "$dir$KEYX_CLEAN_ROOTS"
+        ;;
+    *) keyx_die "KEYX_CLEAN_ROOTS must be an absolute path" ;;
+    esac
     keyx_say "running $* in the Debian $suite root ($dir)" >&2
     chroot "$dir" /usr/bin/env -u TMPDIR HOME=/root \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -89,6 +104,22 @@ keyx_debian_run() {
     keyx_debian_unmount "$dir"
     trap - EXIT TERM INT
     return "$rc"
+}
+
+# keyx_debian_clean_root SUITE: prints the path of the clean SUITE root, made first when there is
+# none (debootstrap minbase with openssl and man-db, which the package test runs there; its
+# progress goes to stderr). Root only.
+keyx_debian_clean_root() {
+    local suite=$1 dir
+    [ "$(id -u)" -eq 0 ] || keyx_die "a clean Debian root needs root (debootstrap, mount and chroot)"
+    case $suite in '' | *[!a-z]*) keyx_die "keyx_debian_clean_root takes a Debian release name" ;; esac
+    dir=$KEYX_CLEAN_ROOTS/$suite
+    mkdir -p "$KEYX_CLEAN_ROOTS"
+    (
+        flock -w 1800 9 || keyx_die "another run is making $dir ($dir.lock)"
+        [ -x "$dir/usr/bin/openssl" ] || keyx_debian_make_root "$suite" "$dir" openssl,man-db >&2
+    ) 9>"$dir.lock" || exit
+    printf '%s\n' "$dir"
 }
 
 # keyx_debian_rerun SCRIPT ARGS...: when ARGS start with "--debian SUITE", runs SCRIPT with the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# keyx in two minutes: installs missing Debian packages, builds keyx, then shows its three backends
-# with the unchanged openssl tool and an openssl.cnf that prefers keyx:
+# keyx in two minutes: installs the Debian packages it needs (KEYX_DEMO_PACKAGES in scripts/lib.sh:
+# what building keyx.so and the steps below use, none of the test suite's tools), builds keyx.so,
+# then shows its three backends with the unchanged openssl tool and an openssl.cnf that prefers keyx:
 #   1. software: an ECDH P-256 exchange and a TLS 1.3 handshake (s_server/s_client on 127.0.0.1);
 #   2. PKCS#11: a SoftHSM2 token made here; `genpkey` makes a token key written as a KEYX KEY
 #      reference file, pkcs11-tool lists it, its ECDH secret equals the peer's, and a TLS 1.3
@@ -23,11 +24,11 @@ build=$(keyx_abs "${BUILD_DIR:-build}")
 if [ "${1:-}" = --no-build ]; then
     [ -f "$build/keyx.so" ] || keyx_die "$build/keyx.so not found (build it, or run without --no-build)"
 else
-    keyx_install_deps "${KEYX_PACKAGES[@]}"
-    keyx_build "$build" >/dev/null
+    keyx_install_deps "${KEYX_DEMO_PACKAGES[@]}"
+    keyx_build "$build" keyx >/dev/null
 fi
 for cmd in openssl python3 swtpm softhsm2-util pkcs11-tool tpm2_getcap; do
-    command -v "$cmd" >/dev/null || keyx_die "$cmd not found: install ${KEYX_PACKAGES[*]}"
+    command -v "$cmd" >/dev/null || keyx_die "$cmd not found: install ${KEYX_DEMO_PACKAGES[*]}"
 done
 softhsm_module=/usr/lib/softhsm/libsofthsm2.so
 [ -f "$softhsm_module" ] || keyx_die "$softhsm_module not found: install softhsm2"

@@ -4,14 +4,23 @@
 
 KEYX_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
-# What building keyx and running its tests needs on Debian bookworm and trixie (nothing more): the TPM and
-# PKCS#11 libraries keyx links, and the real swtpm, SoftHSM2 and peer tools the tests drive;
-# for the TLS server tests nginx, curl, and tpm2-abrmd (its TCTI, a private dbus-daemon); clang
-# and its libFuzzer runtime for the fuzz targets (tests/fuzz/); valgrind for tests/test_valgrind.py;
-# Go for a crypto/tls client (tests/test_tls_groups.py).
-KEYX_PACKAGES=(cmake gcc make pkg-config libssl-dev openssl python3 python3-pytest
-    libtss2-dev libp11-kit-dev p11-kit-modules p11-kit
-    swtpm swtpm-tools tpm2-tools tpm2-openssl softhsm2 opensc libengine-pkcs11-openssl
+# Debian packages, on bookworm and trixie alike, in three lists: what the demo needs, what building
+# keyx's .deb and trying it in a clean root adds, and what the test suite adds to both.
+# The demo (scripts/demo.sh): building keyx.so (the TPM and PKCS#11 libraries it links), the
+# openssl tool, python3, swtpm, SoftHSM2, pkcs11-tool (opensc) and tpm2_getcap (tpm2-tools).
+KEYX_DEMO_PACKAGES=(cmake gcc libc6-dev make pkg-config libssl-dev libtss2-dev libp11-kit-dev
+    openssl python3 swtpm softhsm2 opensc tpm2-tools)
+# The Debian package (debian/, tests/test_debian_package.py): dpkg-buildpackage with debhelper
+# (and build-essential, which it requires of every build), lintian, and debootstrap for the clean
+# root the package is installed into.
+KEYX_PACKAGING_PACKAGES=(build-essential dpkg-dev debhelper fakeroot lintian debootstrap)
+# The test suite (scripts/test.sh): all of the above, and the real swtpm tools, p11-kit's proxy
+# module, p11-kit's server (a remote token) and the peer tools the tests drive; for the TLS server tests nginx, curl, and tpm2-abrmd
+# (its TCTI, a private dbus-daemon); clang and its libFuzzer runtime for the fuzz targets
+# (tests/fuzz/); valgrind for tests/test_valgrind.py; Go for a crypto/tls client
+# (tests/test_tls_groups.py); python3-pytest.
+KEYX_PACKAGES=("${KEYX_DEMO_PACKAGES[@]}" "${KEYX_PACKAGING_PACKAGES[@]}" python3-pytest
+    p11-kit-modules p11-kit swtpm-tools tpm2-openssl libengine-pkcs11-openssl
     nginx curl tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon
     clang libclang-rt-dev valgrind golang-go)
 
@@ -46,14 +55,17 @@ keyx_install_deps() {
         "${missing[@]}" </dev/null
 }
 
-# keyx_build DIR: configures and builds keyx.so and the test helpers into DIR (relative to the
-# repo root unless absolute). $KEYX_SANITIZE (e.g. address,undefined) selects a sanitizer build.
+# keyx_build DIR [TARGET...]: configures and builds keyx.so and the test helpers (or only the
+# TARGETs, e.g. keyx) into DIR (relative to the repo root unless absolute). $KEYX_SANITIZE (e.g.
+# address,undefined) selects a sanitizer build.
 keyx_build() {
-    local dir=$1
+    local dir=$1 targets=()
+    shift
+    [ $# -eq 0 ] || targets=(--target "$@")
     keyx_say "building keyx in $dir${KEYX_SANITIZE:+ (sanitizers: $KEYX_SANITIZE)}"
     cmake -S "$KEYX_ROOT" -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DKEYX_SANITIZE="${KEYX_SANITIZE:-}" >/dev/null
-    cmake --build "$dir" -j "$(nproc 2>/dev/null || echo 2)"
+    cmake --build "$dir" -j "$(nproc 2>/dev/null || echo 2)" "${targets[@]}"
     [ -f "$dir/keyx.so" ] || keyx_die "the build left no $dir/keyx.so"
 }
 

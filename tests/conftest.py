@@ -27,6 +27,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "valgrind: runs openssl under valgrind memcheck (plain build only; CI's ASan "
         "stage deselects it with -m 'not valgrind')")
+    config.addinivalue_line(
+        "markers", "package: builds keyx's Debian package and installs it in a clean Debian root "
+        "(independent of the build under test: CI's sanitizer stages deselect it)")
 
 
 def pytest_report_header(config):

@@ -150,6 +150,26 @@ def project_version():
     return m.group(1)
 
 
+def installed_files(modulesdir, prefix="/usr"):
+    """The files keyx installs, absolute, the same set for `cmake --install --prefix PREFIX` and the
+    Debian package (prefix /usr; dpkg adds its copyright and changelog and gzips the man page and
+    the larger docs): keyx.so in OpenSSL's modules directory, keyx(7), the README, every doc and
+    the example files."""
+    doc = f"{prefix}/share/doc/keyx"
+    files = {f"{modulesdir}/keyx.so", f"{prefix}/share/man/man7/keyx.7", f"{doc}/README.md"}
+    files |= {f"{doc}/docs/{p.name}" for p in (REPO / "docs").glob("*.md")}
+    files |= {f"{doc}/examples/{name}" for name in ("openssl.cnf", "nginx.conf", "state.c", "wrap.c")}
+    return files
+
+
+def openssl_modulesdir():
+    """OpenSSL's modules directory, where keyx.so is installed (libcrypto's pkg-config file)."""
+    out = subprocess.run(["pkg-config", "--variable=modulesdir", "libcrypto"], capture_output=True,
+                         text=True, timeout=30).stdout.strip()
+    assert out, "pkg-config knows no modulesdir for libcrypto"
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def sanitizer_preload():
     """Sanitizer runtimes keyx.so needs (NEEDED entries found by ldd), '' when not sanitized."""

@@ -213,9 +213,26 @@ def test_only_provider_init_is_exported(module_path):
 
 
 def test_cmake_install_puts_module_in_openssl_modulesdir(build, tmp):
-    modulesdir = kxutil.run(["pkg-config", "--variable=modulesdir", "libcrypto"]).ok().out.strip()
-    assert modulesdir, "pkg-config knows no modulesdir for libcrypto"
-    r = kxutil.run(["cmake", "--install", build], env=base_env(DESTDIR=tmp / "root"), timeout=120)
+    """`cmake --install` puts in place the files the Debian package ships (kxutil.installed_files,
+    which tests/test_debian_package.py checks against the .deb), and nothing else; the uninstall
+    target, with the same DESTDIR, removes them and keyx's doc directory."""
+    modulesdir = kxutil.openssl_modulesdir()
+    root = tmp / "root"
+    env = base_env(DESTDIR=root)
+    r = kxutil.run(["cmake", "--install", build, "--prefix", "/usr"], env=env, timeout=120)
     r.ok("cmake --install")
-    installed = tmp / "root" / modulesdir.lstrip("/") / "keyx.so"
+    installed = root / modulesdir.lstrip("/") / "keyx.so"
     assert installed.is_file(), f"cmake --install did not put keyx.so in {modulesdir}:\n{r!r}"
+    files = {"/" + str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()}
+    expected = kxutil.installed_files(modulesdir)
+    assert files == expected, (f"cmake --install: missing {sorted(expected - files)}, "
+                               f"not expected {sorted(files - expected)}")
+    for rel in files - {f"{modulesdir}/keyx.so"}:
+        src = kxutil.REPO / (rel.split("/share/doc/keyx/", 1)[1] if "/share/doc/" in rel else "docs/keyx.7")
+        assert (root / rel.lstrip("/")).read_bytes() == src.read_bytes(), f"{rel} differs from {src}"
+
+    r = kxutil.run(["cmake", "--build", build, "--target", "uninstall"], env=env, timeout=120)
+    r.ok("cmake --build --target uninstall")
+    left = sorted("/" + str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+    assert not left, f"the uninstall target left {left}:\n{r!r}"
+    assert not (root / "usr/share/doc/keyx").exists(), f"the uninstall target left share/doc/keyx:\n{r!r}"
