@@ -1043,13 +1043,13 @@ static int p11_locator(void *state, void *handle, char **out)
 
     *out = NULL;
     if (k->uri == NULL) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_NOT_WRITABLE,
                  "pkcs11: an ephemeral pkcs11 key has no locator; generate it with keyx-label/"
                  "keyx-id to keep it on the token");
         return 0;
     }
     if (k->nameless) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_NOT_WRITABLE,
                  "pkcs11: the key '%.*s' has neither CKA_ID nor CKA_LABEL, so no URI names it "
                  "alone: give it an id (pkcs11-tool --set-id) to refer to it",
                  printable_len(k->uri), k->uri);

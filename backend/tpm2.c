@@ -1043,11 +1043,11 @@ static int tpm2_locator(void *state, void *handle, char **out)
     *out = NULL;
     if (k->obj.persistent == 0) {
         if (k->file != NULL)
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_NOT_WRITABLE,
                      "tpm: a key loaded from a TSS2 key file has no locator: it lives in that "
                      "file; give the file itself where the key is wanted");
         else
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_NOT_WRITABLE,
                      "tpm: ephemeral TPM key has no locator; generate it with keyx-persist to "
                      "keep it");
         return 0;
@@ -1555,7 +1555,7 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPM
         return 0;
     }
     if (h == TPM2_ALG_NULL || !tpm_dev_has_alg(d, h)) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_DIGEST_UNSUPPORTED,
                  "tpm: this TPM does not sign %s digests: it lists %s%s%s%s (TPM2_CAP_ALGS); "
                  "choose one of those (e.g. -sha256)",
                  op->md != NULL ? op->md : "(no digest)",
