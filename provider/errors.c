@@ -32,6 +32,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_MODULE_LOAD, "PKCS#11 module cannot be loaded"},
     {KEYX_R_LOGIN_FAILED, "token login failed"},
     {KEYX_R_TPM_OBJECT_MEMORY, "TPM out of object memory"},
+    {KEYX_R_KEY_USAGE, "the key does not allow this operation"},
     {0, NULL},
 };
 

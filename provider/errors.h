@@ -56,6 +56,8 @@ enum keyx_reason {
     KEYX_R_LOGIN_FAILED,
     /* the TPM's object or session slots are full */
     KEYX_R_TPM_OBJECT_MEMORY,
+    /* the key's attributes or its own scheme do not allow the operation (a sign-only key) */
+    KEYX_R_KEY_USAGE,
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

@@ -56,6 +56,7 @@ KEYX_REASONS = (
     "PKCS#11 module cannot be loaded",
     "token login failed",
     "TPM out of object memory",
+    "the key does not allow this operation",
 )
 
 # Every configuration key (docs/configuration.md) with its environment variable.

@@ -5,7 +5,7 @@ PEM_read_bio_PrivateKey (Python + libcrypto via ctypes).
 
 Cases: a key reference file with a wrong pkcs11-module path and with a wrong PIN (`pkey -in`,
 `s_server -key`, the two application paths), PKCS#1 v1.5 decryption, writing an ephemeral TPM key,
-a digest the token is never handed, TPM object memory exhausted during a TLS handshake (a
+a digest the token is never handed, a sign-only token key asked to derive, TPM object memory exhausted during a TLS handshake (a
 tpm2-abrmd that allows one transient object per client), and a wrong PIN during a TLS handshake
 whose key shares are made on the token. Everything on a SoftHSM2 token directory and swtpm of this
 module's own; no PIN ever appears in the output.
@@ -178,6 +178,22 @@ def test_a_digest_the_token_is_not_handed(hsm, tmp):
     data.write_bytes(b"signed")
     r = kxutil.openssl("dgst", "-md5", "-sign", tmp / "rsa.pem", "-out", tmp / "sig", data, env=env)
     check_cause(r, "digest not supported by the key's device", "digest md5", "token 'keyx-a'")
+    assert "not supported by any configured keyx backend" not in r.err, r
+
+
+def test_a_sign_only_token_key_refuses_to_derive(hsm, tmp):
+    """A P-256 key pair pkcs11-tool made for signing only (CKA_DERIVE false): key agreement is
+    refused with the key's own reason, not as something no backend supports."""
+    hsm.tool("keyx-a", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "err-sign", "--id", "e5",
+             "--usage-sign").ok("sign-only key")
+    plain = kxutil.base_env()
+    kxutil.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "group:P-256", "-out", tmp / "peer.pem",
+                   env=plain).ok("peer")
+    kxutil.openssl("pkey", "-in", tmp / "peer.pem", "-pubout", "-out", tmp / "peer.pub", env=plain).ok("peer pub")
+    conf = kxutil.write_cnf(tmp / "openssl.cnf", keyx=hsm.keyx_settings())
+    r = kxutil.openssl("pkeyutl", "-derive", "-inkey", "pkcs11:token=keyx-a;object=err-sign;type=private",
+                       "-peerkey", tmp / "peer.pub", env=hsm.env(OPENSSL_CONF=conf))
+    check_cause(r, "the key does not allow this operation", "does not allow derivation (CKA_DERIVE is false)")
     assert "not supported by any configured keyx backend" not in r.err, r
 
 
