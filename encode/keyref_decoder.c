@@ -41,13 +41,15 @@ static int read_reference(keyx_codec *c, OSSL_CORE_BIO *in, keyx_keyref *r)
 }
 
 /* Raises why the reference cannot be used (noted for the PEM decoder: OpenSSL 3.0's file: store
- * drops a decoder's errors, see load_failure.h), and writes it to the load event. */
+ * drops a decoder's errors, see load_failure.h), and writes it with its cause to the load event:
+ * the one place that keeps it where the store drops both (DER files read by OpenSSL 3.0). */
 static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
 {
-    char msg[512];
+    char msg[512], logged[1100];
+    keyx_error_copy cause;
     va_list ap;
     keyx_event ev = {
         .event = "load",
@@ -55,12 +57,16 @@ static void load_failed(keyx_codec *c, const char *backend, int reason, const ch
         .alg = keyx_alg_name(c->alg),
         .ephemeral = 0,
         .ok = 0,
-        .error = msg,
+        .error = logged,
     };
 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    if (keyx_load_failure_cause(&cause))
+        snprintf(logged, sizeof(logged), "%s; cause: %s", msg, cause.detail);
+    else
+        snprintf(logged, sizeof(logged), "%s", msg);
     KEYX_LOAD_FAILURE(c->p, reason, msg);
     keyx_event_emit(c->p, &ev);
 }

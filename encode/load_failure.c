@@ -31,14 +31,19 @@ void keyx_load_failure_raise(const struct keyx_provctx *p, const char *file, int
     lf.noted = 1;
 }
 
+int keyx_load_failure_cause(keyx_error_copy *out)
+{
+    if (keyx_error_count() == lf.since)
+        return 0;
+    keyx_error_last(out);
+    return 1;
+}
+
 int keyx_load_failure_cause_reason(int fallback)
 {
     keyx_error_copy e;
 
-    if (keyx_error_count() == lf.since)
-        return fallback;
-    keyx_error_last(&e);
-    return e.reason;
+    return keyx_load_failure_cause(&e) ? e.reason : fallback;
 }
 
 int keyx_load_failure_noted(void)

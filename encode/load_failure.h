@@ -19,6 +19,9 @@ void keyx_load_failure_raise(const struct keyx_provctx *p, const char *file, int
  * file's failure line then names the cause's reason too. */
 int keyx_load_failure_cause_reason(int fallback);
 
+/* The cause raised since keyx_load_failure_begin(): 1 with *out, 0 when none was. */
+int keyx_load_failure_cause(keyx_error_copy *out);
+
 /* 1 when a failure was noted since keyx_load_failure_begin(). */
 int keyx_load_failure_noted(void);
 
