@@ -289,7 +289,7 @@ int p11_sig_sign(p11_sess *s, CK_OBJECT_HANDLE obj, const p11_sig *g, const unsi
             return 0;
         }
         if (rv == CKR_KEY_FUNCTION_NOT_PERMITTED) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_USAGE,
                      "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): token '%s' "
                      "refuses to sign with it",
                      p11_dev_token_label(s->dev, s->tok));

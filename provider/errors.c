@@ -28,7 +28,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_PARAM_BUFFER, "provider parameter buffer too small or of the wrong type"},
     {KEYX_R_PKCS1_DECRYPT_REFUSED, "PKCS#1 v1.5 decryption refused (padding oracle)"},
     {KEYX_R_KEY_NOT_WRITABLE, "key cannot be written: an ephemeral hardware key has no reference"},
-    {KEYX_R_DIGEST_UNSUPPORTED, "digest not supported by the key's device"},
+    {KEYX_R_DIGEST_UNSUPPORTED, "digest not supported for this key"},
     {KEYX_R_MODULE_LOAD, "PKCS#11 module cannot be loaded"},
     {KEYX_R_LOGIN_FAILED, "token login failed"},
     {KEYX_R_TPM_OBJECT_MEMORY, "TPM out of object memory"},

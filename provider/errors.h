@@ -48,7 +48,7 @@ enum keyx_reason {
     KEYX_R_PKCS1_DECRYPT_REFUSED,
     /* an ephemeral hardware key has no reference to write out */
     KEYX_R_KEY_NOT_WRITABLE,
-    /* the key's device does not sign or hash with this digest */
+    /* the key (its TPM, its token, or OpenSSL) does not sign with this digest */
     KEYX_R_DIGEST_UNSUPPORTED,
     /* the PKCS#11 module cannot be loaded or initialized */
     KEYX_R_MODULE_LOAD,

@@ -52,7 +52,7 @@ KEYX_REASONS = (
     "provider parameter buffer too small or of the wrong type",
     "PKCS#1 v1.5 decryption refused (padding oracle)",
     "key cannot be written: an ephemeral hardware key has no reference",
-    "digest not supported by the key's device",
+    "digest not supported for this key",
     "PKCS#11 module cannot be loaded",
     "token login failed",
     "TPM out of object memory",

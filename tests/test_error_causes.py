@@ -201,7 +201,7 @@ def test_a_digest_the_token_is_not_handed(hsm, tmp):
     data = tmp / "data"
     data.write_bytes(b"signed")
     r = kxutil.openssl("dgst", "-md5", "-sign", tmp / "rsa.pem", "-out", tmp / "sig", data, env=env)
-    check_cause(r, "digest not supported by the key's device", "digest md5", "token 'keyx-a'")
+    check_cause(r, "digest not supported for this key", "digest md5", "token 'keyx-a'")
     assert "not supported by any configured keyx backend" not in r.err, r
 
 
