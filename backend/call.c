@@ -160,7 +160,7 @@ int keyx_backend_locator(keyx_backend *be, void *handle, char **out)
     int ok;
 
     if (be->ops->locator == NULL) {
-        KEYX_ERR(be->prov, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(be->prov, KEYX_R_KEY_NOT_WRITABLE,
                  "the %s backend has no static keys: its keys cannot be referred to",
                  be->ops->name);
         return 0;

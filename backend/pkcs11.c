@@ -719,7 +719,7 @@ static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned
     int rc;
 
     if (!k->can_use) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_USAGE,
                  "pkcs11: the key '%.*s' does not allow derivation (CKA_DERIVE is false): it is "
                  "a signing key",
                  k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
@@ -965,7 +965,7 @@ static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pu
             }
             if (rv == CKR_OK && !usage && !sign) {
                 p11_session_put(&s, rv);
-                KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+                KEYX_ERR(p, KEYX_R_KEY_USAGE,
                          kt == CKK_RSA  ? "pkcs11: the RSA key '%.*s' allows neither decryption "
                                           "(CKA_DECRYPT) nor signing (CKA_SIGN)"
                          : kt == CKK_EC ? "pkcs11: the key '%.*s' allows neither derivation "
@@ -1067,13 +1067,13 @@ static int p11_locator(void *state, void *handle, char **out)
 
     *out = NULL;
     if (k->uri == NULL) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_NOT_WRITABLE,
                  "pkcs11: an ephemeral pkcs11 key has no locator; generate it with keyx-label/"
                  "keyx-id to keep it on the token");
         return 0;
     }
     if (k->nameless) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_NOT_WRITABLE,
                  "pkcs11: the key '%.*s' has neither CKA_ID nor CKA_LABEL, so no URI names it "
                  "alone: give it an id (pkcs11-tool --set-id) to refer to it",
                  printable_len(k->uri), k->uri);
@@ -1303,7 +1303,7 @@ static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
         return 0;
     }
     if (!k->can_use) {
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_USAGE,
                  "pkcs11: the RSA key '%.*s' does not allow decryption (CKA_DECRYPT is false): "
                  "it is a signing key",
                  k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
@@ -1322,14 +1322,14 @@ static int signing_key(p11_dev *d, const p11_key *k)
     if (k->can_sign)
         return 1;
     if (k->uri == NULL)
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_USAGE,
                  "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): keys keyx makes "
                  "without keyx-label/keyx-id (ephemeral key-exchange keys) and imported keys "
                  "only %s; a certificate key is made with openssl genpkey -pkeyopt "
                  "keyx-label:NAME",
                  k->alg == KEYX_ALG_RSA ? "decrypt" : "derive");
     else
-        KEYX_ERR(p11_dev_prov(d), KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_USAGE,
                  "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): '%.*s' is not allowed "
                  "to sign on its token; use a key made for signing",
                  printable_len(k->uri), k->uri);

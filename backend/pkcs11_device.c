@@ -296,9 +296,15 @@ int p11_fail(p11_sess *s, CK_RV rv, const char *what)
     char buf[24];
     const char *hint = rv_hint(rv);
 
-    KEYX_ERR(s->dev->p, p11_rv_is_down(rv) ? KEYX_R_BACKEND_UNAVAILABLE : KEYX_R_BACKEND_FAILURE,
-             "pkcs11: %s on token '%s' failed: %s%s%s", what, p11_dev_token_label(s->dev, s->tok),
-             p11_rv_name(rv, buf, sizeof(buf)), hint ? ": " : "", hint ? hint : "");
+    int reason = rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE ||
+                         rv == CKR_PIN_EXPIRED
+                     ? KEYX_R_LOGIN_FAILED
+                 : p11_rv_is_down(rv) ? KEYX_R_BACKEND_UNAVAILABLE
+                                      : KEYX_R_BACKEND_FAILURE;
+
+    KEYX_ERR(s->dev->p, reason, "pkcs11: %s on token '%s' failed: %s%s%s", what,
+             p11_dev_token_label(s->dev, s->tok), p11_rv_name(rv, buf, sizeof(buf)),
+             hint ? ": " : "", hint ? hint : "");
     return p11_rv_is_down(rv) ? KEYX_BACKEND_DOWN : 0;
 }
 
@@ -544,7 +550,7 @@ static int module_ready(p11_dev *d)
         return 1;
     }
     if (d->load_failed) {
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+        KEYX_ERR(d->p, KEYX_R_MODULE_LOAD, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);
         return 0;
     }
@@ -552,8 +558,8 @@ static int module_ready(p11_dev *d)
         if (!proxy_load(d)) {
             d->load_failed = CKR_GENERAL_ERROR;
             /* the same text as every later use repeats (above) */
-            KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                     "pkcs11: cannot load PKCS#11 module '%s': %s", d->module_path, d->load_error);
+            KEYX_ERR(d->p, KEYX_R_MODULE_LOAD, "pkcs11: cannot load PKCS#11 module '%s': %s",
+                     d->module_path, d->load_error);
             return 0;
         }
     } else {
@@ -568,7 +574,7 @@ static int module_ready(p11_dev *d)
         snprintf(d->load_error, sizeof(d->load_error), "check pkcs11-module: %s",
                  msg != NULL ? msg : "not found or not a PKCS#11 module");
         atomic_store(&d->mod, MOD_FAILED);
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+        KEYX_ERR(d->p, KEYX_R_MODULE_LOAD, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);
         return 0;
     }
@@ -582,7 +588,7 @@ static int module_ready(p11_dev *d)
                  "readable?)",
                  p11_rv_name(rv, buf, sizeof(buf)));
         atomic_store(&d->mod, MOD_FAILED);
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE, "pkcs11: cannot load PKCS#11 module '%s': %s",
+        KEYX_ERR(d->p, KEYX_R_MODULE_LOAD, "pkcs11: cannot load PKCS#11 module '%s': %s",
                  d->module_path, d->load_error);
         return 0;
     }
@@ -812,7 +818,7 @@ static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
     if (t->logged_in)
         return 1;
     if (t->pin_failed) {
-        KEYX_ERR(d->p, KEYX_R_CONFIG_INVALID,
+        KEYX_ERR(d->p, KEYX_R_LOGIN_FAILED,
                  "pkcs11: login to token '%s' failed earlier in this process (%s): PIN incorrect; "
                  "fix pkcs11-pin (not retried, so the token is not locked)",
                  t->label, p11_rv_name(t->pin_failed, buf, sizeof(buf)));

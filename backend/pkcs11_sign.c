@@ -139,7 +139,7 @@ int p11_sig_prepare(p11_dev *d, int tok, keyx_alg alg, size_t size, size_t bits,
     /* RSA: the token must be able to name the digest (PSS) or keyx must know its DigestInfo
      * (PKCS#1 v1.5); the same five digests either way. */
     if ((mi = md_index(op->md)) < 0) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_DIGEST_UNSUPPORTED,
                  "pkcs11: %s signatures with digest %s cannot be made on token '%s': keyx hands "
                  "PKCS#11 tokens SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512 digests only; use "
                  "one of those",
@@ -158,7 +158,7 @@ int p11_sig_prepare(p11_dev *d, int tok, keyx_alg alg, size_t size, size_t bits,
         return 1;
     }
     if ((gi = md_index(out->mgf1_name)) < 0) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_DIGEST_UNSUPPORTED,
                  "pkcs11: RSA-PSS with MGF1 digest %s cannot be made on token '%s': PKCS#11 names "
                  "MGF1 with SHA-1, SHA-224, SHA-256, SHA-384 and SHA-512 only",
                  out->mgf1_name, token);
@@ -289,7 +289,7 @@ int p11_sig_sign(p11_sess *s, CK_OBJECT_HANDLE obj, const p11_sig *g, const unsi
             return 0;
         }
         if (rv == CKR_KEY_FUNCTION_NOT_PERMITTED) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_USAGE,
                      "pkcs11: this pkcs11 key is not a signing key (CKA_SIGN): token '%s' "
                      "refuses to sign with it",
                      p11_dev_token_label(s->dev, s->tok));

@@ -542,7 +542,7 @@ static int derive_once(void *state, void *handle, const keyx_peer *peer, unsigne
         return 0;
     }
     if (k->no_decrypt) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key cannot do key agreement (ECDH_ZGen): its attributes make it "
                  "no unrestricted decrypt key (a signing-only or storage key)");
         return 0;
@@ -659,7 +659,7 @@ static int persistent_key(tpm_dev *d, TPM2_HANDLE h, const TPMT_PUBLIC *area, tp
                   sch == TPM2_ALG_NULL;
 
         if (!dec && !sign_ok) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_USAGE,
                      "tpm: the RSA key at 0x%08X is not an unrestricted decrypt key without a "
                      "scheme of its own, nor an unrestricted signing key, so keyx cannot use it "
                      "(create it with tpm2_create -G rsa2048:null:null -a "
@@ -683,7 +683,7 @@ static int persistent_key(tpm_dev *d, TPM2_HANDLE h, const TPMT_PUBLIC *area, tp
         if (area->type != TPM2_ALG_ECC ||
             (c = tpm_curve_by_id(area->parameters.eccDetail.curveID)) == NULL ||
             (!sign_ok && (!(attrs & TPMA_OBJECT_DECRYPT) || (attrs & TPMA_OBJECT_RESTRICTED)))) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_USAGE,
                      "tpm: the key at 0x%08X is not an unrestricted decrypt (or signing) ECC "
                      "P-256/P-384/P-521 or RSA key, so keyx cannot use it (create it with "
                      "tpm2_create -G ecc256 -a "
@@ -1043,11 +1043,11 @@ static int tpm2_locator(void *state, void *handle, char **out)
     *out = NULL;
     if (k->obj.persistent == 0) {
         if (k->file != NULL)
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_NOT_WRITABLE,
                      "tpm: a key loaded from a TSS2 key file has no locator: it lives in that "
                      "file; give the file itself where the key is wanted");
         else
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_NOT_WRITABLE,
                      "tpm: ephemeral TPM key has no locator; generate it with keyx-persist to "
                      "keep it");
         return 0;
@@ -1277,7 +1277,7 @@ static int rsa_params(tpm_dev *d, const tpm_key *k, const keyx_rsa_op *op, TPMT_
     }
     if (op->pad == KEYX_RSA_PAD_RAW) {
         if (fixed) {
-            KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+            KEYX_ERR(p, KEYX_R_KEY_USAGE,
                      "tpm: this TPM key is bound to RSA-OAEP with %s (its own scheme), so it has "
                      "no raw RSA decryption (RSASVE); use RSA-OAEP with %s, or a key made "
                      "without a scheme (tpm2_create -G rsa2048:null:null)",
@@ -1296,14 +1296,14 @@ static int rsa_params(tpm_dev *d, const tpm_key *k, const keyx_rsa_op *op, TPMT_
     scheme->scheme = TPM2_ALG_OAEP;
     scheme->details.oaep.hashAlg = h;
     if (h == TPM2_ALG_NULL) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: RSA-OAEP with %s is not offered by this TPM key: it is bound to "
                  "RSA-OAEP with %s (its own scheme)",
                  md, hash_name(k->scheme_hash));
         return 0;
     }
     if (fixed && h != k->scheme_hash) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key is bound to RSA-OAEP with %s (its own scheme); it cannot "
                  "decrypt RSA-OAEP with %s (set rsa_oaep_md to %s, or use a key made without a "
                  "scheme: tpm2_create -G rsa2048:null:null)",
@@ -1458,7 +1458,7 @@ static int tpm2_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op,
         return 0;
     }
     if (k->no_decrypt) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key cannot decrypt (RSA_Decrypt): its attributes make it no "
                  "unrestricted decrypt key without a signing scheme (a signing-only or storage "
                  "key)");
@@ -1525,7 +1525,7 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPM
 
     memset(out, 0, sizeof(*out));
     if (k->sign == 0) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key cannot sign: it has no sign attribute (ephemeral key-agreement "
                  "and decryption keys never sign); make a certificate key with openssl genpkey "
                  "-pkeyopt keyx-persist:0x81xxxxxx, or tpm2_create -a "
@@ -1533,7 +1533,7 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPM
         return 0;
     }
     if (k->sign < 0) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key is a restricted signing key: it signs only data the TPM made "
                  "itself (quotes, certifications), not application digests; use an unrestricted "
                  "signing key");
@@ -1555,7 +1555,7 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPM
         return 0;
     }
     if (h == TPM2_ALG_NULL || !tpm_dev_has_alg(d, h)) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_DIGEST_UNSUPPORTED,
                  "tpm: this TPM does not sign %s digests: it lists %s%s%s%s (TPM2_CAP_ALGS); "
                  "choose one of those (e.g. -sha256)",
                  op->md != NULL ? op->md : "(no digest)",
@@ -1572,7 +1572,7 @@ static int sign_scheme(tpm_dev *d, const tpm_key *k, const keyx_sign_op *op, TPM
         return 0;
     }
     if (k->scheme != TPM2_ALG_NULL && (k->scheme != want || k->scheme_hash != h)) {
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(p, KEYX_R_KEY_USAGE,
                  "tpm: this TPM key is bound to %s with hash 0x%04X (its own scheme); it cannot "
                  "sign %s with %s",
                  scheme_name(k->scheme), (unsigned)k->scheme_hash, scheme_name(want), op->md);

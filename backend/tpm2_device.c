@@ -211,6 +211,16 @@ static void disconnect(tpm_dev *d)
     d->gen++;
 }
 
+/* The TPM's object or session memory is full, or a resource manager's share of it for this
+ * process (tpm2-abrmd answers with its own layer and the TPM's code). */
+static int memory_full(TSS2_RC rc)
+{
+    TSS2_RC layer = rc & TSS2_RC_LAYER_MASK, code = rc & ~TSS2_RC_LAYER_MASK;
+
+    return (layer == 0 || layer == TSS2_RESMGR_TPM_RC_LAYER || layer == TSS2_RESMGR_RC_LAYER) &&
+           (code == TPM2_RC_OBJECT_MEMORY || code == TPM2_RC_SESSION_MEMORY);
+}
+
 int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
 {
     const char *txt = Tss2_RC_Decode(rc);
@@ -236,8 +246,14 @@ int tpm_fail(tpm_dev *d, TSS2_RC rc, const char *what)
         disconnect(d);
         return KEYX_BACKEND_DOWN;
     }
-    if (rc == TPM2_RC_OBJECT_MEMORY || rc == TPM2_RC_SESSION_MEMORY)
-        KEYX_ERR(d->p, KEYX_R_BACKEND_FAILURE,
+    if (memory_full(rc) && (rc & TSS2_RC_LAYER_MASK) != 0)
+        KEYX_ERR(d->p, KEYX_R_TPM_OBJECT_MEMORY,
+                 "tpm: %s failed: %s: the resource manager at TCTI '%s' allows this process no "
+                 "more loaded objects or sessions (raise tpm2-abrmd --max-transients, or have "
+                 "fewer keys in use at once)",
+                 what, txt, tcti_name(d));
+    else if (memory_full(rc))
+        KEYX_ERR(d->p, KEYX_R_TPM_OBJECT_MEMORY,
                  "tpm: %s failed: %s: the TPM's object or session slots are full; with several "
                  "processes on one TPM use a resource manager (TCTI device:/dev/tpmrm0 or tabrmd)",
                  what, txt);

@@ -18,6 +18,7 @@
 #include "encode/core_bio.h"
 #include "encode/encode.h"
 #include "encode/keyref.h"
+#include "encode/load_failure.h"
 #include "keymgmt/key.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
@@ -41,15 +42,16 @@ static int read_reference(keyx_codec *c, OSSL_CORE_BIO *in, keyx_keyref *r)
     return found;
 }
 
-/* Raises why the reference cannot be used, and writes it to the load event: OpenSSL 3.0's file:
- * store (openssl -in/-inkey FILE) drops a decoder's errors, so there the audit log and the
- * KEYX_DEBUG trace are where an operator reads it. */
+/* Raises why the reference cannot be used (noted for the PEM decoder: OpenSSL 3.0's file: store
+ * drops a decoder's errors, see load_failure.h), and writes it with its cause to the load event:
+ * the one place that keeps it where the store drops both (DER files read by OpenSSL 3.0). */
 static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 static void load_failed(keyx_codec *c, const char *backend, int reason, const char *fmt, ...)
 {
-    char msg[512];
+    char msg[512], logged[1100];
+    keyx_error_copy cause;
     va_list ap;
     keyx_event ev = {
         .event = "load",
@@ -57,13 +59,17 @@ static void load_failed(keyx_codec *c, const char *backend, int reason, const ch
         .alg = keyx_alg_name(c->alg),
         .ephemeral = 0,
         .ok = 0,
-        .error = msg,
+        .error = logged,
     };
 
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    KEYX_ERR(c->p, reason, "%s", msg);
+    if (keyx_load_failure_cause(&cause))
+        snprintf(logged, sizeof(logged), "%s; cause: %s", msg, cause.detail);
+    else
+        snprintf(logged, sizeof(logged), "%s", msg);
+    KEYX_LOAD_FAILURE(c->p, reason, msg);
     keyx_event_emit(c->p, &ev);
 }
 
@@ -100,16 +106,17 @@ static int dh_is_recorded_dhx(const EVP_PKEY *pub, const EVP_PKEY *recorded)
 /* The key the reference names, checked against the recorded public key; NULL + error. */
 static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *recorded)
 {
-    keyx_backend *be = backend_named(c, r->backend);
+    keyx_backend *be;
     void *handle = NULL;
     EVP_PKEY *pub = NULL;
 
-    if (be == NULL)
+    keyx_load_failure_begin(); /* the backend's errors from here on are the cause */
+    if ((be = backend_named(c, r->backend)) == NULL)
         return NULL;
     /* The tpm backend finds and checks the key at its first use (after nginx's fork). */
     if (be->ops->load_deferred != NULL) {
         if (keyx_backend_load_deferred(be, r->locator, recorded, &handle, &pub) != 1) {
-            load_failed(c, be->ops->name, KEYX_R_MISSING_KEY,
+            load_failed(c, be->ops->name, keyx_load_failure_cause_reason(KEYX_R_MISSING_KEY),
                         "key reference file: the %s key \"%s\" could not be loaded", r->backend,
                         r->locator);
             return NULL;
@@ -117,9 +124,9 @@ static keyx_key *load_reference(keyx_codec *c, const keyx_keyref *r, EVP_PKEY *r
         return keyx_key_adopt(c->p, be, handle, pub);
     }
     if (be->ops->load == NULL || keyx_backend_load(be, r->locator, &handle, &pub) != 1) {
-        load_failed(c, be->ops->name, KEYX_R_MISSING_KEY,
-                    "key reference file: the %s key \"%s\" could not be loaded (deleted, or "
-                    "another TPM or token?)",
+        load_failed(c, be->ops->name, keyx_load_failure_cause_reason(KEYX_R_MISSING_KEY),
+                    "key reference file: the %s key \"%s\" could not be loaded (the error "
+                    "before this one says why)",
                     r->backend, r->locator);
         return NULL;
     }
@@ -171,8 +178,10 @@ int keyx_keyref_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
         ok = 0;
     } else if (EVP_PKEY_is_a(recorded, keyx_alg_name(c->alg))) {
         /* Decoders of the other algorithms pass it over. */
-        k = load_reference(c, &r, recorded);
-        ok = k != NULL && keyx_key_pass(k, data_cb, data_cbarg);
+        if ((k = load_reference(c, &r, recorded)) == NULL)
+            ok = keyx_key_pass_refused(c->alg, data_cb, data_cbarg);
+        else
+            ok = keyx_key_pass(k, data_cb, data_cbarg);
     }
     EVP_PKEY_free(recorded);
     keyx_keyref_clear(&r);

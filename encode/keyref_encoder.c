@@ -42,7 +42,7 @@ static int reference(keyx_codec *c, BIO *mem, keyx_key *k)
     int n, ok = 0;
 
     if (!keyx_key_locator(k, &r.locator)) {
-        KEYX_ERR(c->p, KEYX_R_UNSUPPORTED,
+        KEYX_ERR(c->p, KEYX_R_KEY_NOT_WRITABLE,
                  "this %s key cannot be written to a file: its private part stays in the %s "
                  "backend and nothing can name it again (generate it with keyx-persist for the "
                  "TPM, keyx-label/keyx-id for PKCS#11, or load it by URI)",

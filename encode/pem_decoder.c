@@ -13,6 +13,7 @@
 #include "encode/core_bio.h"
 #include "encode/encode.h"
 #include "encode/keyref.h"
+#include "encode/load_failure.h"
 #include "provider/errors.h"
 
 static const struct {
@@ -71,7 +72,17 @@ int keyx_pem_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CAL
         params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_STRUCTURE,
                                                      (char *)known[i].structure, 0);
         params[2] = OSSL_PARAM_construct_end();
+        keyx_load_failure_begin();
+        ERR_set_mark();
         ok = data_cb(params, data_cbarg);
+        /* The key file's decoder below failed to load the key: its errors may have been dropped
+         * by OpenSSL 3.0's file: store (load_failure.h), so the cause is raised here, once. */
+        if (!ok && keyx_load_failure_noted()) {
+            ERR_pop_to_mark(); /* the same errors, or only the store's "unsupported" */
+            keyx_load_failure_raise_again(c->p);
+        } else {
+            ERR_clear_last_mark();
+        }
         break;
     }
     OPENSSL_free(name);

@@ -14,6 +14,7 @@
 #include "backend/router.h"
 #include "encode/core_bio.h"
 #include "encode/encode.h"
+#include "encode/load_failure.h"
 #include "keymgmt/key.h"
 #include "provider/audit.h"
 #include "provider/dispatch.h"
@@ -67,9 +68,9 @@ static int claims(const keyx_codec *c, unsigned type)
     return c->alg == KEYX_ALG_EC;
 }
 
-/* The load event says why the file cannot be used (the backend's message): OpenSSL 3.0's file:
- * store (openssl -in/-inkey FILE) drops a decoder's errors, so there the audit log and the
- * KEYX_DEBUG trace are where an operator reads it. */
+/* The load event says why the file cannot be used (the backend's message); the error raised here
+ * is noted with that cause for the PEM decoder, as OpenSSL 3.0's file: store (openssl -in/-inkey
+ * FILE) drops a decoder's errors (load_failure.h). */
 static void load_failed(keyx_codec *c)
 {
     const char *data = NULL;
@@ -90,6 +91,9 @@ static void load_failed(keyx_codec *c)
                  ? data
                  : "it could not be loaded into the TPM");
     keyx_event_emit(c->p, &ev);
+    KEYX_LOAD_FAILURE(c->p, keyx_load_failure_cause_reason(KEYX_R_BACKEND_FAILURE),
+                      "TSS2 key file: the key could not be loaded into the TPM (the error before "
+                      "this one says why)");
 }
 
 static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
@@ -116,11 +120,12 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
     len = BIO_get_mem_data(mem, &der);
     if (len > 0 && claims(c, tpm_type_of(der, (size_t)len))) {
         /* Ours: from here on a failure is the user's error (or keyx's refusal to serve). */
+        keyx_load_failure_begin();
         if (keyx_refused(c->p) ||
             (be = keyx_router_backend(c->p->router, KEYX_BACKEND_TPM)) == NULL ||
             keyx_backend_load_encoded(be, TSS2_PEM_NAME, der, (size_t)len, &handle, &pub) != 1) {
             load_failed(c);
-            ok = 0;
+            ok = keyx_key_pass_refused(c->alg, data_cb, data_cbarg);
         } else {
             k = keyx_key_adopt(c->p, be, handle, pub);
             ok = k != NULL && keyx_key_pass(k, data_cb, data_cbarg);

@@ -271,6 +271,21 @@ int keyx_key_pass(keyx_key *k, OSSL_CALLBACK *cb, void *cbarg)
     return ok;
 }
 
+int keyx_key_pass_refused(keyx_alg alg, OSSL_CALLBACK *cb, void *cbarg)
+{
+    int type = OSSL_OBJECT_PKEY;
+    keyx_key *none = NULL; /* keyx_km_load() gives NULL for it */
+    OSSL_PARAM params[4];
+
+    params[0] = OSSL_PARAM_construct_int(OSSL_OBJECT_PARAM_TYPE, &type);
+    params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_TYPE,
+                                                 (char *)keyx_alg_name(alg), 0);
+    params[2] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_REFERENCE, &none, sizeof(none));
+    params[3] = OSSL_PARAM_construct_end();
+    (void)cb(params, cbarg);
+    return 0;
+}
+
 int keyx_key_has_private(const keyx_key *k)
 {
     return k->priv != NULL;

@@ -48,6 +48,12 @@ keyx_key *keyx_key_adopt(keyx_provctx *p, keyx_backend *be, void *handle, EVP_PK
 /* Hands k to OpenSSL by reference through a STORE or DECODER object callback (keyx's keymgmt
  * load() takes it over); k is freed if OpenSSL did not take it. The callback's result. */
 int keyx_key_pass(keyx_key *k, OSSL_CALLBACK *cb, void *cbarg);
+
+/* For a decoder whose file is keyx's but whose key cannot be had (the reason already raised):
+ * hands OpenSSL a reference that keyx's load() refuses. OpenSSL counts a failed load as a hard
+ * error, so OSSL_STORE (openssl -in/-key, SSL_CTX_use_PrivateKey_file) keeps keyx's errors
+ * instead of trying other decoders and printing only "unsupported". Returns 0 for the decoder. */
+int keyx_key_pass_refused(keyx_alg alg, OSSL_CALLBACK *cb, void *cbarg);
 int keyx_key_has_private(const keyx_key *k);
 /* 0 for hardware keys: their private part must never be exported. */
 int keyx_key_exports_private(const keyx_key *k);

@@ -26,6 +26,13 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_KDF, "key exchange KDF error"},
     {KEYX_R_PIN_LOCKOUT, "token login not tried: the token shows failed logins"},
     {KEYX_R_PARAM_BUFFER, "provider parameter buffer too small or of the wrong type"},
+    {KEYX_R_PKCS1_DECRYPT_REFUSED, "PKCS#1 v1.5 decryption refused (padding oracle)"},
+    {KEYX_R_KEY_NOT_WRITABLE, "key cannot be written: an ephemeral hardware key has no reference"},
+    {KEYX_R_DIGEST_UNSUPPORTED, "digest not supported for this key"},
+    {KEYX_R_MODULE_LOAD, "PKCS#11 module cannot be loaded"},
+    {KEYX_R_LOGIN_FAILED, "token login failed"},
+    {KEYX_R_TPM_OBJECT_MEMORY, "TPM out of object memory"},
+    {KEYX_R_KEY_USAGE, "the key does not allow this operation"},
     {KEYX_R_SEEDED_KEY, "a key derived from a seed is made in software only"},
     {0, NULL},
 };
@@ -54,12 +61,42 @@ void keyx_errors_init(keyx_provctx *p, const OSSL_DISPATCH *in)
     }
 }
 
+static _Thread_local unsigned long raised;
+static _Thread_local keyx_error_copy last;
+
+unsigned long keyx_error_count(void)
+{
+    return raised;
+}
+
+void keyx_error_last(keyx_error_copy *out)
+{
+    *out = last;
+}
+
+void keyx_error_raise_copy(const keyx_provctx *p, const keyx_error_copy *e)
+{
+    keyx_raise(p, e->file, e->line, e->func, e->reason, "%s", e->detail);
+}
+
 void keyx_raise(const keyx_provctx *p, const char *file, int line, const char *func, int reason,
                 const char *fmt, ...)
 {
     va_list ap;
 
     va_start(ap, fmt);
+    raised++;
+    last.reason = reason;
+    last.file = file;
+    last.line = line;
+    last.func = func;
+    {
+        va_list copy;
+
+        va_copy(copy, ap);
+        vsnprintf(last.detail, sizeof(last.detail), fmt, copy);
+        va_end(copy);
+    }
     if (p != NULL && p->initialized && p->core_new_error != NULL && p->core_vset_error != NULL) {
         /* Through the core, so the error carries keyx's library code and reason strings. */
         p->core_new_error(p->handle);

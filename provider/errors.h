@@ -9,29 +9,57 @@
 struct keyx_provctx;
 
 enum keyx_reason {
-    KEYX_R_CONFIG_INVALID = 1, /* a configuration key has a value keyx does not accept */
-    KEYX_R_UNSUPPORTED,        /* algorithm, group or size no configured backend serves */
-    KEYX_R_INVALID_PEER_KEY,   /* peer public key rejected (not on curve, small order, out of range)
-                                */
-    KEYX_R_KEY_MISMATCH,       /* peer and own key use different groups or parameters */
-    KEYX_R_KEY_USED_UP,        /* ephemeral-max-uses reached: the key has been destroyed */
-    KEYX_R_EXPORT_REFUSED,     /* private key of a hardware key cannot leave its backend */
-    KEYX_R_BACKEND_FAILURE,    /* the backend failed the operation */
-    KEYX_R_BACKEND_UNAVAILABLE, /* the backend could not be reached or is not built in */
-    KEYX_R_MISSING_KEY,         /* the operation needs a key (or part of one) that is not there */
-    KEYX_R_INVALID_ARGUMENT,    /* a parameter or buffer given by the caller is wrong */
-    KEYX_R_RECURSION,           /* a backend's own libcrypto use re-entered keyx */
-    KEYX_R_INTERNAL,            /* allocation or internal failure */
-    KEYX_R_AUDIT,               /* the audit log could not be opened or written */
-    KEYX_R_NOT_CONFIGURED,      /* keyx could not start as configured and refuses to serve */
+    /* Comments above the names: clang-format cannot move them to another entry. */
+    /* a configuration key has a value keyx does not accept */
+    KEYX_R_CONFIG_INVALID = 1,
+    /* algorithm, group or size no configured backend serves */
+    KEYX_R_UNSUPPORTED,
+    /* peer public key rejected (not on curve, small order, out of range) */
+    KEYX_R_INVALID_PEER_KEY,
+    /* peer and own key use different groups or parameters */
+    KEYX_R_KEY_MISMATCH,
+    /* ephemeral-max-uses reached: the key has been destroyed */
+    KEYX_R_KEY_USED_UP,
+    /* private key of a hardware key cannot leave its backend */
+    KEYX_R_EXPORT_REFUSED,
+    /* the backend failed the operation */
+    KEYX_R_BACKEND_FAILURE,
+    /* the backend could not be reached or is not built in */
+    KEYX_R_BACKEND_UNAVAILABLE,
+    /* the operation needs a key (or part of one) that is not there */
+    KEYX_R_MISSING_KEY,
+    /* a parameter or buffer given by the caller is wrong */
+    KEYX_R_INVALID_ARGUMENT,
+    /* a backend's own libcrypto use re-entered keyx */
+    KEYX_R_RECURSION,
+    /* allocation or internal failure */
+    KEYX_R_INTERNAL,
+    /* the audit log could not be opened or written */
+    KEYX_R_AUDIT,
+    /* keyx could not start as configured and refuses to serve */
+    KEYX_R_NOT_CONFIGURED,
+    /* a key exchange's KDF parameters are wrong or its KDF failed */
     KEYX_R_KDF,
+    /* a token shows failed logins: keyx does not try the PIN (no lockout) */
     KEYX_R_PIN_LOCKOUT,
-    KEYX_R_PARAM_BUFFER, /* a provider parameter's buffer is not a large enough UTF-8 string */
-    KEYX_R_SEEDED_KEY,   /* a key derived from a seed can only be made in software */
-    /* a token shows failed logins: keyx does not try the PIN (no lockout) */ /* a key exchange's
-                                                                                 KDF parameters are
-                                                                                 wrong or its KDF
-                                                                                 failed */
+    /* a provider parameter's buffer is not a large enough UTF-8 string */
+    KEYX_R_PARAM_BUFFER,
+    /* PKCS#1 v1.5 decryption: a padding oracle (Bleichenbacher) */
+    KEYX_R_PKCS1_DECRYPT_REFUSED,
+    /* an ephemeral hardware key has no reference to write out */
+    KEYX_R_KEY_NOT_WRITABLE,
+    /* the key (its TPM, its token, or OpenSSL) does not sign with this digest */
+    KEYX_R_DIGEST_UNSUPPORTED,
+    /* the PKCS#11 module cannot be loaded or initialized */
+    KEYX_R_MODULE_LOAD,
+    /* the token refused the PIN (C_Login) */
+    KEYX_R_LOGIN_FAILED,
+    /* the TPM's object or session slots are full */
+    KEYX_R_TPM_OBJECT_MEMORY,
+    /* the key's attributes or its own scheme do not allow the operation (a sign-only key) */
+    KEYX_R_KEY_USAGE,
+    /* a key derived from a seed can only be made in software */
+    KEYX_R_SEEDED_KEY,
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */
@@ -47,6 +75,21 @@ void keyx_raise(const struct keyx_provctx *p, const char *file, int line, const 
 
 #define KEYX_ERR(p, reason, ...)                                                                   \
     keyx_raise((p), OPENSSL_FILE, OPENSSL_LINE, OPENSSL_FUNC, (reason), __VA_ARGS__)
+
+/* The last error keyx raised in this thread, and how many it raised: a decoder that sees a load
+ * fail under it can raise that cause again where OpenSSL dropped it (encode/load_failure.h). */
+typedef struct keyx_error_copy {
+    int reason;
+    const char *file, *func;
+    int line;
+    char detail[512];
+} keyx_error_copy;
+
+unsigned long keyx_error_count(void);
+void keyx_error_last(keyx_error_copy *out);
+
+/* Raises a copied error again, with its own reason, detail and place. */
+void keyx_error_raise_copy(const struct keyx_provctx *p, const keyx_error_copy *e);
 
 /* Core error functions, taken from the core's dispatch table at init. */
 void keyx_errors_init(struct keyx_provctx *p, const OSSL_DISPATCH *in);

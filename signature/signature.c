@@ -260,8 +260,8 @@ static int sig_init(keyx_sig *c, void *keydata, int signing, const char *mdname,
              (c->md = EVP_MD_CTX_new()) != NULL && EVP_DigestInit_ex2(c->md, m, NULL) == 1;
         EVP_MD_free(m);
         if (!ok) {
-            KEYX_ERR(c->p, KEYX_R_UNSUPPORTED, "digest '%s' unknown or unusable with %s", mdname,
-                     c->alg == KEYX_ALG_EC ? "ECDSA" : "RSA");
+            KEYX_ERR(c->p, KEYX_R_DIGEST_UNSUPPORTED, "digest '%s' unknown or unusable with %s",
+                     mdname, c->alg == KEYX_ALG_EC ? "ECDSA" : "RSA");
             return 0;
         }
     }

@@ -39,8 +39,9 @@ def _kill(proc):
 class Abrmd:
     """swtpm + private dbus-daemon + tpm2-abrmd; tcti and env() for clients."""
 
-    def __init__(self, root):
+    def __init__(self, root, max_transients=64):
         self.dir = root
+        self.max_transients = max_transients  # tpm2-abrmd's limit of loaded objects per client
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tpm = Swtpm(self.dir / "swtpm")
         self.bus_name = f"com.intel.tss2.Tabrmd.keyx{uuid.uuid4().hex[:12]}"
@@ -85,7 +86,7 @@ class Abrmd:
         self.bus_address = line
         abrmd_exe = shutil.which("tpm2-abrmd") or "/usr/sbin/tpm2-abrmd"
         cmd = [abrmd_exe, "--session", "--allow-root", "--flush-all", f"--dbus-name={self.bus_name}",
-               "--max-transients=64", f"--tcti={self.tpm.tcti}"]
+               f"--max-transients={self.max_transients}", f"--tcti={self.tpm.tcti}"]
         with open(self.log, "w") as log:
             self.abrmd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                           env=kxutil.base_env(DBUS_SESSION_BUS_ADDRESS=self.bus_address,

@@ -48,6 +48,15 @@ KEYX_REASONS = (
     "internal error",
     "audit log error",
     "key exchange KDF error",
+    "token login not tried: the token shows failed logins",
+    "provider parameter buffer too small or of the wrong type",
+    "PKCS#1 v1.5 decryption refused (padding oracle)",
+    "key cannot be written: an ephemeral hardware key has no reference",
+    "digest not supported for this key",
+    "PKCS#11 module cannot be loaded",
+    "token login failed",
+    "TPM out of object memory",
+    "the key does not allow this operation",
 )
 
 # Every configuration key (docs/configuration.md) with its environment variable.

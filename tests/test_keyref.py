@@ -170,15 +170,17 @@ print("key" if key else "no key")
 
 
 def refusal(dev, ref, message):
-    """A reference that cannot be used: every reader fails. PEM_read_bio_PrivateKey (nginx,
-    SSL_CTX_use_PrivateKey_file) reports keyx's message; the openssl tool's file: store in
-    OpenSSL 3.0 drops decoder errors, so there the audit log (and KEYX_DEBUG) carries it."""
+    """A reference that cannot be used: every reader fails with keyx's message.
+    PEM_read_bio_PrivateKey (nginx, SSL_CTX_use_PrivateKey_file) and the openssl tool, whose
+    file: store in OpenSSL 3.0 drops decoder errors (keyx's PEM decoder raises them again); the
+    audit log carries it too."""
     r = kxutil.run(["/usr/bin/python3", "-c", PEM_READ, ref], env=dev.env).ok("PEM_read_bio_PrivateKey")
     assert r.out.splitlines()[-1] == "no key" and "error: " in r.out and message in r.out, r
     _, peer_pub = peer_pair(dev.tmp)
     r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub, env=dev.env)
     # "Could not read private key" (3.0), "Could not find private key" (3.5)
     assert r.rc != 0 and re.search(r"Could not (read|find) private key", r.err), r
+    assert message in r.err, r
     loads = [e for e in kxutil.read_audit(dev.log) if e["event"] == "load" and e["pid"] == r.pid]
     assert loads and not loads[-1]["ok"] and message in loads[-1]["error"], loads
     r = kxutil.openssl("pkeyutl", "-derive", "-inkey", ref, "-peerkey", peer_pub,

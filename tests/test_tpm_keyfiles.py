@@ -425,13 +425,16 @@ def test_tss2_key_with_password_is_refused(tpm, tmp):
 
 def test_tss2_refusal_reaches_the_audit_log_through_openssl_inkey(tpm, tmp):
     """openssl -inkey FILE reads through OpenSSL 3.0's file: store, which drops a decoder's
-    errors: the reason is in the audit log's load event."""
+    errors: keyx's PEM decoder raises the reason again, so the tool prints it; it is in the audit
+    log's load event too."""
     key = tpm2_openssl_genpkey(tpm, tmp / "a.pem", "EC", "group:P-256", "user-auth:x")
     _, pub, _ = peer_point(tmp, "P-256", "peer")
     log = tmp / "audit.jsonl"
     r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", pub,
                 env=keyx_env(tmp, tpm, **{"audit-log": log}))
     assert r.rc != 0, r
+    assert "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
+    assert "TSS2 key file: the key could not be loaded into the TPM" in r.err, r
     events = kxutil.read_audit(log)
     kxutil.check_audit_schema(events)
     loads = [e for e in events if e["event"] == "load"]

@@ -241,9 +241,11 @@ int keyx_rsa_params_op(keyx_provctx *p, const keyx_rsa_params *rp, int software,
         op->labellen = rp->labellen;
         return 1;
     case RSA_PKCS1_PADDING:
-        KEYX_ERR(p, KEYX_R_UNSUPPORTED,
-                 "PKCS#1 v1.5 decryption is refused: it is a padding oracle without implicit "
-                 "rejection, which OpenSSL 3.0 lacks; use OAEP");
+        KEYX_ERR(p, KEYX_R_PKCS1_DECRYPT_REFUSED,
+                 "PKCS#1 v1.5 decryption is refused: its padding errors are an oracle "
+                 "(Bleichenbacher) that lets a peer decrypt session keys, and OpenSSL 3.0 has no "
+                 "implicit rejection; use OAEP: the sender encrypts with -pkeyopt "
+                 "rsa_padding_mode:oaep, and the same padding decrypts");
         return 0;
     case RSA_NO_PADDING:
         if (!software) {
