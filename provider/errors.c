@@ -26,6 +26,8 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_KDF, "key exchange KDF error"},
     {KEYX_R_PIN_LOCKOUT, "token login not tried: the token shows failed logins"},
     {KEYX_R_PARAM_BUFFER, "provider parameter buffer too small or of the wrong type"},
+    {KEYX_R_TPM_NOT_SHAREABLE,
+     "TPM without a resource manager shared between forked processes: key lost"},
     {0, NULL},
 };
 

@@ -31,6 +31,8 @@ enum keyx_reason {
                                                                                  KDF parameters are
                                                                                  wrong or its KDF
                                                                                  failed */
+    KEYX_R_TPM_NOT_SHAREABLE, /* a forked process flushed this one's objects on a TPM without a
+                                 resource manager */
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

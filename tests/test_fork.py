@@ -17,6 +17,8 @@ from test_stress import backend_setup, check_counts, sanitizer_env, stress_bin
 from test_stress import sw_keys, stress_token, stress_tpm  # noqa: F401
 
 CHILDREN, OPS = 4, 100
+# keyx's reason string for a key a forked process flushed from a TPM without resource manager
+NOT_SHAREABLE = "TPM without a resource manager shared between forked processes: key lost"
 GROUPS = {"software": "P-256,X25519,ffdhe2048", "pkcs11": "P-256", "tpm": "P-256"}
 
 
@@ -29,7 +31,8 @@ def fork_run(backend, request, tmp, serial, log, spy_log=None, extra=None):
     if backend != "software":
         args += ["--child-shared", "refused"]
     return kxutil.run([stress_bin(), "--config", cnf, "--ec-key", ec, "--rsa-key", rsa,
-                       "--groups", GROUPS[backend], "--ops", OPS, "--fork", CHILDREN, *args],
+                       "--groups", GROUPS[backend], "--ops", OPS, "--fork", CHILDREN, *args,
+                       *(extra or [])],
                       env=sanitizer_env(env), timeout=600)
 
 
@@ -77,15 +80,26 @@ def test_fork_children_use_the_parents_keys(backend, serial, request, tmp):
         assert len(inits) == 1 + CHILDREN, f"{len(inits)} C_Initialize calls for 1 parent + {CHILDREN} children"
 
 
-@pytest.mark.xfail(strict=True, reason="keyx bug: on a TPM without resource "
-                   "manager a child reclaims the parent's transient objects and sessions "
-                   "(reclaim_foreign), and the parent keeps using the stale handles")
 def test_tpm_parent_after_children(request, tmp):
-    """After 4 children used a bare swtpm one after the other, the parent's own operations must
-    still succeed (its session and its ephemeral key)."""
-    r = fork_run("tpm", request, tmp, 1, tmp / "audit.jsonl")
+    """On a bare swtpm (no resource manager) the children, one after the other, flush the
+    parent's transient objects when the TPM's slots run out, and their own at exit, at handles
+    the parent holds. The parent checks each handle before it uses one again: its storage primary
+    and its session are made again, so key generation and its persistent keys (derive, sign,
+    decrypt) work, every result checked by the default provider; its shared ephemeral key cannot
+    be made again: every use fails with keyx's own reason, naming the fix."""
+    log = tmp / "audit.jsonl"
+    r = fork_run("tpm", request, tmp, 1, log, extra=["--after-shared", NOT_SHAREABLE])
     assert len(children_of(r)) == CHILDREN, r
     check_counts(r, OPS, prefix="parent-after ")
+    assert f"parent-after refused {OPS // 5}" in r.out, r
+    text = re.search(r"^parent-after refused-text (.*)$", r.out, re.M).group(1)
+    assert "no resource manager" in text and "tpm2-abrmd" in text and "/dev/tpmrm0" in text, text
+    assert r.rc == 0, r
+    # the parent's only failures: the uses of its lost ephemeral key
+    failed = [e for e in kxutil.read_audit(log) if e["pid"] == r.pid and not e["ok"]]
+    assert len(failed) == OPS // 5, failed[:3]
+    for e in failed:
+        assert (e["event"], e.get("backend"), e.get("ephemeral")) == ("derive", "tpm", True), e
 
 
 # Timing-dependent (seen in most plain-build runs, rarely under TSan): not strict.
