@@ -33,12 +33,13 @@
 /* SoftHSM 2.6 rewrites a token's file on every C_Login (it resets the failed-login flags): under
  * its file lock it truncates token.object, unlocks, and only then is the new content written (a
  * buffered stream flushed at close). A process reading the token in that instant sees it empty:
- * its C_Initialize leaves the token out of the slot list, C_GetTokenInfo answers
- * CKR_GENERAL_ERROR, C_Login CKR_USER_PIN_NOT_INITIALIZED. Forked workers that log in at once hit
- * it all the time. The file is whole again a moment later, so these answers are asked again
- * SETTLE_TRIES times with growing pauses (62 ms in all) before they count; a token that is really
- * gone costs that once. A lock of keyx's own around C_Initialize and C_Login could not help: the
- * writer may be any program using the token, and SoftHSM's own lock does not cover the write. */
+ * its C_Initialize leaves the token out of the slot list or keeps it without PINs (C_Login then
+ * answers CKR_USER_PIN_NOT_INITIALIZED), C_GetTokenInfo answers CKR_GENERAL_ERROR. Forked workers
+ * that log in at once hit it all the time. The file is whole again a moment later, so the module
+ * is initialized again (or C_GetTokenInfo asked again) up to SETTLE_TRIES times with growing pauses
+ * (62 ms in all) before such an answer counts; a token that is really gone costs that once. A lock
+ * of keyx's own around C_Initialize and C_Login could not help: the writer may be any program using
+ * the token, and SoftHSM's own lock does not cover the write. */
 #define SETTLE_TRIES 5
 
 #ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN /* PKCS#11 3.0; p11-kit 0.24's header predates it */
@@ -172,17 +173,14 @@ static void settle_pause(int attempt)
     nanosleep(&ts, NULL);
 }
 
-static int rv_unsettled(CK_RV rv)
-{
-    return rv == CKR_GENERAL_ERROR || rv == CKR_USER_PIN_NOT_INITIALIZED;
-}
-
-/* C_GetTokenInfo, asked again while it answers as for a token file being rewritten. */
+/* C_GetTokenInfo, asked again while it answers as for a token file being rewritten (SoftHSM
+ * reads the token's flags from the file at every call). */
 static CK_RV token_info(p11_dev *d, CK_SLOT_ID slot, CK_TOKEN_INFO *info)
 {
     CK_RV rv;
 
-    for (int i = 0; rv_unsettled(rv = d->f->C_GetTokenInfo(slot, info)) && i < SETTLE_TRIES; i++)
+    for (int i = 0;
+         (rv = d->f->C_GetTokenInfo(slot, info)) == CKR_GENERAL_ERROR && i < SETTLE_TRIES; i++)
         settle_pause(i);
     return rv;
 }
@@ -883,16 +881,22 @@ static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
     }
     if (!read_pin(d, t, pin, sizeof(pin)))
         return 0;
-    /* Never again after a PIN error (those are not unsettled answers): no lockout. */
-    for (int i = 0;
-         rv_unsettled(rv = d->f->C_Login(h, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin))) &&
-         i < SETTLE_TRIES;
-         i++)
-        settle_pause(i);
+    rv = d->f->C_Login(h, CKU_USER, (CK_UTF8CHAR *)pin, strlen(pin));
     OPENSSL_cleanse(pin, sizeof(pin));
     if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
         t->logged_in = 1;
         return 1;
+    }
+    if (rv == CKR_USER_PIN_NOT_INITIALIZED) {
+        /* SoftHSM reads a token's PINs once, in C_Initialize: a token read while another
+         * process rewrote its file (SETTLE_TRIES) stays without them in this process. As for a
+         * missing token, the module is initialized again (module_reinit): no PIN is tried. */
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: login (C_Login) on token '%s' failed: %s: the token has no user PIN "
+                 "(set one: pkcs11-tool --init-pin), or the module read the token while another "
+                 "process rewrote it",
+                 t->label, p11_rv_name(rv, buf, sizeof(buf)));
+        return KEYX_BACKEND_DOWN;
     }
     if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE ||
         rv == CKR_PIN_EXPIRED)
