@@ -1049,14 +1049,17 @@ static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
     rc = session_get(d, tok, login, s);
-    if (rc == KEYX_BACKEND_DOWN &&
-        module_reinit(d, tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
-                      tok >= 0)) {
-        ERR_pop_to_mark(); /* the first look's error; the second look reports its own */
+    /* Looked for again after each re-initialization: at most one regular one and SETTLE_TRIES
+     * quick ones (module_reinit); only the last look's error stays. */
+    while (rc == KEYX_BACKEND_DOWN &&
+           module_reinit(d,
+                         tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
+                         tok >= 0)) {
+        ERR_pop_to_mark();
+        ERR_set_mark();
         rc = session_get(d, tok, login, s);
-    } else {
-        ERR_clear_last_mark();
     }
+    ERR_clear_last_mark();
     if (rc == 1)
         d->busy++;
     pthread_mutex_unlock(&d->lock);
@@ -1271,14 +1274,15 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
     count = find_tokens(d, uri, out, max);
-    /* No token matches: the module may have missed it in C_Initialize (see module_reinit). */
-    if ((count == 0 || count == KEYX_BACKEND_DOWN) &&
-        module_reinit(d, "no token matches a key URI", 1)) {
+    /* No token matches: the module may have missed it in C_Initialize (see module_reinit), also
+     * again right after (SETTLE_TRIES). */
+    while ((count == 0 || count == KEYX_BACKEND_DOWN) &&
+           module_reinit(d, "no token matches a key URI", 1)) {
         ERR_pop_to_mark();
+        ERR_set_mark();
         count = find_tokens(d, uri, out, max);
-    } else {
-        ERR_clear_last_mark();
     }
+    ERR_clear_last_mark();
     pthread_mutex_unlock(&d->lock);
     return count;
 }
