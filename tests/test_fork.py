@@ -89,8 +89,9 @@ def test_tpm_parent_after_children(request, tmp):
     parent's transient objects when the TPM's slots run out, and their own at exit, at handles
     the parent holds. The parent checks each handle before it uses one again: its storage primary
     and its session are made again, so key generation and its persistent keys (derive, sign,
-    decrypt) work, every result checked by the default provider; its shared ephemeral key cannot
-    be made again: every use fails with keyx's own reason, naming the fix."""
+    decrypt) work, every result checked by the default provider; its shared ephemeral key (used
+    right before the fork, so loaded in the TPM then: a key saved out of the TPM stays the
+    parent's) cannot be made again: every use fails with keyx's own reason, naming the fix."""
     log = tmp / "audit.jsonl"
     r = fork_run("tpm", request, tmp, 1, log, extra=["--after-shared", NOT_SHAREABLE])
     assert len(children_of(r)) == CHILDREN, r

@@ -26,7 +26,8 @@
  *   --after-shared REASON    after the children, the parent's uses of its shared ephemeral key
  *              must fail with keyx's reason string REASON (a TPM without resource manager: a
  *              child flushed it), counted as "parent-after refused N", the first error's text
- *              printed as "parent-after refused-text TEXT"
+ *              printed as "parent-after refused-text TEXT"; the parent uses the shared key once
+ *              more right before the first fork, so that it is loaded in the TPM then
  * prints "<op> ok <n> fail <n>" per operation and "total ok <n> fail <n>"; exit 0 only when
  * every operation succeeded and was checked right.
  */
@@ -413,6 +414,12 @@ static int run_fork(int nchildren, int serial)
     worker((void *)0);
     print_counts("parent-before ");
     if (total(fail_count) != 0 || total(ok_count) != ops_per_worker)
+        rc = 1;
+    /* The shared key used last: a TPM key is then loaded in the TPM at the fork, not saved out
+     * of it (a saved context stays the parent's), and a child that needs the slot flushes it. */
+    if (after_shared != NULL)
+        derive_checked(OP_SHARED, shared_key, shared_pub, "P-256", 1);
+    if (total(fail_count) != 0)
         rc = 1;
     reset_counts();
     for (int c = 0; c < nchildren; c++) {
