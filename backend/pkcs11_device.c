@@ -86,7 +86,7 @@ struct p11_dev {
     int need_init;        /* re-initialization finalized the module but C_Initialize failed */
     long long init_ms;    /* monotonic ms of the last C_Initialize (first or re-init) */
     unsigned int reinits; /* re-initializations after a token was missing */
-    int settle;           /* quick re-initializations since the last regular one (SETTLE_TRIES) */
+    int settle;           /* quick re-initializations since the first C_Initialize (SETTLE_TRIES) */
     p11_tok tok[MAX_TOKENS];
     int ntok, nset;
     /* The module as p11_dev_describe tells it, readable without the lock (which C_Initialize
@@ -1018,12 +1018,13 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
     if (!d->we_initialized || d->busy > 0 || (keep_objects && d->objects > 0) || d->need_init ||
         (quick && d->settle >= SETTLE_TRIES) || atomic_load(&exiting))
         return 0;
-    /* Soon after a C_Initialize the token was likely missed as its file was being rewritten
-     * (SETTLE_TRIES): looked for again after a short pause. */
+    /* Soon after the module's first C_Initialize in this process (at start or after fork()) the
+     * token was likely missed as its file was being rewritten (SETTLE_TRIES): looked for again
+     * after a short pause. A token still missing then is looked for once a second. */
     if (quick)
         settle_pause(d->settle++);
     else
-        d->settle = 0;
+        d->settle = SETTLE_TRIES;
     forget_tokens(d, 1);
     d->f->C_Finalize(NULL);
     d->gen++;
@@ -1049,8 +1050,9 @@ static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
     rc = session_get(d, tok, login, s);
-    /* Looked for again after each re-initialization: at most one regular one and SETTLE_TRIES
-     * quick ones (module_reinit); only the last look's error stays. */
+    /* Looked for again after each re-initialization (module_reinit: up to SETTLE_TRIES quick
+     * ones right after the first C_Initialize, else at most one a second); only the last look's
+     * error stays. */
     while (rc == KEYX_BACKEND_DOWN &&
            module_reinit(d,
                          tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
