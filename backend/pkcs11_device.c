@@ -30,6 +30,17 @@
  * SoftHSM builds its slot list once, in C_Initialize, and misses a token whose file another
  * process is rewriting at that moment (every C_Login rewrites token.object). */
 #define REINIT_MS 1000
+/* SoftHSM 2.6 rewrites a token's file on every C_Login (it resets the failed-login flags): under
+ * its file lock it truncates token.object, unlocks, and only then is the new content written (a
+ * buffered stream flushed at close). A process reading the token in that instant sees it empty:
+ * its C_Initialize leaves the token out of the slot list or keeps it without PINs (C_Login then
+ * answers CKR_USER_PIN_NOT_INITIALIZED), C_GetTokenInfo answers CKR_GENERAL_ERROR. Forked workers
+ * that log in at once hit it all the time. The file is whole again a moment later, so the module
+ * is initialized again (or C_GetTokenInfo asked again) up to SETTLE_TRIES times with growing pauses
+ * (62 ms in all) before such an answer counts; a token that is really gone costs that once. A lock
+ * of keyx's own around C_Initialize and C_Login could not help: the writer may be any program using
+ * the token, and SoftHSM's own lock does not cover the write. */
+#define SETTLE_TRIES 5
 
 #ifndef CKM_EC_MONTGOMERY_KEY_PAIR_GEN /* PKCS#11 3.0; p11-kit 0.24's header predates it */
 #define CKM_EC_MONTGOMERY_KEY_PAIR_GEN 0x00001056UL
@@ -75,6 +86,7 @@ struct p11_dev {
     int need_init;        /* re-initialization finalized the module but C_Initialize failed */
     long long init_ms;    /* monotonic ms of the last C_Initialize (first or re-init) */
     unsigned int reinits; /* re-initializations after a token was missing */
+    int settle;           /* quick re-initializations since the first C_Initialize (SETTLE_TRIES) */
     p11_tok tok[MAX_TOKENS];
     int ntok, nset;
     /* The module as p11_dev_describe tells it, readable without the lock (which C_Initialize
@@ -150,6 +162,27 @@ static long long now_ms(void)
     if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
         return 0;
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* The pause before the attempt-th new try of an answer that may come from a token file being
+ * rewritten (SETTLE_TRIES): 2, 4, 8, 16, 32 ms. */
+static void settle_pause(int attempt)
+{
+    struct timespec ts = {0, 2000000L << attempt};
+
+    nanosleep(&ts, NULL);
+}
+
+/* C_GetTokenInfo, asked again while it answers as for a token file being rewritten (SoftHSM
+ * reads the token's flags from the file at every call). */
+static CK_RV token_info(p11_dev *d, CK_SLOT_ID slot, CK_TOKEN_INFO *info)
+{
+    CK_RV rv;
+
+    for (int i = 0;
+         (rv = d->f->C_GetTokenInfo(slot, info)) == CKR_GENERAL_ERROR && i < SETTLE_TRIES; i++)
+        settle_pause(i);
+    return rv;
 }
 
 static void copy_label(char *dst, const CK_UTF8CHAR *src, size_t n)
@@ -539,6 +572,7 @@ static int module_ready(p11_dev *d)
         d->busy = 0; /* the parent's borrowed sessions are given back to nobody here */
         d->objects = 0;
         d->need_init = 0;
+        d->settle = 0;
         if ((rv = module_initialize(d)) != CKR_OK) {
             atomic_store(&d->mod, MOD_REINIT);
             KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
@@ -721,7 +755,7 @@ static int token_find(p11_dev *d, int idx)
         return KEYX_BACKEND_DOWN;
     }
     for (CK_ULONG i = 0; i < n; i++) {
-        if (d->f->C_GetTokenInfo(slots[i], &info) != CKR_OK)
+        if (token_info(d, slots[i], &info) != CKR_OK)
             continue;
         if (token_matches(t, d->f, slots[i], &info)) {
             t->slot = slots[i];
@@ -824,7 +858,7 @@ static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
                  t->label, p11_rv_name(t->pin_failed, buf, sizeof(buf)));
         return 0;
     }
-    if ((rv = d->f->C_GetTokenInfo(t->slot, &info)) != CKR_OK) {
+    if ((rv = token_info(d, t->slot, &info)) != CKR_OK) {
         p11_sess s = {.dev = d, .tok = idx};
 
         return p11_fail(&s, rv, "C_GetTokenInfo");
@@ -858,6 +892,17 @@ static int token_login(p11_dev *d, int idx, CK_SESSION_HANDLE h)
     if (rv == CKR_OK || rv == CKR_USER_ALREADY_LOGGED_IN) {
         t->logged_in = 1;
         return 1;
+    }
+    if (rv == CKR_USER_PIN_NOT_INITIALIZED) {
+        /* SoftHSM reads a token's PINs once, in C_Initialize: a token read while another
+         * process rewrote its file (SETTLE_TRIES) stays without them in this process. As for a
+         * missing token, the module is initialized again (module_reinit): no PIN is tried. */
+        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                 "pkcs11: login (C_Login) on token '%s' failed: %s: the token has no user PIN "
+                 "(set one: pkcs11-tool --init-pin), or the module read the token while another "
+                 "process rewrote it",
+                 t->label, p11_rv_name(rv, buf, sizeof(buf)));
+        return KEYX_BACKEND_DOWN;
     }
     if (rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE ||
         rv == CKR_PIN_EXPIRED)
@@ -919,7 +964,7 @@ static int token_session(p11_dev *d, int idx, int login, CK_SESSION_HANDLE *h)
     if (t->checked_at != now_seconds()) {
         CK_TOKEN_INFO info;
 
-        if ((rv = d->f->C_GetTokenInfo(t->slot, &info)) != CKR_OK) {
+        if ((rv = token_info(d, t->slot, &info)) != CKR_OK) {
             p11_sess s = {.dev = d, .tok = idx};
 
             /* whatever the code: a token that cannot describe itself is gone for us */
@@ -974,9 +1019,18 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
     char buf[24];
     CK_RV rv;
 
+    int quick = now_ms() - d->init_ms < REINIT_MS;
+
     if (!d->we_initialized || d->busy > 0 || (keep_objects && d->objects > 0) || d->need_init ||
-        now_ms() - d->init_ms < REINIT_MS || atomic_load(&exiting))
+        (quick && d->settle >= SETTLE_TRIES) || atomic_load(&exiting))
         return 0;
+    /* Soon after the module's first C_Initialize in this process (at start or after fork()) the
+     * token was likely missed as its file was being rewritten (SETTLE_TRIES): looked for again
+     * after a short pause. A token still missing then is looked for once a second. */
+    if (quick)
+        settle_pause(d->settle++);
+    else
+        d->settle = SETTLE_TRIES;
     forget_tokens(d, 1);
     d->f->C_Finalize(NULL);
     d->gen++;
@@ -1002,14 +1056,18 @@ static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
     rc = session_get(d, tok, login, s);
-    if (rc == KEYX_BACKEND_DOWN &&
-        module_reinit(d, tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
-                      tok >= 0)) {
-        ERR_pop_to_mark(); /* the first look's error; the second look reports its own */
+    /* Looked for again after each re-initialization (module_reinit: up to SETTLE_TRIES quick
+     * ones right after the first C_Initialize, else at most one a second); only the last look's
+     * error stays. */
+    while (rc == KEYX_BACKEND_DOWN &&
+           module_reinit(d,
+                         tok >= 0 ? "the key's token is missing" : "no token of pkcs11-token found",
+                         tok >= 0)) {
+        ERR_pop_to_mark();
+        ERR_set_mark();
         rc = session_get(d, tok, login, s);
-    } else {
-        ERR_clear_last_mark();
     }
+    ERR_clear_last_mark();
     if (rc == 1)
         d->busy++;
     pthread_mutex_unlock(&d->lock);
@@ -1224,14 +1282,15 @@ int p11_dev_find_tokens(p11_dev *d, P11KitUri *uri, int *out, int max)
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
     count = find_tokens(d, uri, out, max);
-    /* No token matches: the module may have missed it in C_Initialize (see module_reinit). */
-    if ((count == 0 || count == KEYX_BACKEND_DOWN) &&
-        module_reinit(d, "no token matches a key URI", 1)) {
+    /* No token matches: the module may have missed it in C_Initialize (see module_reinit), also
+     * again right after (SETTLE_TRIES). */
+    while ((count == 0 || count == KEYX_BACKEND_DOWN) &&
+           module_reinit(d, "no token matches a key URI", 1)) {
         ERR_pop_to_mark();
+        ERR_set_mark();
         count = find_tokens(d, uri, out, max);
-    } else {
-        ERR_clear_last_mark();
     }
+    ERR_clear_last_mark();
     pthread_mutex_unlock(&d->lock);
     return count;
 }

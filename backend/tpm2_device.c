@@ -19,6 +19,7 @@
 #include "backend/tpm2_pubkey.h"
 #include "backend/tpm2_session.h"
 #include "backend/tpm2_tcti.h"
+#include "provider/audit.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -55,6 +56,8 @@ struct tpm_dev {
     uint64_t clock;
     int reclaimed;            /* foreign objects flushed during the current operation */
     int ready;                /* connected with parent and session: tpm_begin() has succeeded */
+    int forked;               /* fork() since the last check, without resource manager: a child
+                                 may have flushed this process's objects (check_after_fork) */
     long probe_failed;        /* monotonic second of the last failed capability probe; 0: none */
     OSSL_LIB_CTX *app_libctx; /* the thread's default library context while the lock is held */
     /* ESYS hands out one ESYS_TR per persistent handle: keys loaded twice by the same handle
@@ -95,11 +98,16 @@ static void fork_prepare(void)
     tpm_tcti_fork_lock();
 }
 
+static int no_resource_manager(const tpm_dev *d);
+
 static void fork_parent(void)
 {
     tpm_tcti_fork_unlock();
-    for (tpm_dev *d = registry; d != NULL; d = d->reg_next)
+    for (tpm_dev *d = registry; d != NULL; d = d->reg_next) {
+        if (d->ctx != NULL && no_resource_manager(d))
+            d->forked = 1;
         pthread_mutex_unlock(&d->lock);
+    }
     pthread_mutex_unlock(&registry_lock);
 }
 
@@ -121,6 +129,7 @@ static void fork_child(void)
             tpm_fsess_forget(&d->fast);
             d->gen++;
         }
+        d->forked = 0;
         atomic_store(&d->link, LINK_NONE);
     }
     pthread_mutex_unlock(&registry_lock);
@@ -421,6 +430,16 @@ int tpm_obj_ready(tpm_dev *d, tpm_obj *o, ESYS_TR *tr)
         o->gen = d->gen;
         pers_ref(d, o->tr);
     }
+    if (o->persistent == 0 && o->lost) {
+        KEYX_ERR(d->p, KEYX_R_TPM_NOT_SHAREABLE,
+                 "tpm: this key is gone: a process forked from this one used the TPM at TCTI "
+                 "'%s', which has no resource manager, and flushed this process's objects; a TPM "
+                 "without a resource manager cannot be shared between forked processes: use "
+                 "tpm2-abrmd (tpm-tcti = tabrmd) or the kernel's resource manager (tpm-tcti = "
+                 "device:/dev/tpmrm0)",
+                 tcti_name(d));
+        return 0;
+    }
     if (o->persistent == 0 && o->tr == ESYS_TR_NONE) {
         if (o->saved == NULL) {
             KEYX_ERR(d->p, KEYX_R_MISSING_KEY, "tpm: the key has been freed");
@@ -445,6 +464,7 @@ int tpm_obj_current(tpm_dev *d, const tpm_obj *o)
 
 void tpm_obj_loaded(tpm_dev *d, tpm_obj *o, ESYS_TR tr)
 {
+    o->lost = 0;
     o->tr = tr;
     o->gen = d->gen;
     o->persistent = 0;
@@ -647,6 +667,99 @@ static void flush_stale(tpm_dev *d)
     }
 }
 
+/* 1 if the transient object at tr is still the one this process made: the TPM has an object at
+ * its handle, and that object's name (which covers its public key) is the one ESYS recorded.
+ * Asked through SAPI with the bare handle: ReadPublic sends no authorization and changes
+ * nothing. 0 when it is gone or another object sits at the handle, -1 (rc set) when the TPM did
+ * not answer. */
+static int still_ours(tpm_dev *d, ESYS_TR tr, const TPM2B_NAME *known, TSS2_RC *rc)
+{
+    TSS2_SYS_CONTEXT *sys = NULL;
+    TPM2B_PUBLIC pub = {0};
+    TPM2B_NAME name = {0}, qualified = {0}, *expect = NULL;
+    TPM2_HANDLE h;
+    int same;
+
+    if ((*rc = Esys_GetSysContext(d->ctx, &sys)) != TSS2_RC_SUCCESS ||
+        (*rc = Esys_TR_GetTpmHandle(d->ctx, tr, &h)) != TSS2_RC_SUCCESS)
+        return -1;
+    if (known == NULL || known->size == 0) {
+        if ((*rc = Esys_TR_GetName(d->ctx, tr, &expect)) != TSS2_RC_SUCCESS)
+            return -1;
+        known = expect;
+    }
+    *rc = Tss2_Sys_ReadPublic(sys, h, NULL, &pub, &name, &qualified, NULL);
+    same = *rc == TSS2_RC_SUCCESS && name.size == known->size &&
+           memcmp(name.name, known->name, name.size) == 0;
+    Esys_Free(expect);
+    if (*rc != TSS2_RC_SUCCESS &&
+        ((*rc & TSS2_RC_LAYER_MASK) != TSS2_TPM_RC_LAYER || rc_is_down(*rc)))
+        return -1;
+    *rc = TSS2_RC_SUCCESS;
+    return same;
+}
+
+/* After fork() on a TPM without resource manager (swtpm, mssim, /dev/tpm0) a child that used
+ * the TPM shared its slots with this process: when they ran out it flushed this process's
+ * objects and sessions as a dead process's leftovers (reclaim_foreign), and at exit it flushed
+ * its own, whose handles may be those this process holds. A handle is therefore used again
+ * only once the object there is shown to be this process's (still_ours); nothing is flushed
+ * (it may be another process's now). The sessions cannot be told apart that way: they are
+ * forgotten and started again (a session still this process's is left in the TPM, where
+ * reclaim_foreign finds it once slots run out). The cached primary, if lost, is made again;
+ * a lost key is marked so: its use fails with KEYX_R_TPM_NOT_SHAREABLE (tpm_obj_ready), and a
+ * key from a file or a persistent handle is loaded again. Lock held, connected. 1, or the
+ * tpm_fail result. */
+static int check_after_fork(tpm_dev *d)
+{
+    TSS2_RC rc = TSS2_RC_SUCCESS;
+    tpm_obj *next;
+    int mine;
+
+    d->forked = 0;
+    tpm_fsess_forget(&d->fast);
+    if (d->session != ESYS_TR_NONE)
+        Esys_TR_Close(d->ctx, &d->session);
+    d->session = ESYS_TR_NONE;
+    if (d->parent_owned) {
+        if ((mine = still_ours(d, d->parent, NULL, &rc)) < 0)
+            return tpm_fail(d, rc, "checking the storage primary key after fork()");
+        if (!mine) {
+            keyx_debug(d->p, "tpm: after fork(): the storage primary key was flushed by another "
+                             "process (no resource manager); making it again");
+            Esys_TR_Close(d->ctx, &d->parent);
+            d->parent = ESYS_TR_NONE;
+            d->parent_owned = 0;
+        }
+    }
+    for (tpm_obj *o = d->head; o != NULL; o = next) {
+        next = o->next;
+        if (o->tr == ESYS_TR_NONE)
+            continue;
+        if ((mine = still_ours(d, o->tr, &o->name, &rc)) < 0)
+            return tpm_fail(d, rc, "checking the TPM objects after fork()");
+        if (!mine) {
+            Esys_TR_Close(d->ctx, &o->tr);
+            o->tr = ESYS_TR_NONE;
+            o->lost = 1;
+            list_unlink(d, o);
+        }
+    }
+    return 1;
+}
+
+/* Inside the lock, connected: the check above, then the primary and session made again. */
+static int recover_after_fork(tpm_dev *d)
+{
+    int r;
+
+    if ((r = check_after_fork(d)) != 1)
+        return r;
+    if (d->parent == ESYS_TR_NONE && (r = make_parent(d)) != 1)
+        return r;
+    return start_session(d);
+}
+
 static int connect_once(tpm_dev *d)
 {
     TSS2_RC rc;
@@ -790,6 +903,12 @@ int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
         unlock_dev(d);
         return r;
     }
+    if (d->forked && (r = recover_after_fork(d)) != 1) {
+        /* Not without its primary and session: tried again at the next operation. */
+        d->forked = d->ctx != NULL;
+        unlock_dev(d);
+        return r;
+    }
     *ctx = d->ctx;
     return 1;
 }
@@ -797,6 +916,11 @@ int tpm_begin(tpm_dev *d, ESYS_CONTEXT **ctx)
 int tpm_begin_quiet(tpm_dev *d, ESYS_CONTEXT **ctx)
 {
     lock_dev(d);
+    if (d->ctx != NULL && d->forked) { /* never flush a handle that may be another process's */
+        ERR_set_mark();
+        check_after_fork(d);
+        ERR_pop_to_mark();
+    }
     *ctx = d->ctx;
     return d->ctx != NULL;
 }
@@ -1323,6 +1447,11 @@ void tpm_dev_free(tpm_dev *d)
         }
     pthread_mutex_unlock(&registry_lock);
     lock_dev(d);
+    if (d->ctx != NULL && d->pid == getpid() && d->forked && !stalled(d)) {
+        ERR_set_mark();
+        check_after_fork(d);
+        ERR_pop_to_mark();
+    }
     if (d->ctx != NULL && d->pid == getpid() && !stalled(d)) {
         /* Without a resource manager nothing flushes what a process leaves in the TPM. */
         for (tpm_obj *o = d->head; o != NULL; o = o->next)

@@ -27,6 +27,7 @@ typedef struct tpm_obj {
     uint64_t stamp;              /* last use, for least-recently-used eviction */
     struct tpm_obj *prev, *next; /* list of transient objects loaded in the TPM */
     int listed;
+    int lost; /* flushed by a forked process (a TPM without resource manager): never usable */
 } tpm_obj;
 
 /* Reads the configuration; touches no device. */

@@ -34,6 +34,8 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_TPM_OBJECT_MEMORY, "TPM out of object memory"},
     {KEYX_R_KEY_USAGE, "the key does not allow this operation"},
     {KEYX_R_SEEDED_KEY, "a key derived from a seed is made in software only"},
+    {KEYX_R_TPM_NOT_SHAREABLE,
+     "TPM without a resource manager shared between forked processes: key lost"},
     {0, NULL},
 };
 

@@ -60,6 +60,8 @@ enum keyx_reason {
     KEYX_R_KEY_USAGE,
     /* a key derived from a seed can only be made in software */
     KEYX_R_SEEDED_KEY,
+    /* a forked process flushed this one's objects on a TPM without a resource manager */
+    KEYX_R_TPM_NOT_SHAREABLE,
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

@@ -5,7 +5,10 @@ keygen + derive, static derive, shared-key derive, OAEP decrypt, ECDSA sign, eve
 by the default provider) with the keys it inherited, waits for them, and does 100 more
 (keyx-test-stress --fork 4). On the token, OpenSC's pkcs11-spy logs the calls: every child calls
 C_Initialize itself (it never uses its parent's PKCS#11 sessions), the parent once. The audit log
-shows each child's operations in its own pid, on the backend under test.
+shows each child's operations in its own pid, on the backend under test. On a bare swtpm the
+children flush the parent's transient objects: the parent makes its primary and session again and
+its lost ephemeral key is refused with keyx's own reason (test_tpm_parent_after_children); SoftHSM
+children starting at once all reach the token (test_pkcs11_children_at_once).
 """
 
 import re
@@ -17,6 +20,8 @@ from test_stress import backend_setup, check_counts, sanitizer_env, stress_bin
 from test_stress import sw_keys, stress_token, stress_tpm  # noqa: F401
 
 CHILDREN, OPS = 4, 100
+# keyx's reason string for a key a forked process flushed from a TPM without resource manager
+NOT_SHAREABLE = "TPM without a resource manager shared between forked processes: key lost"
 GROUPS = {"software": "P-256,X25519,ffdhe2048", "pkcs11": "P-256", "tpm": "P-256"}
 
 
@@ -29,7 +34,8 @@ def fork_run(backend, request, tmp, serial, log, spy_log=None, extra=None):
     if backend != "software":
         args += ["--child-shared", "refused"]
     return kxutil.run([stress_bin(), "--config", cnf, "--ec-key", ec, "--rsa-key", rsa,
-                       "--groups", GROUPS[backend], "--ops", OPS, "--fork", CHILDREN, *args],
+                       "--groups", GROUPS[backend], "--ops", OPS, "--fork", CHILDREN, *args,
+                       *(extra or [])],
                       env=sanitizer_env(env), timeout=600)
 
 
@@ -41,7 +47,8 @@ def children_of(r):
 
 # Children run at once where the device allows several processes; one after the other on the
 # TPM (a bare swtpm has no resource manager: see test_tpm_parent_after_children below) and on
-# SoftHSM (see test_pkcs11_children_at_once below).
+# SoftHSM, so that each child calls C_Initialize exactly once (at once, a child initializes
+# again when another's login rewrote the token: test_pkcs11_children_at_once below).
 @pytest.mark.parametrize("backend,serial", [("software", 0), ("pkcs11", 1), ("tpm", 1)])
 def test_fork_children_use_the_parents_keys(backend, serial, request, tmp):
     log, spy_log = tmp / "audit.jsonl", tmp / "spy.log"
@@ -77,24 +84,39 @@ def test_fork_children_use_the_parents_keys(backend, serial, request, tmp):
         assert len(inits) == 1 + CHILDREN, f"{len(inits)} C_Initialize calls for 1 parent + {CHILDREN} children"
 
 
-@pytest.mark.xfail(strict=True, reason="keyx bug: on a TPM without resource "
-                   "manager a child reclaims the parent's transient objects and sessions "
-                   "(reclaim_foreign), and the parent keeps using the stale handles")
 def test_tpm_parent_after_children(request, tmp):
-    """After 4 children used a bare swtpm one after the other, the parent's own operations must
-    still succeed (its session and its ephemeral key)."""
-    r = fork_run("tpm", request, tmp, 1, tmp / "audit.jsonl")
+    """On a bare swtpm (no resource manager) the children, one after the other, flush the
+    parent's transient objects when the TPM's slots run out, and their own at exit, at handles
+    the parent holds. The parent checks each handle before it uses one again: its storage primary
+    and its session are made again, so key generation and its persistent keys (derive, sign,
+    decrypt) work, every result checked by the default provider; its shared ephemeral key (used
+    right before the fork, so loaded in the TPM then: a key saved out of the TPM stays the
+    parent's) cannot be made again: every use fails with keyx's own reason, naming the fix."""
+    log = tmp / "audit.jsonl"
+    r = fork_run("tpm", request, tmp, 1, log, extra=["--after-shared", NOT_SHAREABLE])
     assert len(children_of(r)) == CHILDREN, r
     check_counts(r, OPS, prefix="parent-after ")
+    assert f"parent-after refused {OPS // 5}" in r.out, r
+    text = re.search(r"^parent-after refused-text (.*)$", r.out, re.M).group(1)
+    assert "no resource manager" in text and "tpm2-abrmd" in text and "/dev/tpmrm0" in text, text
+    assert r.rc == 0, r
+    # the parent's only failures: the uses of its lost ephemeral key
+    failed = [e for e in kxutil.read_audit(log) if e["pid"] == r.pid and not e["ok"]]
+    assert len(failed) == OPS // 5, failed[:3]
+    for e in failed:
+        assert (e["event"], e.get("backend"), e.get("ephemeral")) == ("derive", "tpm", True), e
 
 
-# Timing-dependent (seen in most plain-build runs, rarely under TSan): not strict.
-@pytest.mark.xfail(strict=False, reason="keyx bug: 4 children re-initializing "
-                   "SoftHSM at once: a child's C_Initialize misses the token while another child's "
-                   "C_Login rewrites its file, and the re-initialization waits 1 s (REINIT_MS)")
 def test_pkcs11_children_at_once(request, tmp):
+    """4 children re-initialize SoftHSM at once, each logging in: a C_Login rewrites the token's
+    file, and another child reading it in that instant (its C_Initialize, C_GetTokenInfo or
+    C_Login) sees no token; keyx asks again after short pauses, so every child's operations and
+    the parent's afterwards succeed."""
     r = fork_run("pkcs11", request, tmp, 0, tmp / "audit.jsonl")
     children = children_of(r)
     assert len(children) == CHILDREN, r
     for pid, name in children.items():
         check_counts(r, OPS, prefix=f"{name} {pid} ")
+        assert f"{name} {pid} refused {OPS // 5}" in r.out, r
+    check_counts(r, OPS, prefix="parent-after ")
+    assert r.rc == 0, r

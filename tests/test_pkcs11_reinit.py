@@ -3,7 +3,8 @@
 SoftHSM2 builds its slot list once, in C_Initialize: a token whose directory is missing (or whose
 token.object another process is rewriting: every C_Login does) at that moment is never listed in
 that process. keyx re-initializes the module (C_Finalize + C_Initialize, new login) when no token
-of pkcs11-token is found, at most once a second. Reproduced deterministically by moving the token's
+of pkcs11-token is found, at most once a second (after up to 5 quick tries right after its first
+C_Initialize, for the rewritten token.object). Reproduced deterministically by moving the token's
 directory out of SoftHSM's tokendir and back, under a running TLS server (openssl s_server, keyx
 serving the key shares). Every successful handshake is checked by the client's default provider
 (s_client runs without keyx), and the audit log shows who made the shares: pkcs11, never software.
@@ -108,8 +109,10 @@ def test_token_missing_at_start_is_picked_up(tmp_path_factory, certs, cnf, tmp):
     assert f"({LABEL}; tokens present: 'keyx-a')" in err, f"no clear error while the token was away:\n{err}"
     assert "re-initialized module" in err, f"no debug line about the re-initialization:\n{err}"
     assert len(derives(events)) >= 6, events
-    # at most once a second: the server ran about 2-4 s and re-initialized no more often than that
-    assert err.count("re-initialized module") <= 6, err
+    # at most once a second: the server ran about 2-4 s and re-initialized no more often than
+    # that, besides up to 5 quick times right after its start (a token file being rewritten by a
+    # login elsewhere looks missing for an instant: pkcs11_device.c, SETTLE_TRIES)
+    assert err.count("re-initialized module") <= 6 + 5, err
 
 
 def test_token_vanishes_and_comes_back(tmp_path_factory, certs, cnf, tmp):

@@ -23,6 +23,11 @@
  *              time), else all at once
  *   --child-shared refused   the parent's shared ephemeral key is hardware: children must get
  *              a clean "missing key" for it (counted as "childN PID refused N")
+ *   --after-shared REASON    after the children, the parent's uses of its shared ephemeral key
+ *              must fail with keyx's reason string REASON (a TPM without resource manager: a
+ *              child flushed it), counted as "parent-after refused N", the first error's text
+ *              printed as "parent-after refused-text TEXT"; the parent uses the shared key once
+ *              more right before the first fork, so that it is loaded in the TPM then
  * prints "<op> ok <n> fail <n>" per operation and "total ok <n> fail <n>"; exit 0 only when
  * every operation succeeded and was checked right.
  */
@@ -72,6 +77,10 @@ static atomic_int reports;
  * use must then fail cleanly with keyx's "missing key", counted here. */
 static int in_child, child_shared_refused;
 static atomic_long refused_count;
+/* --after-shared: the reason the parent's shared key is refused with after the children. */
+static const char *after_shared;
+static int after_children;
+static char refused_text[512];
 
 /* The first few failures are printed (stage and OpenSSL's errors), never any key material. */
 static void fail(int op, const char *what)
@@ -176,17 +185,23 @@ static void derive_checked(int op, EVP_PKEY *key, EVP_PKEY *key_pub, const char 
         fail(op, "default-provider peer");
         return;
     }
-    if ((mine = derive(key, peer, NULL, &mlen)) == NULL && op == OP_SHARED && in_child &&
-        child_shared_refused) {
-        unsigned long e = ERR_peek_last_error();
+    const char *expect = in_child && child_shared_refused ? "missing key"
+                         : after_children                 ? after_shared
+                                                          : NULL;
+
+    if ((mine = derive(key, peer, NULL, &mlen)) == NULL && op == OP_SHARED && expect != NULL) {
+        const char *data = NULL;
+        unsigned long e = ERR_peek_last_error_data(&data, NULL);
 
         if (ERR_GET_REASON(e) != 0 && ERR_reason_error_string(e) != NULL &&
-            strcmp(ERR_reason_error_string(e), "missing key") == 0) {
-            atomic_fetch_add(&refused_count, 1);
+            strcmp(ERR_reason_error_string(e), expect) == 0) {
+            if (atomic_fetch_add(&refused_count, 1) == 0 && data != NULL)
+                snprintf(refused_text, sizeof(refused_text), "%s", data);
             atomic_fetch_add(&ok_count[op], 1);
             ERR_clear_error();
         } else {
-            fail(op, "inherited ephemeral key: not refused with 'missing key'");
+            fail(op, in_child ? "inherited ephemeral key: not refused with 'missing key'"
+                              : "shared key after the children: not refused as expected");
         }
     } else if (mine == NULL) {
         fail(op, "derive");
@@ -400,6 +415,12 @@ static int run_fork(int nchildren, int serial)
     print_counts("parent-before ");
     if (total(fail_count) != 0 || total(ok_count) != ops_per_worker)
         rc = 1;
+    /* The shared key used last: a TPM key is then loaded in the TPM at the fork, not saved out
+     * of it (a saved context stays the parent's), and a child that needs the slot flushes it. */
+    if (after_shared != NULL)
+        derive_checked(OP_SHARED, shared_key, shared_pub, "P-256", 1);
+    if (total(fail_count) != 0)
+        rc = 1;
     reset_counts();
     for (int c = 0; c < nchildren; c++) {
         fflush(NULL);
@@ -423,7 +444,11 @@ static int run_fork(int nchildren, int serial)
     for (int c = 0; c < nchildren && !serial; c++)
         if (!wait_child(c, pids[c]))
             rc = 1;
+    after_children = after_shared != NULL;
     worker((void *)0);
+    if (after_children)
+        printf("parent-after refused %ld\nparent-after refused-text %s\n",
+               atomic_load(&refused_count), refused_text);
     print_counts("parent-after ");
     if (total(fail_count) != 0 || total(ok_count) != ops_per_worker)
         rc = 1;
@@ -434,7 +459,7 @@ static int usage(void)
 {
     fprintf(stderr, "usage: keyx-test-stress --config FILE --ec-key URI [--rsa-key URI] "
                     "[--threads N] [--ops M] [--groups G,...] [--check-every K] [--fork N] "
-                    "[--serial 0|1] [--child-shared use|refused]\n");
+                    "[--serial 0|1] [--child-shared use|refused] [--after-shared REASON]\n");
     return 2;
 }
 
@@ -469,6 +494,8 @@ int main(int argc, char **argv)
             serial = atoi(v);
         else if (strcmp(argv[i], "--child-shared") == 0)
             child_shared_refused = strcmp(v, "refused") == 0;
+        else if (strcmp(argv[i], "--after-shared") == 0)
+            after_shared = v;
         else
             return usage();
     }
