@@ -46,18 +46,24 @@ class SoftHSM:
         supp.write_text("leak:pkcs11-spy.so\n")
         return self.env(PKCS11SPY=self.module, PKCS11SPY_OUTPUT=log, LSAN_OPTIONS=f"suppressions={supp}", **extra)
 
-    def setup(self):
+    def init_tokens(self, *labels):
+        """A new token directory with these empty tokens (user PIN in pin_file); the setups of the
+        test files' own token directories start here."""
         self.tokendir.mkdir(parents=True)
         self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
                              "objectstore.backend = file\nlog.level = ERROR\n")
         self.pin_file.write_text(PIN)
         self.pin_file.chmod(0o600)
-        for label in TOKENS:
+        for label in labels:
             r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
                             "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
             m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
             assert m, f"softhsm2-util did not say which slot {label} got:\n{r!r}"
             self.slots[label] = int(m.group(1))
+        return self
+
+    def setup(self):
+        self.init_tokens(*TOKENS)
         self.tool("keyx-a", "--keypairgen", "--key-type", "EC:prime256v1", "--label", "srv-ecdh",
                   "--id", "01", "--usage-derive").ok("static key")
         return self

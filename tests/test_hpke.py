@@ -23,7 +23,6 @@ import json
 import pytest
 
 import kxutil
-from fixture_softhsm import SoftHSM  # noqa: F401  (the token fixture's class)
 from test_cms import TOKEN, hsm, keyx_env, tpm  # noqa: F401  (module fixtures of their own)
 from kxutil import base_env, openssl
 

@@ -22,7 +22,7 @@ import pytest
 import kxutil
 from fixture_abrmd import abrmd  # noqa: F401  (fixture)
 from fixture_nginx import Pki, nginx_server, pki  # noqa: F401  (fixtures)
-from fixture_softhsm import MODULE, PIN, SO_PIN, SoftHSM
+from fixture_softhsm import MODULE, SoftHSM
 from kxutil import TIMEOUT, base_env, openssl
 
 TOKEN = "keyx-ngx"
@@ -35,17 +35,7 @@ class NginxToken(SoftHSM):
     """A SoftHSM2 token directory of its own with one empty token, keyx-ngx."""
 
     def setup(self):
-        self.tokendir.mkdir(parents=True)
-        self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
-                             "objectstore.backend = file\nlog.level = ERROR\n")
-        self.pin_file.write_text(PIN)
-        self.pin_file.chmod(0o600)
-        r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN,
-                        "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
-        m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
-        assert m, f"softhsm2-util did not say which slot {TOKEN} got:\n{r!r}"
-        self.slots[TOKEN] = int(m.group(1))
-        return self
+        return self.init_tokens(TOKEN)
 
 
 @pytest.fixture(scope="module")

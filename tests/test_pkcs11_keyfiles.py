@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import kxutil
-from fixture_softhsm import MODULE, PIN, SO_PIN, SoftHSM
+from fixture_softhsm import MODULE, PIN, SoftHSM
 
 TOKEN = "keyx-kf"
 # libp11 0.4.12 cannot enumerate the private keys of a token that holds a DH key ("Unable to
@@ -29,18 +29,7 @@ class OwnToken(SoftHSM):
     """A SoftHSM2 token directory with the tokens keyx-kf, keyx-kf-ec and keyx-kf-empty, empty."""
 
     def setup(self):
-        self.tokendir.mkdir(parents=True)
-        self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
-                             "objectstore.backend = file\nlog.level = ERROR\n")
-        self.pin_file.write_text(PIN)
-        self.pin_file.chmod(0o600)
-        for label in (TOKEN, EC_TOKEN, EMPTY_TOKEN):
-            r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
-                            "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
-            m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
-            assert m, f"softhsm2-util did not say which slot {label} got:\n{r!r}"
-            self.slots[label] = int(m.group(1))
-        return self
+        return self.init_tokens(TOKEN, EC_TOKEN, EMPTY_TOKEN)
 
     def serial(self, token=TOKEN):
         r = kxutil.run(["softhsm2-util", "--show-slots"], env=self.tool_env()).ok("show slots")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import kxutil
-from fixture_softhsm import MODULE, PIN, SO_PIN, SoftHSM
+from fixture_softhsm import MODULE, SoftHSM
 from kxutil import base_env, openssl
 
 TOKEN = "keyx-remote"
@@ -50,14 +50,7 @@ class RemoteToken(SoftHSM):
     a P-256 sign key made by pkcs11-tool, and `p11-kit server` processes exporting it."""
 
     def setup(self):
-        self.tokendir.mkdir(parents=True)
-        self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
-                             "objectstore.backend = file\nlog.level = ERROR\n")
-        self.pin_file.write_text(PIN)
-        self.pin_file.chmod(0o600)
-        r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", TOKEN, "--pin", PIN,
-                        "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
-        self.slots[TOKEN] = int(re.search(r"reassigned to slot (\d+)", r.out + r.err).group(1))
+        self.init_tokens(TOKEN)
         for args in (("EC:prime256v1", "ecdh", "01", "--usage-derive"),
                      ("rsa:2048", "rsa", "02", "--usage-decrypt", "--usage-sign"),
                      ("EC:prime256v1", "ecdsa", "03", "--usage-sign")):

@@ -25,7 +25,7 @@ import textwrap
 import pytest
 
 import kxutil
-from fixture_softhsm import MODULE, PIN, SO_PIN, SoftHSM
+from fixture_softhsm import MODULE, PIN, SoftHSM
 from fixture_swtpm import tpm_cnf
 
 TOKEN = "keyx-so"
@@ -39,17 +39,7 @@ class ObjectToken(SoftHSM):
     with nothing."""
 
     def setup(self):
-        self.tokendir.mkdir(parents=True)
-        self.conf.write_text(f"directories.tokendir = {self.tokendir}\n"
-                             "objectstore.backend = file\nlog.level = ERROR\n")
-        self.pin_file.write_text(PIN)
-        self.pin_file.chmod(0o600)
-        for label in (TOKEN, EMPTY_TOKEN, ODD_TOKEN):
-            r = kxutil.run(["softhsm2-util", "--init-token", "--free", "--label", label,
-                            "--pin", PIN, "--so-pin", SO_PIN], env=self.tool_env()).ok("init token")
-            m = re.search(r"reassigned to slot (\d+)", r.out + r.err)
-            assert m, f"softhsm2-util did not say which slot {label} got:\n{r!r}"
-            self.slots[label] = int(m.group(1))
+        self.init_tokens(TOKEN, EMPTY_TOKEN, ODD_TOKEN)
         d = self.root / "pki"
         d.mkdir()
         plain = kxutil.base_env()
