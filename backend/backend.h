@@ -140,7 +140,8 @@ void keyx_objects_free(keyx_object *objs, size_t n);
 
 typedef struct keyx_backend_ops {
     const char *name; /* "software", "tpm", "pkcs11": as in `backends` and the audit log */
-    /* 1: private parts may be exported (they already live in process memory). */
+    /* 1: private parts live in process memory (software): they may be exported, freeing a key
+     * destroys it, and no call reaches a device. 0: a device holds them. */
     int exports_private;
 
     int (*open)(struct keyx_provctx *p, void **state);

@@ -15,7 +15,7 @@ static _Thread_local int inside_backend;
  * disposition: around a hardware backend's call it blocks SIGPIPE in the calling thread, and
  * takes back a SIGPIPE the call raised (directed at this thread, so pending here); the call
  * itself then fails with the device's error (EPIPE). Threads a call starts (key pool refills)
- * inherit the blocked mask. The software backend touches no socket and pays nothing. */
+ * inherit the blocked mask. A backend whose keys live in process memory pays nothing. */
 typedef struct call_guard {
     sigset_t old;
     int blocked; /* this guard blocked SIGPIPE: take back what the call raised, restore the mask */
@@ -27,7 +27,7 @@ static void enter(const keyx_backend *be, call_guard *g)
 
     inside_backend++;
     g->blocked = 0;
-    if (be->ops == &keyx_software_backend)
+    if (be->ops->exports_private) /* in process memory: no device, no socket */
         return;
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);

@@ -7,6 +7,7 @@
 #include <openssl/params.h>
 
 #include "kem/dhkem_suite.h"
+#include "keymgmt/algtab.h"
 #include "provider/errors.h"
 
 static const keyx_dhkem_suite suites[] = {
@@ -60,8 +61,7 @@ static int hkdf(keyx_provctx *p, int mode, const char *digest, const unsigned ch
                 size_t keylen, const unsigned char *info, size_t infolen, unsigned char *out,
                 size_t outlen)
 {
-    EVP_KDF *kdf = EVP_KDF_fetch(p->libctx, "HKDF", NULL);
-    EVP_KDF_CTX *ctx = kdf != NULL ? EVP_KDF_CTX_new(kdf) : NULL;
+    EVP_KDF_CTX *ctx = EVP_KDF_CTX_new(p->algs->hkdf);
     OSSL_PARAM params[5], *q = params;
     int ok;
 
@@ -73,7 +73,6 @@ static int hkdf(keyx_provctx *p, int mode, const char *digest, const unsigned ch
     *q = OSSL_PARAM_construct_end();
     ok = ctx != NULL && EVP_KDF_derive(ctx, out, outlen, params) == 1;
     EVP_KDF_CTX_free(ctx);
-    EVP_KDF_free(kdf);
     return ok;
 }
 

@@ -1,4 +1,5 @@
 #include <openssl/evp.h>
+#include <openssl/kdf.h>
 
 #include <openssl/params.h>
 
@@ -37,8 +38,9 @@ int keyx_algtab_new(keyx_provctx *p)
     t->sha256 = EVP_MD_fetch(p->libctx, "SHA256", NULL);
     t->ecdsa = EVP_SIGNATURE_fetch(p->libctx, "ECDSA", NULL);
     t->rsa_sig = EVP_SIGNATURE_fetch(p->libctx, "RSA", NULL);
-    if (t->sha256 == NULL || t->ecdsa == NULL || t->rsa_sig == NULL) {
-        KEYX_ERR(p, KEYX_R_INTERNAL, "SHA-256, ECDSA or RSA unavailable in keyx's context");
+    t->hkdf = EVP_KDF_fetch(p->libctx, "HKDF", NULL);
+    if (t->sha256 == NULL || t->ecdsa == NULL || t->rsa_sig == NULL || t->hkdf == NULL) {
+        KEYX_ERR(p, KEYX_R_INTERNAL, "SHA-256, ECDSA, RSA or HKDF unavailable in keyx's context");
         return 0;
     }
     return 1;
@@ -56,5 +58,6 @@ void keyx_algtab_free(keyx_algtab *t)
     EVP_MD_free(t->sha256);
     EVP_SIGNATURE_free(t->ecdsa);
     EVP_SIGNATURE_free(t->rsa_sig);
+    EVP_KDF_free(t->hkdf);
     OPENSSL_free(t);
 }

@@ -19,6 +19,7 @@ typedef struct keyx_algtab {
     EVP_MD *sha256; /* audit key ids */
     /* The default provider's signatures: keyx answers their parameter tables (signature/) */
     EVP_SIGNATURE *ecdsa, *rsa_sig;
+    EVP_KDF *hkdf; /* DHKEM's labelled HKDF (kem/): two derivations per encapsulation */
 } keyx_algtab;
 
 int keyx_algtab_new(struct keyx_provctx *p);

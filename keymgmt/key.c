@@ -96,9 +96,7 @@ static void priv_destroy(keyx_key *k)
     pv->handle = NULL;
     /* "free": the private part is gone (an ephemeral key, or software memory wiped); "release":
      * keyx let go of a key that stays in its device (persistent, loaded by URI or file). */
-    keyx_key_event(k,
-                   pv->ephemeral || strcmp(pv->be->ops->name, "software") == 0 ? "free" : "release",
-                   1, NULL);
+    keyx_key_event(k, pv->ephemeral || pv->be->ops->exports_private ? "free" : "release", 1, NULL);
 }
 
 static void priv_release(keyx_key *k)
