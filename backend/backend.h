@@ -222,6 +222,10 @@ typedef struct keyx_backend_ops {
      * decoding in keyx (keys with an OAEP scheme: a parameter refusal); RAW to TPM2_ALG_NULL. */
     int (*rsa_decrypt)(void *state, void *handle, const keyx_rsa_op *op, const unsigned char *in,
                        size_t inlen, unsigned char *out, size_t *outlen);
+    /* The time limit of one call into the device, in milliseconds, enforced by cutting the
+     * socket the call waits on (backend/watchdog.h); 0: none. NULL: the device is not behind a
+     * socket keyx can cut, or bounds its waits itself (the TPM: tpm-timeout). */
+    unsigned int (*call_limit_ms)(void *state);
 } keyx_backend_ops;
 
 extern const keyx_backend_ops keyx_software_backend;

@@ -5,6 +5,7 @@
 
 #include "backend/call.h"
 #include "backend/router.h"
+#include "backend/watchdog.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -17,6 +18,8 @@ static _Thread_local int inside_backend;
  * itself then fails with the device's error (EPIPE). Threads a call starts (key pool refills)
  * inherit the blocked mask. A backend whose keys live in process memory pays nothing. */
 typedef struct call_guard {
+    int watched; /* keyx_watchdog_begin was called: the call has a time limit (call_limit_ms) */
+    int watch;   /* its ticket */
     sigset_t old;
     int blocked; /* this guard blocked SIGPIPE: take back what the call raised, restore the mask */
 } call_guard;
@@ -27,8 +30,13 @@ static void enter(const keyx_backend *be, call_guard *g)
 
     inside_backend++;
     g->blocked = 0;
+    g->watched = 0;
     if (be->ops->exports_private) /* in process memory: no device, no socket */
         return;
+    if (be->ops->call_limit_ms != NULL) {
+        g->watch = keyx_watchdog_begin(be->ops->call_limit_ms(be->state));
+        g->watched = 1;
+    }
     sigemptyset(&pipe);
     sigaddset(&pipe, SIGPIPE);
     /* A thread that blocks SIGPIPE itself handles what is pending: keyx leaves it alone. */
@@ -41,6 +49,8 @@ static void leave(call_guard *g)
     sigset_t pipe, pending;
 
     inside_backend--;
+    if (g->watched)
+        keyx_watchdog_end(g->watch);
     if (!g->blocked)
         return;
     sigemptyset(&pipe);

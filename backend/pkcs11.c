@@ -20,6 +20,7 @@
 #include "backend/pkcs11_pubkey.h"
 #include "backend/pkcs11_rsa.h"
 #include "backend/pkcs11_sign.h"
+#include "backend/watchdog.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -38,7 +39,15 @@ typedef struct p11_key {
     int can_use;
     int can_sign;
     char *uri; /* token keys: the canonical URI (the locator; finds the key again after a fork) */
+    /* Keys loaded by URI: that URI and the public key, to find the same key on another token
+     * of the failover set when its own is down (key_elsewhere). */
+    char *asked;
+    EVP_PKEY *pub;
 } p11_key;
+
+/* Guards where a static key is (tok, gen, obj, uri): it moves after a fork and when its token
+ * fails, while other threads may use it. */
+static pthread_mutex_t key_moves = PTHREAD_MUTEX_INITIALIZER;
 
 /* The part of a URI that can be printed: RFC 7512 puts pin-value in the query. */
 static int printable_len(const char *uri)
@@ -65,6 +74,8 @@ static int p11_open(keyx_provctx *p, void **state)
         KEYX_ERR(p, KEYX_R_INTERNAL, "pkcs11: out of memory for the key pool (pkcs11-pool)");
         return 0;
     }
+    if (r == 1)
+        keyx_watchdog_hold(); /* pkcs11-timeout (p11_call_limit_ms) */
     return r;
 }
 
@@ -74,6 +85,15 @@ static void p11_close(void *state)
      * device goes. */
     keyx_pool_free(keyx_pool_of(state));
     p11_dev_free(state);
+    keyx_watchdog_release();
+}
+
+/* A module that reaches its token over a socket blocks for as long as the server does not
+ * answer: keyx's watchdog cuts that socket after pkcs11-timeout (the module then answers
+ * CKR_DEVICE_ERROR, the token is marked down and the next one serves). */
+static unsigned int p11_call_limit_ms(void *state)
+{
+    return p11_dev_prov(state)->cfg.pkcs11_timeout_ms;
 }
 
 static void p11_describe(void *state, char *buf, size_t len)
@@ -648,28 +668,104 @@ static int p11_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 
 static int find_static(p11_dev *d, const char *uri, p11_key **out, EVP_PKEY **pub);
 
-/* A session on the key's token; after a fork a static key is found again by its URI. */
-static int key_session(p11_dev *d, p11_key *k, p11_sess *s)
+/* Moves k to where fresh found it (key_moves held). */
+static void key_move(p11_key *k, p11_key *fresh)
+{
+    k->tok = fresh->tok;
+    k->gen = fresh->gen;
+    k->obj = fresh->obj;
+    OPENSSL_free(k->uri);
+    k->uri = fresh->uri;
+    OPENSSL_free(fresh->asked);
+    OPENSSL_free(fresh);
+}
+
+/* The key's token is down (or the key's generation is gone with it): the same key on another
+ * token serves, found by the URI it was loaded by, and only if its public key is the same (a
+ * failover set's tokens each hold a copy of the key, imported into each). key_moves held.
+ * 1 when k moved, else the result of the search (error raised). */
+static int key_elsewhere(p11_dev *d, p11_key *k)
 {
     p11_key *fresh = NULL;
+    EVP_PKEY *pub = NULL;
+    int rc;
 
+    if (k->asked == NULL || k->pub == NULL)
+        return KEYX_BACKEND_DOWN;
+    if ((rc = find_static(d, k->asked, &fresh, &pub)) != 1)
+        return rc;
+    if (EVP_PKEY_eq(pub, k->pub) != 1) {
+        KEYX_ERR(p11_dev_prov(d), KEYX_R_MISSING_KEY,
+                 "pkcs11: the key '%.*s' found on token '%s' is not the key loaded before (its "
+                 "public key differs): not used; a failover set needs the same key on each token",
+                 printable_len(k->asked), k->asked, p11_dev_token_label(d, fresh->tok));
+        OPENSSL_free(fresh->uri);
+        OPENSSL_free(fresh->asked);
+        OPENSSL_free(fresh);
+        rc = 0;
+    } else {
+        key_move(k, fresh);
+    }
+    EVP_PKEY_free(pub);
+    return rc;
+}
+
+/* A session on the key's token, and the key's object there; after a fork a static key is found
+ * again by its URI, and when its token is down, on another token (key_elsewhere). */
+static int key_session(p11_dev *d, p11_key *k, p11_sess *s, CK_OBJECT_HANDLE *obj)
+{
+    p11_key *fresh = NULL;
+    int rc;
+
+    pthread_mutex_lock(&key_moves);
     if (!p11_dev_current(d, k->gen)) {
         if (k->uri == NULL) {
+            pthread_mutex_unlock(&key_moves);
             KEYX_ERR(p11_dev_prov(d), KEYX_R_MISSING_KEY,
                      "pkcs11: this ephemeral key was made before fork() or before the module was "
                      "re-initialized (a token went missing) and does not exist any more: "
                      "generate keys after forking");
             return 0;
         }
-        if (find_static(d, k->uri, &fresh, NULL) != 1)
-            return 0;
-        k->tok = fresh->tok;
-        k->gen = fresh->gen;
-        k->obj = fresh->obj;
-        OPENSSL_free(fresh->uri);
-        OPENSSL_free(fresh);
+        ERR_set_mark();
+        if ((rc = find_static(d, k->uri, &fresh, NULL)) == 1) {
+            OPENSSL_free(fresh->uri);
+            fresh->uri = k->uri;
+            k->uri = NULL;
+            key_move(k, fresh);
+        } else if (rc != KEYX_BACKEND_DOWN || (rc = key_elsewhere(d, k)) != 1) {
+            ERR_clear_last_mark();
+            pthread_mutex_unlock(&key_moves);
+            return rc == KEYX_BACKEND_DOWN ? KEYX_BACKEND_DOWN : 0;
+        }
+        ERR_pop_to_mark();
     }
-    return p11_session_get(d, k->tok, s);
+    ERR_set_mark();
+    if ((rc = p11_session_get(d, k->tok, s)) == KEYX_BACKEND_DOWN && key_elsewhere(d, k) == 1) {
+        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
+        ERR_set_mark();
+        rc = p11_session_get(d, k->tok, s);
+    }
+    ERR_clear_last_mark();
+    *obj = k->obj;
+    pthread_mutex_unlock(&key_moves);
+    return rc;
+}
+
+/* After an operation on a static key failed with its token (KEYX_BACKEND_DOWN): 1 when the key
+ * was found on another token, so that the operation is tried there once. */
+static int key_failed_over(p11_dev *d, p11_key *k)
+{
+    int rc;
+
+    if (k->asked == NULL)
+        return 0;
+    pthread_mutex_lock(&key_moves);
+    ERR_set_mark();
+    rc = key_elsewhere(d, k);
+    ERR_pop_to_mark(); /* the operation's own error stays, should this fail */
+    pthread_mutex_unlock(&key_moves);
+    return rc == 1;
 }
 
 /* p11-kit's RPC client (a token reached through `p11-kit server`) before 0.25 cannot carry the
@@ -693,8 +789,8 @@ static int rpc_without_derive(const p11_sess *s, CK_RV rv, keyx_provctx *p, keyx
     return 1;
 }
 
-static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
-                      size_t secretlen)
+static int derive_once(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
+                       size_t secretlen)
 {
     EVP_PKEY *peer = from->view;
     p11_dev *d = state;
@@ -712,7 +808,7 @@ static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned
         ATTR_BOOL(CKA_TOKEN, p11_no),        ATTR_BOOL(CKA_SENSITIVE, p11_no),
         ATTR_BOOL(CKA_EXTRACTABLE, p11_yes), ATTR(CKA_VALUE_LEN, &vlen, sizeof(vlen)),
     };
-    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE;
+    CK_OBJECT_HANDLE obj = CK_INVALID_HANDLE, key;
     CK_ATTRIBUTE value = {CKA_VALUE, secret, secretlen};
     p11_sess s;
     CK_RV rv;
@@ -745,11 +841,11 @@ static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned
             goto bad_peer;
         mech = (CK_MECHANISM){CKM_DH_PKCS_DERIVE, peerdata, peerlen};
     }
-    if ((rc = key_session(d, k, &s)) != 1) {
+    if ((rc = key_session(d, k, &s, &key)) != 1) {
         OPENSSL_free(peerdata);
         return rc;
     }
-    rv = s.f->C_DeriveKey(s.h, &mech, k->obj, t, sizeof(t) / sizeof(t[0]), &obj);
+    rv = s.f->C_DeriveKey(s.h, &mech, key, t, sizeof(t) / sizeof(t[0]), &obj);
     OPENSSL_free(peerdata);
     if (rv == CKR_OK) {
         rv = s.f->C_GetAttributeValue(s.h, obj, &value, 1);
@@ -777,6 +873,22 @@ bad_peer:
     OPENSSL_free(peerdata);
     KEYX_ERR(p11_dev_prov(d), KEYX_R_INVALID_PEER_KEY, "pkcs11: the peer key has no public value");
     return 0;
+}
+
+static int p11_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
+                      size_t secretlen)
+{
+    int rc;
+
+    ERR_set_mark();
+    if ((rc = derive_once(state, handle, from, secret, secretlen)) == KEYX_BACKEND_DOWN &&
+        key_failed_over(state, handle)) {
+        ERR_pop_to_mark();
+        ERR_set_mark();
+        rc = derive_once(state, handle, from, secret, secretlen);
+    }
+    ERR_clear_last_mark();
+    return rc;
 }
 
 /* ---- static keys by URI ------------------------------------------------------------------ */
@@ -1056,6 +1168,17 @@ static int p11_load(void *state, const char *locator, void **handle, EVP_PKEY **
 
     *pub = NULL;
     rc = find_static(state, locator, &k, pub);
+    if (rc == 1 && ((k->asked = OPENSSL_strdup(locator)) == NULL || EVP_PKEY_up_ref(*pub) != 1)) {
+        OPENSSL_free(k->asked);
+        OPENSSL_free(k->uri);
+        OPENSSL_free(k);
+        EVP_PKEY_free(*pub);
+        *pub = NULL;
+        KEYX_ERR(p11_dev_prov(state), KEYX_R_INTERNAL, "out of memory");
+        return 0;
+    }
+    if (rc == 1)
+        k->pub = *pub;
     *handle = k;
     return rc;
 }
@@ -1309,9 +1432,19 @@ static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
                  k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
         return 0;
     }
-    if ((rc = key_session(d, k, &s)) != 1)
-        return rc;
-    return p11_rsa_decrypt(&s, k->obj, k->secretlen, op, in, inlen, out, outlen);
+    ERR_set_mark();
+    for (int again = 1;; again = 0) {
+        CK_OBJECT_HANDLE obj;
+
+        if ((rc = key_session(d, k, &s, &obj)) == 1)
+            rc = p11_rsa_decrypt(&s, obj, k->secretlen, op, in, inlen, out, outlen);
+        if (rc != KEYX_BACKEND_DOWN || !again || !key_failed_over(d, k))
+            break;
+        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
+        ERR_set_mark();
+    }
+    ERR_clear_last_mark();
+    return rc;
 }
 
 /* ---- signatures (backend/pkcs11_sign.c) ------------------------------------------------- */
@@ -1345,6 +1478,7 @@ static int p11_sign_check(void *state, void *handle, const keyx_sign_op *op)
     p11_key *k = handle;
     p11_sig g;
     p11_sess s;
+    CK_OBJECT_HANDLE obj;
     int rc;
 
     if (!signing_key(d, k))
@@ -1352,9 +1486,9 @@ static int p11_sign_check(void *state, void *handle, const keyx_sign_op *op)
     rc = p11_sig_prepare(d, k->tok, k->alg, k->secretlen, k->bits, op, &g);
     if (rc != P11_SIG_PROBE)
         return rc;
-    if ((rc = key_session(d, k, &s)) != 1)
+    if ((rc = key_session(d, k, &s, &obj)) != 1)
         return rc;
-    return p11_sig_probe(&s, k->obj, &g);
+    return p11_sig_probe(&s, obj, &g);
 }
 
 static int p11_sign(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
@@ -1371,11 +1505,22 @@ static int p11_sign(void *state, void *handle, const keyx_sign_op *op, const uns
     /* P11_SIG_PROBE: the signature itself tells (and is remembered) */
     if (!p11_sig_prepare(d, k->tok, k->alg, k->secretlen, k->bits, op, &g))
         return 0;
-    if ((rc = key_session(d, k, &s)) != 1)
-        return rc;
-    /* after a fork key_session may have found the key on another token index */
-    g.tok = k->tok;
-    return p11_sig_sign(&s, k->obj, &g, dgst, dlen, sig, siglen);
+    ERR_set_mark();
+    for (int again = 1;; again = 0) {
+        CK_OBJECT_HANDLE obj;
+
+        if ((rc = key_session(d, k, &s, &obj)) == 1) {
+            /* key_session may have found the key on another token (fork, failover) */
+            g.tok = s.tok;
+            rc = p11_sig_sign(&s, obj, &g, dgst, dlen, sig, siglen);
+        }
+        if (rc != KEYX_BACKEND_DOWN || !again || !key_failed_over(d, k))
+            break;
+        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
+        ERR_set_mark();
+    }
+    ERR_clear_last_mark();
+    return rc;
 }
 
 /* ---- free -------------------------------------------------------------------------------- */
@@ -1400,6 +1545,8 @@ static void p11_free(void *state, void *handle)
     if (k->owned)
         p11_dev_objects(d, k->gen, -1);
     OPENSSL_free(k->uri);
+    OPENSSL_free(k->asked);
+    EVP_PKEY_free(k->pub);
     OPENSSL_free(k);
 }
 
@@ -1420,4 +1567,5 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .free = p11_free,
     .rsa_decrypt = p11_rsa_decrypt_op,
     .describe = p11_describe,
+    .call_limit_ms = p11_call_limit_ms,
 };

@@ -16,6 +16,7 @@
 #include <openssl/err.h>
 
 #include "backend/pkcs11_device.h"
+#include "backend/watchdog.h"
 #include "provider/audit.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
@@ -58,10 +59,11 @@ typedef struct p11_tok {
     char label[33];
     char serial[17]; /* token info serialNumber, blanks trimmed: names the token in locators */
     int logged_in;
-    CK_RV pin_failed;      /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
-    long down_until;       /* monotonic seconds; 0: up */
-    long checked_at;       /* last presence check (C_GetTokenInfo), monotonic seconds */
-    uint32_t oaep_refused; /* OAEP parameter sets the token refused (pkcs11_rsa.c) */
+    CK_RV pin_failed; /* CKR_PIN_INCORRECT/LOCKED seen: never log in again (no lockout loop) */
+    long down_until;  /* monotonic seconds; 0: up */
+    long checked_at;  /* last presence check (C_GetTokenInfo), monotonic seconds */
+    int lost; /* failed with a device error (a server gone): back only after re-initialization */
+    uint32_t oaep_refused;        /* OAEP parameter sets the token refused (pkcs11_rsa.c) */
     uint32_t pss_ok, pss_refused; /* PSS parameter sets tried in C_SignInit (pkcs11_sign.c) */
     int caps_known;
     p11_caps caps;
@@ -328,6 +330,16 @@ int p11_fail(p11_sess *s, CK_RV rv, const char *what)
 {
     char buf[24];
     const char *hint = rv_hint(rv);
+    unsigned int limit;
+
+    if (p11_rv_is_down(rv) && keyx_watchdog_cut(&limit) > 0) {
+        KEYX_ERR(s->dev->p, KEYX_R_DEVICE_TIMEOUT,
+                 "pkcs11: %s on token '%s': no answer within %u ms (pkcs11-timeout): keyx cut "
+                 "the connection to the token's server and marked the token down; check the "
+                 "server, or raise pkcs11-timeout",
+                 what, p11_dev_token_label(s->dev, s->tok), limit);
+        return KEYX_BACKEND_DOWN;
+    }
 
     int reason = rv == CKR_PIN_INCORRECT || rv == CKR_PIN_LOCKED || rv == CKR_PIN_LEN_RANGE ||
                          rv == CKR_PIN_EXPIRED
@@ -920,7 +932,10 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     p11_tok *t = &d->tok[idx];
     const char *next = NULL;
     char buf[24], why[160], next_name[33], name[33];
+    unsigned int limit;
 
+    if (rv == CKR_DEVICE_ERROR || rv == CKR_DEVICE_REMOVED)
+        t->lost = 1; /* the module's connection to it is gone: module_reconnect */
     if (t->down_until > now_seconds())
         return;
     t->down_until = now_seconds() + DOWN_SECONDS;
@@ -934,8 +949,12 @@ static void token_down(p11_dev *d, int idx, CK_RV rv)
     for (int i = 0; i < d->nset && next == NULL; i++)
         if (i != idx && d->tok[i].down_until <= now_seconds())
             next = set_token_name(&d->tok[i], next_name);
-    snprintf(why, sizeof(why), "token '%s' failed: %s", set_token_name(t, name),
-             p11_rv_name(rv, buf, sizeof(buf)));
+    if (keyx_watchdog_cut(&limit) > 0)
+        snprintf(why, sizeof(why), "token '%s' failed: no answer within %u ms (pkcs11-timeout)",
+                 set_token_name(t, name), limit);
+    else
+        snprintf(why, sizeof(why), "token '%s' failed: %s", set_token_name(t, name),
+                 p11_rv_name(rv, buf, sizeof(buf)));
     {
         keyx_event ev = {
             .event = "failover",
@@ -1000,6 +1019,7 @@ static int token_session(p11_dev *d, int idx, int login, CK_SESSION_HANDLE *h)
         return rc;
     }
     t->down_until = 0;
+    t->lost = 0;
     return 1;
 }
 
@@ -1047,6 +1067,25 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
     return 1;
 }
 
+/* A token lost with a device error (its server died or was cut off: pkcs11-timeout) stays
+ * unreachable through the module until the module is initialized again: p11-kit's RPC client
+ * never reconnects by itself. Once such a token is due to be tried again (DOWN_SECONDS), the
+ * module is re-initialized, but only while nothing of the current generation is in use (no
+ * borrowed session, no session key), so that no operation in flight loses its key; the other
+ * tokens' sessions and logins are redone at their next use. A server still gone leaves the
+ * token lost, and it is tried again DOWN_SECONDS later. Lock held. */
+static void module_reconnect(p11_dev *d)
+{
+    long now = now_seconds();
+
+    for (int i = 0; i < d->ntok; i++)
+        if (d->tok[i].lost && d->tok[i].down_until <= now) {
+            if (module_reinit(d, "a token lost its connection", 1))
+                d->tok[i].down_until = 0;
+            return;
+        }
+}
+
 static int session_get(p11_dev *d, int tok, int login, p11_sess *s);
 
 static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
@@ -1055,6 +1094,8 @@ static int session_get_locked(p11_dev *d, int tok, int login, p11_sess *s)
 
     pthread_mutex_lock(&d->lock);
     ERR_set_mark();
+    if (d->f != NULL && !d->need_init)
+        module_reconnect(d);
     rc = session_get(d, tok, login, s);
     /* Looked for again after each re-initialization (module_reinit: up to SETTLE_TRIES quick
      * ones right after the first C_Initialize, else at most one a second); only the last look's

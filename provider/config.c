@@ -74,6 +74,8 @@ static const key_def keys[] = {
     {"tpm-pool", "KEYX_TPM_POOL", KIND_POOL, CFG_OFF(tpm_pool), "a decimal integer from 0 to 1024"},
     {"pkcs11-pool", "KEYX_PKCS11_POOL", KIND_POOL, CFG_OFF(pkcs11_pool),
      "a decimal integer from 0 to 1024"},
+    {"pkcs11-timeout", "KEYX_PKCS11_TIMEOUT", KIND_MSEC, CFG_OFF(pkcs11_timeout_ms),
+     "a decimal number of milliseconds from 100 to 600000"},
     {"audit-log", "KEYX_AUDIT_LOG", KIND_STRING, CFG_OFF(audit_log),
      "a non-empty path of the audit log file"},
     {"ephemeral-max-uses", "KEYX_EPHEMERAL_MAX_USES", KIND_COUNT, CFG_OFF(ephemeral_max_uses),
@@ -647,6 +649,7 @@ int keyx_config_load(keyx_config *cfg, struct keyx_provctx *p,
     cfg->nbackends = 1;
     cfg->tpm_encrypt_sessions = 1;
     cfg->tpm_timeout_ms = 5000;
+    cfg->pkcs11_timeout_ms = 30000; /* a network HSM may take seconds for an RSA key pair */
 
     if (p != NULL && core_get_params != NULL) {
         for (i = 0; i < NKEYS; i++)

@@ -31,6 +31,8 @@ typedef struct keyx_config {
     unsigned int tpm_timeout_ms; /* `tpm-timeout`: bound on a TPM answer, 100..600000, 5000 */
     unsigned int tpm_pool;       /* `tpm-pool`: pre-generated keys per group, 0 = off */
     unsigned int pkcs11_pool;    /* `pkcs11-pool` */
+    /* `pkcs11-timeout`: bound on one call into the token, 100..600000, 30000 */
+    unsigned int pkcs11_timeout_ms;
     char *audit_log;             /* `audit-log`; NULL: off */
     uint64_t ephemeral_max_uses; /* `ephemeral-max-uses`; 0: unlimited */
     int debug;                   /* `debug`: 0 or 1 */

@@ -36,6 +36,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_SEEDED_KEY, "a key derived from a seed is made in software only"},
     {KEYX_R_TPM_NOT_SHAREABLE,
      "TPM without a resource manager shared between forked processes: key lost"},
+    {KEYX_R_DEVICE_TIMEOUT, "the device did not answer in time"},
     {0, NULL},
 };
 

@@ -62,6 +62,8 @@ enum keyx_reason {
     KEYX_R_SEEDED_KEY,
     /* a forked process flushed this one's objects on a TPM without a resource manager */
     KEYX_R_TPM_NOT_SHAREABLE,
+    /* the device did not answer within its time limit (pkcs11-timeout) */
+    KEYX_R_DEVICE_TIMEOUT,
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

@@ -72,6 +72,7 @@ CONFIG_KEYS = {
     "tpm-timeout": "KEYX_TPM_TIMEOUT",
     "tpm-pool": "KEYX_TPM_POOL",
     "pkcs11-pool": "KEYX_PKCS11_POOL",
+    "pkcs11-timeout": "KEYX_PKCS11_TIMEOUT",
     "audit-log": "KEYX_AUDIT_LOG",
     "ephemeral-max-uses": "KEYX_EPHEMERAL_MAX_USES",
     "debug": "KEYX_DEBUG",

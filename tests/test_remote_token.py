@@ -74,11 +74,12 @@ class RemoteToken(SoftHSM):
         self.sock = sock
         return p
 
-    def client_env(self, tmp, log, backends="pkcs11", **kw):
-        """keyx preferred, its pkcs11 backend on p11-kit's client module, this server's address."""
+    def client_env(self, tmp, log, backends="pkcs11", settings=None, **kw):
+        """keyx preferred, its pkcs11 backend on p11-kit's client module, this server's address;
+        settings: more keyx settings."""
         cnf = kxutil.write_cnf(tmp / "keyx.cnf", keyx={
             **self.keyx_settings(tokens=(TOKEN,), backends=backends), "pkcs11-module": CLIENT,
-            "audit-log": log}, **kw)
+            "audit-log": log, **(settings or {})}, **kw)
         return kxutil.base_env(OPENSSL_CONF=cnf, P11_KIT_SERVER_ADDRESS=f"unix:path={self.sock}")
 
 
@@ -179,9 +180,10 @@ def test_oaep_unwrap_and_signatures(remote, server, tmp):
     assert [(e["backend"], e["ok"]) for e in events(log, "sign")] == [("pkcs11", True)] * 2
 
 
-# An application that signs with a token key by URI every 20 ms and reports each result, with
-# SIGPIPE at its default disposition (a C program's; Python itself ignores SIGPIPE): the
-# process dies if a SIGPIPE reaches it. It prints its SIGPIPE disposition when it ends.
+# An application that signs with a token key by URI every 20 ms and reports each result ("ok|fail
+# I MS": MS the signature's milliseconds), with SIGPIPE at its default disposition (a C program's;
+# Python itself ignores SIGPIPE): the process dies if a SIGPIPE reaches it. It prints its SIGPIPE
+# disposition when it ends.
 SIGNER = kxutil.LIBCRYPTO_CTYPES + r"""
 import signal, time
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -199,11 +201,12 @@ if not key:
     print_errors(); sys.exit(1)
 dgst = b"" * 32
 for i in range(int(sys.argv[2])):
+    t0 = time.monotonic()
     ctx = CTX_pkey(None, key, None)
     sig = ctypes.create_string_buffer(128); n = c_size_t(128)
     ok = ctx and sign_init(ctx) == 1 and set_md(ctx, sha256) == 1 and sign(ctx, sig, byref(n), dgst, 32) == 1
     CTX_free(ctx)
-    print(("ok" if ok else "fail"), i, flush=True)
+    print(("ok" if ok else "fail"), i, int((time.monotonic() - t0) * 1000), flush=True)
     if not ok:
         print_errors()
     err_clear()
@@ -225,7 +228,7 @@ def test_killed_server_never_kills_the_application(remote, tmp):
         seen = []
         for line in app.stdout:
             seen.append(line)
-            if line.startswith("ok 20"):
+            if line.split()[:2] == ["ok", "20"]:
                 break
         stop(p)
         out, err = app.communicate(timeout=60)
@@ -235,6 +238,85 @@ def test_killed_server_never_kills_the_application(remote, tmp):
         stop(p)
     out = "".join(seen) + out
     assert app.returncode == 0, f"the application died (rc {app.returncode}, -13 is SIGPIPE):\n{out}\n{err}"
-    assert "ok 20" in out and "fail 149" in out and "sigpipe default" in out, out
+    assert "ok 20 " in out and "fail 149 " in out and "sigpipe default" in out, out
     assert "pkcs11" in err, err
     assert not [e for e in events(log, "sign") if e["ok"] and e.get("backend") != "pkcs11"]
+
+
+def results(out):
+    """[(ok, index, ms)] of the signer's lines."""
+    return [(w[0] == "ok", int(w[1]), int(w[2])) for w in (line.split() for line in out.splitlines())
+            if len(w) == 3 and w[0] in ("ok", "fail")]
+
+
+def test_restarted_server_is_used_again(remote, tmp):
+    """The server is killed while the application signs, then started again on the same socket:
+    keyx re-initializes the module (p11-kit's client never reconnects by itself) and the same
+    process signs on the remote token again, without a restart."""
+    p = remote.serve("restart")
+    log = tmp / "audit.jsonl"
+    env = remote.client_env(tmp, log)
+    app = subprocess.Popen(["/usr/bin/python3", "-c", SIGNER, uri("ecdsa"), "200"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen, killed, restarted = [], False, False
+        for line in app.stdout:
+            seen.append(line)
+            if line.split()[:2] == ["ok", "20"]:
+                stop(p)
+                killed = True
+            if killed and not restarted and line.startswith("fail"):
+                p = remote.serve("restart")
+                restarted = True
+        out, err = app.communicate(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        stop(p)
+    r = results("".join(seen) + out)
+    assert app.returncode == 0 and len(r) == 200, f"rc {app.returncode}:\n{r}\n{err}"
+    fails = [i for ok, i, _ in r if not ok]
+    # down from the kill until the module is initialized again (at most once a second): then
+    # every signature succeeds on the restarted server
+    assert fails and fails[0] > 20 and len(fails) < 100, r
+    assert all(ok for ok, i, _ in r if i > fails[-1]) and fails[-1] < 150, r
+    assert "token or device unreachable" in err, err
+
+
+def test_hung_server_costs_at_most_the_timeout(remote, tmp):
+    """The server and its backend are stopped (SIGSTOP) while the application signs: the call
+    waiting for the answer fails after pkcs11-timeout with an error that says so, no signature
+    takes much longer than that, and once the server continues (SIGCONT) the same process signs
+    again."""
+    p = remote.serve("hung")
+    log = tmp / "audit.jsonl"
+    env = remote.client_env(tmp, log, settings={"pkcs11-timeout": "1000"})
+    app = subprocess.Popen(["/usr/bin/python3", "-c", SIGNER, uri("ecdsa"), "150"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen, stopped_at = [], None
+        for line in app.stdout:
+            seen.append(line)
+            if line.split()[:2] == ["ok", "20"]:
+                os.killpg(p.pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+            if stopped_at and time.monotonic() - stopped_at > 4:
+                os.killpg(p.pid, signal.SIGCONT)
+                stopped_at = None
+        out, err = app.communicate(timeout=120)
+    finally:
+        if app.poll() is None:
+            app.kill()
+        os.killpg(p.pid, signal.SIGCONT)
+        stop(p)
+    r = results("".join(seen) + out)
+    assert app.returncode == 0 and len(r) == 150, f"rc {app.returncode}:\n{r}\n{err}"
+    fails = [(i, ms) for ok, i, ms in r if not ok]
+    assert fails, r
+    # one pkcs11-timeout per blocked call (a signature, or the module's re-initialization that
+    # reconnects), with room for a loaded machine
+    assert max(ms for _, _, ms in r) < 2600, r
+    assert all(ok for ok, i, _ in r if i > fails[-1][0]) and fails[-1][0] < 140, r
+    assert "no answer within 1000 ms (pkcs11-timeout)" in err, err
+    failover = [e for e in events(log, "failover")]
+    assert failover and "no answer within 1000 ms (pkcs11-timeout)" in failover[0]["error"], failover
