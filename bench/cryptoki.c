@@ -1,5 +1,7 @@
 /* keyx-bench: raw Cryptoki, the floor the pkcs11 figures are measured against. The module is
- * dlopen'ed by path (the same library instance keyx uses in this process), and every operation is
+ * dlopen'ed by path (the same library instance keyx uses in this process; p11-kit's client module
+ * gives every C_GetFunctionList a new instance and connection, so the remote rows have their
+ * own, and count their calls in it), and every operation is
  * the minimum a caller needs: one C_GenerateKeyPair, one read of the public value into a fixed
  * buffer, one C_DeriveKey into a generic secret, one read, the destroys. The templates are those
  * of a careful implementation: session objects, private keys sensitive and not extractable.

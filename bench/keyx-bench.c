@@ -36,6 +36,20 @@
  * cell, the TPM commands per operation on the wire, through a loopback proxy in front of swtpm
  * that keyx, tpm2-openssl and the raw ESYS contexts of the process are all pointed at.
  *
+ * Remote token (--pkcs11-remote-config, --pkcs11-remote-module; P11_KIT_SERVER_ADDRESS in the
+ * environment): the same token exported by `p11-kit server` on a unix socket and reached through
+ * p11-kit's RPC client module (p11-kit-client.so; ECDH needs p11-kit >= 0.25 on both sides).
+ * keyx-pkcs11-remote: keyx loaded from a configuration that differs from --pkcs11-config only in
+ * pkcs11-module (the client module), the same operations as keyx-pkcs11 (P-256). raw-pkcs11-remote:
+ * the raw Cryptoki rows above on their own instance of the client module (each C_GetFunctionList
+ * of it is a new connection, served by its own p11-kit-remote process and module instance). Ratios:
+ * keyx-remote / raw-remote (the same goal as the local rows), and remote / local for keyx and for
+ * raw, in the same run. keyx's client instance is not the one this program can wrap, so its
+ * calls per operation are counted on the wire instead: the thread's write(2)s
+ * (/proc/thread-self/io) during the counted operations, divided by the writes per call of the raw
+ * remote rows, whose calls are counted in their function list; one operation must write to the
+ * socket before a keyx-pkcs11-remote cell is timed.
+ *
  * Threads (--threads N): in every round, right after its single-threaded run, each cell runs
  * again on N threads at once (each thread its own peer sequence; the raw Cryptoki rows each
  * thread its own session; the raw ESYS rows share their one ESYS context, calls serialized, as
@@ -114,11 +128,15 @@ typedef enum {
     IMPL_RAW_ESYS_SESS,
     IMPL_RAW_ESYS,
     IMPL_TPM2_OPENSSL, /* tpm2-openssl's provider in its own libctx (--tpm2-openssl-config) */
+    /* the same token behind p11-kit's RPC (--pkcs11-remote-config): keyx, and raw Cryptoki on
+     * its own instance of the client module */
+    IMPL_PKCS11_REMOTE,
+    IMPL_RAW_PKCS11_REMOTE,
     N_IMPL
 } impl_id;
-static const char *const impl_names[N_IMPL] = {"default",    "keyx-software", "keyx-pkcs11",
-                                               "raw-pkcs11", "keyx-tpm",      "raw-esys-sess",
-                                               "raw-esys",   "tpm2-openssl"};
+static const char *const impl_names[N_IMPL] = {
+    "default",       "keyx-software", "keyx-pkcs11",  "raw-pkcs11",         "keyx-tpm",
+    "raw-esys-sess", "raw-esys",      "tpm2-openssl", "keyx-pkcs11-remote", "raw-pkcs11-remote"};
 
 static int is_raw_esys(impl_id i)
 {
@@ -128,6 +146,22 @@ static int is_raw_esys(impl_id i)
 static int is_tpm(impl_id i)
 {
     return i == IMPL_TPM || is_raw_esys(i) || i == IMPL_TPM2_OPENSSL;
+}
+
+static int is_remote(impl_id i)
+{
+    return i == IMPL_PKCS11_REMOTE || i == IMPL_RAW_PKCS11_REMOTE;
+}
+
+/* keyx's pkcs11 backend, on the local module or on p11-kit's RPC client */
+static int is_keyx_p11(impl_id i)
+{
+    return i == IMPL_PKCS11 || i == IMPL_PKCS11_REMOTE;
+}
+
+static int is_raw_p11(impl_id i)
+{
+    return i == IMPL_RAW_PKCS11 || i == IMPL_RAW_PKCS11_REMOTE;
 }
 
 typedef enum {
@@ -214,6 +248,16 @@ static const struct {
     {IMPL_RAW_PKCS11, ALG_P256, OP_STATIC_DERIVE},
     {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_DERIVE},
     {IMPL_RAW_PKCS11, ALG_FFDHE2048, OP_KEYGEN_DERIVE},
+    /* the same token through p11-kit's RPC (unix socket): P-256 key exchange */
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_DERIVE},
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_STATIC_DERIVE},
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_DERIVE_READY},
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_KEYGEN_DERIVE_READY},
+    {IMPL_PKCS11_REMOTE, ALG_P256, OP_STATIC_DERIVE_READY},
+    {IMPL_RAW_PKCS11_REMOTE, ALG_P256, OP_DERIVE},
+    {IMPL_RAW_PKCS11_REMOTE, ALG_P256, OP_KEYGEN_DERIVE},
+    {IMPL_RAW_PKCS11_REMOTE, ALG_P256, OP_STATIC_DERIVE},
     {IMPL_TPM, ALG_P256, OP_DERIVE},
     {IMPL_TPM, ALG_P256, OP_KEYGEN_DERIVE},
     {IMPL_TPM, ALG_P256, OP_STATIC_DERIVE},
@@ -275,6 +319,21 @@ static const struct {
     {IMPL_PKCS11, IMPL_RAW_PKCS11, OP_STATIC_DERIVE_READY, 0.85},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_DERIVE, 0},
     {IMPL_PKCS11, IMPL_DEFAULT, OP_KEYGEN_DERIVE, 0},
+    /* remote token: keyx against raw Cryptoki over the same RPC (the goal of the local rows),
+     * then each against its local twin, what the RPC costs */
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_KEYGEN_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_STATIC_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_DERIVE_READY, 0.85},
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_KEYGEN_DERIVE_READY, 0.85},
+    {IMPL_PKCS11_REMOTE, IMPL_RAW_PKCS11_REMOTE, OP_STATIC_DERIVE_READY, 0.85},
+    {IMPL_PKCS11_REMOTE, IMPL_PKCS11, OP_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_PKCS11, OP_KEYGEN_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_PKCS11, OP_STATIC_DERIVE, 0},
+    {IMPL_PKCS11_REMOTE, IMPL_PKCS11, OP_KEYGEN_DERIVE_READY, 0},
+    {IMPL_RAW_PKCS11_REMOTE, IMPL_RAW_PKCS11, OP_DERIVE, 0},
+    {IMPL_RAW_PKCS11_REMOTE, IMPL_RAW_PKCS11, OP_KEYGEN_DERIVE, 0},
+    {IMPL_RAW_PKCS11_REMOTE, IMPL_RAW_PKCS11, OP_STATIC_DERIVE, 0},
     /* TPM: like-for-like (both with a session encrypting ZGen's response), then against the bus
      * in clear */
     {IMPL_TPM, IMPL_RAW_ESYS_SESS, OP_DERIVE, 0},
@@ -358,6 +417,11 @@ typedef struct cell {
     int mem_done;
     double calls[RAW_P11_NCOUNTED]; /* Cryptoki calls per operation */
     long calls_ops;
+    /* remote cells: write(2)s on p11-kit's socket per operation (p11-kit 0.25 writes a request
+     * in 3: header, options, body), the call count of keyx's own client instance, which this
+     * program cannot wrap */
+    double rpc_writes;
+    long rpc_ops;
     /* --count-tpm: TPM commands per operation, by command code (tpm_count.c) */
     unsigned tpm_cc[TPM_CC_KINDS];
     double tpm_per_op[TPM_CC_KINDS], tpm_total;
@@ -384,6 +448,7 @@ static struct {
     int npeers;
     const char *sw_config, *p11_config;
     const char *p11_module, *p11_token, *p11_pin_file, *p11_key, *p11_uri;
+    const char *p11_remote_config, *p11_remote_module;
     const char *tpm_config, *tpm_tcti, *tpm_handle, *tpm2_openssl_config;
     unsigned long tpm_handle_num;
     const char *p11_rsa_key, *p11_rsa_uri, *tpm_rsa_handle;
@@ -401,6 +466,7 @@ static struct {
     .mem_alg = "P-256",
     .npeers = 64,
     .p11_module = "/usr/lib/softhsm/libsofthsm2.so",
+    .p11_remote_module = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
     .p11_key = "bench-ecdh",
     .tpm_mem_ops = 2000,
 };
@@ -408,6 +474,14 @@ static struct {
 static OSSL_LIB_CTX *libctx[N_IMPL];
 static OSSL_PROVIDER *default_prov;
 static raw_p11 *raw;
+/* raw Cryptoki over p11-kit's RPC: every C_GetFunctionList of the client module is a new
+ * instance with its own connection (and its own login), so keyx's calls never pass through it */
+static raw_p11 *raw_remote;
+
+static raw_p11 *raw_of(impl_id i)
+{
+    return is_remote(i) ? raw_remote : raw;
+}
 static raw_esys *esys[2]; /* [0]: with the salted session (raw-esys-sess), [1]: without */
 static EVP_PKEY *tpm_own; /* keyx-tpm's derive key, shared by derive and derive(ready) */
 static char tpm_uri[64], tpm_rsa_uri[64], tpm_sign_uri[64];
@@ -462,6 +536,23 @@ static int cpu_ticks(unsigned long long *total, unsigned long long *steal)
         *total += v[i];
     *steal = n == 8 ? v[7] : 0;
     return n == 8;
+}
+
+/* write(2) calls this thread has made so far (/proc/thread-self/io); -1 if unknown. p11-kit's
+ * RPC client writes each request to its socket from the calling thread. */
+static long long thread_writes(void)
+{
+    char line[128];
+    long long n = -1;
+    FILE *fp = fopen("/proc/thread-self/io", "r");
+
+    if (fp == NULL)
+        return -1;
+    while (fgets(line, sizeof(line), fp) != NULL)
+        if (sscanf(line, "syscw: %lld", &n) == 1)
+            break;
+    fclose(fp);
+    return n;
 }
 
 static double steal_pct = -1; /* share of the machine's CPU time stolen during the rounds */
@@ -532,6 +623,27 @@ static void expect_provider(const cell *c, const EVP_PKEY *k)
 
 static int run_once(cell *c, size_t *next);
 
+/* A keyx-pkcs11-remote cell must reach the remote token: keyx's instance of the client module is
+ * its own (nothing here can wrap its function list), so one operation must write requests to
+ * p11-kit's socket (a configuration that routed to software would write nothing). */
+static void expect_remote(cell *c)
+{
+    size_t next = 0;
+    long long w0 = thread_writes(), w1;
+    int ok = run_once(c, &next);
+
+    w1 = thread_writes();
+    if (!ok)
+        die(c->name);
+    if (w0 >= 0 && w1 >= 0 && w1 - w0 < 2) {
+        fprintf(stderr,
+                "keyx-bench: %s: one operation wrote %lld times, no request to p11-kit's socket "
+                "(check backends = pkcs11 and pkcs11-module in %s, and P11_KIT_SERVER_ADDRESS)\n",
+                c->name, w1 - w0, opt.p11_remote_config);
+        exit(1);
+    }
+}
+
 /* A keyx-pkcs11 cell must reach the token: one operation, counted, makes one C_DeriveKey (one
  * C_Decrypt for RSA-OAEP; a configuration that routed to software would make none). */
 static void expect_token(cell *c)
@@ -541,7 +653,11 @@ static void expect_token(cell *c)
     int ok, derives = -1;
     const char *call = is_sign(c->op) ? "C_Sign" : is_rsa(c->alg) ? "C_Decrypt" : "C_DeriveKey";
 
-    if (!raw_p11_count_begin(raw))
+    if (c->impl == IMPL_PKCS11_REMOTE) {
+        expect_remote(c);
+        return;
+    }
+    if (raw == NULL || !raw_p11_count_begin(raw))
         return;
     ok = run_once(c, &next);
     raw_p11_count_end(raw, n);
@@ -788,28 +904,30 @@ static void setup(cell *c)
                                         secret, epub) &&
                  bench_check_secret(deflt, c->peers, epub, sizeof(epub), secret, c->alg->secretlen);
         OPENSSL_cleanse(secret, sizeof(secret));
-    } else if (c->impl == IMPL_RAW_PKCS11) {
+    } else if (is_raw_p11(c->impl)) {
+        raw_p11 *r = raw_of(c->impl);
+
         switch (c->op) {
         case OP_DERIVE:
-            ok = raw_p11_keygen(raw, c->alg, dh_domain, &c->rawkey, &pub, &publen) &&
-                 raw_p11_derive(raw, c->alg, c->rawkey, c->peers->pub[0], c->peers->publen[0],
+            ok = raw_p11_keygen(r, c->alg, dh_domain, &c->rawkey, &pub, &publen) &&
+                 raw_p11_derive(r, c->alg, c->rawkey, c->peers->pub[0], c->peers->publen[0],
                                 secret) &&
                  bench_check_secret(deflt, c->peers, pub, publen, secret, c->alg->secretlen);
             OPENSSL_free(pub);
             break;
         case OP_STATIC_DERIVE:
-            ok = raw_p11_token_pub(raw, &tpub, &publen) &&
-                 raw_p11_derive(raw, c->alg, 0, c->peers->pub[0], c->peers->publen[0], secret) &&
+            ok = raw_p11_token_pub(r, &tpub, &publen) &&
+                 raw_p11_derive(r, c->alg, 0, c->peers->pub[0], c->peers->publen[0], secret) &&
                  bench_check_secret(deflt, c->peers, tpub, publen, secret, c->alg->secretlen);
             break;
         case OP_KEYGEN_DERIVE: {
             unsigned long k = 0;
 
-            ok = raw_p11_keygen(raw, c->alg, dh_domain, &k, &pub, &publen) &&
-                 raw_p11_derive(raw, c->alg, k, c->peers->pub[0], c->peers->publen[0], secret) &&
+            ok = raw_p11_keygen(r, c->alg, dh_domain, &k, &pub, &publen) &&
+                 raw_p11_derive(r, c->alg, k, c->peers->pub[0], c->peers->publen[0], secret) &&
                  bench_check_secret(deflt, c->peers, pub, publen, secret, c->alg->secretlen);
             if (k != 0)
-                raw_p11_destroy(raw, k);
+                raw_p11_destroy(r, k);
             OPENSSL_free(pub);
             break;
         }
@@ -819,6 +937,7 @@ static void setup(cell *c)
         OPENSSL_cleanse(secret, sizeof(secret));
     } else {
         op_id op = base_op(c->op);
+        /* the remote token is the same token (same label): the same URI */
         const char *uri = c->impl == IMPL_TPM ? tpm_uri : opt.p11_uri;
         EVP_PKEY *k = NULL;
 
@@ -860,7 +979,7 @@ static void setup(cell *c)
                 c->name);
         die(c->name);
     }
-    if (c->impl == IMPL_PKCS11 && raw != NULL)
+    if (is_keyx_p11(c->impl))
         expect_token(c);
     ERR_clear_error();
 }
@@ -918,7 +1037,8 @@ static int run_once(cell *c, size_t *next)
         OPENSSL_cleanse(secret, sizeof(secret));
         return ok;
     }
-    if (c->impl == IMPL_RAW_PKCS11) {
+    if (is_raw_p11(c->impl)) {
+        raw_p11 *r = raw_of(c->impl);
         bench_peers *pp = c->peers;
         size_t i = (*next)++ % pp->n;
         unsigned char secret[512];
@@ -926,13 +1046,13 @@ static int run_once(cell *c, size_t *next)
 
         switch (base_op(c->op)) {
         case OP_DERIVE:
-            ok = raw_p11_derive(raw, c->alg, c->rawkey, pp->pub[i], pp->publen[i], secret);
+            ok = raw_p11_derive(r, c->alg, c->rawkey, pp->pub[i], pp->publen[i], secret);
             break;
         case OP_STATIC_DERIVE:
-            ok = raw_p11_derive(raw, c->alg, 0, pp->pub[i], pp->publen[i], secret);
+            ok = raw_p11_derive(r, c->alg, 0, pp->pub[i], pp->publen[i], secret);
             break;
         default:
-            ok = raw_p11_keygen_derive(raw, c->alg, dh_domain, pp->pub[i], pp->publen[i], secret);
+            ok = raw_p11_keygen_derive(r, c->alg, dh_domain, pp->pub[i], pp->publen[i], secret);
             break;
         }
         OPENSSL_cleanse(secret, c->alg->secretlen);
@@ -986,7 +1106,7 @@ static void *worker_main(void *arg)
     worker *w = arg;
     double t0, t = 0, c0;
 
-    w->ok = w->c->impl != IMPL_RAW_PKCS11 || raw_p11_thread_begin(raw);
+    w->ok = !is_raw_p11(w->c->impl) || raw_p11_thread_begin(raw_of(w->c->impl));
     pthread_barrier_wait(w->start);
     if (!w->ok)
         return NULL;
@@ -1002,8 +1122,8 @@ static void *worker_main(void *arg)
     } while (t - t0 < opt.seconds);
     w->seconds = t - t0;
     w->cpu = clock_s(CLOCK_THREAD_CPUTIME_ID) - c0;
-    if (w->c->impl == IMPL_RAW_PKCS11)
-        raw_p11_thread_end(raw);
+    if (is_raw_p11(w->c->impl))
+        raw_p11_thread_end(raw_of(w->c->impl));
     return NULL;
 }
 
@@ -1040,19 +1160,31 @@ static void measure_threads(cell *c, int round)
     c->mt_busy[round] = wall > 0 ? cpu / wall : 0;
 }
 
-/* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones. */
+/* Cryptoki calls per operation of a pkcs11 cell, counted over opt.count_ops untimed ones; for
+ * the remote cells also the writes to p11-kit's socket (keyx-pkcs11-remote: those only). */
 static void count_calls(cell *c)
 {
     unsigned long n[RAW_P11_NCOUNTED];
+    raw_p11 *r = c->impl == IMPL_PKCS11_REMOTE ? NULL : raw_of(c->impl);
+    long long w0, w1;
 
-    if (!raw_p11_count_begin(raw))
+    if (r != NULL && !raw_p11_count_begin(r))
         return;
+    w0 = thread_writes();
     for (long i = 0; i < opt.count_ops; i++)
         if (!run_once(c, &c->next)) {
-            raw_p11_count_end(raw, n);
+            if (r != NULL)
+                raw_p11_count_end(r, n);
             die(c->name);
         }
-    raw_p11_count_end(raw, n);
+    w1 = thread_writes();
+    if (is_remote(c->impl) && w0 >= 0 && w1 >= w0) {
+        c->rpc_writes = (double)(w1 - w0) / (double)opt.count_ops;
+        c->rpc_ops = opt.count_ops;
+    }
+    if (r == NULL)
+        return;
+    raw_p11_count_end(r, n);
     for (int i = 0; i < RAW_P11_NCOUNTED; i++)
         c->calls[i] = (double)n[i] / (double)opt.count_ops;
     c->calls_ops = opt.count_ops;
@@ -1093,7 +1225,7 @@ static void print_tpm_counts(void)
         printf("TPM commands per operation (counted on the wire between this process and swtpm, "
                "over %ld untimed operations per cell)\n",
                opt.count_ops > 0 ? opt.count_ops : 1);
-        printf("%-14s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "commands");
+        printf("%-18s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "commands");
     } else {
         printf("{\"tpm_commands\": [");
     }
@@ -1108,7 +1240,7 @@ static void print_tpm_counts(void)
                    first ? "" : ",", impl_names[c->impl], c->alg->name, op_names[c->op], c->tpm_ops,
                    c->tpm_total);
         else
-            printf("%-14s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+            printf("%-18s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
                    c->tpm_total);
         for (int k = 0; k < c->tpm_kinds; k++) {
             const char *name =
@@ -1194,7 +1326,7 @@ static void summarize(cell *c)
 static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
 {
     /* raw Cryptoki and ESYS take the peer's bytes: their "(ready)" figure is their plain one */
-    if (impl == IMPL_RAW_PKCS11 || is_raw_esys(impl))
+    if (is_raw_p11(impl) || is_raw_esys(impl))
         op = base_op(op);
     /* raw: an HPKE open's floor is the static derive of the same key (the DH in the device) */
     if ((impl == IMPL_RAW_PKCS11 || is_raw_esys(impl)) && op == OP_HPKE_OPEN)
@@ -1206,6 +1338,52 @@ static const cell *find_cell(impl_id impl, const bench_alg *alg, op_id op)
         if (cells[i].impl == impl && cells[i].alg == alg && cells[i].op == op)
             return &cells[i];
     return NULL;
+}
+
+/* Writes to p11-kit's socket per call, from the raw remote rows (whose calls are counted in their
+ * own function list); 0 when there is none. */
+static double rpc_writes_per_call(void)
+{
+    double w = 0, calls = 0;
+
+    for (size_t i = 0; i < ncells; i++)
+        if (cells[i].impl == IMPL_RAW_PKCS11_REMOTE && cells[i].rpc_ops > 0 &&
+            cells[i].calls_ops > 0) {
+            w += cells[i].rpc_writes;
+            calls += calls_total(&cells[i]);
+        }
+    return calls > 0 ? w / calls : 0;
+}
+
+/* The remote cells' requests to p11-kit's server per operation: keyx's, whose client instance is
+ * its own, are its socket writes divided by the writes per call of the raw remote rows. */
+static void print_rpc_table(void)
+{
+    double wpc = rpc_writes_per_call();
+    int head = 0;
+
+    for (size_t i = 0; i < ncells; i++) {
+        const cell *c = &cells[i];
+
+        if (c->rpc_ops == 0)
+            continue;
+        if (!head++) {
+            printf("\np11-kit RPC per operation (write(2) calls of the thread over %ld untimed "
+                   "operations; raw rows: calls counted in their function list)\n",
+                   c->rpc_ops);
+            printf("%-18s %-10s %-20s %9s %9s\n", "impl", "alg", "op", "writes", "calls");
+        }
+        if (c->calls_ops > 0)
+            printf("%-18s %-10s %-20s %9.2f %9.2f\n", impl_names[c->impl], c->alg->name,
+                   op_names[c->op], c->rpc_writes, calls_total(c));
+        else if (wpc > 0)
+            printf("%-18s %-10s %-20s %9.2f %9.2f  (writes / %.2f writes per call)\n",
+                   impl_names[c->impl], c->alg->name, op_names[c->op], c->rpc_writes,
+                   c->rpc_writes / wpc, wpc);
+        else
+            printf("%-18s %-10s %-20s %9.2f %9s\n", impl_names[c->impl], c->alg->name,
+                   op_names[c->op], c->rpc_writes, "-");
+    }
 }
 
 static void print_table(void)
@@ -1221,18 +1399,18 @@ static void print_table(void)
         printf("DIAGNOSTIC RUN: peers set without validation (--no-peer-validation); libssl "
                "validates\n");
     printf("\n");
-    printf("%-14s %-10s %-20s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
+    printf("%-18s %-10s %-20s %10s %21s %9s  %s\n", "impl", "alg", "op", "ops/s", "min-max",
            "cpu us/op", "secret");
     for (size_t i = 0; i < ncells; i++) {
         const cell *c = &cells[i];
         char spread[48];
 
         snprintf(spread, sizeof(spread), "%.0f-%.0f", c->min, c->max);
-        printf("%-14s %-10s %-20s %10.0f %21s %9.1f  %s\n", impl_names[c->impl], c->alg->name,
+        printf("%-18s %-10s %-20s %10.0f %21s %9.1f  %s\n", impl_names[c->impl], c->alg->name,
                op_names[c->op], c->median, spread, c->cpu_median, "ok");
     }
     printf("\nratios (median / median, same run)\n");
-    printf("%-28s %-10s %-20s %7s %7s\n", "ratio", "alg", "op", "value", "target");
+    printf("%-37s %-10s %-20s %7s %7s\n", "ratio", "alg", "op", "value", "target");
     for (size_t r = 0; r < sizeof(RATIOS) / sizeof(RATIOS[0]); r++)
         for (int a = 0; a < N_ALG; a++) {
             const cell *n = find_cell(RATIOS[r].num, &algs[a], RATIOS[r].op);
@@ -1245,7 +1423,7 @@ static void print_table(void)
                      impl_names[RATIOS[r].den]);
             if (RATIOS[r].target > 0)
                 snprintf(target, sizeof(target), ">=%.2f", RATIOS[r].target);
-            printf("%-28s %-10s %-20s %7.3f %7s%s", name, algs[a].name, op_names[RATIOS[r].op],
+            printf("%-37s %-10s %-20s %7.3f %7s%s", name, algs[a].name, op_names[RATIOS[r].op],
                    n->median / d->median, target,
                    RATIOS[r].target > 0 && n->median / d->median < RATIOS[r].target
                        ? "  BELOW TARGET"
@@ -1271,37 +1449,37 @@ static void print_table(void)
             continue;
         if (!head++) {
             printf("\nabsolute targets (median ops/s)\n");
-            printf("%-28s %-10s %-20s %7s %7s  %s\n", "impl", "alg", "op", "ops/s", "target",
+            printf("%-37s %-10s %-20s %7s %7s  %s\n", "impl", "alg", "op", "ops/s", "target",
                    "anchor");
         }
         snprintf(target, sizeof(target), ">=%.0f", ABSOLUTE[r].target);
-        printf("%-28s %-10s %-20s %7.0f %7s  %s%s\n", impl_names[c->impl], c->alg->name,
+        printf("%-37s %-10s %-20s %7.0f %7s  %s%s\n", impl_names[c->impl], c->alg->name,
                op_names[c->op], c->median, target, ABSOLUTE[r].anchor,
                c->median < ABSOLUTE[r].target ? "  BELOW TARGET" : "");
     }
     if (opt.threads > 1) {
         printf("\n%d threads (same rounds; each thread its own peers%s)\n", opt.threads,
                raw != NULL ? ", raw rows their own sessions" : "");
-        printf("%-14s %-10s %-20s %10s %10s %8s %9s\n", "impl", "alg", "op", "1 thread", "threads",
+        printf("%-18s %-10s %-20s %10s %10s %8s %9s\n", "impl", "alg", "op", "1 thread", "threads",
                "scaling", "cpu/wall");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
-            printf("%-14s %-10s %-20s %10.0f %10.0f %8.3f %9.2f\n", impl_names[c->impl],
+            printf("%-18s %-10s %-20s %10.0f %10.0f %8.3f %9.2f\n", impl_names[c->impl],
                    c->alg->name, op_names[c->op], c->median, c->mt_median, c->mt_median / c->median,
                    c->mt_busy_median);
         }
     }
-    if (raw != NULL && opt.count_ops > 0) {
+    if ((raw != NULL || raw_remote != NULL) && opt.count_ops > 0) {
         printf("\nCryptoki calls per operation (counted over %ld untimed operations per cell)\n",
                opt.count_ops);
-        printf("%-14s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "calls");
+        printf("%-18s %-10s %-20s %6s  %s\n", "impl", "alg", "op", "total", "calls");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
             if (c->calls_ops == 0)
                 continue;
-            printf("%-14s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
+            printf("%-18s %-10s %-20s %6.2f ", impl_names[c->impl], c->alg->name, op_names[c->op],
                    calls_total(c));
             for (int k = 0; k < RAW_P11_NCOUNTED; k++)
                 if (c->calls[k] > 0)
@@ -1309,15 +1487,16 @@ static void print_table(void)
             printf("\n");
         }
     }
+    print_rpc_table();
     if (opt.mem_ops > 0) {
         printf("\nmemory (resident set growth over N more operations after the rounds)\n");
-        printf("%-14s %-10s %-20s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
+        printf("%-18s %-10s %-20s %9s %12s %10s\n", "impl", "alg", "op", "N", "growth kB",
                "bytes/op");
         for (size_t i = 0; i < ncells; i++) {
             const cell *c = &cells[i];
 
             if (c->mem_done)
-                printf("%-14s %-10s %-20s %9ld %12ld %10.1f\n", impl_names[c->impl], c->alg->name,
+                printf("%-18s %-10s %-20s %9ld %12ld %10.1f\n", impl_names[c->impl], c->alg->name,
                        op_names[c->op], c->mem_ops, c->mem_growth_kb,
                        (double)c->mem_growth_kb * 1024.0 / (double)c->mem_ops);
         }
@@ -1360,6 +1539,13 @@ static void print_json(void)
                 if (c->calls[k] > 0)
                     printf(", \"%s\": %.4f", raw_p11_count_name(k), c->calls[k]);
             printf("}");
+        }
+        if (c->rpc_ops > 0) {
+            double wpc = rpc_writes_per_call();
+
+            printf(", \"rpc_writes_per_op\": %.4f", c->rpc_writes);
+            if (c->calls_ops == 0 && wpc > 0)
+                printf(", \"rpc_calls_per_op_estimated\": %.4f", c->rpc_writes / wpc);
         }
         printf("}");
     }
@@ -1413,6 +1599,11 @@ static void usage(FILE *fp)
         "  --pkcs11-key LABEL      label of the token's P-256 key (default %s)\n"
         "  --pkcs11-key-uri URI    URI keyx loads it by (default pkcs11:token=..;object=..;"
         "type=private)\n"
+        "  --pkcs11-remote-config FILE  openssl.cnf loading keyx with backends = pkcs11 on "
+        "p11-kit's RPC client module serving the same token (address: P11_KIT_SERVER_ADDRESS): "
+        "the keyx-pkcs11-remote and raw-pkcs11-remote rows\n"
+        "  --pkcs11-remote-module PATH  p11-kit's client module for the raw remote rows (default "
+        "%s)\n"
         "  --tpm-config FILE       openssl.cnf loading keyx with backends = tpm\n"
         "  --tpm-tcti TCTI         TCTI of the same TPM for the raw ESYS rows (e.g. "
         "swtpm:host=127.0.0.1,port=2321)\n"
@@ -1450,8 +1641,8 @@ static void usage(FILE *fp)
         "(libssl always checks)\n"
         "Without --software-config, --pkcs11-config or --tpm-config those rows are left "
         "out.\n",
-        opt.p11_module, opt.p11_key, opt.tpm_mem_ops, opt.rounds, opt.seconds, opt.npeers,
-        opt.mem_ops, opt.mem_alg, opt.count_ops);
+        opt.p11_module, opt.p11_key, opt.p11_remote_module, opt.tpm_mem_ops, opt.rounds,
+        opt.seconds, opt.npeers, opt.mem_ops, opt.mem_alg, opt.count_ops);
 }
 
 static void parse_args(int argc, char **argv)
@@ -1464,6 +1655,8 @@ static void parse_args(int argc, char **argv)
         {"pkcs11-pin-file", required_argument, NULL, 'p'},
         {"pkcs11-key", required_argument, NULL, 'k'},
         {"pkcs11-key-uri", required_argument, NULL, 'u'},
+        {"pkcs11-remote-config", required_argument, NULL, 'x'},
+        {"pkcs11-remote-module", required_argument, NULL, 'y'},
         {"tpm-config", required_argument, NULL, 'X'},
         {"tpm-tcti", required_argument, NULL, 'Y'},
         {"tpm-handle", required_argument, NULL, 'H'},
@@ -1513,6 +1706,12 @@ static void parse_args(int argc, char **argv)
             break;
         case 'u':
             opt.p11_uri = optarg;
+            break;
+        case 'x':
+            opt.p11_remote_config = optarg;
+            break;
+        case 'y':
+            opt.p11_remote_module = optarg;
             break;
         case 'X':
             opt.tpm_config = optarg;
@@ -1617,6 +1816,17 @@ static void parse_args(int argc, char **argv)
                         "(the raw Cryptoki rows log in to the same token)\n");
         exit(2);
     }
+    if (opt.p11_remote_config != NULL && (opt.p11_token == NULL || opt.p11_pin_file == NULL)) {
+        fprintf(stderr, "keyx-bench: --pkcs11-remote-config needs --pkcs11-token and "
+                        "--pkcs11-pin-file (the token it serves, for the raw remote rows)\n");
+        exit(2);
+    }
+    /* p11-kit's client module reads the server's address in C_GetFunctionList */
+    if (opt.p11_remote_config != NULL && getenv("P11_KIT_SERVER_ADDRESS") == NULL) {
+        fprintf(stderr, "keyx-bench: --pkcs11-remote-config needs P11_KIT_SERVER_ADDRESS in the "
+                        "environment (e.g. unix:path=SOCKET of `p11-kit server`)\n");
+        exit(2);
+    }
     if (opt.tpm_config != NULL && (opt.tpm_tcti == NULL || opt.tpm_handle == NULL)) {
         fprintf(stderr, "keyx-bench: --tpm-config needs --tpm-tcti and --tpm-handle (the raw ESYS "
                         "rows use the same TPM and its persistent key)\n");
@@ -1702,6 +1912,7 @@ int main(int argc, char **argv)
         if ((PLAN[i].impl == IMPL_SOFTWARE && opt.sw_config == NULL) ||
             ((PLAN[i].impl == IMPL_PKCS11 || PLAN[i].impl == IMPL_RAW_PKCS11) &&
              opt.p11_config == NULL) ||
+            (is_remote(PLAN[i].impl) && opt.p11_remote_config == NULL) ||
             (is_tpm(PLAN[i].impl) && PLAN[i].impl != IMPL_TPM2_OPENSSL && opt.tpm_config == NULL) ||
             (PLAN[i].impl == IMPL_TPM2_OPENSSL && opt.tpm2_openssl_config == NULL) ||
             (is_sign(PLAN[i].op) &&
@@ -1755,6 +1966,12 @@ int main(int argc, char **argv)
     /* keyx-pkcs11 cells use it too: to count their Cryptoki calls and prove they reach it */
     if ((need[IMPL_PKCS11] || need[IMPL_RAW_PKCS11]) &&
         (raw = raw_p11_open(opt.p11_module, opt.p11_token, opt.p11_pin_file, opt.p11_key)) == NULL)
+        return 1;
+    if (need[IMPL_PKCS11_REMOTE])
+        libctx[IMPL_PKCS11_REMOTE] = keyx_libctx(opt.p11_remote_config);
+    if (need[IMPL_RAW_PKCS11_REMOTE] &&
+        (raw_remote = raw_p11_open(opt.p11_remote_module, opt.p11_token, opt.p11_pin_file,
+                                   opt.p11_key)) == NULL)
         return 1;
     if (opt.count_tpm) {
         /* Every TPM user of this process goes through the counting proxy: keyx (its TCTI from
@@ -1817,9 +2034,11 @@ int main(int argc, char **argv)
         steal_pct = 100.0 * (double)(steal1 - steal0) / (double)(total1 - total0);
     for (size_t i = 0; i < ncells; i++)
         summarize(&cells[i]);
-    if (raw != NULL && opt.count_ops > 0)
+    if (opt.count_ops > 0)
         for (size_t i = 0; i < ncells; i++)
-            if (cells[i].impl == IMPL_PKCS11 || cells[i].impl == IMPL_RAW_PKCS11)
+            if ((raw != NULL &&
+                 (cells[i].impl == IMPL_PKCS11 || cells[i].impl == IMPL_RAW_PKCS11)) ||
+                is_remote(cells[i].impl))
                 count_calls(&cells[i]);
     if (opt.mem_ops > 0)
         for (size_t i = 0; i < ncells; i++)
@@ -1840,7 +2059,7 @@ teardown:
      * module's own exit-time destructors. */
     for (size_t i = 0; i < ncells; i++) {
         if (cells[i].rawkey != 0)
-            raw_p11_destroy(raw, cells[i].rawkey);
+            raw_p11_destroy(raw_of(cells[i].impl), cells[i].rawkey);
         EVP_PKEY_free(cells[i].own);
         if (cells[i].ready != NULL)
             for (size_t j = 0; j < cells[i].peers->n; j++)
@@ -1853,12 +2072,14 @@ teardown:
         bench_peers_free(&peers[a]);
     EVP_PKEY_free(dh_domain);
     raw_p11_end_session(raw);
+    raw_p11_end_session(raw_remote);
     raw_esys_close(esys[0]);
     raw_esys_close(esys[1]);
     OSSL_PROVIDER_unload(default_prov);
     for (int i = N_IMPL - 1; i >= 0; i--)
         OSSL_LIB_CTX_free(libctx[i]);
     raw_p11_close(raw);
+    raw_p11_close(raw_remote);
     free(cells);
     return rc;
 }

@@ -3,6 +3,12 @@
 #   1. installs missing Debian packages and builds keyx and bench/keyx-bench (RelWithDebInfo);
 #   2. makes a throwaway SoftHSM2 token with a static P-256 key (label bench-ecdh) and an RSA-2048
 #      decrypt key (label bench-rsa, for the RSA-OAEP decrypt rows);
+#      with p11-kit >= 0.25 (Debian 13; 0.24's RPC carries no ECDH: one line says so, no remote
+#      rows) `p11-kit server -f` exports that token on a unix socket in the temp dir: keyx-bench's
+#      keyx-pkcs11-remote rows (keyx with pkcs11-module = p11-kit-client.so, otherwise the pkcs11
+#      configuration) and raw-pkcs11-remote rows (raw Cryptoki over the same RPC), with ratios
+#      keyx-remote / raw-remote and remote / local, and a keyx-pkcs11-remote TLS server (ECDHE on
+#      the remote token) beside keyx-pkcs11;
 #   3. starts swtpm with a persistent P-256 key (0x81000002) and RSA-2048 key (0x81000004);
 #      runs keyx-bench: keyx software, pkcs11 and tpm beside the default provider and beside raw
 #      Cryptoki and raw ESYS calls, one process, interleaved rounds, medians, ratios, scaling on 2 threads,
@@ -29,10 +35,13 @@
 # With --json, stdout is one JSON object {"bench": <keyx-bench JSON>, "pools": <keyx-bench JSON of
 # the pool run>, "tls": [...]}.
 #   BENCH_TLS_SECONDS=5    seconds per s_time run (0: no TLS figures)
+#   BENCH_TLS_ONLY=REGEX   only the TLS servers whose name matches (and default, the /default base),
+#                          e.g. '^keyx-pkcs11(-remote)?$'
 #   BENCH_TLS_ROUNDS=5     interleaved TLS rounds (every server once per round); the figure is the
 #                          median of a server's rounds, with their min-max
 #   BUILD_DIR=build        build directory (relative to the repo root unless absolute)
 #   SOFTHSM2_MODULE=/usr/lib/softhsm/libsofthsm2.so
+#   P11KIT_CLIENT=/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so
 #
 # TPM figures: bench_tpm_setup starts swtpm (free ports on 127.0.0.1), makes persistent P-256 and
 # RSA-2048 keys with tpm2-tools, writes a keyx config with backends = tpm, appends keyx-bench's TPM arguments
@@ -66,8 +75,14 @@ bench_bin=$build/bench/keyx-bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/keyx-bench.XXXXXX")
 CLEANUP_PIDS=()
+# process groups: a server and what it forked (p11-kit server's p11-kit-remote per connection)
+CLEANUP_GROUPS=()
 cleanup() {
     local pid
+    for pid in "${CLEANUP_GROUPS[@]}"; do
+        kill -- "-$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
     for pid in "${CLEANUP_PIDS[@]}"; do
         kill "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
@@ -146,7 +161,48 @@ POOL_ARGS=(--pkcs11-config "$work/pkcs11-pool.cnf" --pkcs11-module "$module"
 # The server and the client offer only that group.
 TPM2O_ARGS=()
 TLS_CONFIGS=("default P-256 $work/default.cnf" "keyx-software P-256 $work/software.cnf"
-    "keyx-pkcs11 P-256 $work/pkcs11.cnf" "keyx-pkcs11-pool P-256 $work/pkcs11-pool.cnf")
+    "keyx-pkcs11 P-256 $work/pkcs11.cnf")
+
+# ---- remote token: the same token behind p11-kit's RPC ---------------------------------------
+# `p11-kit server` exports the bench token on a unix socket in $work; keyx reaches it through
+# p11-kit's client module with a configuration identical to pkcs11.cnf but for pkcs11-module.
+# keyx-bench gets the rows keyx-pkcs11-remote and raw-pkcs11-remote (raw Cryptoki on its own
+# instance of the client module) beside the local ones, TLS a keyx-pkcs11-remote server (ECDHE
+# on the remote token). The client reads the server's address (P11_KIT_SERVER_ADDRESS) in
+# C_GetFunctionList: it is exported for every process from here on.
+P11KIT_CLIENT=${P11KIT_CLIENT:-/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so}
+bench_remote_setup() {
+    local sock=$work/p11kit.sock pid
+    command -v p11-kit >/dev/null || keyx_die "p11-kit not found (package p11-kit)"
+    [ -f "$P11KIT_CLIENT" ] || keyx_die "$P11KIT_CLIENT not found (package p11-kit-modules)"
+    # its own session and process group: cleanup stops the server and the p11-kit-remote
+    # process it forks per connection together
+    setsid p11-kit server -f --provider "$module" -n "$sock" "pkcs11:token=$token" \
+        </dev/null >"$work/p11kit-server.log" 2>&1 &
+    pid=$!
+    CLEANUP_GROUPS+=("$pid")
+    for _ in $(seq 100); do
+        [ -S "$sock" ] && break
+        kill -0 "$pid" 2>/dev/null || keyx_die "p11-kit server exited: $(cat "$work/p11kit-server.log")"
+        sleep 0.1
+    done
+    [ -S "$sock" ] || keyx_die "p11-kit server made no socket in 10 s"
+    export P11_KIT_SERVER_ADDRESS=unix:path=$sock
+    say "p11-kit server (pid $pid) exports token '$token' on $sock: the remote-token rows"
+    write_cnf "$work/pkcs11-remote.cnf" "backends = pkcs11" "pkcs11-module = $P11KIT_CLIENT" \
+        "pkcs11-token = pkcs11:token=$token" "pkcs11-pin = file:$work/pin" "pkcs11-raw-rsa = 1"
+    BENCH_ARGS+=(--pkcs11-remote-config "$work/pkcs11-remote.cnf" --pkcs11-remote-module "$P11KIT_CLIENT")
+    TLS_CONFIGS+=("keyx-pkcs11-remote P-256 $work/pkcs11-remote.cnf")
+}
+# p11-kit's RPC carries CKM_ECDH1_DERIVE from 0.25 on (client and server; Debian 13)
+p11kit_version=$(dpkg-query -W -f='${Version}' p11-kit-modules 2>/dev/null || true)
+if dpkg --compare-versions "${p11kit_version:-0}" ge 0.25; then
+    bench_remote_setup
+else
+    printf 'p11-kit %s: no remote-token rows (ECDH through p11-kit'\''s RPC needs p11-kit >= 0.25)\n' \
+        "${p11kit_version:-(p11-kit-modules not installed)}" >&2
+fi
+TLS_CONFIGS+=("keyx-pkcs11-pool P-256 $work/pkcs11-pool.cnf")
 
 # pkcs11-provider, the token's anchor (Debian 13's package; Debian 12 has none): its provider
 # preferred, the same PIN, on a token of its own in a SoftHSM directory of its own, because it
@@ -423,6 +479,15 @@ if [ "$tls_seconds" -gt 0 ]; then
             "keyx-tpm-pool+certkey P-256 $work/tpm-pool.cnf $work/tpm-certkey.crt $work/tpm-certkey.key")
     fi
 
+    # BENCH_TLS_ONLY: the servers whose name matches (default always: the /default column)
+    if [ -n "${BENCH_TLS_ONLY:-}" ]; then
+        selected=()
+        for entry in "${TLS_CONFIGS[@]}"; do
+            name=${entry%% *}
+            if [ "$name" = default ] || [[ $name =~ $BENCH_TLS_ONLY ]]; then selected+=("$entry"); fi
+        done
+        TLS_CONFIGS=("${selected[@]}")
+    fi
     # Each client offers its server's group only, so the server never needs a HelloRetryRequest.
     declare -A tls_group=()
     for entry in "${TLS_CONFIGS[@]}"; do
@@ -449,8 +514,10 @@ if [ "$tls_seconds" -gt 0 ]; then
             keyx_die "$name TLS did not make its key shares in $backend ($gens keygens for $conns handshakes)"
         fi
     }
-    check_shares keyx-pkcs11 P-256 "$work/pkcs11.cnf" pkcs11
-    [ -z "${TPM_TCTI:-}" ] || check_shares keyx-tpm P-256 "$work/tpm.cnf" tpm
+    [ -z "${tls_group[keyx-pkcs11]:-}" ] || check_shares keyx-pkcs11 P-256 "$work/pkcs11.cnf" pkcs11
+    [ -z "${tls_group[keyx-pkcs11-remote]:-}" ] ||
+        check_shares keyx-pkcs11-remote P-256 "$work/pkcs11-remote.cnf" pkcs11
+    [ -z "${TPM_TCTI:-}" ] || [ -z "${tls_group[keyx-tpm]:-}" ] || check_shares keyx-tpm P-256 "$work/tpm.cnf" tpm
     if [ -n "${tls_group[keyx-pkcs11-p256mlkem]:-}" ]; then
         check_shares keyx-pkcs11-p256mlkem SecP256r1MLKEM768 "$work/pkcs11.cnf" pkcs11
         [ -z "${TPM_TCTI:-}" ] || check_shares keyx-tpm-p256mlkem SecP256r1MLKEM768 "$work/tpm.cnf" tpm
@@ -524,6 +591,7 @@ tls_median() {
 tls_target() {
     case $1 in
     keyx-tpm*) echo "315 0.416 5x tpm2-openssl 63/s (default 757/s)" ;;
+    keyx-pkcs11-remote) ;; # the anchor's share was taken on a local token
     keyx-pkcs11*) echo "275 0.519 5x pkcs11-provider 55/s (default 530/s)" ;;
     esac
 }
@@ -550,6 +618,10 @@ if [ "$json" = 1 ]; then
                 printf ", \"reference\": \"%s\", \"ratio_to_reference\": %.3f, \"goal_ratio\": %s, \"meets_goal\": %s",
                     ref, (b > 0 ? r / b : 0), g, ((b > 0 && r / b >= g) ? "true" : "false") }')
         fi
+        # the remote token beside the local one: what the RPC costs a handshake
+        [ "$1" != keyx-pkcs11-remote ] || [ -z "$(tls_median keyx-pkcs11)" ] ||
+            target+=$(awk -v r="$4" -v l="$(tls_median keyx-pkcs11)" 'BEGIN {
+                printf ", \"local\": \"keyx-pkcs11\", \"ratio_to_local\": %.3f", (l > 0 ? r / l : 0) }')
         case $1 in keyx-tpm | keyx-tpm-p256mlkem)
             [ -z "$tpm_ceiling" ] || target+=$(awk -v r="$4" -v c="$tpm_ceiling" 'BEGIN {
                 printf ", \"share_of_tpm_ceiling\": %.3f, \"meets_tpm_ceiling_goal\": %s", r / c, (r / c >= 0.85 ? "true" : "false") }')
@@ -590,6 +662,13 @@ elif [ ${#tls_rows[@]} -gt 0 ]; then
         awk -v s="${row%% *}" -v r="$(awk '{ print $4 }' <<<"$row")" -v b="$(tls_median "$ref")" -v ref="$ref" -v g="$goal" \
             'BEGIN { printf "%-26s %9.3f of %-20s goal >= %.2f: %s\n", s, (b > 0 ? r / b : 0), ref, g, ((b > 0 && r / b >= g) ? "met" : "BELOW GOAL") }'
     done
+    r=$(tls_median keyx-pkcs11-remote)
+    l=$(tls_median keyx-pkcs11)
+    if [ -n "$r" ] && [ -n "$l" ]; then
+        printf '\nRemote token (p11-kit RPC, unix socket) beside the local token, same run\n'
+        awk -v r="$r" -v l="$l" 'BEGIN { printf "%-26s %9.3f of keyx-pkcs11 (%.1f/s against %.1f/s)\n",
+            "keyx-pkcs11-remote", (l > 0 ? r / l : 0), r, l }'
+    fi
     for pair in "keyx-pkcs11 pkcs11-provider" "keyx-tpm tpm2-openssl"; do
         read -r mine anchor <<<"$pair"
         a=$(tls_median "$anchor")
