@@ -456,6 +456,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
      * key may exist there, and no second one is made elsewhere. */
     ERR_set_mark();
     for (int tries = p11_dev_set_size(d); tries > 0; tries--) {
+        if (tries < p11_dev_set_size(d))
+            keyx_watchdog_renew(); /* pkcs11-timeout is per token */
         if ((rc = p11_session_get(d, -1, &s)) != 1)
             break;
         if (spec->persist != NULL) {
@@ -692,6 +694,7 @@ static int key_elsewhere(p11_dev *d, p11_key *k)
 
     if (k->asked == NULL || k->pub == NULL)
         return KEYX_BACKEND_DOWN;
+    keyx_watchdog_renew(); /* pkcs11-timeout is per token */
     if ((rc = find_static(d, k->asked, &fresh, &pub)) != 1)
         return rc;
     if (EVP_PKEY_eq(pub, k->pub) != 1) {

@@ -1041,8 +1041,11 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
 
     int quick = now_ms() - d->init_ms < REINIT_MS;
 
+    /* A call that already waited pkcs11-timeout for a hung server (keyx cut it off) does not wait
+     * again for C_Initialize, which would talk to the same server: a later call reconnects. */
     if (!d->we_initialized || d->busy > 0 || (keep_objects && d->objects > 0) || d->need_init ||
-        (quick && d->settle >= SETTLE_TRIES) || atomic_load(&exiting))
+        (quick && d->settle >= SETTLE_TRIES) || atomic_load(&exiting) ||
+        keyx_watchdog_cut(NULL) > 0)
         return 0;
     /* Soon after the module's first C_Initialize in this process (at start or after fork()) the
      * token was likely missed as its file was being rewritten (SETTLE_TRIES): looked for again
@@ -1151,6 +1154,8 @@ static int session_get(p11_dev *d, int tok, int login, p11_sess *s)
                     order[n++] = i;
         ERR_set_mark();
         for (int k = 0; k < n && rc == KEYX_BACKEND_DOWN; k++) {
+            if (k > 0)
+                keyx_watchdog_renew(); /* pkcs11-timeout is per token */
             s->tok = order[k];
             if ((rc = token_session(d, order[k], login, &s->h)) == KEYX_BACKEND_DOWN)
                 token_down(d, order[k], CKR_TOKEN_NOT_PRESENT);

@@ -161,13 +161,10 @@ static void *watch(void *unused)
             if (!s->used)
                 continue;
             if (s->deadline_ms <= now) {
-                if (cut_thread(s->tid) > 0) {
-                    s->cuts++;
-                    /* what the caller does next (another token) has a limit of its own */
-                    s->deadline_ms = now + s->limit_ms;
-                } else {
-                    s->deadline_ms = now + RETRY_MS;
-                }
+                /* The call's time is up: whatever else it waits on is cut too, until it ends
+                 * or moves on to another device (keyx_watchdog_renew). */
+                s->cuts += cut_thread(s->tid) > 0;
+                s->deadline_ms = now + RETRY_MS;
             }
             if (s->deadline_ms < next)
                 next = s->deadline_ms;
@@ -254,6 +251,16 @@ int keyx_watchdog_end(int ticket)
     pthread_mutex_unlock(&W.lock);
     self.ticket = -1;
     return cuts;
+}
+
+void keyx_watchdog_renew(void)
+{
+    if (self.ticket < 0)
+        return;
+    pthread_mutex_lock(&W.lock);
+    if (W.s[self.ticket].used && W.s[self.ticket].cuts > 0)
+        W.s[self.ticket].deadline_ms = now_ms() + W.s[self.ticket].limit_ms;
+    pthread_mutex_unlock(&W.lock);
 }
 
 int keyx_watchdog_cut(unsigned int *limit_ms)

@@ -20,6 +20,10 @@ int keyx_watchdog_begin(unsigned int limit_ms);
 /* Ends the watch. Returns how many times the call's socket was cut. */
 int keyx_watchdog_end(int ticket);
 
+/* After its time was up, the calling thread's call moves on to another device (the next token
+ * of a failover set): that one gets the whole limit again. No-op for a call that was not cut. */
+void keyx_watchdog_renew(void);
+
 /* Whether the calling thread's current watched call had its socket cut (so its device error is
  * a timeout), and the limit it had. */
 int keyx_watchdog_cut(unsigned int *limit_ms);

@@ -222,8 +222,9 @@ def test_killed_server_never_kills_the_application(remote, tmp):
     p = remote.serve("kill")
     log = tmp / "audit.jsonl"
     env = remote.client_env(tmp, log)
+    errf = open(tmp / "app.err", "w")  # a file: a pipe nobody reads while it signs would fill up
     app = subprocess.Popen(["/usr/bin/python3", "-c", SIGNER, uri("ecdsa"), "150"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=errf, text=True)
     try:
         seen = []
         for line in app.stdout:
@@ -231,11 +232,13 @@ def test_killed_server_never_kills_the_application(remote, tmp):
             if line.split()[:2] == ["ok", "20"]:
                 break
         stop(p)
-        out, err = app.communicate(timeout=60)
+        out = app.communicate(timeout=60)[0]
     finally:
         if app.poll() is None:
             app.kill()
         stop(p)
+    errf.close()
+    err = (tmp / "app.err").read_text()
     out = "".join(seen) + out
     assert app.returncode == 0, f"the application died (rc {app.returncode}, -13 is SIGPIPE):\n{out}\n{err}"
     assert "ok 20 " in out and "fail 149 " in out and "sigpipe default" in out, out
@@ -256,8 +259,9 @@ def test_restarted_server_is_used_again(remote, tmp):
     p = remote.serve("restart")
     log = tmp / "audit.jsonl"
     env = remote.client_env(tmp, log)
+    errf = open(tmp / "app.err", "w")  # a file: a pipe nobody reads while it signs would fill up
     app = subprocess.Popen(["/usr/bin/python3", "-c", SIGNER, uri("ecdsa"), "200"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=errf, text=True)
     try:
         seen, killed, restarted = [], False, False
         for line in app.stdout:
@@ -268,11 +272,13 @@ def test_restarted_server_is_used_again(remote, tmp):
             if killed and not restarted and line.startswith("fail"):
                 p = remote.serve("restart")
                 restarted = True
-        out, err = app.communicate(timeout=60)
+        out = app.communicate(timeout=60)[0]
     finally:
         if app.poll() is None:
             app.kill()
         stop(p)
+    errf.close()
+    err = (tmp / "app.err").read_text()
     r = results("".join(seen) + out)
     assert app.returncode == 0 and len(r) == 200, f"rc {app.returncode}:\n{r}\n{err}"
     fails = [i for ok, i, _ in r if not ok]
@@ -291,8 +297,9 @@ def test_hung_server_costs_at_most_the_timeout(remote, tmp):
     p = remote.serve("hung")
     log = tmp / "audit.jsonl"
     env = remote.client_env(tmp, log, settings={"pkcs11-timeout": "1000"})
+    errf = open(tmp / "app.err", "w")  # a file: a pipe nobody reads while it signs would fill up
     app = subprocess.Popen(["/usr/bin/python3", "-c", SIGNER, uri("ecdsa"), "150"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=errf, text=True)
     try:
         seen, stopped_at = [], None
         for line in app.stdout:
@@ -303,19 +310,21 @@ def test_hung_server_costs_at_most_the_timeout(remote, tmp):
             if stopped_at and time.monotonic() - stopped_at > 4:
                 os.killpg(p.pid, signal.SIGCONT)
                 stopped_at = None
-        out, err = app.communicate(timeout=120)
+        out = app.communicate(timeout=120)[0]
     finally:
         if app.poll() is None:
             app.kill()
         os.killpg(p.pid, signal.SIGCONT)
         stop(p)
+    errf.close()
+    err = (tmp / "app.err").read_text()
     r = results("".join(seen) + out)
     assert app.returncode == 0 and len(r) == 150, f"rc {app.returncode}:\n{r}\n{err}"
     fails = [(i, ms) for ok, i, ms in r if not ok]
     assert fails, r
-    # one pkcs11-timeout per blocked call (a signature, or the module's re-initialization that
-    # reconnects), with room for a loaded machine
-    assert max(ms for _, _, ms in r) < 2600, r
+    # a signature waits at most one pkcs11-timeout (for its own answer, or for the module's
+    # re-initialization that reconnects), with room for a loaded machine
+    assert max(ms for _, _, ms in r) < 2000, ([x for x in r if x[2] > 100], [l for l in err.splitlines() if "sign backend" not in l])
     assert all(ok for ok, i, _ in r if i > fails[-1][0]) and fails[-1][0] < 140, r
     assert "no answer within 1000 ms (pkcs11-timeout)" in err, err
     failover = [e for e in events(log, "failover")]
