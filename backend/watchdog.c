@@ -55,6 +55,16 @@ static long long now_ms(void)
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static void init_wake(void)
+{
+    pthread_condattr_t a;
+
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC); /* deadlines do not move with the clock */
+    pthread_cond_init(&W.wake, &a);
+    pthread_condattr_destroy(&a);
+}
+
 /* fork(): the child has no watchdog thread and none of the other threads it watched. */
 static void before_fork(void)
 {
@@ -68,6 +78,9 @@ static void after_fork_parent(void)
 
 static void after_fork_child(void)
 {
+    /* The parent's watchdog was waiting on the condition variable: in the child its state still
+     * counts that waiter, who does not exist here, and a signal would wait for it for ever. */
+    init_wake();
     memset(W.s, 0, sizeof(W.s));
     W.running = 0;
     W.stop = 0;
@@ -81,12 +94,7 @@ static void after_fork_child(void)
 
 static void init_once(void)
 {
-    pthread_condattr_t a;
-
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC); /* deadlines do not move with the clock */
-    pthread_cond_init(&W.wake, &a);
-    pthread_condattr_destroy(&a);
+    init_wake();
     pthread_atfork(before_fork, after_fork_parent, after_fork_child);
 }
 
