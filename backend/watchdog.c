@@ -36,8 +36,9 @@ static struct {
     slot s[SLOTS];
     int holders;
     int running, stop;
+    long long next_wake; /* when the watchdog wakes next (LLONG_MAX: when told) */
     pthread_t thread;
-} W = {.lock = PTHREAD_MUTEX_INITIALIZER};
+} W = {.lock = PTHREAD_MUTEX_INITIALIZER, .next_wake = LLONG_MAX};
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
@@ -84,6 +85,7 @@ static void after_fork_child(void)
     memset(W.s, 0, sizeof(W.s));
     W.running = 0;
     W.stop = 0;
+    W.next_wake = LLONG_MAX;
     if (self.ticket >= 0 && self.depth > 0) { /* the forking thread keeps its watch */
         W.s[self.ticket].used = 1;
         W.s[self.ticket].tid = gettid();
@@ -103,8 +105,10 @@ static int cut_socket(int fd)
     int type;
     socklen_t len = sizeof(type);
 
-    if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0)
-        return 0; /* not a socket (or gone): nothing of ours to cut */
+    /* A module's connection is a stream (unix, TCP, vsock); a datagram socket (syslog, where an
+     * audit event may wait) is not one, and neither is anything that is not a socket. */
+    if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_STREAM)
+        return 0;
     return shutdown(fd, SHUT_RDWR) == 0;
 }
 
@@ -177,6 +181,7 @@ static void *watch(void *unused)
             if (s->deadline_ms < next)
                 next = s->deadline_ms;
         }
+        W.next_wake = next;
         if (next == LLONG_MAX) {
             pthread_cond_wait(&W.wake, &W.lock);
         } else {
@@ -213,6 +218,7 @@ void keyx_watchdog_release(void)
         pthread_mutex_lock(&W.lock);
         W.running = 0;
         W.stop = 0;
+        W.next_wake = LLONG_MAX;
         pthread_mutex_unlock(&W.lock);
     }
 }
@@ -237,7 +243,10 @@ int keyx_watchdog_begin(unsigned int limit_ms)
         if (!W.s[i].used) {
             W.s[i] = (slot){1, gettid(), limit_ms, now_ms() + limit_ms, 0};
             ticket = i;
-            pthread_cond_signal(&W.wake);
+            /* Woken only for a deadline before the one it sleeps until: with one limit for all
+             * calls that is the first call after an idle spell, not every call. */
+            if (W.s[i].deadline_ms < W.next_wake)
+                pthread_cond_signal(&W.wake);
             break;
         }
     pthread_mutex_unlock(&W.lock);
