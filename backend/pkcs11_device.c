@@ -86,6 +86,7 @@ struct p11_dev {
     int busy;             /* sessions of this generation handed out and not yet given back */
     long objects;         /* live session objects keyx made in this generation (keys) */
     int need_init;        /* re-initialization finalized the module but C_Initialize failed */
+    CK_RV init_rv;        /* what that C_Initialize answered; CKR_FUNCTION_FAILED: cut off */
     long long init_ms;    /* monotonic ms of the last C_Initialize (first or re-init) */
     unsigned int reinits; /* re-initializations after a token was missing */
     int settle;           /* quick re-initializations since the first C_Initialize (SETTLE_TRIES) */
@@ -563,16 +564,27 @@ static int module_ready(p11_dev *d)
         return 1;
     if (d->f != NULL && d->forks_seen == f) {
         /* A re-initialization (module_reinit) finalized the module; C_Initialize failed then. */
-        rv = CKR_CRYPTOKI_NOT_INITIALIZED;
-        if (now_ms() - d->init_ms >= REINIT_MS && (rv = module_initialize(d)) == CKR_OK) {
-            d->need_init = 0;
-            atomic_store(&d->mod, MOD_READY);
-            return 1;
+        unsigned int limit;
+
+        if (now_ms() - d->init_ms >= REINIT_MS && keyx_watchdog_cut(NULL) == 0) {
+            if ((rv = module_initialize(d)) == CKR_OK) {
+                d->need_init = 0;
+                atomic_store(&d->mod, MOD_READY);
+                return 1;
+            }
+            d->init_rv = rv;
         }
-        KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
-                 "pkcs11: re-initializing module '%s' failed: %s (retried at most once a "
-                 "second; for SoftHSM: is its tokendir readable?)",
-                 d->module_path, p11_rv_name(rv, buf, sizeof(buf)));
+        if (keyx_watchdog_cut(&limit) > 0)
+            KEYX_ERR(d->p, KEYX_R_DEVICE_TIMEOUT,
+                     "pkcs11: re-initializing module '%s': no answer within %u ms "
+                     "(pkcs11-timeout); its server does not answer: retried at most once a second",
+                     d->module_path, limit);
+        else
+            KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
+                     "pkcs11: re-initializing module '%s' failed: %s (retried at most once a "
+                     "second; a module reached over a socket: is its server up? SoftHSM: is its "
+                     "tokendir readable?)",
+                     d->module_path, p11_rv_name(d->init_rv, buf, sizeof(buf)));
         return 0;
     }
     if (d->f != NULL) {
@@ -1064,6 +1076,7 @@ static int module_reinit(p11_dev *d, const char *why, int keep_objects)
                d->reinits, p11_rv_name(rv, buf, sizeof(buf)));
     if (rv != CKR_OK) {
         d->need_init = 1; /* module_ready retries, at most once per REINIT_MS */
+        d->init_rv = rv;
         atomic_store(&d->mod, MOD_REINIT);
         return 0;
     }
