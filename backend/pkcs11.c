@@ -90,10 +90,11 @@ static void p11_close(void *state)
 
 /* A module that reaches its token over a socket blocks for as long as the server does not
  * answer: keyx's watchdog cuts that socket after pkcs11-timeout (the module then answers
- * CKR_DEVICE_ERROR, the token is marked down and the next one serves). */
+ * CKR_DEVICE_ERROR, the token is marked down and the next one serves). A module working in the
+ * process (SoftHSM) has nothing to cut: no limit, and no watchdog thread. */
 static unsigned int p11_call_limit_ms(void *state)
 {
-    return p11_dev_prov(state)->cfg.pkcs11_timeout_ms;
+    return p11_dev_over_socket(state) ? p11_dev_prov(state)->cfg.pkcs11_timeout_ms : 0;
 }
 
 static void p11_describe(void *state, char *buf, size_t len)

@@ -1,4 +1,5 @@
 /* The PKCS#11 module, its tokens, login and session pools (see pkcs11_device.h). */
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
@@ -6,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -92,6 +94,7 @@ struct p11_dev {
     int settle;           /* quick re-initializations since the first C_Initialize (SETTLE_TRIES) */
     p11_tok tok[MAX_TOKENS];
     int ntok, nset;
+    atomic_int over_socket; /* p11_dev_over_socket */
     /* The module as p11_dev_describe tells it, readable without the lock (which C_Initialize
      * and C_Login hold for as long as the module takes): one of MOD_*. load_error is final once
      * this says MOD_FAILED. */
@@ -536,10 +539,32 @@ void p11_dev_free(p11_dev *d)
     OPENSSL_free(d);
 }
 
+/* The process's open stream sockets (unix, TCP, vsock). */
+static int stream_sockets(void)
+{
+    DIR *dir = opendir("/proc/self/fd");
+    struct dirent *e;
+    int n = 0;
+
+    if (dir == NULL)
+        return 0;
+    while ((e = readdir(dir)) != NULL) {
+        int fd = atoi(e->d_name), type;
+        socklen_t len = sizeof(type);
+
+        if (e->d_name[0] != '.' && fd != dirfd(dir) &&
+            getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) == 0 && type == SOCK_STREAM)
+            n++;
+    }
+    closedir(dir);
+    return n;
+}
+
 static CK_RV module_initialize(p11_dev *d)
 {
     CK_C_INITIALIZE_ARGS args;
     CK_RV rv;
+    int before = stream_sockets();
 
     memset(&args, 0, sizeof(args));
     args.flags = CKF_OS_LOCKING_OK; /* sessions are used from several threads */
@@ -547,6 +572,10 @@ static CK_RV module_initialize(p11_dev *d)
     ERR_set_mark();
     rv = d->f->C_Initialize(&args);
     ERR_pop_to_mark();
+    /* A module that connected to a server: its calls can hang, the watchdog guards them
+     * (pkcs11-timeout). A module working in the process never starts the watchdog's thread. */
+    if (stream_sockets() > before)
+        atomic_store(&d->over_socket, 1);
     d->we_initialized = rv == CKR_OK;
     d->init_ms = now_ms();
     return rv == CKR_CRYPTOKI_ALREADY_INITIALIZED ? CKR_OK : rv;
@@ -678,6 +707,11 @@ void p11_dev_objects(p11_dev *d, uint64_t gen, int delta)
     if (p11_dev_current(d, gen) && d->objects + delta >= 0)
         d->objects += delta;
     pthread_mutex_unlock(&d->lock);
+}
+
+int p11_dev_over_socket(p11_dev *d)
+{
+    return atomic_load(&d->over_socket);
 }
 
 int p11_dev_set_size(const p11_dev *d)

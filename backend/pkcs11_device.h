@@ -89,6 +89,9 @@ int p11_dev_pss_state(p11_dev *d, int tok, int bit);
 void p11_dev_pss_note(p11_dev *d, int tok, int bit, int ok);
 /* Number of tokens in the failover set (pkcs11-token; 1 when it is unset). */
 int p11_dev_set_size(const p11_dev *d);
+/* 1 once the module opened a stream socket in C_Initialize (p11-kit's RPC client, a network
+ * HSM's module): its calls wait on a server, and pkcs11-timeout applies to them. */
+int p11_dev_over_socket(p11_dev *d);
 
 /* Token indexes whose token info matches uri, in failover-set order first and then any other
  * token of the module, into out (at most max). Returns how many; -1 with an error raised when
