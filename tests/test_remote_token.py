@@ -12,6 +12,9 @@ module (`p11-kit-client.so`, the server's address in P11_KIT_SERVER_ADDRESS). ke
 - A server killed under load never takes the application down: keyx keeps SIGPIPE away from the
   process around its Cryptoki calls (the RPC client writes to a dead socket), the failing call
   reports the token's error, and the process lives on with its signal dispositions unchanged.
+- A server killed and started again on the same socket is used again by the same process (keyx
+  re-initializes the module); a server stopped with SIGSTOP costs a signature at most
+  `pkcs11-timeout`, says so, and signing resumes after SIGCONT.
 Each test starts its own server processes and stops them by pid.
 """
 
