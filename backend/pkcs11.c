@@ -772,6 +772,30 @@ static int key_failed_over(p11_dev *d, p11_key *k)
     return rc == 1;
 }
 
+/* An operation on key k's object obj through session s (which it gives back). */
+typedef int key_op(p11_dev *d, p11_key *k, p11_sess *s, CK_OBJECT_HANDLE obj, void *arg);
+
+/* Runs op with a session on k's token; when the token fails under it (KEYX_BACKEND_DOWN) and the
+ * key is found on another token, once more there. */
+static int on_key(p11_dev *d, p11_key *k, key_op *op, void *arg)
+{
+    p11_sess s;
+    CK_OBJECT_HANDLE obj;
+    int rc;
+
+    ERR_set_mark();
+    for (int again = 1;; again = 0) {
+        if ((rc = key_session(d, k, &s, &obj)) == 1)
+            rc = op(d, k, &s, obj, arg);
+        if (rc != KEYX_BACKEND_DOWN || !again || !key_failed_over(d, k))
+            break;
+        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
+        ERR_set_mark();
+    }
+    ERR_clear_last_mark();
+    return rc;
+}
+
 /* p11-kit's RPC client (a token reached through `p11-kit server`) before 0.25 cannot carry the
  * parameters of ECDH and DH derivation and refuses them itself with CKR_MECHANISM_INVALID: say
  * so, instead of blaming the token. That client reports the manufacturer "PKCS#11 Kit" and
@@ -1416,14 +1440,29 @@ done:
 
 /* ---- RSA decryption (backend/pkcs11_rsa.c) ----------------------------------------------- */
 
+typedef struct decrypt_args {
+    const keyx_rsa_op *op;
+    const unsigned char *in;
+    size_t inlen;
+    unsigned char *out;
+    size_t *outlen;
+} decrypt_args;
+
+static int decrypt_on(p11_dev *d, p11_key *k, p11_sess *s, CK_OBJECT_HANDLE obj, void *arg)
+{
+    decrypt_args *a = arg;
+
+    (void)d;
+    return p11_rsa_decrypt(s, obj, k->secretlen, a->op, a->in, a->inlen, a->out, a->outlen);
+}
+
 static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
                               const unsigned char *in, size_t inlen, unsigned char *out,
                               size_t *outlen)
 {
     p11_dev *d = state;
     p11_key *k = handle;
-    p11_sess s;
-    int rc;
+    decrypt_args a = {op, in, inlen, out, outlen};
 
     if (k->alg != KEYX_ALG_RSA) {
         KEYX_ERR(p11_dev_prov(d), KEYX_R_KEY_MISMATCH, "pkcs11: not an RSA key");
@@ -1436,19 +1475,7 @@ static int p11_rsa_decrypt_op(void *state, void *handle, const keyx_rsa_op *op,
                  k->uri != NULL ? printable_len(k->uri) : 1, k->uri != NULL ? k->uri : "?");
         return 0;
     }
-    ERR_set_mark();
-    for (int again = 1;; again = 0) {
-        CK_OBJECT_HANDLE obj;
-
-        if ((rc = key_session(d, k, &s, &obj)) == 1)
-            rc = p11_rsa_decrypt(&s, obj, k->secretlen, op, in, inlen, out, outlen);
-        if (rc != KEYX_BACKEND_DOWN || !again || !key_failed_over(d, k))
-            break;
-        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
-        ERR_set_mark();
-    }
-    ERR_clear_last_mark();
-    return rc;
+    return on_key(d, k, decrypt_on, &a);
 }
 
 /* ---- signatures (backend/pkcs11_sign.c) ------------------------------------------------- */
@@ -1495,36 +1522,38 @@ static int p11_sign_check(void *state, void *handle, const keyx_sign_op *op)
     return p11_sig_probe(&s, obj, &g);
 }
 
+typedef struct sign_args {
+    p11_sig *g;
+    const unsigned char *dgst;
+    size_t dlen;
+    unsigned char *sig;
+    size_t *siglen;
+} sign_args;
+
+static int sign_on(p11_dev *d, p11_key *k, p11_sess *s, CK_OBJECT_HANDLE obj, void *arg)
+{
+    sign_args *a = arg;
+
+    (void)d;
+    (void)k;
+    a->g->tok = s->tok; /* key_session may have found the key on another token (fork, failover) */
+    return p11_sig_sign(s, obj, a->g, a->dgst, a->dlen, a->sig, a->siglen);
+}
+
 static int p11_sign(void *state, void *handle, const keyx_sign_op *op, const unsigned char *dgst,
                     size_t dlen, unsigned char *sig, size_t *siglen)
 {
     p11_dev *d = state;
     p11_key *k = handle;
     p11_sig g;
-    p11_sess s;
-    int rc;
+    sign_args a = {&g, dgst, dlen, sig, siglen};
 
     if (!signing_key(d, k))
         return 0;
     /* P11_SIG_PROBE: the signature itself tells (and is remembered) */
     if (!p11_sig_prepare(d, k->tok, k->alg, k->secretlen, k->bits, op, &g))
         return 0;
-    ERR_set_mark();
-    for (int again = 1;; again = 0) {
-        CK_OBJECT_HANDLE obj;
-
-        if ((rc = key_session(d, k, &s, &obj)) == 1) {
-            /* key_session may have found the key on another token (fork, failover) */
-            g.tok = s.tok;
-            rc = p11_sig_sign(&s, obj, &g, dgst, dlen, sig, siglen);
-        }
-        if (rc != KEYX_BACKEND_DOWN || !again || !key_failed_over(d, k))
-            break;
-        ERR_pop_to_mark(); /* the failed token is in the audit log (failover event) */
-        ERR_set_mark();
-    }
-    ERR_clear_last_mark();
-    return rc;
+    return on_key(d, k, sign_on, &a);
 }
 
 /* ---- free -------------------------------------------------------------------------------- */

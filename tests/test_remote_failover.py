@@ -30,9 +30,9 @@ import pytest
 
 import kxutil
 from conftest import pick_port
-from fixture_softhsm import MODULE, PIN, SoftHSM
+from fixture_softhsm import PIN
 from kxutil import base_env, openssl
-from test_remote_token import REMOTE_ECDH, stop
+from test_remote_token import REMOTE_ECDH, RemoteToken, stop
 
 PROXY = Path("/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so")
 TOKENS = ("keyx-fa", "keyx-fb")
@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(
     "tokens needs p11-kit 0.25 (Debian 13)")
 
 
-class Cluster(SoftHSM):
+class Cluster(RemoteToken):
     """Two tokens with the same certificate key, one `p11-kit server` per token."""
 
     def setup(self, tmp):
@@ -63,18 +63,8 @@ class Cluster(SoftHSM):
         return self
 
     def serve(self, token):
-        sock = self.root / f"{token}.sock"
-        if sock.exists():
-            sock.unlink()
-        p = subprocess.Popen(["p11-kit", "server", "-f", "--provider", str(MODULE), "-n", str(sock),
-                              f"pkcs11:token={token}"], env=self.tool_env(), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert p.poll() is None and time.monotonic() < deadline, f"p11-kit server for {token} did not start"
-            time.sleep(0.02)
-        self.servers[token] = p
-        return p
+        self.servers[token] = super().serve(token, token)
+        return self.servers[token]
 
     def connected(self, token):
         """Whether server `token` has a client connection (a p11-kit-remote it forked)."""
