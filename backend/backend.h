@@ -112,7 +112,8 @@ typedef struct keyx_sign_op {
  * application set as an uncompressed point (libssl's key shares), that encoding, as the view
  * holds it (point: NULL when not known). Exporting it from the view costs an affine conversion
  * per derive (tens of thousands of instructions), which hardware backends that take the point's
- * bytes need not pay. */
+ * bytes need not pay. For an X25519/X448 peer, point is its raw public key, always set, and the
+ * view may be NULL (not made yet) when the deriving backend keeps keys in process memory. */
 typedef struct keyx_peer {
     EVP_PKEY *view;
     const unsigned char *point;
@@ -149,7 +150,9 @@ typedef struct keyx_backend_ops {
 
     /* 1 if this backend can generate and use keys of spec (spec->domain may be NULL here). */
     int (*supports)(void *state, const keyx_keyspec *spec);
-    /* New key pair: *handle is the backend's private part, *pub its public key (keyx libctx). */
+    /* New key pair: *handle is the backend's private part, *pub its public key (keyx libctx).
+     * A backend with public_raw may leave *pub NULL: keyx then takes the raw public key from
+     * public_raw and makes the view only when something needs it (view). */
     int (*generate)(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
     /* Takes a complete key from keyx's libctx (used for imported software keys and tests). */
     int (*import)(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
@@ -208,6 +211,13 @@ typedef struct keyx_backend_ops {
      * from OSSL_PROVIDER_get_params, so it never calls the device and never waits for a lock
      * held across device calls; never a PIN. NULL: the backend has no device (software). */
     void (*describe)(void *state, char *buf, size_t len);
+    /* Keys in process memory only (exports_private), both NULL or both set, called without
+     * call.c's guards (no device): for a key generate returned without a view, public_raw
+     * writes its raw public key (X25519/X448: 32/56 bytes) into buf (56 bytes) and returns its
+     * length (0: the key has a view of its own); view makes the complete key as an EVP_PKEY in
+     * keyx's libctx (a new reference). */
+    size_t (*public_raw)(void *state, void *handle, unsigned char *buf);
+    int (*view)(void *state, void *handle, EVP_PKEY **pub);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);
     /* RSA private-key decryption of in under op; in is the ciphertext as the application gave

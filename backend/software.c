@@ -1,5 +1,8 @@
 /* The software backend: keys live in process memory, crypto runs in keyx's own library context
- * on the default provider. The default provider wipes private keys when they are freed. */
+ * on the default provider. The default provider wipes private keys when they are freed. A key is
+ * an EVP_PKEY in keyx's context, or for X25519 and X448 the default provider's key object, used
+ * through that provider's functions directly (software_ecx.h), with an EVP_PKEY made only when
+ * something asks for the key's view. */
 #include <string.h>
 #include <strings.h>
 
@@ -11,31 +14,23 @@
 #include <openssl/rsa.h>
 
 #include "backend/backend.h"
+#include "backend/software_ecx.h"
+#include "keymgmt/algtab.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
-/* Key generation contexts kept for reuse, per algorithm, for the requests that need nothing but
- * the algorithm (X25519 and X448: no domain, no parameters). A new EVP_PKEY_CTX costs a method
- * fetch and a scan of the name map, a large share of an X25519 key pair. A thread takes a context
- * out of a slot (atomic exchange), generates, and puts it back; when the slots are empty it makes
- * a new one, so threads never share a context and never wait. */
-#define GEN_SLOTS 4
-
 typedef struct sw_state {
     keyx_provctx *p;
-    EVP_PKEY_CTX *gen[KEYX_ALG_COUNT][GEN_SLOTS];
+    keyx_ecx_impl *ecx[KEYX_ALG_COUNT]; /* X25519, X448 */
 } sw_state;
 
-static int sw_open(keyx_provctx *p, void **state)
-{
-    sw_state *s = OPENSSL_zalloc(sizeof(*s));
-
-    if (s == NULL)
-        return 0;
-    s->p = p;
-    *state = s;
-    return 1;
-}
+/* A software key: an EVP_PKEY in keyx's context (its view too), or for X25519/X448 the default
+ * provider's key object (ecx), whose view keyx makes when something asks for it. */
+typedef struct sw_key {
+    EVP_PKEY *pkey;
+    void *ecx;
+    keyx_alg alg;
+} sw_key;
 
 static void sw_close(void *state)
 {
@@ -44,19 +39,41 @@ static void sw_close(void *state)
     if (s == NULL)
         return;
     for (int a = 0; a < KEYX_ALG_COUNT; a++)
-        for (int i = 0; i < GEN_SLOTS; i++)
-            EVP_PKEY_CTX_free(s->gen[a][i]);
+        keyx_ecx_impl_free(s->ecx[a]);
     OPENSSL_free(s);
+}
+
+static int sw_open(keyx_provctx *p, void **state)
+{
+    sw_state *s = OPENSSL_zalloc(sizeof(*s));
+
+    if (s == NULL)
+        return 0;
+    s->p = p;
+    for (int a = KEYX_ALG_X25519; a <= KEYX_ALG_X448; a++)
+        if ((s->ecx[a] = keyx_ecx_impl_new(p->dflt, (keyx_alg)a)) == NULL) {
+            KEYX_ERR(p, KEYX_R_INTERNAL, "the default provider in keyx's context lacks %s",
+                     keyx_alg_name((keyx_alg)a));
+            sw_close(s);
+            return 0;
+        }
+    *state = s;
+    return 1;
+}
+
+static int is_ecx(keyx_alg alg)
+{
+    return alg == KEYX_ALG_X25519 || alg == KEYX_ALG_X448;
 }
 
 /* X25519 and X448 with no parameters but their own name as the group, which libssl and
  * EVP_PKEY_CTX_set_group_name always send: the same key generation as none at all. */
-static int reusable(const keyx_keyspec *spec)
+static int plain_ecx(const keyx_keyspec *spec)
 {
     const char *name = keyx_alg_name(spec->alg);
     size_t len = strlen(name);
 
-    if ((spec->alg != KEYX_ALG_X25519 && spec->alg != KEYX_ALG_X448) || spec->domain != NULL)
+    if (!is_ecx(spec->alg) || spec->domain != NULL)
         return 0;
     for (const OSSL_PARAM *q = spec->params; q != NULL && q->key != NULL; q++) {
         const char *v = q->data;
@@ -70,27 +87,42 @@ static int reusable(const keyx_keyspec *spec)
     return 1;
 }
 
-static EVP_PKEY_CTX *gen_take(sw_state *s, keyx_alg alg)
+static sw_key *key_new(keyx_alg alg, EVP_PKEY *pkey, void *ecx)
 {
-    for (int i = 0; i < GEN_SLOTS; i++) {
-        EVP_PKEY_CTX *ctx = __atomic_exchange_n(&s->gen[alg][i], NULL, __ATOMIC_ACQ_REL);
+    sw_key *k = OPENSSL_zalloc(sizeof(*k));
 
-        if (ctx != NULL)
-            return ctx;
+    if (k != NULL) {
+        k->alg = alg;
+        k->pkey = pkey;
+        k->ecx = ecx;
     }
-    return NULL;
+    return k;
 }
 
-static void gen_put(sw_state *s, keyx_alg alg, EVP_PKEY_CTX *ctx)
+static void key_free(sw_state *s, sw_key *k)
 {
-    for (int i = 0; i < GEN_SLOTS; i++) {
-        EVP_PKEY_CTX *none = NULL;
+    if (k == NULL)
+        return;
+    EVP_PKEY_free(k->pkey);
+    if (k->ecx != NULL)
+        keyx_ecx_free(s->ecx[k->alg], k->ecx);
+    OPENSSL_free(k);
+}
 
-        if (__atomic_compare_exchange_n(&s->gen[alg][i], &none, ctx, 0, __ATOMIC_ACQ_REL,
-                                        __ATOMIC_ACQUIRE))
-            return;
-    }
-    EVP_PKEY_CTX_free(ctx);
+/* The key object of an X25519/X448 EVP_PKEY (imported, or generated from a seed), so that every
+ * software X25519/X448 key derives the same way, from the peer's raw public key. */
+static int ecx_of(sw_state *s, keyx_alg alg, EVP_PKEY *key, void **ecx)
+{
+    unsigned char raw[56];
+    size_t len = sizeof(raw);
+
+    *ecx = NULL;
+    if (!is_ecx(alg))
+        return 1;
+    if (EVP_PKEY_get_raw_private_key(key, raw, &len) == 1)
+        *ecx = keyx_ecx_from_private(s->ecx[alg], raw, len);
+    OPENSSL_cleanse(raw, sizeof(raw));
+    return *ecx != NULL;
 }
 
 static int sw_supports(void *state, const keyx_keyspec *spec)
@@ -104,65 +136,132 @@ static int sw_generate(void *state, const keyx_keyspec *spec, void **handle, EVP
     sw_state *s = state;
     keyx_provctx *p = s->p;
     EVP_PKEY *key = NULL;
-    int reuse = reusable(spec);
-    EVP_PKEY_CTX *ctx = reuse ? gen_take(s, spec->alg) : NULL;
+    EVP_PKEY_CTX *ctx = NULL;
+    sw_key *k = NULL;
+    void *ecx = NULL;
 
-    if (ctx == NULL) {
-        ctx = spec->domain != NULL
-                  ? EVP_PKEY_CTX_new_from_pkey(p->libctx, spec->domain, NULL)
-                  : EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(spec->alg), NULL);
-        if (ctx != NULL && EVP_PKEY_keygen_init(ctx) != 1) {
-            EVP_PKEY_CTX_free(ctx);
-            ctx = NULL;
-        }
+    if (plain_ecx(spec)) {
+        /* no view yet: keyx asks sw_public_raw for the public key, sw_view for a view */
+        ecx = keyx_ecx_generate(s->ecx[spec->alg]);
+        if (ecx != NULL && (k = key_new(spec->alg, NULL, ecx)) == NULL)
+            keyx_ecx_free(s->ecx[spec->alg], ecx);
+        if (k == NULL)
+            goto err;
+        *handle = k;
+        *pub = NULL;
+        return 1;
     }
-    if (ctx == NULL ||
-        (!reuse && spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
-        EVP_PKEY_generate(ctx, &key) != 1 || !EVP_PKEY_up_ref(key)) {
+    ctx = spec->domain != NULL
+              ? EVP_PKEY_CTX_new_from_pkey(p->libctx, spec->domain, NULL)
+              : EVP_PKEY_CTX_new_from_name(p->libctx, keyx_alg_name(spec->alg), NULL);
+    if (ctx == NULL || EVP_PKEY_keygen_init(ctx) != 1 ||
+        (spec->params != NULL && EVP_PKEY_CTX_set_params(ctx, spec->params) != 1) ||
+        EVP_PKEY_generate(ctx, &key) != 1) {
         EVP_PKEY_CTX_free(ctx);
         EVP_PKEY_free(key);
-        KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software: %s key generation failed",
-                 keyx_alg_name(spec->alg));
-        return 0;
+        goto err;
     }
-    if (reuse)
-        gen_put(s, spec->alg, ctx);
-    else
-        EVP_PKEY_CTX_free(ctx);
-    *handle = key;
+    EVP_PKEY_CTX_free(ctx);
+    if (!ecx_of(s, spec->alg, key, &ecx) || (k = key_new(spec->alg, NULL, ecx)) == NULL) {
+        if (ecx != NULL)
+            keyx_ecx_free(s->ecx[spec->alg], ecx);
+        EVP_PKEY_free(key);
+        goto err;
+    }
+    k->pkey = key;
+    if (!EVP_PKEY_up_ref(key)) {
+        key_free(s, k);
+        goto err;
+    }
+    *handle = k;
     *pub = key; /* the same object: software keys carry their private part in the public view */
     return 1;
+
+err:
+    KEYX_ERR(p, KEYX_R_BACKEND_FAILURE, "software: %s key generation failed",
+             keyx_alg_name(spec->alg));
+    return 0;
 }
 
 static int sw_import(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub)
 {
-    (void)state;
-    if (!EVP_PKEY_up_ref(key))
+    sw_state *s = state;
+    keyx_alg alg = KEYX_ALG_COUNT;
+    void *ecx;
+    sw_key *k;
+
+    for (int a = KEYX_ALG_X25519; a <= KEYX_ALG_X448; a++)
+        if (EVP_PKEY_is_a(key, keyx_alg_name((keyx_alg)a)))
+            alg = (keyx_alg)a;
+    if (!ecx_of(s, alg, key, &ecx))
         return 0;
-    if (!EVP_PKEY_up_ref(key)) {
-        EVP_PKEY_free(key);
+    if ((k = key_new(alg, NULL, ecx)) == NULL) {
+        if (ecx != NULL)
+            keyx_ecx_free(s->ecx[alg], ecx);
         return 0;
     }
-    *handle = key;
+    /* one reference for the handle, one for the view */
+    if (!EVP_PKEY_up_ref(key)) {
+        key_free(s, k);
+        return 0;
+    }
+    k->pkey = key;
+    if (!EVP_PKEY_up_ref(key)) {
+        key_free(s, k);
+        return 0;
+    }
+    *handle = k;
     *pub = key;
     return 1;
+}
+
+static size_t sw_public_raw(void *state, void *handle, unsigned char *buf)
+{
+    sw_state *s = state;
+    sw_key *k = handle;
+
+    return k->ecx != NULL ? keyx_ecx_public(s->ecx[k->alg], k->ecx, buf) : 0;
+}
+
+static int sw_view(void *state, void *handle, EVP_PKEY **pub)
+{
+    sw_state *s = state;
+    sw_key *k = handle;
+
+    if (k->pkey != NULL) {
+        if (!EVP_PKEY_up_ref(k->pkey))
+            return 0;
+        *pub = k->pkey;
+        return 1;
+    }
+    *pub = keyx_ecx_pkey(s->ecx[k->alg], k->ecx, s->p->algs->fromdata[k->alg]);
+    return *pub != NULL;
 }
 
 static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned char *secret,
                      size_t secretlen)
 {
-    EVP_PKEY *peer = from->view;
-    keyx_provctx *p = ((sw_state *)state)->p;
-    EVP_PKEY *key = handle;
+    sw_state *s = state;
+    keyx_provctx *p = s->p;
+    sw_key *k = handle;
+    EVP_PKEY *key = k->pkey;
     size_t len = secretlen;
-    EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
-    int ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
+    EVP_PKEY_CTX *ctx;
+    int ok;
+
+    if (k->ecx != NULL) {
+        /* the peer's raw public key, which keyx checked (keyx_key_check_peer) */
+        ok = from->point != NULL && keyx_ecx_derive(s->ecx[k->alg], k->ecx, from->point,
+                                                    from->pointlen, secret, secretlen);
+    } else {
+        ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
+        ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
              (EVP_PKEY_get_base_id(key) != EVP_PKEY_DH || EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
              /* keyx validated the peer already (keyx_key_check_peer) */
-             EVP_PKEY_derive_set_peer_ex(ctx, peer, 0) == 1 &&
+             EVP_PKEY_derive_set_peer_ex(ctx, from->view, 0) == 1 &&
              EVP_PKEY_derive(ctx, secret, &len) == 1 && len == secretlen;
-
-    EVP_PKEY_CTX_free(ctx);
+        EVP_PKEY_CTX_free(ctx);
+    }
     if (!ok) {
         OPENSSL_cleanse(secret, secretlen);
         KEYX_ERR(p, KEYX_R_BACKEND_FAILURE,
@@ -177,7 +276,7 @@ static int sw_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op, cons
                           size_t inlen, unsigned char *out, size_t *outlen)
 {
     keyx_provctx *p = ((sw_state *)state)->p;
-    EVP_PKEY *key = handle;
+    EVP_PKEY *key = ((sw_key *)handle)->pkey;
     EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
     OSSL_PARAM params[6], *q = params;
     int pad = op->pad == KEYX_RSA_PAD_OAEP  ? RSA_PKCS1_OAEP_PADDING
@@ -215,8 +314,7 @@ static int sw_rsa_decrypt(void *state, void *handle, const keyx_rsa_op *op, cons
 
 static void sw_free(void *state, void *handle)
 {
-    (void)state;
-    EVP_PKEY_free(handle);
+    key_free(state, handle);
 }
 
 const keyx_backend_ops keyx_software_backend = {
@@ -229,6 +327,8 @@ const keyx_backend_ops keyx_software_backend = {
     .import = sw_import,
     .load = NULL,
     .derive = sw_derive,
+    .public_raw = sw_public_raw,
+    .view = sw_view,
     .free = sw_free,
     .rsa_decrypt = sw_rsa_decrypt,
 };

@@ -19,7 +19,7 @@
 static int software_key(keyx_codec *c, BIO *mem, keyx_key *k, OSSL_PASSPHRASE_CALLBACK *cb,
                         void *cbarg)
 {
-    OSSL_ENCODER_CTX *ectx = OSSL_ENCODER_CTX_new_for_pkey(k->pub, OSSL_KEYMGMT_SELECT_ALL,
+    OSSL_ENCODER_CTX *ectx = OSSL_ENCODER_CTX_new_for_pkey(keyx_key_pub(k), OSSL_KEYMGMT_SELECT_ALL,
                                                            c->enc == KEYX_ENC_PEM ? "PEM" : "DER",
                                                            "PrivateKeyInfo", NULL);
     int ok = ectx != NULL && OSSL_ENCODER_CTX_get_num_encoders(ectx) > 0 &&
@@ -49,7 +49,7 @@ static int reference(keyx_codec *c, BIO *mem, keyx_key *k)
                  keyx_alg_name(c->alg), r.backend);
         return 0;
     }
-    n = i2d_PUBKEY(k->pub, &r.spki);
+    n = i2d_PUBKEY(keyx_key_pub(k), &r.spki);
     if (n > 0) {
         r.spkilen = (size_t)n;
         ok = keyx_keyref_to_der(&r, &der, &len);

@@ -23,13 +23,14 @@ int keyx_pubkey_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSS
     (void)selection;
     (void)cb;
     (void)cbarg;
-    if (k == NULL || abstract != NULL || k->pub == NULL || !k->has_public) {
+    if (k == NULL || abstract != NULL || keyx_key_pub(k) == NULL || !k->has_public) {
         KEYX_ERR(c->p, KEYX_R_MISSING_KEY, "%s: no public key to encode", keyx_alg_name(c->alg));
         return 0;
     }
     if ((mem = BIO_new(BIO_s_mem())) == NULL)
         return 0;
-    ok = c->enc == KEYX_ENC_PEM ? PEM_write_bio_PUBKEY(mem, k->pub) : i2d_PUBKEY_bio(mem, k->pub);
+    ok = c->enc == KEYX_ENC_PEM ? PEM_write_bio_PUBKEY(mem, keyx_key_pub(k))
+                                : i2d_PUBKEY_bio(mem, keyx_key_pub(k));
     if (!ok)
         KEYX_ERR(c->p, KEYX_R_INTERNAL, "%s public key: encoding failed", keyx_alg_name(c->alg));
     ok = ok && keyx_core_bio_write_mem(c->p, out, mem);
@@ -48,7 +49,7 @@ int keyx_text_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSSL_
 
     (void)cb;
     (void)cbarg;
-    if (k == NULL || abstract != NULL || k->pub == NULL) {
+    if (k == NULL || abstract != NULL || keyx_key_pub(k) == NULL) {
         KEYX_ERR(c->p, KEYX_R_MISSING_KEY, "%s: empty key", keyx_alg_name(c->alg));
         return 0;
     }
@@ -56,11 +57,11 @@ int keyx_text_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSSL_
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && keyx_key_exports_private(k) &&
         keyx_key_has_private(k))
-        ok = EVP_PKEY_print_private(mem, k->pub, 0, NULL) > 0;
+        ok = EVP_PKEY_print_private(mem, keyx_key_pub(k), 0, NULL) > 0;
     else if (selection & OSSL_KEYMGMT_SELECT_KEYPAIR && k->has_public)
-        ok = EVP_PKEY_print_public(mem, k->pub, 0, NULL) > 0;
+        ok = EVP_PKEY_print_public(mem, keyx_key_pub(k), 0, NULL) > 0;
     else
-        ok = EVP_PKEY_print_params(mem, k->pub, 0, NULL) > 0;
+        ok = EVP_PKEY_print_params(mem, keyx_key_pub(k), 0, NULL) > 0;
     if (ok && (selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && !keyx_key_exports_private(k)) {
         ERR_set_mark();
         if (keyx_key_locator(k, &where))

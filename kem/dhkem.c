@@ -200,7 +200,7 @@ static int public_bytes(keyx_dhkem_ctx *c, const keyx_key *k, unsigned char *out
     } else {
         /* A key decoded from a compressed point answers in that form: ask a copy for the
          * uncompressed one. */
-        ok = (pub = EVP_PKEY_dup(k->pub)) != NULL &&
+        ok = (pub = EVP_PKEY_dup(keyx_key_pub(k))) != NULL &&
              EVP_PKEY_set_utf8_string_param(pub, OSSL_PKEY_PARAM_EC_POINT_CONVERSION_FORMAT,
                                             "uncompressed") == 1 &&
              EVP_PKEY_get_octet_string_param(pub, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY, out, n,

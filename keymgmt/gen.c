@@ -54,13 +54,14 @@ int keyx_km_gen_set_template(void *genctx, void *templ)
     keyx_genctx *g = genctx;
     keyx_key *t = templ;
 
-    if (t == NULL || t->pub == NULL || t->alg != g->alg || !EVP_PKEY_up_ref(t->pub)) {
+    if (t == NULL || keyx_key_pub(t) == NULL || t->alg != g->alg ||
+        !EVP_PKEY_up_ref(keyx_key_pub(t))) {
         KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT, "template is not a %s key with parameters",
                  keyx_alg_name(g->alg));
         return 0;
     }
     EVP_PKEY_free(g->templ);
-    g->templ = t->pub;
+    g->templ = keyx_key_pub(t);
     return 1;
 }
 
@@ -247,6 +248,21 @@ static int seeded_in_software(keyx_genctx *g, keyx_gen_target *t, const keyx_key
     return 0;
 }
 
+/* A key the backend made without a view: known by its raw public key until a view is needed. */
+static int public_raw(keyx_key *k, keyx_backend *be, void *handle)
+{
+    unsigned char raw[56];
+    size_t len = be->ops->public_raw != NULL ? be->ops->public_raw(be->state, handle, raw) : 0;
+
+    if (len == 0 || !keyx_key_set_raw(k, raw, len)) {
+        keyx_backend_free(be, handle);
+        KEYX_ERR(k->prov, KEYX_R_BACKEND_FAILURE, "the %s backend gave no %s public key",
+                 be->ops->name, keyx_alg_name(k->alg));
+        return 0;
+    }
+    return 1;
+}
+
 void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
 {
     keyx_genctx *g = genctx;
@@ -302,8 +318,11 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     if (target.named ? !generate_in(g, &target, &spec, &be, &handle, &pub)
                      : !keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
         goto fail;
+    if (pub == NULL && !public_raw(k, be, handle))
+        goto err;
     /* A persistent key is no ephemeral one: freeing it never deletes it from the device. */
-    if (!keyx_key_set_pub(k, pub) || !keyx_key_attach(k, be, handle, !target.persistent))
+    if ((pub != NULL && !keyx_key_set_pub(k, pub)) ||
+        !keyx_key_attach(k, be, handle, !target.persistent))
         goto err;
     keyx_key_event(k, "keygen", 1, NULL);
     EVP_PKEY_free(named);

@@ -120,7 +120,7 @@ void keyx_key_free(keyx_key *k)
     if (k == NULL)
         return;
     priv_release(k);
-    EVP_PKEY_free(k->pub);
+    EVP_PKEY_free(k->view);
     OPENSSL_free(k);
 }
 
@@ -134,11 +134,14 @@ static void compute_id(keyx_key *k)
     k->id[0] = '\0';
     if (!k->has_public)
         return;
-    if (k->alg == KEYX_ALG_RSA) {
-        enclen = i2d_PUBKEY(k->pub, &enc);
+    if (k->ecx_publen != 0) { /* X25519/X448: the encoded public key is the raw key */
+        len = k->ecx_publen;
+        enc = OPENSSL_memdup(k->ecx_pub, len);
+    } else if (k->alg == KEYX_ALG_RSA) {
+        enclen = i2d_PUBKEY(k->view, &enc);
         len = enclen > 0 ? (size_t)enclen : 0;
     } else {
-        len = EVP_PKEY_get1_encoded_public_key(k->pub, &enc);
+        len = EVP_PKEY_get1_encoded_public_key(k->view, &enc);
     }
     if (len > 0 && EVP_Digest(enc, len, md, &mdlen, k->prov->algs->sha256, NULL) == 1)
         for (int i = 0; i < 8; i++)
@@ -151,8 +154,8 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     char name[64];
     size_t len = 0;
 
-    EVP_PKEY_free(k->pub);
-    k->pub = pub;
+    EVP_PKEY_free(k->view);
+    k->view = pub;
     k->group[0] = '\0';
     k->id[0] = '\0';
     k->public_checked = 0;
@@ -193,6 +196,75 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     }
     ERR_pop_to_mark();
     return 1;
+}
+
+int keyx_key_set_raw(keyx_key *k, const unsigned char *pub, size_t len)
+{
+    keyx_key_set_pub(k, NULL);
+    if ((k->alg != KEYX_ALG_X25519 && k->alg != KEYX_ALG_X448) ||
+        len != (k->alg == KEYX_ALG_X448 ? 56 : 32)) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY, "%s public key must be %d bytes, not %zu",
+                 keyx_alg_name(k->alg), k->alg == KEYX_ALG_X448 ? 56 : 32, len);
+        return 0;
+    }
+    snprintf(k->group, sizeof(k->group), "%s", keyx_alg_name(k->alg));
+    memcpy(k->ecx_pub, pub, len);
+    k->ecx_publen = len;
+    k->has_public = 1;
+    return 1;
+}
+
+int keyx_key_is_empty(const keyx_key *k)
+{
+    return __atomic_load_n(&k->view, __ATOMIC_ACQUIRE) == NULL && k->ecx_publen == 0;
+}
+
+/* The view of an X25519/X448 key known by its raw public key: a software private part makes the
+ * complete key (its view must carry the private key, as every software key's does), else the
+ * public key alone. */
+static EVP_PKEY *make_view(const keyx_key *k)
+{
+    keyx_priv *pv = k->priv;
+    EVP_PKEY *v = NULL;
+    int made = 0;
+    OSSL_PARAM one[2];
+
+    if (pv != NULL && pv->be->ops->view != NULL && CRYPTO_THREAD_read_lock(pv->lock)) {
+        if (pv->handle != NULL)
+            made = pv->be->ops->view(pv->be->state, pv->handle, &v) == 1 ? 1 : -1;
+        CRYPTO_THREAD_unlock(pv->lock);
+        if (made == 1)
+            return v;
+        if (made == -1) {
+            KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot make the view of a %s key",
+                     keyx_alg_name(k->alg));
+            return NULL;
+        }
+    }
+    one[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *)k->ecx_pub,
+                                               k->ecx_publen);
+    one[1] = OSSL_PARAM_construct_end();
+    if (EVP_PKEY_fromdata(k->prov->algs->fromdata[k->alg], &v, EVP_PKEY_PUBLIC_KEY, one) != 1) {
+        KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot make the view of a %s public key",
+                 keyx_alg_name(k->alg));
+        return NULL;
+    }
+    return v;
+}
+
+EVP_PKEY *keyx_key_pub(const keyx_key *k)
+{
+    /* the view is a cache: made at most once per key (the loser of a race frees its copy) */
+    EVP_PKEY **slot = (EVP_PKEY **)&k->view;
+    EVP_PKEY *v = __atomic_load_n(slot, __ATOMIC_ACQUIRE), *none = NULL;
+
+    if (v != NULL || k->ecx_publen == 0 || (v = make_view(k)) == NULL)
+        return v;
+    if (!__atomic_compare_exchange_n(slot, &none, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        EVP_PKEY_free(v);
+        v = none;
+    }
+    return v;
 }
 
 int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral)
@@ -333,7 +405,7 @@ static EVP_PKEY *copy_pub(const keyx_key *k, int selection)
         sel |= OSSL_KEYMGMT_SELECT_ALL_PARAMETERS; /* a public key needs its group */
     else if ((sel & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || !k->has_public)
         return NULL; /* X25519/X448/RSA have no parameters to copy: an empty key */
-    if (EVP_PKEY_todata(k->pub, sel, &params) == 1 &&
+    if (EVP_PKEY_todata(k->view, sel, &params) == 1 &&
         (ctx = EVP_PKEY_CTX_new_from_name(k->prov->libctx, keyx_alg_name(k->alg), NULL)) != NULL &&
         EVP_PKEY_fromdata_init(ctx) == 1)
         EVP_PKEY_fromdata(ctx, &out, sel, params);
@@ -350,16 +422,25 @@ keyx_key *keyx_key_dup(const keyx_key *k, int selection)
 
     if (d == NULL)
         return NULL;
-    if (k->pub != NULL) {
-        pub = with_private ? EVP_PKEY_dup(k->pub) : copy_pub(k, selection);
+    if (keyx_key_is_empty(k)) {
+        /* nothing to copy */
+    } else if (__atomic_load_n(&k->view, __ATOMIC_ACQUIRE) == NULL) {
+        /* an X25519/X448 key with no view yet: the copy makes its own when needed */
+        if ((with_private || (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) &&
+            !keyx_key_set_raw(d, k->ecx_pub, k->ecx_publen)) {
+            keyx_key_free(d);
+            return NULL;
+        }
+    } else {
+        pub = with_private ? EVP_PKEY_dup(k->view) : copy_pub(k, selection);
         if (pub == NULL && (with_private || keyx_alg_has_domain(k->alg) ||
                             (k->has_public && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)))) {
             KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot duplicate %s key", keyx_alg_name(k->alg));
             keyx_key_free(d);
             return NULL;
         }
+        keyx_key_set_pub(d, pub);
     }
-    keyx_key_set_pub(d, pub);
     if (with_private) {
         int refs;
 
@@ -383,10 +464,10 @@ size_t keyx_key_secret_size(const keyx_key *k)
     case KEYX_ALG_X448:
         return 56;
     case KEYX_ALG_EC:
-        return k->pub != NULL ? ((size_t)EVP_PKEY_get_bits(k->pub) + 7) / 8 : 0;
+        return k->view != NULL ? ((size_t)EVP_PKEY_get_bits(k->view) + 7) / 8 : 0;
     case KEYX_ALG_DH:
     case KEYX_ALG_DHX:
-        return k->pub != NULL ? (size_t)EVP_PKEY_get_size(k->pub) : 0;
+        return k->view != NULL ? (size_t)EVP_PKEY_get_size(k->view) : 0;
     default:
         return 0;
     }
@@ -419,7 +500,7 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
         KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is not a %s key", keyx_alg_name(k->alg));
         return 0;
     }
-    if (!peer->has_public || k->pub == NULL) {
+    if (!peer->has_public || keyx_key_is_empty(k)) {
         KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "peer %s key has no public key",
                  keyx_alg_name(k->alg));
         return 0;
@@ -428,13 +509,13 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
      * all of them (cofactor included) match a built-in curve, and EC_GROUP_cmp would let a
      * peer with a wrong cofactor pass. */
     if ((k->alg == KEYX_ALG_EC && k->group[0] != '\0' && strcmp(k->group, peer->group) != 0) ||
-        (keyx_alg_has_domain(k->alg) && EVP_PKEY_parameters_eq(k->pub, peer->pub) != 1)) {
+        (keyx_alg_has_domain(k->alg) && EVP_PKEY_parameters_eq(k->view, peer->view) != 1)) {
         KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is on %s, ours on %s",
                  peer->group[0] ? peer->group : "other parameters",
                  k->group[0] ? k->group : "explicit parameters");
         return 0;
     }
-    if (k->alg == KEYX_ALG_EC && explicit_curve(peer->pub)) {
+    if (k->alg == KEYX_ALG_EC && explicit_curve(peer->view)) {
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
                  "peer key carries explicit curve parameters; keyx accepts named curves only "
                  "(RFC 5480), as TLS sends them");
@@ -452,9 +533,9 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
     /* EC: on the curve and not at infinity (our curves have cofactor 1). DH: 2 <= y <= p-2
      * and, when q is known, y in the order-q subgroup. */
     if (keyx_alg_is_dh(k->alg)) {
-        ok = keyx_dh_public_ok(peer->pub);
+        ok = keyx_dh_public_ok(peer->view);
     } else if (k->alg == KEYX_ALG_EC) {
-        ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->pub, NULL);
+        ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->view, NULL);
         ok = ctx != NULL && EVP_PKEY_public_check_quick(ctx) == 1;
         EVP_PKEY_CTX_free(ctx);
     } else {
@@ -531,7 +612,14 @@ static int derive_op(keyx_priv *pv, void *arg)
 int keyx_key_derive_as(keyx_key *k, keyx_key *peer, const char *event, unsigned char *out,
                        size_t outlen)
 {
-    derive_args a = {{peer->pub, peer->ec_pointlen != 0 ? peer->ec_point : NULL, peer->ec_pointlen},
+    int ecx = peer->ecx_publen != 0;
+    /* an X25519/X448 peer goes by its raw key to a backend in process memory, with no view */
+    int raw = ecx && k->priv != NULL && k->priv->be->ops->exports_private;
+    derive_args a = {{raw ? __atomic_load_n(&peer->view, __ATOMIC_ACQUIRE) : keyx_key_pub(peer),
+                      ecx                      ? peer->ecx_pub
+                      : peer->ec_pointlen != 0 ? peer->ec_point
+                                               : NULL,
+                      ecx ? peer->ecx_publen : peer->ec_pointlen},
                      out,
                      outlen};
     int done, ok = key_use(k, event, derive_op, &a, &done);

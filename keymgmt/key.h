@@ -17,15 +17,16 @@ typedef struct keyx_key {
     keyx_provctx *prov;
     keyx_alg alg;
     /* Public view in keyx's libctx: domain parameters and public key (for software keys, the
-     * complete key). NULL for an empty key. Parameters are answered from here. */
-    EVP_PKEY *pub;
+     * complete key). NULL for an empty key, and for an X25519/X448 key known by its raw public
+     * key (ecx_pub) until something needs the view: read it with keyx_key_pub(). */
+    EVP_PKEY *view;
     keyx_priv *priv; /* NULL for public keys and domain parameters */
     int has_params;
     int has_public;
     int public_checked; /* a full public-key check has passed: set_peer need not repeat it */
     char group[64];     /* canonical group name, "" when none or explicit */
-    /* X25519/X448: the raw public key as the view holds it (has_public), kept so that the peer
-     * check needs no parameter export */
+    /* X25519/X448: the raw public key (has_public), as the view holds it or, before the view
+     * is made, the key itself: the peer check, derives and parameters need no view */
     unsigned char ecx_pub[56];
     size_t ecx_publen;
     /* EC: the uncompressed point the application set (keyx_km_set_params: libssl's peer key
@@ -40,6 +41,14 @@ keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg);
 void keyx_key_free(keyx_key *k);
 /* Replaces the public view (takes ownership of pub) and refreshes the derived fields. */
 int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub);
+/* X25519/X448: the key is its raw public key (32/56 bytes); the view is made when first needed.
+ * 0 with an error for another length. */
+int keyx_key_set_raw(keyx_key *k, const unsigned char *pub, size_t len);
+/* The public view, made now if the key has none yet; NULL for an empty key (or with an error
+ * when it cannot be made). The view is made once and then never changes. */
+EVP_PKEY *keyx_key_pub(const keyx_key *k);
+/* 1 for a key with neither parameters nor a public key (nothing set or generated yet). */
+int keyx_key_is_empty(const keyx_key *k);
 /* Attaches a private part produced by backend be (ownership of handle moves to the key). */
 int keyx_key_attach(keyx_key *k, keyx_backend *be, void *handle, int ephemeral);
 /* A static key a backend loaded (by locator or from an encoded form): takes over handle and pub

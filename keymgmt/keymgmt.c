@@ -52,7 +52,7 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
     EVP_PKEY_CTX *ctx;
     int ok = 1;
 
-    if (k->pub == NULL) {
+    if (keyx_key_is_empty(k)) {
         ok = (selection & OSSL_KEYMGMT_SELECT_KEYPAIR) == 0 && !keyx_alg_has_domain(k->alg);
         goto end;
     }
@@ -68,7 +68,7 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
         ok = (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || k->has_public;
         goto end;
     }
-    if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, k->pub, NULL)) == NULL)
+    if ((ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, keyx_key_pub(k), NULL)) == NULL)
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(k->alg)) {
         failed = "domain parameters are invalid";
@@ -82,7 +82,7 @@ int keyx_km_validate(const void *keydata, int selection, int checktype)
         failed = keyx_alg_is_dh(k->alg) ? "public value is outside [2, p-2] or the subgroup"
                                         : "public key is malformed or not on the curve";
         if (keyx_alg_is_dh(k->alg) && !quick)
-            ok = keyx_dh_public_ok(k->pub); /* DH_check_pub_key's verdict, far cheaper */
+            ok = keyx_dh_public_ok(k->view); /* DH_check_pub_key's verdict, far cheaper */
         else if (prime_order)
             /* Every point of a prime-order curve (cofactor 1) has order n: the full check's
              * n*Q == O adds nothing to the quick one (on the curve, not at infinity). */
@@ -115,13 +115,16 @@ int keyx_km_match(const void *keydata1, const void *keydata2, int selection)
     const keyx_key *a = keydata1, *b = keydata2;
     int ok = 1;
 
-    if (a->alg != b->alg || a->pub == NULL || b->pub == NULL)
+    if (a->alg != b->alg || keyx_key_is_empty(a) || keyx_key_is_empty(b))
         return 0;
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(a->alg))
-        ok = EVP_PKEY_parameters_eq(a->pub, b->pub) == 1;
+        ok = EVP_PKEY_parameters_eq(a->view, b->view) == 1;
     if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR)) {
-        if (a->has_public && b->has_public)
-            ok = EVP_PKEY_eq(a->pub, b->pub) == 1;
+        if (a->has_public && b->has_public && a->ecx_publen != 0)
+            ok = a->ecx_publen == b->ecx_publen &&
+                 memcmp(a->ecx_pub, b->ecx_pub, a->ecx_publen) == 0;
+        else if (a->has_public && b->has_public)
+            ok = EVP_PKEY_eq(a->view, b->view) == 1;
         else
             ok = a->priv != NULL && a->priv == b->priv;
     }
@@ -209,40 +212,56 @@ int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
                  keyx_alg_name(k->alg), keyx_key_backend_name(k));
         return 0;
     }
-    if (k->pub == NULL) {
+    if (keyx_key_is_empty(k)) {
         KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "empty %s key", keyx_alg_name(k->alg));
         return 0;
     }
-    return EVP_PKEY_export(k->pub, selection, cb, cbarg);
+    return keyx_key_pub(k) != NULL && EVP_PKEY_export(keyx_key_pub(k), selection, cb, cbarg);
 }
 
-/* X25519/X448 sizes are fixed: the default provider reports them even for a key with no
- * material yet, and libssl caches what an empty peer key answers before setting its value. */
-static int ecx_fixed_params(keyx_alg alg, OSSL_PARAM params[])
+/* X25519/X448 without a view: the sizes are fixed (the default provider reports them even for
+ * a key with no material yet, and libssl caches what an empty peer key answers before setting
+ * its value) and the public key is the raw key. 0 when something else is asked: the view
+ * answers that. */
+static int ecx_params_without_view(const keyx_key *k, OSSL_PARAM params[], int *ok)
 {
-    int x448 = alg == KEYX_ALG_X448;
+    int x448 = k->alg == KEYX_ALG_X448;
     int bits = x448 ? 448 : 253, secbits = x448 ? 224 : 128, size = x448 ? 56 : 32;
-    OSSL_PARAM *p;
 
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_BITS)) && !OSSL_PARAM_set_int(p, bits))
-        return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_SECURITY_BITS)) &&
-        !OSSL_PARAM_set_int(p, secbits))
-        return 0;
-    if ((p = OSSL_PARAM_locate(params, OSSL_PKEY_PARAM_MAX_SIZE)) && !OSSL_PARAM_set_int(p, size))
-        return 0;
+    for (OSSL_PARAM *p = params; p->key != NULL; p++)
+        if (strcmp(p->key, OSSL_PKEY_PARAM_BITS) != 0 &&
+            strcmp(p->key, OSSL_PKEY_PARAM_SECURITY_BITS) != 0 &&
+            strcmp(p->key, OSSL_PKEY_PARAM_MAX_SIZE) != 0 &&
+            ((strcmp(p->key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) != 0 &&
+              strcmp(p->key, OSSL_PKEY_PARAM_PUB_KEY) != 0) ||
+             !k->has_public))
+            return 0;
+    *ok = 1;
+    for (OSSL_PARAM *p = params; *ok && p->key != NULL; p++) {
+        if (strcmp(p->key, OSSL_PKEY_PARAM_BITS) == 0)
+            *ok = OSSL_PARAM_set_int(p, bits);
+        else if (strcmp(p->key, OSSL_PKEY_PARAM_SECURITY_BITS) == 0)
+            *ok = OSSL_PARAM_set_int(p, secbits);
+        else if (strcmp(p->key, OSSL_PKEY_PARAM_MAX_SIZE) == 0)
+            *ok = OSSL_PARAM_set_int(p, size);
+        else
+            *ok = OSSL_PARAM_set_octet_string(p, k->ecx_pub, k->ecx_publen);
+    }
     return 1;
 }
 
 int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
+    EVP_PKEY *view = __atomic_load_n(&k->view, __ATOMIC_ACQUIRE);
+    int ok = 1;
 
-    if (k->pub != NULL)
-        return EVP_PKEY_get_params(k->pub, params) == 1;
-    if (k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448)
-        return ecx_fixed_params(k->alg, params);
-    return 1;
+    if (view == NULL && (k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
+        ecx_params_without_view(k, params, &ok))
+        return ok;
+    if (view == NULL && !keyx_key_is_empty(k))
+        view = keyx_key_pub(k);
+    return view == NULL || EVP_PKEY_get_params(view, params) == 1;
 }
 
 const OSSL_PARAM *keyx_km_gettable_params(keyx_provctx *p, keyx_alg alg)
@@ -255,24 +274,6 @@ const OSSL_PARAM *keyx_km_settable_params(keyx_provctx *p, keyx_alg alg)
     return EVP_KEYMGMT_settable_params(p->algs->km[alg]);
 }
 
-/* A public view of the right type with no key yet (X25519/X448 keys start empty). */
-static EVP_PKEY *raw_public(keyx_key *k, const OSSL_PARAM *enc)
-{
-    const void *data = NULL;
-    size_t len = 0;
-    EVP_PKEY *pub = NULL;
-    OSSL_PARAM one[2];
-
-    if (!OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
-        return NULL;
-    one[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *)data, len);
-    one[1] = OSSL_PARAM_construct_end();
-    if (k->prov->algs->fromdata[k->alg] == NULL ||
-        EVP_PKEY_fromdata(k->prov->algs->fromdata[k->alg], &pub, EVP_PKEY_PUBLIC_KEY, one) != 1)
-        return NULL;
-    return pub;
-}
-
 int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
@@ -283,9 +284,9 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
 
     if (enc == NULL) {
         /* Views are shared (duplicates, the named-group cache): a changed one is a copy. */
-        if (k->pub == NULL)
+        if (keyx_key_is_empty(k))
             return 1;
-        pub = EVP_PKEY_dup(k->pub);
+        pub = keyx_key_pub(k) != NULL ? EVP_PKEY_dup(keyx_key_pub(k)) : NULL;
         if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
             EVP_PKEY_free(pub);
             return 0;
@@ -297,13 +298,13 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
                  "cannot replace the public key of a %s private key", keyx_alg_name(k->alg));
         return 0;
     }
+    /* X25519/X448: the key is its raw public key, the view made only when needed (libssl sets
+     * each peer's key share this way) */
+    if ((k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
+        OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
+        return keyx_key_set_raw(k, data, len);
     /* A new public view rather than an edit: views may be shared with duplicates. */
-    if (k->pub != NULL)
-        pub = EVP_PKEY_dup(k->pub);
-    else if (!keyx_alg_has_domain(k->alg) && k->alg != KEYX_ALG_RSA)
-        pub = raw_public(k, enc);
-    else
-        pub = NULL;
+    pub = k->view != NULL ? EVP_PKEY_dup(k->view) : NULL;
     if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
         EVP_PKEY_free(pub);
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,

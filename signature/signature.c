@@ -146,7 +146,7 @@ static int current_op(keyx_sig *c, keyx_sign_op *op, char md[64], char mgf1[64],
         return 0;
     hlen = EVP_MD_get_size(m);
     EVP_MD_free(m);
-    max = (EVP_PKEY_get_bits(c->key->pub) - 1 + 7) / 8 - hlen - 2;
+    max = (EVP_PKEY_get_bits(keyx_key_pub(c->key)) - 1 + 7) / 8 - hlen - 2;
     /* As the default provider signs: "digest" the hash length, "max" and "auto" the most that
      * fits, "auto-digestmax" (OpenSSL 3.1) the hash length or less. */
     if (salt == RSA_PSS_SALTLEN_DIGEST || (checking && salt == RSA_PSS_SALTLEN_AUTO))
@@ -235,7 +235,7 @@ static int sig_init(keyx_sig *c, void *keydata, int signing, const char *mdname,
     int ok;
 
     sig_reset(c);
-    if (k == NULL || k->alg != c->alg || k->pub == NULL || !k->has_public) {
+    if (k == NULL || k->alg != c->alg || keyx_key_pub(k) == NULL || !k->has_public) {
         KEYX_ERR(c->p, KEYX_R_MISSING_KEY, "%s signature: no %s key",
                  c->alg == KEYX_ALG_EC ? "ECDSA" : "RSA", keyx_alg_name(c->alg));
         return 0;
@@ -247,7 +247,7 @@ static int sig_init(keyx_sig *c, void *keydata, int signing, const char *mdname,
     c->key = k;
     c->signing = signing;
     c->hardware = keyx_key_has_private(k) && !keyx_key_exports_private(k);
-    if ((c->shadow = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, k->pub, NULL)) == NULL)
+    if ((c->shadow = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, keyx_key_pub(k), NULL)) == NULL)
         return 0;
     ok = signing && !c->hardware ? EVP_PKEY_sign_init(c->shadow) : EVP_PKEY_verify_init(c->shadow);
     if (ok == 1 && mdname != NULL) {
@@ -355,7 +355,7 @@ static int sign_digest(keyx_sig *c, unsigned char *sig, size_t *siglen, size_t s
     if (c->alg == KEYX_ALG_EC) /* the backend gives r || s, the caller wants DER */
         return keyx_key_sign(c->key, &op, dgst, dlen, raw, &rawlen) &&
                ecdsa_der(c, raw, rawlen, sig, siglen, sigsize);
-    if (sigsize < (size_t)EVP_PKEY_get_size(c->key->pub)) {
+    if (sigsize < (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key))) {
         KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT, "RSA signature: output buffer too small");
         return 0;
     }
@@ -371,7 +371,7 @@ static int sig_sign(void *vctx, unsigned char *sig, size_t *siglen, size_t sigsi
     if (c->shadow == NULL || !c->signing)
         return 0;
     if (sig == NULL) {
-        *siglen = (size_t)EVP_PKEY_get_size(c->key->pub);
+        *siglen = (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key));
         return 1;
     }
     /* A plain sign: the digest was set by now (the data is the digest), so ask the backend. */
@@ -405,7 +405,7 @@ static int sig_digest_sign_final(void *vctx, unsigned char *sig, size_t *siglen,
     if (c->md == NULL || !c->signing)
         return 0;
     if (sig == NULL) { /* a size query: the digest stays open */
-        *siglen = (size_t)EVP_PKEY_get_size(c->key->pub);
+        *siglen = (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key));
         return 1;
     }
     return EVP_DigestFinal_ex(c->md, dgst, &dlen) == 1 &&

@@ -127,11 +127,11 @@ static int rsa_encrypt(void *vctx, unsigned char *out, size_t *outlen, size_t ou
         return 0;
     }
     if (out == NULL) {
-        *outlen = (size_t)EVP_PKEY_get_size(c->key->pub);
+        *outlen = (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key));
         return 1;
     }
     keyx_rsa_params_to_ossl(&c->rp, params);
-    ctx = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, c->key->pub, NULL);
+    ctx = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, keyx_key_pub(c->key), NULL);
     ok = ctx != NULL && EVP_PKEY_encrypt_init_ex(ctx, params) == 1 &&
          EVP_PKEY_encrypt(ctx, out, &len, in, inlen) == 1;
     EVP_PKEY_CTX_free(ctx);
@@ -159,7 +159,7 @@ static int rsa_decrypt(void *vctx, unsigned char *out, size_t *outlen, size_t ou
         KEYX_ERR(c->p, KEYX_R_MISSING_KEY, "initialize the context for decryption first");
         return 0;
     }
-    nlen = (size_t)EVP_PKEY_get_size(k->pub);
+    nlen = (size_t)EVP_PKEY_get_size(keyx_key_pub(k));
     if (!keyx_rsa_params_op(c->p, &c->rp, keyx_key_exports_private(k), keyx_key_backend_name(k),
                             &op))
         return 0;

@@ -119,7 +119,7 @@ static int kem_encapsulate(void *vctx, unsigned char *out, size_t *outlen, unsig
     if (!kem_ready(c, 0))
         return 0;
     if (out == NULL) {
-        size_t nlen = (size_t)EVP_PKEY_get_size(c->key->pub);
+        size_t nlen = (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key));
 
         if (outlen != NULL)
             *outlen = nlen;
@@ -127,7 +127,7 @@ static int kem_encapsulate(void *vctx, unsigned char *out, size_t *outlen, unsig
             *secretlen = nlen;
         return 1;
     }
-    ctx = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, c->key->pub, NULL);
+    ctx = EVP_PKEY_CTX_new_from_pkey(c->p->libctx, keyx_key_pub(c->key), NULL);
     ok = ctx != NULL && EVP_PKEY_encapsulate_init(ctx, NULL) == 1 &&
          EVP_PKEY_CTX_set_kem_op(ctx, OSSL_KEM_PARAM_OPERATION_RSASVE) == 1 &&
          EVP_PKEY_encapsulate(ctx, out, outlen, secret, secretlen) == 1;
@@ -148,7 +148,7 @@ static int kem_decapsulate(void *vctx, unsigned char *out, size_t *outlen, const
 
     if (!kem_ready(c, 1))
         return 0;
-    nlen = (size_t)EVP_PKEY_get_size(c->key->pub);
+    nlen = (size_t)EVP_PKEY_get_size(keyx_key_pub(c->key));
     if (out == NULL) {
         *outlen = nlen;
         return 1;
