@@ -221,20 +221,19 @@ int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 
 /* X25519/X448 without a view: the sizes are fixed (the default provider reports them even for
  * a key with no material yet, and libssl caches what an empty peer key answers before setting
- * its value) and the public key is the raw key. 0 when something else is asked: the view
- * answers that. */
+ * its value) and the public key is the raw key. 0 when a key that has material is asked for
+ * more: its view answers that. */
 static int ecx_params_without_view(const keyx_key *k, OSSL_PARAM params[], int *ok)
 {
     int x448 = k->alg == KEYX_ALG_X448;
     int bits = x448 ? 448 : 253, secbits = x448 ? 224 : 128, size = x448 ? 56 : 32;
 
-    for (OSSL_PARAM *p = params; p->key != NULL; p++)
+    for (OSSL_PARAM *p = params; !keyx_key_is_empty(k) && p->key != NULL; p++)
         if (strcmp(p->key, OSSL_PKEY_PARAM_BITS) != 0 &&
             strcmp(p->key, OSSL_PKEY_PARAM_SECURITY_BITS) != 0 &&
             strcmp(p->key, OSSL_PKEY_PARAM_MAX_SIZE) != 0 &&
-            ((strcmp(p->key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) != 0 &&
-              strcmp(p->key, OSSL_PKEY_PARAM_PUB_KEY) != 0) ||
-             !k->has_public))
+            strcmp(p->key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) != 0 &&
+            strcmp(p->key, OSSL_PKEY_PARAM_PUB_KEY) != 0)
             return 0;
     *ok = 1;
     for (OSSL_PARAM *p = params; *ok && p->key != NULL; p++) {
@@ -244,7 +243,8 @@ static int ecx_params_without_view(const keyx_key *k, OSSL_PARAM params[], int *
             *ok = OSSL_PARAM_set_int(p, secbits);
         else if (strcmp(p->key, OSSL_PKEY_PARAM_MAX_SIZE) == 0)
             *ok = OSSL_PARAM_set_int(p, size);
-        else
+        else if (k->has_public && (strcmp(p->key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) == 0 ||
+                                   strcmp(p->key, OSSL_PKEY_PARAM_PUB_KEY) == 0))
             *ok = OSSL_PARAM_set_octet_string(p, k->ecx_pub, k->ecx_publen);
     }
     return 1;
@@ -259,8 +259,8 @@ int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
     if (view == NULL && (k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
         ecx_params_without_view(k, params, &ok))
         return ok;
-    if (view == NULL && !keyx_key_is_empty(k))
-        view = keyx_key_pub(k);
+    if (view == NULL && !keyx_key_is_empty(k) && (view = keyx_key_pub(k)) == NULL)
+        return 0;
     return view == NULL || EVP_PKEY_get_params(view, params) == 1;
 }
 
