@@ -63,6 +63,9 @@ typedef struct keyx_keyspec {
 #define KEYX_PARAM_LABEL "keyx-label"
 #define KEYX_PARAM_ID "keyx-id"
 
+/* The longest raw public key public_raw writes: an uncompressed P-521 point. */
+#define KEYX_PUBLIC_RAW_MAX (1 + 2 * 66)
+
 /* Results of generate, import, load and derive: 1 done; 0 failed (an error is raised: bad input,
  * unsupported request, key gone...); KEYX_BACKEND_DOWN: the device itself is unreachable or broken
  * (TPM connection lost, token removed, session/device errors), error raised too. The router then
@@ -151,8 +154,9 @@ typedef struct keyx_backend_ops {
     /* 1 if this backend can generate and use keys of spec (spec->domain may be NULL here). */
     int (*supports)(void *state, const keyx_keyspec *spec);
     /* New key pair: *handle is the backend's private part, *pub its public key (keyx libctx).
-     * A backend with public_raw may leave *pub NULL: keyx then takes the raw public key from
-     * public_raw and makes the view only when something needs it (view). */
+     * For X25519/X448 and EC on a named group (spec->group and spec->domain set), a backend
+     * with public_raw may leave *pub NULL: keyx then takes the raw public key from public_raw
+     * and makes the view only when something needs it (a TLS key share never does). */
     int (*generate)(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub);
     /* Takes a complete key from keyx's libctx (used for imported software keys and tests). */
     int (*import)(void *state, EVP_PKEY *key, void **handle, EVP_PKEY **pub);
@@ -211,12 +215,15 @@ typedef struct keyx_backend_ops {
      * from OSSL_PROVIDER_get_params, so it never calls the device and never waits for a lock
      * held across device calls; never a PIN. NULL: the backend has no device (software). */
     void (*describe)(void *state, char *buf, size_t len);
-    /* Keys in process memory only (exports_private), both NULL or both set, called without
-     * call.c's guards (no device): for a key generate returned without a view, public_raw
-     * writes its raw public key (X25519/X448: 32/56 bytes) into buf (56 bytes) and returns its
-     * length (0: the key has a view of its own); view makes the complete key as an EVP_PKEY in
-     * keyx's libctx (a new reference). */
+    /* For a key generate returned without a view: its raw public key (X25519/X448: 32/56
+     * bytes; EC: the uncompressed point) into buf (KEYX_PUBLIC_RAW_MAX bytes), and its length
+     * (0: none). Answered from the handle, never from the device: called without call.c's
+     * guards. NULL: generate always returns a view. */
     size_t (*public_raw)(void *state, void *handle, unsigned char *buf);
+    /* Keys in process memory only (exports_private) whose generate may leave *pub NULL: the
+     * complete key as an EVP_PKEY in keyx's libctx (a new reference), made when keyx needs the
+     * key's view (export, encoders, private-key checks). Hardware keys' views are their public
+     * keys, which keyx makes itself. */
     int (*view)(void *state, void *handle, EVP_PKEY **pub);
     /* Destroys the private part (flush, C_DestroyObject, wipe). */
     void (*free)(void *state, void *handle);

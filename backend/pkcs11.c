@@ -43,6 +43,10 @@ typedef struct p11_key {
      * of the failover set when its own is down (key_elsewhere). */
     char *asked;
     EVP_PKEY *pub;
+    /* EC keys keyx generated: the uncompressed point, which keyx takes instead of a view
+     * (p11_public_raw); pointlen 0 for other keys */
+    unsigned char point[1 + 2 * 66];
+    size_t pointlen;
 } p11_key;
 
 /* Guards where a static key is (tok, gen, obj, uri): it moves after a fork and when its token
@@ -166,8 +170,10 @@ static int bn_bytes(const EVP_PKEY *pk, const char *name, unsigned char **out, s
 
 /* ---- generate ---------------------------------------------------------------------------- */
 
+/* An EC key pair; *pub stays NULL: keyx makes the view from the point (out, *outlen) when it
+ * needs one, which a TLS key share never does. */
 static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, const p11_name *name,
-                  CK_OBJECT_HANDLE *priv, EVP_PKEY **pub)
+                  CK_OBJECT_HANDLE *priv, unsigned char *out, size_t *outlen)
 {
     keyx_provctx *p = p11_dev_prov(d);
     size_t plen = 0, ptlen = 0;
@@ -198,8 +204,7 @@ static int gen_ec(p11_dev *d, p11_sess *s, const keyx_keyspec *spec, const p11_n
     /* DER OCTET STRING of an uncompressed point: 04 X Y plus at most 3 header bytes */
     rv = p11_get_attr(s, pubobj, CKA_EC_POINT, 2 * p11_ec_field_bytes(spec->group) + 4, &point,
                       &ptlen);
-    if (rv == CKR_OK &&
-        (*pub = p11_ec_public(p->libctx, spec->group, spec->domain, point, ptlen)) == NULL)
+    if (rv == CKR_OK && (*outlen = p11_ec_point(spec->group, point, ptlen, out)) == 0)
         rv = CKR_ATTRIBUTE_VALUE_INVALID;
     OPENSSL_free(point);
     if (name == NULL || rv != CKR_OK)
@@ -442,6 +447,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     p11_name name;
     p11_sess s;
     p11_key *k;
+    unsigned char point[1 + 2 * 66];
+    size_t pointlen = 0;
     int rc;
 
     if (spec->persist != NULL && spec->persist->tpm_handle != 0) {
@@ -468,7 +475,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
                 break;
             named = &name;
         }
-        rc = spec->alg == KEYX_ALG_EC    ? gen_ec(d, &s, spec, named, &priv, pub)
+        *pub = NULL;
+        rc = spec->alg == KEYX_ALG_EC    ? gen_ec(d, &s, spec, named, &priv, point, &pointlen)
              : spec->alg == KEYX_ALG_RSA ? p11_rsa_generate(&s, spec, named, &priv, pub)
                                          : gen_dh(d, &s, spec, named, &priv, pub);
         if (rc != KEYX_BACKEND_DOWN || named != NULL)
@@ -492,6 +500,8 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
         /* token keys are made for signing too (p11_tmpl_pair), except DH keys */
         k->can_sign = named != NULL && !keyx_alg_is_dh(spec->alg);
         k->bits = spec->alg == KEYX_ALG_RSA ? (size_t)EVP_PKEY_get_bits(*pub) : 0;
+        memcpy(k->point, point, pointlen);
+        k->pointlen = pointlen;
     }
     if (k == NULL) {
         EVP_PKEY_free(*pub);
@@ -506,6 +516,15 @@ static int generate_once(void *state, const keyx_keyspec *spec, void **handle, E
     }
     *handle = k;
     return 1;
+}
+
+static size_t p11_public_raw(void *state, void *handle, unsigned char *buf)
+{
+    const p11_key *k = handle;
+
+    (void)state;
+    memcpy(buf, k->point, k->pointlen);
+    return k->pointlen;
 }
 
 static int p11_generate(void *state, const keyx_keyspec *spec, void **handle, EVP_PKEY **pub)
@@ -1590,6 +1609,7 @@ const keyx_backend_ops keyx_pkcs11_backend = {
     .close = p11_close,
     .supports = p11_supports,
     .generate = p11_generate,
+    .public_raw = p11_public_raw,
     .import = p11_import,
     .load = p11_load,
     .locator = p11_locator,

@@ -93,6 +93,16 @@ static EVP_PKEY *from_params(OSSL_LIB_CTX *libctx, const char *alg, OSSL_PARAM_B
     return pk;
 }
 
+size_t p11_ec_point(const char *group, const unsigned char *value, size_t len, unsigned char *out)
+{
+    const struct curve *c = curve_by_group(group);
+
+    if (c == NULL || !unwrap_point(c, &value, &len) || len != 1 + 2 * c->field || value[0] != 0x04)
+        return 0;
+    memcpy(out, value, len);
+    return len;
+}
+
 EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const EVP_PKEY *domain,
                         const unsigned char *point, size_t len)
 {

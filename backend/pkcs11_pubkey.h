@@ -13,6 +13,9 @@ const char *p11_ec_group(const unsigned char *der, size_t len);
 /* Field size in bytes of "P-256"/"P-384"/"P-521" (the ECDH secret size); 0 otherwise. */
 size_t p11_ec_field_bytes(const char *group);
 
+/* The uncompressed point (04 X Y) of group in a CKA_EC_POINT value (DER OCTET STRING or the
+ * raw point), copied into out (1 + 2 * 66 bytes); its length, 0 when the value is no such point. */
+size_t p11_ec_point(const char *group, const unsigned char *value, size_t len, unsigned char *out);
 /* The EC public key for group from a CKA_EC_POINT value (DER OCTET STRING or a raw point),
  * on a copy of domain (the group's parameters in libctx) when given, else on a new group. */
 EVP_PKEY *p11_ec_public(OSSL_LIB_CTX *libctx, const char *group, const EVP_PKEY *domain,

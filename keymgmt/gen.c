@@ -249,12 +249,12 @@ static int seeded_in_software(keyx_genctx *g, keyx_gen_target *t, const keyx_key
 }
 
 /* A key the backend made without a view: known by its raw public key until a view is needed. */
-static int public_raw(keyx_key *k, keyx_backend *be, void *handle)
+static int public_raw(keyx_key *k, const keyx_keyspec *spec, keyx_backend *be, void *handle)
 {
-    unsigned char raw[56];
+    unsigned char raw[KEYX_PUBLIC_RAW_MAX];
     size_t len = be->ops->public_raw != NULL ? be->ops->public_raw(be->state, handle, raw) : 0;
 
-    if (len == 0 || !keyx_key_set_raw(k, raw, len)) {
+    if (len == 0 || !keyx_key_set_raw(k, spec->group, spec->domain, raw, len)) {
         keyx_backend_free(be, handle);
         KEYX_ERR(k->prov, KEYX_R_BACKEND_FAILURE, "the %s backend gave no %s public key",
                  be->ops->name, keyx_alg_name(k->alg));
@@ -318,7 +318,7 @@ void *keyx_km_gen(void *genctx, OSSL_CALLBACK *cb, void *cbarg)
     if (target.named ? !generate_in(g, &target, &spec, &be, &handle, &pub)
                      : !keyx_router_generate(g->p->router, &spec, &be, &handle, &pub))
         goto fail;
-    if (pub == NULL && !public_raw(k, be, handle))
+    if (pub == NULL && !public_raw(k, &spec, be, handle))
         goto err;
     /* A persistent key is no ephemeral one: freeing it never deletes it from the device. */
     if ((pub != NULL && !keyx_key_set_pub(k, pub)) ||

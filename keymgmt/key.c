@@ -121,6 +121,7 @@ void keyx_key_free(keyx_key *k)
         return;
     priv_release(k);
     EVP_PKEY_free(k->view);
+    EVP_PKEY_free(k->domain);
     OPENSSL_free(k);
 }
 
@@ -137,6 +138,9 @@ static void compute_id(keyx_key *k)
     if (k->ecx_publen != 0) { /* X25519/X448: the encoded public key is the raw key */
         len = k->ecx_publen;
         enc = OPENSSL_memdup(k->ecx_pub, len);
+    } else if (k->view == NULL && k->ec_pointlen != 0) { /* EC: the uncompressed point */
+        len = k->ec_pointlen;
+        enc = OPENSSL_memdup(k->ec_point, len);
     } else if (k->alg == KEYX_ALG_RSA) {
         enclen = i2d_PUBKEY(k->view, &enc);
         len = enclen > 0 ? (size_t)enclen : 0;
@@ -155,7 +159,9 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     size_t len = 0;
 
     EVP_PKEY_free(k->view);
+    EVP_PKEY_free(k->domain);
     k->view = pub;
+    k->domain = NULL;
     k->group[0] = '\0';
     k->id[0] = '\0';
     k->public_checked = 0;
@@ -198,30 +204,47 @@ int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub)
     return 1;
 }
 
-int keyx_key_set_raw(keyx_key *k, const unsigned char *pub, size_t len)
+int keyx_key_set_raw(keyx_key *k, const char *group, EVP_PKEY *domain, const unsigned char *pub,
+                     size_t len)
 {
+    int ecx = k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448;
+    size_t want = k->alg == KEYX_ALG_X448 ? 56 : 32;
+    char name[sizeof(k->group)];
+
+    /* group may be k->group itself, which set_pub clears */
+    snprintf(name, sizeof(name), "%s", ecx ? keyx_alg_name(k->alg) : group != NULL ? group : "");
     keyx_key_set_pub(k, NULL);
-    if ((k->alg != KEYX_ALG_X25519 && k->alg != KEYX_ALG_X448) ||
-        len != (k->alg == KEYX_ALG_X448 ? 56 : 32)) {
-        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY, "%s public key must be %d bytes, not %zu",
-                 keyx_alg_name(k->alg), k->alg == KEYX_ALG_X448 ? 56 : 32, len);
+    if (ecx ? len != want
+            : k->alg != KEYX_ALG_EC || domain == NULL || name[0] == '\0' || len < 3 ||
+                  len > sizeof(k->ec_point) || pub[0] != 0x04) {
+        KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
+                 "%s public key of %zu bytes is not one keyx takes", keyx_alg_name(k->alg), len);
         return 0;
     }
-    snprintf(k->group, sizeof(k->group), "%s", keyx_alg_name(k->alg));
-    memcpy(k->ecx_pub, pub, len);
-    k->ecx_publen = len;
+    if (ecx) {
+        memcpy(k->ecx_pub, pub, len);
+        k->ecx_publen = len;
+    } else {
+        if (!EVP_PKEY_up_ref(domain))
+            return 0;
+        k->domain = domain;
+        memcpy(k->ec_point, pub, len);
+        k->ec_pointlen = len;
+        k->has_params = 1;
+    }
+    memcpy(k->group, name, sizeof(name));
     k->has_public = 1;
     return 1;
 }
 
 int keyx_key_is_empty(const keyx_key *k)
 {
-    return __atomic_load_n(&k->view, __ATOMIC_ACQUIRE) == NULL && k->ecx_publen == 0;
+    return __atomic_load_n(&k->view, __ATOMIC_ACQUIRE) == NULL && !k->has_public && !k->has_params;
 }
 
-/* The view of an X25519/X448 key known by its raw public key: a software private part makes the
- * complete key (its view must carry the private key, as every software key's does), else the
- * public key alone. */
+/* The view of a key known by its raw public key: a software private part makes the complete key
+ * (its view must carry the private key, as every software key's does), else the public key
+ * alone (an EC point on a copy of the group's shared parameters). */
 static EVP_PKEY *make_view(const keyx_key *k)
 {
     keyx_priv *pv = k->priv;
@@ -241,6 +264,16 @@ static EVP_PKEY *make_view(const keyx_key *k)
             return NULL;
         }
     }
+    if (k->domain != NULL) {
+        if ((v = EVP_PKEY_dup(k->domain)) == NULL ||
+            EVP_PKEY_set1_encoded_public_key(v, k->ec_point, k->ec_pointlen) != 1) {
+            EVP_PKEY_free(v);
+            KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY, "the %s point the backend made is not on %s",
+                     keyx_alg_name(k->alg), k->group);
+            return NULL;
+        }
+        return v;
+    }
     one[0] = OSSL_PARAM_construct_octet_string(OSSL_PKEY_PARAM_PUB_KEY, (void *)k->ecx_pub,
                                                k->ecx_publen);
     one[1] = OSSL_PARAM_construct_end();
@@ -258,7 +291,7 @@ EVP_PKEY *keyx_key_pub(const keyx_key *k)
     EVP_PKEY **slot = (EVP_PKEY **)&k->view;
     EVP_PKEY *v = __atomic_load_n(slot, __ATOMIC_ACQUIRE), *none = NULL;
 
-    if (v != NULL || k->ecx_publen == 0 || (v = make_view(k)) == NULL)
+    if (v != NULL || !k->has_public || (v = make_view(k)) == NULL)
         return v;
     if (!__atomic_compare_exchange_n(slot, &none, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
         EVP_PKEY_free(v);
@@ -405,7 +438,7 @@ static EVP_PKEY *copy_pub(const keyx_key *k, int selection)
         sel |= OSSL_KEYMGMT_SELECT_ALL_PARAMETERS; /* a public key needs its group */
     else if ((sel & OSSL_KEYMGMT_SELECT_PUBLIC_KEY) == 0 || !k->has_public)
         return NULL; /* X25519/X448/RSA have no parameters to copy: an empty key */
-    if (EVP_PKEY_todata(k->view, sel, &params) == 1 &&
+    if (EVP_PKEY_todata(keyx_key_pub(k), sel, &params) == 1 &&
         (ctx = EVP_PKEY_CTX_new_from_name(k->prov->libctx, keyx_alg_name(k->alg), NULL)) != NULL &&
         EVP_PKEY_fromdata_init(ctx) == 1)
         EVP_PKEY_fromdata(ctx, &out, sel, params);
@@ -425,14 +458,21 @@ keyx_key *keyx_key_dup(const keyx_key *k, int selection)
     if (keyx_key_is_empty(k)) {
         /* nothing to copy */
     } else if (__atomic_load_n(&k->view, __ATOMIC_ACQUIRE) == NULL) {
-        /* an X25519/X448 key with no view yet: the copy makes its own when needed */
-        if ((with_private || (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) &&
-            !keyx_key_set_raw(d, k->ecx_pub, k->ecx_publen)) {
-            keyx_key_free(d);
-            return NULL;
+        /* a key with no view yet: the copy makes its own when needed */
+        int ecx = k->ecx_publen != 0;
+
+        if (with_private || (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)) {
+            if (!keyx_key_set_raw(d, k->group, k->domain, ecx ? k->ecx_pub : k->ec_point,
+                                  ecx ? k->ecx_publen : k->ec_pointlen)) {
+                keyx_key_free(d);
+                return NULL;
+            }
+        } else if (k->domain != NULL && (selection & OSSL_KEYMGMT_SELECT_ALL_PARAMETERS) &&
+                   EVP_PKEY_up_ref(k->domain)) {
+            keyx_key_set_pub(d, k->domain); /* the group's parameters alone (shared) */
         }
     } else {
-        pub = with_private ? EVP_PKEY_dup(k->view) : copy_pub(k, selection);
+        pub = with_private ? EVP_PKEY_dup(keyx_key_pub(k)) : copy_pub(k, selection);
         if (pub == NULL && (with_private || keyx_alg_has_domain(k->alg) ||
                             (k->has_public && (selection & OSSL_KEYMGMT_SELECT_PUBLIC_KEY)))) {
             KEYX_ERR(k->prov, KEYX_R_INTERNAL, "cannot duplicate %s key", keyx_alg_name(k->alg));
@@ -464,7 +504,10 @@ size_t keyx_key_secret_size(const keyx_key *k)
     case KEYX_ALG_X448:
         return 56;
     case KEYX_ALG_EC:
-        return k->view != NULL ? ((size_t)EVP_PKEY_get_bits(k->view) + 7) / 8 : 0;
+        /* a key without a view yet answers from its group (set once, before the key is shared) */
+        return k->domain != NULL ? ((size_t)EVP_PKEY_get_bits(k->domain) + 7) / 8
+               : k->view != NULL ? ((size_t)EVP_PKEY_get_bits(k->view) + 7) / 8
+                                 : 0;
     case KEYX_ALG_DH:
     case KEYX_ALG_DHX:
         return k->view != NULL ? (size_t)EVP_PKEY_get_size(k->view) : 0;
@@ -509,13 +552,15 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
      * all of them (cofactor included) match a built-in curve, and EC_GROUP_cmp would let a
      * peer with a wrong cofactor pass. */
     if ((k->alg == KEYX_ALG_EC && k->group[0] != '\0' && strcmp(k->group, peer->group) != 0) ||
-        (keyx_alg_has_domain(k->alg) && EVP_PKEY_parameters_eq(k->view, peer->view) != 1)) {
+        /* named curves: the same name is the same parameters */
+        (keyx_alg_has_domain(k->alg) && (k->alg != KEYX_ALG_EC || k->group[0] == '\0') &&
+         EVP_PKEY_parameters_eq(keyx_key_pub(k), keyx_key_pub(peer)) != 1)) {
         KEYX_ERR(k->prov, KEYX_R_KEY_MISMATCH, "peer key is on %s, ours on %s",
                  peer->group[0] ? peer->group : "other parameters",
                  k->group[0] ? k->group : "explicit parameters");
         return 0;
     }
-    if (k->alg == KEYX_ALG_EC && explicit_curve(peer->view)) {
+    if (k->alg == KEYX_ALG_EC && explicit_curve(keyx_key_pub(peer))) {
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
                  "peer key carries explicit curve parameters; keyx accepts named curves only "
                  "(RFC 5480), as TLS sends them");
@@ -533,9 +578,9 @@ int keyx_key_check_peer(keyx_key *k, keyx_key *peer)
     /* EC: on the curve and not at infinity (our curves have cofactor 1). DH: 2 <= y <= p-2
      * and, when q is known, y in the order-q subgroup. */
     if (keyx_alg_is_dh(k->alg)) {
-        ok = keyx_dh_public_ok(peer->view);
+        ok = keyx_dh_public_ok(keyx_key_pub(peer));
     } else if (k->alg == KEYX_ALG_EC) {
-        ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, peer->view, NULL);
+        ctx = EVP_PKEY_CTX_new_from_pkey(k->prov->libctx, keyx_key_pub(peer), NULL);
         ok = ctx != NULL && EVP_PKEY_public_check_quick(ctx) == 1;
         EVP_PKEY_CTX_free(ctx);
     } else {

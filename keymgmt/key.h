@@ -17,9 +17,13 @@ typedef struct keyx_key {
     keyx_provctx *prov;
     keyx_alg alg;
     /* Public view in keyx's libctx: domain parameters and public key (for software keys, the
-     * complete key). NULL for an empty key, and for an X25519/X448 key known by its raw public
-     * key (ecx_pub) until something needs the view: read it with keyx_key_pub(). */
+     * complete key). NULL for an empty key, and for a key a backend generated without one (an
+     * X25519/X448 key known by ecx_pub, an EC key by domain and ec_point) until something needs
+     * the view: read it with keyx_key_pub(). */
     EVP_PKEY *view;
+    /* EC keys without a view yet: the named group's shared parameters (a reference), which
+     * answer the group's sizes; NULL otherwise */
+    EVP_PKEY *domain;
     keyx_priv *priv; /* NULL for public keys and domain parameters */
     int has_params;
     int has_public;
@@ -30,8 +34,8 @@ typedef struct keyx_key {
     unsigned char ecx_pub[56];
     size_t ecx_publen;
     /* EC: the uncompressed point the application set (keyx_km_set_params: libssl's peer key
-     * shares), which backends that take the point's bytes use instead of exporting it from the
-     * view; 0: not known */
+     * shares) or the backend generated, which backends that take the point's bytes use instead
+     * of exporting it from the view; 0: not known */
     unsigned char ec_point[1 + 2 * 66];
     size_t ec_pointlen;
     char id[17]; /* audit key id, set with the private part when audit or debug is on */
@@ -41,9 +45,11 @@ keyx_key *keyx_key_new(keyx_provctx *p, keyx_alg alg);
 void keyx_key_free(keyx_key *k);
 /* Replaces the public view (takes ownership of pub) and refreshes the derived fields. */
 int keyx_key_set_pub(keyx_key *k, EVP_PKEY *pub);
-/* X25519/X448: the key is its raw public key (32/56 bytes); the view is made when first needed.
- * 0 with an error for another length. */
-int keyx_key_set_raw(keyx_key *k, const unsigned char *pub, size_t len);
+/* A key known by its raw public key, its view made when first needed: X25519/X448 (domain NULL,
+ * 32/56 bytes), or EC on named group `group` (keyx's name) whose parameters are domain (a
+ * reference is taken), pub its uncompressed point. 0 with an error for another length. */
+int keyx_key_set_raw(keyx_key *k, const char *group, EVP_PKEY *domain, const unsigned char *pub,
+                     size_t len);
 /* The public view, made now if the key has none yet; NULL for an empty key (or with an error
  * when it cannot be made). The view is made once and then never changes. */
 EVP_PKEY *keyx_key_pub(const keyx_key *k);

@@ -117,14 +117,22 @@ int keyx_km_match(const void *keydata1, const void *keydata2, int selection)
 
     if (a->alg != b->alg || keyx_key_is_empty(a) || keyx_key_is_empty(b))
         return 0;
+    /* named curves: the same name is the same parameters */
     if ((selection & OSSL_KEYMGMT_SELECT_DOMAIN_PARAMETERS) && keyx_alg_has_domain(a->alg))
-        ok = EVP_PKEY_parameters_eq(a->view, b->view) == 1;
+        ok = a->alg == KEYX_ALG_EC && a->group[0] != '\0' && b->group[0] != '\0'
+                 ? strcmp(a->group, b->group) == 0
+                 : EVP_PKEY_parameters_eq(keyx_key_pub(a), keyx_key_pub(b)) == 1;
     if (ok && (selection & OSSL_KEYMGMT_SELECT_KEYPAIR)) {
+        /* raw public keys and uncompressed points (on the same named curve) compare as bytes */
         if (a->has_public && b->has_public && a->ecx_publen != 0)
             ok = a->ecx_publen == b->ecx_publen &&
                  memcmp(a->ecx_pub, b->ecx_pub, a->ecx_publen) == 0;
+        else if (a->has_public && b->has_public && a->ec_pointlen != 0 && b->ec_pointlen != 0 &&
+                 a->group[0] != '\0')
+            ok = strcmp(a->group, b->group) == 0 && a->ec_pointlen == b->ec_pointlen &&
+                 memcmp(a->ec_point, b->ec_point, a->ec_pointlen) == 0;
         else if (a->has_public && b->has_public)
-            ok = EVP_PKEY_eq(a->view, b->view) == 1;
+            ok = EVP_PKEY_eq(keyx_key_pub(a), keyx_key_pub(b)) == 1;
         else
             ok = a->priv != NULL && a->priv == b->priv;
     }
@@ -250,6 +258,37 @@ static int ecx_params_without_view(const keyx_key *k, OSSL_PARAM params[], int *
     return 1;
 }
 
+/* EC without a view: the group's sizes and name from its shared parameters, the public key
+ * from the point. 0 when something else is asked: the view answers that. */
+static int ec_params_without_view(const keyx_key *k, OSSL_PARAM params[], int *ok)
+{
+    static const char *const from_group[] = {OSSL_PKEY_PARAM_BITS, OSSL_PKEY_PARAM_SECURITY_BITS,
+                                             OSSL_PKEY_PARAM_MAX_SIZE, OSSL_PKEY_PARAM_GROUP_NAME};
+    OSSL_PARAM group[5];
+    size_t n = 0, i, at[4];
+
+    for (size_t j = 0; params[j].key != NULL; j++) {
+        for (i = 0; i < 4 && strcmp(params[j].key, from_group[i]) != 0; i++)
+            ;
+        if (i < 4 && n < 4) {
+            at[n] = j;
+            group[n++] = params[j];
+        } else if (strcmp(params[j].key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) != 0 &&
+                   strcmp(params[j].key, OSSL_PKEY_PARAM_PUB_KEY) != 0) {
+            return 0;
+        }
+    }
+    group[n] = OSSL_PARAM_construct_end();
+    *ok = n == 0 || EVP_PKEY_get_params(k->domain, group) == 1;
+    for (i = 0; i < n; i++)
+        params[at[i]].return_size = group[i].return_size;
+    for (OSSL_PARAM *p = params; *ok && p->key != NULL; p++)
+        if (strcmp(p->key, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY) == 0 ||
+            strcmp(p->key, OSSL_PKEY_PARAM_PUB_KEY) == 0)
+            *ok = OSSL_PARAM_set_octet_string(p, k->ec_point, k->ec_pointlen);
+    return 1;
+}
+
 int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
@@ -258,6 +297,8 @@ int keyx_km_get_params(void *keydata, OSSL_PARAM params[])
 
     if (view == NULL && (k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
         ecx_params_without_view(k, params, &ok))
+        return ok;
+    if (view == NULL && k->domain != NULL && ec_params_without_view(k, params, &ok))
         return ok;
     if (view == NULL && !keyx_key_is_empty(k) && (view = keyx_key_pub(k)) == NULL)
         return 0;
@@ -302,9 +343,9 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
      * each peer's key share this way) */
     if ((k->alg == KEYX_ALG_X25519 || k->alg == KEYX_ALG_X448) &&
         OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
-        return keyx_key_set_raw(k, data, len);
+        return keyx_key_set_raw(k, NULL, NULL, data, len);
     /* A new public view rather than an edit: views may be shared with duplicates. */
-    pub = k->view != NULL ? EVP_PKEY_dup(k->view) : NULL;
+    pub = !keyx_key_is_empty(k) && keyx_key_pub(k) != NULL ? EVP_PKEY_dup(keyx_key_pub(k)) : NULL;
     if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
         EVP_PKEY_free(pub);
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
