@@ -15,7 +15,6 @@
 
 #include "backend/backend.h"
 #include "backend/software_ecx.h"
-#include "keymgmt/algtab.h"
 #include "provider/errors.h"
 #include "provider/provctx.h"
 
@@ -51,7 +50,7 @@ static int sw_open(keyx_provctx *p, void **state)
         return 0;
     s->p = p;
     for (int a = KEYX_ALG_X25519; a <= KEYX_ALG_X448; a++)
-        if ((s->ecx[a] = keyx_ecx_impl_new(p->dflt, (keyx_alg)a)) == NULL) {
+        if ((s->ecx[a] = keyx_ecx_impl_new(p->libctx, p->dflt, (keyx_alg)a)) == NULL) {
             KEYX_ERR(p, KEYX_R_INTERNAL, "the default provider in keyx's context lacks %s",
                      keyx_alg_name((keyx_alg)a));
             sw_close(s);
@@ -234,7 +233,7 @@ static int sw_view(void *state, void *handle, EVP_PKEY **pub)
         *pub = k->pkey;
         return 1;
     }
-    *pub = keyx_ecx_pkey(s->ecx[k->alg], k->ecx, s->p->algs->fromdata[k->alg]);
+    *pub = keyx_ecx_pkey(s->ecx[k->alg], k->ecx);
     return *pub != NULL;
 }
 

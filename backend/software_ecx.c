@@ -13,7 +13,8 @@
 
 struct keyx_ecx_impl {
     void *provctx;
-    size_t len; /* 32 or 56: keys, public keys and secrets */
+    EVP_PKEY_CTX *fromdata; /* ready for EVP_PKEY_fromdata, which only reads it: shared */
+    size_t len;             /* 32 or 56: keys, public keys and secrets */
     OSSL_FUNC_keymgmt_new_fn *km_new;
     OSSL_FUNC_keymgmt_free_fn *km_free;
     OSSL_FUNC_keymgmt_gen_init_fn *gen_init;
@@ -48,7 +49,7 @@ static const OSSL_DISPATCH *find(OSSL_PROVIDER *prov, int op, const char *name)
     return found;
 }
 
-keyx_ecx_impl *keyx_ecx_impl_new(OSSL_PROVIDER *dflt, keyx_alg alg)
+keyx_ecx_impl *keyx_ecx_impl_new(OSSL_LIB_CTX *libctx, OSSL_PROVIDER *dflt, keyx_alg alg)
 {
     const char *name = keyx_alg_name(alg);
     const OSSL_DISPATCH *km = find(dflt, OSSL_OP_KEYMGMT, name);
@@ -58,6 +59,7 @@ keyx_ecx_impl *keyx_ecx_impl_new(OSSL_PROVIDER *dflt, keyx_alg alg)
     if (km == NULL || kx == NULL || (e = OPENSSL_zalloc(sizeof(*e))) == NULL)
         return NULL;
     e->provctx = OSSL_PROVIDER_get0_provider_ctx(dflt);
+    e->fromdata = EVP_PKEY_CTX_new_from_name(libctx, name, "provider=default");
     e->len = alg == KEYX_ALG_X448 ? 56 : 32;
     for (; km->function_id != 0; km++)
         switch (km->function_id) {
@@ -111,8 +113,8 @@ keyx_ecx_impl *keyx_ecx_impl_new(OSSL_PROVIDER *dflt, keyx_alg alg)
     if (e->km_new == NULL || e->km_free == NULL || e->gen_init == NULL || e->gen == NULL ||
         e->gen_cleanup == NULL || e->import == NULL || e->export == NULL || e->get_params == NULL ||
         e->x_new == NULL || e->x_init == NULL || e->x_set_peer == NULL || e->x_derive == NULL ||
-        e->x_free == NULL) {
-        OPENSSL_free(e);
+        e->x_free == NULL || e->fromdata == NULL || EVP_PKEY_fromdata_init(e->fromdata) != 1) {
+        keyx_ecx_impl_free(e);
         return NULL;
     }
     return e;
@@ -120,6 +122,9 @@ keyx_ecx_impl *keyx_ecx_impl_new(OSSL_PROVIDER *dflt, keyx_alg alg)
 
 void keyx_ecx_impl_free(keyx_ecx_impl *impl)
 {
+    if (impl == NULL)
+        return;
+    EVP_PKEY_CTX_free(impl->fromdata);
     OPENSSL_free(impl);
 }
 
@@ -198,9 +203,9 @@ static int export_cb(const OSSL_PARAM params[], void *arg)
     return EVP_PKEY_fromdata(t->fromdata, &t->pkey, EVP_PKEY_KEYPAIR, (OSSL_PARAM *)params) == 1;
 }
 
-EVP_PKEY *keyx_ecx_pkey(const keyx_ecx_impl *impl, void *key, EVP_PKEY_CTX *fromdata)
+EVP_PKEY *keyx_ecx_pkey(const keyx_ecx_impl *impl, void *key)
 {
-    to_pkey t = {fromdata, NULL};
+    to_pkey t = {impl->fromdata, NULL};
 
     if (impl->export(key, OSSL_KEYMGMT_SELECT_KEYPAIR, export_cb, &t) != 1) {
         EVP_PKEY_free(t.pkey);

@@ -16,9 +16,9 @@
 
 typedef struct keyx_ecx_impl keyx_ecx_impl;
 
-/* The default provider's X25519 or X448 functions in keyx's library context; NULL with an error
- * when that provider does not have them. */
-keyx_ecx_impl *keyx_ecx_impl_new(OSSL_PROVIDER *dflt, keyx_alg alg);
+/* The X25519 or X448 functions of dflt, the default provider in libctx (keyx's library
+ * context); NULL when that provider does not have them. */
+keyx_ecx_impl *keyx_ecx_impl_new(OSSL_LIB_CTX *libctx, OSSL_PROVIDER *dflt, keyx_alg alg);
 void keyx_ecx_impl_free(keyx_ecx_impl *impl);
 
 /* A new key pair (the default provider's key object). */
@@ -32,7 +32,7 @@ int keyx_ecx_derive(const keyx_ecx_impl *impl, void *key, const unsigned char *p
                     unsigned char *out, size_t outlen);
 /* The complete key (private and public) as an EVP_PKEY in libctx, for what needs one (export,
  * encoders, key checks): made from the key object's parameters by fromdata. */
-EVP_PKEY *keyx_ecx_pkey(const keyx_ecx_impl *impl, void *key, EVP_PKEY_CTX *fromdata);
+EVP_PKEY *keyx_ecx_pkey(const keyx_ecx_impl *impl, void *key);
 void keyx_ecx_free(const keyx_ecx_impl *impl, void *key);
 
 #endif
