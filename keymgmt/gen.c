@@ -53,15 +53,15 @@ int keyx_km_gen_set_template(void *genctx, void *templ)
 {
     keyx_genctx *g = genctx;
     keyx_key *t = templ;
+    EVP_PKEY *dom = t != NULL ? keyx_key_pub(t) : NULL;
 
-    if (t == NULL || keyx_key_pub(t) == NULL || t->alg != g->alg ||
-        !EVP_PKEY_up_ref(keyx_key_pub(t))) {
+    if (dom == NULL || t->alg != g->alg || !EVP_PKEY_up_ref(dom)) {
         KEYX_ERR(g->p, KEYX_R_INVALID_ARGUMENT, "template is not a %s key with parameters",
                  keyx_alg_name(g->alg));
         return 0;
     }
     EVP_PKEY_free(g->templ);
-    g->templ = keyx_key_pub(t);
+    g->templ = dom;
     return 1;
 }
 

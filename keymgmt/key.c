@@ -128,6 +128,7 @@ void keyx_key_free(keyx_key *k)
 static void compute_id(keyx_key *k)
 {
     unsigned char *enc = NULL, md[32];
+    const unsigned char *data;
     unsigned int mdlen = 0;
     int enclen;
     size_t len = 0;
@@ -136,18 +137,20 @@ static void compute_id(keyx_key *k)
     if (!k->has_public)
         return;
     if (k->ecx_publen != 0) { /* X25519/X448: the encoded public key is the raw key */
+        data = k->ecx_pub;
         len = k->ecx_publen;
-        enc = OPENSSL_memdup(k->ecx_pub, len);
     } else if (k->view == NULL && k->ec_pointlen != 0) { /* EC: the uncompressed point */
+        data = k->ec_point;
         len = k->ec_pointlen;
-        enc = OPENSSL_memdup(k->ec_point, len);
     } else if (k->alg == KEYX_ALG_RSA) {
         enclen = i2d_PUBKEY(k->view, &enc);
         len = enclen > 0 ? (size_t)enclen : 0;
+        data = enc;
     } else {
         len = EVP_PKEY_get1_encoded_public_key(k->view, &enc);
+        data = enc;
     }
-    if (len > 0 && EVP_Digest(enc, len, md, &mdlen, k->prov->algs->sha256, NULL) == 1)
+    if (len > 0 && EVP_Digest(data, len, md, &mdlen, k->prov->algs->sha256, NULL) == 1)
         for (int i = 0; i < 8; i++)
             snprintf(k->id + 2 * i, 3, "%02x", md[i]);
     OPENSSL_free(enc);

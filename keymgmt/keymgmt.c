@@ -213,6 +213,7 @@ int keyx_km_import(void *keydata, int selection, const OSSL_PARAM params[])
 int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
 {
     keyx_key *k = keydata;
+    EVP_PKEY *view;
 
     if ((selection & OSSL_KEYMGMT_SELECT_PRIVATE_KEY) && !keyx_key_exports_private(k)) {
         KEYX_ERR(k->prov, KEYX_R_EXPORT_REFUSED,
@@ -224,7 +225,8 @@ int keyx_km_export(void *keydata, int selection, OSSL_CALLBACK *cb, void *cbarg)
         KEYX_ERR(k->prov, KEYX_R_MISSING_KEY, "empty %s key", keyx_alg_name(k->alg));
         return 0;
     }
-    return keyx_key_pub(k) != NULL && EVP_PKEY_export(keyx_key_pub(k), selection, cb, cbarg);
+    view = keyx_key_pub(k);
+    return view != NULL && EVP_PKEY_export(view, selection, cb, cbarg);
 }
 
 /* X25519/X448 without a view: the sizes are fixed (the default provider reports them even for
@@ -319,7 +321,7 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
 {
     keyx_key *k = keydata;
     const OSSL_PARAM *enc = OSSL_PARAM_locate_const(params, OSSL_PKEY_PARAM_ENCODED_PUBLIC_KEY);
-    EVP_PKEY *pub;
+    EVP_PKEY *pub, *view;
     const void *data = NULL;
     size_t len = 0;
 
@@ -327,7 +329,7 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
         /* Views are shared (duplicates, the named-group cache): a changed one is a copy. */
         if (keyx_key_is_empty(k))
             return 1;
-        pub = keyx_key_pub(k) != NULL ? EVP_PKEY_dup(keyx_key_pub(k)) : NULL;
+        pub = (view = keyx_key_pub(k)) != NULL ? EVP_PKEY_dup(view) : NULL;
         if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
             EVP_PKEY_free(pub);
             return 0;
@@ -345,7 +347,7 @@ int keyx_km_set_params(void *keydata, const OSSL_PARAM params[])
         OSSL_PARAM_get_octet_string_ptr(enc, &data, &len))
         return keyx_key_set_raw(k, NULL, NULL, data, len);
     /* A new public view rather than an edit: views may be shared with duplicates. */
-    pub = !keyx_key_is_empty(k) && keyx_key_pub(k) != NULL ? EVP_PKEY_dup(keyx_key_pub(k)) : NULL;
+    pub = (view = keyx_key_pub(k)) != NULL ? EVP_PKEY_dup(view) : NULL;
     if (pub == NULL || EVP_PKEY_set_params(pub, (OSSL_PARAM *)params) != 1) {
         EVP_PKEY_free(pub);
         KEYX_ERR(k->prov, KEYX_R_INVALID_PEER_KEY,
