@@ -71,6 +71,13 @@ static void *pem_newctx(void *provctx)
 
 DECODER(keyx_pem_to_der_decoder, pem_newctx, keyx_pem_to_der_decode);
 
+static void *der_newctx(void *provctx)
+{
+    return keyx_codec_new(provctx, KEYX_ALG_COUNT, KEYX_ENC_DER);
+}
+
+DECODER(keyx_der_to_der_decoder, der_newctx, keyx_der_to_der_decode);
+
 #define KEYX_CODECS(lower, ALG)                                                                    \
     static void *lower##_der_newctx(void *provctx)                                                 \
     {                                                                                              \

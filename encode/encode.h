@@ -38,6 +38,13 @@ int keyx_text_encode(void *ctx, OSSL_CORE_BIO *out, const void *key, const OSSL_
  * is passed over. */
 int keyx_pem_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
                            void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);
+/* A key reference file or a TSS2 key file (DER) handed on to the decoder below, which loads its
+ * key, with that load's errors kept; other DER is passed over. */
+int keyx_der_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
+                           void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg);
+/* The TPM type of the key in a TSS2 key file (DER): 0 when der is none, 1 when its key is
+ * unreadable (the tpm backend says why). */
+unsigned keyx_tss2_key_type(const unsigned char *der, size_t len);
 /* A key reference file (DER) back into the hardware key it names, by reference. Input
  * that is no reference file, or one for another algorithm, is passed over (1, nothing decoded). */
 int keyx_keyref_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,

@@ -5,6 +5,8 @@
 #ifndef KEYX_ENCODE_LOAD_FAILURE_H
 #define KEYX_ENCODE_LOAD_FAILURE_H
 
+#include <openssl/core.h>
+
 #include "provider/errors.h"
 
 /* Forgets any earlier failure; errors keyx raises from here on may be the cause. */
@@ -27,6 +29,12 @@ int keyx_load_failure_noted(void);
 
 /* Raises the noted cause and failure again, and forgets them. */
 void keyx_load_failure_raise_again(const struct keyx_provctx *p);
+
+/* Hands a key file's DER (with its structure name) to the next decoders, data_cb's result. When
+ * the key file's decoder below fails to load the key, its errors may have been dropped by OpenSSL
+ * 3.0's file: store: the cause and failure are raised again here, once, in their place. */
+int keyx_load_failure_hand_on(const struct keyx_provctx *p, const unsigned char *der, size_t len,
+                              const char *structure, OSSL_CALLBACK *data_cb, void *data_cbarg);
 
 #define KEYX_LOAD_FAILURE(p, reason, msg)                                                          \
     keyx_load_failure_raise((p), OPENSSL_FILE, OPENSSL_LINE, OPENSSL_FUNC, (reason), (msg))

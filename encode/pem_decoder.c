@@ -5,8 +5,6 @@
  * passed over. */
 #include <string.h>
 
-#include <openssl/core_names.h>
-#include <openssl/core_object.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 
@@ -60,29 +58,14 @@ int keyx_pem_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CAL
     read = PEM_read_bio(mem, &name, &header, &der, &len) > 0;
     ERR_pop_to_mark();
     for (size_t i = 0; read && i < sizeof(known) / sizeof(known[0]); i++) {
-        OSSL_PARAM params[3];
-
         if (strcmp(name, known[i].pem_name) != 0)
             continue;
         if (i == 0 && !valid_reference(c, der, (size_t)len)) {
             ok = 0; /* the file is ours: the user hears why it cannot be read */
             break;
         }
-        params[0] = OSSL_PARAM_construct_octet_string(OSSL_OBJECT_PARAM_DATA, der, (size_t)len);
-        params[1] = OSSL_PARAM_construct_utf8_string(OSSL_OBJECT_PARAM_DATA_STRUCTURE,
-                                                     (char *)known[i].structure, 0);
-        params[2] = OSSL_PARAM_construct_end();
-        keyx_load_failure_begin();
-        ERR_set_mark();
-        ok = data_cb(params, data_cbarg);
-        /* The key file's decoder below failed to load the key: its errors may have been dropped
-         * by OpenSSL 3.0's file: store (load_failure.h), so the cause is raised here, once. */
-        if (!ok && keyx_load_failure_noted()) {
-            ERR_pop_to_mark(); /* the same errors, or only the store's "unsupported" */
-            keyx_load_failure_raise_again(c->p);
-        } else {
-            ERR_clear_last_mark();
-        }
+        ok = keyx_load_failure_hand_on(c->p, der, (size_t)len, known[i].structure, data_cb,
+                                       data_cbarg);
         break;
     }
     OPENSSL_free(name);

@@ -27,7 +27,7 @@
  * its pubkey (the next-to-last field, a TPM2B_PUBLIC: size, then type); 0 when der is no
  * SEQUENCE whose first field is a TCG key-file OID (2.23.133.10.1.x). The backend checks the
  * rest. */
-static unsigned tpm_type_of(const unsigned char *der, size_t len)
+unsigned keyx_tss2_key_type(const unsigned char *der, size_t len)
 {
     static const unsigned char tcg_keyfile_oid[] = {0x06, 0x06, 0x67, 0x81, 0x05, 0x0a, 0x01};
     const unsigned char *q = der;
@@ -118,7 +118,7 @@ static int tss2_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBAC
     if ((mem = keyx_core_bio_read_der_element(c->p, in)) == NULL)
         return 1; /* not a SEQUENCE: passed over */
     len = BIO_get_mem_data(mem, &der);
-    if (len > 0 && claims(c, tpm_type_of(der, (size_t)len))) {
+    if (len > 0 && claims(c, keyx_tss2_key_type(der, (size_t)len))) {
         /* Ours: from here on a failure is the user's error (or keyx's refusal to serve). */
         keyx_load_failure_begin();
         if (keyx_refused(c->p) ||

@@ -30,6 +30,8 @@ extern const OSSL_DISPATCH keyx_rsa_signature_functions[];
 
 /* encode/dispatch.c: key reference files, public keys, text */
 extern const OSSL_DISPATCH keyx_pem_to_der_decoder[];
+/* keyx's key files as DER, handed on with their load's errors (encode/der_decoder.c) */
+extern const OSSL_DISPATCH keyx_der_to_der_decoder[];
 extern const OSSL_DISPATCH keyx_ec_to_keyref_der_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_keyref_pem_encoder[];
 extern const OSSL_DISPATCH keyx_ec_to_spki_der_encoder[];

@@ -71,6 +71,8 @@ static const OSSL_ALGORITHM keyx_encoder[] = {
 static const OSSL_ALGORITHM keyx_decoder[] = {
     {"DER", KEYX_PROPS ",input=pem", keyx_pem_to_der_decoder,
      "PEM to DER for keyx's PEM names (KEYX KEY, TSS2 PRIVATE KEY)"},
+    {"DER", KEYX_PROPS ",input=der", keyx_der_to_der_decoder,
+     "keyx's key files as DER (KEYX KEY, TSS2 PRIVATE KEY), handed on with their load's errors"},
     DECODERS(NAME_EC, ec),
     DECODERS(NAME_X25519, x25519),
     DECODERS(NAME_X448, x448),

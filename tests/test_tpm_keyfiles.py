@@ -423,22 +423,25 @@ def test_tss2_key_with_password_is_refused(tpm, tmp):
     assert got is None and "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
 
 
-def test_tss2_refusal_reaches_the_audit_log_through_openssl_inkey(tpm, tmp):
+@pytest.mark.parametrize("form", ["PEM", "DER"])
+def test_tss2_refusal_reaches_the_audit_log_through_openssl_inkey(tpm, tmp, form):
     """openssl -inkey FILE reads through OpenSSL 3.0's file: store, which drops a decoder's
-    errors: keyx's PEM decoder raises the reason again, so the tool prints it; it is in the audit
-    log's load event too."""
+    errors: keyx's PEM decoder (for PEM) or DER decoder (for DER) raises the reason again, so the
+    tool prints it, once; it is in the audit log's load event too, and the key was tried once."""
     key = tpm2_openssl_genpkey(tpm, tmp / "a.pem", "EC", "group:P-256", "user-auth:x")
+    if form == "DER":
+        key = pem_to_der(key, tmp / "a.der")
     _, pub, _ = peer_point(tmp, "P-256", "peer")
     log = tmp / "audit.jsonl"
-    r = openssl("pkeyutl", "-derive", "-inkey", key, "-peerkey", pub,
+    r = openssl("pkeyutl", "-derive", "-inkey", key, "-keyform", form, "-peerkey", pub,
                 env=keyx_env(tmp, tpm, **{"audit-log": log}))
     assert r.rc != 0, r
-    assert "this TSS2 key has a password (its emptyAuth flag is not set)" in r.err, r
+    assert r.err.count("this TSS2 key has a password (its emptyAuth flag is not set)") == 1, r
     assert "TSS2 key file: the key could not be loaded into the TPM" in r.err, r
     events = kxutil.read_audit(log)
     kxutil.check_audit_schema(events)
     loads = [e for e in events if e["event"] == "load"]
-    assert loads and all(e["backend"] == "tpm" and e["ok"] is False for e in loads), events
+    assert len(loads) == 1 and loads[0]["backend"] == "tpm" and loads[0]["ok"] is False, (r.err, events)
     assert "this TSS2 key has a password (its emptyAuth flag is not set)" in loads[0]["error"], loads
 
 
