@@ -41,6 +41,7 @@ struct tpm_dev {
     pid_t pid;         /* process that opened ctx */
     uint64_t gen;      /* connection generation: bumps on every connect and disconnect */
     int no_probe;      /* capability queries never connect (a tabrmd TCTI, see probe_caps) */
+    int tabrmd;        /* the TCTI is tpm2-abrmd's, by name (not the loader's default) */
     ESYS_TR parent;
     int parent_owned; /* the cached primary keyx created (flushed at close); 0: tpm-parent */
     tpm_fsess fast;   /* keyx's salted session for ECDH_ZGen (tpm2_session.c); handle 0: none */
@@ -82,6 +83,18 @@ enum {
 };
 
 /* ---- fork ------------------------------------------------------------------------------ */
+
+/* The last process that opened a TCTI that is or may be tpm2-abrmd's (by name, or the loader's
+ * default), through any device: the D-Bus connection behind it is the process's, so a child
+ * forked from that process cannot open tpm2-abrmd's TCTI again (connect_once). 0: none. */
+static atomic_int dbus_tcti_opened_by;
+
+static int forked_after_dbus_tcti(void)
+{
+    int by = atomic_load(&dbus_tcti_opened_by);
+
+    return by != 0 && by != (int)getpid();
+}
 
 /* Every device of the process, so that fork() finds them: the parent's connection belongs to
  * the parent, the child opens its own on first use. The prepare handler takes every device
@@ -773,16 +786,37 @@ static int connect_once(tpm_dev *d)
                  tcti_name(d), d->p->cfg.tpm_timeout_ms);
         return KEYX_BACKEND_DOWN;
     }
+    /* tpm2-abrmd's TCTI talks D-Bus through GLib's connection, one per process, made once and
+     * kept: in a child forked from a process that opened the TCTI (even if it closed it since),
+     * that connection has no thread to run it, and opening the TCTI would only wait out
+     * tpm-timeout. Said at once, with the way out. */
+    if (d->tabrmd && forked_after_dbus_tcti()) {
+        KEYX_ERR(d->p, KEYX_R_TPM_AFTER_FORK,
+                 "tpm: cannot connect through tpm2-abrmd (TCTI '%s') in a process forked from one "
+                 "that had connected through it: its D-Bus connection does not survive fork(); "
+                 "let the parent use the TPM only after it has forked (keyx does not connect to "
+                 "read key files), or use the kernel's resource manager (tpm-tcti = "
+                 "device:/dev/tpmrm0)",
+                 tcti_name(d));
+        return KEYX_BACKEND_DOWN;
+    }
     rc = tpm_tcti_open(d->tcti, d->p->cfg.tpm_timeout_ms, &d->watch, &d->tcti_ctx, &timed_out);
     if (rc != TSS2_RC_SUCCESS && timed_out) {
         d->tcti_ctx = NULL;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
                  "tpm: the TPM at TCTI '%s' did not answer within %u ms while keyx connected to "
                  "it: check that the TPM or its resource manager is running and not stopped (set "
-                 "tpm-timeout to wait longer)",
-                 tcti_name(d), d->p->cfg.tpm_timeout_ms);
+                 "tpm-timeout to wait longer)%s",
+                 tcti_name(d), d->p->cfg.tpm_timeout_ms,
+                 forked_after_dbus_tcti() && (d->tcti == NULL || d->tcti[0] == '\0')
+                     ? "; this process was forked from one connected to the TPM: if the TCTI "
+                       "loader's default picked tpm2-abrmd there, it cannot be opened again after "
+                       "fork() (name the TCTI: tpm-tcti = device:/dev/tpmrm0)"
+                     : "");
         return KEYX_BACKEND_DOWN;
     }
+    if (rc == TSS2_RC_SUCCESS && d->no_probe)
+        atomic_store(&dbus_tcti_opened_by, (int)getpid());
     if (rc != TSS2_RC_SUCCESS) {
         d->tcti_ctx = NULL;
         KEYX_ERR(d->p, KEYX_R_BACKEND_UNAVAILABLE,
@@ -1416,8 +1450,9 @@ int tpm_dev_new(keyx_provctx *p, tpm_dev **out)
     }
     d->p = p;
     d->tcti = p->cfg.tpm_tcti;
-    d->no_probe = d->tcti == NULL || d->tcti[0] == '\0' || strncmp(d->tcti, "tabrmd", 6) == 0 ||
-                  strstr(d->tcti, "tcti-tabrmd") != NULL;
+    d->tabrmd = d->tcti != NULL &&
+                (strncmp(d->tcti, "tabrmd", 6) == 0 || strstr(d->tcti, "tcti-tabrmd") != NULL);
+    d->no_probe = d->tabrmd || d->tcti == NULL || d->tcti[0] == '\0';
     d->parent = d->session = ESYS_TR_NONE;
     if (!tpm_tcti_watch_init(&d->watch)) {
         OPENSSL_free(d);

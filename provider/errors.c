@@ -37,6 +37,7 @@ static const OSSL_ITEM reason_strings[] = {
     {KEYX_R_TPM_NOT_SHAREABLE,
      "TPM without a resource manager shared between forked processes: key lost"},
     {KEYX_R_DEVICE_TIMEOUT, "the device did not answer in time"},
+    {KEYX_R_TPM_AFTER_FORK, "tpm2-abrmd unreachable after fork() from a process that used it"},
     {0, NULL},
 };
 

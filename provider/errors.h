@@ -64,6 +64,8 @@ enum keyx_reason {
     KEYX_R_TPM_NOT_SHAREABLE,
     /* the device did not answer within its time limit (pkcs11-timeout) */
     KEYX_R_DEVICE_TIMEOUT,
+    /* tpm2-abrmd cannot be reached from a process forked from one connected through it */
+    KEYX_R_TPM_AFTER_FORK,
 };
 
 /* Reason strings for OSSL_FUNC_PROVIDER_GET_REASON_STRINGS. */

@@ -57,6 +57,7 @@ KEYX_REASONS = (
     "token login failed",
     "TPM out of object memory",
     "the key does not allow this operation",
+    "tpm2-abrmd unreachable after fork() from a process that used it",
 )
 
 # Every configuration key (docs/configuration.md) with its environment variable.

@@ -16,6 +16,7 @@ import re
 import pytest
 
 import kxutil
+from fixture_abrmd import abrmd  # noqa: F401
 from test_stress import backend_setup, check_counts, sanitizer_env, stress_bin
 from test_stress import sw_keys, stress_token, stress_tpm  # noqa: F401
 
@@ -120,3 +121,70 @@ def test_pkcs11_children_at_once(request, tmp):
         assert f"{name} {pid} refused {OPS // 5}" in r.out, r
     check_counts(r, OPS, prefix="parent-after ")
     assert r.rc == 0, r
+
+
+# A parent makes a key in the TPM (or not), forks, and the child makes one; each line: who, 1/0,
+# seconds, the keyx error text (ERR_get_error_all's data) if any.
+ABRMD_FORK_APP = r'''
+import ctypes, os, sys, time
+c = ctypes.CDLL("libcrypto.so.3")
+c.EVP_PKEY_Q_keygen.restype = ctypes.c_void_p
+c.EVP_PKEY_free.argtypes = [ctypes.c_void_p]
+c.ERR_get_error_all.argtypes = [ctypes.c_void_p] * 5
+c.ERR_get_error_all.restype = ctypes.c_ulong
+c.ERR_reason_error_string.argtypes = [ctypes.c_ulong]
+c.ERR_reason_error_string.restype = ctypes.c_char_p
+
+def keygen(who):
+    t = time.monotonic()
+    k = c.EVP_PKEY_Q_keygen(None, None, b"EC", b"P-256")
+    took = time.monotonic() - t
+    texts = []
+    while True:
+        data = ctypes.c_char_p()
+        e = c.ERR_get_error_all(None, None, None, ctypes.byref(data), None)
+        if not e:
+            break
+        texts.append(f"{(c.ERR_reason_error_string(e) or b'').decode()}: {(data.value or b'').decode()}")
+    print(who, int(bool(k)), f"{took:.2f}", " | ".join(texts), flush=True)
+    c.EVP_PKEY_free(k)
+
+if sys.argv[1] == "parent-first":
+    keygen("parent")
+pid = os.fork()
+if pid == 0:
+    keygen("child")
+    os._exit(0)
+os.waitpid(pid, 0)
+keygen("parent-after")
+'''
+
+
+@pytest.mark.parametrize("parent_first", [True, False])
+def test_tabrmd_after_fork(abrmd, tmp, parent_first):
+    """tpm2-abrmd's TCTI speaks D-Bus through GLib's connection, one per process: a child forked
+    from a process that opened it cannot open it again (it would wait out tpm-timeout, 20 s
+    here). The child's key generation fails at once with its own reason and the way out; the
+    parent goes on. A parent that forks before its first TPM use: the child connects itself."""
+    log = tmp / "audit.jsonl"
+    cnf = kxutil.write_cnf(tmp / "openssl.cnf", keyx={"backends": "tpm", "tpm-tcti": abrmd.tcti,
+                                                      "tpm-timeout": "20000", "audit-log": log})
+    app = tmp / "app.py"
+    app.write_text(ABRMD_FORK_APP)
+    r = kxutil.run(["/usr/bin/python3", app, "parent-first" if parent_first else "child-first"],
+                   env=abrmd.env(OPENSSL_CONF=cnf), timeout=120)
+    assert r.rc == 0, r
+    lines = {m.group(1): m.groups()[1:] for m in re.finditer(r"^(\S+) (\d) ([\d.]+) ?(.*)$", r.out, re.M)}
+    assert lines["parent-after"][0] == "1", r
+    ok, took, text = lines["child"]
+    if not parent_first:
+        assert ok == "1" and not text, r
+        assert "parent" not in lines
+        return
+    assert lines["parent"][0] == "1", r
+    assert ok == "0" and float(took) < 2, r
+    assert text.startswith("tpm2-abrmd unreachable after fork() from a process that used it: "), r
+    for needle in (f"TCTI '{abrmd.tcti}'", "does not survive fork()", "device:/dev/tpmrm0"):
+        assert needle in text, r
+    child = [e for e in kxutil.read_audit(log) if e["event"] == "keygen" and not e["ok"]]
+    assert len(child) == 1 and child[0]["pid"] != r.pid and "does not survive fork()" in child[0]["error"], child
