@@ -8,7 +8,8 @@ C_Initialize itself (it never uses its parent's PKCS#11 sessions), the parent on
 shows each child's operations in its own pid, on the backend under test. On a bare swtpm the
 children flush the parent's transient objects: the parent makes its primary and session again and
 its lost ephemeral key is refused with keyx's own reason (test_tpm_parent_after_children); SoftHSM
-children starting at once all reach the token (test_pkcs11_children_at_once).
+children starting at once all reach the token (test_pkcs11_children_at_once). Through tpm2-abrmd,
+a child of a process that used it cannot reach it and is told so at once (test_tabrmd_after_fork).
 """
 
 import re
