@@ -380,6 +380,15 @@ def mem_keys(tmp):
     return key, peer, {"secret": secret[16:], "scalar": scalar.rjust(32, b"\0")[16:]}
 
 
+# Not compared with the default provider's run: the private scalar. libcrypto's PEM decoding of
+# the key file frees three buffers holding it without cleansing (d2i_ECPrivateKey's EC_PRIVATEKEY
+# and two decoder buffers: traced with a free() interposer on OpenSSL 3.5, the same three frees in
+# both runs, no keyx frame), so whether 16 bytes of it survive until the scan depends on how the
+# heap was reused afterwards, not on keyx (on 3.5 it came and went with an unrelated decoder
+# registration). Z, which only the derive ever holds, is asserted in every run.
+PEM_LEFTOVERS = {"scalar"}
+
+
 def freed_memory(cnf, tmp, mem_keys, mode):
     key, peer, needles = mem_keys
     p, owner = run_memapp(tmp, cnf(keyx={"backends": "software"}), key, peer, mode)
@@ -403,7 +412,7 @@ def test_freed_memory_holds_no_software_secret(build, cnf, tmp, mem_keys):
     openssl_stack = kxutil.openssl_version() >= (3, 5) and ref.get("secret") == ["[stack]"]
     assert "secret" not in found or (openssl_stack and found["secret"] == ["[stack]"]), (
         f"after everything was freed the process still holds the secret: {found}")
-    assert set(found) <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
+    assert set(found) - PEM_LEFTOVERS <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
 
 
 def test_kdf_leaves_no_z(build, cnf, tmp, mem_keys):
@@ -420,7 +429,7 @@ def test_kdf_leaves_no_z(build, cnf, tmp, mem_keys):
     openssl_stack = kxutil.openssl_version() >= (3, 5) and ref.get("secret") == ["[stack]"]
     assert "secret" not in found or (openssl_stack and found["secret"] == ["[stack]"]), (
         f"after a KDF derive the process still holds Z: {found}")
-    assert set(found) <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
+    assert set(found) - PEM_LEFTOVERS <= set(ref), f"keyx leaves more than the default provider alone: {found} vs {ref}"
 
 
 def test_freed_memory_scan_finds_a_copy(build, cnf, tmp, mem_keys):
