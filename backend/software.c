@@ -255,7 +255,10 @@ static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned 
     } else {
         ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
         ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
-             (EVP_PKEY_get_base_id(key) != EVP_PKEY_DH || EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
+             /* DH and X9.42 DH alike: Z keeps its leading zero bytes (keyx strips them itself
+              * where a caller asked for the unpadded secret) */
+             ((!EVP_PKEY_is_a(key, "DH") && !EVP_PKEY_is_a(key, "DHX")) ||
+              EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
              /* keyx validated the peer already (keyx_key_check_peer) */
              EVP_PKEY_derive_set_peer_ex(ctx, from->view, 0) == 1 &&
              EVP_PKEY_derive(ctx, secret, &len) == 1 && len == secretlen;
