@@ -246,7 +246,7 @@ static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned 
     EVP_PKEY *key = k->pkey;
     size_t len = secretlen;
     EVP_PKEY_CTX *ctx;
-    int ok;
+    int ok, base;
 
     if (k->ecx != NULL) {
         /* the peer's raw public key, which keyx checked (keyx_key_check_peer) */
@@ -254,10 +254,11 @@ static int sw_derive(void *state, void *handle, const keyx_peer *from, unsigned 
                                                     from->pointlen, secret, secretlen);
     } else {
         ctx = EVP_PKEY_CTX_new_from_pkey(p->libctx, key, NULL);
+        base = EVP_PKEY_get_base_id(key); /* cached in the key: no name lookup per derive */
         ok = ctx != NULL && EVP_PKEY_derive_init(ctx) == 1 &&
              /* DH and X9.42 DH alike: Z keeps its leading zero bytes (keyx strips them itself
               * where a caller asked for the unpadded secret) */
-             ((!EVP_PKEY_is_a(key, "DH") && !EVP_PKEY_is_a(key, "DHX")) ||
+             ((base != EVP_PKEY_DH && base != EVP_PKEY_DHX) ||
               EVP_PKEY_CTX_set_dh_pad(ctx, 1) == 1) &&
              /* keyx validated the peer already (keyx_key_check_peer) */
              EVP_PKEY_derive_set_peer_ex(ctx, from->view, 0) == 1 &&

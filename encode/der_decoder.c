@@ -8,25 +8,12 @@
  * The decoder names no input structure on purpose: OpenSSL does not chain it after a decoder that
  * names the structure of its output (keyx's PEM decoder), which would be a second path to the
  * same key (loaded twice, a wrong PIN tried twice). */
-#include <openssl/err.h>
+#include <openssl/bio.h>
 
 #include "encode/core_bio.h"
 #include "encode/encode.h"
 #include "encode/keyref.h"
 #include "encode/load_failure.h"
-
-static int is_reference(const unsigned char *der, size_t len)
-{
-    keyx_keyref r;
-    int ok;
-
-    ERR_set_mark(); /* other formats fail to parse here: not an error of ours */
-    ok = keyx_keyref_from_der(der, len, &r);
-    ERR_pop_to_mark();
-    if (ok)
-        keyx_keyref_clear(&r);
-    return ok;
-}
 
 int keyx_der_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CALLBACK *data_cb,
                            void *data_cbarg, OSSL_PASSPHRASE_CALLBACK *cb, void *cbarg)
@@ -48,7 +35,7 @@ int keyx_der_to_der_decode(void *ctx, OSSL_CORE_BIO *in, int selection, OSSL_CAL
     if (len > 0 && keyx_tss2_key_type(der, (size_t)len) != 0)
         structure = "TSS2";
 #endif
-    if (structure == NULL && len > 0 && is_reference(der, (size_t)len))
+    if (structure == NULL && len > 0 && keyx_keyref_is_reference(der, (size_t)len))
         structure = KEYX_KEYREF_STRUCTURE;
     if (structure != NULL)
         ok = keyx_load_failure_hand_on(c->p, der, (size_t)len, structure, data_cb, data_cbarg);

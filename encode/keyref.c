@@ -2,6 +2,7 @@
 
 #include <openssl/asn1t.h>
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 
 #include "encode/keyref.h"
 
@@ -85,6 +86,18 @@ int keyx_keyref_from_der(const unsigned char *der, size_t len, keyx_keyref *r)
         keyx_keyref_clear(r);
 end:
     KEYX_KEYREF_ASN1_free(a);
+    return ok;
+}
+
+int keyx_keyref_is_reference(const unsigned char *der, size_t len)
+{
+    keyx_keyref r;
+    int ok;
+
+    ERR_set_mark();
+    ok = keyx_keyref_from_der(der, len, &r);
+    ERR_pop_to_mark();
+    keyx_keyref_clear(&r);
     return ok;
 }
 

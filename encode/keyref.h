@@ -30,5 +30,8 @@ int keyx_keyref_to_der(const keyx_keyref *r, unsigned char **der, size_t *len);
  * input may be some other key format). */
 int keyx_keyref_from_der(const unsigned char *der, size_t len, keyx_keyref *r);
 void keyx_keyref_clear(keyx_keyref *r);
+/* 1 when der is exactly one KeyxKeyReference; 0 otherwise, with nothing raised (a decoder asking
+ * this of other key formats). */
+int keyx_keyref_is_reference(const unsigned char *der, size_t len);
 
 #endif

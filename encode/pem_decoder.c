@@ -26,13 +26,8 @@ static const struct {
  * was meant as one (as DER it could have been any other format). */
 static int valid_reference(keyx_codec *c, const unsigned char *der, size_t len)
 {
-    keyx_keyref r;
-    int ok;
+    int ok = keyx_keyref_is_reference(der, len);
 
-    ERR_set_mark();
-    ok = keyx_keyref_from_der(der, len, &r);
-    ERR_pop_to_mark();
-    keyx_keyref_clear(&r);
     if (!ok)
         KEYX_ERR(c->p, KEYX_R_INVALID_ARGUMENT,
                  "malformed " KEYX_KEYREF_PEM_NAME " file: not a keyx key reference (version 1)");
